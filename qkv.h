@@ -1,0 +1,7 @@
+/* qkv: reverse-mode autodiff tensors and neural networks in C. The whole public API. */
+#ifndef QKV_H
+#define QKV_H
+
+#include "tensor/tensor.h"
+
+#endif

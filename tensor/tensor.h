@@ -1,0 +1,180 @@
+/*
+ * qkv tensors: dtypes, shapes, storage, lifetime, errors, creation and random numbers.
+ *
+ * Conventions, stated once and kept everywhere:
+ *  - Ownership. A function that returns a new tensor hands it to the innermost open scope
+ *    (qkv_scope_begin/qkv_scope_end). With no scope open, the caller owns the result and
+ *    releases it with qkv_release. Use qkv_retain to hold a tensor beyond its scope and
+ *    qkv_keep to pass a result out of the innermost scope to the enclosing one.
+ *  - Errors. A user mistake or an allocation failure never aborts: the function returns NULL
+ *    (or false / -1) and records a message naming the op and the shapes; qkv_error() returns the
+ *    first message recorded since the last qkv_clear_error(). Every op accepts NULL inputs and
+ *    returns NULL, so a chain of ops is checked once, at its end. The error state is per thread.
+ *  - Shapes are given as (ndim, const int64_t *shape); QKV_SHAPE(2, 3) expands to both.
+ *    Strides and offsets count elements, not bytes.
+ *
+ * The struct fields are public for reading; change them only through the API.
+ */
+#ifndef QKV_TENSOR_H
+#define QKV_TENSOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Types ------------------------------------------------------------------------------- */
+
+typedef enum qkv_dtype {
+    QKV_F32 = 0, /* float, the default */
+    QKV_F64,     /* double: gradient checks and users who want it */
+    QKV_I64,     /* int64_t: token ids, labels, indices */
+    QKV_BOOL,    /* bool: masks and comparison results */
+} qkv_dtype;
+
+#define QKV_MAX_DIMS 8
+
+typedef struct qkv_storage {
+    void *data;
+    size_t nbytes;
+    int refcount;
+} qkv_storage;
+
+struct qkv_node;
+
+typedef struct qkv_tensor {
+    qkv_dtype dtype;
+    int ndim;
+    int64_t shape[QKV_MAX_DIMS];
+    int64_t strides[QKV_MAX_DIMS]; /* in elements; 0 for broadcast dims */
+    int64_t offset;                /* first element, in elements from the storage start */
+    int64_t numel;
+    qkv_storage *storage;          /* shared by views */
+    int refcount;
+    bool requires_grad;            /* leaf parameters, or any result of a recorded op */
+    bool retains_grad;             /* a non-leaf whose gradient is kept (qkv_retain_grad) */
+    struct qkv_tensor *grad;       /* accumulated gradient, owned by this tensor, or NULL */
+    struct qkv_node *grad_fn;      /* the op that made this tensor, when recorded */
+} qkv_tensor;
+
+/* Expands to `ndim, shape` for the creation functions: qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)). */
+#define QKV_SHAPE(...) \
+    (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (const int64_t[]){__VA_ARGS__}
+
+/* ---- Errors ------------------------------------------------------------------------------ */
+
+const char *qkv_error(void);          /* first error since the last clear, or NULL */
+void qkv_clear_error(void);
+/* Records an error unless one is already recorded. printf-style. Returns NULL for chaining. */
+void *qkv_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Writes "[2,3,4]" for a tensor's shape into buf; returns buf. */
+char *qkv_shape_str(const qkv_tensor *t, char *buf, size_t size);
+
+/* ---- Lifetime ---------------------------------------------------------------------------- */
+
+void qkv_scope_begin(void);
+void qkv_scope_end(void);               /* releases every tensor the innermost scope still owns */
+int qkv_scope_depth(void);
+qkv_tensor *qkv_retain(qkv_tensor *t);  /* adds a reference the caller must release */
+void qkv_release(qkv_tensor *t);        /* drops a reference; NULL is ignored */
+qkv_tensor *qkv_keep(qkv_tensor *t);    /* moves t out of the innermost scope to the enclosing
+                                           scope (or to the caller when there is none) */
+
+/* ---- Memory ------------------------------------------------------------------------------ */
+
+typedef struct qkv_memory_stats {
+    size_t bytes_in_use;     /* tensor storage and graph bookkeeping handed out */
+    size_t peak_bytes;       /* the largest bytes_in_use seen */
+    size_t cached_bytes;     /* freed blocks kept for reuse */
+    uint64_t allocs;         /* requests served */
+    uint64_t cache_hits;     /* requests served from the cache */
+    uint64_t system_allocs;  /* requests that went to the system allocator */
+    uint64_t live_tensors;   /* tensor objects not yet freed */
+} qkv_memory_stats;
+
+qkv_memory_stats qkv_memory_stats_get(void);
+void qkv_memory_reset_peak(void);
+void qkv_memory_trim(void);  /* returns cached blocks to the system */
+
+/* Test switch: the n-th allocation from now on (1-based) fails; 0 turns it off. */
+void qkv_debug_fail_alloc_at(uint64_t n);
+uint64_t qkv_debug_alloc_count(void); /* allocations requested since the switch was set */
+
+/* ---- Creation ---------------------------------------------------------------------------- */
+
+const char *qkv_dtype_name(qkv_dtype dtype);   /* "f32", "f64", "i64", "bool" */
+size_t qkv_dtype_size(qkv_dtype dtype);
+
+qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape);
+qkv_tensor *qkv_zeros(qkv_dtype dtype, int ndim, const int64_t *shape);
+qkv_tensor *qkv_ones(qkv_dtype dtype, int ndim, const int64_t *shape);
+qkv_tensor *qkv_full(qkv_dtype dtype, int ndim, const int64_t *shape, double value);
+qkv_tensor *qkv_scalar(qkv_dtype dtype, double value);            /* 0-d tensor */
+/* [start, end) by step, like torch.arange; length ceil((end - start) / step). */
+qkv_tensor *qkv_arange(qkv_dtype dtype, double start, double end, double step);
+/* Copies numel elements of the given dtype from data (row-major). */
+qkv_tensor *qkv_from_array(qkv_dtype dtype, int ndim, const int64_t *shape, const void *data);
+qkv_tensor *qkv_empty_like(const qkv_tensor *t);
+qkv_tensor *qkv_zeros_like(const qkv_tensor *t);
+qkv_tensor *qkv_ones_like(const qkv_tensor *t);
+
+/* ---- Random numbers ----------------------------------------------------------------------- */
+
+/* PCG32 (O'Neill, XSH-RR output, 64-bit LCG state, multiplier 6364136223846793005) seeded by
+ * SplitMix64 of the seed. Uniform floats take the top 24 (F32) or 53 (F64) bits; normals use
+ * Box-Muller in double precision. Numbers are drawn serially in row-major order, so they are
+ * the same on every platform and for every thread count. */
+typedef struct qkv_generator {
+    uint64_t state;
+    uint64_t inc;
+} qkv_generator;
+
+void qkv_generator_init(qkv_generator *g, uint64_t seed);
+uint32_t qkv_generator_next_u32(qkv_generator *g);
+double qkv_generator_uniform(qkv_generator *g);            /* [0, 1), 53 bits */
+double qkv_generator_normal(qkv_generator *g);             /* N(0, 1) */
+uint64_t qkv_generator_below(qkv_generator *g, uint64_t n); /* uniform in [0, n), unbiased */
+
+qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g);
+qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g);
+/* Uniform in [low, high) over the given range; result is I64. */
+qkv_tensor *qkv_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
+                        qkv_generator *g);
+
+/* ---- Access ------------------------------------------------------------------------------ */
+
+bool qkv_is_contiguous(const qkv_tensor *t);
+/* Pointer to the first element (storage data + offset); valid while the tensor lives. */
+void *qkv_data(const qkv_tensor *t);
+/* The value of a one-element tensor as a double; NAN and an error otherwise. */
+double qkv_item(const qkv_tensor *t);
+/* The element at a full index (negative indices count from the end). */
+double qkv_get(const qkv_tensor *t, const int64_t *index);
+/* Copies the elements in row-major order to dst, converted to dtype. Returns false on error. */
+bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst);
+/* Fills every element of t (through its strides) with value; in place, not recorded. */
+bool qkv_fill_(qkv_tensor *t, double value);
+/* Copies src into dst elementwise (same shape; src may broadcast); in place, not recorded. */
+bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src);
+
+/* ---- Printing ---------------------------------------------------------------------------- */
+
+/* Like PyTorch's repr: "tensor([[1., 2.], ...], dtype=f32, shape=[2,2])". Rows and columns
+ * beyond 6 are elided. The string is malloc'd; free it with free(). */
+char *qkv_to_string(const qkv_tensor *t);
+void qkv_print(const qkv_tensor *t);
+void qkv_fprint(FILE *f, const qkv_tensor *t);
+
+/* ---- Threads ----------------------------------------------------------------------------- */
+
+void qkv_set_num_threads(int n); /* kernels use up to n threads (OpenMP builds); n <= 0: all */
+int qkv_get_num_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

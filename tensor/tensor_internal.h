@@ -1,0 +1,102 @@
+/*
+ * Library-internal parts of the tensor layer shared with the layers above it: the allocator,
+ * tensor construction, and the compute kernels. Never installed.
+ */
+#ifndef QKV_TENSOR_INTERNAL_H
+#define QKV_TENSOR_INTERNAL_H
+
+#include "tensor/tensor.h"
+
+/* ---- Allocation (every allocation of the library goes through here) ---------------------- */
+
+void *qkv__alloc(size_t nbytes);             /* cached, 64-byte aligned; NULL + error on failure */
+void qkv__free(void *p, size_t nbytes);      /* nbytes as passed to qkv__alloc */
+void *qkv__calloc(size_t nbytes);
+/* Growable array helper: ensures *cap >= need elements of size elem, keeping contents. */
+bool qkv__reserve(void **ptr, size_t *cap, size_t need, size_t elem);
+
+/* ---- Construction ------------------------------------------------------------------------ */
+
+/* A new tensor object over storage (retained), registered with the innermost scope. */
+qkv_tensor *qkv__make(qkv_dtype dtype, int ndim, const int64_t *shape, const int64_t *strides,
+                      int64_t offset, qkv_storage *storage);
+/* A view of t with the given geometry, sharing its storage. */
+qkv_tensor *qkv__view(const qkv_tensor *t, int ndim, const int64_t *shape,
+                      const int64_t *strides, int64_t offset);
+/* Contiguous strides for a shape; returns numel. */
+int64_t qkv__contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
+int64_t qkv__numel(int ndim, const int64_t *shape);
+bool qkv__check_shape(const char *op, int ndim, const int64_t *shape);
+/* A contiguous tensor with t's values (t itself, retained into the scope, when already so). */
+qkv_tensor *qkv__contiguous(const qkv_tensor *t);
+qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype);
+void qkv__scope_add(qkv_tensor *t);
+void qkv__tensor_free_hook(void (*hook)(qkv_tensor *)); /* autograd clears its links here */
+
+/* Element load/store by dtype, for slow paths. */
+double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
+void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v);
+bool qkv__is_float(qkv_dtype dtype);
+
+/* Broadcast shapes a and b into out (NumPy rules); false when they do not broadcast. */
+bool qkv__broadcast_shape(int na, const int64_t *sa, int nb, const int64_t *sb,
+                          int *nout, int64_t *out);
+/* Strides of t seen as the broadcast shape (0 for broadcast dims). */
+void qkv__broadcast_strides(const qkv_tensor *t, int ndim, const int64_t *shape,
+                            int64_t *strides);
+int qkv__norm_axis(const char *op, const qkv_tensor *t, int axis); /* -1 with error if bad */
+
+/* ---- Threads ----------------------------------------------------------------------------- */
+
+int qkv__threads_for(int64_t work);  /* 1 for small work, else up to qkv_get_num_threads() */
+
+/* ---- Kernels ----------------------------------------------------------------------------- */
+
+typedef enum qkv_binary_op {
+    QKV_OP_ADD, QKV_OP_SUB, QKV_OP_MUL, QKV_OP_DIV, QKV_OP_POW, QKV_OP_MAXIMUM, QKV_OP_MINIMUM,
+    QKV_OP_EQ, QKV_OP_NE, QKV_OP_LT, QKV_OP_LE, QKV_OP_GT, QKV_OP_GE,
+} qkv_binary_op;
+
+typedef enum qkv_unary_op {
+    QKV_OP_NEG, QKV_OP_EXP, QKV_OP_LOG, QKV_OP_SQRT, QKV_OP_RSQRT, QKV_OP_ABS, QKV_OP_TANH,
+    QKV_OP_SIGMOID, QKV_OP_RELU, QKV_OP_GELU_ERF, QKV_OP_GELU_TANH, QKV_OP_SIGN,
+    QKV_OP_STEP,        /* x > 0 ? 1 : 0 (relu's derivative) */
+    QKV_OP_GELU_ERF_GRAD, QKV_OP_GELU_TANH_GRAD, /* derivatives of the two gelu forms */
+} qkv_unary_op;
+
+typedef enum qkv_reduce_op {
+    QKV_RED_SUM, QKV_RED_MEAN, QKV_RED_VAR, QKV_RED_MAX, QKV_RED_MIN, QKV_RED_ARGMAX,
+    QKV_RED_ARGMIN,
+} qkv_reduce_op;
+
+/* Result dtype of a binary op between a and b (PyTorch promotion among our four dtypes). */
+qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b);
+/* out = a op b with broadcasting; comparisons give BOOL. name is the op for messages. */
+qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b,
+                        const char *name);
+/* out = a op scalar (reverse: scalar op a). Keeps a's dtype for floats. */
+qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
+                               const char *name);
+qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name);
+qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
+                       const char *name);
+/* Reduces over the axes whose bit is set in mask (bit i = axis i). correction for VAR. */
+qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
+                        double correction, const char *name);
+qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name);
+
+/* Batched strided GEMM: for each p < batch,
+ *   C_p[i,j] = alpha * sum_l A_p[i,l] * B_p[l,j] + beta * C_p[i,j]
+ * with A_p[i,l] = a[a_off[p] + i*rsa + l*csa] (a_off NULL means 0), and likewise B and C.
+ * Every C element is computed by one thread in a fixed order of l, so results do not depend
+ * on the thread count. beta == 0 ignores C's old contents (NaN included). */
+void qkv__gemm_f32(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                   const float *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                   const float *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                   float beta, float *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
+                   const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                   const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                   double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+
+#endif
