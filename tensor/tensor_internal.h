@@ -14,9 +14,16 @@ void qkv__free(void *p, size_t nbytes);      /* nbytes as passed to qkv__alloc *
 void *qkv__calloc(size_t nbytes);
 /* Growable array helper: ensures *cap >= need elements of size elem, keeping contents. */
 bool qkv__reserve(void **ptr, size_t *cap, size_t need, size_t elem);
+void qkv__count_tensor(int delta);
 
 /* ---- Construction ------------------------------------------------------------------------ */
 
+/* A new storage of nbytes (uninitialised), refcount 1. */
+qkv_storage *qkv__storage_new(size_t nbytes);
+void qkv__storage_release(qkv_storage *s);
+/* Registers t (whose reference the caller holds) with the innermost scope. False when the
+ * scope cannot grow; t is then released. */
+bool qkv__scope_add(qkv_tensor *t);
 /* A new tensor object over storage (retained), registered with the innermost scope. */
 qkv_tensor *qkv__make(qkv_dtype dtype, int ndim, const int64_t *shape, const int64_t *strides,
                       int64_t offset, qkv_storage *storage);
@@ -30,8 +37,11 @@ bool qkv__check_shape(const char *op, int ndim, const int64_t *shape);
 /* A contiguous tensor with t's values (t itself, retained into the scope, when already so). */
 qkv_tensor *qkv__contiguous(const qkv_tensor *t);
 qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype);
-void qkv__scope_add(qkv_tensor *t);
-void qkv__tensor_free_hook(void (*hook)(qkv_tensor *)); /* autograd clears its links here */
+/* The tensor layer sees an autograd node only as something to release when the tensor that
+ * points at it dies; autograd's node struct starts with this. */
+typedef struct qkv_node_base {
+    void (*release)(struct qkv_node *node, qkv_tensor *owner);
+} qkv_node_base;
 
 /* Element load/store by dtype, for slow paths. */
 double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
@@ -45,6 +55,18 @@ bool qkv__broadcast_shape(int na, const int64_t *sa, int nb, const int64_t *sb,
 void qkv__broadcast_strides(const qkv_tensor *t, int ndim, const int64_t *shape,
                             int64_t *strides);
 int qkv__norm_axis(const char *op, const qkv_tensor *t, int axis); /* -1 with error if bad */
+
+/* ---- Strided loops ------------------------------------------------------------------------ */
+
+/* Calls fn on each innermost run of a loop over shape, for up to 4 operands given by their base
+ * pointers and byte strides (already broadcast to shape). Dimensions are coalesced first, so a
+ * contiguous operand gives one long run. With parallel set, runs are split among threads
+ * (only for elementwise work, where the order cannot change a result). */
+#define QKV_MAX_OPERANDS 4
+typedef void (*qkv__run_fn)(int64_t n, char **ptrs, const int64_t *strides, void *ctx);
+void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
+                  const int64_t (*strides)[QKV_MAX_DIMS], qkv__run_fn fn, void *ctx,
+                  bool parallel);
 
 /* ---- Threads ----------------------------------------------------------------------------- */
 

@@ -1,0 +1,329 @@
+/* Elementwise kernels: binary ops with NumPy broadcasting, unary math, where. */
+#include <math.h>
+#include <string.h>
+
+#include "tensor/tensor_internal.h"
+
+qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b) {
+    if (a == QKV_F64 || b == QKV_F64) return QKV_F64;
+    if (a == QKV_F32 || b == QKV_F32) return QKV_F32;
+    if (a == QKV_I64 || b == QKV_I64) return QKV_I64;
+    return QKV_BOOL;
+}
+
+static bool is_compare(qkv_binary_op op) {
+    return op >= QKV_OP_EQ;
+}
+
+/* Output of a binary op: a new contiguous tensor of the broadcast shape. */
+static qkv_tensor *broadcast_out(const qkv_tensor *a, const qkv_tensor *b, qkv_dtype dtype,
+                                 const char *name) {
+    int n;
+    int64_t shape[QKV_MAX_DIMS];
+    if (!qkv__broadcast_shape(a->ndim, a->shape, b->ndim, b->shape, &n, shape)) {
+        char sa[128], sb[128];
+        return qkv_set_error("%s: shapes do not broadcast: %s and %s", name,
+                             qkv_shape_str(a, sa, sizeof sa), qkv_shape_str(b, sb, sizeof sb));
+    }
+    return qkv_empty(dtype, n, shape);
+}
+
+/* Byte strides of each operand seen through the output's shape. */
+static void operand_strides(const qkv_tensor *out, const qkv_tensor *const *ins, int nin,
+                            int64_t (*st)[QKV_MAX_DIMS]) {
+    for (int i = 0; i < out->ndim; i++) st[0][i] = out->strides[i] * (int64_t)qkv_dtype_size(out->dtype);
+    for (int k = 0; k < nin; k++) {
+        qkv__broadcast_strides(ins[k], out->ndim, out->shape, st[k + 1]);
+        for (int i = 0; i < out->ndim; i++) st[k + 1][i] *= (int64_t)qkv_dtype_size(ins[k]->dtype);
+    }
+}
+
+/* One loop over a run, specialised for the layouts that matter: all contiguous, and either
+ * input a broadcast scalar. The generic case walks byte strides. */
+#define RUN2(TO, T, EXPR)                                                                       \
+    do {                                                                                        \
+        if (st[0] == sizeof(TO) && st[1] == sizeof(T) && st[2] == sizeof(T)) {                 \
+            TO *restrict o = (TO *)p[0];                                                        \
+            const T *restrict A = (const T *)p[1], *restrict B = (const T *)p[2];               \
+            for (int64_t i = 0; i < n; i++) { T x = A[i], y = B[i]; o[i] = (EXPR); }            \
+        } else if (st[0] == sizeof(TO) && st[1] == sizeof(T) && st[2] == 0) {                   \
+            TO *restrict o = (TO *)p[0];                                                        \
+            const T *restrict A = (const T *)p[1];                                              \
+            const T y = *(const T *)p[2];                                                       \
+            for (int64_t i = 0; i < n; i++) { T x = A[i]; o[i] = (EXPR); }                      \
+        } else if (st[0] == sizeof(TO) && st[1] == 0 && st[2] == sizeof(T)) {                   \
+            TO *restrict o = (TO *)p[0];                                                        \
+            const T *restrict B = (const T *)p[2];                                              \
+            const T x = *(const T *)p[1];                                                       \
+            for (int64_t i = 0; i < n; i++) { T y = B[i]; o[i] = (EXPR); }                      \
+        } else {                                                                                \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                T x = *(const T *)(p[1] + i * st[1]), y = *(const T *)(p[2] + i * st[2]);       \
+                *(TO *)(p[0] + i * st[0]) = (EXPR);                                             \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+#define MAXIMUM(x, y) ((x) > (y) || (x) != (x) ? (x) : (y))
+#define MINIMUM(x, y) ((x) < (y) || (x) != (x) ? (x) : (y))
+
+#define BINARY_FOR_TYPE(T, POW)                                                                 \
+    switch (op) {                                                                               \
+    case QKV_OP_ADD: RUN2(T, T, x + y); break;                                                  \
+    case QKV_OP_SUB: RUN2(T, T, x - y); break;                                                  \
+    case QKV_OP_MUL: RUN2(T, T, x * y); break;                                                  \
+    case QKV_OP_DIV: RUN2(T, T, x / y); break;                                                  \
+    case QKV_OP_POW: RUN2(T, T, (T)POW(x, y)); break;                                           \
+    case QKV_OP_MAXIMUM: RUN2(T, T, MAXIMUM(x, y)); break;                                      \
+    case QKV_OP_MINIMUM: RUN2(T, T, MINIMUM(x, y)); break;                                      \
+    case QKV_OP_EQ: RUN2(bool, T, x == y); break;                                               \
+    case QKV_OP_NE: RUN2(bool, T, x != y); break;                                               \
+    case QKV_OP_LT: RUN2(bool, T, x < y); break;                                                \
+    case QKV_OP_LE: RUN2(bool, T, x <= y); break;                                               \
+    case QKV_OP_GT: RUN2(bool, T, x > y); break;                                                \
+    case QKV_OP_GE: RUN2(bool, T, x >= y); break;                                               \
+    }
+
+static int64_t ipow(int64_t x, int64_t y) {
+    if (y < 0) return x == 1 ? 1 : x == -1 ? (y % 2 ? -1 : 1) : 0;
+    int64_t r = 1;
+    while (y) {
+        if (y & 1) r *= x;
+        x *= x;
+        y >>= 1;
+    }
+    return r;
+}
+
+typedef struct bin_ctx {
+    qkv_binary_op op;
+    qkv_dtype dtype;
+} bin_ctx;
+
+static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    const bin_ctx *c = vctx;
+    qkv_binary_op op = c->op;
+    switch (c->dtype) {
+    case QKV_F32: BINARY_FOR_TYPE(float, powf); break;
+    case QKV_F64: BINARY_FOR_TYPE(double, pow); break;
+    case QKV_I64: BINARY_FOR_TYPE(int64_t, ipow); break;
+    case QKV_BOOL: /* only comparisons and maximum/minimum compute in bool */
+        switch (op) {
+        case QKV_OP_MAXIMUM: RUN2(bool, bool, x || y); break;
+        case QKV_OP_MINIMUM: RUN2(bool, bool, x && y); break;
+        case QKV_OP_EQ: RUN2(bool, bool, x == y); break;
+        case QKV_OP_NE: RUN2(bool, bool, x != y); break;
+        case QKV_OP_LT: RUN2(bool, bool, !x && y); break;
+        case QKV_OP_LE: RUN2(bool, bool, !x || y); break;
+        case QKV_OP_GT: RUN2(bool, bool, x && !y); break;
+        case QKV_OP_GE: RUN2(bool, bool, x || !y); break;
+        default: break;
+        }
+        break;
+    }
+}
+
+/* The dtype a binary op computes in: promotion, with true division and arithmetic on masks
+ * lifted to a numeric type as in PyTorch. */
+static qkv_dtype compute_dtype(qkv_binary_op op, qkv_dtype a, qkv_dtype b) {
+    qkv_dtype ct = qkv__promote(a, b);
+    if (op == QKV_OP_DIV && !qkv__is_float(ct)) return QKV_F32;
+    if (ct == QKV_BOOL && !is_compare(op) && op != QKV_OP_MAXIMUM && op != QKV_OP_MINIMUM)
+        return QKV_I64;
+    return ct;
+}
+
+qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b,
+                        const char *name) {
+    if (!a || !b) return NULL;
+    qkv_dtype ct = compute_dtype(op, a->dtype, b->dtype);
+    if (a->dtype != ct || b->dtype != ct) {
+        qkv_scope_begin();
+        qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);
+        qkv_tensor *cb = b->dtype == ct ? (qkv_tensor *)b : qkv__to_dtype(b, ct);
+        qkv_tensor *out = qkv_keep(qkv__binary(op, ca, cb, name));
+        qkv_scope_end();
+        return out;
+    }
+    qkv_tensor *out = broadcast_out(a, b, is_compare(op) ? QKV_BOOL : ct, name);
+    if (!out) return NULL;
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    const qkv_tensor *ins[2] = {a, b};
+    operand_strides(out, ins, 2, st);
+    char *bases[3] = {qkv_data(out), qkv_data(a), qkv_data(b)};
+    bin_ctx c = {op, ct};
+    qkv__foreach(3, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st,
+                 binary_run, &c, true);
+    return out;
+}
+
+qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
+                               const char *name) {
+    if (!a) return NULL;
+    qkv_dtype dt = a->dtype;
+    if (!qkv__is_float(dt)) dt = s == floor(s) && fabs(s) < 9e15 ? QKV_I64 : QKV_F32;
+    if (a->dtype == QKV_BOOL && is_compare(op) && (s == 0 || s == 1)) dt = QKV_BOOL;
+    /* The scalar lives on the stack as a 0-d tensor: no allocation, nothing in the scope. */
+    union { float f; double d; int64_t i; bool b; } v;
+    qkv_storage storage = {&v, sizeof v, 1};
+    qkv_tensor st = {0};
+    st.dtype = dt;
+    st.numel = 1;
+    st.storage = &storage;
+    st.refcount = 1;
+    qkv__store(&v, dt, 0, s);
+    return reverse ? qkv__binary(op, &st, a, name) : qkv__binary(op, a, &st, name);
+}
+
+/* ---- Unary ------------------------------------------------------------------------------- */
+
+#define RUN1(T, EXPR)                                                                           \
+    do {                                                                                        \
+        if (st[0] == sizeof(T) && st[1] == sizeof(T)) {                                         \
+            T *restrict o = (T *)p[0];                                                          \
+            const T *restrict A = (const T *)p[1];                                              \
+            for (int64_t i = 0; i < n; i++) { T x = A[i]; o[i] = (EXPR); }                      \
+        } else {                                                                                \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                T x = *(const T *)(p[1] + i * st[1]);                                           \
+                *(T *)(p[0] + i * st[0]) = (EXPR);                                              \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+#define SQRT_2_OVER_PI 0.79788456080286535588
+#define INV_SQRT_2 0.70710678118654752440
+#define INV_SQRT_2PI 0.39894228040143267794
+#define GELU_C 0.044715
+
+static inline double gelu_tanh_grad(double x) {
+    double u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x), t = tanh(u);
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_C * x * x);
+}
+
+#define UNARY_FLOAT(T, EXP, LOG, SQRT, FABS, TANH, ERF)                                         \
+    switch (op) {                                                                               \
+    case QKV_OP_NEG: RUN1(T, -x); break;                                                        \
+    case QKV_OP_EXP: RUN1(T, EXP(x)); break;                                                    \
+    case QKV_OP_LOG: RUN1(T, LOG(x)); break;                                                    \
+    case QKV_OP_SQRT: RUN1(T, SQRT(x)); break;                                                  \
+    case QKV_OP_RSQRT: RUN1(T, (T)1 / SQRT(x)); break;                                          \
+    case QKV_OP_ABS: RUN1(T, FABS(x)); break;                                                   \
+    case QKV_OP_TANH: RUN1(T, TANH(x)); break;                                                  \
+    case QKV_OP_SIGMOID:                                                                        \
+        RUN1(T, x >= 0 ? (T)1 / ((T)1 + EXP(-x)) : EXP(x) / ((T)1 + EXP(x)));                   \
+        break;                                                                                  \
+    case QKV_OP_RELU: RUN1(T, x > 0 ? x : (T)0); break;                                         \
+    case QKV_OP_GELU_ERF: RUN1(T, (T)0.5 * x * ((T)1 + ERF(x * (T)INV_SQRT_2))); break;         \
+    case QKV_OP_GELU_TANH:                                                                      \
+        RUN1(T, (T)0.5 * x * ((T)1 + TANH((T)SQRT_2_OVER_PI * (x + (T)GELU_C * x * x * x))));   \
+        break;                                                                                  \
+    case QKV_OP_SIGN: RUN1(T, (T)((x > 0) - (x < 0))); break;                                   \
+    case QKV_OP_STEP: RUN1(T, x > 0 ? (T)1 : (T)0); break;                                      \
+    case QKV_OP_GELU_ERF_GRAD:                                                                  \
+        RUN1(T, (T)0.5 * ((T)1 + ERF(x * (T)INV_SQRT_2)) +                                      \
+                    x * (T)INV_SQRT_2PI * EXP((T)-0.5 * x * x));                                \
+        break;                                                                                  \
+    case QKV_OP_GELU_TANH_GRAD: RUN1(T, (T)gelu_tanh_grad(x)); break;                           \
+    }
+
+typedef struct un_ctx {
+    qkv_unary_op op;
+    qkv_dtype dtype;
+} un_ctx;
+
+static void unary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    const un_ctx *c = vctx;
+    qkv_unary_op op = c->op;
+    if (c->dtype == QKV_F32) {
+        UNARY_FLOAT(float, expf, logf, sqrtf, fabsf, tanhf, erff);
+    } else if (c->dtype == QKV_F64) {
+        UNARY_FLOAT(double, exp, log, sqrt, fabs, tanh, erf);
+    } else {
+        switch (op) {
+        case QKV_OP_NEG: RUN1(int64_t, -x); break;
+        case QKV_OP_ABS: RUN1(int64_t, x < 0 ? -x : x); break;
+        case QKV_OP_RELU: RUN1(int64_t, x > 0 ? x : 0); break;
+        case QKV_OP_SIGN: RUN1(int64_t, (x > 0) - (x < 0)); break;
+        default: RUN1(int64_t, x > 0 ? 1 : 0); break;
+        }
+    }
+}
+
+static bool keeps_integers(qkv_unary_op op) {
+    return op == QKV_OP_NEG || op == QKV_OP_ABS || op == QKV_OP_RELU || op == QKV_OP_SIGN ||
+           op == QKV_OP_STEP;
+}
+
+qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
+    if (!a) return NULL;
+    qkv_dtype ct = a->dtype;
+    if (ct == QKV_BOOL) ct = keeps_integers(op) ? QKV_I64 : QKV_F32;
+    if (ct == QKV_I64 && !keeps_integers(op)) ct = QKV_F32;
+    if (ct != a->dtype) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__unary(op, qkv__to_dtype(a, ct), name));
+        qkv_scope_end();
+        return out;
+    }
+    qkv_tensor *out = qkv_empty(ct, a->ndim, a->shape);
+    if (!out) return NULL;
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    operand_strides(out, &a, 1, st);
+    char *bases[2] = {qkv_data(out), qkv_data(a)};
+    un_ctx c = {op, ct};
+    qkv__foreach(2, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st, unary_run,
+                 &c, true);
+    return out;
+}
+
+/* ---- where ------------------------------------------------------------------------------- */
+
+#define RUN_WHERE(T)                                                                            \
+    for (int64_t i = 0; i < n; i++)                                                             \
+        *(T *)(p[0] + i * st[0]) = *(const bool *)(p[1] + i * st[1])                            \
+                                       ? *(const T *)(p[2] + i * st[2])                         \
+                                       : *(const T *)(p[3] + i * st[3])
+
+static void where_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    switch (qkv_dtype_size(*(const qkv_dtype *)vctx)) {
+    case 1: RUN_WHERE(uint8_t); break;
+    case 4: RUN_WHERE(uint32_t); break;
+    default: RUN_WHERE(uint64_t); break;
+    }
+}
+
+qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
+                       const char *name) {
+    if (!cond || !a || !b) return NULL;
+    if (cond->dtype != QKV_BOOL)
+        return qkv_set_error("%s: condition must be bool, not %s", name,
+                             qkv_dtype_name(cond->dtype));
+    qkv_dtype ct = qkv__promote(a->dtype, b->dtype);
+    if (a->dtype != ct || b->dtype != ct) {
+        qkv_scope_begin();
+        qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);
+        qkv_tensor *cb = b->dtype == ct ? (qkv_tensor *)b : qkv__to_dtype(b, ct);
+        qkv_tensor *out = qkv_keep(qkv__where(cond, ca, cb, name));
+        qkv_scope_end();
+        return out;
+    }
+    int n1, n2;
+    int64_t s1[QKV_MAX_DIMS], s2[QKV_MAX_DIMS];
+    if (!qkv__broadcast_shape(a->ndim, a->shape, b->ndim, b->shape, &n1, s1) ||
+        !qkv__broadcast_shape(cond->ndim, cond->shape, n1, s1, &n2, s2)) {
+        char sc[128], sa[128], sb[128];
+        return qkv_set_error("%s: shapes do not broadcast: %s, %s and %s", name,
+                             qkv_shape_str(cond, sc, sizeof sc), qkv_shape_str(a, sa, sizeof sa),
+                             qkv_shape_str(b, sb, sizeof sb));
+    }
+    qkv_tensor *out = qkv_empty(ct, n2, s2);
+    if (!out) return NULL;
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    const qkv_tensor *ins[3] = {cond, a, b};
+    operand_strides(out, ins, 3, st);
+    char *bases[4] = {qkv_data(out), qkv_data(cond), qkv_data(a), qkv_data(b)};
+    qkv__foreach(4, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st, where_run,
+                 &ct, true);
+    return out;
+}

@@ -1,0 +1,335 @@
+/*
+ * Reductions over any set of axes, and softmax along one axis.
+ * Every output element is reduced by one thread over its inputs in row-major order, so the
+ * result does not depend on the thread count. Float inputs accumulate sums in double.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "tensor/tensor_internal.h"
+
+typedef struct plan {
+    qkv_reduce_op op;
+    double correction;
+    int nk, nr;                  /* kept and reduced dimensions, each coalesced */
+    int64_t kshape[QKV_MAX_DIMS], kstride[QKV_MAX_DIMS];
+    int64_t rshape[QKV_MAX_DIMS], rstride[QKV_MAX_DIMS];
+    int64_t n_out, n_red;
+} plan;
+
+static int coalesce_dims(int n, int64_t *shape, int64_t *stride) {
+    int out = 0;
+    for (int i = 0; i < n; i++) {
+        if (shape[i] == 1) continue;
+        if (out > 0 && stride[out - 1] == stride[i] * shape[i]) {
+            shape[out - 1] *= shape[i];
+            stride[out - 1] = stride[i];
+        } else {
+            shape[out] = shape[i];
+            stride[out] = stride[i];
+            out++;
+        }
+    }
+    if (out == 0) {
+        shape[0] = 1;
+        stride[0] = 0;
+        out = 1;
+    }
+    return out;
+}
+
+static void make_plan(plan *p, const qkv_tensor *a, uint32_t mask) {
+    p->nk = p->nr = 0;
+    p->n_out = p->n_red = 1;
+    for (int i = 0; i < a->ndim; i++) {
+        if (mask & (1u << i)) {
+            p->rshape[p->nr] = a->shape[i];
+            p->rstride[p->nr++] = a->strides[i];
+            p->n_red *= a->shape[i];
+        } else {
+            p->kshape[p->nk] = a->shape[i];
+            p->kstride[p->nk++] = a->strides[i];
+            p->n_out *= a->shape[i];
+        }
+    }
+    p->nk = coalesce_dims(p->nk, p->kshape, p->kstride);
+    p->nr = coalesce_dims(p->nr, p->rshape, p->rstride);
+}
+
+static int64_t kept_offset(const plan *p, int64_t o) {
+    int64_t off = 0;
+    for (int d = p->nk - 1; d >= 0; d--) {
+        off += (o % p->kshape[d]) * p->kstride[d];
+        o /= p->kshape[d];
+    }
+    return off;
+}
+
+/* Visits the reduced elements of one output in row-major order: BODY sees `x` and `k`. */
+#define FOR_REDUCED(T, base, BODY)                                                              \
+    do {                                                                                        \
+        int64_t idx_[QKV_MAX_DIMS] = {0}, k = 0, off_ = 0;                                      \
+        int in_ = p->nr - 1;                                                                    \
+        int64_t cnt_ = p->rshape[in_], st_ = p->rstride[in_];                                   \
+        int64_t outer_ = p->n_red / (cnt_ ? cnt_ : 1);                                          \
+        if (cnt_ == 0) outer_ = 0;                                                              \
+        for (int64_t o_ = 0; o_ < outer_; o_++) {                                               \
+            const T *row_ = (base) + off_;                                                      \
+            for (int64_t j_ = 0; j_ < cnt_; j_++, k++) {                                        \
+                T x = row_[j_ * st_];                                                           \
+                BODY;                                                                           \
+            }                                                                                   \
+            for (int d_ = in_ - 1; d_ >= 0; d_--) {                                             \
+                off_ += p->rstride[d_];                                                         \
+                if (++idx_[d_] < p->rshape[d_]) break;                                          \
+                off_ -= idx_[d_] * p->rstride[d_];                                              \
+                idx_[d_] = 0;                                                                   \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+#define REDUCE_FLOAT(T)                                                                         \
+    static void reduce_one_##T(const plan *p, const T *base, void *out, int64_t o) {            \
+        switch (p->op) {                                                                        \
+        case QKV_RED_SUM:                                                                       \
+        case QKV_RED_MEAN: {                                                                    \
+            double s = 0;                                                                       \
+            FOR_REDUCED(T, base, s += x);                                                       \
+            if (p->op == QKV_RED_MEAN) s /= (double)p->n_red;                                   \
+            ((T *)out)[o] = (T)s;                                                               \
+            break;                                                                              \
+        }                                                                                       \
+        case QKV_RED_VAR: {                                                                     \
+            double s = 0, q = 0;                                                                \
+            FOR_REDUCED(T, base, s += x);                                                       \
+            double mean = s / (double)p->n_red;                                                 \
+            FOR_REDUCED(T, base, q += ((double)x - mean) * ((double)x - mean));                 \
+            double dof = (double)p->n_red - p->correction;                                      \
+            ((T *)out)[o] = (T)(dof > 0 ? q / dof : NAN);                                       \
+            break;                                                                              \
+        }                                                                                       \
+        case QKV_RED_MAX:                                                                       \
+        case QKV_RED_ARGMAX: {                                                                  \
+            T best = -INFINITY;                                                                 \
+            int64_t bi = 0;                                                                     \
+            FOR_REDUCED(T, base, if (k == 0 || x > best || (x != x && best == best)) {          \
+                best = x;                                                                       \
+                bi = k;                                                                         \
+            });                                                                                 \
+            if (p->op == QKV_RED_MAX) ((T *)out)[o] = best;                                     \
+            else ((int64_t *)out)[o] = bi;                                                      \
+            break;                                                                              \
+        }                                                                                       \
+        case QKV_RED_MIN:                                                                       \
+        case QKV_RED_ARGMIN: {                                                                  \
+            T best = INFINITY;                                                                  \
+            int64_t bi = 0;                                                                     \
+            FOR_REDUCED(T, base, if (k == 0 || x < best || (x != x && best == best)) {          \
+                best = x;                                                                       \
+                bi = k;                                                                         \
+            });                                                                                 \
+            if (p->op == QKV_RED_MIN) ((T *)out)[o] = best;                                     \
+            else ((int64_t *)out)[o] = bi;                                                      \
+            break;                                                                              \
+        }                                                                                       \
+        }                                                                                       \
+    }
+
+REDUCE_FLOAT(float)
+REDUCE_FLOAT(double)
+
+#define REDUCE_INT(T)                                                                           \
+    static void reduce_one_##T(const plan *p, const T *base, void *out, int64_t o) {            \
+        int64_t best = 0, bi = 0, s = 0;                                                        \
+        switch (p->op) {                                                                        \
+        case QKV_RED_SUM:                                                                       \
+            FOR_REDUCED(T, base, s += (int64_t)x);                                              \
+            ((int64_t *)out)[o] = s;                                                            \
+            break;                                                                              \
+        case QKV_RED_MAX:                                                                       \
+        case QKV_RED_ARGMAX:                                                                    \
+            FOR_REDUCED(T, base, if (k == 0 || (int64_t)x > best) { best = (int64_t)x; bi = k; }); \
+            if (p->op == QKV_RED_MAX) ((T *)out)[o] = (T)best;                                  \
+            else ((int64_t *)out)[o] = bi;                                                      \
+            break;                                                                              \
+        default:                                                                                \
+            FOR_REDUCED(T, base, if (k == 0 || (int64_t)x < best) { best = (int64_t)x; bi = k; }); \
+            if (p->op == QKV_RED_MIN) ((T *)out)[o] = (T)best;                                  \
+            else ((int64_t *)out)[o] = bi;                                                      \
+            break;                                                                              \
+        }                                                                                       \
+    }
+
+REDUCE_INT(int64_t)
+REDUCE_INT(bool)
+
+/* Sum or mean over leading axes of a tensor whose kept axes form one contiguous run (a bias
+ * gradient: [4096, 256] -> [256]): whole rows are added in the same row-major order the
+ * general path uses, so the two give the same bits. */
+#define ROWS_SUM(T)                                                                             \
+    static void rows_sum_##T(const plan *p, const T *base, T *out, int64_t b, int64_t e) {      \
+        double acc[256];                                                                        \
+        for (int64_t c0 = b; c0 < e; c0 += 256) {                                               \
+            int64_t w = e - c0 < 256 ? e - c0 : 256;                                            \
+            for (int64_t j = 0; j < w; j++) acc[j] = 0;                                         \
+            int64_t idx[QKV_MAX_DIMS] = {0}, off = 0;                                           \
+            for (int64_t r = 0; r < p->n_red; r++) {                                            \
+                const T *row = base + off + c0;                                                 \
+                for (int64_t j = 0; j < w; j++) acc[j] += row[j];                               \
+                for (int d = p->nr - 1; d >= 0; d--) {                                          \
+                    off += p->rstride[d];                                                       \
+                    if (++idx[d] < p->rshape[d]) break;                                         \
+                    off -= idx[d] * p->rstride[d];                                              \
+                    idx[d] = 0;                                                                 \
+                }                                                                               \
+            }                                                                                   \
+            double scale = p->op == QKV_RED_MEAN ? 1.0 / (double)p->n_red : 1.0;                \
+            for (int64_t j = 0; j < w; j++) out[c0 + j] = (T)(acc[j] * scale);                  \
+        }                                                                                       \
+    }
+
+ROWS_SUM(float)
+ROWS_SUM(double)
+
+static bool rows_path(const plan *p, qkv_dtype dt) {
+    return (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN) && qkv__is_float(dt) && p->nk == 1 &&
+           p->kstride[0] == 1 && p->n_out >= 16 && p->n_red > 1;
+}
+
+static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t b, int64_t e) {
+    const char *data = qkv_data(a);
+    if (rows_path(p, a->dtype)) {
+        if (a->dtype == QKV_F32) rows_sum_float(p, (const float *)data, out, b, e);
+        else rows_sum_double(p, (const double *)data, out, b, e);
+        return;
+    }
+    for (int64_t o = b; o < e; o++) {
+        int64_t off = kept_offset(p, o);
+        switch (a->dtype) {
+        case QKV_F32: reduce_one_float(p, (const float *)data + off, out, o); break;
+        case QKV_F64: reduce_one_double(p, (const double *)data + off, out, o); break;
+        case QKV_I64: reduce_one_int64_t(p, (const int64_t *)data + off, out, o); break;
+        case QKV_BOOL: reduce_one_bool(p, (const bool *)data + off, out, o); break;
+        }
+    }
+}
+
+static const char *const reduce_names[] = {"sum", "mean", "var", "max", "min", "argmax",
+                                           "argmin"};
+
+qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
+                        double correction, const char *name) {
+    if (!a) return NULL;
+    if (!qkv__is_float(a->dtype) && (op == QKV_RED_MEAN || op == QKV_RED_VAR)) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__reduce(op, qkv__to_dtype(a, QKV_F32), mask, keepdim,
+                                               correction, name));
+        qkv_scope_end();
+        return out;
+    }
+    mask &= a->ndim ? (uint32_t)((1u << a->ndim) - 1) : 0;
+    plan p;
+    p.op = op;
+    p.correction = correction;
+    make_plan(&p, a, mask);
+    if (p.n_red == 0 && op != QKV_RED_SUM && op != QKV_RED_MEAN && op != QKV_RED_VAR) {
+        char s[128];
+        return qkv_set_error("%s: cannot take %s over an empty dimension of %s", name,
+                             reduce_names[op], qkv_shape_str(a, s, sizeof s));
+    }
+    int n = 0;
+    int64_t shape[QKV_MAX_DIMS];
+    for (int i = 0; i < a->ndim; i++) {
+        if (!(mask & (1u << i))) shape[n++] = a->shape[i];
+        else if (keepdim) shape[n++] = 1;
+    }
+    qkv_dtype odt = a->dtype;
+    if (op == QKV_RED_ARGMAX || op == QKV_RED_ARGMIN) odt = QKV_I64;
+    if (op == QKV_RED_SUM && !qkv__is_float(a->dtype)) odt = QKV_I64;
+    qkv_tensor *out = qkv_empty(odt, n, shape);
+    if (!out) return NULL;
+    void *o = qkv_data(out);
+    int threads = qkv__threads_for(a->numel);
+    if (p.n_out < threads) threads = (int)(p.n_out > 0 ? p.n_out : 1);
+    if (threads <= 1) {
+        reduce_range(&p, a, o, 0, p.n_out);
+        return out;
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++)
+        reduce_range(&p, a, o, p.n_out * t / threads, p.n_out * (t + 1) / threads);
+    return out;
+}
+
+/* ---- Softmax ----------------------------------------------------------------------------- */
+
+/* A row whose every entry is -inf (fully masked) gives zeros for softmax and -inf for
+ * log_softmax, where the textbook formula would give NaN. */
+#define SOFTMAX_ROW(T, EXP, LOG)                                                                \
+    static void softmax_row_##T(const T *x, int64_t sx, T *y, int64_t sy, int64_t n, bool take_log) {            \
+        T m = -INFINITY;                                                                        \
+        for (int64_t j = 0; j < n; j++) {                                                       \
+            T v = x[j * sx];                                                                    \
+            if (v > m || v != v) m = v;                                                         \
+            if (m != m) break;                                                                  \
+        }                                                                                       \
+        if (m == -INFINITY) {                                                                   \
+            for (int64_t j = 0; j < n; j++) y[j * sy] = take_log ? -INFINITY : 0;                         \
+            return;                                                                             \
+        }                                                                                       \
+        double s = 0;                                                                           \
+        if (take_log) {                                                                         \
+            for (int64_t j = 0; j < n; j++) s += EXP(x[j * sx] - m);                            \
+            T ls = (T)LOG(s);                                                                   \
+            for (int64_t j = 0; j < n; j++) y[j * sy] = x[j * sx] - m - ls;                          \
+        } else {                                                                                \
+            for (int64_t j = 0; j < n; j++) {                                                   \
+                y[j * sy] = EXP(x[j * sx] - m);                                                 \
+                s += y[j * sy];                                                                 \
+            }                                                                                   \
+            T inv = (T)(1.0 / s);                                                               \
+            for (int64_t j = 0; j < n; j++) y[j * sy] *= inv;                                      \
+        }                                                                                       \
+    }
+
+SOFTMAX_ROW(float, expf, log)
+SOFTMAX_ROW(double, exp, log)
+
+qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name) {
+    if (!a) return NULL;
+    if (!qkv__is_float(a->dtype)) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__softmax(qkv__to_dtype(a, QKV_F32), axis, log, name));
+        qkv_scope_end();
+        return out;
+    }
+    int ax = qkv__norm_axis(name, a, axis);
+    if (ax < 0) return NULL;
+    qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
+    if (!out || a->numel == 0) return out;
+    int64_t n = a->ndim ? a->shape[ax] : 1, sx = a->ndim ? a->strides[ax] : 1;
+    plan p;
+    make_plan(&p, a, a->ndim ? 1u << ax : 0);
+    int64_t rows = p.n_out;
+    int64_t ostride = 1;
+    for (int i = ax + 1; i < a->ndim; i++) ostride *= a->shape[i];
+    int threads = qkv__threads_for(a->numel * 8);
+    if (rows < threads) threads = 1;
+    char *od = qkv_data(out);
+    const char *ad = qkv_data(a);
+    size_t es = qkv_dtype_size(a->dtype);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
+            int64_t off = kept_offset(&p, r);
+            int64_t obase = (r / ostride) * ostride * n + r % ostride;
+            if (es == 4)
+                softmax_row_float((const float *)ad + off, sx, (float *)od + obase, ostride, n,
+                                  log);
+            else
+                softmax_row_double((const double *)ad + off, sx, (double *)od + obase, ostride,
+                                   n, log);
+        }
+    }
+    return out;
+}
