@@ -101,13 +101,31 @@ qkv_tensor *qkv_retain(qkv_tensor *t) {
     return t;
 }
 
-void qkv_release(qkv_tensor *t) {
-    if (!t || --t->refcount > 0) return;
+static void destroy(qkv_tensor *t) {
     if (t->grad_fn) ((qkv_node_base *)t->grad_fn)->release(t->grad_fn, t);
     qkv_release(t->grad);
     qkv__storage_release(t->storage);
     qkv__free(t, sizeof *t);
     qkv__count_tensor(-1);
+}
+
+/* Releasing a graph's output releases its inputs in turn. A worklist instead of recursion
+ * keeps the stack flat however long the chain of ops is. */
+static _Thread_local qkv_tensor *dying;
+static _Thread_local bool draining;
+
+void qkv_release(qkv_tensor *t) {
+    if (!t || --t->refcount > 0) return;
+    t->dying_next = dying;
+    dying = t;
+    if (draining) return;
+    draining = true;
+    while (dying) {
+        qkv_tensor *d = dying;
+        dying = d->dying_next;
+        destroy(d);
+    }
+    draining = false;
 }
 
 qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape) {

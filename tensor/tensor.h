@@ -59,6 +59,7 @@ typedef struct qkv_tensor {
     bool retains_grad;             /* a non-leaf whose gradient is kept (qkv_retain_grad) */
     struct qkv_tensor *grad;       /* accumulated gradient, owned by this tensor, or NULL */
     struct qkv_node *grad_fn;      /* the op that made this tensor, when recorded */
+    struct qkv_tensor *dying_next; /* internal: the release worklist */
 } qkv_tensor;
 
 /* Expands to `ndim, shape` for the creation functions: qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)). */

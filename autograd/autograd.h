@@ -1,0 +1,186 @@
+/*
+ * qkv ops and reverse-mode autodiff.
+ *
+ * Every function here that returns a tensor follows tensor.h's conventions: the result
+ * belongs to the innermost scope, and errors return NULL with qkv_error() set. When grad
+ * mode is on (the default) and an input requires grad, the op records a node so that
+ * qkv_backward can compute gradients. Axes may be negative (counted from the end).
+ * Binary ops broadcast as NumPy and PyTorch do. Results of views share their input's storage.
+ */
+#ifndef QKV_AUTOGRAD_H
+#define QKV_AUTOGRAD_H
+
+#include "tensor/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Autograd ---------------------------------------------------------------------------- */
+
+/* Marks a leaf (a tensor made by a creation function) as a parameter to differentiate. */
+qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad);
+/* Backpropagates from a one-element loss (seed 1). Leaves accumulate into t->grad. */
+bool qkv_backward(qkv_tensor *loss);
+/* Backpropagates from any tensor with an explicit seed gradient of its shape. With
+ * retain_graph the graph stays usable for another backward; otherwise it is freed. */
+bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_graph);
+void qkv_zero_grad(qkv_tensor *t);          /* drops t->grad (sets it to NULL) */
+void qkv_retain_grad(qkv_tensor *t);        /* keep a non-leaf's gradient in t->grad */
+qkv_tensor *qkv_detach(const qkv_tensor *t); /* a view that records nothing */
+
+/* Grad mode: while off (nested begin/end pairs), no op records a node. */
+void qkv_no_grad_begin(void);
+void qkv_no_grad_end(void);
+bool qkv_is_grad_enabled(void);
+
+/* Anomaly mode: every recorded op checks its forward result, and backward checks each
+ * gradient, for NaN or Inf; the first one found is an error naming the op, and backward
+ * stops. Per thread. */
+void qkv_set_detect_anomaly(bool on);
+bool qkv_is_anomaly_enabled(void);
+
+/* Name of the op that produced t ("mul", "matmul", ...), or NULL for a leaf. */
+const char *qkv_grad_fn_name(const qkv_tensor *t);
+
+/* ---- Gradient check ---------------------------------------------------------------------- */
+
+/* A function of n inputs returning one tensor (any shape); ctx is passed through. */
+typedef qkv_tensor *(*qkv_gradcheck_fn)(qkv_tensor *const *inputs, int n, void *ctx);
+
+/* Compares the analytic gradient of sum(fn(inputs) * w) (w a fixed pseudo-random weight)
+ * with central differences of step eps, for every element of every input that requires
+ * grad. Inputs must be F64. An element passes when |analytic - numeric| <= atol + rtol *
+ * |numeric|. On failure the error (qkv_error) names the input, the element, both values and
+ * the difference, and the result is false. Never aborts. */
+bool qkv_gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx,
+                   double eps, double atol, double rtol);
+
+/* ---- Elementwise ------------------------------------------------------------------------- */
+
+qkv_tensor *qkv_add(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_sub(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_mul(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_div(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_pow(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_maximum(const qkv_tensor *a, const qkv_tensor *b); /* ties split the grad */
+qkv_tensor *qkv_minimum(const qkv_tensor *a, const qkv_tensor *b);
+
+qkv_tensor *qkv_add_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_sub_scalar(const qkv_tensor *a, double s);  /* a - s */
+qkv_tensor *qkv_rsub_scalar(double s, const qkv_tensor *a); /* s - a */
+qkv_tensor *qkv_mul_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_div_scalar(const qkv_tensor *a, double s);  /* a / s */
+qkv_tensor *qkv_rdiv_scalar(double s, const qkv_tensor *a); /* s / a */
+qkv_tensor *qkv_pow_scalar(const qkv_tensor *a, double s);  /* a ^ s */
+qkv_tensor *qkv_maximum_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_minimum_scalar(const qkv_tensor *a, double s);
+
+qkv_tensor *qkv_neg(const qkv_tensor *a);
+qkv_tensor *qkv_exp(const qkv_tensor *a);
+qkv_tensor *qkv_log(const qkv_tensor *a);
+qkv_tensor *qkv_sqrt(const qkv_tensor *a);
+qkv_tensor *qkv_rsqrt(const qkv_tensor *a);
+qkv_tensor *qkv_abs(const qkv_tensor *a);     /* grad sign(a): 0 at 0 */
+qkv_tensor *qkv_tanh(const qkv_tensor *a);
+qkv_tensor *qkv_sigmoid(const qkv_tensor *a);
+qkv_tensor *qkv_relu(const qkv_tensor *a);    /* grad 0 at 0 */
+/* GELU: x * Phi(x) with the exact erf form, or PyTorch's approximate="tanh" form. */
+qkv_tensor *qkv_gelu(const qkv_tensor *a, bool tanh_approximation);
+
+/* Comparisons give BOOL tensors and record nothing. */
+qkv_tensor *qkv_eq(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_ne(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_lt(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_le(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_gt(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_ge(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv_eq_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_ne_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_lt_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_le_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_gt_scalar(const qkv_tensor *a, double s);
+qkv_tensor *qkv_ge_scalar(const qkv_tensor *a, double s);
+
+/* cond ? a : b elementwise, all three broadcast; cond is BOOL. */
+qkv_tensor *qkv_where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b);
+/* a with value where mask (BOOL, broadcast to a) is true. */
+qkv_tensor *qkv_masked_fill(const qkv_tensor *a, const qkv_tensor *mask, double value);
+
+/* ---- Reductions -------------------------------------------------------------------------- */
+/* One axis; several axes (naxes entries of axes); or all elements (a 0-d result). */
+
+qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim);
+qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
+qkv_tensor *qkv_sum_all(const qkv_tensor *a);
+qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim);
+qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
+qkv_tensor *qkv_mean_all(const qkv_tensor *a);
+/* Variance with Bessel-style correction (1 = unbiased, as torch.var's default; 0 = biased). */
+qkv_tensor *qkv_var(const qkv_tensor *a, int axis, double correction, bool keepdim);
+qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
+                         bool keepdim);
+/* max/min over one axis: the gradient goes to the first element that attains the extreme;
+ * over all elements likewise (row-major first). NaN propagates. */
+qkv_tensor *qkv_max(const qkv_tensor *a, int axis, bool keepdim);
+qkv_tensor *qkv_max_all(const qkv_tensor *a);
+qkv_tensor *qkv_min(const qkv_tensor *a, int axis, bool keepdim);
+qkv_tensor *qkv_min_all(const qkv_tensor *a);
+qkv_tensor *qkv_argmax(const qkv_tensor *a, int axis, bool keepdim); /* I64, first index */
+qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
+
+/* Softmax along axis, computed stably (the row maximum is subtracted). A row that is all -inf
+ * (every position masked) gives all zeros; log_softmax gives all -inf there. */
+qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis);
+qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
+
+/* ---- Linear algebra ---------------------------------------------------------------------- */
+
+/* torch.matmul: 1-D x 1-D dot product; 2-D matrix product; 1-D operands gain and lose a
+ * dimension; batch dimensions broadcast. Transposed and strided operands are read in place. */
+qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b);
+
+/* ---- Views and copies -------------------------------------------------------------------- */
+
+/* New shape with the same number of elements; one entry may be -1. A view when the strides
+ * allow it, a copy otherwise (as torch.reshape). */
+qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape);
+qkv_tensor *qkv_flatten(const qkv_tensor *a, int start_axis, int end_axis);
+qkv_tensor *qkv_transpose(const qkv_tensor *a, int axis0, int axis1);
+qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes); /* a->ndim entries */
+/* Elements start, start+step, ... below end along axis (end clamps, as Python slices with a
+ * positive step; negative start/end count from the end). */
+qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end, int64_t step);
+qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t length);
+qkv_tensor *qkv_select(const qkv_tensor *a, int axis, int64_t index); /* drops the axis */
+qkv_tensor *qkv_squeeze(const qkv_tensor *a, int axis);  /* no-op when that size is not 1 */
+qkv_tensor *qkv_squeeze_all(const qkv_tensor *a);
+qkv_tensor *qkv_unsqueeze(const qkv_tensor *a, int axis);
+/* Broadcast to shape without copying (stride 0); -1 keeps a size; new leading dims allowed. */
+qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape);
+qkv_tensor *qkv_contiguous(const qkv_tensor *a);  /* a itself (as a view) if already so */
+qkv_tensor *qkv_clone(const qkv_tensor *a);       /* always a fresh copy */
+qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype);
+
+/* ---- Indexing ---------------------------------------------------------------------------- */
+
+/* Picks entries of a along axis by an I64 index of any shape: the result's shape is
+ * a.shape[:axis] + index.shape + a.shape[axis+1:] (torch.index_select for a 1-D index; an
+ * embedding lookup for a 2-D one). The gradient scatter-adds, so repeated indices accumulate. */
+qkv_tensor *qkv_index_select(const qkv_tensor *a, int axis, const qkv_tensor *index);
+/* torch.gather: out[i][j][k] = a[i][index[i][j][k]][k] for axis 1; index has a's ndim. */
+qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index);
+qkv_tensor *qkv_concat(int n, qkv_tensor *const *tensors, int axis);
+qkv_tensor *qkv_stack(int n, qkv_tensor *const *tensors, int axis);
+qkv_tensor *qkv_one_hot(const qkv_tensor *index, int64_t n_classes); /* I64 -> I64 [..., n] */
+
+/* ---- Random ------------------------------------------------------------------------------ */
+
+/* Zeroes each element with probability p and scales the rest by 1/(1-p); the identity when
+ * training is false or p is 0. The mask is drawn from g in row-major order. */
+qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

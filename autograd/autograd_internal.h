@@ -1,0 +1,62 @@
+/*
+ * The graph node and the pieces every op definition uses. Never installed.
+ *
+ * An op is defined once, in its family's file: a forward that computes the result with the
+ * tensor layer's kernels and then calls qkv__record, and a backward adjacent to it that turns
+ * the output's gradient into one gradient per input using the public ops (grad mode is off
+ * while backward runs). The engine reduces each input gradient to its input's shape and dtype
+ * (undoing broadcasting), so backwards may return broadcast-shaped gradients.
+ */
+#ifndef QKV_AUTOGRAD_INTERNAL_H
+#define QKV_AUTOGRAD_INTERNAL_H
+
+#include "autograd/autograd.h"
+#include "tensor/tensor_internal.h"
+
+typedef struct qkv_node qkv_node;
+
+/* grads has one slot per input, all NULL on entry; leave a slot NULL for no gradient. */
+typedef void (*qkv_backward_fn)(qkv_node *node, const qkv_tensor *grad, qkv_tensor **grads);
+
+typedef struct qkv_op_def {
+    const char *name;
+    qkv_backward_fn backward;
+} qkv_op_def;
+
+#define QKV_NODE_SAVED 4
+#define QKV_NODE_ARGS 8
+
+struct qkv_node {
+    qkv_node_base base;
+    const qkv_op_def *op;
+    int refcount;                       /* tensors whose grad_fn this is */
+    int n_inputs;
+    qkv_tensor **inputs;                /* retained; NULL once the graph is freed */
+    qkv_tensor *saved[QKV_NODE_SAVED];  /* retained extras (an output's values, a mask) */
+    int64_t iargs[QKV_NODE_ARGS];       /* op parameters */
+    double dargs[QKV_NODE_ARGS];
+    int out_ndim;                       /* the output's shape and dtype, for backward */
+    int64_t out_shape[QKV_MAX_DIMS];
+    qkv_dtype out_dtype;
+    /* engine state during one backward */
+    qkv_tensor *grad;                   /* accumulated gradient of the output */
+    int pending;                        /* consumers in this backward not yet processed */
+    bool freed;                         /* inputs and saved released (graph freed) */
+    uint64_t mark;                      /* the backward pass that last visited this node */
+    qkv_tensor *retained_out;           /* weak: the output, when qkv_retain_grad asked */
+};
+
+/* Records a node for out when grad mode is on and an input requires grad: out->grad_fn is set
+ * and out->requires_grad becomes true. Returns out, or NULL (out released) on failure. NULL
+ * inputs are allowed. */
+qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
+                        const qkv_tensor *const *inputs);
+/* A tensor sharing t's storage and geometry but with no graph links, retained into
+ * node->saved[slot]: for saving an op's own output without a reference cycle. */
+bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out);
+bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t);
+/* Reduces a gradient of a broadcast shape back to shape (sums the broadcast dims). */
+qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape);
+bool qkv__needs_grad(const qkv_tensor *t);
+
+#endif

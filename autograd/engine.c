@@ -1,0 +1,334 @@
+/*
+ * The backward engine: recording nodes, grad mode, and reverse-mode accumulation in
+ * topological order without recursion.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "autograd/autograd_internal.h"
+
+static _Thread_local int no_grad_depth;
+static _Thread_local bool anomaly;
+static _Thread_local uint64_t backward_generation;
+
+void qkv_no_grad_begin(void) { no_grad_depth++; }
+void qkv_no_grad_end(void) { if (no_grad_depth > 0) no_grad_depth--; }
+bool qkv_is_grad_enabled(void) { return no_grad_depth == 0; }
+void qkv_set_detect_anomaly(bool on) { anomaly = on; }
+bool qkv_is_anomaly_enabled(void) { return anomaly; }
+
+bool qkv__needs_grad(const qkv_tensor *t) {
+    return t && t->requires_grad;
+}
+
+const char *qkv_grad_fn_name(const qkv_tensor *t) {
+    return t && t->grad_fn ? t->grad_fn->op->name : NULL;
+}
+
+/* ---- Nodes ------------------------------------------------------------------------------- */
+
+static void free_graph_links(qkv_node *n) {
+    if (n->freed) return;
+    n->freed = true;
+    for (int i = 0; i < n->n_inputs; i++) qkv_release(n->inputs[i]);
+    qkv__free(n->inputs, (size_t)n->n_inputs * sizeof(qkv_tensor *));
+    n->inputs = NULL;
+    for (int i = 0; i < QKV_NODE_SAVED; i++) {
+        qkv_release(n->saved[i]);
+        n->saved[i] = NULL;
+    }
+}
+
+static void node_release(qkv_node *n, qkv_tensor *owner) {
+    if (n->retained_out == owner) n->retained_out = NULL;
+    if (--n->refcount > 0) return;
+    free_graph_links(n);
+    qkv_release(n->grad);
+    qkv__free(n, sizeof *n);
+}
+
+/* Anomaly mode: the first non-finite value in a float tensor. */
+static bool all_finite(const qkv_tensor *t) {
+    if (!t || !qkv__is_float(t->dtype) || t->numel == 0) return true;
+    qkv_tensor *bad = qkv__unary(QKV_OP_ABS, t, "anomaly");
+    if (!bad) return true;
+    qkv_tensor *m = qkv__reduce(QKV_RED_MAX, bad, ~0u, false, 0, "anomaly");
+    double v = m ? qkv_item(m) : 0;
+    if (qkv_scope_depth() == 0) {
+        qkv_release(m);
+        qkv_release(bad);
+    }
+    return isfinite(v);
+}
+
+qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
+                        const qkv_tensor *const *inputs) {
+    if (!out) return NULL;
+    if (anomaly && !all_finite(out)) {
+        qkv_set_error("qkv anomaly: %s produced a non-finite value in its forward", op->name);
+        goto fail;
+    }
+    if (no_grad_depth > 0) return out;
+    bool any = false;
+    for (int i = 0; i < n_inputs; i++) any = any || qkv__needs_grad(inputs[i]);
+    if (!any) return out;
+    qkv_node *n = qkv__calloc(sizeof *n);
+    if (!n) goto fail;
+    n->inputs = qkv__alloc((size_t)(n_inputs ? n_inputs : 1) * sizeof(qkv_tensor *));
+    if (!n->inputs) {
+        qkv__free(n, sizeof *n);
+        goto fail;
+    }
+    n->base.release = node_release;
+    n->op = op;
+    n->refcount = 1;
+    n->n_inputs = n_inputs;
+    for (int i = 0; i < n_inputs; i++) n->inputs[i] = qkv_retain((qkv_tensor *)inputs[i]);
+    n->out_ndim = out->ndim;
+    memcpy(n->out_shape, out->shape, sizeof n->out_shape);
+    n->out_dtype = out->dtype;
+    out->grad_fn = n;
+    out->requires_grad = true;
+    return out;
+fail:
+    if (qkv_scope_depth() == 0) qkv_release(out);
+    return NULL;
+}
+
+bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t) {
+    if (!node || !t) return false;
+    node->saved[slot] = qkv_retain((qkv_tensor *)t);
+    return true;
+}
+
+bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out) {
+    if (!node || !out) return false;
+    qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
+    if (!v) return false;
+    node->saved[slot] = qkv_scope_depth() ? qkv_retain(v) : v;
+    return true;
+}
+
+/* ---- Leaves ------------------------------------------------------------------------------ */
+
+qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
+    if (!t) return NULL;
+    if (t->grad_fn) {
+        qkv_set_error("qkv_requires_grad_: only a leaf can be set; %s made this tensor",
+                      t->grad_fn->op->name);
+        return NULL;
+    }
+    if (requires_grad && !qkv__is_float(t->dtype)) {
+        qkv_set_error("qkv_requires_grad_: %s tensors cannot require grad",
+                      qkv_dtype_name(t->dtype));
+        return NULL;
+    }
+    t->requires_grad = requires_grad;
+    return t;
+}
+
+void qkv_zero_grad(qkv_tensor *t) {
+    if (!t) return;
+    qkv_release(t->grad);
+    t->grad = NULL;
+}
+
+void qkv_retain_grad(qkv_tensor *t) {
+    if (!t) return;
+    t->retains_grad = true;
+    if (t->grad_fn) t->grad_fn->retained_out = t;
+}
+
+qkv_tensor *qkv_detach(const qkv_tensor *t) {
+    if (!t) return NULL;
+    return qkv__view(t, t->ndim, t->shape, t->strides, t->offset);
+}
+
+/* ---- Backward ---------------------------------------------------------------------------- */
+
+qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape) {
+    if (!g) return NULL;
+    if (g->ndim == ndim && !memcmp(g->shape, shape, (size_t)ndim * sizeof(int64_t))) {
+        return (qkv_tensor *)g;
+    }
+    uint32_t mask = 0;
+    int lead = g->ndim - ndim;
+    for (int i = 0; i < g->ndim; i++) {
+        if (i < lead) mask |= 1u << i;
+        else if (shape[i - lead] == 1 && g->shape[i] != 1) mask |= 1u << i;
+    }
+    qkv_tensor *r = qkv__reduce(QKV_RED_SUM, g, mask, true, 0, "backward");
+    if (!r) return NULL;
+    int64_t strides[QKV_MAX_DIMS];
+    qkv__contiguous_strides(ndim, shape, strides);
+    if (r->numel != qkv__numel(ndim, shape)) {
+        char a[128], b[128];
+        return qkv_set_error("backward: gradient of shape %s does not reduce to %s",
+                             qkv_shape_str(g, a, sizeof a), qkv_shape_str(r, b, sizeof b));
+    }
+    return qkv__view(r, ndim, shape, strides, r->offset);
+}
+
+/* The gradient for input t, in t's shape and dtype. */
+static qkv_tensor *fit(qkv_tensor *g, const qkv_tensor *t) {
+    g = qkv__sum_to(g, t->ndim, t->shape);
+    if (g && g->dtype != t->dtype) g = qkv__to_dtype(g, t->dtype);
+    return g;
+}
+
+static bool accumulate(qkv_tensor **slot, qkv_tensor *g, bool fresh_copy) {
+    qkv_tensor *sum;
+    if (*slot) sum = qkv__binary(QKV_OP_ADD, *slot, g, "backward");
+    else sum = fresh_copy ? qkv_clone(g) : g;
+    if (!sum) return false;
+    qkv_retain(sum);
+    qkv_release(*slot);
+    *slot = sum;
+    return true;
+}
+
+typedef struct node_list {
+    qkv_node **items;
+    size_t n, cap;
+} node_list;
+
+static bool push(node_list *l, qkv_node *n) {
+    if (!qkv__reserve((void **)&l->items, &l->cap, l->n + 1, sizeof *l->items)) return false;
+    l->items[l->n++] = n;
+    return true;
+}
+
+/* Counts, for every node reachable from root, how many reachable nodes consume it. */
+static bool count_consumers(qkv_node *root, uint64_t gen) {
+    node_list stack = {0};
+    root->mark = gen;
+    root->pending = 0;
+    bool ok = push(&stack, root);
+    while (ok && stack.n) {
+        qkv_node *n = stack.items[--stack.n];
+        if (n->freed) continue;
+        for (int i = 0; i < n->n_inputs && ok; i++) {
+            qkv_tensor *in = n->inputs[i];
+            if (!in || !in->requires_grad || !in->grad_fn) continue;
+            qkv_node *c = in->grad_fn;
+            if (c->mark != gen) {
+                c->mark = gen;
+                c->pending = 0;
+                ok = push(&stack, c);
+            }
+            c->pending++;
+        }
+    }
+    qkv__free(stack.items, stack.cap * sizeof *stack.items);
+    return ok;
+}
+
+static bool check_gradients(const qkv_node *n, qkv_tensor **grads) {
+    for (int i = 0; i < n->n_inputs; i++)
+        if (grads[i] && !all_finite(grads[i])) {
+            qkv_set_error("qkv anomaly: the backward of %s produced a non-finite gradient for "
+                          "its input %d", n->op->name, i);
+            return false;
+        }
+    return true;
+}
+
+/* Runs one node's backward and hands each input its gradient: a leaf accumulates it, an
+ * inner node collects it and becomes ready once all its consumers have run. */
+static bool run_node(qkv_node *n, node_list *ready) {
+    if (n->freed) {
+        qkv_set_error("qkv_backward: the graph through %s was already freed by a backward; "
+                      "pass retain_graph to backpropagate twice", n->op->name);
+        return false;
+    }
+    qkv_tensor *g = n->grad;
+    if (n->retained_out) {
+        qkv_release(n->retained_out->grad);
+        n->retained_out->grad = qkv_retain(qkv_clone(g));
+    }
+    qkv_tensor *grads_small[8] = {0};
+    qkv_tensor **grads = grads_small;
+    size_t gbytes = (size_t)n->n_inputs * sizeof *grads;
+    if (n->n_inputs > 8) {
+        grads = qkv__calloc(gbytes);
+        if (!grads) return false;
+    }
+    bool had_error = qkv_error() != NULL;
+    n->op->backward(n, g, grads);
+    bool ok = (had_error || !qkv_error()) && (!anomaly || check_gradients(n, grads));
+    for (int i = 0; i < n->n_inputs && ok; i++) {
+        qkv_tensor *in = n->inputs[i];
+        if (!in || !in->requires_grad) continue;
+        qkv_node *c = in->grad_fn;
+        if (grads[i]) {
+            qkv_tensor *gi = fit(grads[i], in);
+            ok = gi && accumulate(c ? &c->grad : &in->grad, gi, !c);
+        }
+        if (c && --c->pending == 0 && ok) ok = push(ready, c);
+    }
+    if (grads != grads_small) qkv__free(grads, gbytes);
+    return ok;
+}
+
+bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_graph) {
+    if (!out || !grad) return false;
+    char a[128], b[128];
+    if (!out->requires_grad) {
+        qkv_set_error("qkv_backward: the tensor %s does not require grad (no input of its "
+                      "graph requires grad, or it was computed in no-grad mode)",
+                      qkv_shape_str(out, a, sizeof a));
+        return false;
+    }
+    if (grad->ndim != out->ndim || memcmp(grad->shape, out->shape, sizeof(int64_t) * out->ndim)) {
+        qkv_set_error("qkv_backward: gradient shape %s differs from the output's %s",
+                      qkv_shape_str(grad, b, sizeof b), qkv_shape_str(out, a, sizeof a));
+        return false;
+    }
+    qkv_scope_begin();
+    qkv_no_grad_begin();
+    bool ok;
+    if (!out->grad_fn) {
+        ok = accumulate(&out->grad, (qkv_tensor *)grad, true);
+    } else {
+        qkv_node *root = out->grad_fn;
+        node_list ready = {0};
+        ok = count_consumers(root, ++backward_generation);
+        if (ok) {
+            qkv_release(root->grad);
+            root->grad = NULL;
+            ok = accumulate(&root->grad, fit((qkv_tensor *)grad, out), false) &&
+                 push(&ready, root);
+        }
+        while (ok && ready.n) {
+            qkv_node *n = ready.items[--ready.n];
+            ok = run_node(n, &ready);
+            qkv_release(n->grad);
+            n->grad = NULL;
+            if (!retain_graph) free_graph_links(n);
+        }
+        /* After a failure, drop what other nodes had collected so far. */
+        for (size_t i = 0; i < ready.n; i++) {
+            qkv_release(ready.items[i]->grad);
+            ready.items[i]->grad = NULL;
+        }
+        qkv__free(ready.items, ready.cap * sizeof *ready.items);
+    }
+    qkv_no_grad_end();
+    qkv_scope_end();
+    return ok;
+}
+
+bool qkv_backward(qkv_tensor *loss) {
+    if (!loss) return false;
+    if (loss->numel != 1) {
+        char a[128];
+        qkv_set_error("qkv_backward: the loss must have one element, not %s; use "
+                      "qkv_backward_with and a seed gradient", qkv_shape_str(loss, a, sizeof a));
+        return false;
+    }
+    qkv_scope_begin();
+    qkv_tensor *seed = qkv_ones(loss->dtype, loss->ndim, loss->shape);
+    bool ok = seed && qkv_backward_with(loss, seed, false);
+    qkv_scope_end();
+    return ok;
+}

@@ -1,0 +1,220 @@
+/* Reductions and softmax: forward with the tensor kernels, backward beside each. */
+#include "autograd/autograd_internal.h"
+
+#define IN(i) (node->inputs[i])
+
+/* Turns an axis list into a bit mask, checking range and repeats. */
+static bool axes_mask(const char *op, const qkv_tensor *a, int naxes, const int *axes,
+                      uint32_t *mask) {
+    *mask = 0;
+    for (int i = 0; i < naxes; i++) {
+        int ax = qkv__norm_axis(op, a, axes[i]);
+        if (ax < 0) return false;
+        if (*mask & (1u << ax)) {
+            qkv_set_error("%s: axis %d appears twice", op, axes[i]);
+            return false;
+        }
+        *mask |= 1u << ax;
+    }
+    return true;
+}
+
+/* The output gradient with the reduced axes put back as size 1, broadcast to the input. */
+static qkv_tensor *expand_back(const qkv_node *node, const qkv_tensor *g) {
+    const qkv_tensor *a = IN(0);
+    uint32_t mask = (uint32_t)node->iargs[0];
+    int64_t kshape[QKV_MAX_DIMS];
+    for (int i = 0; i < a->ndim; i++) kshape[i] = mask & (1u << i) ? 1 : a->shape[i];
+    return qkv_expand(qkv_reshape(g, a->ndim, kshape), a->ndim, a->shape);
+}
+
+static int64_t reduced_count(const qkv_node *node) {
+    int64_t n = 1;
+    for (int i = 0; i < IN(0)->ndim; i++)
+        if (node->iargs[0] & (1 << i)) n *= IN(0)->shape[i];
+    return n;
+}
+
+static qkv_tensor *reduce_op(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
+                             double correction, const qkv_op_def *def, const char *name) {
+    qkv_tensor *out = qkv__record(qkv__reduce(op, a, mask, keepdim, correction, name), def, 1,
+                                  (const qkv_tensor *const[]){a});
+    if (out && out->grad_fn) {
+        out->grad_fn->iargs[0] = mask;
+        out->grad_fn->dargs[0] = correction;
+    }
+    return out;
+}
+
+static uint32_t all_axes(const qkv_tensor *a) {
+    return a && a->ndim ? (uint32_t)((1u << a->ndim) - 1) : 0;
+}
+
+/* ---- sum, mean, var ---------------------------------------------------------------------- */
+
+/* d sum = g broadcast over the reduced axes */
+static void sum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = expand_back(node, g);
+}
+static const qkv_op_def sum_op = {"sum", sum_backward};
+
+qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    uint32_t mask;
+    if (!a || !axes_mask("qkv_sum", a, naxes, axes, &mask)) return NULL;
+    return reduce_op(QKV_RED_SUM, a, mask, keepdim, 0, &sum_op, "qkv_sum");
+}
+qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
+    return qkv_sum_axes(a, 1, &axis, keepdim);
+}
+qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
+    return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_op, "qkv_sum_all") : NULL;
+}
+
+/* d mean = g/N broadcast */
+static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = qkv_div_scalar(expand_back(node, g), (double)reduced_count(node));
+}
+static const qkv_op_def mean_op = {"mean", mean_backward};
+
+qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    uint32_t mask;
+    if (!a || !axes_mask("qkv_mean", a, naxes, axes, &mask)) return NULL;
+    return reduce_op(QKV_RED_MEAN, a, mask, keepdim, 0, &mean_op, "qkv_mean");
+}
+qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
+    return qkv_mean_axes(a, 1, &axis, keepdim);
+}
+qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
+    return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_op, "qkv_mean_all")
+             : NULL;
+}
+
+/* d var = g * 2 (a - mean) / (N - correction) */
+static void var_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    uint32_t mask = (uint32_t)node->iargs[0];
+    int axes[QKV_MAX_DIMS], n = 0;
+    for (int i = 0; i < IN(0)->ndim; i++)
+        if (mask & (1u << i)) axes[n++] = i;
+    qkv_tensor *centered = qkv_sub(IN(0), qkv_mean_axes(IN(0), n, axes, true));
+    double dof = (double)reduced_count(node) - node->dargs[0];
+    gi[0] = qkv_mul(expand_back(node, g), qkv_mul_scalar(centered, 2.0 / dof));
+}
+static const qkv_op_def var_op = {"var", var_backward};
+
+qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
+                         bool keepdim) {
+    uint32_t mask;
+    if (!a || !axes_mask("qkv_var", a, naxes, axes, &mask)) return NULL;
+    return reduce_op(QKV_RED_VAR, a, mask, keepdim, correction, &var_op, "qkv_var");
+}
+qkv_tensor *qkv_var(const qkv_tensor *a, int axis, double correction, bool keepdim) {
+    return qkv_var_axes(a, 1, &axis, correction, keepdim);
+}
+
+/* ---- max, min, argmax, argmin ------------------------------------------------------------ */
+
+/* d max = g at the first position that attains the maximum, 0 elsewhere. saved[0] holds that
+ * position (keepdim shape along the axis, or the flat index for a full reduction). */
+static void extremum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    const qkv_tensor *a = IN(0);
+    int axis = (int)node->iargs[1];
+    qkv_tensor *pos;
+    if (axis < 0) {
+        pos = qkv_reshape(qkv_arange(QKV_I64, 0, (double)a->numel, 1), a->ndim, a->shape);
+    } else {
+        int64_t shape[QKV_MAX_DIMS];
+        for (int i = 0; i < a->ndim; i++) shape[i] = i == axis ? a->shape[i] : 1;
+        pos = qkv_reshape(qkv_arange(QKV_I64, 0, (double)a->shape[axis], 1), a->ndim, shape);
+    }
+    qkv_tensor *hit = qkv_eq(pos, node->saved[0]);
+    gi[0] = qkv__where(hit, expand_back(node, g), qkv_zeros(g->dtype, 0, NULL),
+                       "max_backward");
+}
+static const qkv_op_def max_op = {"max", extremum_backward};
+static const qkv_op_def min_op = {"min", extremum_backward};
+
+static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool all, bool is_max,
+                            const char *name) {
+    if (!a) return NULL;
+    int ax = all ? -1 : qkv__norm_axis(name, a, axis);
+    if (!all && ax < 0) return NULL;
+    uint32_t mask = all ? all_axes(a) : (a->ndim ? 1u << ax : 0);
+    qkv_tensor *out = reduce_op(is_max ? QKV_RED_MAX : QKV_RED_MIN, a, mask, keepdim, 0,
+                                is_max ? &max_op : &min_op, name);
+    if (!out || !out->grad_fn) return out;
+    out->grad_fn->iargs[1] = ax;
+    qkv_tensor *idx = qkv__reduce(is_max ? QKV_RED_ARGMAX : QKV_RED_ARGMIN, a, mask, true, 0,
+                                  name);
+    if (all && idx) {
+        /* For a full reduction the kernel's index already counts in row-major order. */
+        idx = qkv__view(idx, 0, NULL, NULL, idx->offset);
+    }
+    if (!idx || !qkv__save(out->grad_fn, 0, idx)) return NULL;
+    return out;
+}
+
+qkv_tensor *qkv_max(const qkv_tensor *a, int axis, bool keepdim) {
+    return extremum(a, axis, keepdim, false, true, "qkv_max");
+}
+qkv_tensor *qkv_max_all(const qkv_tensor *a) {
+    return extremum(a, 0, false, true, true, "qkv_max_all");
+}
+qkv_tensor *qkv_min(const qkv_tensor *a, int axis, bool keepdim) {
+    return extremum(a, axis, keepdim, false, false, "qkv_min");
+}
+qkv_tensor *qkv_min_all(const qkv_tensor *a) {
+    return extremum(a, 0, false, true, false, "qkv_min_all");
+}
+
+static qkv_tensor *arg_extremum(const qkv_tensor *a, int axis, bool keepdim, qkv_reduce_op op,
+                                const char *name) {
+    if (!a) return NULL;
+    int ax = qkv__norm_axis(name, a, axis);
+    if (ax < 0) return NULL;
+    return qkv__reduce(op, a, a->ndim ? 1u << ax : 0, keepdim, 0, name);
+}
+qkv_tensor *qkv_argmax(const qkv_tensor *a, int axis, bool keepdim) {
+    return arg_extremum(a, axis, keepdim, QKV_RED_ARGMAX, "qkv_argmax");
+}
+qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim) {
+    return arg_extremum(a, axis, keepdim, QKV_RED_ARGMIN, "qkv_argmin");
+}
+
+/* ---- softmax, log_softmax ---------------------------------------------------------------- */
+
+/* d softmax = out * (g - sum(g * out)) along the axis */
+static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *out = node->saved[0];
+    int axis = (int)node->iargs[0];
+    qkv_tensor *dot = qkv_sum(qkv_mul(g, out), axis, true);
+    gi[0] = qkv_mul(out, qkv_sub(g, dot));
+}
+static const qkv_op_def softmax_op = {"softmax", softmax_backward};
+
+/* d log_softmax = g - exp(out) * sum(g) along the axis */
+static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    int axis = (int)node->iargs[0];
+    gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
+}
+static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward};
+
+static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
+    if (!a) return NULL;
+    int ax = qkv__norm_axis(name, a, axis);
+    if (ax < 0) return NULL;
+    qkv_tensor *out = qkv__record(qkv__softmax(a, ax, log, name),
+                                  log ? &log_softmax_op : &softmax_op, 1,
+                                  (const qkv_tensor *const[]){a});
+    if (out && out->grad_fn) {
+        out->grad_fn->iargs[0] = ax;
+        if (!qkv__save_output(out->grad_fn, 0, out)) return NULL;
+    }
+    return out;
+}
+
+qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis) {
+    return softmax_op_run(a, axis, false, "qkv_softmax");
+}
+qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis) {
+    return softmax_op_run(a, axis, true, "qkv_log_softmax");
+}
