@@ -1,0 +1,27 @@
+# Front door: `make demo` trains the example classifier, `make test` runs every test suite.
+# Both install missing build dependencies first (Debian/Ubuntu).
+
+BUILD ?= build
+MESON_OPTS ?=
+THREADS ?= 2
+
+.PHONY: all deps configure build test demo bench clean
+
+all: build
+
+deps:
+	@sh tools/install-deps.sh
+
+$(BUILD)/build.ninja:
+	meson setup $(BUILD) $(MESON_OPTS)
+
+configure: deps $(BUILD)/build.ninja
+
+build: configure
+	ninja -C $(BUILD)
+
+test: build
+	@sh tools/run-tests.sh $(BUILD)
+
+clean:
+	rm -rf $(BUILD)
