@@ -3,5 +3,6 @@
 #define QKV_H
 
 #include "tensor/tensor.h"
+#include "data/data.h"
 
 #endif
