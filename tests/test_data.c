@@ -158,13 +158,15 @@ static void tsv_read_replaces_each_invalid_byte_with_fffd(void **state) {
     (void)state;
     /* a bad byte in a label, a truncated sequence at the end of a text, an overlong '/', a
      * surrogate, a NUL, and valid multibyte text left alone */
-    qkv_tsv *d = qkv_tsv_read(WRITE_TSV("utf8.tsv", "p\xffs\tcaf\xc3\n"
-                                                    "neg\t\xc0\xaf|\xed\xa0\x80|a\0b|\xc3\xa9\xe2\x82\xac\n"));
+    qkv_tsv *d = qkv_tsv_read(WRITE_TSV("utf8.tsv",
+                                        "p\xffs\tcaf\xc3\n"
+                                        "neg\t\xc0\xaf|\xed\xa0\x80|a\0b|\xc3\xa9\xe2\x82\xac\n"));
     assert_non_null(d);
     assert_int_equal(d->n, 2);
     assert_string_equal(d->labels[0], "p" FFFD "s");
     assert_string_equal(d->texts[0], "caf" FFFD);
-    assert_string_equal(d->texts[1], FFFD FFFD "|" FFFD FFFD FFFD "|a" FFFD "b|\xc3\xa9\xe2\x82\xac");
+    assert_string_equal(d->texts[1],
+                        FFFD FFFD "|" FFFD FFFD FFFD "|a" FFFD "b|\xc3\xa9\xe2\x82\xac");
     qkv_tsv_free(d);
 }
 
