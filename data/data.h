@@ -1,0 +1,143 @@
+/*
+ * qkv data: reading labelled texts, tokenizing them, vocabularies and label sets, and batches of
+ * token ids for training.
+ *
+ * The conventions of tensor/tensor.h hold here: errors return NULL (or -1 / 0 / false where
+ * stated) and record a message read with qkv_error(); batch tensors belong to the innermost open
+ * scope. The objects of this header (qkv_tsv, qkv_tokens, qkv_vocab, qkv_labels, qkv_dataset)
+ * are not tensors: the caller owns each one and frees it with its _free function (NULL is
+ * ignored). Once built they are never modified, so several threads may read them at once.
+ *
+ * Text is UTF-8. Wherever text enters (qkv_tsv_read, the tokenizers), each byte that does not
+ * start a valid UTF-8 sequence (overlong forms, surrogates, code points beyond U+10FFFF,
+ * truncated sequences, stray continuation bytes) is replaced by U+FFFD, one per byte; so is a
+ * NUL byte, which a C string cannot hold.
+ */
+#ifndef QKV_DATA_H
+#define QKV_DATA_H
+
+#include "tensor/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Types ------------------------------------------------------------------------------- */
+
+/* Labelled texts as read from a file. Fields are for reading. */
+typedef struct qkv_tsv {
+    int64_t n;                  /* examples, in file order */
+    const char *const *labels;  /* labels[i]: non-empty UTF-8 */
+    const char *const *texts;   /* texts[i]: UTF-8, possibly empty */
+} qkv_tsv;
+
+typedef enum qkv_tokenizer {
+    QKV_TOKENIZE_WORDS = 0, /* maximal runs of word characters, ASCII letters lowercased */
+    QKV_TOKENIZE_CHARS = 1, /* one token per code point, unchanged */
+} qkv_tokenizer;
+
+/* The tokens of one text. Fields are for reading. */
+typedef struct qkv_tokens {
+    int64_t n;
+    const char *const *tokens;  /* tokens[i]: NUL-terminated UTF-8 */
+} qkv_tokens;
+
+typedef struct qkv_vocab qkv_vocab;     /* token <-> id */
+typedef struct qkv_labels qkv_labels;   /* label <-> class id */
+typedef struct qkv_dataset qkv_dataset; /* texts encoded once as ids, with class ids */
+
+/* One training batch; see qkv_dataset_batch. */
+typedef struct qkv_batch {
+    qkv_tensor *ids;              /* I64 [n, max_len]: token ids, padded with QKV_PAD_ID */
+    qkv_tensor *key_padding_mask; /* BOOL [n, max_len]: true at padding */
+    qkv_tensor *labels;           /* I64 [n]: class ids; NULL for a dataset without labels */
+} qkv_batch;
+
+#define QKV_PAD_ID 0 /* "<pad>" */
+#define QKV_UNK_ID 1 /* "<unk>" */
+
+/* ---- Reading ----------------------------------------------------------------------------- */
+
+/* Reads lines `label<TAB>text`. The first tab separates; later tabs in the text become spaces.
+ * A "\r" before "\n" is dropped, empty lines are skipped, a final newline is optional, a UTF-8
+ * byte order mark at the start is skipped. A line without a tab or with an empty label is an
+ * error naming the file and line: "qkv_tsv_read: x.tsv:17: no tab between label and text". */
+qkv_tsv *qkv_tsv_read(const char *path);
+void qkv_tsv_free(qkv_tsv *tsv);
+
+/* ---- Tokenizing -------------------------------------------------------------------------- */
+
+/* Splits text into tokens. QKV_TOKENIZE_WORDS: a token is a maximal run of word characters,
+ * which are ASCII letters (lowercased), ASCII digits, the apostrophe, and every non-ASCII code
+ * point (so "café" and "naïve" stay whole, and non-ASCII punctuation joins its neighbours);
+ * everything else separates. "Don't STOP-me" -> "don't", "stop", "me".
+ * QKV_TOKENIZE_CHARS: every code point, spaces included, is a token. */
+qkv_tokens *qkv_tokenize(qkv_tokenizer kind, const char *text);
+void qkv_tokens_free(qkv_tokens *tokens);
+
+/* ---- Vocabulary -------------------------------------------------------------------------- */
+
+/* Counts the tokens of n texts and keeps those seen at least min_count (>= 1) times, most
+ * frequent first, equal counts in byte order of the token, after ids 0 "<pad>" and 1 "<unk>";
+ * at most max_size ids in all (>= 2, or 0 for no limit). */
+qkv_vocab *qkv_vocab_build(qkv_tokenizer kind, const char *const *texts, int64_t n,
+                           int64_t min_count, int64_t max_size);
+void qkv_vocab_free(qkv_vocab *vocab);
+int64_t qkv_vocab_size(const qkv_vocab *vocab);             /* ids, the two specials included */
+qkv_tokenizer qkv_vocab_tokenizer(const qkv_vocab *vocab);  /* the kind it was built with */
+/* The id of a token, QKV_UNK_ID when it is not in the vocabulary. */
+int64_t qkv_vocab_id(const qkv_vocab *vocab, const char *token);
+/* The token of an id, or NULL (with an error) when the id is out of range. */
+const char *qkv_vocab_token(const qkv_vocab *vocab, int64_t id);
+/* Tokenizes text with the vocabulary's tokenizer and writes the first cap ids to ids (unknown
+ * tokens give QKV_UNK_ID; a text without tokens gives one QKV_UNK_ID). Returns the number of
+ * ids of the whole text, which may exceed cap, or -1 on error. */
+int64_t qkv_vocab_encode(const qkv_vocab *vocab, const char *text, int64_t *ids, int64_t cap);
+
+/* ---- Label set --------------------------------------------------------------------------- */
+
+/* The distinct labels among n, in byte order; class ids count from 0 in that order. */
+qkv_labels *qkv_labels_build(const char *const *labels, int64_t n);
+void qkv_labels_free(qkv_labels *set);
+int64_t qkv_labels_size(const qkv_labels *set);
+/* The class id of a label, or -1 (no error recorded) for a label not in the set. */
+int64_t qkv_labels_id(const qkv_labels *set, const char *label);
+/* The label of a class id, or NULL (with an error) when the id is out of range. */
+const char *qkv_labels_name(const qkv_labels *set, int64_t id);
+
+/* ---- Serialization (for checkpoints) ----------------------------------------------------- */
+
+/* Byte format, integers little-endian: 8 bytes magic ("qkvvocab" or "qkvlabel"), u32 version
+ * (1), u32 tokenizer kind (0 for labels), u64 count, then count entries of u32 length + that
+ * many bytes of UTF-8. A vocabulary lists every token by id, "<pad>" and "<unk>" first; a label
+ * set lists its labels in byte order.
+ * The writers fill buf when cap is at least the size they return (call with cap 0 to learn the
+ * size); they return 0 on error. The readers check every count, length and string against the
+ * buffer before use, and reject a bad buffer (truncated, trailing bytes, empty or invalid UTF-8
+ * strings, duplicates, ...) with an error. */
+size_t qkv_vocab_to_bytes(const qkv_vocab *vocab, void *buf, size_t cap);
+qkv_vocab *qkv_vocab_from_bytes(const void *buf, size_t size);
+size_t qkv_labels_to_bytes(const qkv_labels *set, void *buf, size_t cap);
+qkv_labels *qkv_labels_from_bytes(const void *buf, size_t size);
+
+/* ---- Batching ---------------------------------------------------------------------------- */
+
+/* Encodes n texts once (see qkv_vocab_encode), with the class ids of their labels in set;
+ * a label not in set is an error. set and labels may both be NULL for unlabelled texts. */
+qkv_dataset *qkv_dataset_new(const qkv_vocab *vocab, const char *const *texts,
+                             const qkv_labels *set, const char *const *labels, int64_t n);
+void qkv_dataset_free(qkv_dataset *ds);
+int64_t qkv_dataset_size(const qkv_dataset *ds);
+/* The batch of examples idx[0..n): row i holds the first max_len ids of example idx[i],
+ * padded with QKV_PAD_ID. On error every field is NULL. */
+qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n,
+                            int64_t max_len);
+
+/* Shuffles idx[0..n) in place by Fisher-Yates: for i from n-1 down to 1, swap idx[i] with
+ * idx[qkv_generator_below(g, i + 1)]. One seed gives one order on every platform. */
+void qkv_shuffle(int64_t *idx, int64_t n, qkv_generator *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
