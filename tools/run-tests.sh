@@ -9,7 +9,7 @@ status=$?
 grep -E '^ *[0-9]+/[0-9]+ ' "$build/test-summary.txt"
 awk '
     /^==+ [0-9]+\/[0-9]+ =+$/ { if (name != "") finish(); name = $0; p = 0; f = 0; rc = "" }
-    /^exit status:/ { rc = $3 }
+    /^result:/ { rc = ($0 ~ /exit status 0$/) ? "0" : "1" }
     /\[  PASSED  \] [0-9]+ test/ { p += $4 }
     /\[  FAILED  \] [0-9]+ test/ { f += $4 }
     function finish() { if (rc != "0" && f == 0) f = 1; P += p; F += f }
