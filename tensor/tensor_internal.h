@@ -107,6 +107,9 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
                         double correction, const char *name);
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name);
 
+/* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
+qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+
 /* Batched strided GEMM: for each p < batch,
  *   C_p[i,j] = alpha * sum_l A_p[i,l] * B_p[l,j] + beta * C_p[i,j]
  * with A_p[i,l] = a[a_off[p] + i*rsa + l*csa] (a_off NULL means 0), and likewise B and C.
