@@ -49,6 +49,11 @@ bool qkv__optim_state_import(qkv_optimizer *opt, const qkv_optim_state *state);
 /* A copy of s from qkv__alloc (free with qkv__optim_free_str); NULL with an error on failure. */
 char *qkv__optim_strdup(const char *s);
 void qkv__optim_free_str(char *s);
+/* Takes a reference to t, a new result, that the caller will hold beyond every scope: t itself
+ * when no scope is open (the caller already owns it), else t retained (the scope drops its own
+ * reference when it ends). Opening a scope of our own instead would leak when its begin fails
+ * with none open, as the result then belongs to the caller. */
+qkv_tensor *qkv__own(qkv_tensor *t);
 /* A new tensor like t (zeros) held outside every scope, or NULL with an error. */
 qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t);
 

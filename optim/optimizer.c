@@ -63,11 +63,12 @@ void qkv__optim_free_str(char *s) {
     if (s) qkv__free(s, strlen(s) + 1);
 }
 
+qkv_tensor *qkv__own(qkv_tensor *t) {
+    return qkv_scope_depth() > 0 ? qkv_retain(t) : t;
+}
+
 qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t) {
-    qkv_scope_begin();
-    qkv_tensor *z = qkv_retain(qkv_zeros_like(t));
-    qkv_scope_end();
-    return z;
+    return qkv__own(qkv_zeros_like(t));
 }
 
 /* ---- Construction ------------------------------------------------------------------------ */
@@ -239,9 +240,9 @@ bool qkv__fit_grad(const char *op, const char *name, qkv_tensor *p) {
         return false;
     }
     if (g->dtype == p->dtype && qkv_is_contiguous(g)) return true;
-    qkv_scope_begin();
-    qkv_tensor *fitted = qkv_retain(qkv_contiguous(qkv_to_dtype(g, p->dtype)));
-    qkv_scope_end();
+    qkv_tensor *converted = qkv__own(qkv_to_dtype(g, p->dtype));
+    qkv_tensor *fitted = qkv__own(qkv_contiguous(converted));
+    qkv_release(converted);
     if (!fitted) return false;
     qkv_release(p->grad);
     p->grad = fitted;

@@ -118,11 +118,11 @@ static void export_group(builder *b, const qkv_optimizer_vtable *vt, int gi,
         char *name = qkv__alloc(len);
         if (!name) { b->ok = false; break; }
         snprintf(name, len, STATE_PREFIX "%s.step", g->names[i]);
-        add_tensor(b, name, qkv_retain(qkv_scalar(QKV_I64, (double)ps->step)));
+        add_tensor(b, name, qkv__own(qkv_scalar(QKV_I64, (double)ps->step)));
         for (int s = 0; s < QKV_OPTIM_SLOTS && vt->slot_names[s]; s++) {
             if (!ps->slots[s]) continue;
             snprintf(name, len, STATE_PREFIX "%s.%s", g->names[i], vt->slot_names[s]);
-            add_tensor(b, name, qkv_retain(qkv_clone(ps->slots[s])));
+            add_tensor(b, name, qkv__own(qkv_clone(ps->slots[s])));
         }
         qkv__free(name, len);
     }
@@ -145,7 +145,6 @@ qkv_optim_state *qkv__optim_state_export(const qkv_optimizer *opt) {
     builder b = {.st = st, .ok = st->tensors.names && st->tensors.tensors && st->meta_keys &&
                                   st->meta_values};
     char value[32];
-    qkv_scope_begin();
     if (b.ok) add_meta(&b, "optim.type", opt->vtable->name);
     snprintf(value, sizeof value, "%lld", (long long)opt->steps);
     if (b.ok) add_meta(&b, "optim.steps", value);
@@ -153,7 +152,6 @@ qkv_optim_state *qkv__optim_state_export(const qkv_optimizer *opt) {
     if (b.ok) add_meta(&b, "optim.groups", value);
     for (int g = 0; g < opt->n_groups && b.ok; g++)
         export_group(&b, opt->vtable, g, &opt->groups[g]);
-    qkv_scope_end();
     if (!b.ok) {
         qkv_optim_state_free(st);
         return NULL;
