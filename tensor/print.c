@@ -1,4 +1,4 @@
-/* Printing tensors the way PyTorch's repr does, eliding long dimensions. */
+/* Printing tensors the way PyTorch's repr does, summarizing those over 1000 elements. */
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -6,7 +6,8 @@
 
 #include "tensor/tensor_internal.h"
 
-#define EDGE 3 /* items shown at each end of a dimension longer than 2 * EDGE */
+#define EDGE 3          /* items shown at each end of a long dimension when summarizing */
+#define THRESHOLD 1000  /* tensors with more elements are summarized, as PyTorch does */
 
 typedef struct buf {
     char *s;
@@ -51,7 +52,7 @@ static void put_value(buf *b, const qkv_tensor *t, int64_t off) {
     }
 }
 
-static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent) {
+static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent, bool elide) {
     if (d == t->ndim) {
         put_value(b, t, off);
         return;
@@ -59,11 +60,11 @@ static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent)
     put(b, "[");
     int64_t n = t->shape[d];
     for (int64_t i = 0; i < n; i++) {
-        if (n > 2 * EDGE && i == EDGE) {
+        if (elide && n > 2 * EDGE && i == EDGE) {
             put(b, d == t->ndim - 1 ? "..., " : "...,\n%*s", indent + 1, "");
             i = n - EDGE;
         }
-        put_dim(b, t, d + 1, off + i * t->strides[d], indent + 1);
+        put_dim(b, t, d + 1, off + i * t->strides[d], indent + 1, elide);
         if (i + 1 < n) {
             if (d == t->ndim - 1) put(b, ", ");
             else put(b, ",%s%*s", d == t->ndim - 2 ? "\n" : "\n\n", indent + 1, "");
@@ -79,7 +80,7 @@ char *qkv_to_string(const qkv_tensor *t) {
         return b.s;
     }
     put(&b, "tensor(");
-    put_dim(&b, t, 0, 0, 7);
+    put_dim(&b, t, 0, 0, 7, t->numel > THRESHOLD);
     char s[128];
     put(&b, ", dtype=%s, shape=", qkv_dtype_name(t->dtype));
     put(&b, "%s", qkv_shape_str(t, s, sizeof s));
