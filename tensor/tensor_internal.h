@@ -126,6 +126,9 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
 /* I64 index -> I64 index.shape + [n_classes] with a 1 at each index. */
 qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char *name);
 
+/* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
+qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+
 /* Batched strided GEMM: for each p < batch,
  *   C_p[i,j] = alpha * sum_l A_p[i,l] * B_p[l,j] + beta * C_p[i,j]
  * with A_p[i,l] = a[a_off[p] + i*rsa + l*csa] (a_off NULL means 0), and likewise B and C.
