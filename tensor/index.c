@@ -325,6 +325,7 @@ qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
 qkv_tensor *qkv__scatter_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
                              const int64_t *shape, const char *name) {
     if (!src || !index) return NULL;
+    if (axis < 0 || axis >= ndim) return qkv_set_error("%s: axis %d out of range", name, axis);
     qkv_scope_begin();
     qkv_tensor *out = qkv_zeros(src->dtype, ndim, shape), *ci = NULL;
     if (out && check_gather_shape(name, out, axis, index)) ci = checked_index(name, out, axis,

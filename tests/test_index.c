@@ -448,7 +448,8 @@ static void dropout_scales_kept_values_by_one_over_keep_probability(void **state
     qkv_tensor *a64 = dropout_input(QKV_F64);
     qkv_tensor *out64 = qkv_dropout(a64, 0.3, true, &gen);
     const double *x64 = qkv_data(a64), *y64 = qkv_data(out64);
-    for (int64_t i = 0; i < DROP_N; i++) assert_true(y64[i] == 0 || y64[i] == x64[i] * (1.0 / 0.7));
+    for (int64_t i = 0; i < DROP_N; i++)
+        assert_true(y64[i] == 0 || y64[i] == x64[i] * (1.0 / 0.7));
 }
 
 static void dropout_gradient_is_mask_over_keep_probability(void **state) {
@@ -526,6 +527,130 @@ static void dropout_rejects_p_outside_unit_interval(void **state) {
     assert_string_equal(qkv_error(), "qkv_dropout: p must be in [0, 1], not nan");
 }
 
+/* ---- Gradient checks (F64, central differences) ------------------------------------------ */
+
+typedef struct index_args {
+    int axis;
+    const qkv_tensor *index;
+} index_args;
+
+static qkv_tensor *select_fn(qkv_tensor *const *in, int n, void *ctx) {
+    const index_args *c = ctx;
+    return qkv_index_select(in[0], c->axis, c->index);
+}
+
+static qkv_tensor *select_transposed_fn(qkv_tensor *const *in, int n, void *ctx) {
+    const index_args *c = ctx;
+    return qkv_index_select(qkv_transpose(in[0], 0, 1), c->axis, c->index);
+}
+
+static qkv_tensor *gather_fn(qkv_tensor *const *in, int n, void *ctx) {
+    const index_args *c = ctx;
+    return qkv_gather(in[0], c->axis, c->index);
+}
+
+static qkv_tensor *concat_fn(qkv_tensor *const *in, int n, void *ctx) {
+    return qkv_concat(n, in, *(const int *)ctx);
+}
+
+static qkv_tensor *stack_fn(qkv_tensor *const *in, int n, void *ctx) {
+    return qkv_stack(n, in, *(const int *)ctx);
+}
+
+static qkv_tensor *randn64(qkv_generator *g, int ndim, const int64_t *shape) {
+    return qkv_requires_grad_(qkv_randn(QKV_F64, ndim, shape, g), true);
+}
+
+static void gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx) {
+    if (!qkv_gradcheck(fn, inputs, n, ctx, 1e-6, 1e-8, 1e-6)) fail_msg("%s", qkv_error());
+}
+
+static void index_select_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 21);
+    qkv_tensor *a = randn64(&g, S(5, 3));
+    index_args rows = {0, i64(S(2, 3), ((const int64_t[]){4, 0, 4, 2, 0, 4}))};
+    gradcheck(select_fn, &a, 1, &rows);
+    index_args cols = {-1, i64(S(4), ((const int64_t[]){2, 2, 0, 1}))};
+    gradcheck(select_fn, &a, 1, &cols);
+    gradcheck(select_transposed_fn, &a, 1, &cols);
+}
+
+static void gather_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 22);
+    qkv_tensor *a = randn64(&g, S(3, 4));
+    index_args along1 = {1, i64(S(3, 5), gat1_idx)};
+    gradcheck(gather_fn, &a, 1, &along1);
+    qkv_tensor *b = randn64(&g, S(4, 3));
+    index_args along0 = {0, i64(S(2, 3), gat0_idx)};
+    gradcheck(gather_fn, &b, 1, &along0);
+}
+
+static void concat_and_stack_pass_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 23);
+    qkv_tensor *cat[3] = {randn64(&g, S(2, 1)), randn64(&g, S(2, 3)), randn64(&g, S(2, 2))};
+    int last = -1, first = 0;
+    gradcheck(concat_fn, cat, 3, &last);
+    qkv_tensor *stk[3] = {randn64(&g, S(2, 3)), randn64(&g, S(2, 3)), randn64(&g, S(2, 3))};
+    gradcheck(stack_fn, stk, 3, &first);
+    gradcheck(stack_fn, stk, 3, &last);
+}
+
+/* ---- Allocation failure ------------------------------------------------------------------ */
+
+/* Fails the 1st, 2nd, ... allocation of op in turn: each must end in an error and give back
+ * everything taken, until op runs with no failure left to inject. */
+static void assert_every_allocation_failure_is_clean(bool (*op)(void)) {
+    for (uint64_t k = 1;; k++) {
+        size_t in_use = qkv_memory_stats_get().bytes_in_use;
+        uint64_t live = qkv_memory_stats_get().live_tensors;
+        qkv_clear_error();
+        qkv_debug_fail_alloc_at(k);
+        qkv_scope_begin();
+        bool ok = op();
+        qkv_scope_end();
+        uint64_t count = qkv_debug_alloc_count();
+        qkv_debug_fail_alloc_at(0);
+        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
+        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
+        if (count < k) {
+            assert_true(ok);
+            break;
+        }
+        assert_false(ok);
+        assert_non_null(qkv_error());
+    }
+}
+
+/* Forward and backward of every op of this suite on small inputs. */
+static bool index_ops_with_backward(void) {
+    qkv_tensor *a = qkv_requires_grad_(qkv_ones(QKV_F32, S(4, 3)), true);
+    qkv_tensor *idx = qkv_from_array(QKV_I64, S(2, 2), (const int64_t[]){3, 0, 3, 1});
+    qkv_tensor *sel = qkv_sum_all(qkv_index_select(qkv_transpose(a, 0, 1), 1, idx));
+    qkv_tensor *gat = qkv_sum_all(qkv_gather(a, 0, idx));
+    qkv_tensor *parts[3] = {a, a, a};
+    qkv_tensor *cat = qkv_sum_all(qkv_concat(3, parts, 1));
+    qkv_tensor *stk = qkv_sum_all(qkv_stack(3, parts, 0));
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_tensor *drop = qkv_sum_all(qkv_dropout(a, 0.5, true, &g));
+    qkv_tensor *hot = qkv_one_hot(idx, 4);
+    qkv_tensor *loss = qkv_add(qkv_add(qkv_add(sel, gat), qkv_add(cat, stk)), drop);
+    bool ok = hot && qkv_backward(loss);
+    qkv_zero_grad(a);
+    return ok;
+}
+
+static void index_ops_survive_every_allocation_failure(void **state) {
+    (void)state;
+    assert_every_allocation_failure_is_clean(index_ops_with_backward);
+}
+
 #define T(name) cmocka_unit_test_setup_teardown(name, open_scope, close_scope)
 
 int main(void) {
@@ -565,6 +690,10 @@ int main(void) {
         T(dropout_p1_gives_zeros_and_zero_gradient),
         T(dropout_reads_transposed_input_in_row_major_order),
         T(dropout_rejects_p_outside_unit_interval),
+        T(index_select_passes_gradcheck),
+        T(gather_passes_gradcheck),
+        T(concat_and_stack_pass_gradcheck),
+        T(index_ops_survive_every_allocation_failure),
     };
     return cmocka_run_group_tests_name("index", tests, NULL, NULL);
 }
