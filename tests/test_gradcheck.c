@@ -1,6 +1,7 @@
-/* Every differentiable op against central differences (qkv_gradcheck in F64): random shapes
- * from a seeded generator, broadcasting in every position, and inputs that are transposed,
- * strided or expanded views. Also: gradcheck reports a wrong gradient. */
+/* Every differentiable op against central differences (qkv_gradcheck in F64): elementwise,
+ * reductions, softmax, matmul, views, indexing and dropout, on random shapes from a seeded
+ * generator, with broadcasting in every position and inputs that are transposed, strided or
+ * expanded views. Also: gradcheck reports a wrong gradient. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -506,6 +507,107 @@ static void gradcheck_views_and_copies(void **state) {
         }
 }
 
+/* ---- Indexing ---------------------------------------------------------------------------- */
+
+typedef struct index_args {
+    int axis;
+    const qkv_tensor *index;
+} index_args;
+
+static qkv_tensor *call_index_select(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    const index_args *a = ctx;
+    return qkv_index_select(in[0], a->axis, a->index);
+}
+
+static qkv_tensor *call_gather(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    const index_args *a = ctx;
+    return qkv_gather(in[0], a->axis, a->index);
+}
+
+static qkv_tensor *indices(int ndim, const int64_t *shape, const int64_t *values) {
+    qkv_tensor *t = qkv_from_array(QKV_I64, ndim, shape, values);
+    assert_non_null(t);
+    return t;
+}
+
+/* Repeated indices: the gradient of a picked entry is the sum over every time it was picked. */
+static void gradcheck_index_select(void **state) {
+    (void)state;
+    index_args rows = {0, indices(QKV_SHAPE(5), (const int64_t[]){2, 0, 2, 3, 2})};
+    index_args cols = {-1, indices(QKV_SHAPE(5), (const int64_t[]){1, 1, 0, 2, 1})};
+    index_args table = {0, indices(QKV_SHAPE(2, 3), (const int64_t[]){3, 1, 3, 0, 3, 3})};
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        CHECK(call_index_select, &rows, input(QKV_SHAPE(4, 3), ANY, (layout)l));
+        CHECK(call_index_select, &cols, input(QKV_SHAPE(4, 3), ANY, (layout)l));
+        CHECK(call_index_select, &table, input(QKV_SHAPE(4, 3), ANY, (layout)l));
+    }
+}
+
+static void gradcheck_gather(void **state) {
+    (void)state;
+    index_args along1 = {1, indices(QKV_SHAPE(3, 5), (const int64_t[]){
+        0, 0, 3, 1, 0, 2, 2, 2, 2, 1, 3, 0, 1, 3, 3})};
+    index_args along0 = {0, indices(QKV_SHAPE(2, 4), (const int64_t[]){
+        2, 2, 0, 1, 2, 0, 0, 1})};
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        CHECK(call_gather, &along1, input(QKV_SHAPE(3, 4), ANY, (layout)l));
+        CHECK(call_gather, &along0, input(QKV_SHAPE(3, 4), ANY, (layout)l));
+    }
+}
+
+static qkv_tensor *call_concat(qkv_tensor *const *in, int n, void *ctx) {
+    return qkv_concat(n, in, *(const int *)ctx);
+}
+
+static qkv_tensor *call_stack(qkv_tensor *const *in, int n, void *ctx) {
+    return qkv_stack(n, in, *(const int *)ctx);
+}
+
+static void gradcheck_concat_and_stack(void **state) {
+    (void)state;
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        layout a = (layout)l, b = (layout)((l + 1) % N_LAYOUTS);
+        layout c = (layout)((l + 2) % N_LAYOUTS);
+        int first = 0, last = -1, middle = 1;
+        CHECK(call_concat, &first, input(QKV_SHAPE(2, 3), ANY, a),
+              input(QKV_SHAPE(1, 3), ANY, b), input(QKV_SHAPE(4, 3), ANY, c));
+        CHECK(call_concat, &last, input(QKV_SHAPE(3, 2), ANY, a),
+              input(QKV_SHAPE(3, 1), ANY, b), input(QKV_SHAPE(3, 4), ANY, c));
+        CHECK(call_stack, &first, input(QKV_SHAPE(2, 3), ANY, a),
+              input(QKV_SHAPE(2, 3), ANY, b), input(QKV_SHAPE(2, 3), ANY, c));
+        CHECK(call_stack, &middle, input(QKV_SHAPE(2, 3), ANY, a),
+              input(QKV_SHAPE(2, 3), ANY, b));
+        CHECK(call_stack, &last, input(QKV_SHAPE(2, 3), ANY, a),
+              input(QKV_SHAPE(2, 3), ANY, b), input(QKV_SHAPE(2, 3), ANY, c));
+    }
+}
+
+/* ---- dropout ----------------------------------------------------------------------------- */
+
+typedef struct dropout_args {
+    double p;
+    bool training;
+} dropout_args;
+
+/* A fresh generator with the same seed on every call gives every evaluation the same mask. */
+static qkv_tensor *call_dropout(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    const dropout_args *a = ctx;
+    qkv_generator g;
+    qkv_generator_init(&g, 99);
+    return qkv_dropout(in[0], a->p, a->training, &g);
+}
+
+static void gradcheck_dropout(void **state) {
+    (void)state;
+    const dropout_args cases[] = {{0.0, true}, {0.3, true}, {0.7, true}, {0.5, false}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++)
+        for (int l = 0; l < N_LAYOUTS; l++)
+            CHECK(call_dropout, (void *)&cases[c], input(QKV_SHAPE(3, 5), ANY, (layout)l));
+}
+
 /* ---- Composition ------------------------------------------------------------------------- */
 
 /* A small attention-like graph using many ops at once: softmax(q k^T / 2) v, layer-normed. */
@@ -601,6 +703,10 @@ int main(void) {
         TEST(gradcheck_softmax_and_log_softmax),
         TEST(gradcheck_matmul),
         TEST(gradcheck_views_and_copies),
+        TEST(gradcheck_index_select),
+        TEST(gradcheck_gather),
+        TEST(gradcheck_concat_and_stack),
+        TEST(gradcheck_dropout),
         TEST(gradcheck_composite_attention),
         TEST(gradcheck_reports_a_wrong_gradient),
         TEST(gradcheck_rejects_f32_and_non_leaf_inputs),
