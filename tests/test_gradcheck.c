@@ -20,18 +20,22 @@
 
 static qkv_generator gen;
 
+static uint64_t live_at_start;
+
 static int setup(void **state) {
     (void)state;
     qkv_clear_error();
     qkv_generator_init(&gen, 2024);
+    live_at_start = qkv_memory_stats_get().live_tensors;
     qkv_scope_begin();
     return 0;
 }
 
+/* Fails the test when anything it made outlives its scope. */
 static int teardown(void **state) {
     (void)state;
     qkv_scope_end();
-    return 0;
+    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
 }
 
 /* ---- Inputs ------------------------------------------------------------------------------ */

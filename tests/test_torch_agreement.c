@@ -20,17 +20,21 @@
 #define RTOL_F32 1e-5
 #define RTOL_F64 1e-10
 
+static uint64_t live_at_start;
+
 static int setup(void **state) {
     (void)state;
     qkv_clear_error();
+    live_at_start = qkv_memory_stats_get().live_tensors;
     qkv_scope_begin();
     return 0;
 }
 
+/* Fails the test when anything it made outlives its scope. */
 static int teardown(void **state) {
     (void)state;
     qkv_scope_end();
-    return 0;
+    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
 }
 
 /* A leaf parameter in dtype holding the fixture's values. */
