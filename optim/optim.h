@@ -63,6 +63,7 @@ typedef struct qkv_optimizer qkv_optimizer;
 typedef struct qkv_param_state {
     int64_t step;
     qkv_tensor *slots[QKV_OPTIM_SLOTS];
+    bool fresh; /* the slots were made for the step under way (SGD starts its buffer there) */
 } qkv_param_state;
 
 typedef struct qkv_param_group {
@@ -126,7 +127,7 @@ bool qkv_optimizer_add_group(qkv_optimizer *opt, const qkv_named_list *params,
  * or 0-D. Everything else (weight matrices, embeddings) decays. */
 bool qkv_param_takes_decay(const char *name, const qkv_tensor *t);
 /* Adds up to two groups: the parameters that take decay with config, then the others with
- * config but weight_decay 0. A group that would be empty is not added. */
+ * config but weight_decay 0. A group that would be empty is not added. On failure neither is. */
 bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *params,
                                     qkv_optim_config config);
 

@@ -20,7 +20,7 @@ typedef struct qkv__update {
     void *param;
     const void *grad;
     void *slot[QKV_OPTIM_SLOTS]; /* NULL for slots the config does not use */
-    bool first;                  /* the slots were just made (zeros) */
+    bool first;                  /* the slots were just made (zeros) for this step */
     int threads;                 /* how many threads the loop may use */
 } qkv__update;
 

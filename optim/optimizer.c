@@ -192,6 +192,7 @@ bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *pa
         return false;
     }
     size_t n = (size_t)params->n;
+    int n_before = opt->n_groups;
     qkv_named_list part = {0};
     part.names = qkv__alloc((n ? n : 1) * sizeof *part.names);
     part.tensors = qkv__alloc((n ? n : 1) * sizeof *part.tensors);
@@ -210,6 +211,7 @@ bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *pa
     }
     qkv__free(part.names, (n ? n : 1) * sizeof *part.names);
     qkv__free(part.tensors, (n ? n : 1) * sizeof *part.tensors);
+    while (!ok && opt->n_groups > n_before) group_free(&opt->groups[--opt->n_groups]);
     return ok;
 }
 
@@ -258,10 +260,13 @@ static bool prepare(qkv_optimizer *opt) {
             qkv_tensor *p = g->params[i];
             if (!p->grad) continue;
             if (!qkv__fit_grad("qkv_optimizer_step", g->names[i], p)) return false;
+            qkv_param_state *st = &g->state[i];
+            st->fresh = false;
             for (int s = 0; s < QKV_OPTIM_SLOTS && vt->slot_names[s]; s++) {
-                if (g->state[i].slots[s] || !vt->slot_used(&g->config, s)) continue;
-                g->state[i].slots[s] = qkv__held_zeros_like(p);
-                if (!g->state[i].slots[s]) return false;
+                if (st->slots[s] || !vt->slot_used(&g->config, s)) continue;
+                st->slots[s] = qkv__held_zeros_like(p);
+                if (!st->slots[s]) return false;
+                st->fresh = true;
             }
         }
     }
@@ -278,7 +283,7 @@ bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
             if (!p->grad) continue;
             qkv_param_state *st = &g->state[i];
             qkv__update u = {.n = p->numel, .dtype = p->dtype, .param = qkv_data(p),
-                             .grad = qkv_data(p->grad), .first = st->step == 0,
+                             .grad = qkv_data(p->grad), .first = st->fresh,
                              .threads = qkv__threads_for(p->numel * 8)};
             for (int s = 0; s < QKV_OPTIM_SLOTS; s++)
                 u.slot[s] = st->slots[s] ? qkv_data(st->slots[s]) : NULL;

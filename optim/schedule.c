@@ -28,7 +28,7 @@ qkv_lr_schedule qkv_lr_warmup_linear(int64_t warmup_steps, int64_t total_steps, 
                              .total_steps = total_steps, .min_lr = min_lr};
 }
 
-static bool check(const qkv_lr_schedule *s, int64_t step) {
+static bool check(const char *op, const qkv_lr_schedule *s, int64_t step) {
     const char *bad = NULL;
     if (step < 0) bad = "step is negative";
     else if (s->kind == QKV_LR_STEP && s->step_size <= 0) bad = "step_size must be positive";
@@ -37,7 +37,7 @@ static bool check(const qkv_lr_schedule *s, int64_t step) {
              (s->warmup_steps < 0 || s->total_steps < s->warmup_steps))
         bad = "need 0 <= warmup_steps <= total_steps";
     else if (s->kind < QKV_LR_CONSTANT || s->kind > QKV_LR_WARMUP_LINEAR) bad = "unknown kind";
-    if (bad) qkv_set_error("qkv_lr_at: %s", bad);
+    if (bad) qkv_set_error("%s: %s", op, bad);
     return !bad;
 }
 
@@ -53,7 +53,7 @@ static double warmup_then(const qkv_lr_schedule *s, double base, int64_t step, b
 
 double qkv_lr_at(const qkv_lr_schedule *s, double base_lr, int64_t step) {
     if (!s) return qkv_set_error("qkv_lr_at: NULL schedule"), NAN;
-    if (!check(s, step)) return NAN;
+    if (!check("qkv_lr_at", s, step)) return NAN;
     switch (s->kind) {
     case QKV_LR_STEP:
         return base_lr * pow(s->gamma, (double)(step / s->step_size));
@@ -73,7 +73,8 @@ double qkv_lr_at(const qkv_lr_schedule *s, double base_lr, int64_t step) {
 
 bool qkv_lr_schedule_apply(const qkv_lr_schedule *s, qkv_optimizer *opt, int64_t step) {
     if (!opt) return qkv_set_error("qkv_lr_schedule_apply: NULL optimizer"), false;
-    if (!s || !check(s, step)) return qkv_lr_at(s, 0, step), false;
+    if (!s) return qkv_set_error("qkv_lr_schedule_apply: NULL schedule"), false;
+    if (!check("qkv_lr_schedule_apply", s, step)) return false;
     for (int g = 0; g < opt->n_groups; g++)
         opt->groups[g].config.lr = qkv_lr_at(s, opt->groups[g].initial_lr, step);
     return true;

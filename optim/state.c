@@ -220,6 +220,8 @@ static bool read_groups(const qkv_optimizer *opt, const qkv_optim_state *st,
     if (!meta_value(st, "optim.groups", false, &n_groups) ||
         !meta_value(st, "optim.steps", false, steps))
         return false;
+    if (!(*steps >= 0 && *steps == (double)(int64_t)*steps))
+        return qkv_set_error(IMPORT ": optim.steps is not a step count"), false;
     if (n_groups != opt->n_groups)
         return qkv_set_error(IMPORT ": state has %g groups, optimizer %d", n_groups,
                              opt->n_groups), false;

@@ -446,8 +446,10 @@ static void schedule_apply_scales_each_group_from_its_initial_lr(void **state) {
     assert_true(opt->groups[1].initial_lr == 1.0);
     qkv_lr_schedule bad = qkv_lr_step(0, 0.5);
     assert_false(qkv_lr_schedule_apply(&bad, opt, 1));
-    assert_string_equal(qkv_error(), "qkv_lr_at: step_size must be positive");
+    assert_string_equal(qkv_error(), "qkv_lr_schedule_apply: step_size must be positive");
+    qkv_clear_error();
     assert_true(isnan(qkv_lr_at(&s, 0.1, -1)));
+    assert_string_equal(qkv_error(), "qkv_lr_at: step is negative");
     qkv_optimizer_free(opt);
     mlp_free(&m);
 }
