@@ -112,7 +112,8 @@ static void mismatched_shapes_do_not_broadcast(void **state) {
     assert_null(qkv_mul(a, b));
     assert_string_equal(qkv_error(), "qkv_mul: shapes do not broadcast: [2,3] and [4]");
     qkv_clear_error();
-    qkv_tensor *c = qkv_zeros(QKV_F32, QKV_SHAPE(3, 1, 2)), *d = qkv_zeros(QKV_F32, QKV_SHAPE(4, 3));
+    qkv_tensor *c = qkv_zeros(QKV_F32, QKV_SHAPE(3, 1, 2));
+    qkv_tensor *d = qkv_zeros(QKV_F32, QKV_SHAPE(4, 3));
     assert_null(qkv_gt(c, d));
     assert_string_equal(qkv_error(), "qkv_gt: shapes do not broadcast: [3,1,2] and [4,3]");
 }
