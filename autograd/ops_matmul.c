@@ -1,0 +1,46 @@
+/* qkv_matmul and its backward. */
+#include "autograd/autograd_internal.h"
+
+#define IN(i) (node->inputs[i])
+
+/* t with a 1-D operand lifted as torch.matmul does: [k] -> [1,k] on the left, [k,1] right */
+static qkv_tensor *lifted(const qkv_tensor *t, bool left) {
+    if (t->ndim >= 2) return (qkv_tensor *)t;
+    return left ? qkv_unsqueeze(t, 0) : qkv_unsqueeze(t, 1);
+}
+
+/* For C = A B: dA = dC B^T and dB = A^T dC, each summed over the batch dimensions its operand
+ * was broadcast along. When B is one matrix shared by a batch of A, dB is a single product
+ * over the folded batch: A^T [k, batch*m] times dC [batch*m, n]. */
+static void matmul_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    const qkv_tensor *a = IN(0), *b = IN(1);
+    qkv_tensor *A = lifted(a, true), *B = lifted(b, false);
+    int64_t gshape[QKV_MAX_DIMS];
+    int gnd = 0;
+    for (int i = 0; i < g->ndim - (a->ndim > 1) - (b->ndim > 1); i++) gshape[gnd++] = g->shape[i];
+    gshape[gnd++] = A->shape[A->ndim - 2];
+    gshape[gnd++] = B->shape[B->ndim - 1];
+    qkv_tensor *G = qkv_reshape(g, gnd, gshape);
+    if (a->requires_grad) {
+        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(B, -1, -2));
+        gi[0] = qkv_reshape(qkv__sum_to(ga, A->ndim, A->shape), a->ndim, a->shape);
+    }
+    if (b->requires_grad) {
+        qkv_tensor *gb;
+        if (B->ndim == 2 && A->ndim > 2) {
+            int64_t k = A->shape[A->ndim - 1], n = B->shape[1];
+            qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){-1, k});
+            qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){-1, n});
+            gb = qkv_matmul(qkv_transpose(a2, 0, 1), g2);
+        } else {
+            gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), B->ndim, B->shape);
+        }
+        gi[1] = qkv_reshape(gb, b->ndim, b->shape);
+    }
+}
+static const qkv_op_def matmul_op = {"matmul", matmul_backward};
+
+qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
+    return qkv__record(qkv__matmul(a, b, "qkv_matmul"), &matmul_op, 2,
+                       (const qkv_tensor *const[]){a, b});
+}

@@ -1,0 +1,141 @@
+/*
+ * Matrix products with torch.matmul semantics, lowered onto the batched strided GEMM.
+ * Operands are never copied for their layout: transposes and head-split permutations reach
+ * the GEMM as strides and per-batch offsets.
+ */
+#include <string.h>
+
+#include "tensor/tensor_internal.h"
+
+/* A 2-D-or-more geometry for an operand: 1-D vectors gain a unit dimension. */
+typedef struct operand {
+    int ndim;
+    int64_t shape[QKV_MAX_DIMS], strides[QKV_MAX_DIMS];
+} operand;
+
+static void lift(const qkv_tensor *t, bool is_left, operand *o) {
+    if (t->ndim >= 2) {
+        o->ndim = t->ndim;
+        memcpy(o->shape, t->shape, sizeof o->shape);
+        memcpy(o->strides, t->strides, sizeof o->strides);
+    } else if (is_left) { /* [k] -> [1, k] */
+        o->ndim = 2;
+        o->shape[0] = 1;
+        o->strides[0] = 0;
+        o->shape[1] = t->shape[0];
+        o->strides[1] = t->strides[0];
+    } else { /* [k] -> [k, 1] */
+        o->ndim = 2;
+        o->shape[0] = t->shape[0];
+        o->strides[0] = t->strides[0];
+        o->shape[1] = 1;
+        o->strides[1] = 0;
+    }
+}
+
+/* Whether the batch dimensions and the row dimension of o step through memory as one
+ * dimension, so that a batch of row blocks is a single taller matrix. */
+static bool rows_fold(const operand *o) {
+    for (int i = o->ndim - 3; i >= 0; i--)
+        if (o->shape[i] != 1 && o->strides[i] != o->strides[i + 1] * o->shape[i + 1])
+            return false;
+    return true;
+}
+
+static void gemm(qkv_dtype dt, int64_t batch, int64_t m, int64_t n, int64_t k, const void *a,
+                 const int64_t *ao, int64_t rsa, int64_t csa, const void *b, const int64_t *bo,
+                 int64_t rsb, int64_t csb, void *c, const int64_t *co, int64_t rsc,
+                 int64_t csc) {
+    if (dt == QKV_F32)
+        qkv__gemm_f32(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, 0.0f, c, co, rsc,
+                      csc);
+    else
+        qkv__gemm_f64(batch, m, n, k, 1.0, a, ao, rsa, csa, b, bo, rsb, csb, 0.0, c, co, rsc,
+                      csc);
+}
+
+static qkv_tensor *matmul_error(const char *name, const qkv_tensor *a, const qkv_tensor *b,
+                                const char *what) {
+    char sa[128], sb[128];
+    return qkv_set_error("%s: %s: %s @ %s", name, what, qkv_shape_str(a, sa, sizeof sa),
+                         qkv_shape_str(b, sb, sizeof sb));
+}
+
+qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
+    if (!a || !b) return NULL;
+    if (a->ndim == 0 || b->ndim == 0) return matmul_error(name, a, b, "both operands need a dimension");
+    if (!qkv__is_float(a->dtype) || !qkv__is_float(b->dtype))
+        return matmul_error(name, a, b, "operands must be f32 or f64");
+    if (a->dtype != b->dtype) {
+        qkv_scope_begin();
+        qkv_dtype dt = qkv__promote(a->dtype, b->dtype);
+        qkv_tensor *out = qkv_keep(qkv__matmul(a->dtype == dt ? a : qkv__to_dtype(a, dt),
+                                               b->dtype == dt ? b : qkv__to_dtype(b, dt), name));
+        qkv_scope_end();
+        return out;
+    }
+    operand A, B;
+    lift(a, true, &A);
+    lift(b, false, &B);
+    int64_t m = A.shape[A.ndim - 2], k = A.shape[A.ndim - 1];
+    int64_t n = B.shape[B.ndim - 1];
+    if (B.shape[B.ndim - 2] != k) return matmul_error(name, a, b, "inner dimensions differ");
+    int nbatch;
+    int64_t bshape[QKV_MAX_DIMS];
+    if (!qkv__broadcast_shape(A.ndim - 2, A.shape, B.ndim - 2, B.shape, &nbatch, bshape))
+        return matmul_error(name, a, b, "batch dimensions do not broadcast");
+    if (nbatch + 2 > QKV_MAX_DIMS) return matmul_error(name, a, b, "too many dimensions");
+
+    /* Output shape: batch, then m unless a was 1-D, then n unless b was 1-D. */
+    int64_t oshape[QKV_MAX_DIMS];
+    int ond = 0;
+    for (int i = 0; i < nbatch; i++) oshape[ond++] = bshape[i];
+    if (a->ndim > 1) oshape[ond++] = m;
+    if (b->ndim > 1) oshape[ond++] = n;
+    qkv_tensor *out = qkv_empty(a->dtype, ond, oshape);
+    if (!out) return NULL;
+    int64_t batch = qkv__numel(nbatch, bshape);
+    if (out->numel == 0) return out;
+    if (k == 0) {
+        qkv_fill_(out, 0);
+        return out;
+    }
+    const char *ad = qkv_data(a), *bd = qkv_data(b);
+    char *od = qkv_data(out);
+
+    /* A stack of row blocks times one matrix is one taller product. */
+    if (B.ndim == 2 && rows_fold(&A) && (a->ndim > 1 || batch == 1)) {
+        int64_t rows = batch * m;
+        gemm(a->dtype, 1, rows, n, k, ad, NULL, A.strides[A.ndim - 2], A.strides[A.ndim - 1],
+             bd, NULL, B.strides[0], B.strides[1], od, NULL, n, 1);
+        return out;
+    }
+
+    int64_t *offs = qkv__alloc((size_t)batch * 3 * sizeof(int64_t));
+    if (!offs) return NULL;
+    int64_t ast[QKV_MAX_DIMS], bst[QKV_MAX_DIMS];
+    for (int i = 0; i < nbatch; i++) {
+        int ia = A.ndim - 2 - nbatch + i, ib = B.ndim - 2 - nbatch + i;
+        ast[i] = ia >= 0 && A.shape[ia] != 1 ? A.strides[ia] : 0;
+        bst[i] = ib >= 0 && B.shape[ib] != 1 ? B.strides[ib] : 0;
+    }
+    int64_t idx[QKV_MAX_DIMS] = {0};
+    for (int64_t p = 0; p < batch; p++) {
+        int64_t oa = 0, ob = 0;
+        for (int i = 0; i < nbatch; i++) {
+            oa += idx[i] * ast[i];
+            ob += idx[i] * bst[i];
+        }
+        offs[p] = oa;
+        offs[batch + p] = ob;
+        offs[2 * batch + p] = p * m * n;
+        for (int i = nbatch - 1; i >= 0; i--) {
+            if (++idx[i] < bshape[i]) break;
+            idx[i] = 0;
+        }
+    }
+    gemm(a->dtype, batch, m, n, k, ad, offs, A.strides[A.ndim - 2], A.strides[A.ndim - 1], bd,
+         offs + batch, B.strides[B.ndim - 2], B.strides[B.ndim - 1], od, offs + 2 * batch, n, 1);
+    qkv__free(offs, (size_t)batch * 3 * sizeof(int64_t));
+    return out;
+}
