@@ -120,6 +120,19 @@ static void fill_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n, int
     }
 }
 
+int64_t qkv_dataset_length(const qkv_dataset *ds, int64_t i) {
+    if (!ds || i < 0 || i >= ds->n) {
+        qkv_set_error("qkv_dataset_length: example %lld out of range", (long long)i);
+        return -1;
+    }
+    return ds->starts[i + 1] - ds->starts[i];
+}
+
+int64_t qkv_dataset_label(const qkv_dataset *ds, int64_t i) {
+    if (!ds || !ds->labels || i < 0 || i >= ds->n) return -1;
+    return ds->labels[i];
+}
+
 qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n,
                             int64_t max_len) {
     qkv_batch b = {0};

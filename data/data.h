@@ -128,6 +128,10 @@ qkv_dataset *qkv_dataset_new(const qkv_vocab *vocab, const char *const *texts,
                              const qkv_labels *set, const char *const *labels, int64_t n);
 void qkv_dataset_free(qkv_dataset *ds);
 int64_t qkv_dataset_size(const qkv_dataset *ds);
+/* Token count of example i before truncation (at least 1), or -1 with an error. */
+int64_t qkv_dataset_length(const qkv_dataset *ds, int64_t i);
+/* Class id of example i, or -1 (no labels, or i out of range). */
+int64_t qkv_dataset_label(const qkv_dataset *ds, int64_t i);
 /* The batch of examples idx[0..n): row i holds the first max_len ids of example idx[i],
  * padded with QKV_PAD_ID. On error every field is NULL. */
 qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n,

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "tensor/tensor_internal.h"
+#include "tensor/vmath.h"
 
 qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b) {
     if (a == QKV_F64 || b == QKV_F64) return QKV_F64;
@@ -232,9 +233,41 @@ typedef struct un_ctx {
     qkv_dtype dtype;
 } un_ctx;
 
+static inline qkv_vf vector_op(qkv_unary_op op, qkv_vf x) {
+    switch (op) {
+    case QKV_OP_EXP: return qkv__vexp(x);
+    case QKV_OP_SIGMOID: return 1.0f / (1.0f + qkv__vexp(-x));
+    case QKV_OP_GELU_ERF: return 0.5f * x * (1.0f + qkv__verf(x * (float)INV_SQRT_2));
+    default: /* QKV_OP_GELU_ERF_GRAD */
+        return 0.5f * (1.0f + qkv__verf(x * (float)INV_SQRT_2)) +
+               x * (float)INV_SQRT_2PI * qkv__vexp(-0.5f * x * x);
+    }
+}
+
+/* The transcendental ops of the hot path, over contiguous floats, a vector at a time; the
+ * tail goes through a padded vector so every element sees the same arithmetic. */
+static bool unary_vector(qkv_unary_op op, int64_t n, const float *x, float *y) {
+    if (op != QKV_OP_EXP && op != QKV_OP_SIGMOID && op != QKV_OP_GELU_ERF &&
+        op != QKV_OP_GELU_ERF_GRAD)
+        return false;
+    int64_t i = 0;
+    for (; i + QKV_VF_LANES <= n; i += QKV_VF_LANES)
+        qkv__vf_store(y + i, vector_op(op, qkv__vf_load(x + i)));
+    if (i < n) {
+        float in[QKV_VF_LANES] = {0}, out[QKV_VF_LANES];
+        memcpy(in, x + i, (size_t)(n - i) * sizeof(float));
+        qkv__vf_store(out, vector_op(op, qkv__vf_load(in)));
+        memcpy(y + i, out, (size_t)(n - i) * sizeof(float));
+    }
+    return true;
+}
+
 static void unary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const un_ctx *c = vctx;
     qkv_unary_op op = c->op;
+    if (c->dtype == QKV_F32 && st[0] == 4 && st[1] == 4 &&
+        unary_vector(op, n, (const float *)p[1], (float *)p[0]))
+        return;
     if (c->dtype == QKV_F32) {
         UNARY_FLOAT(float, expf, logf, sqrtf, fabsf, tanhf, erff);
     } else if (c->dtype == QKV_F64) {

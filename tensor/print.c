@@ -1,4 +1,4 @@
-/* Printing tensors the way PyTorch's repr does, eliding long dimensions. */
+/* Printing tensors the way PyTorch's repr does, summarizing those over 1000 elements. */
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -6,7 +6,8 @@
 
 #include "tensor/tensor_internal.h"
 
-#define EDGE 3 /* items shown at each end of a dimension longer than 2 * EDGE */
+#define EDGE 3          /* items shown at each end of a long dimension when summarizing */
+#define THRESHOLD 1000  /* tensors with more elements are summarized, as PyTorch does */
 
 typedef struct buf {
     char *s;
@@ -37,33 +38,89 @@ static void put(buf *b, const char *fmt, ...) {
     b->n += (size_t)len;
 }
 
-static void put_value(buf *b, const qkv_tensor *t, int64_t off) {
+/* How every float of one tensor is written, chosen once from all its values as PyTorch
+ * does: integers as "3.", fixed point with 4 decimals, or scientific when the magnitudes span
+ * more than 1000x or leave [1e-4, 1e8); all right-aligned to one width. */
+typedef struct style {
+    enum { INT_MODE, FIXED_MODE, SCI_MODE } mode;
+    int width;
+} style;
+
+static int format_value(char *out, size_t size, const qkv_tensor *t, int64_t off,
+                        const style *st) {
     double v = qkv__load(qkv_data(t), t->dtype, off);
     switch (t->dtype) {
-    case QKV_BOOL: put(b, v != 0 ? "True" : "False"); break;
-    case QKV_I64: put(b, "%lld", (long long)((const int64_t *)qkv_data(t))[off]); break;
-    default:
-        if (isnan(v)) put(b, "nan");
-        else if (isinf(v)) put(b, v > 0 ? "inf" : "-inf");
-        else if (v == floor(v) && fabs(v) < 1e8) put(b, "%.0f.", v);
-        else if (fabs(v) >= 1e-4 && fabs(v) < 1e8) put(b, "%.4f", v);
-        else put(b, "%.4e", v);
+    case QKV_BOOL: return snprintf(out, size, "%s", v != 0 ? "True" : "False");
+    case QKV_I64:
+        return snprintf(out, size, "%lld", (long long)((const int64_t *)qkv_data(t))[off]);
+    default: break;
+    }
+    if (isnan(v)) return snprintf(out, size, "nan");
+    if (isinf(v)) return snprintf(out, size, v > 0 ? "inf" : "-inf");
+    if (st->mode == INT_MODE) return snprintf(out, size, "%.0f.", v);
+    if (st->mode == FIXED_MODE) return snprintf(out, size, "%.4f", v);
+    return snprintf(out, size, "%.4e", v);
+}
+
+static void choose_style(const qkv_tensor *t, style *st) {
+    st->mode = INT_MODE;
+    st->width = 0;
+    double lo = INFINITY, hi = 0;
+    bool all_int = true;
+    int64_t idx[QKV_MAX_DIMS] = {0};
+    for (int64_t e = 0; e < t->numel; e++) {
+        int64_t off = 0;
+        for (int d = 0; d < t->ndim; d++) off += idx[d] * t->strides[d];
+        double v = qkv__load(qkv_data(t), t->dtype, off);
+        if (isfinite(v)) {
+            if (v != floor(v)) all_int = false;
+            if (v != 0) {
+                lo = fmin(lo, fabs(v));
+                hi = fmax(hi, fabs(v));
+            }
+        }
+        for (int d = t->ndim - 1; d >= 0; d--) {
+            if (++idx[d] < t->shape[d]) break;
+            idx[d] = 0;
+        }
+    }
+    if (qkv__is_float(t->dtype)) {
+        if (all_int) st->mode = hi > 1e8 ? SCI_MODE : INT_MODE;
+        else st->mode = hi > 0 && (hi / lo > 1000 || hi > 1e8 || lo < 1e-4) ? SCI_MODE : FIXED_MODE;
+    }
+    idx[0] = 0;
+    for (int64_t e = 0; e < t->numel; e++) {
+        int64_t off = 0, rem = e;
+        for (int d = t->ndim - 1; d >= 0; d--) {
+            off += (rem % t->shape[d]) * t->strides[d];
+            rem /= t->shape[d];
+        }
+        char tmp[64];
+        int w = format_value(tmp, sizeof tmp, t, off, st);
+        if (w > st->width) st->width = w;
     }
 }
 
-static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent) {
+static void put_value(buf *b, const qkv_tensor *t, int64_t off, const style *st) {
+    char tmp[64];
+    format_value(tmp, sizeof tmp, t, off, st);
+    put(b, "%*s", t->ndim ? st->width : 0, tmp);
+}
+
+static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent, bool elide,
+                    const style *st) {
     if (d == t->ndim) {
-        put_value(b, t, off);
+        put_value(b, t, off, st);
         return;
     }
     put(b, "[");
     int64_t n = t->shape[d];
     for (int64_t i = 0; i < n; i++) {
-        if (n > 2 * EDGE && i == EDGE) {
+        if (elide && n > 2 * EDGE && i == EDGE) {
             put(b, d == t->ndim - 1 ? "..., " : "...,\n%*s", indent + 1, "");
             i = n - EDGE;
         }
-        put_dim(b, t, d + 1, off + i * t->strides[d], indent + 1);
+        put_dim(b, t, d + 1, off + i * t->strides[d], indent + 1, elide, st);
         if (i + 1 < n) {
             if (d == t->ndim - 1) put(b, ", ");
             else put(b, ",%s%*s", d == t->ndim - 2 ? "\n" : "\n\n", indent + 1, "");
@@ -79,7 +136,9 @@ char *qkv_to_string(const qkv_tensor *t) {
         return b.s;
     }
     put(&b, "tensor(");
-    put_dim(&b, t, 0, 0, 7);
+    style st;
+    choose_style(t, &st);
+    put_dim(&b, t, 0, 0, 7, t->numel > THRESHOLD, &st);
     char s[128];
     put(&b, ", dtype=%s, shape=", qkv_dtype_name(t->dtype));
     put(&b, "%s", qkv_shape_str(t, s, sizeof s));

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "tensor/tensor_internal.h"
+#include "tensor/vmath.h"
 
 typedef struct plan {
     qkv_reduce_op op;
@@ -295,6 +296,50 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
 SOFTMAX_ROW(float, expf, log)
 SOFTMAX_ROW(double, exp, log)
 
+/* The common case, a contiguous float row in and out, a vector at a time. Lanes past the row's
+ * end hold -inf, which the max ignores and whose exp is 0. */
+static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        if (x[j] > m || x[j] != x[j]) m = x[j];
+        if (m != m) break;
+    }
+    if (m == -INFINITY || m != m) {
+        for (int64_t j = 0; j < n; j++) y[j] = m != m ? m : take_log ? -INFINITY : 0;
+        return;
+    }
+    qkv_vf vsum = {0};
+    int64_t j = 0;
+    float tail[QKV_VF_LANES];
+    for (; j < n; j += QKV_VF_LANES) {
+        qkv_vf v;
+        if (j + QKV_VF_LANES <= n) {
+            v = qkv__vf_load(x + j);
+        } else {
+            for (int l = 0; l < QKV_VF_LANES; l++) tail[l] = j + l < n ? x[j + l] : -INFINITY;
+            v = qkv__vf_load(tail);
+        }
+        qkv_vf e = qkv__vexp(v - m);
+        vsum += e;
+        if (!take_log) {
+            if (j + QKV_VF_LANES <= n) qkv__vf_store(y + j, e);
+            else {
+                qkv__vf_store(tail, e);
+                memcpy(y + j, tail, (size_t)(n - j) * sizeof(float));
+            }
+        }
+    }
+    float s = 0;
+    for (int l = 0; l < QKV_VF_LANES; l++) s += vsum[l];
+    if (take_log) {
+        float sub = m + logf(s);
+        for (j = 0; j < n; j++) y[j] = x[j] - sub;
+    } else {
+        float inv = 1.0f / s;
+        for (j = 0; j < n; j++) y[j] *= inv;
+    }
+}
+
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;
     if (!qkv__is_float(a->dtype)) {
@@ -323,7 +368,9 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
         for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
             int64_t off = kept_offset(&p, r);
             int64_t obase = (r / ostride) * ostride * n + r % ostride;
-            if (es == 4)
+            if (es == 4 && sx == 1 && ostride == 1)
+                softmax_row_vector((const float *)ad + off, (float *)od + obase, n, log);
+            else if (es == 4)
                 softmax_row_float((const float *)ad + off, sx, (float *)od + obase, ostride, n,
                                   log);
             else

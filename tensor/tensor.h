@@ -164,8 +164,9 @@ bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src);
 
 /* ---- Printing ---------------------------------------------------------------------------- */
 
-/* Like PyTorch's repr: "tensor([[1., 2.], ...], dtype=f32, shape=[2,2])". Rows and columns
- * beyond 6 are elided. The string is malloc'd; free it with free(). */
+/* Like PyTorch's repr: "tensor([[1., 2.], [3., 4.]], dtype=f32, shape=[2,2])". A tensor of
+ * more than 1000 elements shows 3 items at each end of every dimension longer than 6. The
+ * string is malloc'd; free it with free(). */
 char *qkv_to_string(const qkv_tensor *t);
 void qkv_print(const qkv_tensor *t);
 void qkv_fprint(FILE *f, const qkv_tensor *t);

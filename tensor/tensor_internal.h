@@ -107,6 +107,25 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
                         double correction, const char *name);
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name);
 
+/* Indexing (tensor/index.c). name is the op for messages; indices are I64 and checked. */
+/* a.shape[:axis] + index.shape + a.shape[axis+1:]: the slices of a at the indices. */
+qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *index,
+                              const char *name);
+/* Zeros of (ndim, shape) and src's slices added at the indices along axis (the backward of
+ * index_select: repeated indices accumulate in index order). axis must be non-negative. */
+qkv_tensor *qkv__index_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
+                           const int64_t *shape, const char *name);
+/* torch.gather, and its backward: zeros of (ndim, shape) with src's elements added at the
+ * gathered positions (axis non-negative; src has the index's shape). */
+qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
+                        const char *name);
+qkv_tensor *qkv__scatter_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
+                             const int64_t *shape, const char *name);
+/* n tensors of one dtype, equal except along axis, copied into slices of one result. */
+qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char *name);
+/* I64 index -> I64 index.shape + [n_classes] with a 1 at each index. */
+qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char *name);
+
 /* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
 

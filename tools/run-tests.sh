@@ -12,7 +12,11 @@ awk '
     /^result:/ { rc = ($0 ~ /exit status 0$/) ? "0" : "1" }
     /\[  PASSED  \] [0-9]+ test/ { p += $4 }
     /\[  FAILED  \] [0-9]+ test/ { f += $4 }
-    function finish() { if (rc != "0" && f == 0) f = 1; P += p; F += f }
+    function finish() {
+        if (rc != "0" && f == 0) f = 1
+        if (rc == "0" && p == 0 && f == 0) p = 1
+        P += p; F += f
+    }
     END { if (name != "") finish(); printf "%d passed, %d failed\n", P, F }
 ' "$log" >"$build/test-count.txt"
 cat "$build/test-count.txt"

@@ -1,0 +1,135 @@
+/*
+ * Indexing ops: index_select, gather, concat, stack and one_hot. Forwards are the tensor
+ * layer's index kernels; the backwards scatter-add (select, gather) or slice (concat, stack)
+ * the output's gradient back to each input.
+ */
+#include <string.h>
+
+#include "autograd/autograd_internal.h"
+
+#define IN(i) (node->inputs[i])
+#define REC2(out, def, a, b) qkv__record(out, def, 2, (const qkv_tensor *const[]){a, b})
+
+/* ---- index_select, gather ---------------------------------------------------------------- */
+/* iargs[0] holds the (non-negative) axis; input 1 is the index. */
+
+/* d index_select = g's slices added into zeros of a's shape at the indices */
+static void index_select_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = qkv__index_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
+                           "qkv_index_select backward");
+}
+static const qkv_op_def index_select_op = {"index_select", index_select_backward};
+
+qkv_tensor *qkv_index_select(const qkv_tensor *a, int axis, const qkv_tensor *index) {
+    if (!a || !index) return NULL;
+    int ax = qkv__norm_axis("qkv_index_select", a, axis);
+    if (ax < 0) return NULL;
+    qkv_tensor *out = qkv__index_select(a, ax, index, "qkv_index_select");
+    out = REC2(out, &index_select_op, a, index);
+    if (out && out->grad_fn) out->grad_fn->iargs[0] = ax;
+    return out;
+}
+
+/* d gather = g's elements added into zeros of a's shape at the gathered positions */
+static void gather_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = qkv__scatter_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
+                             "qkv_gather backward");
+}
+static const qkv_op_def gather_op = {"gather", gather_backward};
+
+qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index) {
+    if (!a || !index) return NULL;
+    int ax = qkv__norm_axis("qkv_gather", a, axis);
+    if (ax < 0) return NULL;
+    qkv_tensor *out = REC2(qkv__gather(a, ax, index, "qkv_gather"), &gather_op, a, index);
+    if (out && out->grad_fn) out->grad_fn->iargs[0] = ax;
+    return out;
+}
+
+/* ---- concat, stack ----------------------------------------------------------------------- */
+/* iargs[0] holds the (non-negative) axis of the result. */
+
+/* d concat = the slice of g along axis where each input was placed */
+static void concat_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    int axis = (int)node->iargs[0];
+    int64_t start = 0;
+    for (int k = 0; k < node->n_inputs; k++) {
+        int64_t len = IN(k)->shape[axis];
+        if (IN(k)->requires_grad) gi[k] = qkv_narrow(g, axis, start, len);
+        start += len;
+    }
+}
+static const qkv_op_def concat_op = {"concat", concat_backward};
+
+static qkv_tensor *record_n(qkv_tensor *out, const qkv_op_def *def, int n,
+                            qkv_tensor *const *tensors, int axis) {
+    out = qkv__record(out, def, n, (const qkv_tensor *const *)tensors);
+    if (out && out->grad_fn) out->grad_fn->iargs[0] = axis;
+    return out;
+}
+
+qkv_tensor *qkv_concat(int n, qkv_tensor *const *tensors, int axis) {
+    qkv_tensor *out = qkv__concat(n, (const qkv_tensor *const *)tensors, axis, "qkv_concat");
+    if (!out) return NULL;
+    return record_n(out, &concat_op, n, tensors, axis < 0 ? axis + out->ndim : axis);
+}
+
+/* d stack = g selected at each input's position along axis */
+static void stack_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    for (int k = 0; k < node->n_inputs; k++)
+        if (IN(k)->requires_grad) gi[k] = qkv_select(g, (int)node->iargs[0], k);
+}
+static const qkv_op_def stack_op = {"stack", stack_backward};
+
+static bool check_stack(int n, qkv_tensor *const *ts) {
+    char s0[128], sk[128];
+    for (int k = 1; k < n; k++) {
+        if (ts[k]->ndim == ts[0]->ndim &&
+            !memcmp(ts[k]->shape, ts[0]->shape, (size_t)ts[0]->ndim * sizeof(int64_t)))
+            continue;
+        qkv_set_error("qkv_stack: tensor %d has shape %s but tensor 0 has %s", k,
+                      qkv_shape_str(ts[k], sk, sizeof sk), qkv_shape_str(ts[0], s0, sizeof s0));
+        return false;
+    }
+    return true;
+}
+
+/* Each input gains a size-1 axis (a view, not recorded) and the views are concatenated. */
+qkv_tensor *qkv_stack(int n, qkv_tensor *const *tensors, int axis) {
+    if (n <= 0 || !tensors) return qkv_set_error("qkv_stack: no tensors to stack");
+    for (int k = 0; k < n; k++)
+        if (!tensors[k]) return NULL;
+    const qkv_tensor *t0 = tensors[0];
+    int ax = axis < 0 ? axis + t0->ndim + 1 : axis;
+    if (ax < 0 || ax > t0->ndim || t0->ndim >= QKV_MAX_DIMS) {
+        char s[128];
+        return qkv_set_error("qkv_stack: axis %d out of range for %s", axis,
+                             qkv_shape_str(t0, s, sizeof s));
+    }
+    if (!check_stack(n, tensors)) return NULL;
+    qkv_scope_begin();
+    const qkv_tensor *small[8];
+    const qkv_tensor **views = n <= 8 ? small : qkv__alloc((size_t)n * sizeof *views);
+    qkv_tensor *out = NULL;
+    bool ok = views != NULL;
+    for (int k = 0; k < n && ok; k++) {
+        const qkv_tensor *t = tensors[k];
+        int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
+        for (int i = 0, j = 0; i <= t->ndim; i++) {
+            shape[i] = i == ax ? 1 : t->shape[j];
+            st[i] = i == ax ? 1 : t->strides[j++];
+        }
+        views[k] = qkv__view(t, t->ndim + 1, shape, st, t->offset);
+        ok = views[k] != NULL;
+    }
+    if (ok) out = qkv_keep(qkv__concat(n, views, ax, "qkv_stack"));
+    if (views && views != small) qkv__free(views, (size_t)n * sizeof *views);
+    qkv_scope_end();
+    return record_n(out, &stack_op, n, tensors, ax);
+}
+
+/* ---- one_hot ----------------------------------------------------------------------------- */
+
+qkv_tensor *qkv_one_hot(const qkv_tensor *index, int64_t n_classes) {
+    return qkv__one_hot(index, n_classes, "qkv_one_hot");
+}
