@@ -49,8 +49,9 @@ qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
     if (!shape_matches(m, x)) {
         char s[128];
         return qkv_set_error("qkv_layer_norm_forward: input %s does not end with the "
-                             "normalized shape (%d dims, last %lld)", qkv_shape_str(x, s, sizeof s),
-                             m->ndim, (long long)m->normalized_shape[m->ndim - 1]);
+                             "normalized shape (%d dims, last %lld)",
+                             qkv_shape_str(x, s, sizeof s), m->ndim,
+                             (long long)m->normalized_shape[m->ndim - 1]);
     }
     int axes[QKV_MAX_DIMS];
     for (int i = 0; i < m->ndim; i++) axes[i] = x->ndim - m->ndim + i;

@@ -60,6 +60,7 @@ static bool check_classification(const char *op, const qkv_tensor *input,
  * column 0 and are then replaced, so they get no gradient. */
 static qkv_tensor *picked_nll(const qkv_tensor *log_probs, const qkv_tensor *targets,
                               const qkv_tensor *valid) {
+    if (!log_probs) return NULL;
     qkv_tensor *safe = qkv_where(valid, targets, qkv_zeros(QKV_I64, 0, NULL));
     qkv_tensor *picked = qkv_squeeze(qkv_gather(log_probs, 1, qkv_unsqueeze(safe, 1)), 1);
     return qkv_where(valid, qkv_neg(picked), qkv_zeros(log_probs->dtype, 0, NULL));

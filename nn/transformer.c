@@ -33,7 +33,8 @@ qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     qkv_module *b = &m->base;
     const int64_t *d = &c.d_model;
     m->self_attn = qkv_module_add_module(
-        b, "self_attn", qkv_multi_head_attention_new(c.d_model, c.nhead, c.dropout, true, 0, 0, g));
+        b, "self_attn",
+        qkv_multi_head_attention_new(c.d_model, c.nhead, c.dropout, true, 0, 0, g));
     m->linear1 = qkv_module_add_module(b, "linear1",
                                        qkv_linear_new(c.d_model, c.dim_feedforward, true, g));
     m->dropout = qkv_module_add_module(b, "dropout", qkv_dropout_layer_new(c.dropout, g));
