@@ -51,8 +51,10 @@ typedef qkv_tensor *(*qkv_gradcheck_fn)(qkv_tensor *const *inputs, int n, void *
 /* Compares the analytic gradient of sum(fn(inputs) * w) (w a fixed pseudo-random weight)
  * with central differences of step eps, for every element of every input that requires
  * grad. Inputs must be F64. An element passes when |analytic - numeric| <= atol + rtol *
- * |numeric|. On failure the error (qkv_error) names the input, the element, both values and
- * the difference, and the result is false. Never aborts. */
+ * |numeric|. An input whose elements share memory (an expanded view) is checked once per
+ * memory location, against the summed gradient of the elements sharing it. On failure the
+ * error (qkv_error) names the input, the element, both values and the difference, and the
+ * result is false. Never aborts. */
 bool qkv_gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx,
                    double eps, double atol, double rtol);
 

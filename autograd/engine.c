@@ -10,6 +10,7 @@
 static _Thread_local int no_grad_depth;
 static _Thread_local bool anomaly;
 static _Thread_local uint64_t backward_generation;
+static _Thread_local int backward_depth; /* > 0 while backward functions run */
 
 void qkv_no_grad_begin(void) { no_grad_depth++; }
 void qkv_no_grad_end(void) { if (no_grad_depth > 0) no_grad_depth--; }
@@ -64,7 +65,8 @@ static bool all_finite(const qkv_tensor *t) {
 qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
                         const qkv_tensor *const *inputs) {
     if (!out) return NULL;
-    if (anomaly && !all_finite(out)) {
+    /* Ops called by a backward are checked as that backward's gradients, under its name. */
+    if (anomaly && backward_depth == 0 && !all_finite(out)) {
         qkv_set_error("qkv anomaly: %s produced a non-finite value in its forward", op->name);
         goto fail;
     }
@@ -254,7 +256,9 @@ static bool run_node(qkv_node *n, node_list *ready) {
         if (!grads) return false;
     }
     bool had_error = qkv_error() != NULL;
+    backward_depth++;
     n->op->backward(n, g, grads);
+    backward_depth--;
     bool ok = (had_error || !qkv_error()) && (!anomaly || check_gradients(n, grads));
     for (int i = 0; i < n->n_inputs && ok; i++) {
         qkv_tensor *in = n->inputs[i];

@@ -38,15 +38,33 @@ static int64_t element_offset(const qkv_tensor *t, int64_t flat) {
     return off;
 }
 
+/* The dimensions along which an expanded input repeats one memory location (stride 0). */
+static uint32_t shared_dims(const qkv_tensor *t) {
+    uint32_t mask = 0;
+    for (int d = 0; d < t->ndim; d++)
+        if (t->strides[d] == 0 && t->shape[d] > 1) mask |= 1u << d;
+    return mask;
+}
+
+/* x's geometry with each shared dimension cut to size 1: one element per memory location. */
+static qkv_tensor distinct_elements(const qkv_tensor *x) {
+    qkv_tensor geo = *x;
+    uint32_t mask = shared_dims(x);
+    for (int d = 0; d < x->ndim; d++)
+        if (mask & (1u << d)) geo.shape[d] = 1;
+    geo.numel = qkv__numel(geo.ndim, geo.shape);
+    return geo;
+}
+
 static bool check_input(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx,
                         qkv_tensor *w, int i, const qkv_tensor *analytic, double eps,
                         double atol, double rtol) {
-    qkv_tensor *x = inputs[i];
-    double *data = qkv_data(x);
+    qkv_tensor x = distinct_elements(inputs[i]);
+    double *data = qkv_data(&x);
     qkv_no_grad_begin();
     bool ok = true;
-    for (int64_t e = 0; e < x->numel && ok; e++) {
-        int64_t off = element_offset(x, e);
+    for (int64_t e = 0; e < x.numel && ok; e++) {
+        int64_t off = element_offset(&x, e);
         double keep = data[off];
         data[off] = keep + eps;
         double up = weighted_output(fn, inputs, n, ctx, &w, false);
@@ -89,7 +107,12 @@ bool qkv_gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *
     for (int i = 0; i < n && ok; i++) {
         if (!inputs[i]->requires_grad) continue;
         qkv_scope_begin();
-        qkv_tensor *analytic = inputs[i]->grad ? qkv__contiguous(inputs[i]->grad) : NULL;
+        /* Perturbing a memory location an expanded input repeats moves every element that
+         * shares it, so its numeric derivative is compared with the sum of theirs. */
+        qkv_tensor *g = inputs[i]->grad, *analytic = NULL;
+        if (g && shared_dims(inputs[i]))
+            g = qkv__reduce(QKV_RED_SUM, g, shared_dims(inputs[i]), true, 0, "qkv_gradcheck");
+        if (g) analytic = qkv__contiguous(g);
         ok = check_input(fn, inputs, n, ctx, w, i, analytic, eps, atol, rtol);
         qkv_scope_end();
     }

@@ -1,0 +1,690 @@
+/* The autograd engine as a specification: accumulation, seeds, graph lifetime, deep graphs,
+ * gradients through views and broadcasting, grad mode, detach, retain_grad, leaves, diamonds,
+ * memory, anomaly mode and op names. Values are chosen so every expected gradient is exact. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "qkv.h"
+
+/* ---- Helpers ----------------------------------------------------------------------------- */
+
+static int clear_error(void **state) {
+    (void)state;
+    qkv_clear_error();
+    return 0;
+}
+
+/* An F64 leaf with the given values, requiring grad. */
+static qkv_tensor *param(int ndim, const int64_t *shape, const double *values) {
+    qkv_tensor *t = qkv_from_array(QKV_F64, ndim, shape, values);
+    assert_non_null(t);
+    return qkv_requires_grad_(t, true);
+}
+
+static qkv_tensor *constant(int ndim, const int64_t *shape, const double *values) {
+    qkv_tensor *t = qkv_from_array(QKV_F64, ndim, shape, values);
+    assert_non_null(t);
+    return t;
+}
+
+/* Asserts t holds exactly the n values want (row-major). */
+static void assert_values(const qkv_tensor *t, int64_t n, const double *want) {
+    assert_non_null(t);
+    assert_int_equal(t->numel, n);
+    double got[64];
+    assert_true(n <= 64);
+    assert_true(qkv_copy_out(t, QKV_F64, got));
+    for (int64_t i = 0; i < n; i++)
+        if (got[i] != want[i]) fail_msg("element %lld: got %.17g, want %.17g", (long long)i,
+                                        got[i], want[i]);
+}
+
+#define VALUES(...) (const double[]){__VA_ARGS__}
+#define ASSERT_VALUES(t, ...) \
+    assert_values(t, sizeof VALUES(__VA_ARGS__) / sizeof(double), VALUES(__VA_ARGS__))
+
+static void assert_error_contains(const char *needle) {
+    const char *e = qkv_error();
+    assert_non_null(e);
+    if (!strstr(e, needle)) fail_msg("error \"%s\" does not contain \"%s\"", e, needle);
+}
+
+/* Backpropagates sum(y * w): the gradient reaching y is exactly w. */
+static void backward_weighted(qkv_tensor *y, const qkv_tensor *w) {
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(y, w))));
+}
+
+static uint64_t live_tensors(void) {
+    return qkv_memory_stats_get().live_tensors;
+}
+
+/* ---- Accumulation and seeds -------------------------------------------------------------- */
+
+static void leaves_accumulate_across_two_backward_calls(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    ASSERT_VALUES(x->grad, 2, 4, 6);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    ASSERT_VALUES(x->grad, 4, 8, 12);
+    qkv_scope_end();
+}
+
+static void zero_grad_drops_the_gradient(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(x, 3))));
+    ASSERT_VALUES(x->grad, 3, 3);
+    qkv_zero_grad(x);
+    assert_null(x->grad);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(x, 5))));
+    ASSERT_VALUES(x->grad, 5, 5);
+    qkv_scope_end();
+}
+
+static void backward_with_seeds_a_non_scalar_output(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4));
+    qkv_tensor *y = qkv_mul(x, x);
+    qkv_tensor *seed = constant(QKV_SHAPE(2, 2), VALUES(1, 10, 100, 1000));
+    assert_true(qkv_backward_with(y, seed, false));
+    ASSERT_VALUES(x->grad, 2, 40, 600, 8000);
+    qkv_scope_end();
+}
+
+static void backward_requires_a_one_element_loss(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    assert_false(qkv_backward(qkv_mul_scalar(x, 2)));
+    assert_error_contains("qkv_backward: the loss must have one element, not [2]");
+    assert_null(x->grad);
+    qkv_scope_end();
+}
+
+static void backward_with_a_seed_of_the_wrong_shape_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4));
+    qkv_tensor *seed = qkv_ones(QKV_F64, QKV_SHAPE(4));
+    assert_false(qkv_backward_with(qkv_mul_scalar(x, 2), seed, false));
+    assert_error_contains("gradient shape [4] differs from the output's [2,2]");
+    qkv_scope_end();
+}
+
+static void backward_of_a_constant_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *c = constant(QKV_SHAPE(2), VALUES(1, 2));
+    assert_false(qkv_backward(qkv_sum_all(c)));
+    assert_error_contains("does not require grad");
+    qkv_scope_end();
+}
+
+static void backward_propagates_a_null_loss_as_failure(void **state) {
+    (void)state;
+    assert_false(qkv_backward(NULL));
+    assert_false(qkv_backward_with(NULL, NULL, false));
+}
+
+/* ---- Graph lifetime ---------------------------------------------------------------------- */
+
+static void retain_graph_allows_a_second_backward(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(x, x));
+    qkv_tensor *seed = qkv_ones(QKV_F64, 0, NULL);
+    assert_true(qkv_backward_with(loss, seed, true));
+    ASSERT_VALUES(x->grad, 2, 4);
+    assert_true(qkv_backward_with(loss, seed, true));
+    ASSERT_VALUES(x->grad, 4, 8);
+    assert_true(qkv_backward(loss)); /* the last one may free the graph */
+    ASSERT_VALUES(x->grad, 6, 12);
+    qkv_scope_end();
+}
+
+static void second_backward_without_retain_graph_is_an_error_naming_the_op(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *loss = qkv_sum_all(qkv_exp(x));
+    assert_true(qkv_backward(loss));
+    assert_false(qkv_backward(loss));
+    assert_error_contains("qkv_backward: the graph through sum was already freed");
+    assert_error_contains("retain_graph");
+    qkv_scope_end();
+}
+
+static void backward_releases_what_the_graph_held(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *y = qkv_exp(x);
+    qkv_tensor *z = qkv_mul(y, y);
+    qkv_tensor *loss = qkv_sum_all(z);
+    assert_int_equal(x->refcount, 2); /* the scope and exp's node */
+    assert_int_equal(y->refcount, 3); /* the scope and mul's node, twice */
+    assert_int_equal(z->refcount, 2);
+    assert_true(qkv_backward(loss));
+    assert_int_equal(x->refcount, 1);
+    assert_int_equal(y->refcount, 1);
+    assert_int_equal(z->refcount, 1);
+    qkv_scope_end();
+}
+
+static void scope_end_frees_a_graph_and_its_gradients(void **state) {
+    (void)state;
+    uint64_t baseline = live_tensors();
+    size_t bytes = qkv_memory_stats_get().bytes_in_use;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 3), VALUES(1, 2, 3, 4, 5, 6));
+    qkv_tensor *h = qkv_softmax(qkv_tanh(qkv_mul_scalar(x, 0.5)), 1);
+    assert_true(qkv_backward(qkv_mean_all(qkv_log(h))));
+    assert_non_null(x->grad);
+    assert_true(live_tensors() > baseline);
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline);
+    assert_int_equal(qkv_memory_stats_get().bytes_in_use, bytes);
+}
+
+static void scope_end_frees_a_graph_never_backpropagated(void **state) {
+    (void)state;
+    uint64_t baseline = live_tensors();
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    qkv_sum_all(qkv_sigmoid(qkv_matmul(x, x)));
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline);
+}
+
+/* ---- Deep graphs ------------------------------------------------------------------------- */
+
+#define DEEP 100000
+
+/* y = x, then DEEP ops cycling through +1, *2, +1, *0.5: each cycle adds 1.5 to y and the
+ * gradient's factors multiply to exactly 1. */
+static qkv_tensor *deep_chain(qkv_tensor *x) {
+    qkv_tensor *y = x;
+    for (int i = 0; i < DEEP; i++) {
+        if (i % 2 == 0) y = qkv_add_scalar(y, 1);
+        else y = qkv_mul_scalar(y, i % 4 == 1 ? 2.0 : 0.5);
+    }
+    return y;
+}
+
+static void chain_of_100000_ops_backpropagates_without_recursion(void **state) {
+    (void)state;
+    uint64_t baseline = live_tensors();
+    qkv_scope_begin();
+    qkv_tensor *x = param(0, NULL, VALUES(1));
+    qkv_tensor *y = deep_chain(x);
+    assert_true(qkv_item(y) == 1 + 1.5 * (DEEP / 4));
+    assert_true(qkv_backward(y));
+    ASSERT_VALUES(x->grad, 1);
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline);
+}
+
+static void releasing_a_100000_op_graph_does_not_recurse(void **state) {
+    (void)state;
+    uint64_t baseline = live_tensors();
+    qkv_scope_begin();
+    qkv_tensor *x = param(0, NULL, VALUES(1));
+    /* The inner scope lets go of every intermediate, so each lives only through the node of
+     * the op after it: releasing the last one releases the whole chain in turn. */
+    qkv_scope_begin();
+    qkv_tensor *y = qkv_retain(deep_chain(x));
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline + DEEP + 1);
+    qkv_release(y);
+    assert_int_equal(live_tensors(), baseline + 1);
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline);
+}
+
+/* ---- Views ------------------------------------------------------------------------------- */
+
+static void gradient_flows_through_reshape_and_flatten(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 3), VALUES(0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_reshape(x, QKV_SHAPE(3, -1)),
+                      constant(QKV_SHAPE(3, 2), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(x->grad, 1, 2, 3, 4, 5, 6);
+
+    qkv_tensor *c = param(QKV_SHAPE(2, 2, 2), VALUES(0, 0, 0, 0, 0, 0, 0, 0));
+    qkv_tensor *f = qkv_flatten(c, 1, 2);
+    assert_int_equal(f->ndim, 2);
+    assert_int_equal(f->shape[1], 4);
+    backward_weighted(f, constant(QKV_SHAPE(2, 4), VALUES(1, 2, 3, 4, 5, 6, 7, 8)));
+    ASSERT_VALUES(c->grad, 1, 2, 3, 4, 5, 6, 7, 8);
+    qkv_scope_end();
+}
+
+static void gradient_flows_through_transpose_and_permute(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 3), VALUES(0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_transpose(x, 0, 1),
+                      constant(QKV_SHAPE(3, 2), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(x->grad, 1, 3, 5, 2, 4, 6);
+
+    /* p[k][i][j] = x[i][j][k], so x's gradient at [i][j][k] is w[k][i][j]. */
+    qkv_tensor *y = param(QKV_SHAPE(2, 1, 3), VALUES(0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_permute(y, (const int[]){2, 0, 1}),
+                      constant(QKV_SHAPE(3, 2, 1), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(y->grad, 1, 3, 5, 2, 4, 6);
+    qkv_scope_end();
+}
+
+static void gradient_of_a_strided_slice_lands_on_the_picked_elements(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(7), VALUES(0, 0, 0, 0, 0, 0, 0));
+    qkv_tensor *s = qkv_slice(x, 0, 1, 100, 2); /* elements 1, 3, 5 */
+    assert_int_equal(s->shape[0], 3);
+    backward_weighted(s, constant(QKV_SHAPE(3), VALUES(10, 20, 30)));
+    ASSERT_VALUES(x->grad, 0, 10, 0, 20, 0, 30, 0);
+
+    qkv_tensor *m = param(QKV_SHAPE(2, 4), VALUES(0, 0, 0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_slice(m, -1, -3, 4, 2), constant(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4)));
+    ASSERT_VALUES(m->grad, 0, 1, 0, 2, 0, 3, 0, 4);
+    qkv_scope_end();
+}
+
+static void gradient_flows_through_narrow_and_select(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 4), VALUES(0, 0, 0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_narrow(x, 1, 1, 2), constant(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4)));
+    ASSERT_VALUES(x->grad, 0, 1, 2, 0, 0, 3, 4, 0);
+
+    qkv_tensor *y = param(QKV_SHAPE(3, 2), VALUES(0, 0, 0, 0, 0, 0));
+    qkv_tensor *row = qkv_select(y, 0, -1);
+    assert_int_equal(row->ndim, 1);
+    backward_weighted(row, constant(QKV_SHAPE(2), VALUES(5, 7)));
+    ASSERT_VALUES(y->grad, 0, 0, 0, 0, 5, 7);
+
+    qkv_tensor *z = param(QKV_SHAPE(2, 3), VALUES(0, 0, 0, 0, 0, 0));
+    backward_weighted(qkv_select(z, 1, 1), constant(QKV_SHAPE(2), VALUES(5, 7)));
+    ASSERT_VALUES(z->grad, 0, 5, 0, 0, 7, 0);
+    qkv_scope_end();
+}
+
+static void gradient_of_expand_sums_over_the_expanded_dims(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 1), VALUES(0, 0));
+    backward_weighted(qkv_expand(x, QKV_SHAPE(2, 3)),
+                      constant(QKV_SHAPE(2, 3), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(x->grad, 6, 15);
+
+    qkv_tensor *y = param(QKV_SHAPE(3), VALUES(0, 0, 0));
+    backward_weighted(qkv_expand(y, QKV_SHAPE(2, -1)),
+                      constant(QKV_SHAPE(2, 3), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(y->grad, 5, 7, 9);
+    qkv_scope_end();
+}
+
+static void gradient_flows_through_squeeze_and_unsqueeze(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 1), VALUES(0, 0));
+    backward_weighted(qkv_squeeze(x, 1), constant(QKV_SHAPE(2), VALUES(3, 4)));
+    ASSERT_VALUES(x->grad, 3, 4);
+    assert_int_equal(x->grad->ndim, 2);
+
+    qkv_tensor *y = param(QKV_SHAPE(1, 2, 1), VALUES(0, 0));
+    backward_weighted(qkv_squeeze_all(y), constant(QKV_SHAPE(2), VALUES(3, 4)));
+    ASSERT_VALUES(y->grad, 3, 4);
+
+    qkv_tensor *z = param(QKV_SHAPE(2), VALUES(0, 0));
+    backward_weighted(qkv_unsqueeze(z, -1), constant(QKV_SHAPE(2, 1), VALUES(3, 4)));
+    ASSERT_VALUES(z->grad, 3, 4);
+    assert_int_equal(z->grad->ndim, 1);
+    qkv_scope_end();
+}
+
+static void gradient_flows_through_a_chain_of_views(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    /* x [2,3,2] -> transpose(0,2) [2,3,2] -> every other row of axis 1 [2,2,2] -> select
+     * axis 0 index 1 [2,2] -> expand [3,2,2]: y[r][j][i] = x[i][2j][1], summed 3 times. */
+    qkv_tensor *x = param(QKV_SHAPE(2, 3, 2), VALUES(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
+    qkv_tensor *v = qkv_select(qkv_slice(qkv_transpose(x, 0, 2), 1, 0, 3, 2), 0, 1);
+    qkv_tensor *y = qkv_expand(v, QKV_SHAPE(3, 2, 2));
+    backward_weighted(y, qkv_expand(constant(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4)),
+                                    QKV_SHAPE(3, 2, 2)));
+    /* x[i][2j][1] gets 3 * w[j][i] */
+    ASSERT_VALUES(x->grad, 0, 3, 0, 0, 0, 9, 0, 6, 0, 0, 0, 12);
+    qkv_scope_end();
+}
+
+/* ---- Broadcasting ------------------------------------------------------------------------ */
+
+static void broadcast_gradients_are_summed_to_each_input_shape(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2, 3), VALUES(1, 2, 3, 4, 5, 6));
+    qkv_tensor *b = param(QKV_SHAPE(3), VALUES(10, 20, 30));
+    qkv_tensor *c = param(QKV_SHAPE(2, 1), VALUES(7, 8));
+    qkv_tensor *s = param(0, NULL, VALUES(2));
+    /* loss = sum((a*b + c) * s) */
+    qkv_tensor *y = qkv_mul(qkv_add(qkv_mul(a, b), c), s);
+    assert_true(qkv_backward(qkv_sum_all(y)));
+    ASSERT_VALUES(a->grad, 20, 40, 60, 20, 40, 60);
+    ASSERT_VALUES(b->grad, 10, 14, 18);
+    ASSERT_VALUES(c->grad, 6, 6);
+    /* sum(a*b + c) = 1*10+2*20+3*30 + 4*10+5*20+6*30 + 3*7 + 3*8 */
+    ASSERT_VALUES(s->grad, 140 + 320 + 45);
+    assert_int_equal(s->grad->ndim, 0);
+    qkv_scope_end();
+}
+
+static void broadcasting_on_both_sides_reduces_each(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2, 1), VALUES(1, 2));
+    qkv_tensor *b = param(QKV_SHAPE(1, 3), VALUES(3, 4, 5));
+    backward_weighted(qkv_sub(a, b), constant(QKV_SHAPE(2, 3), VALUES(1, 2, 3, 4, 5, 6)));
+    ASSERT_VALUES(a->grad, 6, 15);
+    ASSERT_VALUES(b->grad, -5, -7, -9);
+    qkv_scope_end();
+}
+
+/* ---- Grad mode, detach, retain_grad, leaves ---------------------------------------------- */
+
+static void no_grad_records_nothing(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    assert_true(qkv_is_grad_enabled());
+    qkv_no_grad_begin();
+    qkv_no_grad_begin();
+    qkv_no_grad_end();
+    assert_false(qkv_is_grad_enabled()); /* still inside the outer pair */
+    qkv_tensor *y = qkv_exp(qkv_mul(x, x));
+    assert_null(y->grad_fn);
+    assert_false(y->requires_grad);
+    assert_null(qkv_grad_fn_name(y));
+    qkv_no_grad_end();
+    assert_true(qkv_is_grad_enabled());
+    qkv_tensor *z = qkv_mul(x, x);
+    assert_non_null(z->grad_fn);
+    assert_true(z->requires_grad);
+    qkv_scope_end();
+}
+
+static void detach_cuts_the_graph(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *d = qkv_detach(qkv_mul_scalar(x, 3));
+    assert_false(d->requires_grad);
+    assert_null(d->grad_fn);
+    ASSERT_VALUES(d, 3, 6);
+    /* d is a constant: d(d * x)/dx = d, not 2 * 3x */
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(d, x))));
+    ASSERT_VALUES(x->grad, 3, 6);
+    qkv_scope_end();
+}
+
+static void detach_shares_storage(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *d = qkv_detach(x);
+    assert_ptr_equal(d->storage, x->storage);
+    assert_true(qkv_fill_(d, 9));
+    ASSERT_VALUES(x, 9, 9);
+    qkv_scope_end();
+}
+
+static void retain_grad_keeps_a_non_leaf_gradient(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *h = qkv_mul_scalar(x, 3);
+    qkv_tensor *other = qkv_add_scalar(h, 1);
+    qkv_retain_grad(h);
+    assert_true(h->retains_grad);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(other, h))));
+    /* loss = sum((h + 1) * h): dloss/dh = 2h + 1 */
+    ASSERT_VALUES(h->grad, 7, 13);
+    ASSERT_VALUES(x->grad, 21, 39);
+    assert_null(other->grad);
+    qkv_scope_end();
+}
+
+static void requires_grad_on_a_non_leaf_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *y = qkv_mul(x, x);
+    assert_null(qkv_requires_grad_(y, false));
+    assert_error_contains("qkv_requires_grad_: only a leaf can be set; mul made this tensor");
+    assert_true(y->requires_grad);
+    qkv_scope_end();
+}
+
+static void requires_grad_on_an_integer_tensor_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *i = qkv_arange(QKV_I64, 0, 3, 1);
+    assert_null(qkv_requires_grad_(i, true));
+    assert_error_contains("qkv_requires_grad_: i64 tensors cannot require grad");
+    assert_false(i->requires_grad);
+    qkv_clear_error();
+    assert_null(qkv_requires_grad_(qkv_gt_scalar(i, 1), true));
+    assert_error_contains("bool tensors cannot require grad");
+    assert_null(qkv_requires_grad_(NULL, true));
+    qkv_scope_end();
+}
+
+static void integer_and_mask_inputs_get_no_gradient(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    qkv_tensor *keep = qkv_gt_scalar(x, 1.5);
+    assert_false(keep->requires_grad);
+    qkv_tensor *y = qkv_where(keep, x, qkv_mul_scalar(x, 10));
+    assert_true(qkv_backward(qkv_sum_all(y)));
+    ASSERT_VALUES(x->grad, 10, 1, 1);
+    qkv_scope_end();
+}
+
+/* ---- Graph shapes ------------------------------------------------------------------------ */
+
+static void diamond_graph_accumulates_every_path(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *b = qkv_mul_scalar(a, 3);   /* 3a */
+    qkv_tensor *c = qkv_mul(a, b);          /* 3a^2: a reaches c directly and through b */
+    qkv_tensor *loss = qkv_sum_all(qkv_add(c, b));
+    assert_true(qkv_backward(loss));
+    ASSERT_VALUES(a->grad, 9, 15);          /* 6a + 3 */
+    qkv_scope_end();
+}
+
+static void the_same_tensor_as_both_inputs_counts_twice(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2), VALUES(3, -4));
+    qkv_tensor *b = qkv_exp(qkv_mul_scalar(a, 0)); /* ones, through a graph */
+    qkv_tensor *s = qkv_add(b, b);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_mul(a, a), s))));
+    /* loss = sum(2 a^2) + 0 from b's path (mul by 0) */
+    ASSERT_VALUES(a->grad, 12, -16);
+    qkv_scope_end();
+}
+
+static void train_like_loop_of_1000_steps_leaks_nothing(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    uint64_t baseline = live_tensors();
+    qkv_scope_begin();
+    qkv_tensor *w = qkv_requires_grad_(qkv_zeros(QKV_F64, QKV_SHAPE(3, 1)), true);
+    qkv_tensor *target_w = constant(QKV_SHAPE(3, 1), VALUES(1, -2, 0.5));
+    uint64_t live_after_first = 0;
+    size_t bytes_after_first = 0;
+    double first_loss = 0, last_loss = 0;
+    for (int step = 0; step < 1000; step++) {
+        qkv_scope_begin();
+        qkv_tensor *x = qkv_randn(QKV_F64, QKV_SHAPE(8, 3), &g);
+        qkv_tensor *err = qkv_sub(qkv_matmul(x, w), qkv_matmul(x, target_w));
+        qkv_tensor *loss = qkv_mean_all(qkv_mul(err, err));
+        assert_true(qkv_backward(loss));
+        last_loss = qkv_item(loss);
+        if (step == 0) first_loss = last_loss;
+        qkv_no_grad_begin();
+        assert_true(qkv_copy_(w, qkv_sub(w, qkv_mul_scalar(w->grad, 0.05))));
+        qkv_no_grad_end();
+        qkv_zero_grad(w);
+        qkv_scope_end();
+        if (step == 0) {
+            live_after_first = live_tensors();
+            bytes_after_first = qkv_memory_stats_get().bytes_in_use;
+        }
+        assert_int_equal(live_tensors(), live_after_first);
+        assert_int_equal(qkv_memory_stats_get().bytes_in_use, bytes_after_first);
+    }
+    assert_true(last_loss < 1e-12 * first_loss);
+    qkv_scope_end();
+    assert_int_equal(live_tensors(), baseline);
+}
+
+/* ---- Anomaly mode ------------------------------------------------------------------------ */
+
+static int anomaly_off(void **state) {
+    (void)state;
+    qkv_set_detect_anomaly(false);
+    qkv_clear_error();
+    return 0;
+}
+
+static void anomaly_mode_names_the_op_making_nan_in_forward(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(-1, 2));
+    assert_false(qkv_is_anomaly_enabled());
+    qkv_tensor *quiet = qkv_log(x);
+    assert_non_null(quiet); /* off: NaN flows through silently */
+    assert_true(isnan(qkv_get(quiet, (const int64_t[]){0})));
+    qkv_set_detect_anomaly(true);
+    assert_true(qkv_is_anomaly_enabled());
+    assert_null(qkv_log(qkv_mul_scalar(x, 1)));
+    assert_error_contains("qkv anomaly: log produced a non-finite value in its forward");
+    qkv_set_detect_anomaly(false);
+    qkv_scope_end();
+}
+
+static void anomaly_mode_names_the_op_making_inf_in_backward(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(0, 4));
+    qkv_set_detect_anomaly(true);
+    qkv_tensor *y = qkv_sqrt(x); /* finite forward: 0 and 2 */
+    assert_non_null(y);
+    assert_false(qkv_backward(qkv_sum_all(qkv_mul_scalar(y, 3))));
+    assert_error_contains("qkv anomaly: the backward of sqrt produced a non-finite gradient "
+                          "for its input 0");
+    assert_null(x->grad);
+    qkv_set_detect_anomaly(false);
+    qkv_scope_end();
+}
+
+static void without_anomaly_mode_the_inf_gradient_is_returned(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(0, 4));
+    assert_true(qkv_backward(qkv_sum_all(qkv_sqrt(x))));
+    ASSERT_VALUES(x->grad, INFINITY, 0.25);
+    qkv_scope_end();
+}
+
+/* ---- Op names ---------------------------------------------------------------------------- */
+
+static void grad_fn_name_names_the_op(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4));
+    assert_null(qkv_grad_fn_name(x));
+    assert_null(qkv_grad_fn_name(NULL));
+    assert_string_equal(qkv_grad_fn_name(qkv_add(x, x)), "add");
+    assert_string_equal(qkv_grad_fn_name(qkv_mul(x, x)), "mul");
+    assert_string_equal(qkv_grad_fn_name(qkv_matmul(x, x)), "matmul");
+    assert_string_equal(qkv_grad_fn_name(qkv_sum_all(x)), "sum");
+    assert_string_equal(qkv_grad_fn_name(qkv_mean(x, 0, false)), "mean");
+    assert_string_equal(qkv_grad_fn_name(qkv_softmax(x, -1)), "softmax");
+    assert_string_equal(qkv_grad_fn_name(qkv_log_softmax(x, -1)), "log_softmax");
+    assert_string_equal(qkv_grad_fn_name(qkv_reshape(x, QKV_SHAPE(4))), "reshape");
+    assert_string_equal(qkv_grad_fn_name(qkv_transpose(x, 0, 1)), "permute");
+    assert_string_equal(qkv_grad_fn_name(qkv_slice(x, 0, 0, 1, 1)), "slice");
+    assert_string_equal(qkv_grad_fn_name(qkv_expand(x, QKV_SHAPE(3, 2, 2))), "expand");
+    assert_string_equal(qkv_grad_fn_name(qkv_add_scalar(x, 1)), "add_scalar");
+    assert_string_equal(qkv_grad_fn_name(qkv_gelu(x, true)), "gelu");
+    assert_null(qkv_grad_fn_name(qkv_gt(x, x))); /* comparisons record nothing */
+    assert_null(qkv_grad_fn_name(qkv_add(qkv_detach(x), qkv_detach(x))));
+    qkv_scope_end();
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
+        cmocka_unit_test_setup(zero_grad_drops_the_gradient, clear_error),
+        cmocka_unit_test_setup(backward_with_seeds_a_non_scalar_output, clear_error),
+        cmocka_unit_test_setup(backward_requires_a_one_element_loss, clear_error),
+        cmocka_unit_test_setup(backward_with_a_seed_of_the_wrong_shape_is_an_error,
+                               clear_error),
+        cmocka_unit_test_setup(backward_of_a_constant_is_an_error, clear_error),
+        cmocka_unit_test_setup(backward_propagates_a_null_loss_as_failure, clear_error),
+        cmocka_unit_test_setup(retain_graph_allows_a_second_backward, clear_error),
+        cmocka_unit_test_setup(second_backward_without_retain_graph_is_an_error_naming_the_op,
+                               clear_error),
+        cmocka_unit_test_setup(backward_releases_what_the_graph_held, clear_error),
+        cmocka_unit_test_setup(scope_end_frees_a_graph_and_its_gradients, clear_error),
+        cmocka_unit_test_setup(scope_end_frees_a_graph_never_backpropagated, clear_error),
+        cmocka_unit_test_setup(chain_of_100000_ops_backpropagates_without_recursion,
+                               clear_error),
+        cmocka_unit_test_setup(releasing_a_100000_op_graph_does_not_recurse, clear_error),
+        cmocka_unit_test_setup(gradient_flows_through_reshape_and_flatten, clear_error),
+        cmocka_unit_test_setup(gradient_flows_through_transpose_and_permute, clear_error),
+        cmocka_unit_test_setup(gradient_of_a_strided_slice_lands_on_the_picked_elements,
+                               clear_error),
+        cmocka_unit_test_setup(gradient_flows_through_narrow_and_select, clear_error),
+        cmocka_unit_test_setup(gradient_of_expand_sums_over_the_expanded_dims, clear_error),
+        cmocka_unit_test_setup(gradient_flows_through_squeeze_and_unsqueeze, clear_error),
+        cmocka_unit_test_setup(gradient_flows_through_a_chain_of_views, clear_error),
+        cmocka_unit_test_setup(broadcast_gradients_are_summed_to_each_input_shape, clear_error),
+        cmocka_unit_test_setup(broadcasting_on_both_sides_reduces_each, clear_error),
+        cmocka_unit_test_setup(no_grad_records_nothing, clear_error),
+        cmocka_unit_test_setup(detach_cuts_the_graph, clear_error),
+        cmocka_unit_test_setup(detach_shares_storage, clear_error),
+        cmocka_unit_test_setup(retain_grad_keeps_a_non_leaf_gradient, clear_error),
+        cmocka_unit_test_setup(requires_grad_on_a_non_leaf_is_an_error, clear_error),
+        cmocka_unit_test_setup(requires_grad_on_an_integer_tensor_is_an_error, clear_error),
+        cmocka_unit_test_setup(integer_and_mask_inputs_get_no_gradient, clear_error),
+        cmocka_unit_test_setup(diamond_graph_accumulates_every_path, clear_error),
+        cmocka_unit_test_setup(the_same_tensor_as_both_inputs_counts_twice, clear_error),
+        cmocka_unit_test_setup(train_like_loop_of_1000_steps_leaks_nothing, clear_error),
+        cmocka_unit_test_setup_teardown(anomaly_mode_names_the_op_making_nan_in_forward,
+                                        clear_error, anomaly_off),
+        cmocka_unit_test_setup_teardown(anomaly_mode_names_the_op_making_inf_in_backward,
+                                        clear_error, anomaly_off),
+        cmocka_unit_test_setup(without_anomaly_mode_the_inf_gradient_is_returned, clear_error),
+        cmocka_unit_test_setup(grad_fn_name_names_the_op, clear_error),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
