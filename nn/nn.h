@@ -41,14 +41,21 @@ struct qkv_module {
     size_t size;                  /* sizeof the concrete struct, for freeing it */
 };
 
-/* Initialises the base of a concrete module struct of `size` bytes (training mode on). */
+/* Initialises the base of a concrete module struct of `size` bytes (training mode on). The
+ * struct must be zeroed memory from qkv_module_new, which calls this; qkv_module_free frees it.
+ * `type` is not copied (a string literal). */
 void qkv_module_init(qkv_module *m, const char *type, size_t size,
                      void (*destroy)(qkv_module *m));
+/* Allocates a zeroed concrete module struct of `size` bytes (its first member a qkv_module)
+ * and initialises its base. NULL on allocation failure. */
+void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m));
 /* Registers t as a parameter named `name` (the module takes a reference and makes t a leaf that
  * requires grad). Returns t, or NULL on error (duplicate name, NULL t). */
 qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t);
 qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t);
-/* Registers child as a submodule; m now owns it and frees it. Returns child or NULL. */
+/* Registers child as a submodule; m now owns it and frees it. Returns child, or NULL on error
+ * (duplicate name, NULL child), having freed child: a constructor can pass qkv_foo_new(...)
+ * straight in and check once. Names are non-empty and contain no '.'. */
 void *qkv_module_add_module(qkv_module *m, const char *name, void *child);
 void qkv_module_free(void *m);                 /* NULL is ignored */
 void qkv_module_train(void *m, bool training); /* reaches every submodule */
@@ -67,6 +74,242 @@ int64_t qkv_module_num_parameters(const void *m); /* total elements */
 /* Converts every parameter and buffer to dtype in place (e.g. F64 for gradient checks). */
 bool qkv_module_to_dtype(void *m, qkv_dtype dtype);
 void qkv_module_zero_grad(void *m);
+
+/* ---- Initialisation ---------------------------------------------------------------------- */
+/* In place on t (any float dtype), drawing from g in row-major order; nothing is recorded.
+ * Fans follow PyTorch: fan_in = shape[1] * receptive field, fan_out = shape[0] * receptive
+ * field (receptive field = product of shape[2:]); the fan-based schemes need 2 or more dims. */
+
+typedef enum qkv_fan_mode { QKV_FAN_IN, QKV_FAN_OUT } qkv_fan_mode;
+typedef enum qkv_nonlinearity {
+    QKV_NONLINEARITY_LINEAR,     /* gain 1 (also for conv and sigmoid) */
+    QKV_NONLINEARITY_SIGMOID,    /* gain 1 */
+    QKV_NONLINEARITY_TANH,       /* gain 5/3 */
+    QKV_NONLINEARITY_RELU,       /* gain sqrt(2) */
+    QKV_NONLINEARITY_LEAKY_RELU, /* gain sqrt(2 / (1 + a^2)) with a the negative slope */
+} qkv_nonlinearity;
+
+double qkv_init_calculate_gain(qkv_nonlinearity nonlinearity, double a);
+bool qkv_init_uniform_(qkv_tensor *t, double low, double high, qkv_generator *g);
+bool qkv_init_normal_(qkv_tensor *t, double mean, double std, qkv_generator *g);
+/* Glorot: U(-b, b) with b = gain * sqrt(6 / (fan_in + fan_out)); N(0, gain^2 * 2 / (fan_in +
+ * fan_out)). */
+bool qkv_init_xavier_uniform_(qkv_tensor *t, double gain, qkv_generator *g);
+bool qkv_init_xavier_normal_(qkv_tensor *t, double gain, qkv_generator *g);
+/* He: std = gain(nonlinearity, a) / sqrt(fan); uniform bound sqrt(3) * std. */
+bool qkv_init_kaiming_uniform_(qkv_tensor *t, double a, qkv_fan_mode mode,
+                               qkv_nonlinearity nonlinearity, qkv_generator *g);
+bool qkv_init_kaiming_normal_(qkv_tensor *t, double a, qkv_fan_mode mode,
+                              qkv_nonlinearity nonlinearity, qkv_generator *g);
+
+/* ---- Layers ------------------------------------------------------------------------------ */
+/* Parameters are created F32 (qkv_module_to_dtype converts them). Constructors return NULL
+ * with qkv_error() set on bad arguments or allocation failure. */
+
+/* y = x W^T + b over the last dim of x (any number of leading dims), as torch.nn.Linear:
+ * weight [out, in] and bias [out] drawn from U(-1/sqrt(in), 1/sqrt(in)). */
+typedef struct qkv_linear {
+    qkv_module base;
+    int64_t in_features, out_features;
+    qkv_tensor *weight, *bias; /* bias NULL when made without one */
+} qkv_linear;
+qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
+                           qkv_generator *g);
+qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x);
+
+/* A lookup table, as torch.nn.Embedding: I64 ids of any shape -> ids.shape + [dim]. weight is
+ * drawn from N(0, 1); the padding_idx row (-1 for none) starts at zero and gets no gradient. */
+typedef struct qkv_embedding {
+    qkv_module base;
+    int64_t num_embeddings, embedding_dim, padding_idx;
+    qkv_tensor *weight;
+} qkv_embedding;
+qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
+                                 int64_t padding_idx, qkv_generator *g);
+qkv_tensor *qkv_embedding_forward(qkv_embedding *m, const qkv_tensor *ids);
+
+/* Dropout with probability p in training mode, the identity in eval mode. It draws masks
+ * from its own generator, seeded from g at construction. */
+typedef struct qkv_dropout_layer {
+    qkv_module base;
+    double p;
+    qkv_generator generator;
+} qkv_dropout_layer;
+qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g);
+qkv_tensor *qkv_dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x);
+
+/* Normalises over the last ndim dims (normalized_shape), as torch.nn.LayerNorm: (x - mean) /
+ * sqrt(var + eps) with the biased variance, then * weight + bias (ones and zeros at first)
+ * when elementwise_affine. */
+typedef struct qkv_layer_norm {
+    qkv_module base;
+    int ndim;
+    int64_t normalized_shape[QKV_MAX_DIMS];
+    double eps;
+    qkv_tensor *weight, *bias; /* NULL without elementwise_affine */
+} qkv_layer_norm;
+qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, double eps,
+                                   bool elementwise_affine);
+qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x);
+
+/* Elementwise activations as modules (no parameters), and the same as a function. */
+typedef enum qkv_activation_kind {
+    QKV_ACT_RELU,
+    QKV_ACT_GELU,      /* exact, with erf */
+    QKV_ACT_GELU_TANH, /* PyTorch's approximate="tanh" */
+    QKV_ACT_TANH,
+    QKV_ACT_SIGMOID,
+} qkv_activation_kind;
+typedef struct qkv_activation {
+    qkv_module base;
+    qkv_activation_kind kind;
+} qkv_activation;
+qkv_activation *qkv_activation_new(qkv_activation_kind kind);
+qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x);
+qkv_tensor *qkv_activate(qkv_activation_kind kind, const qkv_tensor *x);
+
+/* A chain of one-input modules, registered as "0", "1", ... Each entry holds the forward to
+ * call; NULL selects the built-in one for linear, embedding, dropout, layer norm, activation
+ * and sequential modules. A user's own module passes a function taking its struct as void *. */
+typedef qkv_tensor *(*qkv_forward_fn)(void *module, const qkv_tensor *x);
+typedef struct qkv_sequential {
+    qkv_module base;
+    int n;
+    qkv_forward_fn *forwards; /* one per submodule, in order */
+    int cap;
+} qkv_sequential;
+qkv_sequential *qkv_sequential_new(void);
+/* Appends module (owned from now on, freed on failure); returns it or NULL. */
+void *qkv_sequential_add(qkv_sequential *s, void *module, qkv_forward_fn forward);
+qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x);
+
+/* ---- Attention --------------------------------------------------------------------------- */
+
+/* Multi-head attention composed from primitives, as torch.nn.MultiheadAttention with
+ * batch_first=True: query [B,T,E], key [B,S,kdim], value [B,S,vdim] -> [B,T,E]. PyTorch's
+ * packed in_proj_weight is split into the q_proj, k_proj and v_proj submodules (linear,
+ * [E,E], [E,kdim], [E,vdim]); out_proj is [E,E]. Projection weights are xavier uniform (with
+ * the fans of the packed [3E,E] matrix when kdim == vdim == E, as PyTorch), biases zero. */
+typedef struct qkv_multi_head_attention {
+    qkv_module base;
+    int64_t embed_dim, num_heads, head_dim, kdim, vdim;
+    double dropout; /* on the attention weights, training mode only */
+    qkv_linear *q_proj, *k_proj, *v_proj, *out_proj;
+    qkv_generator generator; /* for dropout */
+} qkv_multi_head_attention;
+/* kdim and vdim 0 mean embed_dim; embed_dim must be divisible by num_heads. */
+qkv_multi_head_attention *qkv_multi_head_attention_new(int64_t embed_dim, int64_t num_heads,
+                                                       double dropout, bool bias, int64_t kdim,
+                                                       int64_t vdim, qkv_generator *g);
+
+/* Forward arguments; a zeroed struct (or NULL) means no masks and no weights. Masks are BOOL
+ * (true = not allowed) or float (added to the scores, -INFINITY to forbid). A query whose keys
+ * are all masked gets all-zero attention weights, so its output is out_proj's bias (PyTorch
+ * gives NaN there). */
+typedef struct qkv_attention_options {
+    const qkv_tensor *key_padding_mask; /* [B,S]: true = ignore that key */
+    const qkv_tensor *attn_mask;        /* [T,S], [B*H,T,S] or [B,H,T,S] */
+    bool is_causal;                     /* also forbid key j > query i */
+    qkv_tensor **weights;       /* when non-NULL, receives the attention weights (after dropout,
+                                   as PyTorch): [B,T,S] averaged over heads, or [B,H,T,S] */
+    bool per_head_weights;
+} qkv_attention_options;
+qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
+                                             const qkv_tensor *query, const qkv_tensor *key,
+                                             const qkv_tensor *value,
+                                             const qkv_attention_options *opts);
+
+/* ---- Transformer ------------------------------------------------------------------------- */
+
+/* The hyperparameters of torch.nn.TransformerEncoderLayer (batch first). */
+typedef struct qkv_transformer_config {
+    int64_t d_model, nhead, dim_feedforward;
+    double dropout;
+    qkv_activation_kind activation; /* QKV_ACT_RELU or QKV_ACT_GELU, as PyTorch allows */
+    double layer_norm_eps;          /* 0 means PyTorch's 1e-5 */
+    bool norm_first;                /* pre-norm when true, post-norm (PyTorch default) when not */
+} qkv_transformer_config;
+
+/* Self-attention then a feed-forward block, each with a residual connection and layer norm.
+ * Submodule names match PyTorch's, so parameter names are its state_dict keys except that
+ * self_attn.in_proj_* are self_attn.{q,k,v}_proj.*. */
+typedef struct qkv_transformer_encoder_layer {
+    qkv_module base;
+    qkv_transformer_config config;
+    qkv_multi_head_attention *self_attn;
+    qkv_linear *linear1, *linear2;
+    qkv_dropout_layer *dropout, *dropout1, *dropout2;
+    qkv_layer_norm *norm1, *norm2;
+} qkv_transformer_encoder_layer;
+
+/* Masks for the encoder's self-attention, as PyTorch's src_mask, src_key_padding_mask and
+ * is_causal (see qkv_attention_options for their shapes). A zeroed struct or NULL: none. */
+typedef struct qkv_encoder_options {
+    const qkv_tensor *src_mask;
+    const qkv_tensor *src_key_padding_mask;
+    bool is_causal;
+} qkv_encoder_options;
+
+qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
+    const qkv_transformer_config *config, qkv_generator *g);
+qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer *m,
+                                                  const qkv_tensor *src,
+                                                  const qkv_encoder_options *opts);
+
+/* num_layers encoder layers ("layers.0", "layers.1", ...) and, with final_norm, a layer norm
+ * "norm" after them, as torch.nn.TransformerEncoder. */
+typedef struct qkv_transformer_encoder {
+    qkv_module base;
+    int num_layers;
+    qkv_transformer_encoder_layer **layers;
+    qkv_layer_norm *norm; /* NULL without final_norm */
+} qkv_transformer_encoder;
+qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_config *config,
+                                                     int num_layers, bool final_norm,
+                                                     qkv_generator *g);
+qkv_tensor *qkv_transformer_encoder_forward(qkv_transformer_encoder *m, const qkv_tensor *src,
+                                            const qkv_encoder_options *opts);
+
+/* Position information added to x [B,T,d_model] for T <= max_len. Learned: a parameter
+ * "weight" [max_len, d_model] drawn from N(0, 1), row t added at position t (an embedding
+ * over positions). Sinusoidal: a buffer "pe" [max_len, d_model] with PyTorch's tutorial
+ * formula, pe[t, 2i] = sin(t / 10000^(2i/d)), pe[t, 2i+1] = cos(t / 10000^(2i/d)). */
+typedef struct qkv_positional_encoding {
+    qkv_module base;
+    int64_t max_len, d_model;
+    qkv_tensor *table; /* the weight or the pe buffer */
+} qkv_positional_encoding;
+qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, int64_t d_model,
+                                                             qkv_generator *g);
+qkv_positional_encoding *qkv_sinusoidal_positional_encoding_new(int64_t max_len,
+                                                                int64_t d_model);
+qkv_tensor *qkv_positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x);
+
+/* ---- Losses ------------------------------------------------------------------------------ */
+/* As torch.nn.functional. Mean reduction averages over the elements (over the targets that
+ * are not ignored, for cross entropy and NLL: all ignored gives NaN, as PyTorch). */
+
+typedef enum qkv_reduction {
+    QKV_REDUCTION_MEAN,
+    QKV_REDUCTION_SUM,
+    QKV_REDUCTION_NONE, /* per element */
+} qkv_reduction;
+
+/* logits [N,C], targets I64 [N] in [0, C) or equal to ignore_index (PyTorch's default is
+ * -100). With label smoothing e the target distribution is (1 - e) one-hot + e / C. */
+qkv_tensor *qkv_cross_entropy(const qkv_tensor *logits, const qkv_tensor *targets,
+                              qkv_reduction reduction, int64_t ignore_index,
+                              double label_smoothing);
+/* log_probs [N,C] (e.g. from qkv_log_softmax), targets as above: -log_probs[i, target_i]. */
+qkv_tensor *qkv_nll_loss(const qkv_tensor *log_probs, const qkv_tensor *targets,
+                         qkv_reduction reduction, int64_t ignore_index);
+/* (input - target)^2; target broadcasts to input. */
+qkv_tensor *qkv_mse_loss(const qkv_tensor *input, const qkv_tensor *target,
+                         qkv_reduction reduction);
+/* -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), computed without overflow for any x. */
+qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
+                                                 const qkv_tensor *targets,
+                                                 qkv_reduction reduction);
 
 #ifdef __cplusplus
 }

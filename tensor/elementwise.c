@@ -214,7 +214,7 @@ static inline double gelu_tanh_grad(double x) {
     case QKV_OP_SIGMOID:                                                                        \
         RUN1(T, x >= 0 ? (T)1 / ((T)1 + EXP(-x)) : EXP(x) / ((T)1 + EXP(x)));                   \
         break;                                                                                  \
-    case QKV_OP_RELU: RUN1(T, x > 0 ? x : (T)0); break;                                         \
+    case QKV_OP_RELU: RUN1(T, x > 0 || x != x ? x : (T)0); break; /* NaN stays, as in torch */  \
     case QKV_OP_GELU_ERF: RUN1(T, (T)0.5 * x * ((T)1 + ERF(x * (T)INV_SQRT_2))); break;         \
     case QKV_OP_GELU_TANH:                                                                      \
         RUN1(T, (T)0.5 * x * ((T)1 + TANH((T)SQRT_2_OVER_PI * (x + (T)GELU_C * x * x * x))));   \

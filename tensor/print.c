@@ -95,6 +95,10 @@ static void choose_style(const qkv_tensor *t, style *st) {
             off += (rem % t->shape[d]) * t->strides[d];
             rem /= t->shape[d];
         }
+        /* PyTorch sizes float columns by the finite nonzero values only: nan, inf and 0
+         * are padded to that width but never widen it. */
+        double v = qkv__load(qkv_data(t), t->dtype, off);
+        if (qkv__is_float(t->dtype) && (!isfinite(v) || v == 0)) continue;
         char tmp[64];
         int w = format_value(tmp, sizeof tmp, t, off, st);
         if (w > st->width) st->width = w;
@@ -107,6 +111,19 @@ static void put_value(buf *b, const qkv_tensor *t, int64_t off, const style *st)
     put(b, "%*s", t->ndim ? st->width : 0, tmp);
 }
 
+/* Between the items of dimension d: ", " in the last dimension, else a comma, one line break
+ * per dimension below d (a blank line between matrices, two between their stacks), and the
+ * indent, as PyTorch's repr. */
+static void put_separator(buf *b, const qkv_tensor *t, int d, int indent) {
+    if (d == t->ndim - 1) {
+        put(b, ", ");
+        return;
+    }
+    put(b, ",");
+    for (int k = d + 1; k < t->ndim; k++) put(b, "\n");
+    put(b, "%*s", indent + 1, "");
+}
+
 static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent, bool elide,
                     const style *st) {
     if (d == t->ndim) {
@@ -117,14 +134,12 @@ static void put_dim(buf *b, const qkv_tensor *t, int d, int64_t off, int indent,
     int64_t n = t->shape[d];
     for (int64_t i = 0; i < n; i++) {
         if (elide && n > 2 * EDGE && i == EDGE) {
-            put(b, d == t->ndim - 1 ? "..., " : "...,\n%*s", indent + 1, "");
+            put(b, d == t->ndim - 1 ? " ..." : "...");
+            put_separator(b, t, d, indent);
             i = n - EDGE;
         }
         put_dim(b, t, d + 1, off + i * t->strides[d], indent + 1, elide, st);
-        if (i + 1 < n) {
-            if (d == t->ndim - 1) put(b, ", ");
-            else put(b, ",%s%*s", d == t->ndim - 2 ? "\n" : "\n\n", indent + 1, "");
-        }
+        if (i + 1 < n) put_separator(b, t, d, indent);
     }
     put(b, "]");
 }

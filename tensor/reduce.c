@@ -332,8 +332,9 @@ static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_lo
     float s = 0;
     for (int l = 0; l < QKV_VF_LANES; l++) s += vsum[l];
     if (take_log) {
-        float sub = m + logf(s);
-        for (j = 0; j < n; j++) y[j] = x[j] - sub;
+        /* (x - m) - log s: folding m into log s first would round it at m's magnitude. */
+        float ls = logf(s);
+        for (j = 0; j < n; j++) y[j] = (x[j] - m) - ls;
     } else {
         float inv = 1.0f / s;
         for (j = 0; j < n; j++) y[j] *= inv;

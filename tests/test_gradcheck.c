@@ -78,7 +78,7 @@ static qkv_tensor *filled(int ndim, const int64_t *shape, values v) {
  * recording and then marked as leaves, as a user would with a view of a weight. */
 static qkv_tensor *input(int ndim, const int64_t *shape, values v, layout l) {
     int64_t base[QKV_MAX_DIMS];
-    memcpy(base, shape, (size_t)ndim * sizeof *shape);
+    if (ndim > 0) memcpy(base, shape, (size_t)ndim * sizeof *shape);
     qkv_tensor *t = NULL;
     qkv_no_grad_begin();
     if (l == TRANSPOSED && ndim >= 2) {

@@ -1,0 +1,23 @@
+/*
+ * The dropout module: qkv_dropout in training mode, the identity in eval mode. Each module
+ * owns its generator (seeded from the construction generator), so masks do not depend on
+ * what else draws random numbers.
+ */
+#include "nn/nn.h"
+
+qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g) {
+    if (!(p >= 0 && p <= 1)) return qkv_set_error("qkv_dropout_layer_new: p %g not in [0, 1]", p);
+    if (!g) return qkv_set_error("qkv_dropout_layer_new: no generator");
+    qkv_dropout_layer *m = qkv_module_new("dropout", sizeof *m, NULL);
+    if (!m) return NULL;
+    m->p = p;
+    uint64_t seed = (uint64_t)qkv_generator_next_u32(g) << 32;
+    seed |= qkv_generator_next_u32(g);
+    qkv_generator_init(&m->generator, seed);
+    return m;
+}
+
+qkv_tensor *qkv_dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x) {
+    if (!m || !x) return NULL;
+    return qkv_dropout(x, m->p, m->base.training, &m->generator);
+}

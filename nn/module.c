@@ -1,0 +1,283 @@
+/*
+ * The module base: named parameters, buffers and submodules, their dotted-name listing,
+ * training mode, dtype conversion and freeing. Concrete layers embed a qkv_module first and
+ * register what they own here, so these functions work on any module without knowing its type.
+ */
+#include <string.h>
+
+#include "nn/nn.h"
+#include "tensor/tensor_internal.h"
+
+void qkv_module_init(qkv_module *m, const char *type, size_t size,
+                     void (*destroy)(qkv_module *m)) {
+    m->type = type;
+    m->training = true;
+    m->n_params = m->n_buffers = m->n_modules = 0;
+    m->params = m->buffers = m->modules = NULL;
+    m->cap_params = m->cap_buffers = m->cap_modules = 0;
+    m->destroy = destroy;
+    m->size = size;
+}
+
+void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m)) {
+    if (size < sizeof(qkv_module))
+        return qkv_set_error("qkv_module_new: size %zu is smaller than a qkv_module", size);
+    qkv_module *m = qkv__calloc(size);
+    if (m) qkv_module_init(m, type, size, destroy);
+    return m;
+}
+
+/* ---- Registration ------------------------------------------------------------------------ */
+
+static char *copy_string(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *c = qkv__alloc(n);
+    if (c) memcpy(c, s, n);
+    return c;
+}
+
+static void free_string(char *s) {
+    if (s) qkv__free(s, strlen(s) + 1);
+}
+
+static bool has_name(const qkv_module_entry *e, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(e[i].name, name) == 0) return true;
+    return false;
+}
+
+static bool check_name(const qkv_module *m, const char *op, const char *name) {
+    if (!name || !*name || strchr(name, '.')) {
+        qkv_set_error("%s: bad name \"%s\" (non-empty, no '.')", op, name ? name : "(null)");
+        return false;
+    }
+    if (has_name(m->params, m->n_params, name) || has_name(m->buffers, m->n_buffers, name) ||
+        has_name(m->modules, m->n_modules, name)) {
+        qkv_set_error("%s: %s already has a member named \"%s\"", op, m->type, name);
+        return false;
+    }
+    return true;
+}
+
+/* Appends an entry with a copy of name to *list; false on allocation failure. */
+static bool append(qkv_module_entry **list, int *n, int *cap, const char *name,
+                   qkv_tensor *tensor, qkv_module *module) {
+    size_t c = (size_t)*cap;
+    if (!qkv__reserve((void **)list, &c, (size_t)*n + 1, sizeof **list)) return false;
+    *cap = (int)c;
+    char *copy = copy_string(name);
+    if (!copy) return false;
+    (*list)[(*n)++] = (qkv_module_entry){copy, tensor, module};
+    return true;
+}
+
+qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t) {
+    if (!m || !t) return NULL;
+    if (!check_name(m, "qkv_module_add_parameter", name)) return NULL;
+    if (!qkv_requires_grad_(t, true)) return NULL;
+    if (!append(&m->params, &m->n_params, &m->cap_params, name, t, NULL)) return NULL;
+    return qkv_retain(t);
+}
+
+qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t) {
+    if (!m || !t) return NULL;
+    if (!check_name(m, "qkv_module_add_buffer", name)) return NULL;
+    if (t->grad_fn) return qkv_set_error("qkv_module_add_buffer: \"%s\" is not a leaf", name);
+    if (!append(&m->buffers, &m->n_buffers, &m->cap_buffers, name, t, NULL)) return NULL;
+    return qkv_retain(t);
+}
+
+void *qkv_module_add_module(qkv_module *m, const char *name, void *child) {
+    if (!m || !child) {
+        qkv_module_free(child);
+        return NULL;
+    }
+    if (!check_name(m, "qkv_module_add_module", name) ||
+        !append(&m->modules, &m->n_modules, &m->cap_modules, name, NULL, child)) {
+        qkv_module_free(child);
+        return NULL;
+    }
+    return child;
+}
+
+/* ---- Freeing and modes ------------------------------------------------------------------- */
+
+static void free_entries(qkv_module_entry *e, int n, int cap) {
+    for (int i = 0; i < n; i++) {
+        free_string(e[i].name);
+        qkv_release(e[i].tensor);
+        qkv_module_free(e[i].module);
+    }
+    if (e) qkv__free(e, (size_t)cap * sizeof *e);
+}
+
+void qkv_module_free(void *mp) {
+    qkv_module *m = mp;
+    if (!m) return;
+    if (m->destroy) m->destroy(m);
+    free_entries(m->params, m->n_params, m->cap_params);
+    free_entries(m->buffers, m->n_buffers, m->cap_buffers);
+    free_entries(m->modules, m->n_modules, m->cap_modules);
+    qkv__free(m, m->size);
+}
+
+void qkv_module_train(void *mp, bool training) {
+    qkv_module *m = mp;
+    if (!m) return;
+    m->training = training;
+    for (int i = 0; i < m->n_modules; i++) qkv_module_train(m->modules[i].module, training);
+}
+
+/* ---- Listing ----------------------------------------------------------------------------- */
+
+/* The listing is built in two passes: count the entries (an upper bound when shared tensors
+ * are skipped), fill arrays of that size, then move the names and tensors into arrays of
+ * exactly n entries, so that freeing needs no stored capacity. */
+typedef struct list_builder {
+    int n, cap;
+    char **names;
+    qkv_tensor **tensors;
+    bool unique; /* skip a tensor already listed (a shared parameter) */
+} list_builder;
+
+static int count_entries(const qkv_module *m, bool buffers) {
+    int n = m->n_params + (buffers ? m->n_buffers : 0);
+    for (int i = 0; i < m->n_modules; i++) n += count_entries(m->modules[i].module, buffers);
+    return n;
+}
+
+static bool listed(const list_builder *b, const qkv_tensor *t) {
+    for (int i = 0; i < b->n; i++)
+        if (b->tensors[i] == t) return true;
+    return false;
+}
+
+static char *join(const char *prefix, const char *name, const char *suffix) {
+    size_t np = strlen(prefix), nn = strlen(name), ns = strlen(suffix) + 1;
+    char *s = qkv__alloc(np + nn + ns);
+    if (!s) return NULL;
+    memcpy(s, prefix, np);
+    memcpy(s + np, name, nn);
+    memcpy(s + np + nn, suffix, ns);
+    return s;
+}
+
+static bool push(list_builder *b, const char *prefix, const char *name, qkv_tensor *t) {
+    if (b->unique && listed(b, t)) return true;
+    char *full = join(prefix, name, "");
+    if (!full) return false;
+    b->names[b->n] = full;
+    b->tensors[b->n++] = t;
+    return true;
+}
+
+/* Depth first, as PyTorch's state_dict: own parameters, own buffers, then each submodule. */
+static bool collect(list_builder *b, const qkv_module *m, const char *prefix, bool buffers) {
+    for (int i = 0; i < m->n_params; i++)
+        if (!push(b, prefix, m->params[i].name, m->params[i].tensor)) return false;
+    for (int i = 0; buffers && i < m->n_buffers; i++)
+        if (!push(b, prefix, m->buffers[i].name, m->buffers[i].tensor)) return false;
+    for (int i = 0; i < m->n_modules; i++) {
+        char *sub = join(prefix, m->modules[i].name, ".");
+        if (!sub) return false;
+        bool ok = collect(b, m->modules[i].module, sub, buffers);
+        free_string(sub);
+        if (!ok) return false;
+    }
+    return true;
+}
+
+static qkv_named_list *build_list(const qkv_module *m, bool buffers, bool unique) {
+    if (!m) return NULL;
+    list_builder b = {0, count_entries(m, buffers), NULL, NULL, unique};
+    qkv_named_list *l = qkv__calloc(sizeof *l);
+    b.names = qkv__alloc((size_t)b.cap * sizeof *b.names);
+    b.tensors = qkv__alloc((size_t)b.cap * sizeof *b.tensors);
+    bool ok = l && b.names && b.tensors && collect(&b, m, "", buffers);
+    if (ok) {
+        l->names = qkv__alloc((size_t)b.n * sizeof *l->names);
+        l->tensors = qkv__alloc((size_t)b.n * sizeof *l->tensors);
+        ok = l->names && l->tensors;
+    }
+    if (ok) {
+        memcpy(l->names, b.names, (size_t)b.n * sizeof *l->names);
+        memcpy(l->tensors, b.tensors, (size_t)b.n * sizeof *l->tensors);
+        l->n = b.n;
+    } else {
+        for (int i = 0; i < b.n; i++) free_string(b.names[i]);
+        if (l && l->names) qkv__free(l->names, (size_t)b.n * sizeof *l->names);
+        if (l && l->tensors) qkv__free(l->tensors, (size_t)b.n * sizeof *l->tensors);
+        if (l) qkv__free(l, sizeof *l);
+        l = NULL;
+    }
+    if (b.names) qkv__free(b.names, (size_t)b.cap * sizeof *b.names);
+    if (b.tensors) qkv__free(b.tensors, (size_t)b.cap * sizeof *b.tensors);
+    return l;
+}
+
+qkv_named_list *qkv_module_parameters(const void *m) {
+    return build_list(m, false, true);
+}
+
+qkv_named_list *qkv_module_state(const void *m) {
+    return build_list(m, true, false);
+}
+
+void qkv_named_list_free(qkv_named_list *l) {
+    if (!l) return;
+    for (int i = 0; i < l->n; i++) free_string(l->names[i]);
+    if (l->names) qkv__free(l->names, (size_t)l->n * sizeof *l->names);
+    if (l->tensors) qkv__free(l->tensors, (size_t)l->n * sizeof *l->tensors);
+    qkv__free(l, sizeof *l);
+}
+
+int64_t qkv_module_num_parameters(const void *m) {
+    qkv_named_list *l = qkv_module_parameters(m);
+    if (!l) return -1;
+    int64_t n = 0;
+    for (int i = 0; i < l->n; i++) n += l->tensors[i]->numel;
+    qkv_named_list_free(l);
+    return n;
+}
+
+/* ---- Dtype and gradients ----------------------------------------------------------------- */
+
+/* Gives t a fresh contiguous storage of dtype with its values converted. The tensor object
+ * stays the same, so every pointer a module holds to it stays valid. Its gradient is dropped. */
+static bool convert_in_place(qkv_tensor *t, qkv_dtype dtype) {
+    if (t->dtype == dtype || !qkv__is_float(t->dtype)) return true;
+    qkv_scope_begin();
+    qkv_tensor *c = qkv__to_dtype(t, dtype);
+    if (c) {
+        c->storage->refcount++;
+        qkv__storage_release(t->storage);
+        t->storage = c->storage;
+        t->dtype = dtype;
+        t->offset = c->offset;
+        memcpy(t->strides, c->strides, sizeof t->strides);
+        qkv_zero_grad(t);
+    }
+    qkv_scope_end();
+    return c != NULL;
+}
+
+bool qkv_module_to_dtype(void *m, qkv_dtype dtype) {
+    if (!m) return false;
+    if (!qkv__is_float(dtype)) {
+        qkv_set_error("qkv_module_to_dtype: %s is not a floating dtype", qkv_dtype_name(dtype));
+        return false;
+    }
+    qkv_named_list *l = qkv_module_state(m);
+    if (!l) return false;
+    bool ok = true;
+    for (int i = 0; i < l->n && ok; i++) ok = convert_in_place(l->tensors[i], dtype);
+    qkv_named_list_free(l);
+    return ok;
+}
+
+void qkv_module_zero_grad(void *mp) {
+    qkv_module *m = mp;
+    if (!m) return;
+    for (int i = 0; i < m->n_params; i++) qkv_zero_grad(m->params[i].tensor);
+    for (int i = 0; i < m->n_modules; i++) qkv_module_zero_grad(m->modules[i].module);
+}

@@ -1,0 +1,248 @@
+/* Errors as values: each kind of user mistake returns NULL and records the first message;
+ * NULL inputs pass through silently; the error state is per thread; and every allocation of
+ * a forward and backward pass can fail without a crash or a leak. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "qkv.h"
+
+#define OOM_PREFIX "qkv: out of memory allocating "
+
+static int open_scope(void **state) {
+    (void)state;
+    qkv_clear_error();
+    qkv_scope_begin();
+    return 0;
+}
+
+static int close_scope(void **state) {
+    (void)state;
+    qkv_scope_end();
+    qkv_clear_error();
+    assert_int_equal(qkv_scope_depth(), 0);
+    return 0;
+}
+
+/* ---- kinds of mistakes ------------------------------------------------------------------- */
+
+static void broadcast_mismatch_names_op_and_shapes(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)), *b = qkv_zeros(QKV_F32, QKV_SHAPE(4));
+    assert_null(qkv_add(a, b));
+    assert_string_equal(qkv_error(), "qkv_add: shapes do not broadcast: [2,3] and [4]");
+}
+
+static void axis_out_of_range_names_op_axis_and_shape(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_sum(a, 2, false));
+    assert_string_equal(qkv_error(), "qkv_sum: axis 2 out of range for [2,3]");
+    qkv_clear_error();
+    assert_null(qkv_log_softmax(a, -3));
+    assert_string_equal(qkv_error(), "qkv_log_softmax: axis -3 out of range for [2,3]");
+    qkv_clear_error();
+    assert_null(qkv_max(qkv_scalar(QKV_F32, 1), 1, false));
+    assert_string_equal(qkv_error(), "qkv_max: axis 1 out of range for []");
+}
+
+static void bad_reshape_names_both_shapes(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_reshape(a, QKV_SHAPE(4, -1)));
+    assert_string_equal(qkv_error(), "qkv_reshape: cannot reshape [2,3] (6 elements) to [4,-1]");
+}
+
+static void null_inputs_give_null_without_a_new_error(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    qkv_tensor *m = qkv_ones(QKV_BOOL, QKV_SHAPE(2, 3));
+    assert_null(qkv_add(NULL, a));
+    assert_null(qkv_pow(a, NULL));
+    assert_null(qkv_eq(NULL, NULL));
+    assert_null(qkv_mul_scalar(NULL, 2));
+    assert_null(qkv_rdiv_scalar(1, NULL));
+    assert_null(qkv_exp(NULL));
+    assert_null(qkv_gelu(NULL, true));
+    assert_null(qkv_where(NULL, a, a));
+    assert_null(qkv_where(m, a, NULL));
+    assert_null(qkv_masked_fill(NULL, m, 0));
+    assert_null(qkv_sum(NULL, 0, false));
+    assert_null(qkv_sum_axes(NULL, 1, (const int[]){0}, true));
+    assert_null(qkv_mean_all(NULL));
+    assert_null(qkv_var(NULL, 0, 1, false));
+    assert_null(qkv_max_all(NULL));
+    assert_null(qkv_argmin(NULL, 0, false));
+    assert_null(qkv_softmax(NULL, 0));
+    assert_null(qkv_log_softmax(NULL, -1));
+    assert_null(qkv_reshape(NULL, QKV_SHAPE(6)));
+    assert_null(qkv_transpose(NULL, 0, 1));
+    assert_null(qkv_permute(NULL, (const int[]){1, 0}));
+    assert_null(qkv_slice(NULL, 0, 0, 1, 1));
+    assert_null(qkv_select(NULL, 0, 0));
+    assert_null(qkv_expand(NULL, QKV_SHAPE(2, 3)));
+    assert_null(qkv_contiguous(NULL));
+    assert_null(qkv_clone(NULL));
+    assert_null(qkv_to_dtype(NULL, QKV_F64));
+    assert_null(qkv_empty_like(NULL));
+    assert_true(isnan(qkv_item(NULL)));
+    assert_false(qkv_fill_(NULL, 1));
+    assert_false(qkv_copy_(NULL, a));
+    qkv_release(NULL);
+    assert_null(qkv_keep(NULL));
+    assert_null(qkv_error());
+}
+
+static void a_chain_reports_its_first_failing_op(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_ones(QKV_F32, QKV_SHAPE(4, 3));
+    qkv_tensor *w = qkv_ones(QKV_F32, QKV_SHAPE(4));
+    qkv_tensor *h = qkv_relu(qkv_mul(x, w));            /* fails here */
+    qkv_tensor *y = qkv_softmax(qkv_sum(h, 5, false), 9); /* and never gets further */
+    assert_null(qkv_mean_all(y));
+    assert_string_equal(qkv_error(), "qkv_mul: shapes do not broadcast: [4,3] and [4]");
+}
+
+static void first_error_is_kept_until_cleared(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_transpose(a, 0, 7));
+    assert_null(qkv_reshape(a, QKV_SHAPE(5)));
+    assert_null(qkv_sub(a, qkv_zeros(QKV_F32, QKV_SHAPE(3, 2))));
+    assert_string_equal(qkv_error(), "qkv_transpose: axis 7 out of range for [2,3]");
+    assert_null(qkv_set_error("user: %d", 5));
+    assert_string_equal(qkv_error(), "qkv_transpose: axis 7 out of range for [2,3]");
+    qkv_clear_error();
+    assert_null(qkv_error());
+    assert_null(qkv_reshape(a, QKV_SHAPE(5)));
+    assert_string_equal(qkv_error(), "qkv_reshape: cannot reshape [2,3] (6 elements) to [5]");
+}
+
+static void successful_ops_do_not_touch_the_error(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_select(a, 0, 2));
+    assert_non_null(qkv_add(a, a));
+    assert_string_equal(qkv_error(), "qkv_select: index 2 out of range for axis 0 of [2,3]");
+}
+
+/* ---- per-thread state -------------------------------------------------------------------- */
+
+typedef struct thread_report {
+    bool saw_no_error;
+    char own_error[128];
+} thread_report;
+
+static void *other_thread(void *arg) {
+    thread_report *r = arg;
+    r->saw_no_error = qkv_error() == NULL;
+    qkv_scope_begin();
+    qkv_tensor *a = qkv_ones(QKV_F64, QKV_SHAPE(3));
+    if (!qkv_sum(a, 1, false) && qkv_error())
+        snprintf(r->own_error, sizeof r->own_error, "%s", qkv_error());
+    qkv_scope_end();
+    qkv_clear_error();
+    return NULL;
+}
+
+static void error_state_is_per_thread(void **state) {
+    (void)state;
+    assert_null(qkv_reshape(qkv_ones(QKV_F32, QKV_SHAPE(2)), QKV_SHAPE(3)));
+    thread_report r = {false, ""};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, other_thread, &r), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_true(r.saw_no_error);
+    assert_string_equal(r.own_error, "qkv_sum: axis 1 out of range for [3]");
+    /* This thread's error is untouched by the other thread's error and its clear. */
+    assert_string_equal(qkv_error(), "qkv_reshape: cannot reshape [2] (2 elements) to [3]");
+}
+
+/* ---- allocation failure ------------------------------------------------------------------ */
+
+/* A small training step: creation, broadcasting, a dtype promotion, a view, reductions,
+ * softmax and a backward pass. Returns false if anything failed. */
+static bool training_step(void) {
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *w = qkv_requires_grad_(qkv_randn(QKV_F32, QKV_SHAPE(4, 3), &g), true);
+    qkv_tensor *b = qkv_requires_grad_(qkv_zeros(QKV_F32, QKV_SHAPE(3)), true);
+    qkv_tensor *x = qkv_arange(QKV_I64, 0, 8, 1);
+    qkv_tensor *h = qkv_add(qkv_mul(qkv_reshape(x, QKV_SHAPE(2, 4, 1)), w), b);
+    qkv_tensor *p = qkv_log_softmax(qkv_transpose(qkv_tanh(h), 1, 2), -1);
+    qkv_tensor *loss = qkv_neg(qkv_mean_all(qkv_max(p, 2, false)));
+    if (!loss || !qkv_backward(loss)) return false;
+    return w->grad && b->grad;
+}
+
+static void every_allocation_failure_is_reported_and_leaks_nothing(void **state) {
+    (void)state;
+    qkv_memory_stats start = qkv_memory_stats_get();
+    qkv_scope_begin();
+    qkv_debug_fail_alloc_at(UINT64_MAX); /* count the allocations of one good run */
+    if (!training_step()) fail_msg("%s", qkv_error());
+    uint64_t total = qkv_debug_alloc_count();
+    qkv_debug_fail_alloc_at(0);
+    qkv_scope_end();
+    assert_true(total > 20);
+    int failed = 0;
+    for (uint64_t n = 1; n <= total; n++) {
+        qkv_clear_error();
+        qkv_scope_begin();
+        qkv_debug_fail_alloc_at(n);
+        bool ok = training_step();
+        qkv_debug_fail_alloc_at(0);
+        const char *err = qkv_error();
+        if (!ok) {
+            assert_non_null(err);
+            failed++;
+        }
+        if (err && strncmp(err, OOM_PREFIX, strlen(OOM_PREFIX)) != 0)
+            fail_msg("allocation %llu: unexpected error: %s", (unsigned long long)n, err);
+        qkv_scope_end();
+        qkv_memory_stats now = qkv_memory_stats_get();
+        if (now.live_tensors != start.live_tensors || now.bytes_in_use != start.bytes_in_use)
+            fail_msg("allocation %llu failing leaks %lld tensors, %lld bytes",
+                     (unsigned long long)n,
+                     (long long)(now.live_tensors - start.live_tensors),
+                     (long long)(now.bytes_in_use - start.bytes_in_use));
+    }
+    assert_true(failed > (int)total / 2);
+    qkv_clear_error();
+}
+
+static void failed_allocation_message_names_the_size(void **state) {
+    (void)state;
+    qkv_debug_fail_alloc_at(2); /* the storage's data, after its header */
+    qkv_tensor *t = qkv_empty(QKV_F64, QKV_SHAPE(1000));
+    qkv_debug_fail_alloc_at(0);
+    assert_null(t);
+    assert_string_equal(qkv_error(), "qkv: out of memory allocating 8000 bytes");
+    qkv_clear_error();
+    assert_non_null(qkv_empty(QKV_F64, QKV_SHAPE(1000))); /* the switch is off again */
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+        T(broadcast_mismatch_names_op_and_shapes),
+        T(axis_out_of_range_names_op_axis_and_shape),
+        T(bad_reshape_names_both_shapes),
+        T(null_inputs_give_null_without_a_new_error),
+        T(a_chain_reports_its_first_failing_op),
+        T(first_error_is_kept_until_cleared),
+        T(successful_ops_do_not_touch_the_error),
+        T(error_state_is_per_thread),
+        T(failed_allocation_message_names_the_size),
+#undef T
+        cmocka_unit_test_setup_teardown(every_allocation_failure_is_reported_and_leaks_nothing,
+                                        NULL, NULL),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

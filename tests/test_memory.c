@@ -1,0 +1,230 @@
+/* Lifetime and memory: scopes release what they own, qkv_keep and qkv_retain extend a
+ * tensor's life, callers own results when no scope is open, and a steady loop of ops stops
+ * going to the system allocator once the cache is warm. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "qkv.h"
+
+static int open_scope(void **state) {
+    (void)state;
+    qkv_clear_error();
+    qkv_scope_begin();
+    return 0;
+}
+
+static int close_scope(void **state) {
+    (void)state;
+    qkv_scope_end();
+    assert_int_equal(qkv_scope_depth(), 0);
+    assert_null(qkv_error());
+    return 0;
+}
+
+static uint64_t live(void) {
+    return qkv_memory_stats_get().live_tensors;
+}
+
+/* One step of work touching every kind of op: creation, random numbers, elementwise with
+ * broadcasting and promotion, reductions, softmax and views. */
+static void one_iteration(qkv_generator *g) {
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(64, 33), g);
+    qkv_tensor *y = qkv_add(qkv_mul(x, x), qkv_ones(QKV_F32, QKV_SHAPE(33)));
+    qkv_tensor *s = qkv_sum(qkv_softmax(y, -1), 0, false);
+    qkv_tensor *v = qkv_var(qkv_transpose(y, 0, 1), 1, 1, true);
+    qkv_tensor *r = qkv_reshape(qkv_slice(x, 0, 0, 64, 2), QKV_SHAPE(-1));
+    qkv_tensor *e = qkv_contiguous(qkv_expand(qkv_mean(x, 1, true), QKV_SHAPE(64, 33)));
+    qkv_tensor *n = qkv_sum_all(qkv_to_dtype(qkv_gt_scalar(x, 0), QKV_I64));
+    qkv_tensor *p = qkv_sub(qkv_arange(QKV_I64, 0, 33, 1), s); /* i64 - f32 promotes */
+    assert_true(s && v && r && e && n && p);
+    assert_int_equal(r->numel, 32 * 33);
+}
+
+static void steady_loop_returns_to_start_and_reuses_cached_blocks(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_memory_stats start = qkv_memory_stats_get(), warm = start;
+    for (int i = 0; i < 10000; i++) {
+        qkv_scope_begin();
+        one_iteration(&g);
+        qkv_scope_end();
+        if (i == 9) warm = qkv_memory_stats_get();
+    }
+    qkv_memory_stats end = qkv_memory_stats_get();
+    assert_int_equal(end.live_tensors, start.live_tensors);
+    assert_int_equal(end.bytes_in_use, start.bytes_in_use);
+    assert_int_equal(end.system_allocs, warm.system_allocs);
+    assert_true(end.cache_hits - warm.cache_hits == end.allocs - warm.allocs);
+    assert_true(end.allocs - warm.allocs > 9990 * 20);
+}
+
+static void scope_end_releases_everything_made_inside(void **state) {
+    (void)state;
+    uint64_t before = live();
+    size_t bytes = qkv_memory_stats_get().bytes_in_use;
+    qkv_scope_begin();
+    qkv_tensor *a = qkv_ones(QKV_F64, QKV_SHAPE(100, 100));
+    qkv_tensor *b = qkv_transpose(qkv_add(a, a), 0, 1);
+    assert_non_null(b);
+    assert_int_equal(live(), before + 3);
+    qkv_scope_end();
+    assert_int_equal(live(), before);
+    assert_int_equal(qkv_memory_stats_get().bytes_in_use, bytes);
+}
+
+static void keep_moves_a_result_to_the_enclosing_scope(void **state) {
+    (void)state;
+    uint64_t before = live();
+    qkv_scope_begin();
+    qkv_tensor *kept;
+    {
+        qkv_scope_begin();
+        qkv_tensor *a = qkv_full(QKV_F32, QKV_SHAPE(3), 2);
+        kept = qkv_keep(qkv_mul(a, a));
+        qkv_scope_end();
+    }
+    assert_int_equal(live(), before + 1); /* a is gone, the product stays */
+    assert_int_equal(kept->refcount, 1);
+    assert_true(qkv_get(kept, (const int64_t[]){2}) == 4);
+    qkv_scope_end();
+    assert_int_equal(live(), before);
+}
+
+static void keep_in_the_outermost_scope_hands_the_result_to_the_caller(void **state) {
+    (void)state;
+    qkv_scope_end(); /* leave the test's scope: depth 0 */
+    uint64_t before = live();
+    qkv_scope_begin();
+    qkv_tensor *t = qkv_keep(qkv_arange(QKV_F32, 0, 5, 1));
+    qkv_scope_end();
+    assert_int_equal(live(), before + 1);
+    assert_true(qkv_get(t, (const int64_t[]){4}) == 4);
+    qkv_release(t);
+    assert_int_equal(live(), before);
+    qkv_scope_begin(); /* for the teardown */
+}
+
+static void retain_and_release_count_references(void **state) {
+    (void)state;
+    uint64_t before = live();
+    qkv_scope_begin();
+    qkv_tensor *t = qkv_retain(qkv_full(QKV_I64, QKV_SHAPE(4), 7));
+    assert_int_equal(t->refcount, 2);
+    qkv_scope_end();
+    assert_int_equal(t->refcount, 1);
+    assert_int_equal(live(), before + 1);
+    assert_true(qkv_get(t, (const int64_t[]){3}) == 7);
+    qkv_retain(t);
+    qkv_release(t);
+    assert_int_equal(live(), before + 1);
+    qkv_release(t);
+    assert_int_equal(live(), before);
+}
+
+static void without_a_scope_the_caller_owns_results(void **state) {
+    (void)state;
+    qkv_scope_end(); /* leave the test's scope: depth 0 */
+    assert_int_equal(qkv_scope_depth(), 0);
+    qkv_memory_stats start = qkv_memory_stats_get();
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    qkv_tensor *i = qkv_arange(QKV_I64, 0, 3, 1);
+    qkv_tensor *b = qkv_add(a, i); /* promotion runs in a scope of its own inside */
+    qkv_tensor *v = qkv_transpose(b, 0, 1);
+    assert_int_equal(a->refcount, 1);
+    assert_int_equal(b->refcount, 1);
+    assert_int_equal(live(), start.live_tensors + 4);
+    assert_true(qkv_get(v, (const int64_t[]){2, 1}) == 3);
+    qkv_release(b); /* the view still holds the storage */
+    assert_true(qkv_get(v, (const int64_t[]){2, 0}) == 3);
+    qkv_release(v);
+    qkv_release(i);
+    qkv_release(a);
+    assert_int_equal(live(), start.live_tensors);
+    assert_int_equal(qkv_memory_stats_get().bytes_in_use, start.bytes_in_use);
+    qkv_scope_begin(); /* for the teardown */
+}
+
+static void nested_scopes_release_innermost_first(void **state) {
+    (void)state;
+    uint64_t before = live();
+    qkv_tensor *outer = qkv_ones(QKV_F32, QKV_SHAPE(8));
+    qkv_scope_begin();
+    assert_int_equal(qkv_scope_depth(), 2);
+    qkv_tensor *mid = qkv_add_scalar(outer, 1);
+    qkv_scope_begin();
+    qkv_tensor *inner = qkv_mul(mid, outer);
+    assert_non_null(inner);
+    assert_int_equal(live(), before + 3);
+    qkv_scope_end();
+    assert_int_equal(live(), before + 2);
+    assert_true(qkv_get(mid, (const int64_t[]){0}) == 2);
+    qkv_scope_end();
+    assert_int_equal(live(), before + 1);
+    assert_true(qkv_get(outer, (const int64_t[]){7}) == 1);
+}
+
+static void a_view_kept_alone_keeps_its_storage(void **state) {
+    (void)state;
+    uint64_t before = live();
+    qkv_scope_begin();
+    qkv_tensor *v = qkv_keep(qkv_slice(qkv_arange(QKV_F64, 0, 10, 1), 0, 5, 10, 2));
+    qkv_scope_end();
+    assert_int_equal(live(), before + 1);
+    assert_true(qkv_get(v, (const int64_t[]){2}) == 9);
+}
+
+static void scope_end_frees_the_graph(void **state) {
+    (void)state;
+    qkv_tensor *p = qkv_requires_grad_(qkv_full(QKV_F32, QKV_SHAPE(5), 3), true);
+    uint64_t before = live();
+    qkv_scope_begin();
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(qkv_exp(p), p));
+    assert_non_null(loss->grad_fn);
+    qkv_scope_end();
+    assert_int_equal(live(), before); /* loss, its graph and the saved exp are gone */
+    qkv_scope_begin();
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(p, p))));
+    qkv_scope_end();
+    assert_int_equal(live(), before + 1); /* the gradient, owned by p */
+    assert_true(qkv_get(p->grad, (const int64_t[]){0}) == 6);
+    qkv_zero_grad(p);
+    assert_int_equal(live(), before);
+}
+
+static void peak_tracks_the_largest_use(void **state) {
+    (void)state;
+    qkv_memory_reset_peak();
+    size_t base = qkv_memory_stats_get().bytes_in_use;
+    qkv_scope_begin();
+    assert_non_null(qkv_empty(QKV_F64, QKV_SHAPE(1 << 16)));
+    qkv_scope_end();
+    qkv_memory_stats s = qkv_memory_stats_get();
+    assert_int_equal(s.bytes_in_use, base);
+    assert_true(s.peak_bytes >= base + (8u << 16));
+    qkv_memory_reset_peak();
+    assert_int_equal(qkv_memory_stats_get().peak_bytes, base);
+    qkv_memory_trim();
+    assert_int_equal(qkv_memory_stats_get().cached_bytes, 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+        T(steady_loop_returns_to_start_and_reuses_cached_blocks),
+        T(scope_end_releases_everything_made_inside),
+        T(keep_moves_a_result_to_the_enclosing_scope),
+        T(keep_in_the_outermost_scope_hands_the_result_to_the_caller),
+        T(retain_and_release_count_references),
+        T(without_a_scope_the_caller_owns_results),
+        T(nested_scopes_release_innermost_first),
+        T(a_view_kept_alone_keeps_its_storage),
+        T(scope_end_frees_the_graph),
+        T(peak_tracks_the_largest_use),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

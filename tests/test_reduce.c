@@ -1,0 +1,249 @@
+/* Reductions and softmax against torch: one axis (negative too), several axes, all elements,
+ * keepdim, strided inputs, a wide matrix reduced over its leading axis, huge and NaN values,
+ * softmax and log_softmax along each axis. Cases come from tests/fixtures/gen_reduce.py. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include "qkv.h"
+#include "fixtures/reduce_fixtures.h"
+#include "fixture_check.h"
+
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
+
+static int open_scope(void **state) {
+    (void)state;
+    qkv_clear_error();
+    qkv_scope_begin();
+    return 0;
+}
+
+static int close_scope(void **state) {
+    (void)state;
+    qkv_scope_end();
+    assert_int_equal(qkv_scope_depth(), 0);
+    return 0;
+}
+
+static qkv_tensor *apply_view(qkv_tensor *t, char view) {
+    if (view == 'p') return qkv_permute(t, (const int[]){2, 0, 1});
+    if (view == 't') return qkv_transpose(t, -2, -1);
+    return t;
+}
+
+/* The op a case names, called through the API that fits its axes. */
+static qkv_tensor *run(const fx_reduce *c, const qkv_tensor *a) {
+    const char *op = c->op;
+    bool all = c->naxes < 0, one = c->naxes == 1, keep = c->keepdim;
+    int ax = c->axes[0];
+    if (!strcmp(op, "sum"))
+        return all ? qkv_sum_all(a) : one ? qkv_sum(a, ax, keep)
+                                          : qkv_sum_axes(a, c->naxes, c->axes, keep);
+    if (!strcmp(op, "mean"))
+        return all ? qkv_mean_all(a) : one ? qkv_mean(a, ax, keep)
+                                           : qkv_mean_axes(a, c->naxes, c->axes, keep);
+    if (!strncmp(op, "var", 3)) {
+        double correction = op[3] == '1' ? 1 : 0;
+        return one ? qkv_var(a, ax, correction, keep)
+                   : qkv_var_axes(a, c->naxes, c->axes, correction, keep);
+    }
+    if (!strcmp(op, "max")) return all ? qkv_max_all(a) : qkv_max(a, ax, keep);
+    if (!strcmp(op, "min")) return all ? qkv_min_all(a) : qkv_min(a, ax, keep);
+    if (!strcmp(op, "argmax")) return qkv_argmax(a, ax, keep);
+    if (!strcmp(op, "argmin")) return qkv_argmin(a, ax, keep);
+    if (!strcmp(op, "softmax")) return qkv_softmax(a, ax);
+    if (!strcmp(op, "log_softmax")) return qkv_log_softmax(a, ax);
+    fail_msg("unknown op %s", op);
+    return NULL;
+}
+
+/* Runs every case whose op starts with prefix. Sums accumulate in double here and in float
+ * (pairwise) in torch, so float32 allows a few ulps of the summands' scale. */
+static void check(const char *prefix, int at_least) {
+    int n = 0;
+    for (size_t i = 0; i < N_OF(fx_reduce_cases); i++) {
+        const fx_reduce *c = &fx_reduce_cases[i];
+        if (strncmp(c->op, prefix, strlen(prefix))) continue;
+        if (!strcmp(prefix, "max") || !strcmp(prefix, "min")) {
+            if (c->op[3] != '\0') continue;
+        }
+        qkv_tensor *a = apply_view(fx_make(&c->a, c->dtype), c->view);
+        char what[160];
+        snprintf(what, sizeof what, "%s, %s (%s)", c->op, c->what, qkv_dtype_name(c->dtype));
+        double tol = c->dtype == QKV_F32 ? 1e-5 : 1e-12;
+        fx_assert_close(run(c, a), c->dout, &c->out, tol, tol, what);
+        n++;
+    }
+    assert_true(n >= at_least);
+    assert_null(qkv_error());
+}
+
+static void sum_matches_torch(void **state) { (void)state; check("sum", 30); }
+static void mean_matches_torch(void **state) { (void)state; check("mean", 25); }
+static void var_matches_torch(void **state) { (void)state; check("var", 40); }
+static void max_matches_torch(void **state) { (void)state; check("max", 20); }
+static void min_matches_torch(void **state) { (void)state; check("min", 20); }
+static void argmax_matches_torch(void **state) { (void)state; check("argmax", 20); }
+static void argmin_matches_torch(void **state) { (void)state; check("argmin", 20); }
+static void softmax_matches_torch(void **state) { (void)state; check("softmax", 14); }
+static void log_softmax_matches_torch(void **state) { (void)state; check("log_softmax", 14); }
+
+/* ---- a wide matrix over its leading axis ------------------------------------------------- */
+
+/* [300,257] with values k/64 for integers k in [-500, 500): every sum is exact in float32. */
+static qkv_tensor *wide(void) {
+    qkv_tensor *t = qkv_empty(QKV_F32, QKV_SHAPE(300, 257));
+    float *d = qkv_data(t);
+    for (int64_t i = 0; i < 300 * 257; i++) d[i] = (float)((i * 7919 % 1000) - 500) / 64;
+    return t;
+}
+
+static void leading_axis_reductions_of_wide_matrix(void **state) {
+    (void)state;
+    qkv_tensor *w = wide();
+    fx_assert_close(qkv_sum(w, 0, false), QKV_F32, &fx_wide_sum, 0, 0, "sum over axis 0");
+    fx_assert_tensor(qkv_mean(w, 0, false), QKV_F32, &fx_wide_mean, "mean over axis 0");
+    fx_assert_close(qkv_var(w, 0, 1, false), QKV_F32, &fx_wide_var1, 1e-5, 0, "var over axis 0");
+    fx_assert_close(qkv_max(w, 0, false), QKV_F32, &fx_wide_max, 0, 0, "max over axis 0");
+    fx_assert_close(qkv_argmin(w, -2, false), QKV_I64, &fx_wide_argmin, 0, 0, "argmin, axis 0");
+    fx_assert_close(qkv_sum(w, 1, false), QKV_F32, &fx_wide_sum_axis1, 0, 0, "sum over axis 1");
+    /* The same reduction of a transposed view reads the other way through memory. */
+    qkv_tensor *wt = qkv_contiguous(qkv_transpose(w, 0, 1));
+    fx_assert_close(qkv_sum(qkv_transpose(wt, 0, 1), 0, false), QKV_F32, &fx_wide_sum, 0, 0,
+                    "sum over axis 0 of a transposed copy");
+}
+
+static void reductions_do_not_depend_on_thread_count(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 11);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(600, 257), &g);
+    qkv_tensor *r[2][4];
+    for (int k = 0; k < 2; k++) {
+        qkv_set_num_threads(k + 1);
+        r[k][0] = qkv_sum(x, 0, false);
+        r[k][1] = qkv_var(x, 1, 1, false);
+        r[k][2] = qkv_sum_all(x);
+        r[k][3] = qkv_softmax(x, 0);
+    }
+    qkv_set_num_threads(0);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(r[0][i]->numel, r[1][i]->numel);
+        assert_memory_equal(qkv_data(r[0][i]), qkv_data(r[1][i]),
+                            (size_t)r[0][i]->numel * sizeof(float));
+    }
+}
+
+/* ---- softmax edge cases ------------------------------------------------------------------ */
+
+static void softmax_of_fully_masked_row_is_zero(void **state) {
+    (void)state;
+    for (int k = 0; k < 2; k++) {
+        qkv_dtype dt = k ? QKV_F64 : QKV_F32;
+        double x[6] = {-INFINITY, -INFINITY, -INFINITY, 0, 0, 0};
+        qkv_tensor *t = qkv_to_dtype(qkv_from_array(QKV_F64, QKV_SHAPE(2, 3), x), dt);
+        double y[6];
+        assert_true(qkv_copy_out(qkv_softmax(t, 1), QKV_F64, y));
+        for (int i = 0; i < 3; i++) assert_true(y[i] == 0);
+        for (int i = 3; i < 6; i++) assert_true(fx_close(y[i], 1.0 / 3, 1e-7, 0));
+        assert_true(qkv_copy_out(qkv_log_softmax(t, -1), QKV_F64, y));
+        for (int i = 0; i < 3; i++) assert_true(y[i] == -INFINITY);
+        for (int i = 3; i < 6; i++) assert_true(fx_close(y[i], -log(3.0), 1e-7, 0));
+        /* Along axis 0 each column has one finite entry: no row is fully masked. */
+        assert_true(qkv_copy_out(qkv_softmax(t, 0), QKV_F64, y));
+        for (int i = 0; i < 3; i++) assert_true(y[i] == 0 && y[i + 3] == 1);
+    }
+}
+
+static void softmax_of_huge_inputs_stays_finite(void **state) {
+    (void)state;
+    float x[4] = {1e4f, 1e4f, -1e4f, 3e38f};
+    qkv_tensor *t = qkv_from_array(QKV_F32, QKV_SHAPE(4), x);
+    float y[4];
+    assert_true(qkv_copy_out(qkv_softmax(qkv_slice(t, 0, 0, 3, 1), 0), QKV_F32, y));
+    assert_true(y[0] == 0.5f && y[1] == 0.5f && y[2] == 0);
+    assert_true(qkv_copy_out(qkv_softmax(t, 0), QKV_F32, y));
+    assert_true(y[0] == 0 && y[3] == 1);
+}
+
+/* ---- empty inputs and errors ------------------------------------------------------------- */
+
+static void reductions_of_empty_tensors(void **state) {
+    (void)state;
+    qkv_tensor *e = qkv_zeros(QKV_F32, QKV_SHAPE(0, 3));
+    qkv_tensor *s = qkv_sum(e, 0, false);
+    assert_int_equal(s->ndim, 1);
+    assert_int_equal(s->shape[0], 3);
+    assert_true(qkv_get(s, (const int64_t[]){2}) == 0);
+    assert_true(isnan(qkv_get(qkv_mean(e, 0, false), (const int64_t[]){0}))); /* as torch */
+    qkv_tensor *r = qkv_sum(e, 1, true);
+    assert_int_equal(r->shape[0], 0);
+    assert_int_equal(r->shape[1], 1);
+    assert_null(qkv_error());
+    assert_null(qkv_max(e, 0, false));
+    assert_string_equal(qkv_error(), "qkv_max: cannot take max over an empty dimension of [0,3]");
+}
+
+static void reduction_axis_errors_name_op_and_shape(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_zeros(QKV_F32, QKV_SHAPE(3, 4, 5));
+    assert_null(qkv_sum(x, 3, false));
+    assert_string_equal(qkv_error(), "qkv_sum: axis 3 out of range for [3,4,5]");
+    qkv_clear_error();
+    assert_null(qkv_mean(x, -4, true));
+    assert_string_equal(qkv_error(), "qkv_mean: axis -4 out of range for [3,4,5]");
+    qkv_clear_error();
+    assert_null(qkv_sum_axes(x, 2, (const int[]){0, -3}, false));
+    assert_string_equal(qkv_error(), "qkv_sum: axis -3 appears twice");
+    qkv_clear_error();
+    assert_null(qkv_argmax(x, 5, false));
+    assert_string_equal(qkv_error(), "qkv_argmax: axis 5 out of range for [3,4,5]");
+    qkv_clear_error();
+    assert_null(qkv_softmax(x, -4));
+    assert_string_equal(qkv_error(), "qkv_softmax: axis -4 out of range for [3,4,5]");
+}
+
+static void full_reductions_give_zero_dimensional_tensors(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_reshape(qkv_arange(QKV_F64, 1, 7, 1), QKV_SHAPE(2, 3));
+    qkv_tensor *s = qkv_sum_all(x);
+    assert_int_equal(s->ndim, 0);
+    assert_true(qkv_item(s) == 21);
+    assert_true(qkv_item(qkv_mean_all(x)) == 3.5);
+    assert_true(qkv_item(qkv_max_all(x)) == 6);
+    assert_true(qkv_item(qkv_min_all(qkv_neg(x))) == -6);
+    qkv_tensor *k = qkv_sum_axes(x, 2, (const int[]){0, 1}, true);
+    assert_int_equal(k->ndim, 2);
+    assert_int_equal(k->shape[0], 1);
+    assert_int_equal(k->shape[1], 1);
+    assert_int_equal(qkv_sum_all(qkv_ones(QKV_BOOL, QKV_SHAPE(4)))->dtype, QKV_I64);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+        T(sum_matches_torch),
+        T(mean_matches_torch),
+        T(var_matches_torch),
+        T(max_matches_torch),
+        T(min_matches_torch),
+        T(argmax_matches_torch),
+        T(argmin_matches_torch),
+        T(softmax_matches_torch),
+        T(log_softmax_matches_torch),
+        T(leading_axis_reductions_of_wide_matrix),
+        T(reductions_do_not_depend_on_thread_count),
+        T(softmax_of_fully_masked_row_is_zero),
+        T(softmax_of_huge_inputs_stays_finite),
+        T(reductions_of_empty_tensors),
+        T(reduction_axis_errors_name_op_and_shape),
+        T(full_reductions_give_zero_dimensional_tensors),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
