@@ -693,6 +693,63 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
     mlp_free(&m);
 }
 
+/* ---- With nn modules --------------------------------------------------------------------- */
+
+static qkv_tensor *forward_linear(void *m, const qkv_tensor *x) {
+    return qkv_linear_forward(m, x);
+}
+
+static qkv_tensor *forward_layer_norm(void *m, const qkv_tensor *x) {
+    return qkv_layer_norm_forward(m, x);
+}
+
+/* A module's parameter list goes straight into decay groups: the linear weights ("0.weight",
+ * "2.weight") decay; biases and the layer norm's 1-D gain do not. Training then lowers the loss
+ * and, after the first step, allocates nothing in the optimizer. */
+static void module_parameters_train_in_decay_groups(void **state) {
+    (void)state;
+    uint64_t live = qkv_memory_stats_get().live_tensors;
+    qkv_generator gen;
+    qkv_generator_init(&gen, 3);
+    qkv_sequential *net = qkv_sequential_new();
+    qkv_sequential_add(net, qkv_linear_new(4, 6, true, &gen), forward_linear);
+    qkv_sequential_add(net, qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true), forward_layer_norm);
+    qkv_sequential_add(net, qkv_linear_new(6, 2, true, &gen), forward_linear);
+    qkv_named_list *params = qkv_module_parameters(net);
+    assert_non_null(params);
+    qkv_optimizer *opt = qkv_adamw_new();
+    assert_true(qkv_optimizer_add_decay_groups(opt, params, qkv_adamw_config(0.05)));
+    qkv_named_list_free(params);
+    assert_int_equal(opt->groups[0].n, 2);
+    assert_string_equal(opt->groups[0].names[0], "0.weight");
+    assert_string_equal(opt->groups[0].names[1], "2.weight");
+    assert_int_equal(opt->groups[1].n, 4);
+    assert_string_equal(opt->groups[1].names[1], "1.weight");
+
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(32, 4), &gen);
+    qkv_tensor *y = qkv_randn(QKV_F32, QKV_SHAPE(32, 2), &gen);
+    double first = 0, last = 0;
+    for (int s = 0; s < 30; s++) {
+        qkv_scope_begin();
+        qkv_tensor *loss = qkv_mse_loss(qkv_sequential_forward(net, x), y, QKV_REDUCTION_MEAN);
+        assert_true(qkv_backward(loss));
+        if (s == 0) first = qkv_item(loss);
+        last = qkv_item(loss);
+        uint64_t allocs = qkv_memory_stats_get().allocs;
+        assert_true(qkv_optimizer_step(opt));
+        if (s > 0) assert_int_equal(qkv_memory_stats_get().allocs, allocs);
+        qkv_optimizer_zero_grad(opt);
+        qkv_scope_end();
+    }
+    assert_true(last < 0.8 * first);
+    qkv_optimizer_free(opt);
+    qkv_module_free(net);
+    qkv_release(x);
+    qkv_release(y);
+    assert_null(qkv_error());
+    assert_int_equal(qkv_memory_stats_get().live_tensors, live);
+}
+
 /* ---- Allocation failures ----------------------------------------------------------------- */
 
 /* Fails the 1st, 2nd, ... allocation of op in turn: each must be reported as out of memory and
@@ -803,6 +860,7 @@ int main(void) {
         T(export_names_moments_steps_and_hyperparameters),
         T(resumed_training_is_bitwise_identical),
         T(import_checks_type_groups_names_and_shapes_before_changing_anything),
+        T(module_parameters_train_in_decay_groups),
         T(every_allocation_failure_is_reported_and_leaks_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
