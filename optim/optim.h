@@ -82,7 +82,10 @@ typedef struct qkv_param_group {
  * and metadata "optim.type", "optim.steps", "optim.groups", and per group g
  * "optim.group.<g>.<field>" for lr, initial_lr and every qkv_optim_config field (doubles
  * printed with 17 significant digits, so they read back exactly). Parameters that have not
- * been updated yet have no entries. Free with qkv_optim_state_free. */
+ * been updated yet have no entries. Free with qkv_optim_state_free.
+ * The layout is that of a checkpoint's extras: `tensors` is a named list to save beside the
+ * model, and a file read back (names, tensors, meta_keys, meta_values, with their counts)
+ * fills a qkv_optim_state to import field for field. */
 typedef struct qkv_optim_state {
     qkv_named_list tensors;
     int n_meta;
