@@ -45,6 +45,17 @@
 #define NV 2
 #endif
 
+/* __builtin_shufflevector (Clang, GCC 12+) makes the transposing pack fast; older compilers
+ * get an element-wise loop. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define GEMM_HAVE_SHUFFLE 1
+#endif
+#endif
+#ifndef GEMM_HAVE_SHUFFLE
+#define GEMM_HAVE_SHUFFLE 0
+#endif
+
 typedef float gemm_vf __attribute__((vector_size(GEMM_VBYTES)));
 typedef double gemm_vd __attribute__((vector_size(GEMM_VBYTES)));
 

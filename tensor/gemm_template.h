@@ -38,8 +38,12 @@ static inline __attribute__((always_inline)) void
 F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *restrict bp,
         T *restrict c, int64_t rsc, T alpha, T beta) {
     V acc[MR][NV];
-    for (int i = 0; i < mr; i++)
+    for (int i = 0; i < mr; i++) {
+        /* C is read and written only after the k loop: fetch its lines meanwhile. */
+        __builtin_prefetch(c + i * rsc, 1, 3);
+        __builtin_prefetch(c + i * rsc + nv * VL - 1, 1, 3);
         for (int v = 0; v < nv; v++) acc[i][v] = (V){0};
+    }
     for (int64_t l = 0; l < kc; l++) {
         V b[NV];
         for (int v = 0; v < nv; v++) memcpy(&b[v], bp + v * VL, sizeof(V));
@@ -112,15 +116,58 @@ static F(tile_fn) F(tile_for)(int mr, int nv) {
 
 /* ---- Packing ----------------------------------------------------------------------------- */
 
+/* dst[l * ds + i] = src[i * ss + l] for i < count, l < kc: the transposing copy that packing
+ * a row-major A (or a B read transposed) needs. Done in 4 x 4 blocks through vector
+ * shuffles where the compiler has them; element by element it is several times slower and,
+ * for products with a small n, no longer negligible next to the multiply. */
+static void F(pack_transposed)(const T *src, int64_t ss, int count, int64_t kc,
+                               T *restrict dst, int64_t ds) {
+    int i = 0;
+#if GEMM_HAVE_SHUFFLE
+    typedef T V4 __attribute__((vector_size(4 * sizeof(T))));
+    for (; i + 4 <= count; i += 4) {
+        const T *s0 = src + i * ss, *s1 = s0 + ss, *s2 = s1 + ss, *s3 = s2 + ss;
+        int64_t l = 0;
+        for (; l + 4 <= kc; l += 4) {
+            V4 r0, r1, r2, r3;
+            memcpy(&r0, s0 + l, sizeof(V4));
+            memcpy(&r1, s1 + l, sizeof(V4));
+            memcpy(&r2, s2 + l, sizeof(V4));
+            memcpy(&r3, s3 + l, sizeof(V4));
+            V4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
+            V4 t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+            V4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
+            V4 t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+            V4 o0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+            V4 o1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+            V4 o2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+            V4 o3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+            memcpy(dst + l * ds + i, &o0, sizeof(V4));
+            memcpy(dst + (l + 1) * ds + i, &o1, sizeof(V4));
+            memcpy(dst + (l + 2) * ds + i, &o2, sizeof(V4));
+            memcpy(dst + (l + 3) * ds + i, &o3, sizeof(V4));
+        }
+        for (; l < kc; l++) {
+            dst[l * ds + i] = s0[l];
+            dst[l * ds + i + 1] = s1[l];
+            dst[l * ds + i + 2] = s2[l];
+            dst[l * ds + i + 3] = s3[l];
+        }
+    }
+#endif
+    for (; i < count; i++)
+        for (int64_t l = 0; l < kc; l++) dst[l * ds + i] = src[i * ss + l];
+}
+
 /* Packs rows x kc of A (A[i, l] = a[i*rs + l*cs]) into one panel of mr rows. */
 static void F(pack_a_panel)(const T *a, int64_t rs, int64_t cs, int rows, int mr, int64_t kc,
                             T *restrict dst) {
     if (cs == 1) {
-        /* Row-major A: read each row once, contiguously; the writes land in L1. */
-        for (int i = 0; i < rows; i++) {
-            const T *src = a + i * rs;
-            for (int64_t l = 0; l < kc; l++) dst[l * mr + i] = src[l];
-        }
+        F(pack_transposed)(a, rs, rows, kc, dst, mr);
+    } else if (rs == 1 && rows == MR) {
+        /* A read transposed: each step of l is one short contiguous copy, of a size the
+         * compiler knows. */
+        for (int64_t l = 0; l < kc; l++) memcpy(dst + l * MR, a + l * cs, MR * sizeof(T));
     } else {
         for (int64_t l = 0; l < kc; l++)
             for (int i = 0; i < rows; i++) dst[l * mr + i] = a[i * rs + l * cs];
@@ -132,6 +179,10 @@ static void F(pack_a_panel)(const T *a, int64_t rs, int64_t cs, int rows, int mr
 /* Packs cols x kc of B (B[l, j] = b[l*rs + j*cs]) into one panel of w = nv*VL columns. */
 static void F(pack_b_panel)(const T *b, int64_t rs, int64_t cs, int cols, int w, int64_t kc,
                             T *restrict dst) {
+    if (cs == 1 && cols == NR) {
+        for (int64_t l = 0; l < kc; l++) memcpy(dst + l * NR, b + l * rs, NR * sizeof(T));
+        return;
+    }
     if (cs == 1) {
         for (int64_t l = 0; l < kc; l++) {
             memcpy(dst + l * w, b + l * rs, (size_t)cols * sizeof(T));
@@ -140,10 +191,7 @@ static void F(pack_b_panel)(const T *b, int64_t rs, int64_t cs, int cols, int w,
         return;
     }
     if (rs == 1) {
-        for (int j = 0; j < cols; j++) {
-            const T *src = b + j * cs;
-            for (int64_t l = 0; l < kc; l++) dst[l * w + j] = src[l];
-        }
+        F(pack_transposed)(b, cs, cols, kc, dst, w);
     } else {
         for (int64_t l = 0; l < kc; l++)
             for (int j = 0; j < cols; j++) dst[l * w + j] = b[l * rs + j * cs];
