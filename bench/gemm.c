@@ -83,22 +83,36 @@ static int cmp_double(const void *x, const void *y) {
     return (a > b) - (a < b);
 }
 
-/* Median seconds per call over `reps` repetitions, each long enough to time reliably. */
-static double median_time(void (*fn)(const operands *), const operands *o) {
-    enum { reps = 7 };
+/* Calls per timed repetition so that one repetition lasts about 20 ms. */
+static int calibrate(void (*fn)(const operands *), const operands *o) {
     fn(o); /* warm caches, thread pools and packing buffers */
     double t0 = now();
     fn(o);
     double once = now() - t0;
-    int inner = once > 0.02 ? 1 : (int)(0.02 / (once > 1e-7 ? once : 1e-7)) + 1;
-    double times[reps];
-    for (int r = 0; r < reps; r++) {
-        t0 = now();
-        for (int i = 0; i < inner; i++) fn(o);
-        times[r] = (now() - t0) / inner;
+    return once > 0.02 ? 1 : (int)(0.02 / (once > 1e-7 ? once : 1e-7)) + 1;
+}
+
+static double seconds_per_call(void (*fn)(const operands *), const operands *o, int inner) {
+    double t0 = now();
+    for (int i = 0; i < inner; i++) fn(o);
+    return (now() - t0) / inner;
+}
+
+/* Median seconds per call of each function. The repetitions alternate between them, so a
+ * burst of load from elsewhere on the machine slows both rather than one. */
+enum { reps = 9 };
+
+static void median_times(void (*const fns[])(const operands *), int n_fns, const operands *o,
+                         double *out) {
+    int inner[2];
+    double times[2][reps];
+    for (int f = 0; f < n_fns; f++) inner[f] = calibrate(fns[f], o);
+    for (int r = 0; r < reps; r++)
+        for (int f = 0; f < n_fns; f++) times[f][r] = seconds_per_call(fns[f], o, inner[f]);
+    for (int f = 0; f < n_fns; f++) {
+        qsort(times[f], reps, sizeof(double), cmp_double);
+        out[f] = times[f][reps / 2];
     }
-    qsort(times, reps, sizeof(double), cmp_double);
-    return times[reps / 2];
 }
 
 static float *random_floats(int64_t count, unsigned *seed) {
@@ -136,13 +150,18 @@ static void bench_shape(const shape *s, const int *threads, int n_threads) {
     double flops = 2.0 * (double)s->batch * (double)s->m * (double)s->n * (double)s->k;
     for (int t = 0; t < n_threads; t++) {
         qkv_set_num_threads(threads[t]);
-        double q = flops / median_time(run_qkv, &o) * 1e-9;
-        printf("%-28s %3d %9.1f", s->name, threads[t], q);
 #ifdef QKV_HAVE_OPENBLAS
         openblas_set_num_threads(threads[t]);
-        double r = flops / median_time(run_openblas, &o) * 1e-9;
-        printf(" %9.1f %7.2f", r, q / r);
+        void (*const fns[])(const operands *) = {run_qkv, run_openblas};
+#else
+        void (*const fns[])(const operands *) = {run_qkv};
 #endif
+        enum { n_fns = sizeof(fns) / sizeof(fns[0]) };
+        double secs[2];
+        median_times(fns, n_fns, &o, secs);
+        printf("%-28s %3d %9.1f", s->name, threads[t], flops / secs[0] * 1e-9);
+        if (n_fns > 1)
+            printf(" %9.1f %7.2f", flops / secs[1] * 1e-9, secs[1] / secs[0]);
         printf("\n");
         fflush(stdout);
     }
