@@ -77,6 +77,10 @@ static int64_t gemm_gcd(int64_t a, int64_t b) {
     return a;
 }
 
+/* A part smaller than this many rows (or columns) is not worth its own task unless the
+ * threads need it: every part packs all of the other operand again. */
+#define GEMM_MIN_PART 128
+
 static gemm_plan gemm_plan_make(int64_t batch, int64_t m, int64_t n, int64_t k, int mr,
                                 int nr) {
     gemm_plan plan = {.threads = 1, .parts = 1, .tasks = batch, .split_m = true};
@@ -85,19 +89,28 @@ static gemm_plan gemm_plan_make(int64_t batch, int64_t m, int64_t n, int64_t k, 
     double fmas = (double)batch * (double)m * (double)n * (double)k;
     int threads = qkv__threads_for(fmas / 16 > 1e15 ? (int64_t)1e15 : (int64_t)(fmas / 16));
     if (threads <= 1) return plan;
-    /* Enough parts per entry that the tasks divide evenly among the threads. */
-    int64_t parts = threads / gemm_gcd(batch, threads);
-    int64_t m_panels = (m + mr - 1) / mr, n_panels = (n + nr - 1) / nr;
     /* Splitting rows repacks all of B in every part, splitting columns all of A: split the
      * larger side. */
-    plan.split_m = m_panels >= parts && (m >= n || n_panels < parts);
-    int64_t avail = plan.split_m ? m_panels : n_panels;
-    if (!plan.split_m && n_panels < parts && m_panels > n_panels) {
-        plan.split_m = true;
-        avail = m_panels;
+    int64_t m_panels = (m + mr - 1) / mr, n_panels = (n + nr - 1) / nr;
+    plan.split_m = m >= n;
+    int64_t len = plan.split_m ? m : n, panels = plan.split_m ? m_panels : n_panels;
+    /* Parts per entry: at least enough that the tasks divide evenly among the threads, and
+     * up to a few tasks per thread, which are handed out as threads free up, so a thread
+     * slowed by other load on the machine does not hold back the rest. */
+    int64_t even = threads / gemm_gcd(batch, threads), parts = even;
+    while (batch * parts < 4 * threads) parts *= 2;
+    if (parts > len / GEMM_MIN_PART) parts = len / GEMM_MIN_PART;
+    if (parts < even) parts = even;
+    if (parts > panels) {
+        int64_t other = plan.split_m ? n_panels : m_panels;
+        if (other > panels) {
+            plan.split_m = !plan.split_m;
+            panels = other;
+        }
+        if (parts > panels) parts = panels;
     }
-    plan.parts = parts < avail ? parts : avail;
-    plan.tasks = batch * plan.parts;
+    plan.parts = parts;
+    plan.tasks = batch * parts;
     plan.threads = plan.tasks < threads ? (int)plan.tasks : threads;
     return plan;
 }

@@ -355,7 +355,7 @@ static void F(gemm)(int64_t batch, const F(gemm_args) *g) {
     }
     gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(plan.threads) if (plan.threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
 #endif
     for (int64_t t = 0; t < plan.tasks; t++) {
         int64_t p = t / plan.parts, part = t % plan.parts;
