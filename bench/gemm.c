@@ -98,17 +98,29 @@ static double seconds_per_call(void (*fn)(const operands *), const operands *o, 
     return (now() - t0) / inner;
 }
 
-/* Median seconds per call of each function. The repetitions alternate between them, so a
- * burst of load from elsewhere on the machine slows both rather than one. */
-enum { reps = 9 };
+/* Median seconds per call of each function. Repetitions run in rounds, each library in turn,
+ * so a burst of load from elsewhere on the machine slows both rather than one. Between turns
+ * the machine idles briefly: both libraries keep their worker threads spinning for a while
+ * after a call, and those must not compete with the other library's threads. */
+enum { rounds = 3, reps_per_round = 3, reps = rounds * reps_per_round };
+
+static void idle(void) {
+    struct timespec ts = {0, 250 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+}
 
 static void median_times(void (*const fns[])(const operands *), int n_fns, const operands *o,
                          double *out) {
     int inner[2];
     double times[2][reps];
     for (int f = 0; f < n_fns; f++) inner[f] = calibrate(fns[f], o);
-    for (int r = 0; r < reps; r++)
-        for (int f = 0; f < n_fns; f++) times[f][r] = seconds_per_call(fns[f], o, inner[f]);
+    for (int r = 0; r < rounds; r++)
+        for (int f = 0; f < n_fns; f++) {
+            if (n_fns > 1) idle();
+            fns[f](o);
+            for (int i = 0; i < reps_per_round; i++)
+                times[f][r * reps_per_round + i] = seconds_per_call(fns[f], o, inner[f]);
+        }
     for (int f = 0; f < n_fns; f++) {
         qsort(times[f], reps, sizeof(double), cmp_double);
         out[f] = times[f][reps / 2];
