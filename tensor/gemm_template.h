@@ -164,10 +164,6 @@ static void F(pack_a_panel)(const T *a, int64_t rs, int64_t cs, int rows, int mr
                             T *restrict dst) {
     if (cs == 1) {
         F(pack_transposed)(a, rs, rows, kc, dst, mr);
-    } else if (rs == 1 && rows == MR) {
-        /* A read transposed: each step of l is one short contiguous copy, of a size the
-         * compiler knows. */
-        for (int64_t l = 0; l < kc; l++) memcpy(dst + l * MR, a + l * cs, MR * sizeof(T));
     } else {
         for (int64_t l = 0; l < kc; l++)
             for (int i = 0; i < rows; i++) dst[l * mr + i] = a[i * rs + l * cs];
@@ -179,10 +175,6 @@ static void F(pack_a_panel)(const T *a, int64_t rs, int64_t cs, int rows, int mr
 /* Packs cols x kc of B (B[l, j] = b[l*rs + j*cs]) into one panel of w = nv*VL columns. */
 static void F(pack_b_panel)(const T *b, int64_t rs, int64_t cs, int cols, int w, int64_t kc,
                             T *restrict dst) {
-    if (cs == 1 && cols == NR) {
-        for (int64_t l = 0; l < kc; l++) memcpy(dst + l * NR, b + l * rs, NR * sizeof(T));
-        return;
-    }
     if (cs == 1) {
         for (int64_t l = 0; l < kc; l++) {
             memcpy(dst + l * w, b + l * rs, (size_t)cols * sizeof(T));
@@ -215,7 +207,19 @@ static int F(edge_nv)(int64_t cols) {
 }
 
 static void F(pack_a)(const T *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc, T *dst) {
-    for (int64_t i = 0; i < mc; i += MR) {
+    int64_t i = 0;
+    if (rs == 1) {
+        /* A read transposed: a step of l is a contiguous row of the stored matrix. Read each
+         * such row once, in order, into all the panels; going panel by panel instead walks
+         * the rows with a stride that is often a power of two, and the L1 sets conflict. */
+        int64_t full = mc / MR;
+        for (int64_t l = 0; l < kc; l++)
+            for (int64_t q = 0; q < full; q++)
+                memcpy(dst + q * MR * kc + l * MR, a + l * cs + q * MR, MR * sizeof(T));
+        i = full * MR;
+        dst += full * MR * kc;
+    }
+    for (; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
         int mr = F(edge_mr)(rows);
         F(pack_a_panel)(a + i * rs, rs, cs, rows, mr, kc, dst);
@@ -224,7 +228,17 @@ static void F(pack_a)(const T *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc
 }
 
 static void F(pack_b)(const T *b, int64_t rs, int64_t cs, int64_t kc, int64_t nc, T *dst) {
-    for (int64_t j = 0; j < nc; j += NR) {
+    int64_t j = 0;
+    if (cs == 1) {
+        /* Row-major B: each row of the block read once, in order (see pack_a). */
+        int64_t full = nc / NR;
+        for (int64_t l = 0; l < kc; l++)
+            for (int64_t q = 0; q < full; q++)
+                memcpy(dst + q * NR * kc + l * NR, b + l * rs + q * NR, NR * sizeof(T));
+        j = full * NR;
+        dst += full * NR * kc;
+    }
+    for (; j < nc; j += NR) {
         int cols = (int)(nc - j < NR ? nc - j : NR);
         int w = F(edge_nv)(cols) * VL;
         F(pack_b_panel)(b + j * cs, rs, cs, cols, w, kc, dst);
@@ -285,13 +299,15 @@ static T *F(grow)(T **buf, size_t *cap, size_t need) {
     return p;
 }
 
-/* Plain loops in the same order of l, for when the packing buffers cannot be had. */
+/* Plain loops, for when the packing buffers cannot be had (the function cannot fail). The
+ * sums run in the same order of l, but without the k blocks the last bits may differ. */
 static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *c,
                               int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     for (int64_t i = m0; i < m1; i++)
         for (int64_t j = n0; j < n1; j++) {
             T acc = 0;
-            for (int64_t l = 0; l < g->k; l++) acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
+            for (int64_t l = 0; l < g->k; l++)
+                acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
             T *o = &c[i * g->rsc + j * g->csc];
             *o = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * *o;
         }
