@@ -127,6 +127,12 @@ static void F(pack_transposed)(const T *src, int64_t ss, int count, int64_t kc,
     typedef T V4 __attribute__((vector_size(4 * sizeof(T))));
     for (; i + 4 <= count; i += 4) {
         const T *s0 = src + i * ss, *s1 = s0 + ss, *s2 = s1 + ss, *s3 = s2 + ss;
+        /* Four short streams are too few for the hardware prefetcher to pick up: ask for
+         * the next four rows while these are shuffled. */
+        if (i + 8 <= count)
+            for (int r = 4; r < 8; r++)
+                for (int64_t l = 0; l < kc; l += 64 / (int64_t)sizeof(T))
+                    __builtin_prefetch(s0 + r * ss + l, 0, 3);
         int64_t l = 0;
         for (; l + 4 <= kc; l += 4) {
             V4 r0, r1, r2, r3;
