@@ -5,7 +5,9 @@
 #include <omp.h>
 #endif
 
+#ifdef _OPENMP
 static int max_threads = 0; /* 0: not set, use what OpenMP reports */
+#endif
 
 void qkv_set_num_threads(int n) {
 #ifdef _OPENMP

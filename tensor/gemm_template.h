@@ -1,0 +1,397 @@
+/*
+ * One precision of the GEMM in tensor/gemm.c, which includes this file once per element type
+ * with T (the element), V (a vector of T), SFX (a name suffix) and the blocking sizes KC, MC,
+ * NC defined. C has no templates; including the same text twice keeps the float and double
+ * paths identical in structure, so a fix to one is a fix to both.
+ *
+ * Layout of the packed panels, which is what the micro-kernel reads:
+ *  - an A panel holds mr rows of an MC x KC block: for each l, the mr values A[i, l]
+ *    (mr = MR except in the last panel, which is padded with zero rows up to an edge size);
+ *  - a B panel holds nv vectors of columns of a KC x NC block: for each l, nv*VL values
+ *    B[l, j] (zero columns pad the last panel).
+ * Packing reads through the strides, so a transposed operand costs only a different packing
+ * loop, never a copy.
+ */
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define F(name) CAT(name, SFX)
+#define VL ((int)(sizeof(V) / sizeof(T)))
+#define NR (NV * VL)
+
+typedef struct F(gemm_args) {
+    int64_t m, n, k;
+    T alpha, beta;
+    const T *a; const int64_t *a_off; int64_t rsa, csa;
+    const T *b; const int64_t *b_off; int64_t rsb, csb;
+    T *c; const int64_t *c_off; int64_t rsc, csc;
+} F(gemm_args);
+
+/* ---- Micro-kernel ------------------------------------------------------------------------ */
+
+/* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C over kc steps, with C rows rsc apart and
+ * contiguous columns. mr and nv are compile-time constants in every instance below, so the
+ * accumulators live in registers and the loops unroll completely. Each accumulator sums its
+ * products in order of l, whatever the tile size: results do not depend on which instance
+ * computed an element. */
+static inline __attribute__((always_inline)) void
+F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *restrict bp,
+        T *restrict c, int64_t rsc, T alpha, T beta) {
+    V acc[MR][NV];
+    for (int i = 0; i < mr; i++) {
+        /* C is read and written only after the k loop: fetch its lines meanwhile. */
+        __builtin_prefetch(c + i * rsc, 1, 3);
+        __builtin_prefetch(c + i * rsc + nv * VL - 1, 1, 3);
+        for (int v = 0; v < nv; v++) acc[i][v] = (V){0};
+    }
+    for (int64_t l = 0; l < kc; l++) {
+        V b[NV];
+        for (int v = 0; v < nv; v++) memcpy(&b[v], bp + v * VL, sizeof(V));
+        for (int i = 0; i < mr; i++) {
+            T a = ap[i];
+            for (int v = 0; v < nv; v++) acc[i][v] += a * b[v];
+        }
+        ap += mr;
+        bp += nv * VL;
+    }
+    for (int i = 0; i < mr; i++) {
+        for (int v = 0; v < nv; v++) {
+            T *cp = c + i * rsc + v * VL;
+            V r = acc[i][v] * alpha;
+            if (beta != 0) {
+                V old;
+                memcpy(&old, cp, sizeof(V));
+                r += beta * old;
+            }
+            memcpy(cp, &r, sizeof(V));
+        }
+    }
+}
+
+typedef void (*F(tile_fn))(int64_t kc, const T *restrict ap, const T *restrict bp,
+                           T *restrict c, int64_t rsc, T alpha, T beta);
+
+#define TILE_INSTANCE(mr, nv)                                                                 \
+    static void F(tile_##mr##x##nv)(int64_t kc, const T *restrict ap, const T *restrict bp,  \
+                                    T *restrict c, int64_t rsc, T alpha, T beta) {           \
+        F(tile)(mr, nv, kc, ap, bp, c, rsc, alpha, beta);                                    \
+    }
+TILE_INSTANCE(1, 1)
+TILE_INSTANCE(2, 1)
+TILE_INSTANCE(4, 1)
+TILE_INSTANCE(1, NV)
+TILE_INSTANCE(2, NV)
+TILE_INSTANCE(4, NV)
+TILE_INSTANCE(MR, 1)
+TILE_INSTANCE(MR, NV)
+#if MR > 8
+TILE_INSTANCE(8, 1)
+TILE_INSTANCE(8, NV)
+#endif
+#undef TILE_INSTANCE
+
+/* The instance for an edge of rows x nv vectors: the smallest edge size holding the rows. */
+static F(tile_fn) F(tile_for)(int mr, int nv) {
+    if (nv == 1) {
+        switch (mr) {
+        case 1: return F(tile_1x1);
+        case 2: return F(tile_2x1);
+        case 4: return F(tile_4x1);
+#if MR > 8
+        case 8: return F(tile_8x1);
+#endif
+        default: return F(tile_MRx1);
+        }
+    }
+    switch (mr) {
+    case 1: return F(tile_1xNV);
+    case 2: return F(tile_2xNV);
+    case 4: return F(tile_4xNV);
+#if MR > 8
+    case 8: return F(tile_8xNV);
+#endif
+    default: return F(tile_MRxNV);
+    }
+}
+
+/* ---- Packing ----------------------------------------------------------------------------- */
+
+/* dst[l * ds + i] = src[i * ss + l] for i < count, l < kc: the transposing copy that packing
+ * a row-major A (or a B read transposed) needs. Done in 4 x 4 blocks through vector
+ * shuffles where the compiler has them; element by element it is several times slower and,
+ * for products with a small n, no longer negligible next to the multiply. */
+static void F(pack_transposed)(const T *src, int64_t ss, int count, int64_t kc,
+                               T *restrict dst, int64_t ds) {
+    int i = 0;
+#if GEMM_HAVE_SHUFFLE
+    typedef T V4 __attribute__((vector_size(4 * sizeof(T))));
+    for (; i + 4 <= count; i += 4) {
+        const T *s0 = src + i * ss, *s1 = s0 + ss, *s2 = s1 + ss, *s3 = s2 + ss;
+        /* Four short streams are too few for the hardware prefetcher to pick up: ask for
+         * the next four rows while these are shuffled. */
+        if (i + 8 <= count)
+            for (int r = 4; r < 8; r++)
+                for (int64_t l = 0; l < kc; l += 64 / (int64_t)sizeof(T))
+                    __builtin_prefetch(s0 + r * ss + l, 0, 3);
+        int64_t l = 0;
+        for (; l + 4 <= kc; l += 4) {
+            V4 r0, r1, r2, r3;
+            memcpy(&r0, s0 + l, sizeof(V4));
+            memcpy(&r1, s1 + l, sizeof(V4));
+            memcpy(&r2, s2 + l, sizeof(V4));
+            memcpy(&r3, s3 + l, sizeof(V4));
+            V4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
+            V4 t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+            V4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
+            V4 t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+            V4 o0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+            V4 o1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+            V4 o2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+            V4 o3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+            memcpy(dst + l * ds + i, &o0, sizeof(V4));
+            memcpy(dst + (l + 1) * ds + i, &o1, sizeof(V4));
+            memcpy(dst + (l + 2) * ds + i, &o2, sizeof(V4));
+            memcpy(dst + (l + 3) * ds + i, &o3, sizeof(V4));
+        }
+        for (; l < kc; l++) {
+            dst[l * ds + i] = s0[l];
+            dst[l * ds + i + 1] = s1[l];
+            dst[l * ds + i + 2] = s2[l];
+            dst[l * ds + i + 3] = s3[l];
+        }
+    }
+#endif
+    for (; i < count; i++)
+        for (int64_t l = 0; l < kc; l++) dst[l * ds + i] = src[i * ss + l];
+}
+
+/* Packs rows x kc of A (A[i, l] = a[i*rs + l*cs]) into one panel of mr rows. */
+static void F(pack_a_panel)(const T *a, int64_t rs, int64_t cs, int rows, int mr, int64_t kc,
+                            T *restrict dst) {
+    if (cs == 1) {
+        F(pack_transposed)(a, rs, rows, kc, dst, mr);
+    } else {
+        for (int64_t l = 0; l < kc; l++)
+            for (int i = 0; i < rows; i++) dst[l * mr + i] = a[i * rs + l * cs];
+    }
+    for (int i = rows; i < mr; i++)
+        for (int64_t l = 0; l < kc; l++) dst[l * mr + i] = 0;
+}
+
+/* Packs cols x kc of B (B[l, j] = b[l*rs + j*cs]) into one panel of w = nv*VL columns. */
+static void F(pack_b_panel)(const T *b, int64_t rs, int64_t cs, int cols, int w, int64_t kc,
+                            T *restrict dst) {
+    if (cs == 1) {
+        for (int64_t l = 0; l < kc; l++) {
+            memcpy(dst + l * w, b + l * rs, (size_t)cols * sizeof(T));
+            for (int j = cols; j < w; j++) dst[l * w + j] = 0;
+        }
+        return;
+    }
+    if (rs == 1) {
+        F(pack_transposed)(b, cs, cols, kc, dst, w);
+    } else {
+        for (int64_t l = 0; l < kc; l++)
+            for (int j = 0; j < cols; j++) dst[l * w + j] = b[l * rs + j * cs];
+    }
+    for (int64_t l = 0; l < kc; l++)
+        for (int j = cols; j < w; j++) dst[l * w + j] = 0;
+}
+
+static int F(edge_mr)(int64_t rows) {
+    if (rows >= MR) return MR;
+    if (rows <= 2) return (int)rows;
+    if (rows <= 4) return 4;
+#if MR > 8
+    if (rows <= 8) return 8;
+#endif
+    return MR;
+}
+
+static int F(edge_nv)(int64_t cols) {
+    return cols <= VL ? 1 : NV;
+}
+
+static void F(pack_a)(const T *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc, T *dst) {
+    int64_t i = 0;
+    if (rs == 1) {
+        /* A read transposed: a step of l is a contiguous row of the stored matrix. Read each
+         * such row once, in order, into all the panels; going panel by panel instead walks
+         * the rows with a stride that is often a power of two, and the L1 sets conflict. */
+        int64_t full = mc / MR;
+        for (int64_t l = 0; l < kc; l++)
+            for (int64_t q = 0; q < full; q++)
+                memcpy(dst + q * MR * kc + l * MR, a + l * cs + q * MR, MR * sizeof(T));
+        i = full * MR;
+        dst += full * MR * kc;
+    }
+    for (; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        int mr = F(edge_mr)(rows);
+        F(pack_a_panel)(a + i * rs, rs, cs, rows, mr, kc, dst);
+        dst += (int64_t)mr * kc;
+    }
+}
+
+static void F(pack_b)(const T *b, int64_t rs, int64_t cs, int64_t kc, int64_t nc, T *dst) {
+    int64_t j = 0;
+    if (cs == 1) {
+        /* Row-major B: each row of the block read once, in order (see pack_a). */
+        int64_t full = nc / NR;
+        for (int64_t l = 0; l < kc; l++)
+            for (int64_t q = 0; q < full; q++)
+                memcpy(dst + q * NR * kc + l * NR, b + l * rs + q * NR, NR * sizeof(T));
+        j = full * NR;
+        dst += full * NR * kc;
+    }
+    for (; j < nc; j += NR) {
+        int cols = (int)(nc - j < NR ? nc - j : NR);
+        int w = F(edge_nv)(cols) * VL;
+        F(pack_b_panel)(b + j * cs, rs, cs, cols, w, kc, dst);
+        dst += (int64_t)w * kc;
+    }
+}
+
+/* ---- Blocks ------------------------------------------------------------------------------ */
+
+/* One tile of C: rows x cols at c. Tiles that are not whole or not row-contiguous go through
+ * a small buffer, so every tile runs the same kernel code. */
+static void F(run_tile)(int64_t kc, const T *ap, const T *bp, int rows, int cols, T *c,
+                        int64_t rsc, int64_t csc, T alpha, T beta) {
+    int mr = F(edge_mr)(rows), nv = F(edge_nv)(cols);
+    F(tile_fn) fn = F(tile_for)(mr, nv);
+    if (rows == mr && cols == nv * VL && csc == 1) {
+        fn(kc, ap, bp, c, rsc, alpha, beta);
+        return;
+    }
+    _Alignas(64) T buf[MR * NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < NR; j++)
+            buf[i * NR + j] = (beta != 0 && i < rows && j < cols) ? c[i * rsc + j * csc] : 0;
+    fn(kc, ap, bp, buf, NR, alpha, beta);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) c[i * rsc + j * csc] = buf[i * NR + j];
+}
+
+/* Packed mc x kc of A times packed kc x nc of B into C. The A panel (MR x kc) stays in L1
+ * while the loop over j streams the B block from L2. */
+static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, const T *pb,
+                            T *c, int64_t rsc, int64_t csc, T alpha, T beta) {
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        const T *ap = pa + i * kc;
+        for (int64_t j = 0; j < nc; j += NR) {
+            int cols = (int)(nc - j < NR ? nc - j : NR);
+            F(run_tile)(kc, ap, pb + j * kc, rows, cols, c + i * rsc + j * csc, rsc, csc,
+                        alpha, beta);
+        }
+    }
+}
+
+/* Packing buffers, one pair per thread, grown on demand and kept for the next call. */
+static _Thread_local T *F(buf_a);
+static _Thread_local T *F(buf_b);
+static _Thread_local size_t F(cap_a);
+static _Thread_local size_t F(cap_b);
+
+static T *F(grow)(T **buf, size_t *cap, size_t need) {
+    if (*cap >= need) return *buf;
+    size_t bytes = (need * sizeof(T) + 63) & ~(size_t)63;
+    T *p = aligned_alloc(64, bytes);
+    if (!p) return NULL;
+    free(*buf);
+    *buf = p;
+    *cap = need;
+    return p;
+}
+
+/* Plain loops, for when the packing buffers cannot be had (the function cannot fail). The
+ * sums run in the same order of l, but without the k blocks the last bits may differ. */
+static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *c,
+                              int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    for (int64_t i = m0; i < m1; i++)
+        for (int64_t j = n0; j < n1; j++) {
+            T acc = 0;
+            for (int64_t l = 0; l < g->k; l++)
+                acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
+            T *o = &c[i * g->rsc + j * g->csc];
+            *o = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * *o;
+        }
+}
+
+/* The k blocks are the same for every split of the output, so each element's sum runs in the
+ * same order whatever the thread count. */
+static int64_t F(k_block)(int64_t k) {
+    int64_t nb = (k + KC - 1) / KC;
+    return (k + nb - 1) / nb;
+}
+
+/* C rows m0..m1, columns n0..n1 of batch entry p. */
+static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, int64_t n0,
+                     int64_t n1) {
+    const T *a = g->a + (g->a_off ? g->a_off[p] : 0);
+    const T *b = g->b + (g->b_off ? g->b_off[p] : 0);
+    T *c = g->c + (g->c_off ? g->c_off[p] : 0);
+    int64_t kb = F(k_block)(g->k);
+    int64_t mcap = m1 - m0 < MC ? m1 - m0 : MC, ncap = n1 - n0 < NC ? n1 - n0 : NC;
+    /* Edge panels are never wider than full ones, so whole panels bound the sizes. */
+    T *pa = F(grow)(&F(buf_a), &F(cap_a), (size_t)((mcap + MR - 1) / MR * MR * kb));
+    T *pb = F(grow)(&F(buf_b), &F(cap_b), (size_t)((ncap + NR - 1) / NR * NR * kb));
+    if (!pa || !pb) {
+        F(block_unpacked)(g, a, b, c, m0, m1, n0, n1);
+        return;
+    }
+    for (int64_t ic = m0; ic < m1; ic += MC) {
+        int64_t mc = m1 - ic < MC ? m1 - ic : MC;
+        for (int64_t pc = 0; pc < g->k; pc += kb) {
+            int64_t kc = g->k - pc < kb ? g->k - pc : kb;
+            T beta = pc == 0 ? g->beta : 1;
+            F(pack_a)(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
+            for (int64_t jc = n0; jc < n1; jc += NC) {
+                int64_t nc = n1 - jc < NC ? n1 - jc : NC;
+                F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
+                F(macro_kernel)(mc, nc, kc, pa, pb, c + ic * g->rsc + jc * g->csc, g->rsc,
+                                g->csc, g->alpha, beta);
+            }
+        }
+    }
+}
+
+/* C = beta * C, for k == 0 or alpha == 0 (then A and B are not read, as in BLAS). */
+static void F(scale)(const F(gemm_args) *g, int64_t batch) {
+    for (int64_t p = 0; p < batch; p++) {
+        T *c = g->c + (g->c_off ? g->c_off[p] : 0);
+        for (int64_t i = 0; i < g->m; i++)
+            for (int64_t j = 0; j < g->n; j++) {
+                T *o = &c[i * g->rsc + j * g->csc];
+                *o = g->beta == 0 ? 0 : g->beta * *o;
+            }
+    }
+}
+
+static void F(gemm)(int64_t batch, const F(gemm_args) *g) {
+    if (batch <= 0 || g->m <= 0 || g->n <= 0) return;
+    if (g->k <= 0 || g->alpha == 0) {
+        F(scale)(g, batch);
+        return;
+    }
+    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
+#endif
+    for (int64_t t = 0; t < plan.tasks; t++) {
+        int64_t p = t / plan.parts, part = t % plan.parts;
+        int64_t m0 = 0, m1 = g->m, n0 = 0, n1 = g->n;
+        if (plan.split_m)
+            gemm_part_range(g->m, MR, plan.parts, part, &m0, &m1);
+        else
+            gemm_part_range(g->n, NR, plan.parts, part, &n0, &n1);
+        F(block)(g, p, m0, m1, n0, n1);
+    }
+}
+
+#undef CAT_
+#undef CAT
+#undef F
+#undef VL
+#undef NR

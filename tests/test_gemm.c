@@ -1,0 +1,317 @@
+/*
+ * GEMM kernel: qkv__gemm_f32 / qkv__gemm_f64 against a plain triple loop in double precision,
+ * over edge shapes, transposed and strided operands, batches with offset arrays, alpha/beta
+ * (beta == 0 ignores NaN in C), k == 0, and bitwise determinism across thread counts.
+ */
+#include <float.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tensor/tensor_internal.h"
+
+/* How an operand of rows x cols is stored. */
+typedef enum layout {
+    ROW_MAJOR,  /* rs = cols, cs = 1 */
+    TRANSPOSED, /* stored cols x rows: rs = 1, cs = rows */
+    STRIDED,    /* every other column, rows padded: rs = 2 * cols + 3, cs = 2 */
+} layout;
+
+typedef struct operand {
+    int64_t rows, cols, rs, cs, span; /* span: elements one matrix occupies */
+} operand;
+
+static operand operand_make(int64_t rows, int64_t cols, layout lay) {
+    operand o = {rows, cols, cols, 1, 0};
+    if (lay == TRANSPOSED) {
+        o.rs = 1;
+        o.cs = rows;
+    } else if (lay == STRIDED) {
+        o.rs = 2 * cols + 3;
+        o.cs = 2;
+    }
+    o.span = rows == 0 || cols == 0 ? 1 : (rows - 1) * o.rs + (cols - 1) * o.cs + 1;
+    return o;
+}
+
+typedef struct gemm_case {
+    int64_t batch, m, n, k;
+    layout la, lb, lc;
+    double alpha, beta;
+    bool nan_c;          /* fill C with NaN (only meaningful with beta == 0) */
+    bool broadcast_ab;   /* batch entries share A (all) and B (pairs) through equal offsets */
+} gemm_case;
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+
+static double uniform(void) { /* in [-1, 1) */
+    rng_state = rng_state * 6364136223846793005u + 1442695040888963407u;
+    return (double)(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+/* Runs one case in the given precision and checks every element against the reference,
+ * within the rounding bound of a k-term dot product. Elements of C outside the operand
+ * (the gaps of a strided C) must be left alone. */
+#define DEFINE_CHECK(T, SUFFIX, EPS)                                                          \
+    static void check_##SUFFIX(const gemm_case *gc) {                                        \
+        operand A = operand_make(gc->m, gc->k, gc->la), B = operand_make(gc->k, gc->n, gc->lb); \
+        operand C = operand_make(gc->m, gc->n, gc->lc);                                      \
+        int64_t bt = gc->batch;                                                              \
+        T *a = malloc((size_t)(A.span * bt) * sizeof(T));                                    \
+        T *b = malloc((size_t)(B.span * bt) * sizeof(T));                                    \
+        T *c = malloc((size_t)(C.span * bt) * sizeof(T));                                    \
+        T *c0 = malloc((size_t)(C.span * bt) * sizeof(T));                                   \
+        int64_t *off = malloc((size_t)(3 * bt) * sizeof(int64_t));                           \
+        assert_non_null(a); assert_non_null(b); assert_non_null(c); assert_non_null(c0);    \
+        assert_non_null(off);                                                                \
+        int64_t *ao = off, *bo = off + bt, *co = off + 2 * bt;                               \
+        for (int64_t i = 0; i < A.span * bt; i++) a[i] = (T)uniform();                       \
+        for (int64_t i = 0; i < B.span * bt; i++) b[i] = (T)uniform();                       \
+        for (int64_t i = 0; i < C.span * bt; i++) c0[i] = gc->nan_c ? (T)NAN : (T)uniform(); \
+        memcpy(c, c0, (size_t)(C.span * bt) * sizeof(T));                                    \
+        for (int64_t p = 0; p < bt; p++) {                                                   \
+            ao[p] = gc->broadcast_ab ? 0 : p * A.span;                                       \
+            bo[p] = gc->broadcast_ab ? (p / 2) * B.span : p * B.span;                        \
+            co[p] = p * C.span;                                                              \
+        }                                                                                    \
+        qkv__gemm_##SUFFIX(bt, gc->m, gc->n, gc->k, (T)gc->alpha, a, ao, A.rs, A.cs,        \
+                           b, bo, B.rs, B.cs, (T)gc->beta, c, co, C.rs, C.cs);               \
+        bool *touched = calloc((size_t)(C.span * bt), 1);                                    \
+        assert_non_null(touched);                                                            \
+        for (int64_t p = 0; p < bt; p++)                                                     \
+            for (int64_t i = 0; i < gc->m; i++)                                              \
+                for (int64_t j = 0; j < gc->n; j++) {                                        \
+                    double sum = 0, mag = 0;                                                 \
+                    for (int64_t l = 0; l < gc->k; l++) {                                    \
+                        double x = a[ao[p] + i * A.rs + l * A.cs];                           \
+                        double y = b[bo[p] + l * B.rs + j * B.cs];                           \
+                        sum += x * y;                                                        \
+                        mag += fabs(x * y);                                                  \
+                    }                                                                        \
+                    int64_t ci = co[p] + i * C.rs + j * C.cs;                                \
+                    double want = gc->alpha * sum, bound = fabs(gc->alpha) * mag;            \
+                    if (gc->beta != 0) {                                                     \
+                        want += gc->beta * (double)c0[ci];                                   \
+                        bound += fabs(gc->beta * (double)c0[ci]);                            \
+                    }                                                                        \
+                    double tol = (double)(gc->k + 3) * (EPS) * bound + 1e-300;               \
+                    double got = (double)c[ci];                                              \
+                    if (!(fabs(got - want) <= tol))                                          \
+                        fail_msg("batch %lld C[%lld,%lld] = %.17g, want %.17g (tol %.3g)",   \
+                                 (long long)p, (long long)i, (long long)j, got, want, tol);  \
+                    touched[ci] = true;                                                      \
+                }                                                                            \
+        for (int64_t i = 0; i < C.span * bt; i++)                                            \
+            if (!touched[i] && memcmp(&c[i], &c0[i], sizeof(T)) != 0)                        \
+                fail_msg("C[%lld] outside the output was written", (long long)i);            \
+        free(touched); free(a); free(b); free(c); free(c0); free(off);                       \
+    }
+
+DEFINE_CHECK(float, f32, FLT_EPSILON)
+DEFINE_CHECK(double, f64, DBL_EPSILON)
+
+static void check_both(gemm_case gc) {
+    check_f32(&gc);
+    check_f64(&gc);
+}
+
+static gemm_case plain(int64_t m, int64_t n, int64_t k) {
+    return (gemm_case){1, m, n, k, ROW_MAJOR, ROW_MAJOR, ROW_MAJOR, 1.0, 0.0, false, false};
+}
+
+static const int64_t edge_shapes[][3] = {
+    {1, 1, 1}, {7, 13, 5}, {17, 33, 65}, {128, 257, 67}, {1, 1000, 3}, {1000, 1, 3},
+    {2, 3, 4}, {12, 32, 16}, {13, 33, 17}, {25, 47, 300}, {64, 64, 64}, {5, 7, 600},
+    {1600, 20, 10}, {10, 1100, 10}, {31, 17, 1},
+};
+#define N_EDGE_SHAPES (sizeof(edge_shapes) / sizeof(edge_shapes[0]))
+
+static void matches_reference_on_edge_shapes(void **state) {
+    (void)state;
+    for (size_t s = 0; s < N_EDGE_SHAPES; s++)
+        check_both(plain(edge_shapes[s][0], edge_shapes[s][1], edge_shapes[s][2]));
+}
+
+static void reads_transposed_operands(void **state) {
+    (void)state;
+    for (size_t s = 0; s < N_EDGE_SHAPES; s++) {
+        gemm_case gc = plain(edge_shapes[s][0], edge_shapes[s][1], edge_shapes[s][2]);
+        gc.la = TRANSPOSED; /* A^T B, as in a weight gradient */
+        check_both(gc);
+        gc.la = ROW_MAJOR;
+        gc.lb = TRANSPOSED; /* A B^T, as in an input gradient */
+        check_both(gc);
+        gc.la = TRANSPOSED;
+        check_both(gc);
+        gc.lc = TRANSPOSED; /* column-major output */
+        check_both(gc);
+    }
+}
+
+static void reads_and_writes_strided_operands(void **state) {
+    (void)state;
+    for (size_t s = 0; s < N_EDGE_SHAPES; s++) {
+        gemm_case gc = plain(edge_shapes[s][0], edge_shapes[s][1], edge_shapes[s][2]);
+        gc.la = gc.lb = gc.lc = STRIDED;
+        gc.beta = 0.5;
+        check_both(gc);
+        gc.la = TRANSPOSED;
+        gc.lb = STRIDED;
+        gc.lc = ROW_MAJOR;
+        check_both(gc);
+    }
+}
+
+static void applies_alpha_and_beta(void **state) {
+    (void)state;
+    const double ab[][2] = {{1, 1}, {2.5, -0.75}, {-1, 0}, {0.5, 2}};
+    for (size_t i = 0; i < sizeof(ab) / sizeof(ab[0]); i++) {
+        gemm_case gc = plain(37, 71, 300); /* k over one block: beta applies once */
+        gc.alpha = ab[i][0];
+        gc.beta = ab[i][1];
+        check_both(gc);
+        gc.m = 3;
+        gc.n = 5;
+        gc.k = 2;
+        check_both(gc);
+    }
+}
+
+static void beta_zero_ignores_nan_in_c(void **state) {
+    (void)state;
+    gemm_case gc = plain(29, 45, 31);
+    gc.nan_c = true;
+    check_both(gc);
+    gc.lc = STRIDED;
+    check_both(gc);
+    gc.k = 0; /* C = 0 * C is 0, not NaN */
+    check_both(gc);
+}
+
+static void k_zero_scales_c_by_beta(void **state) {
+    (void)state;
+    gemm_case gc = plain(9, 11, 0);
+    gc.beta = 3;
+    check_both(gc);
+    gc.beta = 0;
+    check_both(gc);
+    float c[4] = {1, 2, 3, 4};
+    qkv__gemm_f32(1, 2, 2, 0, 1.0f, NULL, NULL, 0, 1, NULL, NULL, 2, 1, -2.0f, c, NULL, 2, 1);
+    assert_true(c[0] == -2 && c[1] == -4 && c[2] == -6 && c[3] == -8);
+}
+
+static void computes_exact_small_product(void **state) {
+    (void)state;
+    /* [[1,2,3],[4,5,6]] @ [[7,8],[9,10],[11,12]] = [[58,64],[139,154]] */
+    const float a[] = {1, 2, 3, 4, 5, 6}, b[] = {7, 8, 9, 10, 11, 12};
+    float c[4] = {NAN, NAN, NAN, NAN};
+    qkv__gemm_f32(1, 2, 2, 3, 1.0f, a, NULL, 3, 1, b, NULL, 2, 1, 0.0f, c, NULL, 2, 1);
+    assert_true(c[0] == 58 && c[1] == 64 && c[2] == 139 && c[3] == 154);
+    const double ad[] = {1, 2, 3, 4, 5, 6}, bd[] = {7, 8, 9, 10, 11, 12};
+    /* A read transposed (rs 1, cs 3) is [[1,4],[2,5],[3,6]]; times [[7,8],[9,10]], twice */
+    double ce[6] = {0};
+    qkv__gemm_f64(1, 3, 2, 2, 2.0, ad, NULL, 1, 3, bd, NULL, 2, 1, 0.0, ce, NULL, 2, 1);
+    assert_true(ce[0] == 86 && ce[1] == 96 && ce[2] == 118 && ce[3] == 132 && ce[4] == 150 &&
+                ce[5] == 168);
+}
+
+static void batches_with_offsets_and_broadcast(void **state) {
+    (void)state;
+    gemm_case gc = plain(17, 23, 19);
+    gc.batch = 5;
+    check_both(gc);
+    gc.broadcast_ab = true; /* A shared by all entries, B by pairs */
+    check_both(gc);
+    gc.m = 128;
+    gc.n = 128;
+    gc.k = 64;
+    gc.batch = 6;
+    gc.lb = TRANSPOSED;
+    check_both(gc);
+    gc.batch = 3; /* fewer entries than a split needs: parts of entries run in parallel */
+    gc.broadcast_ab = false;
+    gc.m = 200;
+    check_both(gc);
+}
+
+/* Runs f32 and f64 products of several shapes with n threads into out32 / out64. */
+static void run_for_threads(int threads, const int64_t shape[4], float *out32, double *out64,
+                            const float *a32, const float *b32, const double *a64,
+                            const double *b64) {
+    int64_t bt = shape[0], m = shape[1], n = shape[2], k = shape[3];
+    int64_t off[3][8];
+    for (int64_t p = 0; p < bt; p++) {
+        off[0][p] = p * m * k;
+        off[1][p] = p * k * n;
+        off[2][p] = p * m * n;
+    }
+    qkv_set_num_threads(threads);
+    for (int64_t i = 0; i < bt * m * n; i++) {
+        out32[i] = 0.25f * (float)(i % 7);
+        out64[i] = 0.25 * (double)(i % 7);
+    }
+    qkv__gemm_f32(bt, m, n, k, 0.7f, a32, off[0], k, 1, b32, off[1], 1, k, 0.3f, out32,
+                  off[2], n, 1);
+    qkv__gemm_f64(bt, m, n, k, 0.7, a64, off[0], k, 1, b64, off[1], 1, k, 0.3, out64, off[2],
+                  n, 1);
+}
+
+static void same_bits_for_any_thread_count(void **state) {
+    (void)state;
+    const int64_t shapes[][4] = {
+        {1, 301, 203, 517}, {1, 40, 700, 300}, {3, 130, 70, 90}, {8, 128, 128, 64},
+        {2, 1, 900, 1000}, {1, 900, 1, 1000},
+    };
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int64_t bt = shapes[s][0], m = shapes[s][1], n = shapes[s][2], k = shapes[s][3];
+        float *a32 = malloc((size_t)(bt * m * k) * sizeof(float));
+        float *b32 = malloc((size_t)(bt * k * n) * sizeof(float));
+        double *a64 = malloc((size_t)(bt * m * k) * sizeof(double));
+        double *b64 = malloc((size_t)(bt * k * n) * sizeof(double));
+        float *c32[2];
+        double *c64[2];
+        for (int t = 0; t < 2; t++) {
+            c32[t] = malloc((size_t)(bt * m * n) * sizeof(float));
+            c64[t] = malloc((size_t)(bt * m * n) * sizeof(double));
+            assert_non_null(c32[t]);
+            assert_non_null(c64[t]);
+        }
+        assert_non_null(a32); assert_non_null(b32); assert_non_null(a64); assert_non_null(b64);
+        for (int64_t i = 0; i < bt * m * k; i++) a64[i] = a32[i] = (float)uniform();
+        for (int64_t i = 0; i < bt * k * n; i++) b64[i] = b32[i] = (float)uniform();
+        run_for_threads(1, shapes[s], c32[0], c64[0], a32, b32, a64, b64);
+        run_for_threads(2, shapes[s], c32[1], c64[1], a32, b32, a64, b64);
+        assert_memory_equal(c32[0], c32[1], (size_t)(bt * m * n) * sizeof(float));
+        assert_memory_equal(c64[0], c64[1], (size_t)(bt * m * n) * sizeof(double));
+        /* and the values are right, not just repeatable */
+        gemm_case gc = {bt, m, n, k, ROW_MAJOR, TRANSPOSED, ROW_MAJOR, 0.7, 0.3, false, false};
+        check_both(gc);
+        for (int t = 0; t < 2; t++) {
+            free(c32[t]);
+            free(c64[t]);
+        }
+        free(a32); free(b32); free(a64); free(b64);
+    }
+    qkv_set_num_threads(0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(computes_exact_small_product),
+        cmocka_unit_test(matches_reference_on_edge_shapes),
+        cmocka_unit_test(reads_transposed_operands),
+        cmocka_unit_test(reads_and_writes_strided_operands),
+        cmocka_unit_test(applies_alpha_and_beta),
+        cmocka_unit_test(beta_zero_ignores_nan_in_c),
+        cmocka_unit_test(k_zero_scales_c_by_beta),
+        cmocka_unit_test(batches_with_offsets_and_broadcast),
+        cmocka_unit_test(same_bits_for_any_thread_count),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
