@@ -255,6 +255,9 @@ static bool run_node(qkv_node *n, node_list *ready) {
         grads = qkv__calloc(gbytes);
         if (!grads) return false;
     }
+    /* Each node's temporaries die with its own scope: only the gradients handed on (retained
+     * by their slots) outlive it, so a backward holds no more than its frontier. */
+    qkv_scope_begin();
     bool had_error = qkv_error() != NULL;
     backward_depth++;
     n->op->backward(n, g, grads);
@@ -270,6 +273,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
         }
         if (c && --c->pending == 0 && ok) ok = push(ready, c);
     }
+    qkv_scope_end();
     if (grads != grads_small) qkv__free(grads, gbytes);
     return ok;
 }
