@@ -141,6 +141,9 @@ qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
 /* torch.matmul: 1-D x 1-D dot product; 2-D matrix product; 1-D operands gain and lose a
  * dimension; batch dimensions broadcast. Transposed and strided operands are read in place. */
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b);
+/* x weight^T + bias over the last dimension of x, as torch.nn.functional.linear: weight is
+ * [out, in], bias [out] or NULL. The bias is fused into the product. */
+qkv_tensor *qkv_affine(const qkv_tensor *x, const qkv_tensor *weight, const qkv_tensor *bias);
 
 /* ---- Views and copies -------------------------------------------------------------------- */
 

@@ -44,3 +44,20 @@ qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
     return qkv__record(qkv__matmul(a, b, "qkv_matmul"), &matmul_op, 2,
                        (const qkv_tensor *const[]){a, b});
 }
+
+/* For y = x W^T + b: dx = g W, dW = g^T x summed over every row, db = g summed over rows. */
+static void affine_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+    const qkv_tensor *x = IN(0), *w = IN(1), *b = IN(2);
+    int64_t out_f = w->shape[0], in = w->shape[1];
+    qkv_tensor *g2 = qkv_reshape(g, 2, (const int64_t[]){-1, out_f});
+    if (x->requires_grad) gi[0] = qkv_matmul(g, w);
+    if (w->requires_grad)
+        gi[1] = qkv_matmul(qkv_transpose(g2, 0, 1), qkv_reshape(x, 2, (const int64_t[]){-1, in}));
+    if (b && b->requires_grad) gi[2] = qkv_sum(g2, 0, false);
+}
+static const qkv_op_def affine_op = {"affine", affine_backward};
+
+qkv_tensor *qkv_affine(const qkv_tensor *x, const qkv_tensor *weight, const qkv_tensor *bias) {
+    return qkv__record(qkv__affine(x, weight, bias, "qkv_affine"), &affine_op, 3,
+                       (const qkv_tensor *const[]){x, weight, bias});
+}

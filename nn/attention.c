@@ -105,11 +105,15 @@ static qkv_tensor *attn_mask_4d(const qkv_multi_head_attention *m, const qkv_ten
                          (long long)H, (long long)T, (long long)S);
 }
 
-/* scores with a mask applied: BOOL masks fill -inf where true, float masks are added. */
-static qkv_tensor *apply_mask(qkv_tensor *scores, const qkv_tensor *mask) {
-    if (!scores || !mask) return NULL;
-    if (mask->dtype == QKV_BOOL) return qkv_masked_fill(scores, mask, -INFINITY);
-    return qkv_add(scores, mask);
+/* A mask as an additive term: BOOL masks give -inf where true and 0 elsewhere (a tensor of
+ * the mask's own small shape), float masks are added as they are. */
+static qkv_tensor *additive(const qkv_tensor *mask, qkv_dtype dtype) {
+    if (!mask || mask->dtype != QKV_BOOL) return (qkv_tensor *)mask;
+    return qkv_masked_fill(qkv_zeros(dtype, mask->ndim, mask->shape), mask, -INFINITY);
+}
+
+static qkv_tensor *combine(qkv_tensor *sum, qkv_tensor *term) {
+    return sum ? qkv_add(sum, term) : term;
 }
 
 /* Key j > query i is forbidden: cols > rows, a [T,S] BOOL mask made from two aranges. */
@@ -119,10 +123,18 @@ static qkv_tensor *causal_mask(int64_t T, int64_t S) {
     return qkv_gt(cols, rows);
 }
 
+/* Every mask is turned into an additive term and the terms are summed while still small
+ * ([B,1,1,S], [T,S]), so the scores take a single addition. */
 static qkv_tensor *masked_scores(const qkv_multi_head_attention *m, qkv_tensor *scores,
                                  const qkv_attention_options *o, int64_t B, int64_t T,
                                  int64_t S) {
-    if (o->attn_mask) scores = apply_mask(scores, attn_mask_4d(m, o->attn_mask, B, T, S));
+    if (!scores) return NULL;
+    qkv_tensor *bias = NULL;
+    if (o->attn_mask) {
+        qkv_tensor *mask = attn_mask_4d(m, o->attn_mask, B, T, S);
+        if (!mask) return NULL;
+        bias = additive(mask, scores->dtype);
+    }
     const qkv_tensor *kpm = o->key_padding_mask;
     if (kpm) {
         if (kpm->ndim != 2 || kpm->shape[0] != B || kpm->shape[1] != S) {
@@ -131,10 +143,10 @@ static qkv_tensor *masked_scores(const qkv_multi_head_attention *m, qkv_tensor *
                                  "expected [%lld,%lld]", qkv_shape_str(kpm, s, sizeof s),
                                  (long long)B, (long long)S);
         }
-        scores = apply_mask(scores, qkv_reshape(kpm, QKV_SHAPE(B, 1, 1, S)));
+        bias = combine(bias, additive(qkv_reshape(kpm, QKV_SHAPE(B, 1, 1, S)), scores->dtype));
     }
-    if (o->is_causal) scores = apply_mask(scores, causal_mask(T, S));
-    return scores;
+    if (o->is_causal) bias = combine(bias, additive(causal_mask(T, S), scores->dtype));
+    return bias ? qkv_add(scores, bias) : scores;
 }
 
 qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
@@ -149,8 +161,10 @@ qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
     qkv_tensor *q = split_heads(m, qkv_linear_forward(m->q_proj, query));   /* [B,H,T,Dh] */
     qkv_tensor *k = split_heads(m, qkv_linear_forward(m->k_proj, key));     /* [B,H,S,Dh] */
     qkv_tensor *v = split_heads(m, qkv_linear_forward(m->v_proj, value));   /* [B,H,S,Dh] */
-    qkv_tensor *scores = qkv_mul_scalar(qkv_matmul(q, qkv_transpose(k, -2, -1)),
-                                        1.0 / sqrt((double)m->head_dim));   /* [B,H,T,S] */
+    /* q is scaled before the product, as PyTorch does: [B,H,T,Dh] is half the size of the
+     * scores. */
+    q = qkv_mul_scalar(q, 1.0 / sqrt((double)m->head_dim));
+    qkv_tensor *scores = qkv_matmul(q, qkv_transpose(k, -2, -1));           /* [B,H,T,S] */
     scores = masked_scores(m, scores, o, B, T, S);
     qkv_tensor *attn = qkv_dropout(qkv_softmax(scores, -1), m->dropout, m->base.training,
                                    &m->generator);

@@ -43,6 +43,5 @@ qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x) {
         return qkv_set_error("qkv_linear_forward: input %s, expected last dim %lld",
                              qkv_shape_str(x, s, sizeof s), (long long)m->in_features);
     }
-    qkv_tensor *y = qkv_matmul(x, qkv_transpose(m->weight, 0, 1));
-    return m->bias ? qkv_add(y, m->bias) : y;
+    return qkv_affine(x, m->weight, m->bias);
 }

@@ -139,3 +139,50 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     qkv__free(offs, (size_t)batch * 3 * sizeof(int64_t));
     return out;
 }
+
+/* The bias is written into the output first and the product accumulated onto it (beta 1),
+ * so it costs no pass of its own; W^T is read through W's strides. */
+qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
+                        const char *name) {
+    if (!x || !w) return NULL;
+    char sx[128], sw[128], sb[128];
+    int64_t in = w->ndim == 2 ? w->shape[1] : -1, out_f = w->ndim == 2 ? w->shape[0] : -1;
+    if (w->ndim != 2 || x->ndim < 1 || x->shape[x->ndim - 1] != in ||
+        (b && (b->ndim != 1 || b->shape[0] != out_f)))
+        return qkv_set_error("%s: shapes do not fit x W^T + b: x %s, W %s, b %s", name,
+                             qkv_shape_str(x, sx, sizeof sx), qkv_shape_str(w, sw, sizeof sw),
+                             b ? qkv_shape_str(b, sb, sizeof sb) : "none");
+    if (!qkv__is_float(x->dtype) || x->dtype != w->dtype || (b && b->dtype != x->dtype))
+        return qkv_set_error("%s: x, W and b must share one float dtype", name);
+    operand X;
+    lift(x, true, &X);
+    if (!rows_fold(&X)) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__affine(qkv__contiguous(x), w, b, name));
+        qkv_scope_end();
+        return out;
+    }
+    int64_t shape[QKV_MAX_DIMS];
+    for (int i = 0; i < x->ndim - 1; i++) shape[i] = x->shape[i];
+    shape[x->ndim - 1] = out_f;
+    qkv_tensor *out = qkv_empty(x->dtype, x->ndim, shape);
+    if (!out || out->numel == 0) return out;
+    if (b) qkv_copy_(out, b);
+    int64_t rows = out->numel / out_f;
+    if (in == 0) {
+        if (!b) qkv_fill_(out, 0);
+        return out;
+    }
+    const char *xd = qkv_data(x), *wd = qkv_data(w);
+    char *od = qkv_data(out);
+    int64_t rsx = x->ndim > 1 ? x->strides[x->ndim - 2] : 0, csx = x->strides[x->ndim - 1];
+    if (x->dtype == QKV_F32)
+        qkv__gemm_f32(1, rows, out_f, in, 1.0f, (const float *)xd, NULL, rsx, csx,
+                      (const float *)wd, NULL, w->strides[1], w->strides[0], b ? 1.0f : 0.0f,
+                      (float *)od, NULL, out_f, 1);
+    else
+        qkv__gemm_f64(1, rows, out_f, in, 1.0, (const double *)xd, NULL, rsx, csx,
+                      (const double *)wd, NULL, w->strides[1], w->strides[0], b ? 1.0 : 0.0,
+                      (double *)od, NULL, out_f, 1);
+    return out;
+}

@@ -128,6 +128,9 @@ qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char 
 
 /* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+/* x W^T + b over the last dimension of x (w is [out, in], b is [out] or NULL). */
+qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
+                        const char *name);
 
 /* Batched strided GEMM: for each p < batch,
  *   C_p[i,j] = alpha * sum_l A_p[i,l] * B_p[l,j] + beta * C_p[i,j]

@@ -456,6 +456,24 @@ static void gradcheck_matmul(void **state) {
           input(QKV_SHAPE(5, 4, 2), ANY, EXPANDED));
 }
 
+static qkv_tensor *call_affine(qkv_tensor *const *in, int n, void *ctx) {
+    (void)ctx;
+    return qkv_affine(in[0], in[1], n > 2 ? in[2] : NULL);
+}
+
+/* x W^T + b for inputs of 1 to 3 dimensions, every layout of x and W, with and without b */
+static void gradcheck_affine(void **state) {
+    (void)state;
+    static const int64_t xs[3][3] = {{4}, {3, 4}, {2, 3, 4}};
+    for (int nd = 1; nd <= 3; nd++)
+        for (int l = 0; l < N_LAYOUTS; l++) {
+            qkv_tensor *x = input(nd, xs[nd - 1], ANY, (layout)l);
+            qkv_tensor *w = input(QKV_SHAPE(5, 4), ANY, (layout)((l + 1) % N_LAYOUTS));
+            CHECK(call_affine, NULL, x, w, leaf(QKV_SHAPE(5), ANY));
+            CHECK(call_affine, NULL, x, w);
+        }
+}
+
 /* ---- Views and copies -------------------------------------------------------------------- */
 
 typedef enum view_kind {
@@ -706,6 +724,7 @@ int main(void) {
         TEST(gradcheck_max_min),
         TEST(gradcheck_softmax_and_log_softmax),
         TEST(gradcheck_matmul),
+    TEST(gradcheck_affine),
         TEST(gradcheck_views_and_copies),
         TEST(gradcheck_index_select),
         TEST(gradcheck_gather),
