@@ -186,6 +186,10 @@ qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim) {
 static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     qkv_tensor *out = node->saved[0];
     int axis = (int)node->iargs[0];
+    if (axis == out->ndim - 1 && g->dtype == out->dtype) {
+        gi[0] = qkv__softmax_backward(out, g, false, "softmax_backward");
+        return;
+    }
     qkv_tensor *dot = qkv_sum(qkv_mul(g, out), axis, true);
     gi[0] = qkv_mul(out, qkv_sub(g, dot));
 }
@@ -194,6 +198,10 @@ static const qkv_op_def softmax_op = {"softmax", softmax_backward};
 /* d log_softmax = g - exp(out) * sum(g) along the axis */
 static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     int axis = (int)node->iargs[0];
+    if (axis == node->saved[0]->ndim - 1 && g->dtype == node->saved[0]->dtype) {
+        gi[0] = qkv__softmax_backward(node->saved[0], g, true, "log_softmax_backward");
+        return;
+    }
     gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
 }
 static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward};

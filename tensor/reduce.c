@@ -197,8 +197,51 @@ static bool rows_path(const plan *p, qkv_dtype dt) {
            p->kstride[0] == 1 && p->n_out >= 16 && p->n_red > 1;
 }
 
+/* Sums, means and variances of contiguous float rows (the last axis: layer norm's statistics,
+ * softmax's backward), eight lanes at a time, accumulating in double. */
+typedef float qkv_f8 __attribute__((vector_size(32), aligned(4)));
+typedef double qkv_d8 __attribute__((vector_size(64), aligned(8)));
+
+static double row_sum(const float *x, int64_t n, double shift, bool square) {
+    qkv_d8 acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        qkv_f8 v;
+        memcpy(&v, x + i, sizeof v);
+        qkv_d8 d = __builtin_convertvector(v, qkv_d8) - shift;
+        acc += square ? d * d : d;
+    }
+    double s = 0;
+    for (int l = 0; l < 8; l++) s += acc[l];
+    for (; i < n; i++) s += square ? ((double)x[i] - shift) * ((double)x[i] - shift) : x[i] - shift;
+    return s;
+}
+
+static bool contiguous_rows(const plan *p, qkv_dtype dt) {
+    return dt == QKV_F32 && p->nr == 1 && p->rstride[0] == 1 && p->n_red >= 16 &&
+           (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN || p->op == QKV_RED_VAR);
+}
+
+static void reduce_rows(const plan *p, const float *data, float *out, int64_t b, int64_t e) {
+    double n = (double)p->n_red;
+    for (int64_t o = b; o < e; o++) {
+        const float *x = data + kept_offset(p, o);
+        double s = row_sum(x, p->n_red, 0, false);
+        if (p->op == QKV_RED_SUM) out[o] = (float)s;
+        else if (p->op == QKV_RED_MEAN) out[o] = (float)(s / n);
+        else {
+            double dof = n - p->correction;
+            out[o] = (float)(dof > 0 ? row_sum(x, p->n_red, s / n, true) / dof : NAN);
+        }
+    }
+}
+
 static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t b, int64_t e) {
     const char *data = qkv_data(a);
+    if (contiguous_rows(p, a->dtype)) {
+        reduce_rows(p, (const float *)data, out, b, e);
+        return;
+    }
     if (rows_path(p, a->dtype)) {
         if (a->dtype == QKV_F32) rows_sum_float(p, (const float *)data, out, b, e);
         else rows_sum_double(p, (const double *)data, out, b, e);
@@ -379,5 +422,49 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
                                    n, log);
         }
     }
+    return out;
+}
+
+/* The gradient of softmax (or log_softmax) along the last axis from its output y and the
+ * output's gradient g, one row at a time: y (g - sum(g y)) for softmax, g - exp(y) sum(g) for
+ * log_softmax. Rows are independent, so threads split them. */
+#define SOFTMAX_GRAD_ROW(T, EXP)                                                                \
+    static void softmax_grad_row_##T(const T *y, const T *g, T *out, int64_t n, bool take_log) { \
+        double s = 0;                                                                           \
+        if (take_log) {                                                                         \
+            for (int64_t j = 0; j < n; j++) s += g[j];                                          \
+            for (int64_t j = 0; j < n; j++) out[j] = g[j] - EXP(y[j]) * (T)s;                  \
+        } else {                                                                                \
+            for (int64_t j = 0; j < n; j++) s += (double)g[j] * y[j];                           \
+            for (int64_t j = 0; j < n; j++) out[j] = y[j] * (g[j] - (T)s);                     \
+        }                                                                                       \
+    }
+
+SOFTMAX_GRAD_ROW(float, expf)
+SOFTMAX_GRAD_ROW(double, exp)
+
+qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
+                                  const char *name) {
+    if (!y || !g) return NULL;
+    if (y->ndim == 0 || g->dtype != y->dtype || g->ndim != y->ndim || g->numel != y->numel)
+        return qkv_set_error("%s: gradient does not match the output", name);
+    qkv_tensor *yc = qkv__contiguous(y), *gc = qkv__contiguous(g);
+    qkv_tensor *out = yc && gc ? qkv_empty(y->dtype, y->ndim, y->shape) : NULL;
+    if (!out || out->numel == 0) return out;
+    int64_t n = y->shape[y->ndim - 1], rows = y->numel / n;
+    int threads = qkv__threads_for(y->numel * 4);
+    if (rows < threads) threads = 1;
+    const char *yd = qkv_data(yc), *gd = qkv_data(gc);
+    char *od = qkv_data(out);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++)
+        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
+            if (y->dtype == QKV_F32)
+                softmax_grad_row_float((const float *)yd + r * n, (const float *)gd + r * n,
+                                       (float *)od + r * n, n, log);
+            else
+                softmax_grad_row_double((const double *)yd + r * n, (const double *)gd + r * n,
+                                        (double *)od + r * n, n, log);
+        }
     return out;
 }

@@ -106,6 +106,10 @@ qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_te
 qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
                         double correction, const char *name);
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name);
+/* The gradient of softmax (log: log_softmax) over the last axis, from its output y and the
+ * output's gradient g. */
+qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
+                                  const char *name);
 
 /* Indexing (tensor/index.c). name is the op for messages; indices are I64 and checked. */
 /* a.shape[:axis] + index.shape + a.shape[axis+1:]: the slices of a at the indices. */
