@@ -23,5 +23,10 @@ build: configure
 test: build
 	@sh tools/run-tests.sh $(BUILD)
 
+bench: deps
+	@sh tools/install-deps.sh python3-torch libopenblas-dev
+	@$(MAKE) --no-print-directory build
+	@sh bench/run.sh $(BUILD)
+
 clean:
 	rm -rf $(BUILD)
