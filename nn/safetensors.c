@@ -540,10 +540,14 @@ static bool parse_metadata(qkv_safetensors *f, json *j) {
         size_t ks = 0, vs = 0;
         char *key = parse_string(j, &ks);
         if (!key) return false;
-        char *value = expect(j, ':') ? parse_string(j, &vs) : NULL;
+        bool colon = expect(j, ':');
+        skip_ws(j);
+        if (colon && (j->i >= j->n || j->s[j->i] != '"'))
+            jfail(j, "__metadata__ values must be strings");
+        char *value = j->failed ? NULL : parse_string(j, &vs);
         if (!value) {
             qkv__free(key, ks);
-            return jfail(j, "__metadata__ values must be strings");
+            return false;
         }
         if (!meta_add(f, j, (st_meta){key, value, ks, vs})) return false;
     } while (next_is(j, ','));
