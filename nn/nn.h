@@ -356,6 +356,8 @@ bool qkv_module_save(const void *m, const char *path, const qkv_checkpoint_conte
  * F64, I64, BOOL as themselves; F16 and BF16 as F32; U8, I8, I16, U16, I32, U32 as I64. */
 typedef struct qkv_safetensors qkv_safetensors;
 qkv_safetensors *qkv_safetensors_read(const char *path);
+/* The same from a copy of size bytes in memory; name stands for the path in messages. */
+qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name);
 void qkv_safetensors_free(qkv_safetensors *f);              /* NULL is ignored */
 int qkv_safetensors_count(const qkv_safetensors *f);        /* tensors, in header order */
 const char *qkv_safetensors_name(const qkv_safetensors *f, int i);

@@ -238,15 +238,27 @@ static bool write_all(int fd, const void *data, size_t n, size_t *written) {
     return true;
 }
 
+/* Creates "<path>.tmp-<pid>-<n>" for writing, with the permissions a new file of the user's
+ * gets (0666 less the umask), as the file it replaces would have had. */
+static int open_temporary(const char *path, char *tmp, size_t size) {
+    static unsigned counter;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd >= 0 || errno != EEXIST) return fd;
+    }
+    return -1;
+}
+
 /* Writes the header and data to a new temporary file beside path, syncs it, and renames it
  * over path, so that a reader sees either the old file or the whole new one. */
 static bool write_file(const char *path, const buffer *h, const out_entry *e, int n,
                        const void *const *data) {
-    size_t len = strlen(path);
-    char *tmp = qkv__alloc(len + 16);
+    size_t len = strlen(path) + 48;
+    char *tmp = qkv__alloc(len);
     if (!tmp) return false;
-    snprintf(tmp, len + 16, "%s.tmp-XXXXXX", path);
-    int fd = mkstemp(tmp);
+    int fd = open_temporary(path, tmp, len);
     bool ok = fd >= 0;
     size_t written = 0;
     unsigned char head[8];
@@ -274,7 +286,7 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
             close(dir);
         }
     }
-    qkv__free(tmp, len + 16);
+    qkv__free(tmp, len);
     return ok;
 }
 
@@ -729,17 +741,25 @@ static bool read_whole(qkv_safetensors *f) {
     return ok;
 }
 
-qkv_safetensors *qkv_safetensors_read(const char *path) {
-    if (!path) return qkv_set_error("qkv_safetensors_read: no path");
+/* A file object named `name` with its path copied; NULL on allocation failure. */
+static qkv_safetensors *file_new(const char *name) {
     qkv_safetensors *f = qkv__calloc(sizeof *f);
     if (!f) return NULL;
-    f->path_size = strlen(path) + 1;
+    f->path_size = strlen(name) + 1;
     f->path = qkv__alloc(f->path_size);
-    bool ok = f->path != NULL;
-    if (ok) memcpy(f->path, path, f->path_size);
-    ok = ok && read_whole(f);
+    if (!f->path) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    memcpy(f->path, name, f->path_size);
+    return f;
+}
+
+/* Checks and indexes f->file; frees f and returns NULL when it is not a good file. */
+static qkv_safetensors *parse_file(qkv_safetensors *f) {
     uint64_t hlen = 0;
-    if (ok && f->file_size < 8)
+    bool ok = true;
+    if (f->file_size < 8)
         ok = bad_file(f, "%s", "shorter than the 8-byte header length: not a safetensors file");
     for (int i = 0; ok && i < 8; i++) hlen |= (uint64_t)f->file[i] << (8 * i);
     if (ok && hlen > f->file_size - 8) {
@@ -750,7 +770,7 @@ qkv_safetensors *qkv_safetensors_read(const char *path) {
     }
     if (ok && hlen > MAX_HEADER) ok = bad_file(f, "%s", "header larger than 100 MiB");
     if (ok) {
-        json j = {path, (const char *)f->file + 8, (size_t)hlen, 0, false};
+        json j = {f->path, (const char *)f->file + 8, (size_t)hlen, 0, false};
         f->data = f->file + 8 + hlen;
         f->data_size = f->file_size - 8 - hlen;
         ok = parse_header(f, &j) && check_entries(f) && check_checksum(f);
@@ -760,6 +780,29 @@ qkv_safetensors *qkv_safetensors_read(const char *path) {
         return NULL;
     }
     return f;
+}
+
+qkv_safetensors *qkv_safetensors_read(const char *path) {
+    if (!path) return qkv_set_error("qkv_safetensors_read: no path");
+    qkv_safetensors *f = file_new(path);
+    if (f && !read_whole(f)) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    return f ? parse_file(f) : NULL;
+}
+
+qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name) {
+    qkv_safetensors *f = file_new(name ? name : "(memory)");
+    if (!f) return NULL;
+    f->file_size = size;
+    f->file = qkv__alloc(size ? size : 1);
+    if (!f->file) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    if (size) memcpy(f->file, data, size);
+    return parse_file(f);
 }
 
 void qkv_safetensors_free(qkv_safetensors *f) {

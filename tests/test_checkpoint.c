@@ -139,7 +139,8 @@ static void extras_round_trip_tensors_bytes_and_metadata(void **state) {
     qkv_tensor *step = qkv_scalar(QKV_I64, 12345678901LL);
     qkv_tensor *mask = qkv_gt_scalar(qkv_randn(QKV_F32, QKV_SHAPE(5), &g), 0);
     /* a transposed view is saved by value, in row-major order */
-    qkv_tensor *view = qkv_transpose(qkv_reshape(qkv_arange(QKV_F32, 0, 6, 1), QKV_SHAPE(2, 3)), 0, 1);
+    qkv_tensor *view =
+        qkv_transpose(qkv_reshape(qkv_arange(QKV_F32, 0, 6, 1), QKV_SHAPE(2, 3)), 0, 1);
     const char *names[] = {"optim.m", "optim.step", "mask", "view"};
     qkv_tensor *tensors[] = {moments, step, mask, view};
     qkv_named_bytes bytes[] = {{"vocab", "a\0b\xff", 4}, {"empty", NULL, 0}};
@@ -287,6 +288,83 @@ static void save_refuses_bad_and_duplicate_names(void **state) {
     assert_error_contains("bad metadata key \"qkv.checksum\"");
     assert_int_equal(access(path, F_OK), -1); /* nothing was written */
     qkv_module_free(m);
+}
+
+/* ---- Resuming training ------------------------------------------------------------------- */
+
+static const classifier_config small = {.vocab_size = 20, .n_classes = 3, .max_len = 6,
+                                        .dim = 8, .heads = 2, .layers = 1, .ffn = 16,
+                                        .dropout = 0};
+
+static qkv_optimizer *adam_for(classifier *m) {
+    qkv_named_list *params = qkv_module_parameters(m);
+    qkv_optimizer *opt = qkv_adam_new();
+    assert_true(qkv_optimizer_add_group(opt, params, qkv_adam_config(0.01)));
+    qkv_named_list_free(params);
+    return opt;
+}
+
+/* One Adam step on batch `step` of a fixed sequence; returns the loss. */
+static float train_step(classifier *m, qkv_optimizer *opt, int step) {
+    qkv_generator g;
+    qkv_generator_init(&g, 100 + (uint64_t)step);
+    qkv_scope_begin();
+    qkv_tensor *ids = qkv_randint(1, 20, QKV_SHAPE(4, 6), &g);
+    qkv_tensor *pad = qkv_gt_scalar(qkv_arange(QKV_I64, 0, 6, 1), 3 + step % 3);
+    pad = qkv_contiguous(qkv_expand(pad, QKV_SHAPE(4, 6)));
+    qkv_tensor *labels = qkv_randint(0, 3, QKV_SHAPE(4), &g);
+    qkv_tensor *loss = qkv_cross_entropy(classifier_forward(m, ids, pad), labels,
+                                         QKV_REDUCTION_MEAN, -100, 0);
+    assert_non_null(loss);
+    float value = (float)qkv_item(loss);
+    qkv_optimizer_zero_grad(opt);
+    assert_true(qkv_backward(loss));
+    assert_true(qkv_optimizer_step(opt));
+    qkv_scope_end();
+    return value;
+}
+
+static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state) {
+    (void)state;
+    enum { N = 5 };
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    classifier *straight = classifier_new(&small, &g);
+    qkv_optimizer *opt = adam_for(straight);
+    float losses[2 * N];
+    for (int s = 0; s < 2 * N; s++) losses[s] = train_step(straight, opt, s);
+    qkv_optimizer_free(opt);
+
+    qkv_generator_init(&g, 5);
+    classifier *first = classifier_new(&small, &g);
+    opt = adam_for(first);
+    for (int s = 0; s < N; s++) assert_true(train_step(first, opt, s) == losses[s]);
+    qkv_meta_pair meta[] = {{"epoch", "3"}};
+    qkv_checkpoint_contents x = {.n_meta = 1, .meta = meta};
+    assert_true(qkv_checkpoint_save(first, opt, path, &x));
+    qkv_optimizer_free(opt);
+    qkv_module_free(first);
+
+    qkv_generator_init(&g, 99); /* other initial weights: the checkpoint replaces them */
+    classifier *second = classifier_new(&small, &g);
+    opt = adam_for(second);
+    assert_true(qkv_checkpoint_load(second, opt, path, NULL));
+    assert_int_equal(opt->steps, N);
+    for (int s = N; s < 2 * N; s++) assert_true(train_step(second, opt, s) == losses[s]);
+    assert_same_state(second, straight);
+    qkv_optimizer_free(opt);
+
+    /* an optimizer that does not fit the saved state is refused by name */
+    qkv_optimizer *sgd = qkv_sgd_new();
+    qkv_named_list *params = qkv_module_parameters(second);
+    assert_true(qkv_optimizer_add_group(sgd, params, qkv_sgd_config(0.1)));
+    qkv_named_list_free(params);
+    assert_false(qkv_checkpoint_load(second, sgd, path, NULL));
+    assert_non_null(qkv_error());
+    qkv_clear_error();
+    qkv_optimizer_free(sgd);
+    qkv_module_free(second);
+    qkv_module_free(straight);
 }
 
 /* ---- Hostile files ----------------------------------------------------------------------- */
@@ -586,6 +664,7 @@ int main(void) {
         T(load_dtype_mismatch_is_an_error),
         T(missing_and_unexpected_names_fail_unless_partial),
         T(save_refuses_bad_and_duplicate_names),
+        T(training_resumed_from_a_checkpoint_is_bitwise_identical),
         T(hostile_headers_are_refused_with_a_message),
         T(short_files_and_lengths_past_the_end_are_refused),
         T(a_flipped_data_byte_fails_the_checksum),
