@@ -1,8 +1,10 @@
 """Text pipeline shared by the reference scripts; qkv's data/ must match it exactly.
 
 - A dataset file has one `label<TAB>text` per line (UTF-8).
-- Word level: the text is lowercased with str.lower() (ASCII and Unicode), then a token
-  is a maximal run of characters c with c.isalnum() or c == "'".
+- Word level: a token is a maximal run of word characters: ASCII letters, digits and the
+  apostrophe, and every non-ASCII code point outside SEPARATORS (punctuation, symbols,
+  specials, emoji). Letters are lowercased by lower() below: ASCII, Latin-1, Latin
+  Extended-A, Greek and Cyrillic case pairs (data/text.c holds the same rules).
 - Char level: one token per Unicode code point of the text as it is (no lowercasing).
 - Vocabulary from the training texts: id 0 = <pad>, id 1 = <unk>, then the tokens with
   count >= min_count, most frequent first, ties by the token's UTF-8 bytes ascending,
@@ -32,11 +34,43 @@ def read_tsv(path):
     return labels, texts
 
 
+SEPARATORS = [
+    (0x80, 0xB4), (0xB6, 0xBF), (0xD7, 0xD7), (0xF7, 0xF7), (0x2000, 0x2BFF),
+    (0x2E00, 0x2E7F), (0x3000, 0x303F), (0xE000, 0xF8FF), (0xFE10, 0xFE1F), (0xFE30, 0xFE4F),
+    (0xFF00, 0xFF0F), (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF65), (0xFFF0, 0xFFFF),
+    (0x1F000, 0x1FAFF),
+]
+
+
+def is_word_char(c):
+    o = ord(c)
+    if o < 0x80:
+        return c.isalnum() or c == "'"
+    return not any(lo <= o <= hi for lo, hi in SEPARATORS)
+
+
+def lower(c):
+    o = ord(c)
+    if 0x41 <= o <= 0x5A or (0xC0 <= o <= 0xDE and o != 0xD7):
+        o += 0x20
+    elif 0x100 <= o <= 0x137 or 0x14A <= o <= 0x177:
+        o |= 1
+    elif 0x139 <= o <= 0x148 or 0x179 <= o <= 0x17E:
+        o += o & 1
+    elif o == 0x178:
+        o = 0xFF
+    elif (0x391 <= o <= 0x3A9 and o != 0x3A2) or 0x410 <= o <= 0x42F:
+        o += 0x20
+    elif 0x400 <= o <= 0x40F:
+        o += 0x50
+    return chr(o)
+
+
 def word_tokens(text):
     tokens, run = [], []
-    for c in text.lower():
-        if c.isalnum() or c == "'":
-            run.append(c)
+    for c in text:
+        if is_word_char(c):
+            run.append(lower(c))
         elif run:
             tokens.append("".join(run))
             run = []

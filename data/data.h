@@ -32,7 +32,7 @@ typedef struct qkv_tsv {
 } qkv_tsv;
 
 typedef enum qkv_tokenizer {
-    QKV_TOKENIZE_WORDS = 0, /* maximal runs of word characters, ASCII letters lowercased */
+    QKV_TOKENIZE_WORDS = 0, /* maximal runs of word characters, lowercased */
     QKV_TOKENIZE_CHARS = 1, /* one token per code point, unchanged */
 } qkv_tokenizer;
 
@@ -68,9 +68,11 @@ void qkv_tsv_free(qkv_tsv *tsv);
 /* ---- Tokenizing -------------------------------------------------------------------------- */
 
 /* Splits text into tokens. QKV_TOKENIZE_WORDS: a token is a maximal run of word characters,
- * which are ASCII letters (lowercased), ASCII digits, the apostrophe, and every non-ASCII code
- * point (so "café" and "naïve" stay whole, and non-ASCII punctuation joins its neighbours);
- * everything else separates. "Don't STOP-me" -> "don't", "stop", "me".
+ * which are ASCII letters and digits, the apostrophe, and the non-ASCII code points other than
+ * punctuation, symbols, specials (U+FFFD, so invalid bytes separate) and emoji, so "café" and
+ * "naïve" stay whole and "a—b" is two words. Letters are lowercased where case pairs are one to
+ * one: ASCII, Latin-1, Latin Extended-A, Greek, Cyrillic. Everything else separates.
+ * "Don't STOP-me, ÉCOLE" -> "don't", "stop", "me", "école".
  * QKV_TOKENIZE_CHARS: every code point, spaces included, is a token. */
 qkv_tokens *qkv_tokenize(qkv_tokenizer kind, const char *text);
 void qkv_tokens_free(qkv_tokens *tokens);

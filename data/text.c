@@ -72,32 +72,65 @@ void qkv__token_iter_init(qkv__token_iter *it, qkv_tokenizer kind, const char *t
     it->end = it->p + strlen(text);
 }
 
-static bool is_ascii_word(unsigned c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '\'';
+/* The non-ASCII code points that separate words, as closed ranges: Latin-1 punctuation and
+ * symbols (but the micro sign), the multiplication and division signs, General Punctuation
+ * through Miscellaneous Symbols and Arrows (dashes, quotes, currency, letterlike symbols, math,
+ * box drawing, dingbats), Supplemental Punctuation, CJK punctuation, private use, vertical and
+ * small forms, full-width ASCII punctuation, Specials (U+FFFD included) and the emoji planes.
+ * bench/textdata.py holds the same table. */
+static const uint32_t separators[][2] = {
+    {0x80, 0xB4},     {0xB6, 0xBF},     {0xD7, 0xD7},     {0xF7, 0xF7},     {0x2000, 0x2BFF},
+    {0x2E00, 0x2E7F}, {0x3000, 0x303F}, {0xE000, 0xF8FF}, {0xFE10, 0xFE1F}, {0xFE30, 0xFE4F},
+    {0xFF00, 0xFF0F}, {0xFF1A, 0xFF20}, {0xFF3B, 0xFF40}, {0xFF5B, 0xFF65}, {0xFFF0, 0xFFFF},
+    {0x1F000, 0x1FAFF},
+};
+
+static bool is_word_char(uint32_t c) {
+    if (c < 0x80)
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+               c == '\'';
+    for (size_t i = 0; i < sizeof separators / sizeof separators[0]; i++)
+        if (c >= separators[i][0] && c <= separators[i][1]) return false;
+    return true;
 }
 
-/* Every non-ASCII byte starts (or continues, or is) a non-ASCII code point, or is invalid and
- * stands for U+FFFD: all are word characters. */
-static bool is_word_byte(unsigned c) {
-    return c >= 0x80 || is_ascii_word(c);
+/* Simple lowercasing of the alphabets with one-to-one case pairs: ASCII, Latin-1, Latin
+ * Extended-A, Greek and Cyrillic. Other code points are kept as they are. */
+static uint32_t to_lower(uint32_t c) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 0xC0 && c <= 0xDE && c != 0xD7)) return c + 0x20;
+    if ((c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177)) return c | 1;
+    if ((c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E)) return c + (c & 1);
+    if (c == 0x178) return 0xFF;
+    if ((c >= 0x391 && c <= 0x3A9 && c != 0x3A2) || (c >= 0x410 && c <= 0x42F)) return c + 0x20;
+    if (c >= 0x400 && c <= 0x40F) return c + 0x50;
+    return c;
+}
+
+static bool append_code_point(qkv__buf *b, uint32_t c) {
+    unsigned char out[4];
+    int n = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+    if (n == 1) out[0] = (unsigned char)c;
+    else {
+        for (int i = n - 1; i > 0; i--, c >>= 6) out[i] = (unsigned char)(0x80 | (c & 0x3F));
+        out[0] = (unsigned char)((0xF00 >> n) | c);
+    }
+    return qkv__buf_append(b, out, (size_t)n);
+}
+
+/* Invalid bytes decode to U+FFFD, a separator, one byte at a time. */
+static int decode(qkv__token_iter *it, uint32_t *cp) {
+    int n = qkv__utf8_decode(it->p, it->end, cp);
+    return n ? n : 1;
 }
 
 static int next_word(qkv__token_iter *it, qkv__buf *tok) {
-    while (it->p < it->end && !is_word_byte(*it->p)) it->p++;
+    uint32_t cp = 0;
+    int n = 0;
+    while (it->p < it->end && !is_word_char((n = decode(it, &cp), cp))) it->p += n;
     if (it->p == it->end) return 0;
-    while (it->p < it->end && is_word_byte(*it->p)) {
-        unsigned c = *it->p;
-        if (c < 0x80) {
-            char lower = (char)(c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c);
-            if (!qkv__buf_append(tok, &lower, 1)) return -1;
-            it->p++;
-        } else {
-            uint32_t cp;
-            int n = qkv__utf8_decode(it->p, it->end, &cp);
-            if (!qkv__utf8_append(tok, it->p, n)) return -1;
-            it->p += n ? n : 1;
-        }
+    while (it->p < it->end && is_word_char((n = decode(it, &cp), cp))) {
+        if (!append_code_point(tok, to_lower(cp))) return -1;
+        it->p += n;
     }
     return 1;
 }
