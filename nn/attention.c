@@ -58,6 +58,10 @@ qkv_multi_head_attention *qkv_multi_head_attention_new(int64_t embed_dim, int64_
     }
     uint64_t seed = (uint64_t)qkv_generator_next_u32(g) << 32;
     qkv_generator_init(&m->generator, seed | qkv_generator_next_u32(g));
+    if (!qkv_module_add_generator(b, "generator", &m->generator)) {
+        qkv_module_free(m);
+        return NULL;
+    }
     return m;
 }
 

@@ -14,6 +14,10 @@ qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g) {
     uint64_t seed = (uint64_t)qkv_generator_next_u32(g) << 32;
     seed |= qkv_generator_next_u32(g);
     qkv_generator_init(&m->generator, seed);
+    if (!qkv_module_add_generator(&m->base, "generator", &m->generator)) {
+        qkv_module_free(m);
+        return NULL;
+    }
     return m;
 }
 

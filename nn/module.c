@@ -12,9 +12,9 @@ void qkv_module_init(qkv_module *m, const char *type, size_t size,
                      void (*destroy)(qkv_module *m)) {
     m->type = type;
     m->training = true;
-    m->n_params = m->n_buffers = m->n_modules = 0;
-    m->params = m->buffers = m->modules = NULL;
-    m->cap_params = m->cap_buffers = m->cap_modules = 0;
+    m->n_params = m->n_buffers = m->n_modules = m->n_generators = 0;
+    m->params = m->buffers = m->modules = m->generators = NULL;
+    m->cap_params = m->cap_buffers = m->cap_modules = m->cap_generators = 0;
     m->destroy = destroy;
     m->size = size;
 }
@@ -52,7 +52,8 @@ static bool check_name(const qkv_module *m, const char *op, const char *name) {
         return false;
     }
     if (has_name(m->params, m->n_params, name) || has_name(m->buffers, m->n_buffers, name) ||
-        has_name(m->modules, m->n_modules, name)) {
+        has_name(m->modules, m->n_modules, name) ||
+        has_name(m->generators, m->n_generators, name)) {
         qkv_set_error("%s: %s already has a member named \"%s\"", op, m->type, name);
         return false;
     }
@@ -67,7 +68,7 @@ static bool append(qkv_module_entry **list, int *n, int *cap, const char *name,
     *cap = (int)c;
     char *copy = copy_string(name);
     if (!copy) return false;
-    (*list)[(*n)++] = (qkv_module_entry){copy, tensor, module};
+    (*list)[(*n)++] = (qkv_module_entry){copy, tensor, module, NULL};
     return true;
 }
 
@@ -100,6 +101,15 @@ void *qkv_module_add_module(qkv_module *m, const char *name, void *child) {
     return child;
 }
 
+bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g) {
+    if (!m || !g) return false;
+    if (!check_name(m, "qkv_module_add_generator", name) ||
+        !append(&m->generators, &m->n_generators, &m->cap_generators, name, NULL, NULL))
+        return false;
+    m->generators[m->n_generators - 1].generator = g;
+    return true;
+}
+
 /* ---- Freeing and modes ------------------------------------------------------------------- */
 
 static void free_entries(qkv_module_entry *e, int n, int cap) {
@@ -118,6 +128,7 @@ void qkv_module_free(void *mp) {
     free_entries(m->params, m->n_params, m->cap_params);
     free_entries(m->buffers, m->n_buffers, m->cap_buffers);
     free_entries(m->modules, m->n_modules, m->cap_modules);
+    free_entries(m->generators, m->n_generators, m->cap_generators);
     qkv__free(m, m->size);
 }
 
@@ -280,4 +291,43 @@ void qkv_module_zero_grad(void *mp) {
     if (!m) return;
     for (int i = 0; i < m->n_params; i++) qkv_zero_grad(m->params[i].tensor);
     for (int i = 0; i < m->n_modules; i++) qkv_module_zero_grad(m->modules[i].module);
+}
+
+/* ---- Generators -------------------------------------------------------------------------- */
+
+static bool collect_generators(qkv_generator_list *l, const qkv_module *m, const char *prefix) {
+    for (int i = 0; i < m->n_generators; i++) {
+        size_t cap = (size_t)l->cap;
+        if (!qkv__reserve((void **)&l->items, &cap, (size_t)l->n + 1, sizeof *l->items))
+            return false;
+        l->cap = (int)cap;
+        char *full = join(prefix, m->generators[i].name, "");
+        if (!full) return false;
+        l->items[l->n++] = (qkv_named_generator){full, m->generators[i].generator};
+    }
+    for (int i = 0; i < m->n_modules; i++) {
+        char *sub = join(prefix, m->modules[i].name, ".");
+        if (!sub) return false;
+        bool ok = collect_generators(l, m->modules[i].module, sub);
+        free_string(sub);
+        if (!ok) return false;
+    }
+    return true;
+}
+
+qkv_generator_list *qkv_module_generators(const void *m) {
+    if (!m) return NULL;
+    qkv_generator_list *l = qkv__calloc(sizeof *l);
+    if (l && !collect_generators(l, m, "")) {
+        qkv_generator_list_free(l);
+        return NULL;
+    }
+    return l;
+}
+
+void qkv_generator_list_free(qkv_generator_list *l) {
+    if (!l) return;
+    for (int i = 0; i < l->n; i++) free_string(l->items[i].name);
+    if (l->items) qkv__free(l->items, (size_t)l->cap * sizeof *l->items);
+    qkv__free(l, sizeof *l);
 }

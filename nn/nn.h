@@ -27,16 +27,18 @@ typedef struct qkv_module_entry {
     char *name;
     qkv_tensor *tensor;   /* for parameters and buffers */
     qkv_module *module;   /* for submodules */
+    qkv_generator *generator; /* for random generators */
 } qkv_module_entry;
 
 struct qkv_module {
     const char *type;             /* "linear", "multi_head_attention", a user's own name */
     bool training;
-    int n_params, n_buffers, n_modules;
+    int n_params, n_buffers, n_modules, n_generators;
     qkv_module_entry *params;     /* own parameters, in registration order */
     qkv_module_entry *buffers;    /* own non-trainable state saved in checkpoints */
     qkv_module_entry *modules;    /* own submodules, in registration order */
-    int cap_params, cap_buffers, cap_modules;
+    qkv_module_entry *generators; /* generators the module draws from (dropout masks) */
+    int cap_params, cap_buffers, cap_modules, cap_generators;
     void (*destroy)(qkv_module *m); /* frees what the concrete struct adds; may be NULL */
     size_t size;                  /* sizeof the concrete struct, for freeing it */
 };
@@ -57,6 +59,9 @@ qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t
  * (duplicate name, NULL child), having freed child: a constructor can pass qkv_foo_new(...)
  * straight in and check once. Names are non-empty and contain no '.'. */
 void *qkv_module_add_module(qkv_module *m, const char *name, void *child);
+/* Registers a generator that lives inside the module struct (a dropout layer's), so that a
+ * training checkpoint (qkv_checkpoint_save) saves and restores where it stands. */
+bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g);
 void qkv_module_free(void *m);                 /* NULL is ignored */
 void qkv_module_train(void *m, bool training); /* reaches every submodule */
 
@@ -70,6 +75,17 @@ typedef struct qkv_named_list {
 qkv_named_list *qkv_module_parameters(const void *m);
 qkv_named_list *qkv_module_state(const void *m); /* parameters and buffers */
 void qkv_named_list_free(qkv_named_list *list);
+/* Every registered generator with its dotted name ("encoder.layers.0.dropout1.generator"). */
+typedef struct qkv_named_generator {
+    char *name;
+    qkv_generator *generator;
+} qkv_named_generator;
+typedef struct qkv_generator_list {
+    int n, cap;
+    qkv_named_generator *items;
+} qkv_generator_list;
+qkv_generator_list *qkv_module_generators(const void *m);
+void qkv_generator_list_free(qkv_generator_list *list);
 int64_t qkv_module_num_parameters(const void *m); /* total elements */
 /* Converts every parameter and buffer to dtype in place (e.g. F64 for gradient checks). */
 bool qkv_module_to_dtype(void *m, qkv_dtype dtype);

@@ -294,7 +294,7 @@ static void save_refuses_bad_and_duplicate_names(void **state) {
 
 static const classifier_config small = {.vocab_size = 20, .n_classes = 3, .max_len = 6,
                                         .dim = 8, .heads = 2, .layers = 1, .ffn = 16,
-                                        .dropout = 0};
+                                        .dropout = 0.2};
 
 static qkv_optimizer *adam_for(classifier *m) {
     qkv_named_list *params = qkv_module_parameters(m);
@@ -324,6 +324,7 @@ static float train_step(classifier *m, qkv_optimizer *opt, int step) {
     return value;
 }
 
+/* With dropout on: the masks after the load continue the sequence they would have drawn. */
 static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state) {
     (void)state;
     enum { N = 5 };
@@ -350,6 +351,12 @@ static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state
     opt = adam_for(second);
     assert_true(qkv_checkpoint_load(second, opt, path, NULL));
     assert_int_equal(opt->steps, N);
+    /* the dropout generators were saved where they stood, and are restored there */
+    qkv_generator_list *gens = qkv_module_generators(second);
+    assert_int_equal(gens->n, 5); /* embedding dropout, attention, three in the layer */
+    assert_string_equal(gens->items[0].name, "dropout.generator");
+    assert_string_equal(gens->items[1].name, "encoder.layers.0.self_attn.generator");
+    qkv_generator_list_free(gens);
     for (int s = N; s < 2 * N; s++) assert_true(train_step(second, opt, s) == losses[s]);
     assert_same_state(second, straight);
     qkv_optimizer_free(opt);
