@@ -77,7 +77,8 @@ char *qkv_shape_str(const qkv_tensor *t, char *buf, size_t size);
 
 /* ---- Lifetime ---------------------------------------------------------------------------- */
 
-void qkv_scope_begin(void);
+void qkv_scope_begin(void);             /* never fails; past 128 levels deep, the tensors
+                                           of deeper levels go to the 128th */
 void qkv_scope_end(void);               /* releases every tensor the innermost scope still owns */
 int qkv_scope_depth(void);
 qkv_tensor *qkv_retain(qkv_tensor *t);  /* adds a reference the caller must release */

@@ -217,6 +217,18 @@ static void every_allocation_failure_is_reported_and_leaks_nothing(void **state)
     qkv_clear_error();
 }
 
+static void opening_a_scope_allocates_nothing(void **state) {
+    (void)state;
+    qkv_debug_fail_alloc_at(UINT64_MAX);
+    qkv_scope_begin();
+    qkv_scope_begin();
+    uint64_t count = qkv_debug_alloc_count();
+    qkv_scope_end();
+    qkv_scope_end();
+    qkv_debug_fail_alloc_at(0);
+    assert_int_equal(count, 0);
+}
+
 static void failed_allocation_message_names_the_size(void **state) {
     (void)state;
     qkv_debug_fail_alloc_at(2); /* the storage's data, after its header */
@@ -243,6 +255,7 @@ int main(void) {
 #undef T
         cmocka_unit_test_setup_teardown(every_allocation_failure_is_reported_and_leaks_nothing,
                                         NULL, NULL),
+        cmocka_unit_test(opening_a_scope_allocates_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
