@@ -60,6 +60,13 @@ static void bad_reshape_names_both_shapes(void **state) {
     assert_string_equal(qkv_error(), "qkv_reshape: cannot reshape [2,3] (6 elements) to [4,-1]");
 }
 
+static void matmul_names_both_shapes_when_inner_dimensions_differ(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3)), *b = qkv_ones(QKV_F32, QKV_SHAPE(4, 5));
+    assert_null(qkv_matmul(a, b));
+    assert_string_equal(qkv_error(), "qkv_matmul: inner dimensions differ: [2,3] @ [4,5]");
+}
+
 static void null_inputs_give_null_without_a_new_error(void **state) {
     (void)state;
     qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
@@ -339,6 +346,7 @@ int main(void) {
         T(broadcast_mismatch_names_op_and_shapes),
         T(axis_out_of_range_names_op_axis_and_shape),
         T(bad_reshape_names_both_shapes),
+        T(matmul_names_both_shapes_when_inner_dimensions_differ),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),
         T(first_error_is_kept_until_cleared),
