@@ -6,6 +6,8 @@
  * mode is on (the default) and an input requires grad, the op records a node so that
  * qkv_backward can compute gradients. Axes may be negative (counted from the end).
  * Binary ops broadcast as NumPy and PyTorch do. Results of views share their input's storage.
+ * Grad mode and anomaly mode are per thread; a graph, like the tensors it links, is used by one
+ * thread at a time (see tensor.h).
  */
 #ifndef QKV_AUTOGRAD_H
 #define QKV_AUTOGRAD_H

@@ -116,8 +116,12 @@ static qkv_tensor *additive(const qkv_tensor *mask, qkv_dtype dtype) {
     return qkv_masked_fill(qkv_zeros(dtype, mask->ndim, mask->shape), mask, -INFINITY);
 }
 
-static qkv_tensor *combine(qkv_tensor *sum, qkv_tensor *term) {
-    return sum ? qkv_add(sum, term) : term;
+/* Adds a requested mask's term to the running sum. False when the term or the sum failed:
+ * a NULL sum would otherwise read as "no mask" and attention would run unmasked. */
+static bool add_term(qkv_tensor **sum, qkv_tensor *term) {
+    if (!term) return false;
+    *sum = *sum ? qkv_add(*sum, term) : term;
+    return *sum != NULL;
 }
 
 /* Key j > query i is forbidden: cols > rows, a [T,S] BOOL mask made from two aranges. */
@@ -136,8 +140,7 @@ static qkv_tensor *masked_scores(const qkv_multi_head_attention *m, qkv_tensor *
     qkv_tensor *bias = NULL;
     if (o->attn_mask) {
         qkv_tensor *mask = attn_mask_4d(m, o->attn_mask, B, T, S);
-        if (!mask) return NULL;
-        bias = additive(mask, scores->dtype);
+        if (!mask || !add_term(&bias, additive(mask, scores->dtype))) return NULL;
     }
     const qkv_tensor *kpm = o->key_padding_mask;
     if (kpm) {
@@ -147,9 +150,11 @@ static qkv_tensor *masked_scores(const qkv_multi_head_attention *m, qkv_tensor *
                                  "expected [%lld,%lld]", qkv_shape_str(kpm, s, sizeof s),
                                  (long long)B, (long long)S);
         }
-        bias = combine(bias, additive(qkv_reshape(kpm, QKV_SHAPE(B, 1, 1, S)), scores->dtype));
+        qkv_tensor *term = additive(qkv_reshape(kpm, QKV_SHAPE(B, 1, 1, S)), scores->dtype);
+        if (!add_term(&bias, term)) return NULL;
     }
-    if (o->is_causal) bias = combine(bias, additive(causal_mask(T, S), scores->dtype));
+    if (o->is_causal && !add_term(&bias, additive(causal_mask(T, S), scores->dtype)))
+        return NULL;
     return bias ? qkv_add(scores, bias) : scores;
 }
 

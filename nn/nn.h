@@ -8,6 +8,10 @@
  *
  * Parameters have PyTorch-style dotted names built from the submodule names
  * ("blocks.0.attn.q_proj.weight"), so checkpoints line up with PyTorch's state_dict.
+ *
+ * A module is used by one thread at a time: its parameters are tensors, and its dropout layers
+ * draw from generators of their own. To run a model on several threads, give each thread its
+ * own copy.
  */
 #ifndef QKV_NN_H
 #define QKV_NN_H

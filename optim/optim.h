@@ -9,6 +9,7 @@
  * qkv_optimizer_free, so later steps allocate nothing. Parameters are F32 or F64.
  *
  * Errors follow tensor.h: false or NULL, with qkv_error() naming the function and the cause.
+ * An optimizer, like the parameters it updates, is used by one thread at a time.
  * A typical training step:
  *
  *     qkv_scope_begin();

@@ -10,6 +10,12 @@
  *    (or false / -1) and records a message naming the op and the shapes; qkv_error() returns the
  *    first message recorded since the last qkv_clear_error(). Every op accepts NULL inputs and
  *    returns NULL, so a chain of ops is checked once, at its end. The error state is per thread.
+ *  - Threads. The error state and the scope stack are per thread. Reference counts are not
+ *    atomic: a tensor, its views and its graph are used by one thread at a time (several
+ *    threads may only read its elements at once, with qkv_data, qkv_get, qkv_item or
+ *    qkv_copy_out, while none changes it), and so is a qkv_generator. The caching allocator and
+ *    its statistics are shared and locked. qkv_set_num_threads and qkv_debug_fail_alloc_at act
+ *    on the whole process. docs/threads.md has the details.
  *  - Shapes are given as (ndim, const int64_t *shape); QKV_SHAPE(2, 3) expands to both.
  *    Strides and offsets count elements, not bytes.
  *
@@ -77,7 +83,8 @@ char *qkv_shape_str(const qkv_tensor *t, char *buf, size_t size);
 
 /* ---- Lifetime ---------------------------------------------------------------------------- */
 
-void qkv_scope_begin(void);
+void qkv_scope_begin(void);             /* never fails; past 128 levels deep, the tensors
+                                           of deeper levels go to the 128th */
 void qkv_scope_end(void);               /* releases every tensor the innermost scope still owns */
 int qkv_scope_depth(void);
 qkv_tensor *qkv_retain(qkv_tensor *t);  /* adds a reference the caller must release */

@@ -525,6 +525,23 @@ static void vocab_from_bytes_rejects_missing_specials_and_labels_magic(void **st
                         "qkv_vocab_from_bytes: ids 0 and 1 are not \"<pad>\" and \"<unk>\"");
 }
 
+static void vocab_from_bytes_names_a_short_header_and_an_unknown_tokenizer(void **state) {
+    (void)state;
+    assert_null(qkv_vocab_from_bytes("qkvvoca", 7));
+    assert_string_equal(qkv_error(),
+                        "qkv_vocab_from_bytes: 7 bytes, shorter than the 24-byte header");
+    qkv_clear_error();
+    qkv_vocab *v = qkv_vocab_build(QKV_TOKENIZE_CHARS, (const char *[]){"ab"}, 1, 1, 0);
+    size_t size = qkv_vocab_to_bytes(v, NULL, 0);
+    unsigned char *buf = malloc(size);
+    assert_int_equal(qkv_vocab_to_bytes(v, buf, size), size);
+    buf[12] = 9; /* the tokenizer kind */
+    assert_null(qkv_vocab_from_bytes(buf, size));
+    assert_string_equal(qkv_error(), "qkv_vocab_from_bytes: unknown tokenizer 9");
+    free(buf);
+    qkv_vocab_free(v);
+}
+
 /* ---- Batching ---------------------------------------------------------------------------- */
 
 /* a: id 2, b: id 3, c: id 4; labels neg: 0, pos: 1 */
@@ -786,6 +803,7 @@ int main(void) {
         T(labels_from_bytes_rejects_hostile_fields),
         T(labels_from_bytes_rejects_duplicates),
         T(vocab_from_bytes_rejects_missing_specials_and_labels_magic),
+        T(vocab_from_bytes_names_a_short_header_and_an_unknown_tokenizer),
         T(dataset_batch_truncates_pads_and_masks),
         T(dataset_without_labels_gives_no_label_tensor),
         T(batch_tensors_belong_to_the_scope),

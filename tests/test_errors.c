@@ -1,6 +1,7 @@
 /* Errors as values: each kind of user mistake returns NULL and records the first message;
  * NULL inputs pass through silently; the error state is per thread; and every allocation of
- * a forward and backward pass can fail without a crash or a leak. */
+ * a forward and backward pass, and of a small attention model's training step, can fail
+ * without a crash or a leak. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -57,6 +58,13 @@ static void bad_reshape_names_both_shapes(void **state) {
     qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
     assert_null(qkv_reshape(a, QKV_SHAPE(4, -1)));
     assert_string_equal(qkv_error(), "qkv_reshape: cannot reshape [2,3] (6 elements) to [4,-1]");
+}
+
+static void matmul_names_both_shapes_when_inner_dimensions_differ(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3)), *b = qkv_ones(QKV_F32, QKV_SHAPE(4, 5));
+    assert_null(qkv_matmul(a, b));
+    assert_string_equal(qkv_error(), "qkv_matmul: inner dimensions differ: [2,3] @ [4,5]");
 }
 
 static void null_inputs_give_null_without_a_new_error(void **state) {
@@ -217,6 +225,110 @@ static void every_allocation_failure_is_reported_and_leaks_nothing(void **state)
     qkv_clear_error();
 }
 
+/* A small attention classifier: token embedding, one pre-norm encoder layer with dropout over
+ * a key padding mask, the first position through a linear head. */
+typedef struct tiny_attention_model {
+    qkv_module base;
+    qkv_embedding *embed;
+    qkv_transformer_encoder_layer *layer;
+    qkv_linear *head;
+} tiny_attention_model;
+
+static tiny_attention_model *tiny_attention_model_new(qkv_generator *g) {
+    qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 8, .dropout = 0.1,
+                                .activation = QKV_ACT_GELU, .norm_first = true};
+    tiny_attention_model *m = qkv_module_new("tiny_attention", sizeof *m, NULL);
+    if (!m) return NULL;
+    m->embed = qkv_module_add_module(&m->base, "embed", qkv_embedding_new(10, 4, 0, g));
+    m->layer = qkv_module_add_module(&m->base, "layer", qkv_transformer_encoder_layer_new(&c, g));
+    m->head = qkv_module_add_module(&m->base, "head", qkv_linear_new(4, 3, true, g));
+    if (!m->embed || !m->layer || !m->head) {
+        qkv_module_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+/* Builds the model and an Adam optimizer, runs forward, cross entropy, backward and one step,
+ * and frees it all. Writes the loss to *loss_out; false if anything failed. */
+static bool attention_training_step(double *loss_out) {
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    tiny_attention_model *m = tiny_attention_model_new(&g);
+    qkv_named_list *params = m ? qkv_module_parameters(m) : NULL;
+    qkv_optimizer *opt = qkv_adam_new();
+    bool ok = params && opt && qkv_optimizer_add_group(opt, params, qkv_adam_config(1e-2));
+    if (ok) {
+        qkv_scope_begin();
+        qkv_tensor *ids = qkv_from_array(QKV_I64, QKV_SHAPE(2, 3),
+                                         (const int64_t[]){4, 7, 0, 2, 9, 5});
+        qkv_tensor *pad = qkv_from_array(QKV_BOOL, QKV_SHAPE(2, 3),
+                                         (const bool[]){0, 0, 1, 0, 0, 0});
+        qkv_tensor *targets = qkv_from_array(QKV_I64, QKV_SHAPE(2), (const int64_t[]){2, 0});
+        qkv_encoder_options opts = {.src_key_padding_mask = pad};
+        /* A NULL mask means no mask, so a mask that failed to be made must stop the step. */
+        qkv_tensor *x = !pad ? NULL : qkv_transformer_encoder_layer_forward(
+            m->layer, qkv_embedding_forward(m->embed, ids), &opts);
+        qkv_tensor *logits = qkv_linear_forward(m->head, qkv_select(x, 1, 0));
+        qkv_tensor *loss = qkv_cross_entropy(logits, targets, QKV_REDUCTION_MEAN, -100, 0.0);
+        ok = loss && qkv_backward(loss) && qkv_optimizer_step(opt);
+        if (ok) *loss_out = qkv_item(loss);
+        qkv_scope_end();
+    }
+    qkv_optimizer_free(opt);
+    qkv_named_list_free(params);
+    qkv_module_free(m);
+    return ok;
+}
+
+static void attention_training_step_survives_every_allocation_failure(void **state) {
+    (void)state;
+    qkv_memory_stats start = qkv_memory_stats_get();
+    double expected = 0, loss = 0;
+    qkv_clear_error();
+    if (!attention_training_step(&expected)) fail_msg("%s", qkv_error());
+    uint64_t failures = 0;
+    for (uint64_t n = 1;; n++) {
+        qkv_clear_error();
+        qkv_debug_fail_alloc_at(n);
+        bool ok = attention_training_step(&loss);
+        uint64_t count = qkv_debug_alloc_count();
+        qkv_debug_fail_alloc_at(0);
+        qkv_memory_stats now = qkv_memory_stats_get();
+        if (now.live_tensors != start.live_tensors || now.bytes_in_use != start.bytes_in_use)
+            fail_msg("allocation %llu failing leaks %lld tensors, %lld bytes",
+                     (unsigned long long)n,
+                     (long long)(now.live_tensors - start.live_tensors),
+                     (long long)(now.bytes_in_use - start.bytes_in_use));
+        if (count < n) { /* nothing was left to fail: this is a clean run */
+            assert_true(ok);
+            assert_null(qkv_error());
+            break;
+        }
+        if (ok) fail_msg("allocation %llu failed but the step succeeded", (unsigned long long)n);
+        const char *err = qkv_error();
+        if (!err || strncmp(err, OOM_PREFIX, strlen(OOM_PREFIX)) != 0)
+            fail_msg("allocation %llu: expected out of memory, got %s", (unsigned long long)n,
+                     err ? err : "no error");
+        failures++;
+    }
+    assert_true(failures > 100);
+    /* The step after the sweep is the undisturbed step, bit for bit. */
+    assert_memory_equal(&loss, &expected, sizeof loss);
+}
+
+static void opening_a_scope_allocates_nothing(void **state) {
+    (void)state;
+    qkv_debug_fail_alloc_at(UINT64_MAX);
+    qkv_scope_begin();
+    qkv_scope_begin();
+    uint64_t count = qkv_debug_alloc_count();
+    qkv_scope_end();
+    qkv_scope_end();
+    qkv_debug_fail_alloc_at(0);
+    assert_int_equal(count, 0);
+}
+
 static void failed_allocation_message_names_the_size(void **state) {
     (void)state;
     qkv_debug_fail_alloc_at(2); /* the storage's data, after its header */
@@ -234,6 +346,7 @@ int main(void) {
         T(broadcast_mismatch_names_op_and_shapes),
         T(axis_out_of_range_names_op_axis_and_shape),
         T(bad_reshape_names_both_shapes),
+        T(matmul_names_both_shapes_when_inner_dimensions_differ),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),
         T(first_error_is_kept_until_cleared),
@@ -243,6 +356,8 @@ int main(void) {
 #undef T
         cmocka_unit_test_setup_teardown(every_allocation_failure_is_reported_and_leaks_nothing,
                                         NULL, NULL),
+        cmocka_unit_test(opening_a_scope_allocates_nothing),
+        cmocka_unit_test(attention_training_step_survives_every_allocation_failure),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -448,6 +448,20 @@ static void embedding_padding_row_starts_at_zero(void **state) {
     qkv_module_free(emb);
 }
 
+static void embedding_names_an_id_out_of_range_and_ids_that_are_not_i64(void **state) {
+    (void)state;
+    qkv_generator g = gen(16);
+    qkv_embedding *emb = qkv_embedding_new(5, 4, -1, &g);
+    assert_null(qkv_embedding_forward(emb, qkv_from_array(QKV_I64, S(2),
+                                                          (const int64_t[]){1, 7})));
+    assert_string_equal(qkv_error(), "qkv_index_select: index 7 out of range for axis 0 of "
+                                     "size 5 (input [5,4], index [2])");
+    qkv_clear_error();
+    assert_null(qkv_embedding_forward(emb, qkv_ones(QKV_F32, S(2))));
+    assert_string_equal(qkv_error(), "qkv_embedding_forward: ids must be i64, not f32");
+    qkv_module_free(emb);
+}
+
 static void dropout_layer_drops_in_training_only(void **state) {
     (void)state;
     qkv_generator g = gen(16);
@@ -798,6 +812,34 @@ static void encoder_layer_parameters_are_pytorch_state_dict_keys(void **state) {
     qkv_module_free(enc);
 }
 
+static void encoder_layer_names_a_key_padding_mask_of_the_wrong_shape(void **state) {
+    (void)state;
+    qkv_generator g = gen(34);
+    qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 8,
+                                .activation = QKV_ACT_GELU};
+    qkv_transformer_encoder_layer *layer = qkv_transformer_encoder_layer_new(&c, &g);
+    qkv_encoder_options opts = {.src_key_padding_mask = qkv_zeros(QKV_BOOL, S(2, 4))};
+    assert_null(qkv_transformer_encoder_layer_forward(layer, qkv_ones(QKV_F32, S(2, 3, 4)),
+                                                      &opts));
+    assert_string_equal(qkv_error(), "qkv_multi_head_attention_forward: key_padding_mask "
+                                     "[2,4]; expected [2,3]");
+    qkv_module_free(layer);
+}
+
+static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state) {
+    (void)state;
+    qkv_generator g = gen(35);
+    qkv_linear *lin = qkv_linear_new(4, 3, true, &g);
+    assert_true(qkv_fill_(qkv_select(lin->weight, 0, 1), NAN));
+    qkv_set_detect_anomaly(true);
+    qkv_tensor *y = qkv_linear_forward(lin, qkv_ones(QKV_F32, S(2, 4)));
+    qkv_set_detect_anomaly(false);
+    assert_null(y);
+    assert_string_equal(qkv_error(), "qkv anomaly: affine produced a non-finite value in its "
+                                     "forward");
+    qkv_module_free(lin);
+}
+
 static void encoder_stack_applies_its_layers_then_the_final_norm(void **state) {
     (void)state;
     qkv_generator g = gen(32);
@@ -1060,6 +1102,7 @@ int main(void) {
         T(linear_names_the_bad_input_shape),
         T(embedding_matches_torch_and_padding_row_gets_no_gradient),
         T(embedding_padding_row_starts_at_zero),
+        T(embedding_names_an_id_out_of_range_and_ids_that_are_not_i64),
         T(dropout_layer_drops_in_training_only),
         T(layer_norm_matches_torch_over_two_dims),
         T(layer_norm_without_affine_has_no_parameters),
@@ -1078,6 +1121,8 @@ int main(void) {
         T(encoder_layer_pre_norm_relu_matches_torch),
         T(encoder_layer_pre_norm_gelu_causal_matches_torch),
         T(encoder_layer_parameters_are_pytorch_state_dict_keys),
+        T(encoder_layer_names_a_key_padding_mask_of_the_wrong_shape),
+        T(anomaly_mode_names_the_layer_op_that_meets_a_nan_weight),
         T(encoder_stack_applies_its_layers_then_the_final_norm),
         T(sinusoidal_encoding_is_the_tutorial_table),
         T(learned_encoding_adds_rows_and_trains_only_those_used),

@@ -36,12 +36,26 @@ static void check_vocab_round_trip(const qkv_vocab *v) {
     free(again);
 }
 
+static void check_labels_round_trip(const qkv_labels *l) {
+    size_t n = qkv_labels_to_bytes(l, NULL, 0);
+    uint8_t *buf = malloc(n), *again = malloc(n);
+    if (!buf || !again || qkv_labels_to_bytes(l, buf, n) != n) abort();
+    qkv_labels *back = qkv_labels_from_bytes(buf, n);
+    if (!back || qkv_labels_to_bytes(back, again, n) != n || memcmp(buf, again, n)) abort();
+    for (int64_t i = 0; i < qkv_labels_size(back); i++)
+        if (qkv_labels_id(back, qkv_labels_name(back, i)) != i) abort();
+    qkv_labels_free(back);
+    free(buf);
+    free(again);
+}
+
 static void run_pipeline(const qkv_tsv *tsv, qkv_tokenizer kind) {
     for (int64_t i = 0; i < tsv->n; i++) qkv_tokens_free(qkv_tokenize(kind, tsv->texts[i]));
     qkv_vocab *v = qkv_vocab_build(kind, tsv->texts, tsv->n, 1, 64);
     qkv_labels *l = qkv_labels_build(tsv->labels, tsv->n);
     if (!v || !l) abort();
     check_vocab_round_trip(v);
+    check_labels_round_trip(l);
     qkv_scope_begin();
     qkv_dataset *ds = qkv_dataset_new(v, tsv->texts, l, tsv->labels, tsv->n);
     if (!ds) abort();

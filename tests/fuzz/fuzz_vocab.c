@@ -1,6 +1,7 @@
 /*
  * libFuzzer target: any bytes offered as a serialized vocabulary or label set are either
- * refused with a message or loaded into an object that serializes back to the same bytes.
+ * refused with a message or loaded into an object that serializes back to the same bytes and
+ * maps every id to a name and back.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     qkv_clear_error();
     qkv_labels *l = qkv_labels_from_bytes(data, size);
     if (l) {
+        uint8_t *out = malloc(size ? size : 1);
+        if (!out || qkv_labels_to_bytes(l, out, size) != size || memcmp(out, data, size)) abort();
+        free(out);
         for (int64_t i = 0; i < qkv_labels_size(l); i++)
             if (qkv_labels_id(l, qkv_labels_name(l, i)) != i) abort();
         qkv_labels_free(l);
