@@ -7,6 +7,8 @@
 static bool axes_mask(const char *op, const qkv_tensor *a, int naxes, const int *axes,
                       uint32_t *mask) {
     *mask = 0;
+    if (naxes < 0) return qkv_set_error("%s: negative number of axes %d", op, naxes), false;
+    if (naxes > 0 && !axes) return qkv_set_error("%s: axes is NULL", op), false;
     for (int i = 0; i < naxes; i++) {
         int ax = qkv__norm_axis(op, a, axes[i]);
         if (ax < 0) return false;

@@ -244,6 +244,7 @@ double qkv_item(const qkv_tensor *t) {
 
 double qkv_get(const qkv_tensor *t, const int64_t *index) {
     if (!t) return NAN;
+    if (!index && t->ndim > 0) return qkv_set_error("qkv_get: index is NULL"), NAN;
     int64_t off = 0;
     for (int i = 0; i < t->ndim; i++) {
         int64_t k = index[i] < 0 ? index[i] + t->shape[i] : index[i];
