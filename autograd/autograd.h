@@ -75,6 +75,8 @@ qkv_tensor *qkv_mul_scalar(const qkv_tensor *a, double s);
 qkv_tensor *qkv_div_scalar(const qkv_tensor *a, double s);  /* a / s */
 qkv_tensor *qkv_rdiv_scalar(double s, const qkv_tensor *a); /* s / a */
 qkv_tensor *qkv_pow_scalar(const qkv_tensor *a, double s);  /* a ^ s */
+/* Elements equal to s get half the gradient, as ties of qkv_maximum do (torch.clamp gives
+ * them all of it). */
 qkv_tensor *qkv_maximum_scalar(const qkv_tensor *a, double s);
 qkv_tensor *qkv_minimum_scalar(const qkv_tensor *a, double s);
 
