@@ -8,6 +8,7 @@
  *
  * Parameters have PyTorch-style dotted names built from the submodule names
  * ("blocks.0.attn.q_proj.weight"), so checkpoints line up with PyTorch's state_dict.
+ * docs/guide.md writes a module of one's own, step by step, from qkv_module_new on.
  */
 #ifndef QKV_NN_H
 #define QKV_NN_H
