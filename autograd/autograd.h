@@ -130,6 +130,10 @@ qkv_tensor *qkv_max(const qkv_tensor *a, int axis, bool keepdim);
 qkv_tensor *qkv_max_all(const qkv_tensor *a);
 qkv_tensor *qkv_min(const qkv_tensor *a, int axis, bool keepdim);
 qkv_tensor *qkv_min_all(const qkv_tensor *a);
+/* Over several axes, as torch.amax/amin (values only); the gradient goes to the first
+ * extreme element in row-major order, as above. */
+qkv_tensor *qkv_max_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
+qkv_tensor *qkv_min_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
 qkv_tensor *qkv_argmax(const qkv_tensor *a, int axis, bool keepdim); /* I64, first index */
 qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
 

@@ -168,6 +168,30 @@ qkv_tensor *qkv_min_all(const qkv_tensor *a) {
     return extremum(a, 0, false, true, false, "qkv_min_all");
 }
 
+/* Several axes, one at a time from the last: each step keeps the first extreme index of its
+ * axis among the winners of the axes after it, so the gradient reaches the first extreme
+ * element in row-major order, as for one axis and for all. Composed, so no backward here. */
+static qkv_tensor *extremum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim,
+                                 bool is_max, const char *name) {
+    uint32_t mask;
+    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    qkv_tensor *out = (qkv_tensor *)a;
+    int64_t shape[QKV_MAX_DIMS];
+    int ndim = 0;
+    for (int i = a->ndim - 1; i >= 0 && out; i--)
+        if (mask & (1u << i)) out = extremum(out, i, true, false, is_max, name);
+    for (int i = 0; i < a->ndim; i++)
+        if (!(mask & (1u << i)) || keepdim) shape[ndim++] = mask & (1u << i) ? 1 : a->shape[i];
+    return qkv_reshape(out, ndim, shape);
+}
+
+qkv_tensor *qkv_max_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return extremum_axes(a, naxes, axes, keepdim, true, "qkv_max_axes");
+}
+qkv_tensor *qkv_min_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return extremum_axes(a, naxes, axes, keepdim, false, "qkv_min_axes");
+}
+
 static qkv_tensor *arg_extremum(const qkv_tensor *a, int axis, bool keepdim, qkv_reduce_op op,
                                 const char *name) {
     if (!a) return NULL;

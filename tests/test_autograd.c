@@ -628,7 +628,7 @@ static void max_over_an_axis_sends_the_gradient_to_the_first_tied_element(void *
     qkv_scope_end();
 }
 
-static void max_over_all_elements_sends_the_gradient_to_the_first_in_row_major_order(
+static void max_over_all_or_several_axes_sends_the_gradient_to_the_first_in_row_major_order(
     void **state) {
     (void)state;
     qkv_scope_begin();
@@ -638,6 +638,12 @@ static void max_over_all_elements_sends_the_gradient_to_the_first_in_row_major_o
     qkv_tensor *b = param(QKV_SHAPE(3), VALUES(-2, 0, -2));
     assert_true(qkv_backward(qkv_min_all(b)));
     ASSERT_VALUES(b->grad, 1, 0, 0);
+    /* over axes 0 and 2 of [2,2,2]: per middle index, the first tied element in row-major
+     * order among the four it covers */
+    qkv_tensor *c = param(QKV_SHAPE(2, 2, 2), VALUES(1, 3, 2, 0, 3, 3, 0, 2));
+    backward_weighted(qkv_max_axes(c, 2, (const int[]){0, -1}, false),
+                      constant(QKV_SHAPE(2), VALUES(10, 20)));
+    ASSERT_VALUES(c->grad, 0, 10, 20, 0, 0, 0, 0, 0);
     qkv_scope_end();
 }
 
@@ -733,7 +739,7 @@ int main(void) {
         cmocka_unit_test_setup(max_over_an_axis_sends_the_gradient_to_the_first_tied_element,
                                clear_error),
         cmocka_unit_test_setup(
-            max_over_all_elements_sends_the_gradient_to_the_first_in_row_major_order,
+            max_over_all_or_several_axes_sends_the_gradient_to_the_first_in_row_major_order,
             clear_error),
         cmocka_unit_test_setup(maximum_and_minimum_split_the_gradient_of_a_tie_in_half,
                                clear_error),

@@ -328,8 +328,12 @@ static qkv_tensor *call_reduce(qkv_tensor *const *in, int n, void *ctx) {
     case MEAN: return all ? qkv_mean_all(x) : qkv_mean_axes(x, a->naxes, a->axes, a->keepdim);
     case VAR_UNBIASED: return qkv_var_axes(x, a->naxes, a->axes, 1, a->keepdim);
     case VAR_BIASED: return qkv_var_axes(x, a->naxes, a->axes, 0, a->keepdim);
-    case MAX: return all ? qkv_max_all(x) : qkv_max(x, a->axes[0], a->keepdim);
-    case MIN: return all ? qkv_min_all(x) : qkv_min(x, a->axes[0], a->keepdim);
+    case MAX:
+        return all ? qkv_max_all(x) : a->naxes == 1 ? qkv_max(x, a->axes[0], a->keepdim)
+                                    : qkv_max_axes(x, a->naxes, a->axes, a->keepdim);
+    case MIN:
+        return all ? qkv_min_all(x) : a->naxes == 1 ? qkv_min(x, a->axes[0], a->keepdim)
+                                    : qkv_min_axes(x, a->naxes, a->axes, a->keepdim);
     }
     return NULL;
 }
@@ -390,6 +394,11 @@ static void gradcheck_max_min(void **state) {
                 CHECK(call_reduce, &a, distinct(QKV_SHAPE(2, 3, 4), CONTIGUOUS));
                 CHECK(call_reduce, &a, distinct(QKV_SHAPE(2, 3, 4), TRANSPOSED));
             }
+        for (int keep = 0; keep < 2; keep++) {
+            reduce_args two = {r, 2, {-1, 0}, keep}, three = {r, 3, {0, 1, 2}, keep};
+            CHECK(call_reduce, &two, distinct(QKV_SHAPE(2, 3, 4), STRIDED));
+            CHECK(call_reduce, &three, distinct(QKV_SHAPE(2, 3, 4), TRANSPOSED));
+        }
         reduce_args all = {r, -1, {0}, false};
         CHECK(call_reduce, &all, distinct(QKV_SHAPE(3, 4), CONTIGUOUS));
         CHECK(call_reduce, &all, distinct(QKV_SHAPE(3, 4), STRIDED));
