@@ -667,6 +667,53 @@ static void attention_init_is_xavier_with_zero_biases(void **state) {
     qkv_module_free(m);
 }
 
+/* lo and hi lie in [-bound, bound) and come within 5% of both ends. */
+static void assert_fills_uniform(const qkv_tensor *t, double bound, const char *what) {
+    double lo, hi, mean, sd;
+    range_of(t, &lo, &hi, &mean, &sd);
+    if (!(lo >= -bound && hi < bound && lo < -0.95 * bound && hi > 0.95 * bound))
+        fail_msg("%s: range [%g, %g], expected U(-%g, %g)", what, lo, hi, bound, bound);
+}
+
+static void assert_constant(const qkv_tensor *t, double value, const char *what) {
+    double lo, hi, mean, sd;
+    range_of(t, &lo, &hi, &mean, &sd);
+    if (!(lo == value && hi == value)) fail_msg("%s: range [%g, %g], expected %g", what, lo, hi,
+                                                value);
+}
+
+/* As torch.nn: Embedding N(0, 1); LayerNorm ones and zeros; MultiheadAttention with kdim and
+ * vdim xavier-uniform on each projection's own fans, out_proj U(-1/sqrt(E), 1/sqrt(E)), zero
+ * biases; TransformerEncoderLayer's linear1 and linear2 as Linear. */
+static void layer_defaults_match_pytorch_init(void **state) {
+    (void)state;
+    qkv_generator g = gen(24);
+    double lo, hi, mean, sd;
+    qkv_embedding *emb = qkv_embedding_new(200, 100, -1, &g);
+    range_of(emb->weight, &lo, &hi, &mean, &sd);
+    assert_true(fabs(mean) < 0.01 && fabs(sd - 1) < 0.01);
+    qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){6}, 1e-5, true);
+    assert_constant(ln->weight, 1, "layer_norm.weight");
+    assert_constant(ln->bias, 0, "layer_norm.bias");
+    qkv_multi_head_attention *m = qkv_multi_head_attention_new(64, 4, 0.0, true, 16, 40, &g);
+    assert_fills_uniform(m->q_proj->weight, sqrt(6.0 / (64 + 64)), "q_proj.weight");
+    assert_fills_uniform(m->k_proj->weight, sqrt(6.0 / (16 + 64)), "k_proj.weight");
+    assert_fills_uniform(m->v_proj->weight, sqrt(6.0 / (40 + 64)), "v_proj.weight");
+    assert_fills_uniform(m->out_proj->weight, 1 / sqrt(64.0), "out_proj.weight");
+    assert_constant(m->k_proj->bias, 0, "k_proj.bias");
+    assert_constant(m->out_proj->bias, 0, "out_proj.bias");
+    qkv_transformer_config c = {.d_model = 32, .nhead = 4, .dim_feedforward = 128};
+    qkv_transformer_encoder_layer *layer = qkv_transformer_encoder_layer_new(&c, &g);
+    assert_fills_uniform(layer->linear1->weight, 1 / sqrt(32.0), "linear1.weight");
+    assert_fills_uniform(layer->linear2->weight, 1 / sqrt(128.0), "linear2.weight");
+    assert_constant(layer->norm2->weight, 1, "norm2.weight");
+    assert_constant(layer->norm2->bias, 0, "norm2.bias");
+    qkv_module_free(emb);
+    qkv_module_free(ln);
+    qkv_module_free(m);
+    qkv_module_free(layer);
+}
+
 static void attention_names_bad_shapes(void **state) {
     (void)state;
     qkv_generator g = gen(24);
@@ -908,6 +955,20 @@ static void nll_loss_matches_torch(void **state) {
     assert_fixture(loss, &nll_out, RTOL, ATOL, "loss");
     assert_true(qkv_backward(loss));
     assert_fixture(lp->grad, &nll_dlog_probs, RTOL, ATOL, "dlog_probs");
+    const struct {
+        qkv_reduction reduction;
+        const nn_fixture *w, *out, *dlog_probs;
+    } more[] = {
+        {QKV_REDUCTION_SUM, &nll_sum_w, &nll_sum_out, &nll_sum_dlog_probs},
+        {QKV_REDUCTION_NONE, &nll_none_w, &nll_none_out, &nll_none_dlog_probs},
+    };
+    for (int i = 0; i < 2; i++) {
+        qkv_zero_grad(lp);
+        loss = qkv_nll_loss(lp, fx(&loss_targets, QKV_I64), more[i].reduction, 4);
+        assert_fixture(loss, more[i].out, RTOL, ATOL, "loss");
+        assert_true(qkv_backward(weighted(loss, more[i].w)));
+        assert_fixture(lp->grad, more[i].dlog_probs, RTOL, ATOL, "dlog_probs");
+    }
 }
 
 static void mse_loss_matches_torch(void **state) {
@@ -918,6 +979,20 @@ static void mse_loss_matches_torch(void **state) {
     assert_true(qkv_backward(loss));
     assert_fixture(x->grad, &mse_dx, RTOL, ATOL, "dx");
     assert_values(qkv_mse_loss(x, x, QKV_REDUCTION_SUM), 1, (const double[]){0}, 0);
+    const struct {
+        qkv_reduction reduction;
+        const nn_fixture *w, *out, *dx;
+    } more[] = {
+        {QKV_REDUCTION_SUM, &mse_sum_w, &mse_sum_out, &mse_sum_dx},
+        {QKV_REDUCTION_NONE, &mse_none_w, &mse_none_out, &mse_none_dx},
+    };
+    for (int i = 0; i < 2; i++) {
+        qkv_zero_grad(x);
+        loss = qkv_mse_loss(x, fx(&mse_y, QKV_F32), more[i].reduction);
+        assert_fixture(loss, more[i].out, RTOL, ATOL, "loss");
+        assert_true(qkv_backward(weighted(loss, more[i].w)));
+        assert_fixture(x->grad, more[i].dx, RTOL, ATOL, "dx");
+    }
 }
 
 static void bce_with_logits_is_stable_for_large_logits(void **state) {
@@ -1072,6 +1147,7 @@ int main(void) {
         T(attention_causal_flag_equals_the_explicit_mask),
         T(attention_query_with_every_key_masked_outputs_the_out_proj_bias),
         T(attention_init_is_xavier_with_zero_biases),
+        T(layer_defaults_match_pytorch_init),
         T(attention_names_bad_shapes),
         T(encoder_layer_post_norm_relu_matches_torch),
         T(encoder_layer_post_norm_gelu_matches_torch),
