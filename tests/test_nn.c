@@ -539,6 +539,7 @@ static void sequential_chains_builtin_and_user_modules(void **state) {
 typedef struct mha_case {
     int64_t E, H, kdim, vdim;
     const nn_fixture *query, *key, *value, *key_padding_mask, *attn_mask;
+    bool float_mask; /* a 2-D attn_mask is BOOL unless this is set; 3-D and 4-D are float */
     bool per_head;
     const nn_fixture *out, *weights, *w, *w_weights, *dquery, *dkey, *dvalue;
     const nn_named_fixture *params, *grads;
@@ -559,7 +560,8 @@ static void check_mha(const mha_case *c) {
         .per_head_weights = c->per_head,
     };
     if (c->attn_mask)
-        o.attn_mask = fx(c->attn_mask, c->attn_mask->ndim == 2 ? QKV_BOOL : QKV_F32);
+        o.attn_mask = fx(c->attn_mask,
+                         c->attn_mask->ndim == 2 && !c->float_mask ? QKV_BOOL : QKV_F32);
     qkv_tensor *out = qkv_multi_head_attention_forward(m, q, k, v, &o);
     assert_fixture(out, c->out, RTOL, ATOL, "out");
     assert_fixture(weights, c->weights, RTOL, ATOL, "weights");
@@ -610,6 +612,18 @@ static void attention_float_mask_per_batch_and_head_matches_torch(void **state) 
         .w_weights = &mha_float_mask_w_weights, .dquery = &mha_float_mask_dquery,
         .dkey = &mha_float_mask_dkey, .dvalue = &mha_float_mask_dvalue,
         .params = mha_float_mask_params, .grads = mha_float_mask_grads});
+}
+
+static void attention_additive_2d_mask_matches_torch(void **state) {
+    (void)state;
+    check_mha(&(mha_case){
+        .E = 8, .H = 2, .query = &mha_float_mask_2d_query, .key = &mha_float_mask_2d_key,
+        .value = &mha_float_mask_2d_value, .attn_mask = &mha_float_mask_2d_attn_mask,
+        .float_mask = true, .out = &mha_float_mask_2d_out,
+        .weights = &mha_float_mask_2d_weights, .w = &mha_float_mask_2d_w,
+        .w_weights = &mha_float_mask_2d_w_weights, .dquery = &mha_float_mask_2d_dquery,
+        .dkey = &mha_float_mask_2d_dkey, .dvalue = &mha_float_mask_2d_dvalue,
+        .params = mha_float_mask_2d_params, .grads = mha_float_mask_2d_grads});
 }
 
 static void attention_causal_flag_equals_the_explicit_mask(void **state) {
@@ -1144,6 +1158,7 @@ int main(void) {
         T(attention_causal_mask_per_head_weights_match_torch),
         T(attention_cross_with_kdim_vdim_matches_torch),
         T(attention_float_mask_per_batch_and_head_matches_torch),
+        T(attention_additive_2d_mask_matches_torch),
         T(attention_causal_flag_equals_the_explicit_mask),
         T(attention_query_with_every_key_masked_outputs_the_out_proj_bias),
         T(attention_init_is_xavier_with_zero_biases),
