@@ -728,6 +728,81 @@ static void layer_defaults_match_pytorch_init(void **state) {
     qkv_module_free(layer);
 }
 
+/* Copies every parameter of from into the parameter of the same name of to. */
+static void copy_params(const void *to, const void *from) {
+    qkv_named_list *l = qkv_module_parameters(from);
+    assert_non_null(l);
+    for (int i = 0; i < l->n; i++) assert_true(qkv_copy_(find_param(to, l->names[i]),
+                                                         l->tensors[i]));
+    qkv_named_list_free(l);
+}
+
+static bool same_values(const qkv_tensor *a, const qkv_tensor *b) {
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->numel, b->numel);
+    double *va = malloc(2 * (size_t)a->numel * sizeof *va);
+    assert_non_null(va);
+    assert_true(qkv_copy_out(a, QKV_F64, va) && qkv_copy_out(b, QKV_F64, va + a->numel));
+    bool same = memcmp(va, va + a->numel, (size_t)a->numel * sizeof *va) == 0;
+    free(va);
+    return same;
+}
+
+/* In eval mode an encoder layer with dropout is the same function as one without; in
+ * training mode it is not, and each forward draws new masks. */
+static void encoder_layer_dropout_acts_in_training_only(void **state) {
+    (void)state;
+    qkv_generator g = gen(25);
+    qkv_transformer_config c = {.d_model = 8, .nhead = 2, .dim_feedforward = 16,
+                                .dropout = 0.5, .activation = QKV_ACT_GELU};
+    qkv_transformer_encoder_layer *dropping = qkv_transformer_encoder_layer_new(&c, &g);
+    c.dropout = 0;
+    qkv_transformer_encoder_layer *plain = qkv_transformer_encoder_layer_new(&c, &g);
+    copy_params(plain, dropping);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 5, 8), &g);
+    qkv_tensor *reference = qkv_transformer_encoder_layer_forward(plain, x, NULL);
+    qkv_tensor *first = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
+    qkv_tensor *second = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
+    assert_false(same_values(first, reference));
+    assert_false(same_values(first, second));
+    qkv_module_train(dropping, false);
+    assert_true(same_values(qkv_transformer_encoder_layer_forward(dropping, x, NULL),
+                            reference));
+    qkv_module_free(dropping);
+    qkv_module_free(plain);
+}
+
+/* Attention dropout acts on the weights, and the weights returned are those after dropout
+ * (as PyTorch's): each is 0 or its eval-mode value over 1 - p. */
+static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
+    (void)state;
+    qkv_generator g = gen(26);
+    qkv_multi_head_attention *m = qkv_multi_head_attention_new(8, 2, 0.5, true, 0, 0, &g);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 6, 8), &g);
+    qkv_tensor *dropped = NULL, *kept = NULL;
+    qkv_attention_options o = {.weights = &dropped, .per_head_weights = true};
+    assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
+    qkv_module_train(m, false);
+    o.weights = &kept;
+    assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
+    int64_t n = kept->numel, zeros = 0;
+    double *v = malloc(2 * (size_t)n * sizeof *v);
+    assert_non_null(v);
+    assert_true(qkv_copy_out(dropped, QKV_F64, v) && qkv_copy_out(kept, QKV_F64, v + n));
+    for (int64_t i = 0; i < n; i++) {
+        if (v[i] == 0) {
+            zeros++;
+            continue;
+        }
+        if (!(fabs(v[i] - 2 * v[n + i]) <= 1e-6 * v[i]))
+            fail_msg("weight %lld: %g after dropout, %g without", (long long)i, v[i], v[n + i]);
+    }
+    free(v);
+    assert_true(zeros > n / 4 && zeros < 3 * n / 4);
+    qkv_module_free(m);
+}
+
 static void attention_names_bad_shapes(void **state) {
     (void)state;
     qkv_generator g = gen(24);
@@ -1163,6 +1238,8 @@ int main(void) {
         T(attention_query_with_every_key_masked_outputs_the_out_proj_bias),
         T(attention_init_is_xavier_with_zero_biases),
         T(layer_defaults_match_pytorch_init),
+        T(encoder_layer_dropout_acts_in_training_only),
+        T(attention_dropout_zeroes_and_rescales_the_weights),
         T(attention_names_bad_shapes),
         T(encoder_layer_post_norm_relu_matches_torch),
         T(encoder_layer_post_norm_gelu_matches_torch),
