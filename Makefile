@@ -23,6 +23,9 @@ build: configure
 test: build
 	@sh tools/run-tests.sh $(BUILD)
 
+demo: build
+	@sh tools/demo.sh $(BUILD)
+
 bench: deps
 	@sh tools/install-deps.sh python3-torch libopenblas-dev
 	@$(MAKE) --no-print-directory build

@@ -150,6 +150,20 @@ qkv_optim_state *qkv_optimizer_state_export(const qkv_optimizer *opt);
 bool qkv_optimizer_state_import(qkv_optimizer *opt, const qkv_optim_state *state);
 void qkv_optim_state_free(qkv_optim_state *state); /* NULL is ignored */
 
+/* ---- Training checkpoints ---------------------------------------------------------------- */
+
+/* qkv_module_save with the optimizer's state (qkv_optimizer_state_export) among the extras,
+ * so that training resumes exactly: N steps, save, load, N more steps give the same bits as 2N
+ * steps. opt may be NULL (the module alone). */
+bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const char *path,
+                         const qkv_checkpoint_contents *extras);
+/* Loads the module (qkv_module_load_safetensors with opts), then the optimizer's state from
+ * the same file (qkv_optimizer_state_import; opt may be NULL). Each part checks everything
+ * before it changes anything; when the module loads and the optimizer's state does not fit,
+ * the error says so and the module holds the file's weights. */
+bool qkv_checkpoint_load(void *module, qkv_optimizer *opt, const char *path,
+                         const qkv_load_options *opts);
+
 /* ---- Learning-rate schedules ------------------------------------------------------------- */
 
 typedef enum qkv_lr_kind {

@@ -1,0 +1,142 @@
+/*
+ * qkv-classify: trains a transformer text classifier on `label<TAB>text` files, evaluates it,
+ * saves it, and predicts labels for new text.
+ *
+ *   qkv-classify train --train FILE --test FILE [options] [--save FILE]
+ *   qkv-classify eval --load FILE --test FILE
+ *   qkv-classify predict --load FILE < texts
+ *
+ * Exit status: 0 on success, 2 on bad input (arguments, files, checkpoints), 1 when training
+ * fails (a non-finite loss stops it before anything is saved).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "classify.h"
+
+static void usage(FILE *f) {
+    fputs("usage:\n"
+          "  qkv-classify train --train FILE --test FILE [--level word|char] [--epochs 8]\n"
+          "      [--batch 32] [--max-len 64] [--dim 64] [--heads 4] [--layers 1] [--ffn 256]\n"
+          "      [--dropout 0.1] [--lr 1e-3] [--min-count 2] [--seed 0] [--threads N]\n"
+          "      [--save FILE]\n"
+          "  qkv-classify eval --load FILE --test FILE [--threads N]\n"
+          "  qkv-classify predict --load FILE [--threads N] < texts\n",
+          f);
+}
+
+static bool parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || end == s || v < lo || v > hi) {
+        fprintf(stderr, "qkv-classify: %s takes a whole number from %lld to %lld, not '%s'\n",
+                flag, (long long)lo, (long long)hi, s);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+static bool parse_real(const char *flag, const char *s, double lo, double hi, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "qkv-classify: %s takes a number from %g to %g, not '%s'\n", flag, lo,
+                hi, s);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+/* One flag and its value; false (with a message) when it is unknown or malformed. */
+static bool parse_flag(options *o, const char *flag, const char *value) {
+    if (!value) {
+        fprintf(stderr, "qkv-classify: %s needs a value\n", flag);
+        return false;
+    }
+    if (!strcmp(flag, "--train")) o->train_path = value;
+    else if (!strcmp(flag, "--test")) o->test_path = value;
+    else if (!strcmp(flag, "--save")) o->save_path = value;
+    else if (!strcmp(flag, "--load")) o->load_path = value;
+    else if (!strcmp(flag, "--level")) {
+        if (strcmp(value, "word") && strcmp(value, "char")) {
+            fprintf(stderr, "qkv-classify: --level is word or char, not '%s'\n", value);
+            return false;
+        }
+        o->level = strcmp(value, "word") ? QKV_TOKENIZE_CHARS : QKV_TOKENIZE_WORDS;
+    } else if (!strcmp(flag, "--epochs")) return parse_int(flag, value, 1, 100000, &o->epochs);
+    else if (!strcmp(flag, "--batch")) return parse_int(flag, value, 1, 65536, &o->batch);
+    else if (!strcmp(flag, "--max-len")) return parse_int(flag, value, 1, 65536, &o->max_len);
+    else if (!strcmp(flag, "--dim")) return parse_int(flag, value, 1, 65536, &o->dim);
+    else if (!strcmp(flag, "--heads")) return parse_int(flag, value, 1, 1024, &o->heads);
+    else if (!strcmp(flag, "--layers")) return parse_int(flag, value, 0, 1024, &o->layers);
+    else if (!strcmp(flag, "--ffn")) return parse_int(flag, value, 1, 1 << 20, &o->ffn);
+    else if (!strcmp(flag, "--min-count"))
+        return parse_int(flag, value, 1, INT64_MAX, &o->min_count);
+    else if (!strcmp(flag, "--seed")) return parse_int(flag, value, 0, INT64_MAX, &o->seed);
+    else if (!strcmp(flag, "--threads")) return parse_int(flag, value, 1, 1024, &o->threads);
+    else if (!strcmp(flag, "--dropout")) return parse_real(flag, value, 0, 0.99, &o->dropout);
+    else if (!strcmp(flag, "--lr")) return parse_real(flag, value, 0, 10, &o->lr);
+    else {
+        fprintf(stderr, "qkv-classify: unknown option %s\n", flag);
+        return false;
+    }
+    return true;
+}
+
+static bool parse_args(int argc, char **argv, options *o) {
+    *o = (options){
+        .level = QKV_TOKENIZE_WORDS, .epochs = 8, .batch = 32, .max_len = 64, .dim = 64,
+        .heads = 4, .layers = 1, .ffn = 256, .dropout = 0.1, .lr = 1e-3, .min_count = 2,
+        .seed = 0, .threads = 0,
+    };
+    for (int i = 2; i < argc; i += 2)
+        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL)) return false;
+    if (o->dim % o->heads) {
+        fprintf(stderr, "qkv-classify: --dim %lld is not divisible by --heads %lld\n",
+                (long long)o->dim, (long long)o->heads);
+        return false;
+    }
+    return true;
+}
+
+static bool require(const char *what, const char *value, const char *command) {
+    if (value) return true;
+    fprintf(stderr, "qkv-classify %s: %s is required\n", command, what);
+    usage(stderr);
+    return false;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    options o;
+    if (!parse_args(argc, argv, &o)) return 2;
+    if (o.threads > 0) qkv_set_num_threads((int)o.threads);
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "train")) {
+        if (!require("--train", o.train_path, cmd) || !require("--test", o.test_path, cmd))
+            return 2;
+        return run_train(&o);
+    }
+    if (!strcmp(cmd, "eval")) {
+        if (!require("--load", o.load_path, cmd) || !require("--test", o.test_path, cmd))
+            return 2;
+        return run_eval(&o);
+    }
+    if (!strcmp(cmd, "predict")) {
+        if (!require("--load", o.load_path, cmd)) return 2;
+        return run_predict(&o);
+    }
+    fprintf(stderr, "qkv-classify: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}

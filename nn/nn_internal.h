@@ -1,0 +1,18 @@
+/* Library-internal parts of the nn layer shared between its files. Never installed. */
+#ifndef QKV_NN_INTERNAL_H
+#define QKV_NN_INTERNAL_H
+
+#include "nn/nn.h"
+
+/* CRC-32 as zlib computes it; start with crc = 0. */
+uint32_t qkv__crc32(uint32_t crc, const void *data, size_t n);
+
+/* The file's path, as given to qkv_safetensors_read. */
+const char *qkv__safetensors_path(const qkv_safetensors *f);
+/* The shape and the qkv dtype of tensor `name` as read; false when the file has none. */
+bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim,
+                           int64_t *shape, qkv_dtype *dtype);
+/* Whether `name` was saved as an extra (qkv_checkpoint_contents), not as module state. */
+bool qkv__safetensors_is_extra(const qkv_safetensors *f, const char *name);
+
+#endif

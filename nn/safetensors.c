@@ -1,0 +1,953 @@
+/*
+ * The safetensors file format: an 8-byte little-endian header length N, N bytes of JSON
+ * mapping each tensor name to {"dtype", "shape", "data_offsets"} (plus an optional
+ * "__metadata__" object of strings), then the raw little-endian data. This file writes such
+ * files atomically and reads them as hostile input: every length, offset, shape and string is
+ * checked before it is used, and a bad file is an error that names the file and the problem.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "nn/nn.h"
+#include "nn/nn_internal.h"
+#include "tensor/tensor_internal.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "safetensors data is little-endian; this host is not"
+#endif
+
+/* The format's own limit on the header (the reference implementation refuses larger ones). */
+#define MAX_HEADER (100u << 20)
+#define CHECKSUM_KEY "qkv.checksum"
+#define EXTRAS_KEY "qkv.extras"
+
+/* ---- Dtypes ------------------------------------------------------------------------------ */
+
+/* The dtypes a file may hold, and what each becomes when read as a qkv tensor. */
+typedef struct file_dtype {
+    const char *name;
+    size_t size;
+    qkv_dtype as;
+} file_dtype;
+
+static const file_dtype file_dtypes[] = {
+    {"F32", 4, QKV_F32},  {"F64", 8, QKV_F64},  {"I64", 8, QKV_I64},  {"BOOL", 1, QKV_BOOL},
+    {"U8", 1, QKV_I64},   {"I8", 1, QKV_I64},   {"I16", 2, QKV_I64},  {"U16", 2, QKV_I64},
+    {"I32", 4, QKV_I64},  {"U32", 4, QKV_I64},  {"F16", 2, QKV_F32},  {"BF16", 2, QKV_F32},
+};
+#define N_FILE_DTYPES (int)(sizeof file_dtypes / sizeof file_dtypes[0])
+enum { DT_F32, DT_F64, DT_I64, DT_BOOL, DT_U8 };
+
+static int find_dtype(const char *name) {
+    for (int i = 0; i < N_FILE_DTYPES; i++)
+        if (strcmp(file_dtypes[i].name, name) == 0) return i;
+    return -1;
+}
+
+static int dtype_of(qkv_dtype d) {
+    return d == QKV_F32 ? DT_F32 : d == QKV_F64 ? DT_F64 : d == QKV_I64 ? DT_I64 : DT_BOOL;
+}
+
+/* ---- CRC-32 (IEEE 802.3, reflected, as zlib's crc32) -------------------------------------- */
+
+uint32_t qkv__crc32(uint32_t crc, const void *data, size_t n) {
+    static uint32_t table[256];
+    static int ready;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            table[i] = c;
+        }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    const unsigned char *p = data;
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* ---- A growable byte buffer (for the header) -------------------------------------------- */
+
+typedef struct buffer {
+    char *data;
+    size_t n, cap;
+    bool failed;
+} buffer;
+
+static void put(buffer *b, const void *s, size_t n) {
+    if (b->failed) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap;
+        if (!qkv__reserve((void **)&b->data, &cap, b->n + n + 1, 1)) {
+            b->failed = true;
+            return;
+        }
+        b->cap = cap;
+    }
+    memcpy(b->data + b->n, s, n);
+    b->n += n;
+    b->data[b->n] = '\0';
+}
+
+static void putf(buffer *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void putf(buffer *b, const char *fmt, ...) {
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    put(b, tmp, (size_t)n);
+}
+
+static void put_json_string(buffer *b, const char *s) {
+    put(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            char esc[2] = {'\\', (char)c};
+            put(b, esc, 2);
+        } else if (c < 0x20) {
+            putf(b, "\\u%04x", c);
+        } else {
+            put(b, s, 1);
+        }
+    }
+    put(b, "\"", 1);
+}
+
+static void buffer_free(buffer *b) {
+    if (b->data) qkv__free(b->data, b->cap);
+    *b = (buffer){0};
+}
+
+/* ---- Writing ----------------------------------------------------------------------------- */
+
+static size_t fail_write_after = SIZE_MAX;
+
+void qkv_debug_fail_write_after(size_t nbytes) {
+    fail_write_after = nbytes ? nbytes : SIZE_MAX;
+}
+
+/* One entry to write: a tensor (contiguous copy made on demand) or raw bytes. */
+typedef struct out_entry {
+    const char *name;
+    const qkv_tensor *tensor;
+    const void *bytes;
+    size_t nbytes;
+} out_entry;
+
+static bool valid_utf8(const unsigned char *s, size_t n);
+
+static bool check_name(const char *path, const char *name) {
+    size_t n = strlen(name);
+    bool ok = n > 0 && strcmp(name, "__metadata__") != 0 &&
+              valid_utf8((const unsigned char *)name, n);
+    for (size_t i = 0; ok && i < n; i++) ok = (unsigned char)name[i] >= 0x20;
+    if (!ok) qkv_set_error("qkv_safetensors_write: %s: bad tensor name \"%s\"", path, name);
+    return ok;
+}
+
+static size_t entry_bytes(const out_entry *e) {
+    return e->tensor ? (size_t)e->tensor->numel * qkv_dtype_size(e->tensor->dtype) : e->nbytes;
+}
+
+static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
+                         const qkv_checkpoint_contents *x, uint32_t crc) {
+    put(h, "{", 1);
+    size_t offset = 0;
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < i; j++)
+            if (strcmp(e[i].name, e[j].name) == 0) {
+                qkv_set_error("qkv_safetensors_write: %s: two tensors named \"%s\"", path,
+                              e[i].name);
+                return false;
+            }
+        if (!check_name(path, e[i].name)) return false;
+        size_t size = entry_bytes(&e[i]);
+        put_json_string(h, e[i].name);
+        const qkv_tensor *t = e[i].tensor;
+        putf(h, ":{\"dtype\":\"%s\",\"shape\":[",
+             file_dtypes[t ? dtype_of(t->dtype) : DT_U8].name);
+        for (int d = 0; t && d < t->ndim; d++)
+            putf(h, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        if (!t) putf(h, "%zu", size);
+        putf(h, "],\"data_offsets\":[%zu,%zu]},", offset, offset + size);
+        offset += size;
+    }
+    put(h, "\"__metadata__\":{", 16);
+    putf(h, "\"" CHECKSUM_KEY "\":\"crc32:%08x\"", crc);
+    for (int i = 0; x && i < x->n_meta; i++) {
+        const char *k = x->meta[i].key, *v = x->meta[i].value;
+        if (!k || !v || !strcmp(k, CHECKSUM_KEY) || !strcmp(k, EXTRAS_KEY) ||
+            !valid_utf8((const unsigned char *)k, strlen(k)) ||
+            !valid_utf8((const unsigned char *)v, strlen(v))) {
+            qkv_set_error("qkv_safetensors_write: %s: bad metadata key \"%s\"", path,
+                          k ? k : "(null)");
+            return false;
+        }
+        put(h, ",", 1);
+        put_json_string(h, k);
+        put(h, ":", 1);
+        put_json_string(h, v);
+    }
+    if (x && (x->n_tensors || x->n_bytes)) {
+        /* The extras' names, one per line, so a strict load knows they are not the model's. */
+        buffer names = {0};
+        for (int i = 0; i < x->n_tensors + x->n_bytes; i++) {
+            const char *name = i < x->n_tensors ? x->tensor_names[i]
+                                                : x->bytes[i - x->n_tensors].name;
+            put(&names, name, strlen(name));
+            put(&names, "\n", 1);
+        }
+        put(h, ",\"" EXTRAS_KEY "\":", 14);
+        if (!names.failed) put_json_string(h, names.data);
+        h->failed |= names.failed;
+        buffer_free(&names);
+    }
+    put(h, "}}", 2);
+    /* Pad with spaces so that the data starts 8-byte aligned, as the reference writer does. */
+    while (!h->failed && (8 + h->n) % 8) put(h, " ", 1);
+    if (h->failed) qkv_set_error("qkv_safetensors_write: %s: out of memory", path);
+    return !h->failed;
+}
+
+/* write(2) until done; honours the test switch that makes a write fail part way. */
+static bool write_all(int fd, const void *data, size_t n, size_t *written) {
+    const char *p = data;
+    while (n > 0) {
+        size_t chunk = n;
+        if (*written >= fail_write_after) {
+            errno = ENOSPC;
+            return false;
+        }
+        if (chunk > fail_write_after - *written) chunk = fail_write_after - *written;
+        ssize_t w = write(fd, p, chunk);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return false;
+        p += w;
+        n -= (size_t)w;
+        *written += (size_t)w;
+    }
+    return true;
+}
+
+/* Creates "<path>.tmp-<pid>-<n>" for writing, with the permissions a new file of the user's
+ * gets (0666 less the umask), as the file it replaces would have had. */
+static int open_temporary(const char *path, char *tmp, size_t size) {
+    static unsigned counter;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd >= 0 || errno != EEXIST) return fd;
+    }
+    return -1;
+}
+
+/* Writes the header and data to a new temporary file beside path, syncs it, and renames it
+ * over path, so that a reader sees either the old file or the whole new one. */
+static bool write_file(const char *path, const buffer *h, const out_entry *e, int n,
+                       const void *const *data) {
+    size_t len = strlen(path) + 48;
+    char *tmp = qkv__alloc(len);
+    if (!tmp) return false;
+    int fd = open_temporary(path, tmp, len);
+    bool ok = fd >= 0;
+    size_t written = 0;
+    unsigned char head[8];
+    for (int i = 0; i < 8; i++) head[i] = (unsigned char)((uint64_t)h->n >> (8 * i));
+    ok = ok && write_all(fd, head, 8, &written) && write_all(fd, h->data, h->n, &written);
+    for (int i = 0; ok && i < n; i++) ok = write_all(fd, data[i], entry_bytes(&e[i]), &written);
+    ok = ok && fsync(fd) == 0;
+    int saved = errno;
+    if (fd >= 0 && close(fd) != 0 && ok) {
+        saved = errno;
+        ok = false;
+    }
+    ok = ok && rename(tmp, path) == 0;
+    if (!ok) {
+        if (fd >= 0) saved = errno ? errno : saved;
+        qkv_set_error("qkv_safetensors_write: %s: %s", path, strerror(saved ? saved : EIO));
+        if (fd >= 0) unlink(tmp);
+    } else {
+        /* Make the rename itself durable. */
+        char *slash = strrchr(tmp, '/');
+        if (slash) *slash = '\0';
+        int dir = open(slash ? (slash == tmp ? "/" : tmp) : ".", O_RDONLY);
+        if (dir >= 0) {
+            fsync(dir);
+            close(dir);
+        }
+    }
+    qkv__free(tmp, len);
+    return ok;
+}
+
+static bool write_entries(const char *path, const out_entry *e, int n,
+                          const qkv_checkpoint_contents *x) {
+    buffer h = {0};
+    const void **data = qkv__calloc((size_t)(n ? n : 1) * sizeof *data);
+    bool ok = data != NULL;
+    uint32_t crc = 0;
+    qkv_scope_begin();
+    for (int i = 0; ok && i < n; i++) {
+        if (e[i].tensor) {
+            qkv_tensor *c = qkv__contiguous(e[i].tensor);
+            ok = c != NULL;
+            data[i] = c ? qkv_data(c) : NULL;
+        } else {
+            data[i] = e[i].bytes;
+        }
+        if (ok) crc = qkv__crc32(crc, data[i], entry_bytes(&e[i]));
+    }
+    ok = ok && build_header(&h, path, e, n, x, crc) && write_file(path, &h, e, n, data);
+    qkv_scope_end();
+    buffer_free(&h);
+    if (data) qkv__free(data, (size_t)(n ? n : 1) * sizeof *data);
+    return ok;
+}
+
+bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
+                           const qkv_checkpoint_contents *extras) {
+    if (!path) return qkv_set_error("qkv_safetensors_write: no path"), false;
+    const qkv_checkpoint_contents none = {0};
+    const qkv_checkpoint_contents *x = extras ? extras : &none;
+    int n_main = tensors ? tensors->n : 0;
+    int n = n_main + x->n_tensors + x->n_bytes;
+    out_entry *e = qkv__calloc((size_t)(n ? n : 1) * sizeof *e);
+    if (!e) return false;
+    bool ok = true;
+    for (int i = 0; i < n_main; i++)
+        e[i] = (out_entry){tensors->names[i], tensors->tensors[i], NULL, 0};
+    for (int i = 0; i < x->n_tensors; i++) {
+        e[n_main + i] = (out_entry){x->tensor_names[i], x->tensors[i], NULL, 0};
+        ok = ok && x->tensor_names[i] && x->tensors[i];
+    }
+    for (int i = 0; i < x->n_bytes; i++) {
+        const qkv_named_bytes *b = &x->bytes[i];
+        e[n_main + x->n_tensors + i] = (out_entry){b->name, NULL, b->data, b->size};
+        ok = ok && b->name && (b->data || b->size == 0);
+    }
+    if (!ok) qkv_set_error("qkv_safetensors_write: %s: an extra has no name or no data", path);
+    ok = ok && write_entries(path, e, n, x);
+    qkv__free(e, (size_t)(n ? n : 1) * sizeof *e);
+    return ok;
+}
+
+/* ---- Reading: JSON ------------------------------------------------------------------------ */
+
+/* Well-formed UTF-8 (no overlongs, no surrogates, nothing past U+10FFFF). */
+static bool valid_utf8(const unsigned char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4
+                                                                                         : 0;
+        if (!len || i + len > n) return false;
+        uint32_t cp = len == 1 ? c : len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return false;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        i += len;
+    }
+    return true;
+}
+
+/* A cursor over the header's JSON. Errors record the byte position. */
+typedef struct json {
+    const char *path;
+    const char *s;
+    size_t n, i;
+    bool failed;
+} json;
+
+static bool jfail(json *j, const char *what) {
+    if (!j->failed)
+        qkv_set_error("qkv_safetensors_read: %s: header byte %zu: %s", j->path, j->i, what);
+    j->failed = true;
+    return false;
+}
+
+static void skip_ws(json *j) {
+    while (j->i < j->n && (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' ||
+                           j->s[j->i] == '\r'))
+        j->i++;
+}
+
+static bool expect(json *j, char c) {
+    skip_ws(j);
+    if (j->i < j->n && j->s[j->i] == c) {
+        j->i++;
+        return true;
+    }
+    char what[32];
+    snprintf(what, sizeof what, "expected '%c'", c);
+    return jfail(j, what);
+}
+
+/* True (consuming it) when the next character is c. */
+static bool next_is(json *j, char c) {
+    skip_ws(j);
+    if (j->i < j->n && j->s[j->i] == c) {
+        j->i++;
+        return true;
+    }
+    return false;
+}
+
+static int hex4(const char *s) {
+    int v = 0;
+    for (int k = 0; k < 4; k++) {
+        char c = s[k];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+static size_t put_utf8(char *out, uint32_t cp) {
+    if (cp < 0x80) return out[0] = (char)cp, 1;
+    if (cp < 0x800) return out[0] = (char)(0xC0 | cp >> 6), out[1] = (char)(0x80 | (cp & 0x3F)), 2;
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | cp >> 12);
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | cp >> 18);
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* A JSON string, decoded into a new qkv__alloc'd C string of *size bytes (free with that). An
+ * escaped NUL is refused: names and values are C strings. */
+static char *parse_string(json *j, size_t *size) {
+    if (!expect(j, '"')) return NULL;
+    size_t start = j->i, end = start;
+    while (end < j->n && j->s[end] != '"') end += j->s[end] == '\\' ? 2 : 1;
+    if (end >= j->n) return jfail(j, "unterminated string"), NULL;
+    *size = end - start + 1;
+    char *out = qkv__alloc(*size);
+    if (!out) return jfail(j, "out of memory"), NULL;
+    size_t o = 0;
+    while (j->i < end) {
+        unsigned char c = (unsigned char)j->s[j->i];
+        if (c < 0x20) return qkv__free(out, *size), jfail(j, "control character in a string"),
+                             NULL;
+        if (c != '\\') {
+            out[o++] = (char)c;
+            j->i++;
+            continue;
+        }
+        char e = j->s[j->i + 1];
+        const char *simple = strchr("\"\\/bfnrt", e);
+        if (e && simple) {
+            out[o++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
+            j->i += 2;
+            continue;
+        }
+        int cp = e == 'u' && j->i + 6 <= end ? hex4(j->s + j->i + 2) : -1;
+        j->i += 6;
+        if (cp >= 0xD800 && cp <= 0xDBFF && j->i + 6 <= end && j->s[j->i] == '\\' &&
+            j->s[j->i + 1] == 'u') {
+            int lo = hex4(j->s + j->i + 2);
+            cp = lo >= 0xDC00 && lo <= 0xDFFF ? 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                                              : -1;
+            j->i += 6;
+        }
+        if (cp <= 0 || (cp >= 0xD800 && cp <= 0xDFFF)) {
+            qkv__free(out, *size);
+            return jfail(j, "bad escape in a string"), NULL;
+        }
+        o += put_utf8(out + o, (uint32_t)cp); /* never longer than the 6-byte escape */
+    }
+    j->i = end + 1;
+    out[o] = '\0';
+    if (!valid_utf8((const unsigned char *)out, o)) {
+        qkv__free(out, *size);
+        return jfail(j, "string is not UTF-8"), NULL;
+    }
+    return out;
+}
+
+/* A non-negative integer below 2^62 (shapes and offsets). */
+static bool parse_count(json *j, uint64_t *v) {
+    skip_ws(j);
+    size_t start = j->i;
+    *v = 0;
+    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9') {
+        *v = *v * 10 + (uint64_t)(j->s[j->i++] - '0');
+        if (*v >= (1ull << 62)) return jfail(j, "number too large");
+    }
+    if (j->i == start) return jfail(j, "expected a non-negative integer");
+    if (j->s[start] == '0' && j->i - start > 1) return jfail(j, "leading zero in a number");
+    if (j->i < j->n && strchr(".eE", j->s[j->i])) return jfail(j, "expected an integer");
+    return true;
+}
+
+/* ---- Reading: the file -------------------------------------------------------------------- */
+
+typedef struct st_entry {
+    char *name;
+    size_t name_size;
+    int dtype;                       /* index into file_dtypes */
+    int ndim;
+    int64_t shape[QKV_MAX_DIMS];
+    uint64_t begin, end;             /* within the data section */
+} st_entry;
+
+typedef struct st_meta {
+    char *key, *value;
+    size_t key_size, value_size;
+} st_meta;
+
+struct qkv_safetensors {
+    char *path;
+    size_t path_size;
+    unsigned char *file;             /* the whole file */
+    size_t file_size;
+    const unsigned char *data;       /* the data section, inside file */
+    uint64_t data_size;
+    int n, cap;
+    st_entry *entries;
+    int n_meta, cap_meta;
+    st_meta *meta;
+};
+
+static bool meta_add(qkv_safetensors *f, json *j, st_meta m) {
+    for (int i = 0; i < f->n_meta; i++)
+        if (strcmp(f->meta[i].key, m.key) == 0) {
+            qkv__free(m.key, m.key_size);
+            qkv__free(m.value, m.value_size);
+            return jfail(j, "duplicate key in __metadata__");
+        }
+    size_t cap = (size_t)f->cap_meta;
+    if (!qkv__reserve((void **)&f->meta, &cap, (size_t)f->n_meta + 1, sizeof *f->meta)) {
+        qkv__free(m.key, m.key_size);
+        qkv__free(m.value, m.value_size);
+        return jfail(j, "out of memory");
+    }
+    f->cap_meta = (int)cap;
+    f->meta[f->n_meta++] = m;
+    return true;
+}
+
+static bool parse_metadata(qkv_safetensors *f, json *j) {
+    if (!expect(j, '{')) return false;
+    if (next_is(j, '}')) return true;
+    do {
+        size_t ks = 0, vs = 0;
+        char *key = parse_string(j, &ks);
+        if (!key) return false;
+        bool colon = expect(j, ':');
+        skip_ws(j);
+        if (colon && (j->i >= j->n || j->s[j->i] != '"'))
+            jfail(j, "__metadata__ values must be strings");
+        char *value = j->failed ? NULL : parse_string(j, &vs);
+        if (!value) {
+            qkv__free(key, ks);
+            return false;
+        }
+        if (!meta_add(f, j, (st_meta){key, value, ks, vs})) return false;
+    } while (next_is(j, ','));
+    return expect(j, '}');
+}
+
+static bool parse_shape(json *j, st_entry *e) {
+    if (!expect(j, '[')) return false;
+    if (next_is(j, ']')) return true;
+    do {
+        uint64_t d;
+        if (e->ndim == QKV_MAX_DIMS) return jfail(j, "more than 8 dimensions");
+        if (!parse_count(j, &d)) return false;
+        e->shape[e->ndim++] = (int64_t)d;
+    } while (next_is(j, ','));
+    return expect(j, ']');
+}
+
+static bool parse_offsets(json *j, st_entry *e) {
+    return expect(j, '[') && parse_count(j, &e->begin) && expect(j, ',') &&
+           parse_count(j, &e->end) && expect(j, ']');
+}
+
+/* {"dtype": ..., "shape": [...], "data_offsets": [b, e]}, each field once, in any order. */
+static bool parse_tensor(json *j, st_entry *e) {
+    bool seen[3] = {false, false, false};
+    if (!expect(j, '{')) return false;
+    do {
+        size_t ks = 0;
+        char *key = parse_string(j, &ks);
+        if (!key) return false;
+        int field = !strcmp(key, "dtype") ? 0 : !strcmp(key, "shape") ? 1
+                    : !strcmp(key, "data_offsets") ? 2 : -1;
+        qkv__free(key, ks);
+        if (field < 0) return jfail(j, "unknown field in a tensor entry");
+        if (seen[field]) return jfail(j, "repeated field in a tensor entry");
+        seen[field] = true;
+        if (!expect(j, ':')) return false;
+        if (field == 0) {
+            size_t ds = 0;
+            char *dtype = parse_string(j, &ds);
+            if (!dtype) return false;
+            e->dtype = find_dtype(dtype);
+            qkv__free(dtype, ds);
+            if (e->dtype < 0) return jfail(j, "unknown dtype");
+        } else if (!(field == 1 ? parse_shape(j, e) : parse_offsets(j, e))) {
+            return false;
+        }
+    } while (next_is(j, ','));
+    if (!expect(j, '}')) return false;
+    if (!seen[0] || !seen[1] || !seen[2])
+        return jfail(j, "a tensor entry needs dtype, shape and data_offsets");
+    return true;
+}
+
+static bool add_entry(qkv_safetensors *f, json *j, char *name, size_t name_size) {
+    size_t cap = (size_t)f->cap;
+    if (!qkv__reserve((void **)&f->entries, &cap, (size_t)f->n + 1, sizeof *f->entries)) {
+        qkv__free(name, name_size);
+        return jfail(j, "out of memory");
+    }
+    f->cap = (int)cap;
+    st_entry *e = &f->entries[f->n++];
+    *e = (st_entry){.name = name, .name_size = name_size};
+    return parse_tensor(j, e);
+}
+
+static bool parse_header(qkv_safetensors *f, json *j) {
+    bool seen_meta = false;
+    if (!expect(j, '{')) return false;
+    if (!next_is(j, '}')) {
+        do {
+            size_t ks = 0;
+            char *key = parse_string(j, &ks);
+            if (!key || !expect(j, ':')) {
+                if (key) qkv__free(key, ks);
+                return false;
+            }
+            if (strcmp(key, "__metadata__") == 0) {
+                qkv__free(key, ks);
+                if (seen_meta) return jfail(j, "two __metadata__ objects");
+                seen_meta = true;
+                if (!parse_metadata(f, j)) return false;
+            } else if (!add_entry(f, j, key, ks)) {
+                return false;
+            }
+        } while (next_is(j, ','));
+        if (!expect(j, '}')) return false;
+    }
+    skip_ws(j);
+    if (j->i != j->n) return jfail(j, "data after the header's JSON object");
+    return true;
+}
+
+static int cmp_by_name(const void *a, const void *b) {
+    return strcmp((*(const st_entry *const *)a)->name, (*(const st_entry *const *)b)->name);
+}
+
+static int cmp_by_offset(const void *a, const void *b) {
+    uint64_t x = (*(const st_entry *const *)a)->begin, y = (*(const st_entry *const *)b)->begin;
+    return (x > y) - (x < y);
+}
+
+static bool bad_file(const qkv_safetensors *f, const char *fmt, const char *name) {
+    char what[256];
+    snprintf(what, sizeof what, fmt, name);
+    qkv_set_error("qkv_safetensors_read: %s: %s", f->path, what);
+    return false;
+}
+
+/* Each tensor's byte size agrees with its dtype and shape, and the tensors tile the data
+ * section exactly: no overlaps, no gaps, nothing outside it. Names are unique. */
+static bool check_entries(const qkv_safetensors *f) {
+    for (int i = 0; i < f->n; i++) {
+        const st_entry *e = &f->entries[i];
+        uint64_t bytes = file_dtypes[e->dtype].size;
+        for (int d = 0; d < e->ndim; d++) {
+            uint64_t s = (uint64_t)e->shape[d];
+            if (s && bytes > UINT64_MAX / 4 / s)
+                return bad_file(f, "tensor \"%s\": its shape's size overflows", e->name);
+            bytes *= s;
+        }
+        if (e->end < e->begin || e->end - e->begin != bytes)
+            return bad_file(f, "tensor \"%s\": data_offsets disagree with its dtype and shape",
+                            e->name);
+        if (e->end > f->data_size)
+            return bad_file(f, "tensor \"%s\": data_offsets run past the end of the file",
+                            e->name);
+    }
+    const st_entry **order = qkv__alloc((size_t)(f->n ? f->n : 1) * sizeof *order);
+    if (!order) return false;
+    bool ok = true;
+    for (int i = 0; i < f->n; i++) order[i] = &f->entries[i];
+    qsort(order, (size_t)f->n, sizeof *order, cmp_by_name);
+    for (int i = 1; i < f->n && ok; i++)
+        if (strcmp(order[i]->name, order[i - 1]->name) == 0)
+            ok = bad_file(f, "two tensors named \"%s\"", order[i]->name);
+    qsort(order, (size_t)f->n, sizeof *order, cmp_by_offset);
+    uint64_t at = 0;
+    for (int i = 0; i < f->n && ok; i++) {
+        if (order[i]->begin != at)
+            ok = bad_file(f, order[i]->begin < at ? "tensor \"%s\" overlaps another tensor"
+                                                  : "a gap in the data before tensor \"%s\"",
+                          order[i]->name);
+        at = order[i]->end;
+    }
+    if (ok && at != f->data_size) ok = bad_file(f, "%s", "bytes after the last tensor's data");
+    qkv__free(order, (size_t)(f->n ? f->n : 1) * sizeof *order);
+    return ok;
+}
+
+static bool check_checksum(const qkv_safetensors *f) {
+    const char *v = qkv_safetensors_meta(f, CHECKSUM_KEY);
+    if (!v) return true; /* files from other writers carry none */
+    unsigned want;
+    char tail;
+    if (strncmp(v, "crc32:", 6) || strlen(v) != 14 || sscanf(v + 6, "%8x%c", &want, &tail) != 1)
+        return bad_file(f, "%s", "malformed " CHECKSUM_KEY);
+    if (qkv__crc32(0, f->data, f->data_size) != want)
+        return bad_file(f, "%s", "checksum mismatch: the file is damaged");
+    return true;
+}
+
+static bool read_whole(qkv_safetensors *f) {
+    FILE *fp = fopen(f->path, "rb");
+    if (!fp) return bad_file(f, "%s", strerror(errno));
+    struct stat st;
+    bool ok = fstat(fileno(fp), &st) == 0;
+    if (ok && !S_ISREG(st.st_mode)) ok = bad_file(f, "%s", "not a regular file");
+    if (ok && (uint64_t)st.st_size > (uint64_t)SIZE_MAX / 2)
+        ok = bad_file(f, "%s", "file too large");
+    if (ok) {
+        f->file_size = (size_t)st.st_size;
+        f->file = qkv__alloc(f->file_size ? f->file_size : 1);
+        ok = f->file && fread(f->file, 1, f->file_size, fp) == f->file_size;
+        if (f->file && !ok) bad_file(f, "%s", "read error");
+    }
+    fclose(fp);
+    return ok;
+}
+
+/* A file object named `name` with its path copied; NULL on allocation failure. */
+static qkv_safetensors *file_new(const char *name) {
+    qkv_safetensors *f = qkv__calloc(sizeof *f);
+    if (!f) return NULL;
+    f->path_size = strlen(name) + 1;
+    f->path = qkv__alloc(f->path_size);
+    if (!f->path) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    memcpy(f->path, name, f->path_size);
+    return f;
+}
+
+/* Checks and indexes f->file; frees f and returns NULL when it is not a good file. */
+static qkv_safetensors *parse_file(qkv_safetensors *f) {
+    uint64_t hlen = 0;
+    bool ok = true;
+    if (f->file_size < 8)
+        ok = bad_file(f, "%s", "shorter than the 8-byte header length: not a safetensors file");
+    for (int i = 0; ok && i < 8; i++) hlen |= (uint64_t)f->file[i] << (8 * i);
+    if (ok && hlen > f->file_size - 8) {
+        char what[96];
+        snprintf(what, sizeof what, "header length %llu runs past the end of the file",
+                 (unsigned long long)hlen);
+        ok = bad_file(f, "%s", what);
+    }
+    if (ok && hlen > MAX_HEADER) ok = bad_file(f, "%s", "header larger than 100 MiB");
+    if (ok) {
+        json j = {f->path, (const char *)f->file + 8, (size_t)hlen, 0, false};
+        f->data = f->file + 8 + hlen;
+        f->data_size = f->file_size - 8 - hlen;
+        ok = parse_header(f, &j) && check_entries(f) && check_checksum(f);
+    }
+    if (!ok) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    return f;
+}
+
+qkv_safetensors *qkv_safetensors_read(const char *path) {
+    if (!path) return qkv_set_error("qkv_safetensors_read: no path");
+    qkv_safetensors *f = file_new(path);
+    if (f && !read_whole(f)) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    return f ? parse_file(f) : NULL;
+}
+
+qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name) {
+    qkv_safetensors *f = file_new(name ? name : "(memory)");
+    if (!f) return NULL;
+    f->file_size = size;
+    f->file = qkv__alloc(size ? size : 1);
+    if (!f->file) {
+        qkv_safetensors_free(f);
+        return NULL;
+    }
+    if (size) memcpy(f->file, data, size);
+    return parse_file(f);
+}
+
+void qkv_safetensors_free(qkv_safetensors *f) {
+    if (!f) return;
+    for (int i = 0; i < f->n; i++) qkv__free(f->entries[i].name, f->entries[i].name_size);
+    if (f->entries) qkv__free(f->entries, (size_t)f->cap * sizeof *f->entries);
+    for (int i = 0; i < f->n_meta; i++) {
+        qkv__free(f->meta[i].key, f->meta[i].key_size);
+        qkv__free(f->meta[i].value, f->meta[i].value_size);
+    }
+    if (f->meta) qkv__free(f->meta, (size_t)f->cap_meta * sizeof *f->meta);
+    if (f->file) qkv__free(f->file, f->file_size ? f->file_size : 1);
+    if (f->path) qkv__free(f->path, f->path_size);
+    qkv__free(f, sizeof *f);
+}
+
+/* ---- Reading: access ---------------------------------------------------------------------- */
+
+int qkv_safetensors_count(const qkv_safetensors *f) {
+    return f ? f->n : 0;
+}
+
+const char *qkv_safetensors_name(const qkv_safetensors *f, int i) {
+    return f && i >= 0 && i < f->n ? f->entries[i].name : NULL;
+}
+
+int qkv_safetensors_meta_count(const qkv_safetensors *f) {
+    return f ? f->n_meta : 0;
+}
+
+const char *qkv_safetensors_meta_key(const qkv_safetensors *f, int i) {
+    return f && i >= 0 && i < f->n_meta ? f->meta[i].key : NULL;
+}
+
+const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
+    for (int i = 0; f && key && i < f->n_meta; i++)
+        if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+    return NULL;
+}
+
+static const st_entry *find(const qkv_safetensors *f, const char *name) {
+    for (int i = 0; f && name && i < f->n; i++)
+        if (strcmp(f->entries[i].name, name) == 0) return &f->entries[i];
+    return NULL;
+}
+
+bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim,
+                           int64_t *shape, qkv_dtype *dtype) {
+    const st_entry *e = find(f, name);
+    if (!e) return false;
+    *ndim = e->ndim;
+    memcpy(shape, e->shape, (size_t)e->ndim * sizeof *shape);
+    *dtype = file_dtypes[e->dtype].as;
+    return true;
+}
+
+bool qkv__safetensors_is_extra(const qkv_safetensors *f, const char *name) {
+    const char *list = qkv_safetensors_meta(f, EXTRAS_KEY);
+    size_t n = strlen(name);
+    for (const char *p = list; p && *p;) {
+        const char *eol = strchr(p, '\n');
+        size_t len = eol ? (size_t)(eol - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return true;
+        p = eol ? eol + 1 : p + len;
+    }
+    return false;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    float v;
+    if (exp == 0) {
+        v = (float)man * 0x1p-24f; /* zero or subnormal */
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+        memcpy(&v, &bits, 4);
+        return v;
+    }
+    uint32_t bits = sign | (exp == 31 ? 0x7F800000u | man << 13 : (exp + 112) << 23 | man << 13);
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+/* Element i of a file tensor as the qkv dtype it reads as. */
+static void convert(const st_entry *e, const unsigned char *src, void *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const unsigned char *p = src + (size_t)i * file_dtypes[e->dtype].size;
+        const char *d = file_dtypes[e->dtype].name;
+        if (!strcmp(d, "F16") || !strcmp(d, "BF16")) {
+            uint16_t h;
+            memcpy(&h, p, 2);
+            float v;
+            if (d[0] == 'B') {
+                uint32_t bits = (uint32_t)h << 16;
+                memcpy(&v, &bits, 4);
+            } else {
+                v = half_to_float(h);
+            }
+            ((float *)dst)[i] = v;
+            continue;
+        }
+        int64_t v = 0;
+        if (!strcmp(d, "U8")) v = p[0];
+        else if (!strcmp(d, "I8")) v = (int8_t)p[0];
+        else if (!strcmp(d, "I16")) { int16_t x; memcpy(&x, p, 2); v = x; }
+        else if (!strcmp(d, "U16")) { uint16_t x; memcpy(&x, p, 2); v = x; }
+        else if (!strcmp(d, "I32")) { int32_t x; memcpy(&x, p, 4); v = x; }
+        else if (!strcmp(d, "U32")) { uint32_t x; memcpy(&x, p, 4); v = x; }
+        ((int64_t *)dst)[i] = v;
+    }
+}
+
+qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name) {
+    if (!f) return NULL;
+    const st_entry *e = find(f, name);
+    if (!e)
+        return qkv_set_error("qkv_safetensors_tensor: %s: no tensor named \"%s\"", f->path,
+                             name ? name : "(null)");
+    const file_dtype *fd = &file_dtypes[e->dtype];
+    const unsigned char *src = f->data + e->begin;
+    if (fd->as == QKV_BOOL)
+        for (uint64_t i = 0; i < e->end - e->begin; i++)
+            if (src[i] > 1)
+                return qkv_set_error("qkv_safetensors_tensor: %s: BOOL tensor \"%s\" holds a "
+                                     "byte other than 0 or 1", f->path, name);
+    qkv_tensor *t = qkv_empty(fd->as, e->ndim, e->shape);
+    if (!t) return NULL;
+    if (fd->size == qkv_dtype_size(fd->as) || fd->as == QKV_BOOL)
+        memcpy(qkv_data(t), src, e->end - e->begin);
+    else
+        convert(e, src, qkv_data(t), t->numel);
+    return t;
+}
+
+const void *qkv_safetensors_bytes(const qkv_safetensors *f, const char *name, size_t *size) {
+    if (!f) return NULL;
+    const st_entry *e = find(f, name);
+    if (!e || e->dtype != DT_U8 || e->ndim != 1)
+        return qkv_set_error("qkv_safetensors_bytes: %s: no 1-D U8 tensor named \"%s\"",
+                             f->path, name ? name : "(null)");
+    *size = e->end - e->begin;
+    return f->data + e->begin;
+}
+
+const char *qkv__safetensors_path(const qkv_safetensors *f) {
+    return f->path;
+}

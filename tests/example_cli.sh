@@ -1,0 +1,77 @@
+#!/bin/sh
+# qkv-classify as a user runs it: train on a small TSV, save, eval and predict from the
+# checkpoint, and bad input refused with a message and exit status 2.
+# Usage: example_cli.sh QKV_CLASSIFY
+set -u
+bin=$1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+failures=0
+check() { # description, then a shell condition
+    what=$1
+    shift
+    if eval "$@"; then
+        echo "ok: $what"
+    else
+        echo "FAILED: $what"
+        failures=$((failures + 1))
+    fi
+}
+
+# Two classes a model separates from single words.
+i=0
+while [ $i -lt 120 ]; do
+    echo "good	a great fine lovely film number $i" >>"$work/train.tsv"
+    echo "bad	an awful dull boring film number $i" >>"$work/train.tsv"
+    i=$((i + 1))
+done
+printf 'good\tgreat lovely\nbad\tawful boring\ngood\tfine great film\nbad\tdull awful film\n' \
+    >"$work/test.tsv"
+
+"$bin" train --train "$work/train.tsv" --test "$work/test.tsv" --epochs 4 --lr 1e-2 --dim 16 \
+    --heads 2 --ffn 32 --save "$work/m.safetensors" >"$work/train.out" 2>&1
+check "train exits 0" '[ $? -eq 0 ]'
+epoch_line='^epoch [0-9]* train_loss=[0-9.]* test_acc=[0-9.]* seconds=[0-9.]*$'
+check "one line per epoch" '[ "$(grep -c "$epoch_line" "$work/train.out")" -eq 4 ]'
+check "majority-class line" 'grep -q "^majority class .*: test_acc=0.500$" "$work/train.out"'
+check "per-class table" 'grep -q "^good  *1.000  *1.000  *2$" "$work/train.out"'
+check "last line is test_acc=1.000" '[ "$(tail -1 "$work/train.out")" = "test_acc=1.000" ]'
+
+"$bin" eval --load "$work/m.safetensors" --test "$work/test.tsv" >"$work/eval.out" 2>&1
+check "eval prints test_acc=1.000" '[ "$(cat "$work/eval.out")" = "test_acc=1.000" ]'
+
+printf 'what a lovely great film\nso dull and awful\n' |
+    "$bin" predict --load "$work/m.safetensors" >"$work/predict.out" 2>&1
+check "predict labels each line" \
+    '[ "$(cut -f1 "$work/predict.out" | tr "\n" " ")" = "good bad " ]'
+check "predict gives probabilities above one half" \
+    '[ "$(grep -c "	0\.[5-9][0-9]*$\|	1\.0*$" "$work/predict.out")" -eq 2 ]'
+
+expect_refusal() { # description, expected message fragment, then the command
+    label=$1 message=$2
+    shift 2
+    "$@" >"$work/bad.out" 2>&1 </dev/null
+    status=$?
+    check "$label: exit status 2" '[ $status -eq 2 ]'
+    check "$label: says \"$message\"" 'grep -qF -- "$message" "$work/bad.out"'
+}
+expect_refusal "missing file" "$work/nope.tsv: No such file or directory" \
+    "$bin" train --train "$work/nope.tsv" --test "$work/test.tsv"
+printf 'good\tfine\nno tab here\n' >"$work/malformed.tsv"
+expect_refusal "malformed line" "malformed.tsv:2: no tab between label and text" \
+    "$bin" train --train "$work/train.tsv" --test "$work/malformed.tsv"
+printf 'good\tfine\nugly\tmeh\nugly\twhat\n' >"$work/unseen.tsv"
+expect_refusal "unseen test labels" \
+    "2 examples have labels not seen in training (the first is 'ugly')" \
+    "$bin" train --train "$work/train.tsv" --test "$work/unseen.tsv"
+expect_refusal "not a checkpoint" "header length" \
+    "$bin" eval --load "$work/train.tsv" --test "$work/test.tsv"
+head -c 300 "$work/m.safetensors" >"$work/truncated.safetensors"
+expect_refusal "truncated checkpoint" "runs past the end of the file" \
+    "$bin" eval --load "$work/truncated.safetensors" --test "$work/test.tsv"
+expect_refusal "bad option value" "--epochs takes a whole number" \
+    "$bin" train --train "$work/train.tsv" --test "$work/test.tsv" --epochs many
+expect_refusal "unknown option" "unknown option --colour" \
+    "$bin" train --train "$work/train.tsv" --test "$work/test.tsv" --colour red
+
+[ $failures -eq 0 ]

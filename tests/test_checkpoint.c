@@ -1,0 +1,679 @@
+/* Checkpoints: safetensors save and load of modules with extras, the strict and partial load
+ * rules, hostile files refused with a message, interrupted and killed saves that leave the
+ * previous file whole, allocation failures, and a classifier saved by PyTorch that gives
+ * PyTorch's logits in qkv. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qkv.h"
+#include "examples/classify/model.h"
+
+static char dir[64];
+static char path[128];
+static uint64_t live_at_start;
+
+static int setup(void **state) {
+    (void)state;
+    snprintf(dir, sizeof dir, "/tmp/qkv-ckpt-XXXXXX");
+    if (!mkdtemp(dir)) return -1;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    qkv_clear_error();
+    live_at_start = qkv_memory_stats_get().live_tensors;
+    qkv_scope_begin();
+    return 0;
+}
+
+/* Removes the directory; fails the test if any file other than model.safetensors was left
+ * behind (a temporary file of an interrupted save). */
+static int teardown(void **state) {
+    (void)state;
+    qkv_scope_end();
+    qkv_debug_fail_write_after(0);
+    qkv_debug_fail_alloc_at(0);
+    int strays = 0;
+    DIR *d = opendir(dir);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        if (e->d_name[0] == '.') continue;
+        char p[400];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        strays += strcmp(e->d_name, "model.safetensors") != 0;
+        unlink(p);
+    }
+    if (d) closedir(d);
+    rmdir(dir);
+    return strays == 0 && qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
+}
+
+static void write_bytes(const char *p, const void *data, size_t n) {
+    FILE *f = fopen(p, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    fclose(f);
+}
+
+/* A file of the 8-byte length, the header text as given, then n_data bytes of data. */
+static void write_raw(const char *header, size_t n_data, const void *data) {
+    size_t hn = strlen(header);
+    unsigned char *buf = calloc(1, 8 + hn + n_data + 1);
+    for (int i = 0; i < 8; i++) buf[i] = (unsigned char)((uint64_t)hn >> (8 * i));
+    memcpy(buf + 8, header, hn);
+    if (data) memcpy(buf + 8 + hn, data, n_data);
+    write_bytes(path, buf, 8 + hn + n_data);
+    free(buf);
+}
+
+static void assert_error_contains(const char *what) {
+    const char *e = qkv_error();
+    if (!e || !strstr(e, what)) fail_msg("expected an error containing \"%s\", got \"%s\"", what,
+                                         e ? e : "(none)");
+    qkv_clear_error();
+}
+
+static void assert_same_values(const qkv_tensor *a, const qkv_tensor *b) {
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->dtype, b->dtype);
+    assert_int_equal(a->numel, b->numel);
+    size_t n = (size_t)a->numel * qkv_dtype_size(a->dtype);
+    char *x = malloc(n + 1), *y = malloc(n + 1);
+    assert_true(qkv_copy_out(a, a->dtype, x));
+    assert_true(qkv_copy_out(b, b->dtype, y));
+    assert_memory_equal(x, y, n);
+    free(x);
+    free(y);
+}
+
+static qkv_transformer_encoder_layer *encoder_layer(uint64_t seed) {
+    qkv_generator g;
+    qkv_generator_init(&g, seed);
+    qkv_transformer_config c = {.d_model = 8, .nhead = 2, .dim_feedforward = 16,
+                                .activation = QKV_ACT_GELU, .norm_first = true};
+    qkv_transformer_encoder_layer *m = qkv_transformer_encoder_layer_new(&c, &g);
+    assert_non_null(m);
+    return m;
+}
+
+/* Every parameter and buffer of a and b holds the same bytes. */
+static void assert_same_state(const void *a, const void *b) {
+    qkv_named_list *x = qkv_module_state(a), *y = qkv_module_state(b);
+    assert_int_equal(x->n, y->n);
+    for (int i = 0; i < x->n; i++) {
+        assert_string_equal(x->names[i], y->names[i]);
+        assert_same_values(x->tensors[i], y->tensors[i]);
+    }
+    qkv_named_list_free(x);
+    qkv_named_list_free(y);
+}
+
+/* ---- Round trips ------------------------------------------------------------------------- */
+
+static void save_then_load_restores_every_parameter(void **state) {
+    (void)state;
+    qkv_transformer_encoder_layer *a = encoder_layer(1), *b = encoder_layer(2);
+    assert_true(qkv_module_save(a, path, NULL));
+    assert_true(qkv_module_load(b, path, NULL));
+    assert_same_state(a, b);
+    qkv_module_free(a);
+    qkv_module_free(b);
+}
+
+static void extras_round_trip_tensors_bytes_and_metadata(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *moments = qkv_randn(QKV_F64, QKV_SHAPE(2, 3), &g);
+    qkv_tensor *step = qkv_scalar(QKV_I64, 12345678901LL);
+    qkv_tensor *mask = qkv_gt_scalar(qkv_randn(QKV_F32, QKV_SHAPE(5), &g), 0);
+    /* a transposed view is saved by value, in row-major order */
+    qkv_tensor *view =
+        qkv_transpose(qkv_reshape(qkv_arange(QKV_F32, 0, 6, 1), QKV_SHAPE(2, 3)), 0, 1);
+    const char *names[] = {"optim.m", "optim.step", "mask", "view"};
+    qkv_tensor *tensors[] = {moments, step, mask, view};
+    qkv_named_bytes bytes[] = {{"vocab", "a\0b\xff", 4}, {"empty", NULL, 0}};
+    qkv_meta_pair meta[] = {{"format", "test 1"}, {"quote", "say \"hi\"\n\t\\ ünïcode"}};
+    qkv_checkpoint_contents x = {4, names, tensors, 2, bytes, 2, meta};
+    assert_true(qkv_module_save(m, path, &x));
+
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    assert_int_equal(qkv_safetensors_count(f), 8);
+    assert_string_equal(qkv_safetensors_name(f, 0), "weight");
+    assert_string_equal(qkv_safetensors_name(f, 7), "empty");
+    assert_same_values(qkv_safetensors_tensor(f, "optim.m"), moments);
+    assert_same_values(qkv_safetensors_tensor(f, "optim.step"), step);
+    assert_same_values(qkv_safetensors_tensor(f, "mask"), mask);
+    qkv_tensor *v = qkv_safetensors_tensor(f, "view");
+    assert_same_values(v, qkv_contiguous(view));
+    assert_int_equal(v->shape[0], 3);
+    assert_true(qkv_get(v, (int64_t[]){0, 1}) == 3.0);
+    size_t n = 99;
+    const char *vb = qkv_safetensors_bytes(f, "vocab", &n);
+    assert_int_equal(n, 4);
+    assert_memory_equal(vb, "a\0b\xff", 4);
+    assert_non_null(qkv_safetensors_bytes(f, "empty", &n));
+    assert_int_equal(n, 0);
+    assert_string_equal(qkv_safetensors_meta(f, "format"), "test 1");
+    assert_string_equal(qkv_safetensors_meta(f, "quote"), "say \"hi\"\n\t\\ ünïcode");
+    assert_null(qkv_safetensors_meta(f, "absent"));
+    assert_null(qkv_error()); /* an absent key is not an error */
+    assert_null(qkv_safetensors_tensor(f, "absent"));
+    assert_error_contains("no tensor named \"absent\"");
+    assert_null(qkv_safetensors_bytes(f, "weight", &n));
+    assert_error_contains("no 1-D U8 tensor named \"weight\"");
+    /* the extras are declared, so a strict load accepts the file */
+    assert_true(qkv_module_load_safetensors(m, f, NULL));
+    qkv_safetensors_free(f);
+    qkv_module_free(m);
+}
+
+static void saved_file_is_plain_safetensors(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(2, 1, false, &(qkv_generator){0});
+    qkv_fill_(m->weight, 0.5);
+    assert_true(qkv_module_save(m, path, NULL));
+    FILE *fp = fopen(path, "rb");
+    unsigned char buf[256];
+    size_t n = fread(buf, 1, sizeof buf, fp);
+    fclose(fp);
+    uint64_t hlen = 0;
+    for (int i = 0; i < 8; i++) hlen |= (uint64_t)buf[i] << (8 * i);
+    assert_int_equal((8 + hlen) % 8, 0); /* data aligned to 8 bytes */
+    assert_int_equal(n, 8 + hlen + 8);
+    const char *want = "{\"weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]},"
+                       "\"__metadata__\":{\"qkv.checksum\":\"crc32:";
+    assert_memory_equal(buf + 8, want, strlen(want));
+    float w[2];
+    memcpy(w, buf + 8 + hlen, 8);
+    assert_true(w[0] == 0.5f && w[1] == 0.5f);
+    qkv_module_free(m);
+}
+
+static void load_converts_between_float_dtypes(void **state) {
+    (void)state;
+    qkv_linear *a = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_linear *b = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    assert_true(qkv_module_to_dtype(a, QKV_F64));
+    qkv_fill_(a->weight, 0.1);
+    assert_true(qkv_module_save(a, path, NULL));
+    assert_true(qkv_module_load(b, path, NULL));
+    assert_int_equal(b->weight->dtype, QKV_F32);
+    assert_true(qkv_get(b->weight, (int64_t[]){1, 2}) == (double)0.1f);
+    qkv_module_free(a);
+    qkv_module_free(b);
+}
+
+/* ---- Strict and partial loads ------------------------------------------------------------ */
+
+static void load_shape_mismatch_names_it_and_changes_nothing(void **state) {
+    (void)state;
+    qkv_linear *a = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_linear *b = qkv_linear_new(4, 2, true, &(qkv_generator){0});
+    qkv_linear *before = qkv_linear_new(4, 2, true, &(qkv_generator){0});
+    assert_true(qkv_module_save(a, path, NULL));
+    assert_false(qkv_module_load(b, path, NULL));
+    char want[256];
+    snprintf(want, sizeof want, "qkv_module_load: %s: \"weight\" is [2,3] in the file but "
+             "[2,4] in the model", path);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    /* bias matched, but nothing is copied when any entry is wrong */
+    assert_same_state(b, before);
+    qkv_module_free(a);
+    qkv_module_free(b);
+    qkv_module_free(before);
+}
+
+static void load_dtype_mismatch_is_an_error(void **state) {
+    (void)state;
+    const char *names[] = {"weight"};
+    qkv_tensor *tensors[] = {qkv_zeros(QKV_I64, QKV_SHAPE(1, 2))};
+    qkv_named_list list = {1, (char **)names, tensors};
+    assert_true(qkv_safetensors_write(path, &list, NULL));
+    qkv_linear *m = qkv_linear_new(2, 1, false, &(qkv_generator){0});
+    assert_false(qkv_module_load(m, path, NULL));
+    assert_error_contains("\"weight\" is i64 in the file but f32 in the model");
+    qkv_module_free(m);
+}
+
+static void missing_and_unexpected_names_fail_unless_partial(void **state) {
+    (void)state;
+    qkv_linear *with_bias = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_linear *no_bias = qkv_linear_new(3, 2, false, &(qkv_generator){0});
+    qkv_fill_(with_bias->weight, 2.0);
+    assert_true(qkv_module_save(no_bias, path, NULL));
+    assert_false(qkv_module_load(with_bias, path, NULL));
+    assert_error_contains("no tensor \"bias\" in the file");
+    assert_true(qkv_get(with_bias->weight, (int64_t[]){0, 0}) == 2.0);
+    qkv_load_options partial = {.partial = true};
+    assert_true(qkv_module_load(with_bias, path, &partial));
+    assert_same_values(with_bias->weight, no_bias->weight);
+
+    assert_true(qkv_module_save(with_bias, path, NULL));
+    assert_false(qkv_module_load(no_bias, path, NULL));
+    assert_error_contains("the model has no \"bias\" (1 unexpected tensor in the file)");
+    assert_true(qkv_module_load(no_bias, path, &partial));
+    qkv_module_free(with_bias);
+    qkv_module_free(no_bias);
+}
+
+static void save_refuses_bad_and_duplicate_names(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    const char *names[] = {"bias"};
+    qkv_tensor *tensors[] = {qkv_zeros(QKV_F32, QKV_SHAPE(1))};
+    qkv_checkpoint_contents dup = {.n_tensors = 1, .tensor_names = names, .tensors = tensors};
+    assert_false(qkv_module_save(m, path, &dup));
+    assert_error_contains("two tensors named \"bias\"");
+    const char *bad[] = {"line\nbreak"};
+    qkv_checkpoint_contents ctl = {.n_tensors = 1, .tensor_names = bad, .tensors = tensors};
+    assert_false(qkv_module_save(m, path, &ctl));
+    assert_error_contains("bad tensor name");
+    qkv_meta_pair reserved[] = {{"qkv.checksum", "crc32:00000000"}};
+    qkv_checkpoint_contents meta = {.n_meta = 1, .meta = reserved};
+    assert_false(qkv_module_save(m, path, &meta));
+    assert_error_contains("bad metadata key \"qkv.checksum\"");
+    assert_int_equal(access(path, F_OK), -1); /* nothing was written */
+    qkv_module_free(m);
+}
+
+/* ---- Resuming training ------------------------------------------------------------------- */
+
+static const classifier_config small = {.vocab_size = 20, .n_classes = 3, .max_len = 6,
+                                        .dim = 8, .heads = 2, .layers = 1, .ffn = 16,
+                                        .dropout = 0};
+
+static qkv_optimizer *adam_for(classifier *m) {
+    qkv_named_list *params = qkv_module_parameters(m);
+    qkv_optimizer *opt = qkv_adam_new();
+    assert_true(qkv_optimizer_add_group(opt, params, qkv_adam_config(0.01)));
+    qkv_named_list_free(params);
+    return opt;
+}
+
+/* One Adam step on batch `step` of a fixed sequence; returns the loss. */
+static float train_step(classifier *m, qkv_optimizer *opt, int step) {
+    qkv_generator g;
+    qkv_generator_init(&g, 100 + (uint64_t)step);
+    qkv_scope_begin();
+    qkv_tensor *ids = qkv_randint(1, 20, QKV_SHAPE(4, 6), &g);
+    qkv_tensor *pad = qkv_gt_scalar(qkv_arange(QKV_I64, 0, 6, 1), 3 + step % 3);
+    pad = qkv_contiguous(qkv_expand(pad, QKV_SHAPE(4, 6)));
+    qkv_tensor *labels = qkv_randint(0, 3, QKV_SHAPE(4), &g);
+    qkv_tensor *loss = qkv_cross_entropy(classifier_forward(m, ids, pad), labels,
+                                         QKV_REDUCTION_MEAN, -100, 0);
+    assert_non_null(loss);
+    float value = (float)qkv_item(loss);
+    qkv_optimizer_zero_grad(opt);
+    assert_true(qkv_backward(loss));
+    assert_true(qkv_optimizer_step(opt));
+    qkv_scope_end();
+    return value;
+}
+
+static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state) {
+    (void)state;
+    enum { N = 5 };
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    classifier *straight = classifier_new(&small, &g);
+    qkv_optimizer *opt = adam_for(straight);
+    float losses[2 * N];
+    for (int s = 0; s < 2 * N; s++) losses[s] = train_step(straight, opt, s);
+    qkv_optimizer_free(opt);
+
+    qkv_generator_init(&g, 5);
+    classifier *first = classifier_new(&small, &g);
+    opt = adam_for(first);
+    for (int s = 0; s < N; s++) assert_true(train_step(first, opt, s) == losses[s]);
+    qkv_meta_pair meta[] = {{"epoch", "3"}};
+    qkv_checkpoint_contents x = {.n_meta = 1, .meta = meta};
+    assert_true(qkv_checkpoint_save(first, opt, path, &x));
+    qkv_optimizer_free(opt);
+    qkv_module_free(first);
+
+    qkv_generator_init(&g, 99); /* other initial weights: the checkpoint replaces them */
+    classifier *second = classifier_new(&small, &g);
+    opt = adam_for(second);
+    assert_true(qkv_checkpoint_load(second, opt, path, NULL));
+    assert_int_equal(opt->steps, N);
+    for (int s = N; s < 2 * N; s++) assert_true(train_step(second, opt, s) == losses[s]);
+    assert_same_state(second, straight);
+    qkv_optimizer_free(opt);
+
+    /* an optimizer that does not fit the saved state is refused by name */
+    qkv_optimizer *sgd = qkv_sgd_new();
+    qkv_named_list *params = qkv_module_parameters(second);
+    assert_true(qkv_optimizer_add_group(sgd, params, qkv_sgd_config(0.1)));
+    qkv_named_list_free(params);
+    assert_false(qkv_checkpoint_load(second, sgd, path, NULL));
+    assert_non_null(qkv_error());
+    qkv_clear_error();
+    qkv_optimizer_free(sgd);
+    qkv_module_free(second);
+    qkv_module_free(straight);
+}
+
+/* ---- Hostile files ----------------------------------------------------------------------- */
+
+typedef struct hostile {
+    const char *header;
+    size_t n_data;
+    const char *message;
+} hostile;
+
+static void hostile_headers_are_refused_with_a_message(void **state) {
+    (void)state;
+    static const unsigned char data[64] = {0, 1, 2};
+    static const hostile cases[] = {
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 4,
+         "data_offsets run past the end of the file"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 12,
+         "overlaps another tensor"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+         "a gap in the data before tensor \"a\""},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 8,
+         "bytes after the last tensor's data"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
+         "data_offsets disagree with its dtype and shape"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", 8,
+         "data_offsets disagree"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,16],"
+         "\"data_offsets\":[0,0]}}", 0, "its shape's size overflows"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[99999999999999999999],"
+         "\"data_offsets\":[0,0]}}", 0, "number too large"},
+        {"{\"a\":{\"dtype\":\"Q4\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1, "unknown dtype"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+         "two tensors named \"a\""},
+        {"{\"a\":{\"dtype\":{\"dtype\":{\"dtype\":[[[[[[[[[[1]]]]]]]]]]}}}}", 0,
+         "header byte 14: expected '\"'"},
+        {"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[", 0,
+         "header byte 0: expected '{'"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_off", 4, "unterminated string"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4,
+         "expected '}'"},
+        {"{\"\xc3\x28\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+         "string is not UTF-8"},
+        {"{\"\xed\xa0\x80\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+         "string is not UTF-8"},
+        {"{\"a\\u0000b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+         "bad escape in a string"},
+        {"{\"a\\ud800\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+         "bad escape in a string"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,4]}}",
+         4, "more than 8 dimensions"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,
+         "expected a non-negative integer"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", 4,
+         "expected an integer"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"x\":1}}", 4,
+         "unknown field in a tensor entry"},
+        {"{\"a\":{\"dtype\":\"F32\",\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+         4, "repeated field in a tensor entry"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", 0,
+         "a tensor entry needs dtype, shape and data_offsets"},
+        {"{\"__metadata__\":{\"k\":1}}", 0, "__metadata__ values must be strings"},
+        {"{\"__metadata__\":{\"k\":\"a\",\"k\":\"b\"}}", 0, "duplicate key in __metadata__"},
+        {"{\"__metadata__\":{},\"__metadata__\":{}}", 0, "two __metadata__ objects"},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:0000000\"}}", 0,
+         "malformed qkv.checksum"},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:00000001\"}}", 0,
+         "checksum mismatch: the file is damaged"},
+        {"{} x", 0, "data after the header's JSON object"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}\x01}", 4,
+         "expected '}'"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        write_raw(cases[i].header, cases[i].n_data, data);
+        qkv_safetensors *f = qkv_safetensors_read(path);
+        if (f) fail_msg("case %zu was accepted", i);
+        const char *e = qkv_error();
+        if (!e || !strstr(e, cases[i].message) || !strstr(e, path))
+            fail_msg("case %zu: expected \"%s\", got \"%s\"", i, cases[i].message,
+                     e ? e : "(none)");
+        qkv_clear_error();
+    }
+}
+
+static void short_files_and_lengths_past_the_end_are_refused(void **state) {
+    (void)state;
+    write_bytes(path, "", 0);
+    assert_null(qkv_safetensors_read(path));
+    assert_error_contains("shorter than the 8-byte header length");
+    write_bytes(path, "\x10\0\0\0\0\0\0\0{}", 10);
+    assert_null(qkv_safetensors_read(path));
+    assert_error_contains("header length 16 runs past the end of the file");
+    write_bytes(path, "\xff\xff\xff\xff\xff\xff\xff\xff{}", 10);
+    assert_null(qkv_safetensors_read(path));
+    assert_error_contains("header length 18446744073709551615 runs past the end");
+    assert_null(qkv_safetensors_read(dir));
+    assert_error_contains("not a regular file");
+    assert_null(qkv_safetensors_read("/nonexistent/x.safetensors"));
+    assert_error_contains("/nonexistent/x.safetensors: No such file or directory");
+}
+
+static void a_flipped_data_byte_fails_the_checksum(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    assert_true(qkv_module_save(m, path, NULL));
+    FILE *f = fopen(path, "r+b");
+    fseek(f, -3, SEEK_END);
+    int c = fgetc(f);
+    fseek(f, -3, SEEK_END);
+    fputc(c ^ 0x10, f);
+    fclose(f);
+    assert_false(qkv_module_load(m, path, NULL));
+    assert_error_contains("checksum mismatch: the file is damaged");
+    qkv_module_free(m);
+}
+
+static void bool_bytes_other_than_0_or_1_are_refused(void **state) {
+    (void)state;
+    write_raw("{\"m\":{\"dtype\":\"BOOL\",\"shape\":[2],\"data_offsets\":[0,2]}}", 2, "\1\2");
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    assert_null(qkv_safetensors_tensor(f, "m"));
+    assert_error_contains("BOOL tensor \"m\" holds a byte other than 0 or 1");
+    qkv_safetensors_free(f);
+}
+
+static void other_writers_dtypes_read_as_qkv_dtypes(void **state) {
+    (void)state;
+    /* F16 1.5 and -2^-24 (subnormal), BF16 -3.0, I32 -7, U8 200, I16 -300 */
+    const unsigned char data[] = {0x00, 0x3E, 0x01, 0x80, 0x40, 0xC0, 0xF9, 0xFF, 0xFF, 0xFF,
+                                  200,  0xD4, 0xFE};
+    write_raw("{\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]},"
+              "\"b\":{\"dtype\":\"BF16\",\"shape\":[],\"data_offsets\":[4,6]},"
+              "\"i\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[6,10]},"
+              "\"u\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[10,11]},"
+              "\"s\":{\"dtype\":\"I16\",\"shape\":[1],\"data_offsets\":[11,13]}}",
+              sizeof data, data);
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    qkv_tensor *h = qkv_safetensors_tensor(f, "h");
+    assert_int_equal(h->dtype, QKV_F32);
+    assert_true(qkv_get(h, (int64_t[]){0}) == 1.5);
+    assert_true(qkv_get(h, (int64_t[]){1}) == -ldexp(1, -24));
+    qkv_tensor *b = qkv_safetensors_tensor(f, "b");
+    assert_int_equal(b->ndim, 0);
+    assert_true(qkv_item(b) == -3.0);
+    assert_true(qkv_item(qkv_safetensors_tensor(f, "i")) == -7.0);
+    assert_int_equal(qkv_safetensors_tensor(f, "i")->dtype, QKV_I64);
+    assert_true(qkv_item(qkv_safetensors_tensor(f, "u")) == 200.0);
+    assert_true(qkv_item(qkv_safetensors_tensor(f, "s")) == -300.0);
+    qkv_safetensors_free(f);
+}
+
+/* ---- Interrupted saves ------------------------------------------------------------------- */
+
+static void a_failing_write_keeps_the_previous_checkpoint(void **state) {
+    (void)state;
+    qkv_transformer_encoder_layer *old = encoder_layer(1), *fresh = encoder_layer(2);
+    qkv_transformer_encoder_layer *probe = encoder_layer(3);
+    assert_true(qkv_module_save(old, path, NULL));
+    FILE *fp = fopen(path, "rb");
+    fseek(fp, 0, SEEK_END);
+    size_t size = (size_t)ftell(fp);
+    fclose(fp);
+    for (size_t cut = 1; cut < size; cut += cut < 64 ? 1 : 97) {
+        qkv_debug_fail_write_after(cut);
+        assert_false(qkv_module_save(fresh, path, NULL));
+        assert_error_contains("No space left on device");
+        qkv_debug_fail_write_after(0);
+        assert_true(qkv_module_load(probe, path, NULL));
+        assert_same_state(probe, old);
+    }
+    assert_true(qkv_module_save(fresh, path, NULL));
+    assert_true(qkv_module_load(probe, path, NULL));
+    assert_same_state(probe, fresh);
+    qkv_module_free(old);
+    qkv_module_free(fresh);
+    qkv_module_free(probe);
+}
+
+static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **state) {
+    (void)state;
+    qkv_linear *a = qkv_linear_new(512, 512, true, &(qkv_generator){0});
+    qkv_linear *probe = qkv_linear_new(512, 512, true, &(qkv_generator){0});
+    qkv_fill_(a->weight, 0.0);
+    assert_true(qkv_module_save(a, path, NULL));
+    struct timespec seed;
+    clock_gettime(CLOCK_MONOTONIC, &seed);
+    srand((unsigned)seed.tv_nsec);
+    for (int round = 0; round < 8; round++) {
+        pid_t child = fork();
+        assert_true(child >= 0);
+        if (child == 0) {
+            /* rewrite the file forever, each version filled with one value */
+            for (int v = 1;; v++) {
+                qkv_fill_(a->weight, v);
+                if (!qkv_module_save(a, path, NULL)) _exit(1);
+            }
+        }
+        usleep(2000 + (useconds_t)(rand() % 30000));
+        kill(child, SIGKILL);
+        int status;
+        waitpid(child, &status, 0);
+        assert_true(WIFSIGNALED(status));
+        assert_true(qkv_module_load(probe, path, NULL));
+        /* whole: every weight holds the same value */
+        double first = qkv_get(probe->weight, (int64_t[]){0, 0});
+        double last = qkv_get(probe->weight, (int64_t[]){511, 511});
+        assert_true(first == last);
+        /* the killed child leaves its temporary file; it never replaces the checkpoint */
+        DIR *d = opendir(dir);
+        for (struct dirent *e; (e = readdir(d));) {
+            if (strncmp(e->d_name, "model.safetensors.tmp-", 22) == 0) {
+                char p[400];
+                snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+                unlink(p);
+            }
+        }
+        closedir(d);
+    }
+    qkv_module_free(a);
+    qkv_module_free(probe);
+}
+
+/* ---- Allocation failures ------------------------------------------------------------------ */
+
+static void save_and_load_survive_every_allocation_failure(void **state) {
+    (void)state;
+    qkv_transformer_encoder_layer *a = encoder_layer(1), *b = encoder_layer(2);
+    qkv_named_bytes bytes[] = {{"vocab", "abc", 3}};
+    qkv_meta_pair meta[] = {{"k", "v"}};
+    qkv_checkpoint_contents x = {.n_bytes = 1, .bytes = bytes, .n_meta = 1, .meta = meta};
+    assert_true(qkv_module_save(a, path, &x));
+    for (int op = 0; op < 2; op++) {
+        for (uint64_t n = 1;; n++) {
+            size_t in_use = qkv_memory_stats_get().bytes_in_use;
+            uint64_t live = qkv_memory_stats_get().live_tensors;
+            qkv_clear_error();
+            qkv_debug_fail_alloc_at(n);
+            bool ok = op == 0 ? qkv_module_save(b, path, &x) : qkv_module_load(b, path, NULL);
+            qkv_debug_fail_alloc_at(0);
+            assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
+            assert_int_equal(qkv_memory_stats_get().live_tensors, live);
+            if (ok) break;
+            assert_non_null(qkv_error());
+            assert_true(n < 10000);
+        }
+        /* whichever save failed, the file is one whole checkpoint */
+        qkv_transformer_encoder_layer *probe = encoder_layer(3);
+        assert_true(qkv_module_load(probe, path, NULL));
+        assert_same_state(probe, b);
+        qkv_module_free(probe);
+    }
+    qkv_module_free(a);
+    qkv_module_free(b);
+}
+
+/* ---- PyTorch interop ---------------------------------------------------------------------- */
+
+static void pytorch_checkpoint_gives_pytorch_logits(void **state) {
+    (void)state;
+    qkv_safetensors *f =
+        qkv_safetensors_read(QKV_FIXTURES "/data/torch_classifier.safetensors");
+    assert_non_null(f);
+    classifier_config c = {.vocab_size = 50, .n_classes = 3, .max_len = 8, .dim = 16,
+                           .heads = 2, .layers = 2, .ffn = 32, .dropout = 0};
+    qkv_generator g;
+    qkv_generator_init(&g, 0);
+    classifier *m = classifier_new(&c, &g);
+    assert_non_null(m);
+    assert_true(qkv_module_load_safetensors(m, f, NULL)); /* strict: every name matches */
+    qkv_module_train(m, false);
+    qkv_tensor *logits = classifier_forward(m, qkv_safetensors_tensor(f, "test.ids"),
+                                            qkv_safetensors_tensor(f, "test.pad"));
+    qkv_tensor *want = qkv_safetensors_tensor(f, "test.logits");
+    assert_non_null(logits);
+    assert_int_equal(logits->numel, 12);
+    for (int64_t i = 0; i < 4; i++)
+        for (int64_t k = 0; k < 3; k++) {
+            double x = qkv_get(logits, (int64_t[]){i, k}), y = qkv_get(want, (int64_t[]){i, k});
+            assert_true(fabs(x - y) <= 1e-5 * fabs(y) + 1e-6);
+        }
+    qkv_safetensors_free(f);
+    qkv_module_free(m);
+}
+
+#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        T(save_then_load_restores_every_parameter),
+        T(extras_round_trip_tensors_bytes_and_metadata),
+        T(saved_file_is_plain_safetensors),
+        T(load_converts_between_float_dtypes),
+        T(load_shape_mismatch_names_it_and_changes_nothing),
+        T(load_dtype_mismatch_is_an_error),
+        T(missing_and_unexpected_names_fail_unless_partial),
+        T(save_refuses_bad_and_duplicate_names),
+        T(training_resumed_from_a_checkpoint_is_bitwise_identical),
+        T(hostile_headers_are_refused_with_a_message),
+        T(short_files_and_lengths_past_the_end_are_refused),
+        T(a_flipped_data_byte_fails_the_checksum),
+        T(bool_bytes_other_than_0_or_1_are_refused),
+        T(other_writers_dtypes_read_as_qkv_dtypes),
+        T(a_failing_write_keeps_the_previous_checkpoint),
+        T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
+        T(save_and_load_survive_every_allocation_failure),
+        T(pytorch_checkpoint_gives_pytorch_logits),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
