@@ -65,7 +65,7 @@ static bool check_float(const char *op, qkv_dtype dtype, const qkv_generator *g)
 }
 
 qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
-    if (!check_float("qkv_rand", dtype, g)) return NULL;
+    if (!check_float("qkv_rand", dtype, g) || !qkv__check_shape("qkv_rand", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     if (dtype == QKV_F32) {
@@ -79,7 +79,7 @@ qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_genera
 }
 
 qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
-    if (!check_float("qkv_randn", dtype, g)) return NULL;
+    if (!check_float("qkv_randn", dtype, g) || !qkv__check_shape("qkv_randn", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     void *d = qkv_data(t);
@@ -93,6 +93,7 @@ qkv_tensor *qkv_randint(int64_t low, int64_t high, int ndim, const int64_t *shap
     if (high <= low)
         return qkv_set_error("qkv_randint: empty range [%lld, %lld)", (long long)low,
                              (long long)high);
+    if (!qkv__check_shape("qkv_randint", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(QKV_I64, ndim, shape);
     if (!t) return NULL;
     int64_t *d = qkv_data(t);

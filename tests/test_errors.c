@@ -98,10 +98,15 @@ static void bad_sizes_and_arguments_name_the_op(void **state) {
     (void)state;
     qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
     assert_null(qkv_full(QKV_F32, QKV_SHAPE(-1), 0));
-    assert_string_equal(qkv_error(), "qkv_empty: negative size -1 in dimension 0");
+    assert_string_equal(qkv_error(), "qkv_full: negative size -1 in dimension 0");
     qkv_clear_error();
     assert_null(qkv_zeros(QKV_F32, QKV_SHAPE(1, 1, 1, 1, 1, 1, 1, 1, 1)));
-    assert_string_equal(qkv_error(), "qkv_empty: 9 dimensions (at most 8)");
+    assert_string_equal(qkv_error(), "qkv_zeros: 9 dimensions (at most 8)");
+    qkv_clear_error();
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    assert_null(qkv_randn(QKV_F64, QKV_SHAPE(3, -2), &g));
+    assert_string_equal(qkv_error(), "qkv_randn: negative size -2 in dimension 1");
     qkv_clear_error();
     assert_null(qkv_expand(a, QKV_SHAPE(4, 3)));
     assert_string_equal(qkv_error(),
@@ -139,8 +144,10 @@ static void missing_pointer_arguments_are_errors_not_crashes(void **state) {
     expect_error(!qkv_randn(QKV_F32, QKV_SHAPE(2), NULL), "qkv_randn: no generator");
     expect_error(!qkv_rand(QKV_F64, QKV_SHAPE(2), NULL), "qkv_rand: no generator");
     expect_error(!qkv_randint(0, 5, QKV_SHAPE(2), NULL), "qkv_randint: no generator");
+    uint64_t live = qkv_memory_stats_get().live_tensors;
     expect_error(!qkv_from_array(QKV_F32, QKV_SHAPE(2), NULL), "qkv_from_array: data is NULL");
-    expect_error(!qkv_zeros(QKV_F32, 2, NULL), "qkv_empty: shape is NULL");
+    assert_int_equal(qkv_memory_stats_get().live_tensors, live); /* refused before allocating */
+    expect_error(!qkv_zeros(QKV_F32, 2, NULL), "qkv_zeros: shape is NULL");
     expect_error(!qkv_permute(a, NULL), "qkv_permute: axes is NULL");
     expect_error(!qkv_mean_axes(a, 1, NULL, false), "qkv_mean: axes is NULL");
     expect_error(!qkv_copy_out(a, QKV_F32, NULL), "qkv_copy_out: dst is NULL");
