@@ -60,13 +60,20 @@ static void sum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
 }
 static const qkv_op_def sum_op = {"sum", sum_backward};
 
-qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+/* The reduction op over the listed axes, reported in errors as name. */
+static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
+                               const int *axes, bool keepdim, double correction,
+                               const qkv_op_def *def, const char *name) {
     uint32_t mask;
-    if (!a || !axes_mask("qkv_sum", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_SUM, a, mask, keepdim, 0, &sum_op, "qkv_sum");
+    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    return reduce_op(op, a, mask, keepdim, correction, def, name);
+}
+
+qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return reduce_axes(QKV_RED_SUM, a, naxes, axes, keepdim, 0, &sum_op, "qkv_sum_axes");
 }
 qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
-    return qkv_sum_axes(a, 1, &axis, keepdim);
+    return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_op, "qkv_sum");
 }
 qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
     return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_op, "qkv_sum_all") : NULL;
@@ -79,12 +86,10 @@ static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) 
 static const qkv_op_def mean_op = {"mean", mean_backward};
 
 qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
-    uint32_t mask;
-    if (!a || !axes_mask("qkv_mean", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_MEAN, a, mask, keepdim, 0, &mean_op, "qkv_mean");
+    return reduce_axes(QKV_RED_MEAN, a, naxes, axes, keepdim, 0, &mean_op, "qkv_mean_axes");
 }
 qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
-    return qkv_mean_axes(a, 1, &axis, keepdim);
+    return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_op, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
     return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_op, "qkv_mean_all")
@@ -105,12 +110,11 @@ static const qkv_op_def var_op = {"var", var_backward};
 
 qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
                          bool keepdim) {
-    uint32_t mask;
-    if (!a || !axes_mask("qkv_var", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_VAR, a, mask, keepdim, correction, &var_op, "qkv_var");
+    return reduce_axes(QKV_RED_VAR, a, naxes, axes, keepdim, correction, &var_op,
+                       "qkv_var_axes");
 }
 qkv_tensor *qkv_var(const qkv_tensor *a, int axis, double correction, bool keepdim) {
-    return qkv_var_axes(a, 1, &axis, correction, keepdim);
+    return reduce_axes(QKV_RED_VAR, a, 1, &axis, keepdim, correction, &var_op, "qkv_var");
 }
 
 /* ---- max, min, argmax, argmin ------------------------------------------------------------ */

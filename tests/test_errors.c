@@ -113,7 +113,7 @@ static void bad_sizes_and_arguments_name_the_op(void **state) {
                         "qkv_expand: cannot expand [2,3]: size 2 to 4 in dimension 0");
     qkv_clear_error();
     assert_null(qkv_sum_axes(a, 2, (const int[]){0, -2}, false));
-    assert_string_equal(qkv_error(), "qkv_sum: axis -2 appears twice");
+    assert_string_equal(qkv_error(), "qkv_sum_axes: axis -2 appears twice");
     qkv_clear_error();
     assert_null(qkv_max_all(qkv_zeros(QKV_F32, QKV_SHAPE(0))));
     assert_string_equal(qkv_error(),
@@ -149,7 +149,7 @@ static void missing_pointer_arguments_are_errors_not_crashes(void **state) {
     assert_int_equal(qkv_memory_stats_get().live_tensors, live); /* refused before allocating */
     expect_error(!qkv_zeros(QKV_F32, 2, NULL), "qkv_zeros: shape is NULL");
     expect_error(!qkv_permute(a, NULL), "qkv_permute: axes is NULL");
-    expect_error(!qkv_mean_axes(a, 1, NULL, false), "qkv_mean: axes is NULL");
+    expect_error(!qkv_mean_axes(a, 1, NULL, false), "qkv_mean_axes: axes is NULL");
     expect_error(!qkv_copy_out(a, QKV_F32, NULL), "qkv_copy_out: dst is NULL");
     expect_error(isnan(qkv_get(a, NULL)), "qkv_get: index is NULL");
     expect_error(!qkv_gradcheck(NULL, &x, 1, NULL, 1e-6, 1e-6, 1e-6),

@@ -203,7 +203,7 @@ static void reduction_axis_errors_name_op_and_shape(void **state) {
     assert_string_equal(qkv_error(), "qkv_mean: axis -4 out of range for [3,4,5]");
     qkv_clear_error();
     assert_null(qkv_sum_axes(x, 2, (const int[]){0, -3}, false));
-    assert_string_equal(qkv_error(), "qkv_sum: axis -3 appears twice");
+    assert_string_equal(qkv_error(), "qkv_sum_axes: axis -3 appears twice");
     qkv_clear_error();
     assert_null(qkv_argmax(x, 5, false));
     assert_string_equal(qkv_error(), "qkv_argmax: axis 5 out of range for [3,4,5]");
