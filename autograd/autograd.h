@@ -77,6 +77,8 @@ qkv_tensor *qkv_mul_scalar(const qkv_tensor *a, double s);
 qkv_tensor *qkv_div_scalar(const qkv_tensor *a, double s);  /* a / s */
 qkv_tensor *qkv_rdiv_scalar(double s, const qkv_tensor *a); /* s / a */
 qkv_tensor *qkv_pow_scalar(const qkv_tensor *a, double s);  /* a ^ s */
+/* Elements equal to s get half the gradient, as ties of qkv_maximum do (torch.clamp gives
+ * them all of it). */
 qkv_tensor *qkv_maximum_scalar(const qkv_tensor *a, double s);
 qkv_tensor *qkv_minimum_scalar(const qkv_tensor *a, double s);
 
@@ -130,6 +132,10 @@ qkv_tensor *qkv_max(const qkv_tensor *a, int axis, bool keepdim);
 qkv_tensor *qkv_max_all(const qkv_tensor *a);
 qkv_tensor *qkv_min(const qkv_tensor *a, int axis, bool keepdim);
 qkv_tensor *qkv_min_all(const qkv_tensor *a);
+/* Over several axes, as torch.amax/amin (values only); the gradient goes to the first
+ * extreme element in row-major order, as above. */
+qkv_tensor *qkv_max_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
+qkv_tensor *qkv_min_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
 qkv_tensor *qkv_argmax(const qkv_tensor *a, int axis, bool keepdim); /* I64, first index */
 qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
 

@@ -6,6 +6,12 @@
  * the output's gradient into one gradient per input using the public ops (grad mode is off
  * while backward runs). The engine reduces each input gradient to its input's shape and dtype
  * (undoing broadcasting), so backwards may return broadcast-shaped gradients.
+ *
+ * Adding an op therefore touches its own file and one line elsewhere: a new ops_<name>.c
+ * holding the forward, the backward and their static qkv_op_def (name and backward side by
+ * side), listed in autograd/meson.build; plus its declaration in autograd.h. Nothing else
+ * names the op: the engine reaches a backward through the node's qkv_op_def. Composite ops
+ * built from public ops need no backward at all.
  */
 #ifndef QKV_AUTOGRAD_INTERNAL_H
 #define QKV_AUTOGRAD_INTERNAL_H

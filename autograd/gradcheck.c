@@ -87,6 +87,9 @@ static bool check_input(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, v
 
 bool qkv_gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx,
                    double eps, double atol, double rtol) {
+    if (!fn) return qkv_set_error("qkv_gradcheck: fn is NULL"), false;
+    if (n < 0 || (n > 0 && !inputs))
+        return qkv_set_error("qkv_gradcheck: bad input list (%d inputs)", n), false;
     for (int i = 0; i < n; i++) {
         if (!inputs[i]) return qkv_set_error("qkv_gradcheck: input %d is NULL", i), false;
         if (inputs[i]->requires_grad && inputs[i]->dtype != QKV_F64)

@@ -7,6 +7,8 @@
 static bool axes_mask(const char *op, const qkv_tensor *a, int naxes, const int *axes,
                       uint32_t *mask) {
     *mask = 0;
+    if (naxes < 0) return qkv_set_error("%s: negative number of axes %d", op, naxes), false;
+    if (naxes > 0 && !axes) return qkv_set_error("%s: axes is NULL", op), false;
     for (int i = 0; i < naxes; i++) {
         int ax = qkv__norm_axis(op, a, axes[i]);
         if (ax < 0) return false;
@@ -58,13 +60,20 @@ static void sum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
 }
 static const qkv_op_def sum_op = {"sum", sum_backward};
 
-qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+/* The reduction op over the listed axes, reported in errors as name. */
+static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
+                               const int *axes, bool keepdim, double correction,
+                               const qkv_op_def *def, const char *name) {
     uint32_t mask;
-    if (!a || !axes_mask("qkv_sum", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_SUM, a, mask, keepdim, 0, &sum_op, "qkv_sum");
+    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    return reduce_op(op, a, mask, keepdim, correction, def, name);
+}
+
+qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return reduce_axes(QKV_RED_SUM, a, naxes, axes, keepdim, 0, &sum_op, "qkv_sum_axes");
 }
 qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
-    return qkv_sum_axes(a, 1, &axis, keepdim);
+    return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_op, "qkv_sum");
 }
 qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
     return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_op, "qkv_sum_all") : NULL;
@@ -77,12 +86,10 @@ static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) 
 static const qkv_op_def mean_op = {"mean", mean_backward};
 
 qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
-    uint32_t mask;
-    if (!a || !axes_mask("qkv_mean", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_MEAN, a, mask, keepdim, 0, &mean_op, "qkv_mean");
+    return reduce_axes(QKV_RED_MEAN, a, naxes, axes, keepdim, 0, &mean_op, "qkv_mean_axes");
 }
 qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
-    return qkv_mean_axes(a, 1, &axis, keepdim);
+    return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_op, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
     return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_op, "qkv_mean_all")
@@ -103,12 +110,11 @@ static const qkv_op_def var_op = {"var", var_backward};
 
 qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
                          bool keepdim) {
-    uint32_t mask;
-    if (!a || !axes_mask("qkv_var", a, naxes, axes, &mask)) return NULL;
-    return reduce_op(QKV_RED_VAR, a, mask, keepdim, correction, &var_op, "qkv_var");
+    return reduce_axes(QKV_RED_VAR, a, naxes, axes, keepdim, correction, &var_op,
+                       "qkv_var_axes");
 }
 qkv_tensor *qkv_var(const qkv_tensor *a, int axis, double correction, bool keepdim) {
-    return qkv_var_axes(a, 1, &axis, correction, keepdim);
+    return reduce_axes(QKV_RED_VAR, a, 1, &axis, keepdim, correction, &var_op, "qkv_var");
 }
 
 /* ---- max, min, argmax, argmin ------------------------------------------------------------ */
@@ -164,6 +170,30 @@ qkv_tensor *qkv_min(const qkv_tensor *a, int axis, bool keepdim) {
 }
 qkv_tensor *qkv_min_all(const qkv_tensor *a) {
     return extremum(a, 0, false, true, false, "qkv_min_all");
+}
+
+/* Several axes, one at a time from the last: each step keeps the first extreme index of its
+ * axis among the winners of the axes after it, so the gradient reaches the first extreme
+ * element in row-major order, as for one axis and for all. Composed, so no backward here. */
+static qkv_tensor *extremum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim,
+                                 bool is_max, const char *name) {
+    uint32_t mask;
+    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    qkv_tensor *out = (qkv_tensor *)a;
+    int64_t shape[QKV_MAX_DIMS];
+    int ndim = 0;
+    for (int i = a->ndim - 1; i >= 0 && out; i--)
+        if (mask & (1u << i)) out = extremum(out, i, true, false, is_max, name);
+    for (int i = 0; i < a->ndim; i++)
+        if (!(mask & (1u << i)) || keepdim) shape[ndim++] = mask & (1u << i) ? 1 : a->shape[i];
+    return qkv_reshape(out, ndim, shape);
+}
+
+qkv_tensor *qkv_max_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return extremum_axes(a, naxes, axes, keepdim, true, "qkv_max_axes");
+}
+qkv_tensor *qkv_min_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
+    return extremum_axes(a, naxes, axes, keepdim, false, "qkv_min_axes");
 }
 
 static qkv_tensor *arg_extremum(const qkv_tensor *a, int axis, bool keepdim, qkv_reduce_op op,

@@ -110,6 +110,7 @@ static const qkv_op_def permute_op = {"permute", permute_backward};
 
 qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
     if (!a) return NULL;
+    if (!axes) return qkv_set_error("qkv_permute: axes is NULL");
     int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
     bool used[QKV_MAX_DIMS] = {false};
     int ax[QKV_MAX_DIMS];

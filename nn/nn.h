@@ -12,6 +12,8 @@
  * A module is used by one thread at a time: its parameters are tensors, and its dropout layers
  * draw from generators of their own. To run a model on several threads, give each thread its
  * own copy.
+ *
+ * docs/guide.md writes a module of one's own, step by step, from qkv_module_new on.
  */
 #ifndef QKV_NN_H
 #define QKV_NN_H

@@ -62,7 +62,7 @@ qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t);
 #ifdef _OPENMP
 #define QKV__PARALLEL_FOR _Pragma("omp parallel for num_threads(nt) if(nt > 1) schedule(static)")
 #else
-#define QKV__PARALLEL_FOR
+#define QKV__PARALLEL_FOR (void)nt; /* one thread: the count is unused */
 #endif
 
 #endif

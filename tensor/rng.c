@@ -57,14 +57,15 @@ uint64_t qkv_generator_below(qkv_generator *g, uint64_t n) {
     }
 }
 
-static bool check_float(const char *op, qkv_dtype dtype) {
+static bool check_float(const char *op, qkv_dtype dtype, const qkv_generator *g) {
+    if (!g) return qkv_set_error("%s: no generator", op), false;
     if (qkv__is_float(dtype)) return true;
     qkv_set_error("%s: dtype must be f32 or f64, not %s", op, qkv_dtype_name(dtype));
     return false;
 }
 
 qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
-    if (!check_float("qkv_rand", dtype)) return NULL;
+    if (!check_float("qkv_rand", dtype, g) || !qkv__check_shape("qkv_rand", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     if (dtype == QKV_F32) {
@@ -78,7 +79,7 @@ qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_genera
 }
 
 qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
-    if (!check_float("qkv_randn", dtype)) return NULL;
+    if (!check_float("qkv_randn", dtype, g) || !qkv__check_shape("qkv_randn", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     void *d = qkv_data(t);
@@ -88,9 +89,11 @@ qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_gener
 
 qkv_tensor *qkv_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
                         qkv_generator *g) {
+    if (!g) return qkv_set_error("qkv_randint: no generator");
     if (high <= low)
         return qkv_set_error("qkv_randint: empty range [%lld, %lld)", (long long)low,
                              (long long)high);
+    if (!qkv__check_shape("qkv_randint", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(QKV_I64, ndim, shape);
     if (!t) return NULL;
     int64_t *d = qkv_data(t);

@@ -213,7 +213,8 @@ qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype) {
 }
 
 bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst) {
-    if (!t || !dst) return false;
+    if (!t) return false;
+    if (!dst) return qkv_set_error("qkv_copy_out: dst is NULL"), false;
     int64_t strides[QKV_MAX_DIMS];
     qkv__contiguous_strides(t->ndim, t->shape, strides);
     qkv_storage fake = {dst, (size_t)t->numel * qkv_dtype_size(dtype), 1};

@@ -128,9 +128,10 @@ void qkv_release(qkv_tensor *t) {
     draining = false;
 }
 
-qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape) {
-    if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("qkv_empty: unknown dtype %d", dtype);
-    if (!qkv__check_shape("qkv_empty", ndim, shape)) return NULL;
+/* qkv_empty for the creation function op, which names itself in errors. */
+static qkv_tensor *empty_for(const char *op, qkv_dtype dtype, int ndim, const int64_t *shape) {
+    if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("%s: unknown dtype %d", op, dtype);
+    if (!qkv__check_shape(op, ndim, shape)) return NULL;
     int64_t strides[QKV_MAX_DIMS];
     int64_t n = qkv__contiguous_strides(ndim, shape, strides);
     qkv_storage *s = qkv__storage_new((size_t)n * qkv_dtype_size(dtype));
@@ -140,24 +141,33 @@ qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape) {
     return t;
 }
 
-qkv_tensor *qkv_full(qkv_dtype dtype, int ndim, const int64_t *shape, double value) {
-    qkv_tensor *t = qkv_empty(dtype, ndim, shape);
+qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape) {
+    return empty_for("qkv_empty", dtype, ndim, shape);
+}
+
+static qkv_tensor *full_for(const char *op, qkv_dtype dtype, int ndim, const int64_t *shape,
+                            double value) {
+    qkv_tensor *t = empty_for(op, dtype, ndim, shape);
     if (t) qkv_fill_(t, value);
     return t;
 }
 
+qkv_tensor *qkv_full(qkv_dtype dtype, int ndim, const int64_t *shape, double value) {
+    return full_for("qkv_full", dtype, ndim, shape, value);
+}
+
 qkv_tensor *qkv_zeros(qkv_dtype dtype, int ndim, const int64_t *shape) {
-    qkv_tensor *t = qkv_empty(dtype, ndim, shape);
+    qkv_tensor *t = empty_for("qkv_zeros", dtype, ndim, shape);
     if (t) memset(qkv_data(t), 0, (size_t)t->numel * qkv_dtype_size(dtype));
     return t;
 }
 
 qkv_tensor *qkv_ones(qkv_dtype dtype, int ndim, const int64_t *shape) {
-    return qkv_full(dtype, ndim, shape, 1.0);
+    return full_for("qkv_ones", dtype, ndim, shape, 1.0);
 }
 
 qkv_tensor *qkv_scalar(qkv_dtype dtype, double value) {
-    return qkv_full(dtype, 0, NULL, value);
+    return full_for("qkv_scalar", dtype, 0, NULL, value);
 }
 
 qkv_tensor *qkv_arange(qkv_dtype dtype, double start, double end, double step) {
@@ -167,7 +177,7 @@ qkv_tensor *qkv_arange(qkv_dtype dtype, double start, double end, double step) {
     if (len < 0) len = 0;
     if (len > 1e15) return qkv_set_error("qkv_arange: range too long");
     int64_t n = (int64_t)len;
-    qkv_tensor *t = qkv_empty(dtype, 1, &n);
+    qkv_tensor *t = empty_for("qkv_arange", dtype, 1, &n);
     if (!t) return NULL;
     void *d = qkv_data(t);
     for (int64_t i = 0; i < n; i++) qkv__store(d, dtype, i, start + (double)i * step);
@@ -175,12 +185,12 @@ qkv_tensor *qkv_arange(qkv_dtype dtype, double start, double end, double step) {
 }
 
 qkv_tensor *qkv_from_array(qkv_dtype dtype, int ndim, const int64_t *shape, const void *data) {
-    qkv_tensor *t = qkv_empty(dtype, ndim, shape);
-    if (!t) return NULL;
-    if (t->numel > 0) {
-        if (!data) return qkv_set_error("qkv_from_array: data is NULL");
-        memcpy(qkv_data(t), data, (size_t)t->numel * qkv_dtype_size(dtype));
-    }
+    /* checked before allocating, so that a refused call leaves nothing behind */
+    if (!qkv__check_shape("qkv_from_array", ndim, shape)) return NULL;
+    if (!data && qkv__numel(ndim, shape) > 0)
+        return qkv_set_error("qkv_from_array: data is NULL");
+    qkv_tensor *t = empty_for("qkv_from_array", dtype, ndim, shape);
+    if (t && t->numel > 0) memcpy(qkv_data(t), data, (size_t)t->numel * qkv_dtype_size(dtype));
     return t;
 }
 
@@ -244,6 +254,7 @@ double qkv_item(const qkv_tensor *t) {
 
 double qkv_get(const qkv_tensor *t, const int64_t *index) {
     if (!t) return NAN;
+    if (!index && t->ndim > 0) return qkv_set_error("qkv_get: index is NULL"), NAN;
     int64_t off = 0;
     for (int i = 0; i < t->ndim; i++) {
         int64_t k = index[i] < 0 ? index[i] + t->shape[i] : index[i];

@@ -614,6 +614,58 @@ static void without_anomaly_mode_the_inf_gradient_is_returned(void **state) {
     qkv_scope_end();
 }
 
+/* ---- Ties ------------------------------------------------------------------------------- */
+
+static void max_over_an_axis_sends_the_gradient_to_the_first_tied_element(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2, 3), VALUES(4, 7, 7, -1, -1, -1));
+    backward_weighted(qkv_max(a, 1, false), constant(QKV_SHAPE(2), VALUES(10, 20)));
+    ASSERT_VALUES(a->grad, 0, 10, 0, 20, 0, 0);
+    qkv_tensor *b = param(QKV_SHAPE(2, 3), VALUES(4, 7, 7, -1, -1, -1));
+    backward_weighted(qkv_min(b, 0, true), constant(QKV_SHAPE(1, 3), VALUES(1, 2, 3)));
+    ASSERT_VALUES(b->grad, 0, 0, 0, 1, 2, 3);
+    qkv_scope_end();
+}
+
+static void max_over_all_or_several_axes_sends_the_gradient_to_the_first_in_row_major_order(
+    void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(2, 2), VALUES(1, 5, 5, 5));
+    assert_true(qkv_backward(qkv_max_all(a)));
+    ASSERT_VALUES(a->grad, 0, 1, 0, 0);
+    qkv_tensor *b = param(QKV_SHAPE(3), VALUES(-2, 0, -2));
+    assert_true(qkv_backward(qkv_min_all(b)));
+    ASSERT_VALUES(b->grad, 1, 0, 0);
+    /* over axes 0 and 2 of [2,2,2]: per middle index, the first tied element in row-major
+     * order among the four it covers */
+    qkv_tensor *c = param(QKV_SHAPE(2, 2, 2), VALUES(1, 3, 2, 0, 3, 3, 0, 2));
+    backward_weighted(qkv_max_axes(c, 2, (const int[]){0, -1}, false),
+                      constant(QKV_SHAPE(2), VALUES(10, 20)));
+    ASSERT_VALUES(c->grad, 0, 10, 20, 0, 0, 0, 0, 0);
+    qkv_scope_end();
+}
+
+static void maximum_and_minimum_split_the_gradient_of_a_tie_in_half(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *a = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    qkv_tensor *b = param(QKV_SHAPE(3), VALUES(3, 2, 1));
+    backward_weighted(qkv_maximum(a, b), constant(QKV_SHAPE(3), VALUES(4, 4, 4)));
+    ASSERT_VALUES(a->grad, 0, 2, 4);
+    ASSERT_VALUES(b->grad, 4, 2, 0);
+    qkv_zero_grad(a);
+    qkv_zero_grad(b);
+    backward_weighted(qkv_minimum(a, b), constant(QKV_SHAPE(3), VALUES(4, 4, 4)));
+    ASSERT_VALUES(a->grad, 4, 2, 0);
+    ASSERT_VALUES(b->grad, 0, 2, 4);
+    qkv_tensor *c = param(QKV_SHAPE(3), VALUES(-1, 0, 1));
+    backward_weighted(qkv_maximum_scalar(c, 0), constant(QKV_SHAPE(3), VALUES(4, 4, 4)));
+    ASSERT_VALUES(c->grad, 0, 2, 4);
+    qkv_scope_end();
+}
+
 /* ---- Op names ---------------------------------------------------------------------------- */
 
 static void grad_fn_name_names_the_op(void **state) {
@@ -684,6 +736,13 @@ int main(void) {
         cmocka_unit_test_setup_teardown(anomaly_mode_names_the_op_making_inf_in_backward,
                                         clear_error, anomaly_off),
         cmocka_unit_test_setup(without_anomaly_mode_the_inf_gradient_is_returned, clear_error),
+        cmocka_unit_test_setup(max_over_an_axis_sends_the_gradient_to_the_first_tied_element,
+                               clear_error),
+        cmocka_unit_test_setup(
+            max_over_all_or_several_axes_sends_the_gradient_to_the_first_in_row_major_order,
+            clear_error),
+        cmocka_unit_test_setup(maximum_and_minimum_split_the_gradient_of_a_tie_in_half,
+                               clear_error),
         cmocka_unit_test_setup(grad_fn_name_names_the_op, clear_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

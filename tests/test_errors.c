@@ -67,6 +67,105 @@ static void matmul_names_both_shapes_when_inner_dimensions_differ(void **state) 
     assert_string_equal(qkv_error(), "qkv_matmul: inner dimensions differ: [2,3] @ [4,5]");
 }
 
+static void wrong_dtype_names_op_and_dtype(void **state) {
+    (void)state;
+    qkv_tensor *f = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_where(f, f, f));
+    assert_string_equal(qkv_error(), "qkv_where: condition must be bool, not f32");
+    qkv_clear_error();
+    assert_null(qkv_index_select(f, 0, f));
+    assert_string_equal(qkv_error(), "qkv_index_select: index must be i64, not f32");
+    qkv_clear_error();
+    assert_null(qkv_concat(2, (qkv_tensor *const[]){f, qkv_ones(QKV_I64, QKV_SHAPE(2, 3))}, 0));
+    assert_string_equal(qkv_error(), "qkv_concat: tensor 1 is i64 but tensor 0 is f32");
+    qkv_clear_error();
+    assert_null(qkv_requires_grad_(qkv_ones(QKV_I64, QKV_SHAPE(2)), true));
+    assert_string_equal(qkv_error(), "qkv_requires_grad_: i64 tensors cannot require grad");
+    qkv_clear_error();
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    assert_null(qkv_rand(QKV_I64, QKV_SHAPE(2), &g));
+    assert_string_equal(qkv_error(), "qkv_rand: dtype must be f32 or f64, not i64");
+}
+
+static void index_out_of_range_names_index_and_shape(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_index_select(a, 0, qkv_full(QKV_I64, QKV_SHAPE(1), 5)));
+    assert_string_equal(qkv_error(), "qkv_index_select: index 5 out of range for axis 0 of "
+                                     "size 2 (input [2,3], index [1])");
+    qkv_clear_error();
+    assert_true(isnan(qkv_get(a, (const int64_t[]){0, 3})));
+    assert_string_equal(qkv_error(), "qkv_get: index 3 out of range for dimension 1 of [2,3]");
+    qkv_clear_error();
+    assert_true(isnan(qkv_item(a)));
+    assert_string_equal(qkv_error(), "qkv_item: tensor has 6 elements, not 1: [2,3]");
+}
+
+static void bad_sizes_and_arguments_name_the_op(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_full(QKV_F32, QKV_SHAPE(-1), 0));
+    assert_string_equal(qkv_error(), "qkv_full: negative size -1 in dimension 0");
+    qkv_clear_error();
+    assert_null(qkv_zeros(QKV_F32, QKV_SHAPE(1, 1, 1, 1, 1, 1, 1, 1, 1)));
+    assert_string_equal(qkv_error(), "qkv_zeros: 9 dimensions (at most 8)");
+    qkv_clear_error();
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    assert_null(qkv_randn(QKV_F64, QKV_SHAPE(3, -2), &g));
+    assert_string_equal(qkv_error(), "qkv_randn: negative size -2 in dimension 1");
+    qkv_clear_error();
+    assert_null(qkv_expand(a, QKV_SHAPE(4, 3)));
+    assert_string_equal(qkv_error(),
+                        "qkv_expand: cannot expand [2,3]: size 2 to 4 in dimension 0");
+    qkv_clear_error();
+    assert_null(qkv_sum_axes(a, 2, (const int[]){0, -2}, false));
+    assert_string_equal(qkv_error(), "qkv_sum_axes: axis -2 appears twice");
+    qkv_clear_error();
+    assert_null(qkv_max_all(qkv_zeros(QKV_F32, QKV_SHAPE(0))));
+    assert_string_equal(qkv_error(),
+                        "qkv_max_all: cannot take max over an empty dimension of [0]");
+    qkv_clear_error();
+    assert_null(qkv_dropout(a, 1.5, true, NULL));
+    assert_string_equal(qkv_error(), "qkv_dropout: p must be in [0, 1], not 1.5");
+}
+
+/* A NULL where an array or a generator belongs is a mistake reported like any other. */
+static qkv_tensor *sum_of_first(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    return qkv_sum_all(in[0]);
+}
+
+/* The call failed and recorded exactly this message; the error is then cleared. */
+static void expect_error(bool failed, const char *message) {
+    assert_true(failed);
+    assert_string_equal(qkv_error(), message);
+    qkv_clear_error();
+}
+
+static void missing_pointer_arguments_are_errors_not_crashes(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
+    qkv_tensor *x = qkv_requires_grad_(qkv_ones(QKV_F64, QKV_SHAPE(2)), true);
+    expect_error(!qkv_randn(QKV_F32, QKV_SHAPE(2), NULL), "qkv_randn: no generator");
+    expect_error(!qkv_rand(QKV_F64, QKV_SHAPE(2), NULL), "qkv_rand: no generator");
+    expect_error(!qkv_randint(0, 5, QKV_SHAPE(2), NULL), "qkv_randint: no generator");
+    uint64_t live = qkv_memory_stats_get().live_tensors;
+    expect_error(!qkv_from_array(QKV_F32, QKV_SHAPE(2), NULL), "qkv_from_array: data is NULL");
+    assert_int_equal(qkv_memory_stats_get().live_tensors, live); /* refused before allocating */
+    expect_error(!qkv_zeros(QKV_F32, 2, NULL), "qkv_zeros: shape is NULL");
+    expect_error(!qkv_permute(a, NULL), "qkv_permute: axes is NULL");
+    expect_error(!qkv_mean_axes(a, 1, NULL, false), "qkv_mean_axes: axes is NULL");
+    expect_error(!qkv_copy_out(a, QKV_F32, NULL), "qkv_copy_out: dst is NULL");
+    expect_error(isnan(qkv_get(a, NULL)), "qkv_get: index is NULL");
+    expect_error(!qkv_gradcheck(NULL, &x, 1, NULL, 1e-6, 1e-6, 1e-6),
+                 "qkv_gradcheck: fn is NULL");
+    expect_error(!qkv_gradcheck(sum_of_first, NULL, 1, NULL, 1e-6, 1e-6, 1e-6),
+                 "qkv_gradcheck: bad input list (1 inputs)");
+}
+
 static void null_inputs_give_null_without_a_new_error(void **state) {
     (void)state;
     qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3));
@@ -99,6 +198,18 @@ static void null_inputs_give_null_without_a_new_error(void **state) {
     assert_null(qkv_clone(NULL));
     assert_null(qkv_to_dtype(NULL, QKV_F64));
     assert_null(qkv_empty_like(NULL));
+    assert_null(qkv_matmul(NULL, a));
+    assert_null(qkv_affine(a, NULL, NULL));
+    assert_null(qkv_index_select(NULL, 0, qkv_zeros(QKV_I64, QKV_SHAPE(1))));
+    assert_null(qkv_gather(a, 0, NULL));
+    assert_null(qkv_concat(2, (qkv_tensor *const[]){a, NULL}, 0));
+    assert_null(qkv_stack(2, (qkv_tensor *const[]){NULL, a}, 0));
+    assert_null(qkv_one_hot(NULL, 3));
+    assert_null(qkv_dropout(NULL, 0.5, false, NULL));
+    assert_null(qkv_detach(NULL));
+    assert_null(qkv_cross_entropy(NULL, NULL, QKV_REDUCTION_MEAN, -100, 0));
+    assert_null(qkv_mse_loss(a, NULL, QKV_REDUCTION_SUM));
+    assert_false(qkv_backward(NULL));
     assert_true(isnan(qkv_item(NULL)));
     assert_false(qkv_fill_(NULL, 1));
     assert_false(qkv_copy_(NULL, a));
@@ -347,6 +458,10 @@ int main(void) {
         T(axis_out_of_range_names_op_axis_and_shape),
         T(bad_reshape_names_both_shapes),
         T(matmul_names_both_shapes_when_inner_dimensions_differ),
+        T(wrong_dtype_names_op_and_dtype),
+        T(index_out_of_range_names_index_and_shape),
+        T(bad_sizes_and_arguments_name_the_op),
+        T(missing_pointer_arguments_are_errors_not_crashes),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),
         T(first_error_is_kept_until_cleared),

@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,9 +20,11 @@
 
 #define S(...) QKV_SHAPE(__VA_ARGS__)
 
-/* F32 results against float64 references: 1e-5 relative, 1e-5 absolute for tiny values. */
+/* F32 results against float64 references: 1e-5 relative to each value plus 1e-5 of the
+ * tensor's largest magnitude (a negative atol asks assert_fixture for that), so entries that
+ * cancel to near zero are held to their tensor's scale rather than to their own. */
 #define RTOL 1e-5
-#define ATOL 1e-5
+#define ATOL (-1.0)
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
 
@@ -52,12 +55,17 @@ static qkv_tensor *fx_leaf(const nn_fixture *f) {
     return qkv_requires_grad_(fx(f, QKV_F32), true);
 }
 
-/* t has f's shape and |t - f| <= atol + rtol * |f| everywhere. */
+/* t has f's shape and |t - f| <= atol + rtol * |f| everywhere; a negative atol means rtol
+ * times the largest |f|. */
 static void assert_fixture(const qkv_tensor *t, const nn_fixture *f, double rtol, double atol,
                            const char *what) {
     if (!t) fail_msg("%s: NULL (%s)", what, qkv_error() ? qkv_error() : "no error");
     assert_int_equal(t->ndim, f->ndim);
     for (int i = 0; i < f->ndim; i++) assert_int_equal(t->shape[i], f->shape[i]);
+    if (atol < 0) {
+        atol = 0;
+        for (int64_t i = 0; i < t->numel; i++) atol = fmax(atol, rtol * fabs(f->data[i]));
+    }
     double *v = malloc((size_t)t->numel * sizeof *v);
     assert_non_null(v);
     assert_true(qkv_copy_out(t, QKV_F64, v));
@@ -102,10 +110,34 @@ static void load_params(const void *m, const nn_named_fixture *table) {
     }
 }
 
+/* The largest magnitude in the fixture of table named name. */
+static double fixture_scale(const nn_named_fixture *table, const char *name) {
+    for (const nn_named_fixture *e = table; e->name; e++) {
+        if (strcmp(e->name, name)) continue;
+        int64_t n = 1;
+        for (int i = 0; i < e->fixture->ndim; i++) n *= e->fixture->shape[i];
+        double scale = 0;
+        for (int64_t i = 0; i < n; i++) scale = fmax(scale, fabs(e->fixture->data[i]));
+        return scale;
+    }
+    fail_msg("no fixture named %s", name);
+    return 0;
+}
+
+/* Every gradient to RTOL of its tensor's scale. The key projection's bias adds the same
+ * q . b_k to a whole row of scores, which softmax ignores: its gradient is zero, both sides
+ * hold rounding noise there, and it is held to the scale of the query bias's gradient. */
 static void assert_grads(const void *m, const nn_named_fixture *table) {
     for (const nn_named_fixture *e = table; e->name; e++) {
         qkv_tensor *p = find_param(m, e->name);
-        assert_fixture(p->grad, e->fixture, RTOL, ATOL, e->name);
+        const char *k = strstr(e->name, "k_proj.bias");
+        double atol = ATOL;
+        if (k && k[strlen("k_proj.bias")] == '\0') {
+            char q_name[128];
+            snprintf(q_name, sizeof q_name, "%.*sq_proj.bias", (int)(k - e->name), e->name);
+            atol = RTOL * fixture_scale(table, q_name);
+        }
+        assert_fixture(p->grad, e->fixture, RTOL, atol, e->name);
     }
 }
 
@@ -553,6 +585,7 @@ static void sequential_chains_builtin_and_user_modules(void **state) {
 typedef struct mha_case {
     int64_t E, H, kdim, vdim;
     const nn_fixture *query, *key, *value, *key_padding_mask, *attn_mask;
+    bool float_mask; /* a 2-D attn_mask is BOOL unless this is set; 3-D and 4-D are float */
     bool per_head;
     const nn_fixture *out, *weights, *w, *w_weights, *dquery, *dkey, *dvalue;
     const nn_named_fixture *params, *grads;
@@ -573,7 +606,8 @@ static void check_mha(const mha_case *c) {
         .per_head_weights = c->per_head,
     };
     if (c->attn_mask)
-        o.attn_mask = fx(c->attn_mask, c->attn_mask->ndim == 2 ? QKV_BOOL : QKV_F32);
+        o.attn_mask = fx(c->attn_mask,
+                         c->attn_mask->ndim == 2 && !c->float_mask ? QKV_BOOL : QKV_F32);
     qkv_tensor *out = qkv_multi_head_attention_forward(m, q, k, v, &o);
     assert_fixture(out, c->out, RTOL, ATOL, "out");
     assert_fixture(weights, c->weights, RTOL, ATOL, "weights");
@@ -624,6 +658,18 @@ static void attention_float_mask_per_batch_and_head_matches_torch(void **state) 
         .w_weights = &mha_float_mask_w_weights, .dquery = &mha_float_mask_dquery,
         .dkey = &mha_float_mask_dkey, .dvalue = &mha_float_mask_dvalue,
         .params = mha_float_mask_params, .grads = mha_float_mask_grads});
+}
+
+static void attention_additive_2d_mask_matches_torch(void **state) {
+    (void)state;
+    check_mha(&(mha_case){
+        .E = 8, .H = 2, .query = &mha_float_mask_2d_query, .key = &mha_float_mask_2d_key,
+        .value = &mha_float_mask_2d_value, .attn_mask = &mha_float_mask_2d_attn_mask,
+        .float_mask = true, .out = &mha_float_mask_2d_out,
+        .weights = &mha_float_mask_2d_weights, .w = &mha_float_mask_2d_w,
+        .w_weights = &mha_float_mask_2d_w_weights, .dquery = &mha_float_mask_2d_dquery,
+        .dkey = &mha_float_mask_2d_dkey, .dvalue = &mha_float_mask_2d_dvalue,
+        .params = mha_float_mask_2d_params, .grads = mha_float_mask_2d_grads});
 }
 
 static void attention_causal_flag_equals_the_explicit_mask(void **state) {
@@ -678,6 +724,128 @@ static void attention_init_is_xavier_with_zero_biases(void **state) {
     assert_true(lo == 0 && hi == 0);
     range_of(m->out_proj->weight, &lo, &hi, &mean, &sd);
     assert_true(hi < 1 / sqrt(32.0) && hi > 0.95 / sqrt(32.0));
+    qkv_module_free(m);
+}
+
+/* lo and hi lie in [-bound, bound) and come within 5% of both ends. */
+static void assert_fills_uniform(const qkv_tensor *t, double bound, const char *what) {
+    double lo, hi, mean, sd;
+    range_of(t, &lo, &hi, &mean, &sd);
+    if (!(lo >= -bound && hi < bound && lo < -0.95 * bound && hi > 0.95 * bound))
+        fail_msg("%s: range [%g, %g], expected U(-%g, %g)", what, lo, hi, bound, bound);
+}
+
+static void assert_constant(const qkv_tensor *t, double value, const char *what) {
+    double lo, hi, mean, sd;
+    range_of(t, &lo, &hi, &mean, &sd);
+    if (!(lo == value && hi == value)) fail_msg("%s: range [%g, %g], expected %g", what, lo, hi,
+                                                value);
+}
+
+/* As torch.nn: Embedding N(0, 1); LayerNorm ones and zeros; MultiheadAttention with kdim and
+ * vdim xavier-uniform on each projection's own fans, out_proj U(-1/sqrt(E), 1/sqrt(E)), zero
+ * biases; TransformerEncoderLayer's linear1 and linear2 as Linear. */
+static void layer_defaults_match_pytorch_init(void **state) {
+    (void)state;
+    qkv_generator g = gen(24);
+    double lo, hi, mean, sd;
+    qkv_embedding *emb = qkv_embedding_new(200, 100, -1, &g);
+    range_of(emb->weight, &lo, &hi, &mean, &sd);
+    assert_true(fabs(mean) < 0.01 && fabs(sd - 1) < 0.01);
+    qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){6}, 1e-5, true);
+    assert_constant(ln->weight, 1, "layer_norm.weight");
+    assert_constant(ln->bias, 0, "layer_norm.bias");
+    qkv_multi_head_attention *m = qkv_multi_head_attention_new(64, 4, 0.0, true, 16, 40, &g);
+    assert_fills_uniform(m->q_proj->weight, sqrt(6.0 / (64 + 64)), "q_proj.weight");
+    assert_fills_uniform(m->k_proj->weight, sqrt(6.0 / (16 + 64)), "k_proj.weight");
+    assert_fills_uniform(m->v_proj->weight, sqrt(6.0 / (40 + 64)), "v_proj.weight");
+    assert_fills_uniform(m->out_proj->weight, 1 / sqrt(64.0), "out_proj.weight");
+    assert_constant(m->k_proj->bias, 0, "k_proj.bias");
+    assert_constant(m->out_proj->bias, 0, "out_proj.bias");
+    qkv_transformer_config c = {.d_model = 32, .nhead = 4, .dim_feedforward = 128};
+    qkv_transformer_encoder_layer *layer = qkv_transformer_encoder_layer_new(&c, &g);
+    assert_fills_uniform(layer->linear1->weight, 1 / sqrt(32.0), "linear1.weight");
+    assert_fills_uniform(layer->linear2->weight, 1 / sqrt(128.0), "linear2.weight");
+    assert_constant(layer->norm2->weight, 1, "norm2.weight");
+    assert_constant(layer->norm2->bias, 0, "norm2.bias");
+    qkv_module_free(emb);
+    qkv_module_free(ln);
+    qkv_module_free(m);
+    qkv_module_free(layer);
+}
+
+/* Copies every parameter of from into the parameter of the same name of to. */
+static void copy_params(const void *to, const void *from) {
+    qkv_named_list *l = qkv_module_parameters(from);
+    assert_non_null(l);
+    for (int i = 0; i < l->n; i++) assert_true(qkv_copy_(find_param(to, l->names[i]),
+                                                         l->tensors[i]));
+    qkv_named_list_free(l);
+}
+
+static bool same_values(const qkv_tensor *a, const qkv_tensor *b) {
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->numel, b->numel);
+    double *va = malloc(2 * (size_t)a->numel * sizeof *va);
+    assert_non_null(va);
+    assert_true(qkv_copy_out(a, QKV_F64, va) && qkv_copy_out(b, QKV_F64, va + a->numel));
+    bool same = memcmp(va, va + a->numel, (size_t)a->numel * sizeof *va) == 0;
+    free(va);
+    return same;
+}
+
+/* In eval mode an encoder layer with dropout is the same function as one without; in
+ * training mode it is not, and each forward draws new masks. */
+static void encoder_layer_dropout_acts_in_training_only(void **state) {
+    (void)state;
+    qkv_generator g = gen(25);
+    qkv_transformer_config c = {.d_model = 8, .nhead = 2, .dim_feedforward = 16,
+                                .dropout = 0.5, .activation = QKV_ACT_GELU};
+    qkv_transformer_encoder_layer *dropping = qkv_transformer_encoder_layer_new(&c, &g);
+    c.dropout = 0;
+    qkv_transformer_encoder_layer *plain = qkv_transformer_encoder_layer_new(&c, &g);
+    copy_params(plain, dropping);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 5, 8), &g);
+    qkv_tensor *reference = qkv_transformer_encoder_layer_forward(plain, x, NULL);
+    qkv_tensor *first = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
+    qkv_tensor *second = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
+    assert_false(same_values(first, reference));
+    assert_false(same_values(first, second));
+    qkv_module_train(dropping, false);
+    assert_true(same_values(qkv_transformer_encoder_layer_forward(dropping, x, NULL),
+                            reference));
+    qkv_module_free(dropping);
+    qkv_module_free(plain);
+}
+
+/* Attention dropout acts on the weights, and the weights returned are those after dropout
+ * (as PyTorch's): each is 0 or its eval-mode value over 1 - p. */
+static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
+    (void)state;
+    qkv_generator g = gen(26);
+    qkv_multi_head_attention *m = qkv_multi_head_attention_new(8, 2, 0.5, true, 0, 0, &g);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 6, 8), &g);
+    qkv_tensor *dropped = NULL, *kept = NULL;
+    qkv_attention_options o = {.weights = &dropped, .per_head_weights = true};
+    assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
+    qkv_module_train(m, false);
+    o.weights = &kept;
+    assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
+    int64_t n = kept->numel, zeros = 0;
+    double *v = malloc(2 * (size_t)n * sizeof *v);
+    assert_non_null(v);
+    assert_true(qkv_copy_out(dropped, QKV_F64, v) && qkv_copy_out(kept, QKV_F64, v + n));
+    for (int64_t i = 0; i < n; i++) {
+        if (v[i] == 0) {
+            zeros++;
+            continue;
+        }
+        if (!(fabs(v[i] - 2 * v[n + i]) <= 1e-6 * v[i]))
+            fail_msg("weight %lld: %g after dropout, %g without", (long long)i, v[i], v[n + i]);
+    }
+    free(v);
+    assert_true(zeros > n / 4 && zeros < 3 * n / 4);
     qkv_module_free(m);
 }
 
@@ -950,6 +1118,20 @@ static void nll_loss_matches_torch(void **state) {
     assert_fixture(loss, &nll_out, RTOL, ATOL, "loss");
     assert_true(qkv_backward(loss));
     assert_fixture(lp->grad, &nll_dlog_probs, RTOL, ATOL, "dlog_probs");
+    const struct {
+        qkv_reduction reduction;
+        const nn_fixture *w, *out, *dlog_probs;
+    } more[] = {
+        {QKV_REDUCTION_SUM, &nll_sum_w, &nll_sum_out, &nll_sum_dlog_probs},
+        {QKV_REDUCTION_NONE, &nll_none_w, &nll_none_out, &nll_none_dlog_probs},
+    };
+    for (int i = 0; i < 2; i++) {
+        qkv_zero_grad(lp);
+        loss = qkv_nll_loss(lp, fx(&loss_targets, QKV_I64), more[i].reduction, 4);
+        assert_fixture(loss, more[i].out, RTOL, ATOL, "loss");
+        assert_true(qkv_backward(weighted(loss, more[i].w)));
+        assert_fixture(lp->grad, more[i].dlog_probs, RTOL, ATOL, "dlog_probs");
+    }
 }
 
 static void mse_loss_matches_torch(void **state) {
@@ -960,6 +1142,20 @@ static void mse_loss_matches_torch(void **state) {
     assert_true(qkv_backward(loss));
     assert_fixture(x->grad, &mse_dx, RTOL, ATOL, "dx");
     assert_values(qkv_mse_loss(x, x, QKV_REDUCTION_SUM), 1, (const double[]){0}, 0);
+    const struct {
+        qkv_reduction reduction;
+        const nn_fixture *w, *out, *dx;
+    } more[] = {
+        {QKV_REDUCTION_SUM, &mse_sum_w, &mse_sum_out, &mse_sum_dx},
+        {QKV_REDUCTION_NONE, &mse_none_w, &mse_none_out, &mse_none_dx},
+    };
+    for (int i = 0; i < 2; i++) {
+        qkv_zero_grad(x);
+        loss = qkv_mse_loss(x, fx(&mse_y, QKV_F32), more[i].reduction);
+        assert_fixture(loss, more[i].out, RTOL, ATOL, "loss");
+        assert_true(qkv_backward(weighted(loss, more[i].w)));
+        assert_fixture(x->grad, more[i].dx, RTOL, ATOL, "dx");
+    }
 }
 
 static void bce_with_logits_is_stable_for_large_logits(void **state) {
@@ -1112,9 +1308,13 @@ int main(void) {
         T(attention_causal_mask_per_head_weights_match_torch),
         T(attention_cross_with_kdim_vdim_matches_torch),
         T(attention_float_mask_per_batch_and_head_matches_torch),
+        T(attention_additive_2d_mask_matches_torch),
         T(attention_causal_flag_equals_the_explicit_mask),
         T(attention_query_with_every_key_masked_outputs_the_out_proj_bias),
         T(attention_init_is_xavier_with_zero_biases),
+        T(layer_defaults_match_pytorch_init),
+        T(encoder_layer_dropout_acts_in_training_only),
+        T(attention_dropout_zeroes_and_rescales_the_weights),
         T(attention_names_bad_shapes),
         T(encoder_layer_post_norm_relu_matches_torch),
         T(encoder_layer_post_norm_gelu_matches_torch),

@@ -52,8 +52,12 @@ static qkv_tensor *run(const fx_reduce *c, const qkv_tensor *a) {
         return one ? qkv_var(a, ax, correction, keep)
                    : qkv_var_axes(a, c->naxes, c->axes, correction, keep);
     }
-    if (!strcmp(op, "max")) return all ? qkv_max_all(a) : qkv_max(a, ax, keep);
-    if (!strcmp(op, "min")) return all ? qkv_min_all(a) : qkv_min(a, ax, keep);
+    if (!strcmp(op, "max"))
+        return all ? qkv_max_all(a) : one ? qkv_max(a, ax, keep)
+                                          : qkv_max_axes(a, c->naxes, c->axes, keep);
+    if (!strcmp(op, "min"))
+        return all ? qkv_min_all(a) : one ? qkv_min(a, ax, keep)
+                                          : qkv_min_axes(a, c->naxes, c->axes, keep);
     if (!strcmp(op, "argmax")) return qkv_argmax(a, ax, keep);
     if (!strcmp(op, "argmin")) return qkv_argmin(a, ax, keep);
     if (!strcmp(op, "softmax")) return qkv_softmax(a, ax);
@@ -199,7 +203,7 @@ static void reduction_axis_errors_name_op_and_shape(void **state) {
     assert_string_equal(qkv_error(), "qkv_mean: axis -4 out of range for [3,4,5]");
     qkv_clear_error();
     assert_null(qkv_sum_axes(x, 2, (const int[]){0, -3}, false));
-    assert_string_equal(qkv_error(), "qkv_sum: axis -3 appears twice");
+    assert_string_equal(qkv_error(), "qkv_sum_axes: axis -3 appears twice");
     qkv_clear_error();
     assert_null(qkv_argmax(x, 5, false));
     assert_string_equal(qkv_error(), "qkv_argmax: axis 5 out of range for [3,4,5]");

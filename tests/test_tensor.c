@@ -183,10 +183,10 @@ static void like_functions_copy_dtype_and_shape(void **state) {
 static void creation_rejects_bad_shapes(void **state) {
     (void)state;
     assert_null(qkv_zeros(QKV_F32, QKV_SHAPE(2, -1)));
-    assert_string_equal(qkv_error(), "qkv_empty: negative size -1 in dimension 1");
+    assert_string_equal(qkv_error(), "qkv_zeros: negative size -1 in dimension 1");
     qkv_clear_error();
     assert_null(qkv_zeros(QKV_F32, 9, (const int64_t[]){1, 1, 1, 1, 1, 1, 1, 1, 1}));
-    assert_string_equal(qkv_error(), "qkv_empty: 9 dimensions (at most 8)");
+    assert_string_equal(qkv_error(), "qkv_zeros: 9 dimensions (at most 8)");
     qkv_clear_error();
     assert_null(qkv_empty(QKV_F32, QKV_SHAPE(INT64_C(1) << 40, INT64_C(1) << 40)));
     assert_string_equal(qkv_error(), "qkv_empty: shape too large (dimension 1)");

@@ -1,0 +1,200 @@
+/* qkv_matmul against torch.matmul: 1-D, 2-D and batched operands, batch dimensions broadcast
+ * either way, transposed, permuted, strided and expanded views, empty and size-1 dims, huge
+ * magnitudes, and the gradients of both operands. The cases live in
+ * tests/fixtures/matmul_fixtures.h (written by gen_matmul.py). Also: strided operands are read
+ * in place, not copied, and every mistake names the op and both shapes. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include "qkv.h"
+#include "fixtures/matmul_fixtures.h"
+#include "fixture_check.h"
+
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
+
+static uint64_t live_at_start;
+
+static int open_scope(void **state) {
+    (void)state;
+    qkv_clear_error();
+    live_at_start = qkv_memory_stats_get().live_tensors;
+    qkv_scope_begin();
+    return 0;
+}
+
+/* Fails the test when anything it made outlives its scope. */
+static int close_scope(void **state) {
+    (void)state;
+    qkv_scope_end();
+    qkv_clear_error();
+    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
+}
+
+/* Applies a fixture's operand view (recorded, so gradients reach the stored tensor). */
+static qkv_tensor *apply_view(qkv_tensor *t, const fx_view *v) {
+    qkv_tensor *out = t;
+    int axes[8];
+    switch (v->kind) {
+    case 0: return t;
+    case 't': out = qkv_transpose(t, -2, -1); break;
+    case 's': out = qkv_slice(t, -1, 0, INT64_MAX, 2); break;
+    case 'e': out = qkv_expand(t, v->n, v->args); break;
+    case 'p':
+        for (int i = 0; i < v->n; i++) axes[i] = (int)v->args[i];
+        out = qkv_permute(t, axes);
+        break;
+    }
+    assert_non_null(out);
+    assert_false(qkv_is_contiguous(out));
+    return out;
+}
+
+static void describe(char *buf, size_t size, const fx_matmul *c, const char *part) {
+    snprintf(buf, size, "%s (%s @ %s): %s", c->what, qkv_dtype_name(c->dta),
+             qkv_dtype_name(c->dtb), part);
+}
+
+/* Exact cases compare at the dtype's few-ulp tolerance; the rounding case at its own. */
+static void assert_part(const qkv_tensor *t, qkv_dtype dtype, const fx_tensor *want,
+                        const fx_matmul *c, const char *part) {
+    char what[200];
+    describe(what, sizeof what, c, part);
+    double rtol = c->rtol > 0 ? c->rtol : fx_rtol(dtype);
+    fx_assert_close(t, dtype, want, rtol, fx_atol(dtype), what);
+}
+
+static void matmul_matches_torch_in_every_case(void **state) {
+    (void)state;
+    for (size_t i = 0; i < N_OF(fx_matmul_cases); i++) {
+        const fx_matmul *c = &fx_matmul_cases[i];
+        qkv_scope_begin();
+        qkv_tensor *a = apply_view(fx_make(&c->a, c->dta), &c->va);
+        qkv_tensor *b = apply_view(fx_make(&c->b, c->dtb), &c->vb);
+        assert_part(qkv_matmul(a, b), c->dout, &c->out, c, "out");
+        qkv_scope_end();
+    }
+    assert_true(N_OF(fx_matmul_cases) >= 40);
+    assert_null(qkv_error());
+}
+
+static void matmul_gradients_match_torch_in_every_case(void **state) {
+    (void)state;
+    for (size_t i = 0; i < N_OF(fx_matmul_cases); i++) {
+        const fx_matmul *c = &fx_matmul_cases[i];
+        qkv_scope_begin();
+        qkv_tensor *a = qkv_requires_grad_(fx_make(&c->a, c->dta), true);
+        qkv_tensor *b = qkv_requires_grad_(fx_make(&c->b, c->dtb), true);
+        qkv_tensor *out = qkv_matmul(apply_view(a, &c->va), apply_view(b, &c->vb));
+        qkv_tensor *loss = qkv_sum_all(qkv_mul(out, fx_make(&c->w, c->dout)));
+        assert_non_null(loss);
+        assert_true(qkv_backward(loss));
+        assert_part(a->grad, c->dta, &c->da, c, "grad a");
+        assert_part(b->grad, c->dtb, &c->db, c, "grad b");
+        qkv_scope_end();
+    }
+    assert_null(qkv_error());
+}
+
+/* ---- operands read in place -------------------------------------------------------------- */
+
+/* Allocations made by one product (the result and the kernel's own buffers). */
+static uint64_t allocations_of(const qkv_tensor *a, const qkv_tensor *b) {
+    uint64_t before = qkv_memory_stats_get().allocs;
+    assert_non_null(qkv_matmul(a, b));
+    return qkv_memory_stats_get().allocs - before;
+}
+
+static void transposed_and_permuted_operands_are_not_copied(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_ones(QKV_F32, QKV_SHAPE(2, 3, 16, 8));
+    qkv_tensor *b = qkv_ones(QKV_F32, QKV_SHAPE(2, 3, 8, 16));
+    uint64_t plain = allocations_of(a, b);
+    /* the same product with both operands as views whose layout forbids a plain reshape */
+    qkv_tensor *at = qkv_transpose(qkv_ones(QKV_F32, QKV_SHAPE(2, 3, 8, 16)), -1, -2);
+    qkv_tensor *bp = qkv_permute(qkv_ones(QKV_F32, QKV_SHAPE(2, 16, 3, 8)),
+                                 (const int[]){0, 2, 3, 1});
+    assert_false(qkv_is_contiguous(at));
+    assert_false(qkv_is_contiguous(bp));
+    assert_int_equal(allocations_of(at, bp), plain);
+    /* a strided slice and an expanded batch likewise */
+    qkv_tensor *as = qkv_slice(qkv_ones(QKV_F32, QKV_SHAPE(2, 3, 16, 16)), -1, 0, 16, 2);
+    qkv_tensor *be = qkv_expand(qkv_ones(QKV_F32, QKV_SHAPE(1, 1, 8, 16)),
+                                QKV_SHAPE(2, 3, 8, 16));
+    assert_int_equal(allocations_of(as, be), plain);
+}
+
+static void product_with_a_transposed_view_is_contiguous_and_exact(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_reshape(qkv_arange(QKV_F64, 0, 6, 1), QKV_SHAPE(2, 3));
+    qkv_tensor *out = qkv_matmul(a, qkv_transpose(a, 0, 1));
+    assert_non_null(out);
+    assert_true(qkv_is_contiguous(out));
+    /* [[0,1,2],[3,4,5]] @ [[0,3],[1,4],[2,5]] = [[5,14],[14,50]] */
+    double v[4];
+    assert_true(qkv_copy_out(out, QKV_F64, v));
+    assert_true(v[0] == 5 && v[1] == 14 && v[2] == 14 && v[3] == 50);
+}
+
+/* ---- errors ------------------------------------------------------------------------------ */
+
+static void matmul_inner_dimensions_must_agree(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(32, 64, 128));
+    qkv_tensor *b = qkv_zeros(QKV_F32, QKV_SHAPE(64, 10));
+    assert_null(qkv_matmul(a, b));
+    assert_string_equal(qkv_error(),
+                        "qkv_matmul: inner dimensions differ: [32,64,128] @ [64,10]");
+    qkv_clear_error();
+    assert_null(qkv_matmul(qkv_zeros(QKV_F32, QKV_SHAPE(3)), qkv_zeros(QKV_F32, QKV_SHAPE(4))));
+    assert_string_equal(qkv_error(), "qkv_matmul: inner dimensions differ: [3] @ [4]");
+}
+
+static void matmul_batch_dimensions_must_broadcast(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3, 4));
+    qkv_tensor *b = qkv_zeros(QKV_F32, QKV_SHAPE(5, 4, 2));
+    assert_null(qkv_matmul(a, b));
+    assert_string_equal(qkv_error(),
+                        "qkv_matmul: batch dimensions do not broadcast: [2,3,4] @ [5,4,2]");
+}
+
+static void matmul_needs_float_operands_with_a_dimension(void **state) {
+    (void)state;
+    qkv_tensor *m = qkv_zeros(QKV_F32, QKV_SHAPE(2, 2));
+    assert_null(qkv_matmul(qkv_zeros(QKV_I64, QKV_SHAPE(2, 2)), m));
+    assert_string_equal(qkv_error(), "qkv_matmul: operands must be f32 or f64: [2,2] @ [2,2]");
+    qkv_clear_error();
+    assert_null(qkv_matmul(qkv_scalar(QKV_F32, 2), m));
+    assert_string_equal(qkv_error(), "qkv_matmul: both operands need a dimension: [] @ [2,2]");
+}
+
+static void matmul_of_null_is_null_without_an_error(void **state) {
+    (void)state;
+    qkv_tensor *m = qkv_zeros(QKV_F32, QKV_SHAPE(2, 2));
+    assert_null(qkv_matmul(NULL, m));
+    assert_null(qkv_matmul(m, NULL));
+    assert_null(qkv_affine(NULL, m, NULL));
+    assert_null(qkv_error());
+}
+
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        T(matmul_matches_torch_in_every_case),
+        T(matmul_gradients_match_torch_in_every_case),
+        T(transposed_and_permuted_operands_are_not_copied),
+        T(product_with_a_transposed_view_is_contiguous_and_exact),
+        T(matmul_inner_dimensions_must_agree),
+        T(matmul_batch_dimensions_must_broadcast),
+        T(matmul_needs_float_operands_with_a_dimension),
+        T(matmul_of_null_is_null_without_an_error),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
