@@ -66,6 +66,9 @@ expect_refusal "unseen test labels" \
     "$bin" train --train "$work/train.tsv" --test "$work/unseen.tsv"
 expect_refusal "not a checkpoint" "header length" \
     "$bin" eval --load "$work/train.tsv" --test "$work/test.tsv"
+expect_refusal "another program's safetensors" "not a qkv-classify checkpoint" \
+    "$bin" eval --load "$(dirname "$0")/fixtures/data/torch_classifier.safetensors" \
+    --test "$work/test.tsv"
 head -c 300 "$work/m.safetensors" >"$work/truncated.safetensors"
 expect_refusal "truncated checkpoint" "runs past the end of the file" \
     "$bin" eval --load "$work/truncated.safetensors" --test "$work/test.tsv"

@@ -96,10 +96,10 @@ bool load_trained(trained *t, const char *path) {
     qkv_safetensors *f = qkv_safetensors_read(path);
     classifier_config c = {0};
     size_t vn = 0, ln = 0;
-    const void *vb = f ? qkv_safetensors_bytes(f, "vocab", &vn) : NULL;
-    const void *lb = f ? qkv_safetensors_bytes(f, "labels", &ln) : NULL;
     bool ok = f && read_config(f, path, &c);
-    if (ok && (!vb || !lb)) ok = !qkv_set_error("%s: no vocabulary or label set", path);
+    const void *vb = ok ? qkv_safetensors_bytes(f, "vocab", &vn) : NULL;
+    const void *lb = vb ? qkv_safetensors_bytes(f, "labels", &ln) : NULL;
+    ok = ok && vb && lb;
     if (ok) {
         t->vocab = qkv_vocab_from_bytes(vb, vn);
         t->labels = qkv_labels_from_bytes(lb, ln);
