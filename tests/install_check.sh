@@ -22,7 +22,7 @@ if [ -z "$pc" ]; then
     exit 1
 fi
 for header in qkv.h tensor/tensor.h autograd/autograd.h nn/nn.h optim/optim.h data/data.h; do
-    if ! find "$dest" -path "*/include/$header" | grep -q .; then
+    if ! find "$dest" -path "*/include/qkv/$header" | grep -q .; then
         echo "meson install gave no $header"
         exit 1
     fi
