@@ -114,7 +114,9 @@ qkv_tensor *qkv_where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_ten
 qkv_tensor *qkv_masked_fill(const qkv_tensor *a, const qkv_tensor *mask, double value);
 
 /* ---- Reductions -------------------------------------------------------------------------- */
-/* One axis; several axes (naxes entries of axes); or all elements (a 0-d result). */
+/* One axis; several axes (naxes entries of axes; naxes 0 reduces nothing, where torch's
+ * dim=[] would reduce everything: use the _all form for that); or all elements (a 0-d
+ * result). */
 
 qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim);
 qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim);
