@@ -8,7 +8,8 @@
 # build-valgrind/test-count.txt; a suite with a memcheck report counts as one failure at least.
 set -e
 build=build-valgrind
-suites="errors tensor views elementwise reduce autograd gradcheck index data nn optim"
+suites="errors tensor views elementwise reduce autograd gradcheck index matmul data nn optim
+    checkpoint"
 sh tools/install-deps.sh valgrind
 if [ ! -f "$build/build.ninja" ]; then
     meson setup "$build" -Dnative=false -Dbuildtype=debugoptimized -Dwerror=true >/dev/null
