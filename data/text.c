@@ -5,6 +5,7 @@
 #include <string.h>
 
 bool qkv__buf_append(qkv__buf *b, const void *src, size_t n) {
+    if (n == 0) return true; /* b->data may still be NULL */
     if (!qkv__reserve((void **)&b->data, &b->cap, b->len + n, 1)) return false;
     memcpy(b->data + b->len, src, n);
     b->len += n;

@@ -23,7 +23,7 @@
 #endif
 
 /* The format's own limit on the header (the reference implementation refuses larger ones). */
-#define MAX_HEADER (100u << 20)
+#define MAX_HEADER 100000000u
 #define CHECKSUM_KEY "qkv.checksum"
 #define EXTRAS_KEY "qkv.extras"
 
@@ -57,19 +57,20 @@ static int dtype_of(qkv_dtype d) {
 /* ---- CRC-32 (IEEE 802.3, reflected, as zlib's crc32) -------------------------------------- */
 
 uint32_t qkv__crc32(uint32_t crc, const void *data, size_t n) {
-    static uint32_t table[256];
-    static int ready;
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
-        }
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
+    /* Four bits at a time: a table small enough to write out, so nothing is built at run time
+     * (and no thread can see it half built). */
+    static const uint32_t nibble[16] = {
+        0x00000000, 0x1DB71064, 0x3B6E20C8, 0x26D930AC, 0x76DC4190, 0x6B6B51F4,
+        0x4DB26158, 0x5005713C, 0xEDB88320, 0xF00F9344, 0xD6D6A3E8, 0xCB61B38C,
+        0x9B64C2B0, 0x86D3D2D4, 0xA00AE278, 0xBDBDF21C,
+    };
     const unsigned char *p = data;
     crc = ~crc;
-    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    for (size_t i = 0; i < n; i++) {
+        crc ^= p[i];
+        crc = nibble[crc & 15] ^ (crc >> 4);
+        crc = nibble[crc & 15] ^ (crc >> 4);
+    }
     return ~crc;
 }
 
@@ -103,7 +104,8 @@ static void putf(buffer *b, const char *fmt, ...) {
     va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    put(b, tmp, (size_t)n);
+    if (n < 0 || (size_t)n >= sizeof tmp) b->failed = true; /* never: the formats are short */
+    else put(b, tmp, (size_t)n);
 }
 
 static void put_json_string(buffer *b, const char *s) {
@@ -185,7 +187,9 @@ static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
     putf(h, "\"" CHECKSUM_KEY "\":\"crc32:%08x\"", crc);
     for (int i = 0; x && i < x->n_meta; i++) {
         const char *k = x->meta[i].key, *v = x->meta[i].value;
-        if (!k || !v || !strcmp(k, CHECKSUM_KEY) || !strcmp(k, EXTRAS_KEY) ||
+        bool repeated = false;
+        for (int j = 0; k && j < i; j++) repeated |= x->meta[j].key && !strcmp(x->meta[j].key, k);
+        if (!k || !v || repeated || !strcmp(k, CHECKSUM_KEY) || !strcmp(k, EXTRAS_KEY) ||
             !valid_utf8((const unsigned char *)k, strlen(k)) ||
             !valid_utf8((const unsigned char *)v, strlen(v))) {
             qkv_set_error("qkv_safetensors_write: %s: bad metadata key \"%s\"", path,
@@ -238,15 +242,29 @@ static bool write_all(int fd, const void *data, size_t n, size_t *written) {
     return true;
 }
 
-/* Creates "<path>.tmp-<pid>-<n>" for writing, with the permissions a new file of the user's
- * gets (0666 less the umask), as the file it replaces would have had. */
+/* Creates "<path>.tmp-<pid>-<n>" for writing, or "<dir>/.qkv-<pid>-<n>.tmp" when that name
+ * would be too long. It gets the mode of the file it will replace, or that of any new file
+ * (0666 less the umask) when there is none. */
 static int open_temporary(const char *path, char *tmp, size_t size) {
     static unsigned counter;
+    struct stat old;
+    bool replaces = stat(path, &old) == 0 && S_ISREG(old.st_mode);
+    const char *slash = strrchr(path, '/');
+    int dir_len = slash ? (int)(slash - path) + 1 : 0;
+    bool short_name = false;
     for (int attempt = 0; attempt < 100; attempt++) {
         unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-        snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
+        if (short_name)
+            snprintf(tmp, size, "%.*s.qkv-%ld-%u.tmp", dir_len, path, (long)getpid(), n);
+        else
+            snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
         int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0 || errno != EEXIST) return fd;
+        if (fd >= 0) {
+            if (replaces) fchmod(fd, old.st_mode & 07777);
+            return fd;
+        }
+        if (errno == ENAMETOOLONG && !short_name) short_name = true;
+        else if (errno != EEXIST) return -1;
     }
     return -1;
 }
@@ -259,28 +277,26 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
     char *tmp = qkv__alloc(len);
     if (!tmp) return false;
     int fd = open_temporary(path, tmp, len);
-    bool ok = fd >= 0;
+    int err = fd < 0 ? errno : 0; /* the first failure's errno */
     size_t written = 0;
     unsigned char head[8];
     for (int i = 0; i < 8; i++) head[i] = (unsigned char)((uint64_t)h->n >> (8 * i));
-    ok = ok && write_all(fd, head, 8, &written) && write_all(fd, h->data, h->n, &written);
+    bool ok = fd >= 0 && write_all(fd, head, 8, &written) &&
+              write_all(fd, h->data, h->n, &written);
     for (int i = 0; ok && i < n; i++) ok = write_all(fd, data[i], entry_bytes(&e[i]), &written);
     ok = ok && fsync(fd) == 0;
-    int saved = errno;
-    if (fd >= 0 && close(fd) != 0 && ok) {
-        saved = errno;
-        ok = false;
-    }
-    ok = ok && rename(tmp, path) == 0;
+    if (!ok && !err) err = errno;
+    if (fd >= 0 && close(fd) != 0 && ok) err = errno, ok = false;
+    if (ok && rename(tmp, path) != 0) err = errno, ok = false;
     if (!ok) {
-        if (fd >= 0) saved = errno ? errno : saved;
-        qkv_set_error("qkv_safetensors_write: %s: %s", path, strerror(saved ? saved : EIO));
+        qkv_set_error("qkv_safetensors_write: %s: %s", path, strerror(err ? err : EIO));
         if (fd >= 0) unlink(tmp);
     } else {
         /* Make the rename itself durable. */
         char *slash = strrchr(tmp, '/');
         if (slash) *slash = '\0';
-        int dir = open(slash ? (slash == tmp ? "/" : tmp) : ".", O_RDONLY);
+        int dir = open(slash ? (slash == tmp ? "/" : tmp) : ".",
+                       O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dir >= 0) {
             fsync(dir);
             close(dir);
@@ -324,8 +340,10 @@ bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
     out_entry *e = qkv__calloc((size_t)(n ? n : 1) * sizeof *e);
     if (!e) return false;
     bool ok = true;
-    for (int i = 0; i < n_main; i++)
+    for (int i = 0; i < n_main; i++) {
         e[i] = (out_entry){tensors->names[i], tensors->tensors[i], NULL, 0};
+        ok = ok && tensors->names[i] && tensors->tensors[i];
+    }
     for (int i = 0; i < x->n_tensors; i++) {
         e[n_main + i] = (out_entry){x->tensor_names[i], x->tensors[i], NULL, 0};
         ok = ok && x->tensor_names[i] && x->tensors[i];
@@ -335,7 +353,7 @@ bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
         e[n_main + x->n_tensors + i] = (out_entry){b->name, NULL, b->data, b->size};
         ok = ok && b->name && (b->data || b->size == 0);
     }
-    if (!ok) qkv_set_error("qkv_safetensors_write: %s: an extra has no name or no data", path);
+    if (!ok) qkv_set_error("qkv_safetensors_write: %s: an entry has no name or no data", path);
     ok = ok && write_entries(path, e, n, x);
     qkv__free(e, (size_t)(n ? n : 1) * sizeof *e);
     return ok;
@@ -489,8 +507,10 @@ static bool parse_count(json *j, uint64_t *v) {
     size_t start = j->i;
     *v = 0;
     while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9') {
-        *v = *v * 10 + (uint64_t)(j->s[j->i++] - '0');
-        if (*v >= (1ull << 62)) return jfail(j, "number too large");
+        uint64_t d = (uint64_t)(j->s[j->i] - '0');
+        if (*v > ((1ull << 62) - 1 - d) / 10) return jfail(j, "number too large");
+        *v = *v * 10 + d;
+        j->i++;
     }
     if (j->i == start) return jfail(j, "expected a non-negative integer");
     if (j->s[start] == '0' && j->i - start > 1) return jfail(j, "leading zero in a number");
@@ -525,15 +545,16 @@ struct qkv_safetensors {
     st_entry *entries;
     int n_meta, cap_meta;
     st_meta *meta;
+    const st_entry **by_name;        /* the entries sorted by name, for lookups */
+    const st_meta **meta_by_key;     /* the metadata sorted by key */
+    char *extras;                    /* the names listed in qkv.extras, NUL-separated */
+    size_t extras_size;
+    const char **extras_sorted;
+    int n_extras, cap_extras;
 };
 
+/* Duplicate keys are found after parsing, by sorting (check_metadata). */
 static bool meta_add(qkv_safetensors *f, json *j, st_meta m) {
-    for (int i = 0; i < f->n_meta; i++)
-        if (strcmp(f->meta[i].key, m.key) == 0) {
-            qkv__free(m.key, m.key_size);
-            qkv__free(m.value, m.value_size);
-            return jfail(j, "duplicate key in __metadata__");
-        }
     size_t cap = (size_t)f->cap_meta;
     if (!qkv__reserve((void **)&f->meta, &cap, (size_t)f->n_meta + 1, sizeof *f->meta)) {
         qkv__free(m.key, m.key_size);
@@ -658,9 +679,12 @@ static int cmp_by_name(const void *a, const void *b) {
     return strcmp((*(const st_entry *const *)a)->name, (*(const st_entry *const *)b)->name);
 }
 
+/* By (begin, end), as the reference reader orders them: an empty tensor at an offset comes
+ * before the tensor that starts there. */
 static int cmp_by_offset(const void *a, const void *b) {
-    uint64_t x = (*(const st_entry *const *)a)->begin, y = (*(const st_entry *const *)b)->begin;
-    return (x > y) - (x < y);
+    const st_entry *x = *(const st_entry *const *)a, *y = *(const st_entry *const *)b;
+    if (x->begin != y->begin) return (x->begin > y->begin) - (x->begin < y->begin);
+    return (x->end > y->end) - (x->end < y->end);
 }
 
 static bool bad_file(const qkv_safetensors *f, const char *fmt, const char *name) {
@@ -672,14 +696,16 @@ static bool bad_file(const qkv_safetensors *f, const char *fmt, const char *name
 
 /* Each tensor's byte size agrees with its dtype and shape, and the tensors tile the data
  * section exactly: no overlaps, no gaps, nothing outside it. Names are unique. */
-static bool check_entries(const qkv_safetensors *f) {
+static bool check_entries(qkv_safetensors *f) {
     for (int i = 0; i < f->n; i++) {
         const st_entry *e = &f->entries[i];
-        uint64_t bytes = file_dtypes[e->dtype].size;
+        /* The non-zero sizes are bounded too: an empty tensor may not hide huge ones. */
+        uint64_t bytes = file_dtypes[e->dtype].size, nonzero = bytes;
         for (int d = 0; d < e->ndim; d++) {
             uint64_t s = (uint64_t)e->shape[d];
-            if (s && bytes > UINT64_MAX / 4 / s)
+            if (s && nonzero > (1ull << 58) / s)
                 return bad_file(f, "tensor \"%s\": its shape's size overflows", e->name);
+            nonzero *= s ? s : 1;
             bytes *= s;
         }
         if (e->end < e->begin || e->end - e->begin != bytes)
@@ -689,15 +715,16 @@ static bool check_entries(const qkv_safetensors *f) {
             return bad_file(f, "tensor \"%s\": data_offsets run past the end of the file",
                             e->name);
     }
-    const st_entry **order = qkv__alloc((size_t)(f->n ? f->n : 1) * sizeof *order);
-    if (!order) return false;
-    bool ok = true;
-    for (int i = 0; i < f->n; i++) order[i] = &f->entries[i];
-    qsort(order, (size_t)f->n, sizeof *order, cmp_by_name);
+    size_t count = (size_t)(f->n ? f->n : 1);
+    f->by_name = qkv__alloc(count * sizeof *f->by_name);
+    const st_entry **order = qkv__alloc(count * sizeof *order);
+    bool ok = f->by_name && order;
+    for (int i = 0; ok && i < f->n; i++) order[i] = f->by_name[i] = &f->entries[i];
+    if (ok) qsort(f->by_name, (size_t)f->n, sizeof *f->by_name, cmp_by_name);
     for (int i = 1; i < f->n && ok; i++)
-        if (strcmp(order[i]->name, order[i - 1]->name) == 0)
-            ok = bad_file(f, "two tensors named \"%s\"", order[i]->name);
-    qsort(order, (size_t)f->n, sizeof *order, cmp_by_offset);
+        if (strcmp(f->by_name[i]->name, f->by_name[i - 1]->name) == 0)
+            ok = bad_file(f, "two tensors named \"%s\"", f->by_name[i]->name);
+    if (ok) qsort(order, (size_t)f->n, sizeof *order, cmp_by_offset);
     uint64_t at = 0;
     for (int i = 0; i < f->n && ok; i++) {
         if (order[i]->begin != at)
@@ -707,17 +734,59 @@ static bool check_entries(const qkv_safetensors *f) {
         at = order[i]->end;
     }
     if (ok && at != f->data_size) ok = bad_file(f, "%s", "bytes after the last tensor's data");
-    qkv__free(order, (size_t)(f->n ? f->n : 1) * sizeof *order);
+    if (order) qkv__free(order, count * sizeof *order);
     return ok;
+}
+
+static int cmp_meta(const void *a, const void *b) {
+    return strcmp((*(const st_meta *const *)a)->key, (*(const st_meta *const *)b)->key);
+}
+
+static int cmp_string(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Unique keys (found by sorting them), and the qkv.extras list split once for lookups. */
+static bool check_metadata(qkv_safetensors *f) {
+    size_t count = (size_t)(f->n_meta ? f->n_meta : 1);
+    f->meta_by_key = qkv__alloc(count * sizeof *f->meta_by_key);
+    if (!f->meta_by_key) return false;
+    for (int i = 0; i < f->n_meta; i++) f->meta_by_key[i] = &f->meta[i];
+    qsort(f->meta_by_key, (size_t)f->n_meta, sizeof *f->meta_by_key, cmp_meta);
+    for (int i = 1; i < f->n_meta; i++)
+        if (strcmp(f->meta_by_key[i]->key, f->meta_by_key[i - 1]->key) == 0)
+            return bad_file(f, "duplicate key \"%s\" in __metadata__", f->meta_by_key[i]->key);
+    const char *list = qkv_safetensors_meta(f, EXTRAS_KEY);
+    if (!list) return true;
+    f->extras_size = strlen(list) + 1;
+    f->extras = qkv__alloc(f->extras_size);
+    if (!f->extras) return false;
+    memcpy(f->extras, list, f->extras_size);
+    int n = 0;
+    for (char *p = f->extras; *p; p++) n += *p == '\n';
+    f->extras_sorted = qkv__alloc((size_t)(n + 1) * sizeof *f->extras_sorted);
+    if (!f->extras_sorted) return false;
+    f->cap_extras = n + 1;
+    for (char *p = f->extras, *eol; (eol = strchr(p, '\n')); p = eol + 1) {
+        *eol = '\0';
+        f->extras_sorted[f->n_extras++] = p;
+    }
+    qsort(f->extras_sorted, (size_t)f->n_extras, sizeof *f->extras_sorted, cmp_string);
+    return true;
 }
 
 static bool check_checksum(const qkv_safetensors *f) {
     const char *v = qkv_safetensors_meta(f, CHECKSUM_KEY);
     if (!v) return true; /* files from other writers carry none */
-    unsigned want;
-    char tail;
-    if (strncmp(v, "crc32:", 6) || strlen(v) != 14 || sscanf(v + 6, "%8x%c", &want, &tail) != 1)
-        return bad_file(f, "%s", "malformed " CHECKSUM_KEY);
+    uint32_t want = 0;
+    bool ok = strncmp(v, "crc32:", 6) == 0 && strlen(v) == 14;
+    for (int i = 6; ok && i < 14; i++) {
+        char c = v[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        ok = d >= 0;
+        want = want << 4 | (uint32_t)(ok ? d : 0);
+    }
+    if (!ok) return bad_file(f, "%s", "malformed " CHECKSUM_KEY);
     if (qkv__crc32(0, f->data, f->data_size) != want)
         return bad_file(f, "%s", "checksum mismatch: the file is damaged");
     return true;
@@ -728,6 +797,7 @@ static bool read_whole(qkv_safetensors *f) {
     if (!fp) return bad_file(f, "%s", strerror(errno));
     struct stat st;
     bool ok = fstat(fileno(fp), &st) == 0;
+    if (!ok) bad_file(f, "%s", strerror(errno));
     if (ok && !S_ISREG(st.st_mode)) ok = bad_file(f, "%s", "not a regular file");
     if (ok && (uint64_t)st.st_size > (uint64_t)SIZE_MAX / 2)
         ok = bad_file(f, "%s", "file too large");
@@ -768,12 +838,13 @@ static qkv_safetensors *parse_file(qkv_safetensors *f) {
                  (unsigned long long)hlen);
         ok = bad_file(f, "%s", what);
     }
-    if (ok && hlen > MAX_HEADER) ok = bad_file(f, "%s", "header larger than 100 MiB");
+    if (ok && hlen > MAX_HEADER) ok = bad_file(f, "%s", "header larger than 100,000,000 bytes");
     if (ok) {
         json j = {f->path, (const char *)f->file + 8, (size_t)hlen, 0, false};
         f->data = f->file + 8 + hlen;
         f->data_size = f->file_size - 8 - hlen;
-        ok = parse_header(f, &j) && check_entries(f) && check_checksum(f);
+        ok = parse_header(f, &j) && check_entries(f) && check_metadata(f) &&
+             check_checksum(f);
     }
     if (!ok) {
         qkv_safetensors_free(f);
@@ -814,6 +885,12 @@ void qkv_safetensors_free(qkv_safetensors *f) {
         qkv__free(f->meta[i].value, f->meta[i].value_size);
     }
     if (f->meta) qkv__free(f->meta, (size_t)f->cap_meta * sizeof *f->meta);
+    if (f->by_name) qkv__free(f->by_name, (size_t)(f->n ? f->n : 1) * sizeof *f->by_name);
+    if (f->meta_by_key)
+        qkv__free(f->meta_by_key, (size_t)(f->n_meta ? f->n_meta : 1) * sizeof *f->meta_by_key);
+    if (f->extras) qkv__free(f->extras, f->extras_size);
+    if (f->extras_sorted)
+        qkv__free(f->extras_sorted, (size_t)f->cap_extras * sizeof *f->extras_sorted);
     if (f->file) qkv__free(f->file, f->file_size ? f->file_size : 1);
     if (f->path) qkv__free(f->path, f->path_size);
     qkv__free(f, sizeof *f);
@@ -837,16 +914,31 @@ const char *qkv_safetensors_meta_key(const qkv_safetensors *f, int i) {
     return f && i >= 0 && i < f->n_meta ? f->meta[i].key : NULL;
 }
 
+static int cmp_key_meta(const void *key, const void *m) {
+    return strcmp(key, (*(const st_meta *const *)m)->key);
+}
+
+static int cmp_key_entry(const void *key, const void *e) {
+    return strcmp(key, (*(const st_entry *const *)e)->name);
+}
+
 const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
-    for (int i = 0; f && key && i < f->n_meta; i++)
-        if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
-    return NULL;
+    if (!f || !key) return NULL;
+    if (!f->meta_by_key) { /* while the file is being checked */
+        for (int i = 0; i < f->n_meta; i++)
+            if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+        return NULL;
+    }
+    const st_meta *const *m =
+        bsearch(key, f->meta_by_key, (size_t)f->n_meta, sizeof *f->meta_by_key, cmp_key_meta);
+    return m ? (*m)->value : NULL;
 }
 
 static const st_entry *find(const qkv_safetensors *f, const char *name) {
-    for (int i = 0; f && name && i < f->n; i++)
-        if (strcmp(f->entries[i].name, name) == 0) return &f->entries[i];
-    return NULL;
+    if (!f || !name) return NULL;
+    const st_entry *const *e =
+        bsearch(name, f->by_name, (size_t)f->n, sizeof *f->by_name, cmp_key_entry);
+    return e ? *e : NULL;
 }
 
 bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim,
@@ -860,15 +952,8 @@ bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim
 }
 
 bool qkv__safetensors_is_extra(const qkv_safetensors *f, const char *name) {
-    const char *list = qkv_safetensors_meta(f, EXTRAS_KEY);
-    size_t n = strlen(name);
-    for (const char *p = list; p && *p;) {
-        const char *eol = strchr(p, '\n');
-        size_t len = eol ? (size_t)(eol - p) : strlen(p);
-        if (len == n && strncmp(p, name, n) == 0) return true;
-        p = eol ? eol + 1 : p + len;
-    }
-    return false;
+    return f->n_extras && bsearch(&name, f->extras_sorted, (size_t)f->n_extras,
+                                  sizeof *f->extras_sorted, cmp_string);
 }
 
 static float half_to_float(uint16_t h) {

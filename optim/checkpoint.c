@@ -71,26 +71,46 @@ static bool gather(extras *e, const qkv_checkpoint_contents *x, const qkv_optim_
     return true;
 }
 
+static bool reserved(const char *name) {
+    return name && (!strncmp(name, "optim.", 6) || !strncmp(name, RNG_PREFIX, strlen(RNG_PREFIX)));
+}
+
+/* The caller's extras may not use the names the optimizer and the generators are saved under. */
+static bool check_reserved(const qkv_checkpoint_contents *x, const char *path) {
+    const char *bad = NULL;
+    for (int i = 0; !bad && i < x->n_tensors; i++)
+        if (reserved(x->tensor_names[i])) bad = x->tensor_names[i];
+    for (int i = 0; !bad && i < x->n_bytes; i++)
+        if (reserved(x->bytes[i].name)) bad = x->bytes[i].name;
+    for (int i = 0; !bad && i < x->n_meta; i++)
+        if (reserved(x->meta[i].key)) bad = x->meta[i].key;
+    if (bad)
+        qkv_set_error("qkv_checkpoint_save: %s: \"%s\": names starting with optim. or rng. "
+                      "are the checkpoint's own", path ? path : "(null)", bad);
+    return bad == NULL;
+}
+
 bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const char *path,
                          const qkv_checkpoint_contents *contents) {
     if (!module) return false;
     const qkv_checkpoint_contents none = {0};
     const qkv_checkpoint_contents *x = contents ? contents : &none;
+    if (!check_reserved(x, path)) return false;
     const qkv_optim_state no_state = {0};
+    qkv_scope_begin(); /* whatever the export and the copies make ends with the save */
     qkv_optim_state *st = opt ? qkv_optimizer_state_export(opt) : NULL;
     qkv_generator_list *gens = qkv_module_generators(module);
     extras e = {0};
-    qkv_scope_begin();
     bool ok = (st || !opt) && gens && gather(&e, x, st ? st : &no_state, gens);
     if (ok) {
         qkv_checkpoint_contents all = {e.n_tensors, e.names, e.tensors, x->n_bytes, x->bytes,
                                        e.n_meta, e.meta};
         ok = qkv_module_save(module, path, &all);
     }
-    qkv_scope_end();
     extras_free(&e);
     qkv_generator_list_free(gens);
     qkv_optim_state_free(st);
+    qkv_scope_end();
     return ok;
 }
 
@@ -138,45 +158,80 @@ static bool has_entry(const qkv_safetensors *f, const char *name) {
     return false;
 }
 
-/* Sets each generator of the module that the file has an "rng." entry for. All entries are
- * read and checked before any generator changes. */
-static bool restore_generators(void *module, const qkv_safetensors *f) {
-    qkv_generator_list *gens = qkv_module_generators(module);
-    if (!gens) return false;
-    int64_t *words = qkv__calloc((size_t)(2 * gens->n + 1) * sizeof *words);
-    bool *found = qkv__calloc((size_t)(gens->n + 1) * sizeof *found);
-    bool ok = words && found;
-    for (int i = 0; ok && i < gens->n; i++) {
-        char *name = rng_name(gens->items[i].name);
-        /* a file without this generator leaves it as it is */
-        found[i] = name && has_entry(f, name);
-        qkv_tensor *t = found[i] ? qkv_safetensors_tensor(f, name) : NULL;
-        if (found[i] && !t) ok = false;
-        if (t && (t->dtype != QKV_I64 || t->ndim != 1 || t->shape[0] != 2))
-            ok = qkv_set_error("qkv_checkpoint_load: %s is not an I64 [2] state", name) != NULL;
-        if (ok && t) ok = qkv_copy_out(t, QKV_I64, words + 2 * i);
+/* The saved states of the module's generators, read and checked before anything changes. */
+typedef struct saved_generators {
+    qkv_generator_list *list;
+    qkv_generator *states; /* one per generator */
+    bool *found;           /* whether the file has it: one without it is left as it is */
+} saved_generators;
+
+static void saved_generators_free(saved_generators *s) {
+    size_t n = (size_t)(s->list ? s->list->n : 0) + 1;
+    if (s->states) qkv__free(s->states, n * sizeof *s->states);
+    if (s->found) qkv__free(s->found, n * sizeof *s->found);
+    qkv_generator_list_free(s->list);
+}
+
+static bool read_generators(void *module, const qkv_safetensors *f, saved_generators *s) {
+    s->list = qkv_module_generators(module);
+    if (!s->list) return false;
+    size_t n = (size_t)s->list->n + 1;
+    s->states = qkv__calloc(n * sizeof *s->states);
+    s->found = qkv__calloc(n * sizeof *s->found);
+    bool ok = s->states && s->found;
+    for (int i = 0; ok && i < s->list->n; i++) {
+        char *name = rng_name(s->list->items[i].name);
+        s->found[i] = name && has_entry(f, name);
+        qkv_tensor *t = s->found[i] ? qkv_safetensors_tensor(f, name) : NULL;
+        bool shaped = t && t->dtype == QKV_I64 && t->ndim == 1 && t->shape[0] == 2;
+        int64_t words[2];
+        if (t && !shaped) qkv_set_error("%s is not an I64 [2] generator state", name);
+        bool good = !s->found[i] || (shaped && qkv_copy_out(t, QKV_I64, words));
+        if (s->found[i] && good)
+            s->states[i] = (qkv_generator){(uint64_t)words[0], (uint64_t)words[1]};
+        ok = name && good;
         if (name) qkv__free(name, strlen(name) + 1);
-        ok = ok && name;
     }
-    for (int i = 0; ok && i < gens->n; i++)
-        if (found[i])
-            *gens->items[i].generator = (qkv_generator){(uint64_t)words[2 * i],
-                                                        (uint64_t)words[2 * i + 1]};
-    if (words) qkv__free(words, (size_t)(2 * gens->n + 1) * sizeof *words);
-    if (found) qkv__free(found, (size_t)(gens->n + 1) * sizeof *found);
-    qkv_generator_list_free(gens);
     return ok;
+}
+
+static void restore_generators(const saved_generators *s) {
+    for (int i = 0; i < s->list->n; i++)
+        if (s->found[i]) *s->list->items[i].generator = s->states[i];
+}
+
+/* Puts "qkv_checkpoint_load: <path>: " before the message of a failure in a part that does
+ * not name the file, unless an older error was already recorded (that one stays first). */
+static void name_the_file(const char *path, bool had_error) {
+    const char *e = qkv_error();
+    if (had_error || !e || strstr(e, path)) return;
+    size_t n = strlen(e) + 1;
+    char *copy = qkv__alloc(n);
+    if (!copy) return;
+    memcpy(copy, e, n);
+    qkv_clear_error();
+    qkv_set_error("qkv_checkpoint_load: %s: %s", path, copy);
+    qkv__free(copy, n);
 }
 
 bool qkv_checkpoint_load(void *module, qkv_optimizer *opt, const char *path,
                          const qkv_load_options *opts) {
     if (!module) return false;
+    bool had_error = qkv_error() != NULL;
     qkv_safetensors *f = qkv_safetensors_read(path);
     qkv_optim_state st = {0};
+    saved_generators gens = {0};
     qkv_scope_begin();
-    bool ok = f && qkv_module_load_safetensors(module, f, opts) && restore_generators(module, f);
-    ok = ok && (!opt || (state_of(f, &st) && qkv_optimizer_state_import(opt, &st)));
+    /* The optimizer's state names the module's parameters with their shapes, so a file of
+     * another model fails its import, which checks everything before it changes anything;
+     * the module is loaded after it. */
+    bool ok = f && read_generators(module, f, &gens) &&
+              (!opt || (state_of(f, &st) && qkv_optimizer_state_import(opt, &st)));
+    if (f && !ok) name_the_file(path, had_error);
+    ok = ok && qkv_module_load_safetensors(module, f, opts);
+    if (ok) restore_generators(&gens);
     qkv_scope_end();
+    saved_generators_free(&gens);
     if (f) state_of_free(f, &st);
     qkv_safetensors_free(f);
     return ok;

@@ -153,15 +153,20 @@ void qkv_optim_state_free(qkv_optim_state *state); /* NULL is ignored */
 
 /* ---- Training checkpoints ---------------------------------------------------------------- */
 
-/* qkv_module_save with the optimizer's state (qkv_optimizer_state_export) among the extras,
- * so that training resumes exactly: N steps, save, load, N more steps give the same bits as 2N
- * steps. opt may be NULL (the module alone). */
+/* qkv_module_save with the optimizer's state (qkv_optimizer_state_export) and the module's
+ * generators (qkv_module_generators) among the extras, so that training resumes exactly: N
+ * steps, save, load, N more steps give the same bits as 2N steps. opt may be NULL (the module
+ * and its generators). Names starting with "optim." or "rng." are the checkpoint's own: extras
+ * that use them are refused. */
 bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const char *path,
                          const qkv_checkpoint_contents *extras);
-/* Loads the module (qkv_module_load_safetensors with opts), then the optimizer's state from
- * the same file (qkv_optimizer_state_import; opt may be NULL). Each part checks everything
- * before it changes anything; when the module loads and the optimizer's state does not fit,
- * the error says so and the module holds the file's weights. */
+/* Reads the file, checks the generators' states, imports the optimizer's state (opt may be
+ * NULL; qkv_optimizer_state_import checks it all first), then loads the module
+ * (qkv_module_load_safetensors with opts) and sets the generators. Each part checks before it
+ * changes anything, and the optimizer's part fails for a file of another model, so a failure
+ * leaves module and optimizer as they were, except when the optimizer's state fits and the
+ * module's load then fails (a partial-load mismatch): the optimizer then holds the file's
+ * state. Errors name the file. */
 bool qkv_checkpoint_load(void *module, qkv_optimizer *opt, const char *path,
                          const qkv_load_options *opts);
 

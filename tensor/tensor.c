@@ -54,7 +54,8 @@ int64_t qkv__contiguous_strides(int ndim, const int64_t *shape, int64_t *strides
 }
 
 /* Element counts whose byte size does not fit in 2^62 are refused before any multiplication
- * can overflow. */
+ * can overflow. The bound holds for the product of the non-zero sizes, so an empty tensor
+ * cannot hide huge dimensions that strides are computed from. */
 bool qkv__check_shape(const char *op, int ndim, const int64_t *shape) {
     if (ndim < 0 || ndim > QKV_MAX_DIMS)
         return qkv_set_error("%s: %d dimensions (at most %d)", op, ndim, QKV_MAX_DIMS), false;
@@ -66,7 +67,7 @@ bool qkv__check_shape(const char *op, int ndim, const int64_t *shape) {
                                  (long long)shape[i], i), false;
         if (shape[i] > 0 && n > (INT64_C(1) << 58) / shape[i])
             return qkv_set_error("%s: shape too large (dimension %d)", op, i), false;
-        n *= shape[i];
+        if (shape[i] > 0) n *= shape[i];
     }
     return true;
 }

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -374,6 +375,81 @@ static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state
     qkv_module_free(straight);
 }
 
+static void empty_tensors_at_a_shared_offset_round_trip(void **state) {
+    (void)state;
+    /* "z" (empty) and "a" both start at byte 0; the order of the header must not matter */
+    const char *names[] = {"z", "a", "e"};
+    qkv_tensor *tensors[] = {qkv_zeros(QKV_F32, QKV_SHAPE(0)), qkv_ones(QKV_F32, QKV_SHAPE(2)),
+                             qkv_zeros(QKV_F64, QKV_SHAPE(3, 0))};
+    qkv_named_list list = {3, (char **)names, tensors};
+    assert_true(qkv_safetensors_write(path, &list, NULL));
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    assert_int_equal(qkv_safetensors_tensor(f, "z")->numel, 0);
+    assert_int_equal(qkv_safetensors_tensor(f, "e")->shape[0], 3);
+    assert_same_values(qkv_safetensors_tensor(f, "a"), tensors[1]);
+    qkv_safetensors_free(f);
+}
+
+static void save_refuses_repeated_metadata_and_reserved_names(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(2, 1, true, &(qkv_generator){0});
+    qkv_meta_pair twice[] = {{"k", "1"}, {"k", "2"}};
+    qkv_checkpoint_contents x = {.n_meta = 2, .meta = twice};
+    assert_false(qkv_module_save(m, path, &x));
+    assert_error_contains("bad metadata key \"k\"");
+    qkv_meta_pair steps[] = {{"optim.steps", "7"}};
+    qkv_checkpoint_contents y = {.n_meta = 1, .meta = steps};
+    assert_false(qkv_checkpoint_save(m, NULL, path, &y));
+    assert_error_contains("\"optim.steps\": names starting with optim. or rng. are the "
+                          "checkpoint's own");
+    const char *names[] = {"rng.mine"};
+    qkv_tensor *tensors[] = {qkv_zeros(QKV_I64, QKV_SHAPE(2))};
+    qkv_checkpoint_contents z = {.n_tensors = 1, .tensor_names = names, .tensors = tensors};
+    assert_false(qkv_checkpoint_save(m, NULL, path, &z));
+    assert_error_contains("\"rng.mine\"");
+    assert_int_equal(access(path, F_OK), -1);
+    qkv_module_free(m);
+}
+
+static void a_save_keeps_the_mode_of_the_file_it_replaces(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(2, 1, true, &(qkv_generator){0});
+    assert_true(qkv_module_save(m, path, NULL));
+    assert_int_equal(chmod(path, 0600), 0);
+    assert_true(qkv_module_save(m, path, NULL));
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    qkv_module_free(m);
+}
+
+static void a_module_only_file_given_an_optimizer_changes_nothing(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    classifier *a = classifier_new(&small, &g), *b = classifier_new(&small, &g);
+    assert_true(qkv_module_save(a, path, NULL));
+    qkv_optimizer *opt = adam_for(b);
+    train_step(b, opt, 0);
+    qkv_named_list *state_b = qkv_module_state(b);
+    qkv_tensor *copies[64];
+    assert_true(state_b->n <= 64);
+    for (int i = 0; i < state_b->n; i++) copies[i] = qkv_clone(state_b->tensors[i]);
+
+    assert_false(qkv_checkpoint_load(b, opt, path, NULL));
+    char want[256];
+    snprintf(want, sizeof want, "qkv_checkpoint_load: %s: ", path);
+    assert_memory_equal(qkv_error(), want, strlen(want));
+    qkv_clear_error();
+    for (int i = 0; i < state_b->n; i++) assert_same_values(state_b->tensors[i], copies[i]);
+    assert_int_equal(opt->steps, 1);
+    qkv_named_list_free(state_b);
+    qkv_optimizer_free(opt);
+    qkv_module_free(a);
+    qkv_module_free(b);
+}
+
 /* ---- Hostile files ----------------------------------------------------------------------- */
 
 typedef struct hostile {
@@ -435,13 +511,19 @@ static void hostile_headers_are_refused_with_a_message(void **state) {
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", 0,
          "a tensor entry needs dtype, shape and data_offsets"},
         {"{\"__metadata__\":{\"k\":1}}", 0, "__metadata__ values must be strings"},
-        {"{\"__metadata__\":{\"k\":\"a\",\"k\":\"b\"}}", 0, "duplicate key in __metadata__"},
+        {"{\"__metadata__\":{\"k\":\"a\",\"k\":\"b\"}}", 0, "duplicate key \"k\" in __metadata__"},
         {"{\"__metadata__\":{},\"__metadata__\":{}}", 0, "two __metadata__ objects"},
         {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:0000000\"}}", 0,
          "malformed qkv.checksum"},
         {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:00000001\"}}", 0,
          "checksum mismatch: the file is damaged"},
         {"{} x", 0, "data after the header's JSON object"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[18446744073709551620],"
+         "\"data_offsets\":[0,4]}}", 4, "number too large"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[0,4611686018427387903,4611686018427387903],"
+         "\"data_offsets\":[0,0]}}", 0, "its shape's size overflows"},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:0x000000\"}}", 0,
+         "malformed qkv.checksum"},
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}\x01}", 4,
          "expected '}'"},
     };
@@ -630,6 +712,34 @@ static void save_and_load_survive_every_allocation_failure(void **state) {
     qkv_module_free(b);
 }
 
+static void training_checkpoints_survive_every_allocation_failure(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    classifier *m = classifier_new(&small, &g);
+    qkv_optimizer *opt = adam_for(m);
+    train_step(m, opt, 0);
+    for (int op = 0; op < 2; op++) {
+        for (uint64_t n = 1;; n++) {
+            size_t in_use = qkv_memory_stats_get().bytes_in_use;
+            uint64_t live = qkv_memory_stats_get().live_tensors;
+            qkv_clear_error();
+            qkv_debug_fail_alloc_at(n);
+            bool ok = op == 0 ? qkv_checkpoint_save(m, opt, path, NULL)
+                              : qkv_checkpoint_load(m, opt, path, NULL);
+            qkv_debug_fail_alloc_at(0);
+            assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
+            assert_int_equal(qkv_memory_stats_get().live_tensors, live);
+            if (ok) break;
+            assert_non_null(qkv_error());
+            assert_true(n < 20000);
+        }
+    }
+    qkv_clear_error();
+    qkv_optimizer_free(opt);
+    qkv_module_free(m);
+}
+
 /* ---- PyTorch interop ---------------------------------------------------------------------- */
 
 static void pytorch_checkpoint_gives_pytorch_logits(void **state) {
@@ -672,6 +782,10 @@ int main(void) {
         T(missing_and_unexpected_names_fail_unless_partial),
         T(save_refuses_bad_and_duplicate_names),
         T(training_resumed_from_a_checkpoint_is_bitwise_identical),
+        T(empty_tensors_at_a_shared_offset_round_trip),
+        T(save_refuses_repeated_metadata_and_reserved_names),
+        T(a_save_keeps_the_mode_of_the_file_it_replaces),
+        T(a_module_only_file_given_an_optimizer_changes_nothing),
         T(hostile_headers_are_refused_with_a_message),
         T(short_files_and_lengths_past_the_end_are_refused),
         T(a_flipped_data_byte_fails_the_checksum),
@@ -680,6 +794,7 @@ int main(void) {
         T(a_failing_write_keeps_the_previous_checkpoint),
         T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
         T(save_and_load_survive_every_allocation_failure),
+        T(training_checkpoints_survive_every_allocation_failure),
         T(pytorch_checkpoint_gives_pytorch_logits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

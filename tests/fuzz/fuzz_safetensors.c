@@ -1,7 +1,7 @@
 /*
  * libFuzzer target: any bytes offered as a safetensors file are either refused with a message
  * or give a file whose every tensor, byte blob and metadata value reads back within bounds,
- * and which a module loads (partially) or refuses with a message.
+ * and which a module loads (partially, and strictly) or refuses with a message.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +47,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     qkv_clear_error();
     qkv_load_options partial = {.partial = true};
     if (!qkv_module_load_safetensors(model, f, &partial) && !qkv_error()) abort();
+    qkv_clear_error();
+    if (!qkv_module_load_safetensors(model, f, NULL) && !qkv_error()) abort(); /* strict */
     qkv_safetensors_free(f);
     return 0;
 }
