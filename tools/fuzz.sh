@@ -18,7 +18,8 @@ for target in build-fuzz/tests/fuzz/fuzz_*; do
     work=$(mktemp -d)
     # UBSan stops at its first report, so that libFuzzer counts it as a failure.
     if UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$target" -max_total_time="$seconds" \
-        -rss_limit_mb=1024 -malloc_limit_mb=1024 -max_len=65536 -artifact_prefix=build-fuzz/ -print_final_stats=1 "$work" "$seeds" >"$work.log" 2>&1; then
+        -rss_limit_mb=1024 -malloc_limit_mb=1024 -max_len=65536 \
+        -artifact_prefix=build-fuzz/ -print_final_stats=1 "$work" "$seeds" >"$work.log" 2>&1; then
         echo "$name: $(grep -o 'Done [0-9]* runs' "$work.log") in ${seconds}s, no failure"
     else
         echo "$name: FAILED"
