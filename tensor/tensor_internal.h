@@ -43,6 +43,9 @@ typedef struct qkv_node_base {
     void (*release)(struct qkv_node *node, qkv_tensor *owner);
 } qkv_node_base;
 
+/* g as it would be after n calls of qkv_generator_next_u32. */
+void qkv__generator_advance(qkv_generator *g, uint64_t n);
+
 /* Element load/store by dtype, for slow paths. */
 double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
 void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v);
