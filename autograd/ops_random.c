@@ -16,21 +16,52 @@
 /* Draws made side by side: lane l of a group of LANES elements starts at element l and steps
  * LANES draws at a time, which breaks the serial dependency of one LCG chain. */
 #define LANES 8
+_Static_assert(LANES == 8, "a group of lanes fills one byte of mask bits");
 
 typedef uint64_t lanes_u64 __attribute__((vector_size(LANES * sizeof(uint64_t))));
 
-typedef struct dropout_ctx {
-    const qkv_generator *g; /* the caller's generator before this call */
-    /* The uniform of an element is u = (x >> 8) / 2^24 for its draw x (qkv_rand's F32
-     * uniform), kept when u >= p, that is when x >> 8 >= ceil(p * 2^24). */
-    uint32_t threshold;
-    double scale;           /* 1 / (1 - p) */
-    int64_t n;
-    const void *x;
-    void *y;
-    uint8_t *bits;          /* bit i of byte i / 8 set when element i is kept; may be NULL */
-    qkv_dtype dtype;
-} dropout_ctx;
+/* What a byte of mask bits multiplies its 8 elements by: scale for a set bit, 0 otherwise.
+ * A table lookup turns the bits into a vector of factors. */
+typedef struct factors {
+    float f32[256][8];
+    double f64[256][8];
+} factors;
+
+static void factors_init(factors *t, double scale) {
+    for (int byte = 0; byte < 256; byte++)
+        for (int l = 0; l < 8; l++) {
+            bool kept = (byte >> l) & 1;
+            t->f32[byte][l] = kept ? (float)scale : 0.0f;
+            t->f64[byte][l] = kept ? scale : 0.0;
+        }
+}
+
+/* y[i] = x[i] * factor of bit i, for n elements from bit 0 of bits[0]. */
+static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *bits, int64_t n,
+                       const factors *t) {
+    int64_t groups = n / 8;
+    if (dtype == QKV_F32) {
+        const float *xs = x;
+        float *ys = y;
+        for (int64_t j = 0; j < groups; j++)
+            for (int l = 0; l < 8; l++) ys[8 * j + l] = xs[8 * j + l] * t->f32[bits[j]][l];
+        for (int64_t i = 8 * groups; i < n; i++) ys[i] = xs[i] * t->f32[bits[groups]][i % 8];
+    } else {
+        const double *xs = x;
+        double *ys = y;
+        for (int64_t j = 0; j < groups; j++)
+            for (int l = 0; l < 8; l++) ys[8 * j + l] = xs[8 * j + l] * t->f64[bits[j]][l];
+        for (int64_t i = 8 * groups; i < n; i++) ys[i] = xs[i] * t->f64[bits[groups]][i % 8];
+    }
+}
+
+/* Element offsets of a block, in elements; blocks are cut by DROPOUT_BLOCK alone, and each
+ * element's draw and factor are fixed by its index, so results are the same for every thread
+ * count. */
+static void block_range(int64_t k, int64_t n, int64_t *b, int64_t *e) {
+    *b = k * DROPOUT_BLOCK;
+    *e = *b + DROPOUT_BLOCK < n ? *b + DROPOUT_BLOCK : n;
+}
 
 /* PCG32's output for each lane's state (qkv_generator_next_u32), in the low 32 bits. */
 static inline lanes_u64 pcg_output(lanes_u64 old) {
@@ -38,23 +69,13 @@ static inline lanes_u64 pcg_output(lanes_u64 old) {
     return ((xs >> rot) | (xs << ((-rot) & 31))) & 0xffffffffu;
 }
 
-/* y = x * (kept ? scale : 0) for each element; the byte of mask bits for each group of 8. */
-#define DROPOUT_GROUP(T, i, keep)                                                               \
-    do {                                                                                       \
-        const T *xs_ = c->x;                                                                   \
-        T *ys_ = c->y, s_ = (T)c->scale;                                                       \
-        unsigned byte_ = 0;                                                                    \
-        for (int l = 0; l < LANES; l++) {                                                      \
-            bool k_ = (keep)[l];                                                               \
-            ys_[(i) + l] = xs_[(i) + l] * (k_ ? s_ : (T)0);                                    \
-            byte_ |= (unsigned)k_ << l;                                                        \
-        }                                                                                      \
-        if (c->bits) c->bits[(i) / 8] = (uint8_t)byte_;                                        \
-    } while (0)
-
-/* Elements [b, e) with the draws a serial pass would give them. */
-static void dropout_block(const dropout_ctx *c, int64_t b, int64_t e) {
-    qkv_generator g = *c->g;
+/* The mask bits of elements [b, e) (bit i - b of bits), from the draws a serial pass over the
+ * tensor would give them. The uniform of an element is u = (x >> 8) / 2^24 for its draw x
+ * (qkv_rand's F32 uniform), kept when u >= p, that is when x >> 8 >= threshold =
+ * ceil(p * 2^24). */
+static void draw_bits(const qkv_generator *g0, uint32_t threshold, int64_t b, int64_t e,
+                      uint8_t *bits) {
+    qkv_generator g = *g0;
     qkv__generator_advance(&g, (uint64_t)b);
     lanes_u64 state;
     for (int l = 0; l < LANES; l++) {
@@ -62,47 +83,16 @@ static void dropout_block(const dropout_ctx *c, int64_t b, int64_t e) {
         qkv_generator_next_u32(&g);
     }
     /* LANES steps take a state s to mult * s + plus: read both off the states 0 and 1. */
-    qkv_generator zero = {0, c->g->inc}, one = {1, c->g->inc};
+    qkv_generator zero = {0, g0->inc}, one = {1, g0->inc};
     qkv__generator_advance(&zero, LANES);
     qkv__generator_advance(&one, LANES);
     uint64_t plus = zero.state, mult = one.state - plus;
-    int64_t i = b;
-    for (; i + LANES <= e; i += LANES) {
-        lanes_u64 draws = pcg_output(state);
+    for (int64_t i = b; i < e; i += LANES) {
+        lanes_u64 kept = (pcg_output(state) >> 8) >= threshold; /* -1 where kept */
         state = state * mult + plus;
-        bool keep[LANES];
-        for (int l = 0; l < LANES; l++) keep[l] = (draws[l] >> 8) >= c->threshold;
-        if (c->dtype == QKV_F32) DROPOUT_GROUP(float, i, keep);
-        else DROPOUT_GROUP(double, i, keep);
-    }
-    if (i < e) { /* the last few elements of the tensor: a partial group */
-        bool keep[LANES] = {0};
-        for (int l = 0; i + l < e; l++) keep[l] = (pcg_output(state)[l] >> 8) >= c->threshold;
         unsigned byte = 0;
-        for (int64_t j = i; j < e; j++) {
-            bool k = keep[j - i];
-            if (c->dtype == QKV_F32)
-                ((float *)c->y)[j] = ((const float *)c->x)[j] * (k ? (float)c->scale : 0.0f);
-            else
-                ((double *)c->y)[j] = ((const double *)c->x)[j] * (k ? c->scale : 0.0);
-            byte |= (unsigned)k << (j - i);
-        }
-        if (c->bits) c->bits[i / 8] = (uint8_t)byte;
-    }
-}
-
-/* Blocks are cut by DROPOUT_BLOCK alone, and each element's draw is fixed by its index, so the
- * mask is the same for every thread count. */
-static void dropout_run(const dropout_ctx *c) {
-    int64_t blocks = (c->n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
-    int threads = qkv__threads_for(4 * c->n);
-    (void)threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t k = 0; k < blocks; k++) {
-        int64_t b = k * DROPOUT_BLOCK, e = b + DROPOUT_BLOCK < c->n ? b + DROPOUT_BLOCK : c->n;
-        dropout_block(c, b, e);
+        for (int l = 0; l < LANES && i + l < e; l++) byte |= (unsigned)(kept[l] & 1) << l;
+        bits[(i - b) / 8] = (uint8_t)byte;
     }
 }
 
@@ -114,12 +104,33 @@ static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator 
     qkv_tensor *out = src ? qkv_empty(a->dtype, a->ndim, a->shape) : NULL;
     qkv_tensor *mask = out && mask_out ? qkv_empty(QKV_I64, QKV_SHAPE((a->numel + 63) / 64))
                                        : NULL;
-    if (!out || (mask_out && !mask)) return NULL;
-    dropout_ctx c = {g, (uint32_t)ceil(p * 16777216.0), p < 1 ? 1.0 / (1.0 - p) : 0.0,
-                     a->numel, qkv_data(src), qkv_data(out), mask ? qkv_data(mask) : NULL,
-                     a->dtype};
-    dropout_run(&c);
-    qkv__generator_advance(g, (uint64_t)a->numel);
+    factors *t = out ? qkv__alloc(sizeof *t) : NULL;
+    if (!t || (mask_out && !mask)) {
+        qkv__free(t, sizeof *t);
+        return NULL;
+    }
+    factors_init(t, p < 1 ? 1.0 / (1.0 - p) : 0.0);
+    uint32_t threshold = (uint32_t)ceil(p * 16777216.0);
+    int64_t n = a->numel, blocks = (n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
+    size_t es = qkv_dtype_size(a->dtype);
+    const char *x = qkv_data(src);
+    char *y = qkv_data(out);
+    uint8_t *bits = mask ? qkv_data(mask) : NULL;
+    int threads = qkv__threads_for(4 * n);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t k = 0; k < blocks; k++) {
+        int64_t b, e;
+        block_range(k, n, &b, &e);
+        uint8_t local[DROPOUT_BLOCK / 8];
+        uint8_t *kb = bits ? bits + b / 8 : local;
+        draw_bits(g, threshold, b, e, kb);
+        apply_bits(a->dtype, x + b * es, y + b * es, kb, e - b, t);
+    }
+    qkv__free(t, sizeof *t);
+    qkv__generator_advance(g, (uint64_t)n);
     if (mask_out) *mask_out = mask;
     return out;
 }
@@ -128,27 +139,25 @@ static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator 
 static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mask, double scale) {
     qkv_tensor *gc = qkv__contiguous(g);
     qkv_tensor *out = gc ? qkv_empty(g->dtype, g->ndim, g->shape) : NULL;
-    if (!out) return NULL;
+    factors *t = out ? qkv__alloc(sizeof *t) : NULL;
+    if (!t) return NULL;
+    factors_init(t, scale);
+    int64_t n = g->numel, blocks = (n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
+    size_t es = qkv_dtype_size(g->dtype);
+    const char *x = qkv_data(gc);
+    char *y = qkv_data(out);
     const uint8_t *bits = qkv_data(mask);
-    int64_t n = g->numel;
     int threads = qkv__threads_for(n);
     (void)threads;
-    if (g->dtype == QKV_F32) {
-        const float *x = qkv_data(gc);
-        float *y = qkv_data(out), s = (float)scale;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] * ((bits[i >> 3] >> (i & 7)) & 1 ? s : 0.0f);
-    } else {
-        const double *x = qkv_data(gc);
-        double *y = qkv_data(out);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-        for (int64_t i = 0; i < n; i++)
-            y[i] = x[i] * ((bits[i >> 3] >> (i & 7)) & 1 ? scale : 0.0);
+    for (int64_t k = 0; k < blocks; k++) {
+        int64_t b, e;
+        block_range(k, n, &b, &e);
+        apply_bits(g->dtype, x + b * es, y + b * es, bits + b / 8, e - b, t);
     }
+    qkv__free(t, sizeof *t);
     return out;
 }
 
