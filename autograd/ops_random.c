@@ -5,6 +5,7 @@
  * thread count.
  */
 #include <math.h>
+#include <string.h>
 
 #include "autograd/autograd_internal.h"
 
@@ -36,21 +37,35 @@ static void factors_init(factors *t, double scale) {
         }
 }
 
-/* y[i] = x[i] * factor of bit i, for n elements from bit 0 of bits[0]. */
+typedef float f32x8 __attribute__((vector_size(8 * sizeof(float))));
+typedef double f64x8 __attribute__((vector_size(8 * sizeof(double))));
+
+/* y[i] = x[i] * factor of bit i, for n elements from bit 0 of bits[0]: one vector of 8
+ * factors per byte of bits. */
 static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *bits, int64_t n,
                        const factors *t) {
     int64_t groups = n / 8;
     if (dtype == QKV_F32) {
         const float *xs = x;
         float *ys = y;
-        for (int64_t j = 0; j < groups; j++)
-            for (int l = 0; l < 8; l++) ys[8 * j + l] = xs[8 * j + l] * t->f32[bits[j]][l];
+        for (int64_t j = 0; j < groups; j++) {
+            f32x8 v, f;
+            memcpy(&v, xs + 8 * j, sizeof v);
+            memcpy(&f, t->f32[bits[j]], sizeof f);
+            v *= f;
+            memcpy(ys + 8 * j, &v, sizeof v);
+        }
         for (int64_t i = 8 * groups; i < n; i++) ys[i] = xs[i] * t->f32[bits[groups]][i % 8];
     } else {
         const double *xs = x;
         double *ys = y;
-        for (int64_t j = 0; j < groups; j++)
-            for (int l = 0; l < 8; l++) ys[8 * j + l] = xs[8 * j + l] * t->f64[bits[j]][l];
+        for (int64_t j = 0; j < groups; j++) {
+            f64x8 v, f;
+            memcpy(&v, xs + 8 * j, sizeof v);
+            memcpy(&f, t->f64[bits[j]], sizeof f);
+            v *= f;
+            memcpy(ys + 8 * j, &v, sizeof v);
+        }
         for (int64_t i = 8 * groups; i < n; i++) ys[i] = xs[i] * t->f64[bits[groups]][i % 8];
     }
 }

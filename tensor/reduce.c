@@ -341,12 +341,31 @@ SOFTMAX_ROW(double, exp, log)
 
 /* The common case, a contiguous float row in and out, a vector at a time. Lanes past the row's
  * end hold -inf, which the max ignores and whose exp is 0. */
-static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        if (x[j] > m || x[j] != x[j]) m = x[j];
-        if (m != m) break;
+/* The row's maximum, NaN when the row holds one (then the whole row is NaN). */
+static float row_max_vector(const float *x, int64_t n) {
+    qkv_vf vm = qkv__vf_splat(-INFINITY);
+    qkv_vi nan = {0};
+    int64_t j = 0;
+    for (; j + QKV_VF_LANES <= n; j += QKV_VF_LANES) {
+        qkv_vf v = qkv__vf_load(x + j);
+        vm = qkv__vf_select(v > vm, v, vm);
+        nan |= v != v;
     }
+    float m = -INFINITY;
+    bool any_nan = false;
+    for (int l = 0; l < QKV_VF_LANES; l++) {
+        if (vm[l] > m) m = vm[l];
+        any_nan |= nan[l] != 0;
+    }
+    for (; j < n; j++) {
+        if (x[j] > m) m = x[j];
+        any_nan |= x[j] != x[j];
+    }
+    return any_nan ? NAN : m;
+}
+
+static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
+    float m = row_max_vector(x, n);
     if (m == -INFINITY || m != m) {
         for (int64_t j = 0; j < n; j++) y[j] = m != m ? m : take_log ? -INFINITY : 0;
         return;
