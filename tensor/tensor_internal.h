@@ -152,5 +152,13 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* C = A B + bias for one product, bias being n contiguous values added to every row of C
+ * (columns of C contiguous): the bias costs no pass over C of its own. */
+void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                        int64_t csa, const float *b, int64_t rsb, int64_t csb,
+                        const float *bias, float *c, int64_t rsc);
+void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_t rsa,
+                        int64_t csa, const double *b, int64_t rsb, int64_t csb,
+                        const double *bias, double *c, int64_t rsc);
 
 #endif
