@@ -274,7 +274,7 @@ qkv_tensor *qkv_relu(const qkv_tensor *a) {
 /* d gelu(a) = g*(Phi(a) + a*phi(a)) (erf form), or the derivative of the tanh form */
 static void gelu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     qkv_unary_op d = node->iargs[0] ? QKV_OP_GELU_TANH_GRAD : QKV_OP_GELU_ERF_GRAD;
-    gi[0] = qkv_mul(g, qkv__unary(d, IN(0), "gelu_backward"));
+    gi[0] = qkv__unary_times(d, IN(0), g, "gelu_backward");
 }
 static const qkv_op_def gelu_op = {"gelu", gelu_backward};
 qkv_tensor *qkv_gelu(const qkv_tensor *a, bool tanh_approximation) {

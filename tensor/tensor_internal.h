@@ -103,6 +103,9 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
 qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
                                const char *name);
 qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name);
+/* g * op(x), x and g of one shape and dtype: a derivative times the output's gradient. */
+qkv_tensor *qkv__unary_times(qkv_unary_op op, const qkv_tensor *x, const qkv_tensor *g,
+                             const char *name);
 qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
                        const char *name);
 /* Reduces over the axes whose bit is set in mask (bit i = axis i). correction for VAR. */
