@@ -117,6 +117,17 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name);
 
+/* Layer norm over rows of d contiguous values of dtype (tensor/norm.c): y = (x - mean) rstd
+ * w + b (w, b: d values, or NULL), keeping each row's mean and rstd = 1 / sqrt(var + eps).
+ * The backward writes gx (rows x d) and the sums over rows gw, gb (d values); any of the
+ * three may be NULL when not wanted. False when its scratch memory cannot be had. */
+void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
+                          const void *w, const void *b, double eps, void *y, void *mean,
+                          void *rstd);
+bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
+                                   const void *g, const void *w, const void *mean,
+                                   const void *rstd, void *gx, void *gw, void *gb);
+
 /* Indexing (tensor/index.c). name is the op for messages; indices are I64 and checked. */
 /* a.shape[:axis] + index.shape + a.shape[axis+1:]: the slices of a at the indices. */
 qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *index,
