@@ -134,7 +134,7 @@ static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator 
     int threads = qkv__threads_for(4 * n);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t k = 0; k < blocks; k++) {
         int64_t b, e;
@@ -165,7 +165,7 @@ static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mas
     int threads = qkv__threads_for(n);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t k = 0; k < blocks; k++) {
         int64_t b, e;

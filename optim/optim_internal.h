@@ -66,11 +66,12 @@ qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t);
 
 /* The pragma for the update loops. qkv__optimizer_step calls the update function of every
  * parameter from each thread of one parallel region, and each loop is shared among those
- * threads with no barrier at its end (parameters are independent): one fork and join per
- * step instead of one per parameter, which matters when other work competes for the cores.
- * Outside a parallel region the loop runs whole on the calling thread. */
+ * threads, a block at a time as they come free, with no barrier at its end (parameters are
+ * independent): one fork and join per step instead of one per parameter, which matters when
+ * other work competes for the cores. Outside a parallel region the loop runs whole on the
+ * calling thread. */
 #ifdef _OPENMP
-#define QKV__UPDATE_FOR _Pragma("omp for schedule(static) nowait")
+#define QKV__UPDATE_FOR _Pragma("omp for schedule(dynamic, 4096) nowait")
 #else
 #define QKV__UPDATE_FOR
 #endif

@@ -72,15 +72,9 @@
 LN_KERNELS(float)
 LN_KERNELS(double)
 
-void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
-                          const void *w, const void *b, double eps, void *y, void *mean,
-                          void *rstd) {
-    int threads = qkv__threads_for(rows * d * 4);
-    (void)threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t r = 0; r < rows; r++) {
+static void ln_rows(qkv_dtype dtype, int64_t r0, int64_t r1, int64_t d, const void *x,
+                    const void *w, const void *b, double eps, void *y, void *mean, void *rstd) {
+    for (int64_t r = r0; r < r1; r++) {
         if (dtype == QKV_F32)
             ln_row_float(d, (const float *)x + r * d, w, b, eps, (float *)y + r * d,
                          (float *)mean + r, (float *)rstd + r);
@@ -88,6 +82,20 @@ void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *
             ln_row_double(d, (const double *)x + r * d, w, b, eps, (double *)y + r * d,
                           (double *)mean + r, (double *)rstd + r);
     }
+}
+
+void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
+                          const void *w, const void *b, double eps, void *y, void *mean,
+                          void *rstd) {
+    int threads = qkv__threads_for(rows * d * 4);
+    int64_t pieces = qkv__pieces(rows, threads);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t t = 0; t < pieces; t++)
+        ln_rows(dtype, rows * t / pieces, rows * (t + 1) / pieces, d, x, w, b, eps, y, mean,
+                rstd);
 }
 
 /* Sums the blocks' partial sums in block order into dst (dtype). */
@@ -116,7 +124,7 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
     int threads = qkv__threads_for(rows * d * 6);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t q = 0; q < blocks; q++) {
         int64_t r1 = (q + 1) * ROW_BLOCK < rows ? (q + 1) * ROW_BLOCK : rows;

@@ -74,6 +74,10 @@ void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
 /* ---- Threads ----------------------------------------------------------------------------- */
 
 int qkv__threads_for(int64_t work);  /* 1 for small work, else up to qkv_get_num_threads() */
+/* How many pieces to cut a loop over items into for threads threads, to be run with
+ * schedule(dynamic, 1). Only for loops whose every item's result does not depend on where the
+ * pieces are cut (elementwise work, whole rows or whole outputs per item). */
+int64_t qkv__pieces(int64_t items, int threads);
 
 /* ---- Kernels ----------------------------------------------------------------------------- */
 
