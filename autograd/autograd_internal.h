@@ -65,4 +65,10 @@ bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t);
 qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape);
 bool qkv__needs_grad(const qkv_tensor *t);
 
+/* torch.nn.functional.layer_norm over the last ndim dims of x, as one op (autograd/ops_norm.c):
+ * weight and bias (NULL for none) have those dims' size and x's float dtype. name is the op
+ * for messages. */
+qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
+                            const qkv_tensor *bias, double eps, const char *name);
+
 #endif

@@ -23,7 +23,9 @@ qkv_tensor *qkv_add(const qkv_tensor *a, const qkv_tensor *b) {
 /* d(a-b) = g, -g */
 static void sub_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = (qkv_tensor *)g;
-    if (IN(1)->requires_grad) gi[1] = qkv_neg(g);
+    /* Negated after the broadcast dims are summed out (the same values, as negation is
+     * exact): for b = mean(x), as in layer norm, that is a pass over the reduced size only. */
+    if (IN(1)->requires_grad) gi[1] = qkv_neg(qkv__sum_to(g, IN(1)->ndim, IN(1)->shape));
 }
 static const qkv_op_def sub_op = {"sub", sub_backward};
 qkv_tensor *qkv_sub(const qkv_tensor *a, const qkv_tensor *b) {
@@ -274,7 +276,7 @@ qkv_tensor *qkv_relu(const qkv_tensor *a) {
 /* d gelu(a) = g*(Phi(a) + a*phi(a)) (erf form), or the derivative of the tanh form */
 static void gelu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     qkv_unary_op d = node->iargs[0] ? QKV_OP_GELU_TANH_GRAD : QKV_OP_GELU_ERF_GRAD;
-    gi[0] = qkv_mul(g, qkv__unary(d, IN(0), "gelu_backward"));
+    gi[0] = qkv__unary_times(d, IN(0), g, "gelu_backward");
 }
 static const qkv_op_def gelu_op = {"gelu", gelu_backward};
 qkv_tensor *qkv_gelu(const qkv_tensor *a, bool tanh_approximation) {

@@ -81,7 +81,8 @@ qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
 
 /* d mean = g/N broadcast */
 static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = qkv_div_scalar(expand_back(node, g), (double)reduced_count(node));
+    /* Divided while still reduced, then broadcast: a view, not a pass over the input. */
+    gi[0] = expand_back(node, qkv_div_scalar(g, (double)reduced_count(node)));
 }
 static const qkv_op_def mean_op = {"mean", mean_backward};
 
@@ -104,7 +105,9 @@ static void var_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
         if (mask & (1u << i)) axes[n++] = i;
     qkv_tensor *centered = qkv_sub(IN(0), qkv_mean_axes(IN(0), n, axes, true));
     double dof = (double)reduced_count(node) - node->dargs[0];
-    gi[0] = qkv_mul(expand_back(node, g), qkv_mul_scalar(centered, 2.0 / dof));
+    /* (2 / dof) * g while g is still reduced, as torch orders it: two passes over the input
+     * (centre, multiply) instead of three. */
+    gi[0] = qkv_mul(expand_back(node, qkv_mul_scalar(g, 2.0 / dof)), centered);
 }
 static const qkv_op_def var_op = {"var", var_backward};
 

@@ -1,9 +1,11 @@
 /*
- * torch.nn.LayerNorm composed from reductions: (x - mean) * rsqrt(var + eps) over the trailing
- * normalized dims, with the biased variance, then an optional elementwise affine map.
+ * torch.nn.LayerNorm: (x - mean) * rsqrt(var + eps) over the trailing normalized dims, with the
+ * biased variance, then an optional elementwise affine map. One fused op (autograd/ops_norm.c)
+ * when the parameters share the input's float dtype, composed from reductions otherwise.
  */
 #include <string.h>
 
+#include "autograd/autograd_internal.h"
 #include "nn/nn.h"
 
 qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, double eps,
@@ -53,6 +55,12 @@ qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
                              qkv_shape_str(x, s, sizeof s), m->ndim,
                              (long long)m->normalized_shape[m->ndim - 1]);
     }
+    /* One fused op when the parameters share x's float dtype; the composition otherwise,
+     * which promotes. */
+    if (qkv__is_float(x->dtype) && (!m->weight || (m->weight->dtype == x->dtype &&
+                                                   m->bias->dtype == x->dtype)))
+        return qkv__layer_norm(x, m->ndim, m->weight, m->bias, m->eps,
+                               "qkv_layer_norm_forward");
     int axes[QKV_MAX_DIMS];
     for (int i = 0; i < m->ndim; i++) axes[i] = x->ndim - m->ndim + i;
     qkv_tensor *mean = qkv_mean_axes(x, m->ndim, axes, true);

@@ -21,7 +21,7 @@ typedef struct adam_scalars {
 } adam_scalars;
 
 #define DEFINE_ADAM(T, sfx, SQRT)                                                          \
-    static void adam_##sfx(int64_t n, int nt, T *p, const T *g, T *m, T *v, T *vmax,       \
+    static void adam_##sfx(int64_t n, T *p, const T *g, T *m, T *v, T *vmax,               \
                            const adam_scalars *s) {                                        \
         const T l2 = (T)s->l2, decay_factor = (T)s->decay_factor;                          \
         const T b1 = (T)s->beta1, omb1 = (T)s->one_minus_beta1;                             \
@@ -29,7 +29,7 @@ typedef struct adam_scalars {
         const T bc2 = (T)s->bias_correction2_sqrt, eps = (T)s->eps;                         \
         const T neg_step = (T)s->neg_step_size;                                            \
         const bool decoupled = s->decoupled, l2_on = s->l2 != 0;                            \
-        QKV__PARALLEL_FOR                                                                  \
+        QKV__UPDATE_FOR                                                                    \
         for (int64_t i = 0; i < n; i++) {                                                  \
             T gi = g[i];                                                                   \
             if (decoupled) p[i] = p[i] * decay_factor;                                     \
@@ -70,12 +70,11 @@ static void update(const qkv_optim_config *c, int64_t step, const qkv__update *u
         .neg_step_size = -(c->lr / bias_correction1),
         .decoupled = decoupled,
     };
-    int nt = u->threads;
     if (u->dtype == QKV_F32)
-        adam_f32(u->n, nt, u->param, u->grad, u->slot[EXP_AVG], u->slot[EXP_AVG_SQ],
+        adam_f32(u->n, u->param, u->grad, u->slot[EXP_AVG], u->slot[EXP_AVG_SQ],
                  u->slot[MAX_EXP_AVG_SQ], &s);
     else
-        adam_f64(u->n, nt, u->param, u->grad, u->slot[EXP_AVG], u->slot[EXP_AVG_SQ],
+        adam_f64(u->n, u->param, u->grad, u->slot[EXP_AVG], u->slot[EXP_AVG_SQ],
                  u->slot[MAX_EXP_AVG_SQ], &s);
 }
 

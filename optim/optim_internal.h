@@ -21,7 +21,6 @@ typedef struct qkv__update {
     const void *grad;
     void *slot[QKV_OPTIM_SLOTS]; /* NULL for slots the config does not use */
     bool first;                  /* the slots were just made (zeros) for this step */
-    int threads;                 /* how many threads the loop may use */
 } qkv__update;
 
 typedef void (*qkv__update_fn)(const qkv_optim_config *c, int64_t step, const qkv__update *u);
@@ -57,12 +56,24 @@ qkv_tensor *qkv__own(qkv_tensor *t);
 /* A new tensor like t (zeros) held outside every scope, or NULL with an error. */
 qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t);
 
-/* Pragmas for the update loops: split among u->threads threads only for large tensors; every
+/* Pragmas for the clipping loops: split among nt threads only for large tensors; every
  * element's update is independent, so the result does not depend on the thread count. */
 #ifdef _OPENMP
 #define QKV__PARALLEL_FOR _Pragma("omp parallel for num_threads(nt) if(nt > 1) schedule(static)")
 #else
 #define QKV__PARALLEL_FOR (void)nt; /* one thread: the count is unused */
+#endif
+
+/* The pragma for the update loops. qkv__optimizer_step calls the update function of every
+ * parameter from each thread of one parallel region, and each loop is shared among those
+ * threads, a block at a time as they come free, with no barrier at its end (parameters are
+ * independent): one fork and join per step instead of one per parameter, which matters when
+ * other work competes for the cores. Outside a parallel region the loop runs whole on the
+ * calling thread. */
+#ifdef _OPENMP
+#define QKV__UPDATE_FOR _Pragma("omp for schedule(dynamic, 4096) nowait")
+#else
+#define QKV__UPDATE_FOR
 #endif
 
 #endif

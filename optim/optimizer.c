@@ -273,9 +273,9 @@ static bool prepare(qkv_optimizer *opt) {
     return true;
 }
 
-bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
-    if (!prepare(opt)) return false;
-    qkv_no_grad_begin();
+/* Calls fn for every parameter with a grad (steps already counted). Every thread of the
+ * region walks all parameters; the loops inside fn share out the elements (QKV__UPDATE_FOR). */
+static void run_updates(qkv_optimizer *opt, qkv__update_fn fn) {
     for (int gi = 0; gi < opt->n_groups; gi++) {
         qkv_param_group *g = &opt->groups[gi];
         for (int i = 0; i < g->n; i++) {
@@ -283,14 +283,32 @@ bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
             if (!p->grad) continue;
             qkv_param_state *st = &g->state[i];
             qkv__update u = {.n = p->numel, .dtype = p->dtype, .param = qkv_data(p),
-                             .grad = qkv_data(p->grad), .first = st->fresh,
-                             .threads = qkv__threads_for(p->numel * 8)};
+                             .grad = qkv_data(p->grad), .first = st->fresh};
             for (int s = 0; s < QKV_OPTIM_SLOTS; s++)
                 u.slot[s] = st->slots[s] ? qkv_data(st->slots[s]) : NULL;
-            st->step++;
             fn(&g->config, st->step, &u);
         }
     }
+}
+
+bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
+    if (!prepare(opt)) return false;
+    qkv_no_grad_begin();
+    int64_t total = 0;
+    for (int gi = 0; gi < opt->n_groups; gi++) {
+        qkv_param_group *g = &opt->groups[gi];
+        for (int i = 0; i < g->n; i++) {
+            if (!g->params[i]->grad) continue;
+            g->state[i].step++;
+            total += g->params[i]->numel;
+        }
+    }
+    int threads = qkv__threads_for(total * 8);
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    run_updates(opt, fn);
     qkv_no_grad_end();
     return true;
 }

@@ -18,12 +18,12 @@ typedef struct rmsprop_scalars {
 } rmsprop_scalars;
 
 #define DEFINE_RMSPROP(T, sfx, SQRT)                                                       \
-    static void rmsprop_##sfx(int64_t n, int nt, T *p, const T *g, T *sq, T *buf, T *ga,   \
+    static void rmsprop_##sfx(int64_t n, T *p, const T *g, T *sq, T *buf, T *ga,           \
                               const rmsprop_scalars *s) {                                  \
         const T wd = (T)s->wd, alpha = (T)s->alpha, oma = (T)s->one_minus_alpha;           \
         const T eps = (T)s->eps, mom = (T)s->momentum, neg_lr = (T)s->neg_lr;              \
         const bool decay = s->wd != 0;                                                     \
-        QKV__PARALLEL_FOR                                                                  \
+        QKV__UPDATE_FOR                                                                    \
         for (int64_t i = 0; i < n; i++) {                                                  \
             T gi = g[i];                                                                   \
             if (decay) gi = gi + wd * p[i];                                                \
@@ -64,12 +64,11 @@ static void rmsprop_update(const qkv_optim_config *c, int64_t step, const qkv__u
     rmsprop_scalars s = {.wd = c->weight_decay, .alpha = c->alpha,
                          .one_minus_alpha = 1 - c->alpha, .eps = c->eps,
                          .momentum = c->momentum, .neg_lr = -c->lr};
-    int nt = u->threads;
     if (u->dtype == QKV_F32)
-        rmsprop_f32(u->n, nt, u->param, u->grad, u->slot[SQUARE_AVG], u->slot[MOMENTUM_BUFFER],
+        rmsprop_f32(u->n, u->param, u->grad, u->slot[SQUARE_AVG], u->slot[MOMENTUM_BUFFER],
                     u->slot[GRAD_AVG], &s);
     else
-        rmsprop_f64(u->n, nt, u->param, u->grad, u->slot[SQUARE_AVG], u->slot[MOMENTUM_BUFFER],
+        rmsprop_f64(u->n, u->param, u->grad, u->slot[SQUARE_AVG], u->slot[MOMENTUM_BUFFER],
                     u->slot[GRAD_AVG], &s);
 }
 

@@ -15,11 +15,11 @@ typedef struct sgd_scalars {
 } sgd_scalars;
 
 #define DEFINE_SGD(T, sfx)                                                                  \
-    static void sgd_##sfx(int64_t n, int nt, T *p, const T *g, T *buf, const sgd_scalars *s) { \
+    static void sgd_##sfx(int64_t n, T *p, const T *g, T *buf, const sgd_scalars *s) {         \
         const T wd = (T)s->wd, mom = (T)s->momentum, omd = (T)s->one_minus_dampening;        \
         const T neg_lr = (T)s->neg_lr;                                                       \
         const bool decay = s->wd != 0, first = s->first, nesterov = s->nesterov;             \
-        QKV__PARALLEL_FOR                                                                    \
+        QKV__UPDATE_FOR                                                                      \
         for (int64_t i = 0; i < n; i++) {                                                    \
             T d = g[i];                                                                      \
             if (decay) d = d + wd * p[i];                                                    \
@@ -44,11 +44,10 @@ static void sgd_update(const qkv_optim_config *c, int64_t step, const qkv__updat
     sgd_scalars s = {.wd = c->weight_decay, .momentum = c->momentum,
                      .one_minus_dampening = 1 - c->dampening, .neg_lr = -c->lr,
                      .nesterov = c->nesterov, .first = u->first};
-    int nt = u->threads;
     if (u->dtype == QKV_F32)
-        sgd_f32(u->n, nt, u->param, u->grad, u->slot[MOMENTUM_BUFFER], &s);
+        sgd_f32(u->n, u->param, u->grad, u->slot[MOMENTUM_BUFFER], &s);
     else
-        sgd_f64(u->n, nt, u->param, u->grad, u->slot[MOMENTUM_BUFFER], &s);
+        sgd_f64(u->n, u->param, u->grad, u->slot[MOMENTUM_BUFFER], &s);
 }
 
 static bool sgd_step(qkv_optimizer *opt) {

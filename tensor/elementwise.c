@@ -310,6 +310,51 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
     return out;
 }
 
+/* g * d(x) for a derivative op d (a backward's chain rule step). Contiguous floats of one
+ * shape, the common case, take one pass that keeps d(x) in registers; anything else takes the
+ * two ops it stands for. Both give the same products (a single element, which unary_run
+ * computes with libm, takes the two ops). */
+qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tensor *g,
+                             const char *name) {
+    if (!x || !g) return NULL;
+    bool fused = x->dtype == QKV_F32 && g->dtype == QKV_F32 && x->ndim == g->ndim &&
+                 x->numel > 1 &&
+                 qkv_is_contiguous(x) && qkv_is_contiguous(g) &&
+                 !memcmp(x->shape, g->shape, (size_t)x->ndim * sizeof *x->shape) &&
+                 (d == QKV_OP_GELU_ERF_GRAD || d == QKV_OP_EXP || d == QKV_OP_SIGMOID);
+    if (!fused) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__binary(QKV_OP_MUL, g, qkv__unary(d, x, name), name));
+        qkv_scope_end();
+        return out;
+    }
+    qkv_tensor *out = qkv_empty(QKV_F32, x->ndim, x->shape);
+    if (!out) return NULL;
+    const float *xs = qkv_data(x), *gs = qkv_data(g);
+    float *ys = qkv_data(out);
+    int64_t n = x->numel, vectors = (n + QKV_VF_LANES - 1) / QKV_VF_LANES;
+    int threads = qkv__threads_for(n);
+    int64_t pieces = qkv__pieces(vectors, threads);
+    int64_t chunk = pieces > 0 ? (vectors + pieces - 1) / pieces : 1;
+    (void)chunk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t v = 0; v < vectors; v++) {
+        int64_t i = v * QKV_VF_LANES, len = n - i < QKV_VF_LANES ? n - i : QKV_VF_LANES;
+        if (len == QKV_VF_LANES) {
+            qkv__vf_store(ys + i, qkv__vf_load(gs + i) * vector_op(d, qkv__vf_load(xs + i)));
+        } else { /* the tail through a padded vector, as unary_vector does */
+            float in[QKV_VF_LANES] = {0}, gin[QKV_VF_LANES] = {0}, res[QKV_VF_LANES];
+            memcpy(in, xs + i, (size_t)len * sizeof(float));
+            memcpy(gin, gs + i, (size_t)len * sizeof(float));
+            qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
+            memcpy(ys + i, res, (size_t)len * sizeof(float));
+        }
+    }
+    return out;
+}
+
 /* ---- where ------------------------------------------------------------------------------- */
 
 #define RUN_WHERE(T)                                                                            \

@@ -159,7 +159,7 @@ void qkv__gemm_f32(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
                    const float *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    float beta, float *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f32 g = {m, n, k, alpha, beta, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc};
+                       c, c_off, rsc, csc, NULL};
     gemm_f32(batch, &g);
 }
 
@@ -168,6 +168,22 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f64 g = {m, n, k, alpha, beta, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc};
+                       c, c_off, rsc, csc, NULL};
     gemm_f64(batch, &g);
+}
+
+void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                        int64_t csa, const float *b, int64_t rsb, int64_t csb,
+                        const float *bias, float *c, int64_t rsc) {
+    gemm_args_f32 g = {m, n, k, 1.0f, 0.0f, a, NULL, rsa, csa, b, NULL, rsb, csb,
+                       c, NULL, rsc, 1, bias};
+    gemm_f32(1, &g);
+}
+
+void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_t rsa,
+                        int64_t csa, const double *b, int64_t rsb, int64_t csb,
+                        const double *bias, double *c, int64_t rsc) {
+    gemm_args_f64 g = {m, n, k, 1.0, 0.0, a, NULL, rsa, csa, b, NULL, rsb, csb,
+                       c, NULL, rsc, 1, bias};
+    gemm_f64(1, &g);
 }

@@ -25,18 +25,19 @@ typedef struct F(gemm_args) {
     const T *a; const int64_t *a_off; int64_t rsa, csa;
     const T *b; const int64_t *b_off; int64_t rsb, csb;
     T *c; const int64_t *c_off; int64_t rsc, csc;
+    const T *bias; /* NULL, or n contiguous values added to every row of C */
 } F(gemm_args);
 
 /* ---- Micro-kernel ------------------------------------------------------------------------ */
 
-/* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C over kc steps, with C rows rsc apart and
- * contiguous columns. mr and nv are compile-time constants in every instance below, so the
- * accumulators live in registers and the loops unroll completely. Each accumulator sums its
- * products in order of l, whatever the tile size: results do not depend on which instance
- * computed an element. */
+/* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C (+ bias[0:nv*VL] on every row, when bias is
+ * not NULL) over kc steps, with C rows rsc apart and contiguous columns. mr and nv are
+ * compile-time constants in every instance below, so the accumulators live in registers and
+ * the loops unroll completely. Each accumulator sums its products in order of l, whatever the
+ * tile size: results do not depend on which instance computed an element. */
 static inline __attribute__((always_inline)) void
 F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *restrict bp,
-        T *restrict c, int64_t rsc, T alpha, T beta) {
+        T *restrict c, int64_t rsc, T alpha, T beta, const T *restrict bias) {
     V acc[MR][NV];
     for (int i = 0; i < mr; i++) {
         /* C is read and written only after the k loop: fetch its lines meanwhile. */
@@ -54,6 +55,11 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
         ap += mr;
         bp += nv * VL;
     }
+    V bv[NV];
+    for (int v = 0; v < nv; v++) {
+        bv[v] = (V){0};
+        if (bias) memcpy(&bv[v], bias + v * VL, sizeof(V));
+    }
     for (int i = 0; i < mr; i++) {
         for (int v = 0; v < nv; v++) {
             T *cp = c + i * rsc + v * VL;
@@ -63,18 +69,21 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
                 memcpy(&old, cp, sizeof(V));
                 r += beta * old;
             }
+            if (bias) r += bv[v];
             memcpy(cp, &r, sizeof(V));
         }
     }
 }
 
 typedef void (*F(tile_fn))(int64_t kc, const T *restrict ap, const T *restrict bp,
-                           T *restrict c, int64_t rsc, T alpha, T beta);
+                           T *restrict c, int64_t rsc, T alpha, T beta,
+                           const T *restrict bias);
 
 #define TILE_INSTANCE(mr, nv)                                                                 \
     static void F(tile_##mr##x##nv)(int64_t kc, const T *restrict ap, const T *restrict bp,  \
-                                    T *restrict c, int64_t rsc, T alpha, T beta) {           \
-        F(tile)(mr, nv, kc, ap, bp, c, rsc, alpha, beta);                                    \
+                                    T *restrict c, int64_t rsc, T alpha, T beta,             \
+                                    const T *restrict bias) {                                \
+        F(tile)(mr, nv, kc, ap, bp, c, rsc, alpha, beta, bias);                              \
     }
 TILE_INSTANCE(1, 1)
 TILE_INSTANCE(2, 1)
@@ -255,20 +264,24 @@ static void F(pack_b)(const T *b, int64_t rs, int64_t cs, int64_t kc, int64_t nc
 /* ---- Blocks ------------------------------------------------------------------------------ */
 
 /* One tile of C: rows x cols at c. Tiles that are not whole or not row-contiguous go through
- * a small buffer, so every tile runs the same kernel code. */
+ * a small buffer (and the bias through a padded copy), so every tile runs the same kernel
+ * code. */
 static void F(run_tile)(int64_t kc, const T *ap, const T *bp, int rows, int cols, T *c,
-                        int64_t rsc, int64_t csc, T alpha, T beta) {
+                        int64_t rsc, int64_t csc, T alpha, T beta, const T *bias) {
     int mr = F(edge_mr)(rows), nv = F(edge_nv)(cols);
     F(tile_fn) fn = F(tile_for)(mr, nv);
     if (rows == mr && cols == nv * VL && csc == 1) {
-        fn(kc, ap, bp, c, rsc, alpha, beta);
+        fn(kc, ap, bp, c, rsc, alpha, beta, bias);
         return;
     }
     _Alignas(64) T buf[MR * NR];
+    _Alignas(64) T bias_buf[NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < NR; j++)
             buf[i * NR + j] = (beta != 0 && i < rows && j < cols) ? c[i * rsc + j * csc] : 0;
-    fn(kc, ap, bp, buf, NR, alpha, beta);
+    if (bias)
+        for (int j = 0; j < NR; j++) bias_buf[j] = j < cols ? bias[j] : 0;
+    fn(kc, ap, bp, buf, NR, alpha, beta, bias ? bias_buf : NULL);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) c[i * rsc + j * csc] = buf[i * NR + j];
 }
@@ -276,14 +289,14 @@ static void F(run_tile)(int64_t kc, const T *ap, const T *bp, int rows, int cols
 /* Packed mc x kc of A times packed kc x nc of B into C. The A panel (MR x kc) stays in L1
  * while the loop over j streams the B block from L2. */
 static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, const T *pb,
-                            T *c, int64_t rsc, int64_t csc, T alpha, T beta) {
+                            T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias) {
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
         const T *ap = pa + i * kc;
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
             F(run_tile)(kc, ap, pb + j * kc, rows, cols, c + i * rsc + j * csc, rsc, csc,
-                        alpha, beta);
+                        alpha, beta, bias ? bias + j : NULL);
         }
     }
 }
@@ -316,6 +329,7 @@ static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *
                 acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
             T *o = &c[i * g->rsc + j * g->csc];
             *o = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * *o;
+            if (g->bias) *o += g->bias[j];
         }
 }
 
@@ -345,19 +359,21 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
         int64_t mc = m1 - ic < MC ? m1 - ic : MC;
         for (int64_t pc = 0; pc < g->k; pc += kb) {
             int64_t kc = g->k - pc < kb ? g->k - pc : kb;
+            /* The first k block sets C (beta, bias); the later ones accumulate onto it. */
             T beta = pc == 0 ? g->beta : 1;
+            const T *bias = pc == 0 ? g->bias : NULL;
             F(pack_a)(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
             for (int64_t jc = n0; jc < n1; jc += NC) {
                 int64_t nc = n1 - jc < NC ? n1 - jc : NC;
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                 F(macro_kernel)(mc, nc, kc, pa, pb, c + ic * g->rsc + jc * g->csc, g->rsc,
-                                g->csc, g->alpha, beta);
+                                g->csc, g->alpha, beta, bias ? bias + jc : NULL);
             }
         }
     }
 }
 
-/* C = beta * C, for k == 0 or alpha == 0 (then A and B are not read, as in BLAS). */
+/* C = beta * C (+ bias), for k == 0 or alpha == 0 (then A and B are not read, as in BLAS). */
 static void F(scale)(const F(gemm_args) *g, int64_t batch) {
     for (int64_t p = 0; p < batch; p++) {
         T *c = g->c + (g->c_off ? g->c_off[p] : 0);
@@ -365,6 +381,7 @@ static void F(scale)(const F(gemm_args) *g, int64_t batch) {
             for (int64_t j = 0; j < g->n; j++) {
                 T *o = &c[i * g->rsc + j * g->csc];
                 *o = g->beta == 0 ? 0 : g->beta * *o;
+                if (g->bias) *o += g->bias[j];
             }
     }
 }

@@ -190,9 +190,10 @@ qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *i
         const int64_t *ix = qkv_data(ci);
         char *dst = qkv_data(out);
         int threads = qkv__threads_for(out->numel);
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int t = 0; t < threads; t++)
-            select_rows(dst, a, ax, ix, n, &inner, rows * t / threads, rows * (t + 1) / threads);
+        int64_t pieces = qkv__pieces(rows, threads);
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t t = 0; t < pieces; t++)
+            select_rows(dst, a, ax, ix, n, &inner, rows * t / pieces, rows * (t + 1) / pieces);
     }
     out = qkv_keep(out);
     qkv_scope_end();

@@ -140,8 +140,8 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     return out;
 }
 
-/* The bias is written into the output first and the product accumulated onto it (beta 1),
- * so it costs no pass of its own; W^T is read through W's strides. */
+/* The bias is added by the GEMM as it stores each tile, so it costs no pass of its own; W^T is
+ * read through W's strides. */
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
                         const char *name) {
     if (!x || !w) return NULL;
@@ -167,22 +167,24 @@ qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tens
     shape[x->ndim - 1] = out_f;
     qkv_tensor *out = qkv_empty(x->dtype, x->ndim, shape);
     if (!out || out->numel == 0) return out;
-    if (b) qkv_copy_(out, b);
     int64_t rows = out->numel / out_f;
     if (in == 0) {
-        if (!b) qkv_fill_(out, 0);
+        if (b) qkv_copy_(out, b);
+        else qkv_fill_(out, 0);
         return out;
     }
-    const char *xd = qkv_data(x), *wd = qkv_data(w);
+    /* The GEMM reads the bias as one contiguous row. */
+    const qkv_tensor *bc = b && b->strides[0] != 1 ? qkv__contiguous(b) : b;
+    if (b && !bc) return NULL;
+    const char *xd = qkv_data(x), *wd = qkv_data(w), *bd = bc ? qkv_data(bc) : NULL;
     char *od = qkv_data(out);
     int64_t rsx = x->ndim > 1 ? x->strides[x->ndim - 2] : 0, csx = x->strides[x->ndim - 1];
     if (x->dtype == QKV_F32)
-        qkv__gemm_f32(1, rows, out_f, in, 1.0f, (const float *)xd, NULL, rsx, csx,
-                      (const float *)wd, NULL, w->strides[1], w->strides[0], b ? 1.0f : 0.0f,
-                      (float *)od, NULL, out_f, 1);
+        qkv__gemm_bias_f32(rows, out_f, in, (const float *)xd, rsx, csx, (const float *)wd,
+                           w->strides[1], w->strides[0], (const float *)bd, (float *)od, out_f);
     else
-        qkv__gemm_f64(1, rows, out_f, in, 1.0, (const double *)xd, NULL, rsx, csx,
-                      (const double *)wd, NULL, w->strides[1], w->strides[0], b ? 1.0 : 0.0,
-                      (double *)od, NULL, out_f, 1);
+        qkv__gemm_bias_f64(rows, out_f, in, (const double *)xd, rsx, csx, (const double *)wd,
+                           w->strides[1], w->strides[0], (const double *)bd, (double *)od,
+                           out_f);
     return out;
 }

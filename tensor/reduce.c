@@ -299,9 +299,10 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
         reduce_range(&p, a, o, 0, p.n_out);
         return out;
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++)
-        reduce_range(&p, a, o, p.n_out * t / threads, p.n_out * (t + 1) / threads);
+    int64_t pieces = qkv__pieces(p.n_out, threads);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++)
+        reduce_range(&p, a, o, p.n_out * t / pieces, p.n_out * (t + 1) / pieces);
     return out;
 }
 
@@ -341,12 +342,31 @@ SOFTMAX_ROW(double, exp, log)
 
 /* The common case, a contiguous float row in and out, a vector at a time. Lanes past the row's
  * end hold -inf, which the max ignores and whose exp is 0. */
-static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        if (x[j] > m || x[j] != x[j]) m = x[j];
-        if (m != m) break;
+/* The row's maximum, NaN when the row holds one (then the whole row is NaN). */
+static float row_max_vector(const float *x, int64_t n) {
+    qkv_vf vm = qkv__vf_splat(-INFINITY);
+    qkv_vi nan = {0};
+    int64_t j = 0;
+    for (; j + QKV_VF_LANES <= n; j += QKV_VF_LANES) {
+        qkv_vf v = qkv__vf_load(x + j);
+        vm = qkv__vf_select(v > vm, v, vm);
+        nan |= v != v;
     }
+    float m = -INFINITY;
+    bool any_nan = false;
+    for (int l = 0; l < QKV_VF_LANES; l++) {
+        if (vm[l] > m) m = vm[l];
+        any_nan |= nan[l] != 0;
+    }
+    for (; j < n; j++) {
+        if (x[j] > m) m = x[j];
+        any_nan |= x[j] != x[j];
+    }
+    return any_nan ? NAN : m;
+}
+
+static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
+    float m = row_max_vector(x, n);
     if (m == -INFINITY || m != m) {
         for (int64_t j = 0; j < n; j++) y[j] = m != m ? m : take_log ? -INFINITY : 0;
         return;
@@ -407,9 +427,10 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
     char *od = qkv_data(out);
     const char *ad = qkv_data(a);
     size_t es = qkv_dtype_size(a->dtype);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
+    int64_t pieces = qkv__pieces(rows, threads);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++) {
+        for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t off = kept_offset(&p, r);
             int64_t obase = (r / ostride) * ostride * n + r % ostride;
             if (es == 4 && sx == 1 && ostride == 1)
@@ -456,9 +477,10 @@ qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool
     if (rows < threads) threads = 1;
     const char *yd = qkv_data(yc), *gd = qkv_data(gc);
     char *od = qkv_data(out);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++)
-        for (int64_t r = rows * t / threads; r < rows * (t + 1) / threads; r++) {
+    int64_t pieces = qkv__pieces(rows, threads);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++)
+        for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             if (y->dtype == QKV_F32)
                 softmax_grad_row_float((const float *)yd + r * n, (const float *)gd + r * n,
                                        (float *)od + r * n, n, log);

@@ -24,6 +24,23 @@ uint32_t qkv_generator_next_u32(qkv_generator *g) {
     return (xorshifted >> rot) | (xorshifted << ((-rot) & 31));
 }
 
+/* The LCG's state after n steps in O(log n): s -> a^n s + c (a^(n-1) + ... + 1), by squaring
+ * (Brown, "Random number generation with arbitrary strides", 1994). Lets a kernel give each
+ * block of elements the draws it would see in one serial pass. */
+void qkv__generator_advance(qkv_generator *g, uint64_t n) {
+    uint64_t mult = 1, plus = 0, cur_mult = 6364136223846793005ULL, cur_plus = g->inc;
+    while (n) {
+        if (n & 1) {
+            mult *= cur_mult;
+            plus = plus * cur_mult + cur_plus;
+        }
+        cur_plus = (cur_mult + 1) * cur_plus;
+        cur_mult *= cur_mult;
+        n >>= 1;
+    }
+    g->state = mult * g->state + plus;
+}
+
 double qkv_generator_uniform(qkv_generator *g) {
     uint64_t hi = qkv_generator_next_u32(g) >> 5, lo = qkv_generator_next_u32(g) >> 6;
     return (double)(hi * 67108864 + lo) * (1.0 / 9007199254740992.0);

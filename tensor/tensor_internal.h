@@ -43,6 +43,9 @@ typedef struct qkv_node_base {
     void (*release)(struct qkv_node *node, qkv_tensor *owner);
 } qkv_node_base;
 
+/* g as it would be after n calls of qkv_generator_next_u32. */
+void qkv__generator_advance(qkv_generator *g, uint64_t n);
+
 /* Element load/store by dtype, for slow paths. */
 double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
 void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v);
@@ -71,6 +74,10 @@ void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
 /* ---- Threads ----------------------------------------------------------------------------- */
 
 int qkv__threads_for(int64_t work);  /* 1 for small work, else up to qkv_get_num_threads() */
+/* How many pieces to cut a loop over items into for threads threads, to be run with
+ * schedule(dynamic, 1). Only for loops whose every item's result does not depend on where the
+ * pieces are cut (elementwise work, whole rows or whole outputs per item). */
+int64_t qkv__pieces(int64_t items, int threads);
 
 /* ---- Kernels ----------------------------------------------------------------------------- */
 
@@ -100,6 +107,9 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
 qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
                                const char *name);
 qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name);
+/* g * op(x), x and g of one shape and dtype: a derivative times the output's gradient. */
+qkv_tensor *qkv__unary_times(qkv_unary_op op, const qkv_tensor *x, const qkv_tensor *g,
+                             const char *name);
 qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
                        const char *name);
 /* Reduces over the axes whose bit is set in mask (bit i = axis i). correction for VAR. */
@@ -110,6 +120,17 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
  * output's gradient g. */
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name);
+
+/* Layer norm over rows of d contiguous values of dtype (tensor/norm.c): y = (x - mean) rstd
+ * w + b (w, b: d values, or NULL), keeping each row's mean and rstd = 1 / sqrt(var + eps).
+ * The backward writes gx (rows x d) and the sums over rows gw, gb (d values); any of the
+ * three may be NULL when not wanted. False when its scratch memory cannot be had. */
+void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
+                          const void *w, const void *b, double eps, void *y, void *mean,
+                          void *rstd);
+bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
+                                   const void *g, const void *w, const void *mean,
+                                   const void *rstd, void *gx, void *gw, void *gb);
 
 /* Indexing (tensor/index.c). name is the op for messages; indices are I64 and checked. */
 /* a.shape[:axis] + index.shape + a.shape[axis+1:]: the slices of a at the indices. */
@@ -149,5 +170,13 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* C = A B + bias for one product, bias being n contiguous values added to every row of C
+ * (columns of C contiguous): the bias costs no pass over C of its own. */
+void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                        int64_t csa, const float *b, int64_t rsb, int64_t csb,
+                        const float *bias, float *c, int64_t rsc);
+void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_t rsa,
+                        int64_t csa, const double *b, int64_t rsb, int64_t csb,
+                        const double *bias, double *c, int64_t rsc);
 
 #endif

@@ -30,6 +30,14 @@ int qkv_get_num_threads(void) {
  * costs a few microseconds. */
 #define QKV_PARALLEL_GRAIN 32768
 
+/* A few pieces per thread, handed out as threads come free: when other processes hold a
+ * thread off its core, the others take its pieces instead of waiting a whole share for it. */
+int64_t qkv__pieces(int64_t items, int threads) {
+    if (threads <= 1) return items < 1 ? items : 1;
+    int64_t pieces = 4 * (int64_t)threads;
+    return items < pieces ? items : pieces;
+}
+
 int qkv__threads_for(int64_t work) {
     if (work < QKV_PARALLEL_GRAIN) return 1;
     int n = qkv_get_num_threads();
