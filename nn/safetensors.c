@@ -365,10 +365,14 @@ bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
 static bool valid_utf8(const unsigned char *s, size_t n) {
     for (size_t i = 0; i < n;) {
         unsigned c = s[i];
-        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4
-                                                                                         : 0;
-        if (!len || i + len > n) return false;
-        uint32_t cp = len == 1 ? c : len == 2 ? c & 0x1F : len == 3 ? c & 0x0F : c & 0x07;
+        size_t len;
+        uint32_t cp;
+        if (c < 0x80) len = 1, cp = c;
+        else if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F;
+        else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F;
+        else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07;
+        else return false;
+        if (i + len > n) return false;
         for (size_t k = 1; k < len; k++) {
             if ((s[i + k] & 0xC0) != 0x80) return false;
             cp = (cp << 6) | (s[i + k] & 0x3F);
@@ -393,6 +397,11 @@ static bool jfail(json *j, const char *what) {
         qkv_set_error("qkv_safetensors_read: %s: header byte %zu: %s", j->path, j->i, what);
     j->failed = true;
     return false;
+}
+
+static void *jfail_null(json *j, const char *what) {
+    jfail(j, what);
+    return NULL;
 }
 
 static void skip_ws(json *j) {
@@ -435,19 +444,14 @@ static int hex4(const char *s) {
 }
 
 static size_t put_utf8(char *out, uint32_t cp) {
-    if (cp < 0x80) return out[0] = (char)cp, 1;
-    if (cp < 0x800) return out[0] = (char)(0xC0 | cp >> 6), out[1] = (char)(0x80 | (cp & 0x3F)), 2;
-    if (cp < 0x10000) {
-        out[0] = (char)(0xE0 | cp >> 12);
-        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        out[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
+    size_t n = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    if (n == 1) {
+        out[0] = (char)cp;
+        return 1;
     }
-    out[0] = (char)(0xF0 | cp >> 18);
-    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-    out[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
+    for (size_t i = n - 1; i > 0; i--, cp >>= 6) out[i] = (char)(0x80 | (cp & 0x3F));
+    out[0] = (char)((0xF00 >> n) | cp); /* 110xxxxx, 1110xxxx or 11110xxx */
+    return n;
 }
 
 /* A JSON string, decoded into a new qkv__alloc'd C string of *size bytes (free with that). An
@@ -456,15 +460,18 @@ static char *parse_string(json *j, size_t *size) {
     if (!expect(j, '"')) return NULL;
     size_t start = j->i, end = start;
     while (end < j->n && j->s[end] != '"') end += j->s[end] == '\\' ? 2 : 1;
-    if (end >= j->n) return jfail(j, "unterminated string"), NULL;
+    if (end >= j->n) return jfail_null(j, "unterminated string");
     *size = end - start + 1;
     char *out = qkv__alloc(*size);
-    if (!out) return jfail(j, "out of memory"), NULL;
+    if (!out) return jfail_null(j, "out of memory");
     size_t o = 0;
     while (j->i < end) {
         unsigned char c = (unsigned char)j->s[j->i];
-        if (c < 0x20) return qkv__free(out, *size), jfail(j, "control character in a string"),
-                             NULL;
+        if (c < 0x20) {
+            qkv__free(out, *size);
+            jfail(j, "control character in a string");
+            return NULL;
+        }
         if (c != '\\') {
             out[o++] = (char)c;
             j->i++;
@@ -488,7 +495,7 @@ static char *parse_string(json *j, size_t *size) {
         }
         if (cp <= 0 || (cp >= 0xD800 && cp <= 0xDFFF)) {
             qkv__free(out, *size);
-            return jfail(j, "bad escape in a string"), NULL;
+            return jfail_null(j, "bad escape in a string");
         }
         o += put_utf8(out + o, (uint32_t)cp); /* never longer than the 6-byte escape */
     }
@@ -496,7 +503,7 @@ static char *parse_string(json *j, size_t *size) {
     out[o] = '\0';
     if (!valid_utf8((const unsigned char *)out, o)) {
         qkv__free(out, *size);
-        return jfail(j, "string is not UTF-8"), NULL;
+        return jfail_null(j, "string is not UTF-8");
     }
     return out;
 }
