@@ -5,7 +5,7 @@ BUILD ?= build
 MESON_OPTS ?=
 THREADS ?= 2
 
-.PHONY: all deps configure build test demo bench clean
+.PHONY: all deps configure build test demo bench bench-classify clean
 
 all: build
 
@@ -30,6 +30,11 @@ bench: deps
 	@sh tools/install-deps.sh python3-torch libopenblas-dev
 	@$(MAKE) --no-print-directory build
 	@sh bench/run.sh $(BUILD)
+
+bench-classify: deps
+	@sh tools/install-deps.sh python3 python3-torch
+	@$(MAKE) --no-print-directory build
+	@sh bench/classify.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD)
