@@ -55,20 +55,37 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
         ap += mr;
         bp += nv * VL;
     }
+    /* One store loop per case, with no branch inside it: with small k (attention's
+     * per-head products) the stores weigh. Every case does the same operations in the same
+     * order (acc * alpha, + beta * C, + bias). */
+    if (beta == 0 && !bias) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++) {
+                V r = acc[i][v] * alpha;
+                memcpy(c + i * rsc + v * VL, &r, sizeof(V));
+            }
+        return;
+    }
     V bv[NV];
     for (int v = 0; v < nv; v++) {
         bv[v] = (V){0};
         if (bias) memcpy(&bv[v], bias + v * VL, sizeof(V));
     }
+    if (beta == 0) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++) {
+                V r = acc[i][v] * alpha;
+                r += bv[v];
+                memcpy(c + i * rsc + v * VL, &r, sizeof(V));
+            }
+        return;
+    }
     for (int i = 0; i < mr; i++) {
         for (int v = 0; v < nv; v++) {
             T *cp = c + i * rsc + v * VL;
-            V r = acc[i][v] * alpha;
-            if (beta != 0) {
-                V old;
-                memcpy(&old, cp, sizeof(V));
-                r += beta * old;
-            }
+            V r = acc[i][v] * alpha, old;
+            memcpy(&old, cp, sizeof(V));
+            r += beta * old;
             if (bias) r += bv[v];
             memcpy(cp, &r, sizeof(V));
         }
