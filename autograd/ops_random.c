@@ -78,10 +78,11 @@ static void block_range(int64_t k, int64_t n, int64_t *b, int64_t *e) {
     *e = *b + DROPOUT_BLOCK < n ? *b + DROPOUT_BLOCK : n;
 }
 
-/* PCG32's output for each lane's state (qkv_generator_next_u32), in the low 32 bits. */
-static inline lanes_u64 pcg_output(lanes_u64 old) {
-    lanes_u64 xs = (((old >> 18) ^ old) >> 27) & 0xffffffffu, rot = old >> 59;
-    return ((xs >> rot) | (xs << ((-rot) & 31))) & 0xffffffffu;
+/* PCG32's output for each lane's state (qkv_generator_next_u32), in the low 32 bits. Through
+ * pointers: a 512-bit vector passed by value has an ABI that depends on -march. */
+static inline void pcg_output(const lanes_u64 *old, lanes_u64 *out) {
+    lanes_u64 xs = (((*old >> 18) ^ *old) >> 27) & 0xffffffffu, rot = *old >> 59;
+    *out = ((xs >> rot) | (xs << ((-rot) & 31))) & 0xffffffffu;
 }
 
 /* The mask bits of elements [b, e) (bit i - b of bits), from the draws a serial pass over the
@@ -103,7 +104,9 @@ static void draw_bits(const qkv_generator *g0, uint32_t threshold, int64_t b, in
     qkv__generator_advance(&one, LANES);
     uint64_t plus = zero.state, mult = one.state - plus;
     for (int64_t i = b; i < e; i += LANES) {
-        lanes_u64 kept = (pcg_output(state) >> 8) >= threshold; /* -1 where kept */
+        lanes_u64 draw;
+        pcg_output(&state, &draw);
+        lanes_u64 kept = (draw >> 8) >= threshold; /* -1 where kept */
         state = state * mult + plus;
         unsigned byte = 0;
         for (int l = 0; l < LANES && i + l < e; l++) byte |= (unsigned)(kept[l] & 1) << l;
