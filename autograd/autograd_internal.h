@@ -8,8 +8,8 @@
  * (undoing broadcasting), so backwards may return broadcast-shaped gradients.
  *
  * Adding an op therefore touches its own file and one line elsewhere: a new ops_<name>.c
- * holding the forward, the backward and their static qkv_op_def (name and backward side by
- * side), listed in autograd/meson.build; plus its declaration in autograd.h. Nothing else
+ * holding the forward, the backward and their static qkv_op_def (name, backward, and which
+ * inputs' values the backward reads, side by side), listed in autograd/meson.build; plus its declaration in autograd.h. Nothing else
  * names the op: the engine reaches a backward through the node's qkv_op_def. Composite ops
  * built from public ops need no backward at all.
  */
@@ -24,9 +24,18 @@ typedef struct qkv_node qkv_node;
 /* grads has one slot per input, all NULL on entry; leave a slot NULL for no gradient. */
 typedef void (*qkv_backward_fn)(qkv_node *node, const qkv_tensor *grad, qkv_tensor **grads);
 
+/* What a node keeps of its inputs. A backward reads an input's values only where its op's
+ * def allows; for every other input the node holds a stub with the input's shape, dtype and
+ * graph link but no storage, so a forward's intermediates are freed as soon as nothing else
+ * holds them. A leaf that requires grad is always held whole: its .grad is accumulated. */
+#define QKV_DROP_ALL UINT32_MAX
+
 typedef struct qkv_op_def {
     const char *name;
     qkv_backward_fn backward;
+    uint32_t drop;  /* inputs (bit i for input i) whose values the backward never reads */
+    bool cross;     /* the others' values are read only for another input's gradient, as in a
+                       product (d(ab)/da needs b): kept only when another input requires grad */
 } qkv_op_def;
 
 #define QKV_NODE_SAVED 4
@@ -37,7 +46,8 @@ struct qkv_node {
     const qkv_op_def *op;
     int refcount;                       /* tensors whose grad_fn this is */
     int n_inputs;
-    qkv_tensor **inputs;                /* retained; NULL once the graph is freed */
+    qkv_tensor **inputs;                /* retained, or stubs (see qkv_op_def); NULL once the
+                                           graph is freed */
     qkv_tensor *saved[QKV_NODE_SAVED];  /* retained extras (an output's values, a mask) */
     int64_t iargs[QKV_NODE_ARGS];       /* op parameters */
     double dargs[QKV_NODE_ARGS];

@@ -62,6 +62,44 @@ static bool all_finite(const qkv_tensor *t) {
     return isfinite(v);
 }
 
+/* Whether op's backward reads the values of input i (see qkv_op_def). */
+static bool reads_values(const qkv_op_def *op, int n_inputs, const qkv_tensor *const *inputs,
+                         int i) {
+    bool dropped = i < 32 ? (op->drop >> i) & 1 : op->drop == QKV_DROP_ALL;
+    if (dropped) return false;
+    if (!op->cross) return true;
+    for (int j = 0; j < n_inputs; j++)
+        if (j != i && qkv__needs_grad(inputs[j])) return true;
+    return false;
+}
+
+/* t's shape, dtype and graph link without its storage: what a node keeps of an input whose
+ * values its backward never reads. Owned by the node, never by a scope. */
+static qkv_tensor *stub(const qkv_tensor *t) {
+    qkv_tensor *s = qkv__alloc(sizeof *s);
+    if (!s) return NULL;
+    memset(s, 0, sizeof *s);
+    s->dtype = t->dtype;
+    s->ndim = t->ndim;
+    memcpy(s->shape, t->shape, sizeof s->shape);
+    memcpy(s->strides, t->strides, sizeof s->strides);
+    s->offset = t->offset;
+    s->numel = t->numel;
+    s->refcount = 1;
+    s->requires_grad = t->requires_grad;
+    s->grad_fn = t->grad_fn;
+    if (s->grad_fn) s->grad_fn->refcount++;
+    qkv__count_tensor(1);
+    return s;
+}
+
+/* Releases the first k inputs of a node that is being abandoned half built. */
+static void free_graph_links_upto(qkv_node *n, int k) {
+    for (int i = 0; i < k; i++) qkv_release(n->inputs[i]);
+    qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
+    qkv__free(n, sizeof *n);
+}
+
 qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
                         const qkv_tensor *const *inputs) {
     if (!out) return NULL;
@@ -85,7 +123,16 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
     n->op = op;
     n->refcount = 1;
     n->n_inputs = n_inputs;
-    for (int i = 0; i < n_inputs; i++) n->inputs[i] = qkv_retain((qkv_tensor *)inputs[i]);
+    for (int i = 0; i < n_inputs; i++) {
+        const qkv_tensor *in = inputs[i];
+        bool whole = !in || (in->requires_grad && !in->grad_fn) ||
+                     reads_values(op, n_inputs, inputs, i);
+        n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : stub(in);
+        if (!n->inputs[i] && in) {
+            free_graph_links_upto(n, i);
+            goto fail;
+        }
+    }
     n->out_ndim = out->ndim;
     memcpy(n->out_shape, out->shape, sizeof n->out_shape);
     n->out_dtype = out->dtype;
@@ -200,14 +247,20 @@ static bool push(node_list *l, qkv_node *n) {
     return true;
 }
 
-/* Counts, for every node reachable from root, how many reachable nodes consume it. */
-static bool count_consumers(qkv_node *root, uint64_t gen) {
-    node_list stack = {0};
+/* Counts, for every node reachable from root, how many reachable nodes consume it, and lists
+ * those nodes in all, each holding a reference for the backward: once a processed node lets go
+ * of its inputs, the tensors that linked to a node still waiting for its gradient may die. */
+static bool count_consumers(qkv_node *root, uint64_t gen, node_list *all) {
     root->mark = gen;
     root->pending = 0;
-    bool ok = push(&stack, root);
-    while (ok && stack.n) {
-        qkv_node *n = stack.items[--stack.n];
+    root->refcount++;
+    if (!push(all, root)) {
+        root->refcount--;
+        return false;
+    }
+    bool ok = true;
+    for (size_t k = 0; ok && k < all->n; k++) {
+        qkv_node *n = all->items[k];
         if (n->freed) continue;
         for (int i = 0; i < n->n_inputs && ok; i++) {
             qkv_tensor *in = n->inputs[i];
@@ -216,12 +269,13 @@ static bool count_consumers(qkv_node *root, uint64_t gen) {
             if (c->mark != gen) {
                 c->mark = gen;
                 c->pending = 0;
-                ok = push(&stack, c);
+                c->refcount++;
+                ok = push(all, c);
+                if (!ok) c->refcount--;
             }
             c->pending++;
         }
     }
-    qkv__free(stack.items, stack.cap * sizeof *stack.items);
     return ok;
 }
 
@@ -299,8 +353,8 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
         ok = accumulate(&out->grad, (qkv_tensor *)grad, true);
     } else {
         qkv_node *root = out->grad_fn;
-        node_list ready = {0};
-        ok = count_consumers(root, ++backward_generation);
+        node_list ready = {0}, all = {0};
+        ok = count_consumers(root, ++backward_generation, &all);
         if (ok) {
             qkv_release(root->grad);
             root->grad = NULL;
@@ -320,6 +374,8 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
             ready.items[i]->grad = NULL;
         }
         qkv__free(ready.items, ready.cap * sizeof *ready.items);
+        for (size_t i = 0; i < all.n; i++) node_release(all.items[i], NULL);
+        qkv__free(all.items, all.cap * sizeof *all.items);
     }
     qkv_no_grad_end();
     qkv_scope_end();

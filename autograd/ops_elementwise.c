@@ -15,7 +15,7 @@ static void add_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = (qkv_tensor *)g;
     gi[1] = (qkv_tensor *)g;
 }
-static const qkv_op_def add_op = {"add", add_backward};
+static const qkv_op_def add_op = {"add", add_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_add(const qkv_tensor *a, const qkv_tensor *b) {
     return REC2(qkv__binary(QKV_OP_ADD, a, b, "qkv_add"), &add_op, a, b);
 }
@@ -27,7 +27,7 @@ static void sub_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
      * exact): for b = mean(x), as in layer norm, that is a pass over the reduced size only. */
     if (IN(1)->requires_grad) gi[1] = qkv_neg(qkv__sum_to(g, IN(1)->ndim, IN(1)->shape));
 }
-static const qkv_op_def sub_op = {"sub", sub_backward};
+static const qkv_op_def sub_op = {"sub", sub_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_sub(const qkv_tensor *a, const qkv_tensor *b) {
     return REC2(qkv__binary(QKV_OP_SUB, a, b, "qkv_sub"), &sub_op, a, b);
 }
@@ -37,7 +37,7 @@ static void mul_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     if (IN(0)->requires_grad) gi[0] = qkv_mul(g, IN(1));
     if (IN(1)->requires_grad) gi[1] = qkv_mul(g, IN(0));
 }
-static const qkv_op_def mul_op = {"mul", mul_backward};
+static const qkv_op_def mul_op = {"mul", mul_backward, .cross = true};
 qkv_tensor *qkv_mul(const qkv_tensor *a, const qkv_tensor *b) {
     return REC2(qkv__binary(QKV_OP_MUL, a, b, "qkv_mul"), &mul_op, a, b);
 }
@@ -48,7 +48,7 @@ static void div_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     if (IN(0)->requires_grad) gi[0] = gb;
     if (IN(1)->requires_grad) gi[1] = qkv_neg(qkv_div(qkv_mul(gb, IN(0)), IN(1)));
 }
-static const qkv_op_def div_op = {"div", div_backward};
+static const qkv_op_def div_op = {"div", div_backward, .drop = 0};
 qkv_tensor *qkv_div(const qkv_tensor *a, const qkv_tensor *b) {
     return REC2(qkv__binary(QKV_OP_DIV, a, b, "qkv_div"), &div_op, a, b);
 }
@@ -63,7 +63,7 @@ static void pow_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
         gi[1] = qkv_mul(g, qkv_mul(SAVED(0), lg));
     }
 }
-static const qkv_op_def pow_op = {"pow", pow_backward};
+static const qkv_op_def pow_op = {"pow", pow_backward, .drop = 0};
 qkv_tensor *qkv_pow(const qkv_tensor *a, const qkv_tensor *b) {
     qkv_tensor *out = REC2(qkv__binary(QKV_OP_POW, a, b, "qkv_pow"), &pow_op, a, b);
     if (out && out->grad_fn && !qkv__save_output(out->grad_fn, 0, out)) return NULL;
@@ -86,8 +86,8 @@ static void maximum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
 static void minimum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     extremum_backward(node, g, gi, false);
 }
-static const qkv_op_def maximum_op = {"maximum", maximum_backward};
-static const qkv_op_def minimum_op = {"minimum", minimum_backward};
+static const qkv_op_def maximum_op = {"maximum", maximum_backward, .drop = 0};
+static const qkv_op_def minimum_op = {"minimum", minimum_backward, .drop = 0};
 qkv_tensor *qkv_maximum(const qkv_tensor *a, const qkv_tensor *b) {
     return REC2(qkv__binary(QKV_OP_MAXIMUM, a, b, "qkv_maximum"), &maximum_op, a, b);
 }
@@ -109,7 +109,7 @@ static qkv_tensor *scalar_op(qkv_binary_op op, const qkv_tensor *a, double s, bo
 static void identity_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = (qkv_tensor *)g;
 }
-static const qkv_op_def add_scalar_op = {"add_scalar", identity_backward};
+static const qkv_op_def add_scalar_op = {"add_scalar", identity_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_add_scalar(const qkv_tensor *a, double s) {
     return scalar_op(QKV_OP_ADD, a, s, false, &add_scalar_op, "qkv_add_scalar");
 }
@@ -121,7 +121,7 @@ qkv_tensor *qkv_sub_scalar(const qkv_tensor *a, double s) {
 static void rsub_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_neg(g);
 }
-static const qkv_op_def rsub_scalar_op = {"rsub_scalar", rsub_backward};
+static const qkv_op_def rsub_scalar_op = {"rsub_scalar", rsub_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_rsub_scalar(double s, const qkv_tensor *a) {
     return scalar_op(QKV_OP_SUB, a, s, true, &rsub_scalar_op, "qkv_rsub_scalar");
 }
@@ -130,7 +130,7 @@ qkv_tensor *qkv_rsub_scalar(double s, const qkv_tensor *a) {
 static void mul_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul_scalar(g, node->dargs[0]);
 }
-static const qkv_op_def mul_scalar_op = {"mul_scalar", mul_scalar_backward};
+static const qkv_op_def mul_scalar_op = {"mul_scalar", mul_scalar_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_mul_scalar(const qkv_tensor *a, double s) {
     return scalar_op(QKV_OP_MUL, a, s, false, &mul_scalar_op, "qkv_mul_scalar");
 }
@@ -144,7 +144,7 @@ qkv_tensor *qkv_div_scalar(const qkv_tensor *a, double s) {
 static void rdiv_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_neg(qkv_div(qkv_mul(g, SAVED(0)), IN(0)));
 }
-static const qkv_op_def rdiv_scalar_op = {"rdiv_scalar", rdiv_backward};
+static const qkv_op_def rdiv_scalar_op = {"rdiv_scalar", rdiv_backward, .drop = 0};
 qkv_tensor *qkv_rdiv_scalar(double s, const qkv_tensor *a) {
     qkv_tensor *out = scalar_op(QKV_OP_DIV, a, s, true, &rdiv_scalar_op, "qkv_rdiv_scalar");
     if (out && out->grad_fn && !qkv__save_output(out->grad_fn, 0, out)) return NULL;
@@ -156,7 +156,7 @@ static void pow_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor 
     double s = node->dargs[0];
     gi[0] = qkv_mul(g, qkv_mul_scalar(qkv_pow_scalar(IN(0), s - 1), s));
 }
-static const qkv_op_def pow_scalar_op = {"pow_scalar", pow_scalar_backward};
+static const qkv_op_def pow_scalar_op = {"pow_scalar", pow_scalar_backward, .drop = 0};
 qkv_tensor *qkv_pow_scalar(const qkv_tensor *a, double s) {
     return scalar_op(QKV_OP_POW, a, s, false, &pow_scalar_op, "qkv_pow_scalar");
 }
@@ -176,8 +176,8 @@ static void maximum_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_ten
 static void minimum_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     extremum_scalar_backward(node, g, gi, false);
 }
-static const qkv_op_def maximum_scalar_op = {"maximum_scalar", maximum_scalar_backward};
-static const qkv_op_def minimum_scalar_op = {"minimum_scalar", minimum_scalar_backward};
+static const qkv_op_def maximum_scalar_op = {"maximum_scalar", maximum_scalar_backward, .drop = 0};
+static const qkv_op_def minimum_scalar_op = {"minimum_scalar", minimum_scalar_backward, .drop = 0};
 qkv_tensor *qkv_maximum_scalar(const qkv_tensor *a, double s) {
     return scalar_op(QKV_OP_MAXIMUM, a, s, false, &maximum_scalar_op, "qkv_maximum_scalar");
 }
@@ -195,7 +195,7 @@ static qkv_tensor *unary_op(qkv_unary_op op, const qkv_tensor *a, const qkv_op_d
 }
 
 /* d(-a) = -g */
-static const qkv_op_def neg_op = {"neg", rsub_backward};
+static const qkv_op_def neg_op = {"neg", rsub_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_neg(const qkv_tensor *a) {
     return unary_op(QKV_OP_NEG, a, &neg_op, false, "qkv_neg");
 }
@@ -204,7 +204,7 @@ qkv_tensor *qkv_neg(const qkv_tensor *a) {
 static void exp_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, SAVED(0));
 }
-static const qkv_op_def exp_op = {"exp", exp_backward};
+static const qkv_op_def exp_op = {"exp", exp_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_exp(const qkv_tensor *a) {
     return unary_op(QKV_OP_EXP, a, &exp_op, true, "qkv_exp");
 }
@@ -213,7 +213,7 @@ qkv_tensor *qkv_exp(const qkv_tensor *a) {
 static void log_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_div(g, IN(0));
 }
-static const qkv_op_def log_op = {"log", log_backward};
+static const qkv_op_def log_op = {"log", log_backward, .drop = 0};
 qkv_tensor *qkv_log(const qkv_tensor *a) {
     return unary_op(QKV_OP_LOG, a, &log_op, false, "qkv_log");
 }
@@ -222,7 +222,7 @@ qkv_tensor *qkv_log(const qkv_tensor *a) {
 static void sqrt_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_div(qkv_mul_scalar(g, 0.5), SAVED(0));
 }
-static const qkv_op_def sqrt_op = {"sqrt", sqrt_backward};
+static const qkv_op_def sqrt_op = {"sqrt", sqrt_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_sqrt(const qkv_tensor *a) {
     return unary_op(QKV_OP_SQRT, a, &sqrt_op, true, "qkv_sqrt");
 }
@@ -232,7 +232,7 @@ static void rsqrt_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi)
     qkv_tensor *o = SAVED(0);
     gi[0] = qkv_mul(qkv_mul_scalar(g, -0.5), qkv_mul(o, qkv_mul(o, o)));
 }
-static const qkv_op_def rsqrt_op = {"rsqrt", rsqrt_backward};
+static const qkv_op_def rsqrt_op = {"rsqrt", rsqrt_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_rsqrt(const qkv_tensor *a) {
     return unary_op(QKV_OP_RSQRT, a, &rsqrt_op, true, "qkv_rsqrt");
 }
@@ -241,7 +241,7 @@ qkv_tensor *qkv_rsqrt(const qkv_tensor *a) {
 static void abs_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv__unary(QKV_OP_SIGN, IN(0), "abs_backward"));
 }
-static const qkv_op_def abs_op = {"abs", abs_backward};
+static const qkv_op_def abs_op = {"abs", abs_backward, .drop = 0};
 qkv_tensor *qkv_abs(const qkv_tensor *a) {
     return unary_op(QKV_OP_ABS, a, &abs_op, false, "qkv_abs");
 }
@@ -250,7 +250,7 @@ qkv_tensor *qkv_abs(const qkv_tensor *a) {
 static void tanh_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv_rsub_scalar(1, qkv_mul(SAVED(0), SAVED(0))));
 }
-static const qkv_op_def tanh_op = {"tanh", tanh_backward};
+static const qkv_op_def tanh_op = {"tanh", tanh_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_tanh(const qkv_tensor *a) {
     return unary_op(QKV_OP_TANH, a, &tanh_op, true, "qkv_tanh");
 }
@@ -259,7 +259,7 @@ qkv_tensor *qkv_tanh(const qkv_tensor *a) {
 static void sigmoid_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv_mul(SAVED(0), qkv_rsub_scalar(1, SAVED(0))));
 }
-static const qkv_op_def sigmoid_op = {"sigmoid", sigmoid_backward};
+static const qkv_op_def sigmoid_op = {"sigmoid", sigmoid_backward, .drop = QKV_DROP_ALL};
 qkv_tensor *qkv_sigmoid(const qkv_tensor *a) {
     return unary_op(QKV_OP_SIGMOID, a, &sigmoid_op, true, "qkv_sigmoid");
 }
@@ -268,7 +268,7 @@ qkv_tensor *qkv_sigmoid(const qkv_tensor *a) {
 static void relu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv__unary(QKV_OP_STEP, IN(0), "relu_backward"));
 }
-static const qkv_op_def relu_op = {"relu", relu_backward};
+static const qkv_op_def relu_op = {"relu", relu_backward, .drop = 0};
 qkv_tensor *qkv_relu(const qkv_tensor *a) {
     return unary_op(QKV_OP_RELU, a, &relu_op, false, "qkv_relu");
 }
@@ -278,7 +278,7 @@ static void gelu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) 
     qkv_unary_op d = node->iargs[0] ? QKV_OP_GELU_TANH_GRAD : QKV_OP_GELU_ERF_GRAD;
     gi[0] = qkv__unary_times(d, IN(0), g, "gelu_backward");
 }
-static const qkv_op_def gelu_op = {"gelu", gelu_backward};
+static const qkv_op_def gelu_op = {"gelu", gelu_backward, .drop = 0};
 qkv_tensor *qkv_gelu(const qkv_tensor *a, bool tanh_approximation) {
     qkv_tensor *out = unary_op(tanh_approximation ? QKV_OP_GELU_TANH : QKV_OP_GELU_ERF, a,
                                &gelu_op, false, "qkv_gelu");
@@ -310,7 +310,7 @@ static void where_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi)
     if (IN(1)->requires_grad) gi[1] = qkv__where(IN(0), g, zero, "where_backward");
     if (IN(2)->requires_grad) gi[2] = qkv__where(IN(0), zero, g, "where_backward");
 }
-static const qkv_op_def where_op = {"where", where_backward};
+static const qkv_op_def where_op = {"where", where_backward, .drop = 0x6};
 qkv_tensor *qkv_where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b) {
     return qkv__record(qkv__where(cond, a, b, "qkv_where"), &where_op, 3,
                        (const qkv_tensor *const[]){cond, a, b});
@@ -320,7 +320,7 @@ qkv_tensor *qkv_where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_ten
 static void masked_fill_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv__where(IN(1), qkv_zeros(g->dtype, 0, NULL), g, "masked_fill_backward");
 }
-static const qkv_op_def masked_fill_op = {"masked_fill", masked_fill_backward};
+static const qkv_op_def masked_fill_op = {"masked_fill", masked_fill_backward, .drop = 0x1};
 qkv_tensor *qkv_masked_fill(const qkv_tensor *a, const qkv_tensor *mask, double value) {
     if (!a || !mask) return NULL;
     union { float f; double d; int64_t i; bool b; } v;

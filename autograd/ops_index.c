@@ -18,7 +18,7 @@ static void index_select_backward(qkv_node *node, const qkv_tensor *g, qkv_tenso
     gi[0] = qkv__index_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
                            "qkv_index_select backward");
 }
-static const qkv_op_def index_select_op = {"index_select", index_select_backward};
+static const qkv_op_def index_select_op = {"index_select", index_select_backward, .drop = 0x1};
 
 qkv_tensor *qkv_index_select(const qkv_tensor *a, int axis, const qkv_tensor *index) {
     if (!a || !index) return NULL;
@@ -35,7 +35,7 @@ static void gather_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
     gi[0] = qkv__scatter_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
                              "qkv_gather backward");
 }
-static const qkv_op_def gather_op = {"gather", gather_backward};
+static const qkv_op_def gather_op = {"gather", gather_backward, .drop = 0x1};
 
 qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index) {
     if (!a || !index) return NULL;
@@ -59,7 +59,7 @@ static void concat_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
         start += len;
     }
 }
-static const qkv_op_def concat_op = {"concat", concat_backward};
+static const qkv_op_def concat_op = {"concat", concat_backward, .drop = QKV_DROP_ALL};
 
 static qkv_tensor *record_n(qkv_tensor *out, const qkv_op_def *def, int n,
                             qkv_tensor *const *tensors, int axis) {
@@ -79,7 +79,7 @@ static void stack_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi)
     for (int k = 0; k < node->n_inputs; k++)
         if (IN(k)->requires_grad) gi[k] = qkv_select(g, (int)node->iargs[0], k);
 }
-static const qkv_op_def stack_op = {"stack", stack_backward};
+static const qkv_op_def stack_op = {"stack", stack_backward, .drop = QKV_DROP_ALL};
 
 static bool check_stack(int n, qkv_tensor *const *ts) {
     char s0[128], sk[128];

@@ -1,4 +1,6 @@
 /* qkv_matmul and its backward. */
+#include <string.h>
+
 #include "autograd/autograd_internal.h"
 
 #define IN(i) (node->inputs[i])
@@ -9,36 +11,49 @@ static qkv_tensor *lifted(const qkv_tensor *t, bool left) {
     return left ? qkv_unsqueeze(t, 0) : qkv_unsqueeze(t, 1);
 }
 
+/* The lifted operand's shape into shape; returns its ndim. For operands the node keeps only
+ * as stubs, which have no values to view. */
+static int lifted_shape(const qkv_tensor *t, bool left, int64_t *shape) {
+    if (t->ndim >= 2) {
+        memcpy(shape, t->shape, (size_t)t->ndim * sizeof *shape);
+        return t->ndim;
+    }
+    shape[0] = left ? 1 : t->shape[0];
+    shape[1] = left ? t->shape[0] : 1;
+    return 2;
+}
+
 /* For C = A B: dA = dC B^T and dB = A^T dC, each summed over the batch dimensions its operand
  * was broadcast along. When B is one matrix shared by a batch of A, dB is a single product
- * over the folded batch: A^T [k, batch*m] times dC [batch*m, n]. */
+ * over the folded batch: A^T [k, batch*m] times dC [batch*m, n]. The node keeps A's values
+ * only when B requires grad, and B's only when A does. */
 static void matmul_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *a = IN(0), *b = IN(1);
-    qkv_tensor *A = lifted(a, true), *B = lifted(b, false);
-    int64_t gshape[QKV_MAX_DIMS];
+    int64_t ashape[QKV_MAX_DIMS], bshape[QKV_MAX_DIMS], gshape[QKV_MAX_DIMS];
+    int and = lifted_shape(a, true, ashape), bnd = lifted_shape(b, false, bshape);
     int gnd = 0;
     for (int i = 0; i < g->ndim - (a->ndim > 1) - (b->ndim > 1); i++) gshape[gnd++] = g->shape[i];
-    gshape[gnd++] = A->shape[A->ndim - 2];
-    gshape[gnd++] = B->shape[B->ndim - 1];
+    gshape[gnd++] = ashape[and - 2];
+    gshape[gnd++] = bshape[bnd - 1];
     qkv_tensor *G = qkv_reshape(g, gnd, gshape);
     if (a->requires_grad) {
-        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(B, -1, -2));
-        gi[0] = qkv_reshape(qkv__sum_to(ga, A->ndim, A->shape), a->ndim, a->shape);
+        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(lifted(b, false), -1, -2));
+        gi[0] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
     }
     if (b->requires_grad) {
-        qkv_tensor *gb;
-        if (B->ndim == 2 && A->ndim > 2) {
-            int64_t k = A->shape[A->ndim - 1], n = B->shape[1];
+        qkv_tensor *A = lifted(a, true), *gb;
+        if (bnd == 2 && and > 2) {
+            int64_t k = ashape[and - 1], n = bshape[1];
             qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){-1, k});
             qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){-1, n});
             gb = qkv_matmul(qkv_transpose(a2, 0, 1), g2);
         } else {
-            gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), B->ndim, B->shape);
+            gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), bnd, bshape);
         }
         gi[1] = qkv_reshape(gb, b->ndim, b->shape);
     }
 }
-static const qkv_op_def matmul_op = {"matmul", matmul_backward};
+static const qkv_op_def matmul_op = {"matmul", matmul_backward, .cross = true};
 
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
     return qkv__record(qkv__matmul(a, b, "qkv_matmul"), &matmul_op, 2,
@@ -55,7 +70,7 @@ static void affine_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
         gi[1] = qkv_matmul(qkv_transpose(g2, 0, 1), qkv_reshape(x, 2, (const int64_t[]){-1, in}));
     if (b && b->requires_grad) gi[2] = qkv_sum(g2, 0, false);
 }
-static const qkv_op_def affine_op = {"affine", affine_backward};
+static const qkv_op_def affine_op = {"affine", affine_backward, .drop = 0x4, .cross = true};
 
 qkv_tensor *qkv_affine(const qkv_tensor *x, const qkv_tensor *weight, const qkv_tensor *bias) {
     return qkv__record(qkv__affine(x, weight, bias, "qkv_affine"), &affine_op, 3,

@@ -33,7 +33,7 @@ static void layer_norm_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor 
     gi[1] = gw;
     gi[2] = gb;
 }
-static const qkv_op_def layer_norm_op = {"layer_norm", layer_norm_backward};
+static const qkv_op_def layer_norm_op = {"layer_norm", layer_norm_backward, .drop = 0x4};
 
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name) {

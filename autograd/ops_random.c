@@ -185,7 +185,7 @@ static void dropout_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     gi[0] = node->saved[0] ? dropout_apply_mask(g, node->saved[0], node->dargs[0])
                            : (qkv_tensor *)g;
 }
-static const qkv_op_def dropout_op = {"dropout", dropout_backward};
+static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g) {
     if (!a) return NULL;

@@ -58,7 +58,7 @@ static uint32_t all_axes(const qkv_tensor *a) {
 static void sum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = expand_back(node, g);
 }
-static const qkv_op_def sum_op = {"sum", sum_backward};
+static const qkv_op_def sum_op = {"sum", sum_backward, .drop = QKV_DROP_ALL};
 
 /* The reduction op over the listed axes, reported in errors as name. */
 static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
@@ -84,7 +84,7 @@ static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) 
     /* Divided while still reduced, then broadcast: a view, not a pass over the input. */
     gi[0] = expand_back(node, qkv_div_scalar(g, (double)reduced_count(node)));
 }
-static const qkv_op_def mean_op = {"mean", mean_backward};
+static const qkv_op_def mean_op = {"mean", mean_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
     return reduce_axes(QKV_RED_MEAN, a, naxes, axes, keepdim, 0, &mean_op, "qkv_mean_axes");
@@ -109,7 +109,7 @@ static void var_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
      * (centre, multiply) instead of three. */
     gi[0] = qkv_mul(expand_back(node, qkv_mul_scalar(g, 2.0 / dof)), centered);
 }
-static const qkv_op_def var_op = {"var", var_backward};
+static const qkv_op_def var_op = {"var", var_backward, .drop = 0};
 
 qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
                          bool keepdim) {
@@ -139,8 +139,8 @@ static void extremum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **
     gi[0] = qkv__where(hit, expand_back(node, g), qkv_zeros(g->dtype, 0, NULL),
                        "max_backward");
 }
-static const qkv_op_def max_op = {"max", extremum_backward};
-static const qkv_op_def min_op = {"min", extremum_backward};
+static const qkv_op_def max_op = {"max", extremum_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def min_op = {"min", extremum_backward, .drop = QKV_DROP_ALL};
 
 static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool all, bool is_max,
                             const char *name) {
@@ -226,7 +226,7 @@ static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     qkv_tensor *dot = qkv_sum(qkv_mul(g, out), axis, true);
     gi[0] = qkv_mul(out, qkv_sub(g, dot));
 }
-static const qkv_op_def softmax_op = {"softmax", softmax_backward};
+static const qkv_op_def softmax_op = {"softmax", softmax_backward, .drop = QKV_DROP_ALL};
 
 /* d log_softmax = g - exp(out) * sum(g) along the axis */
 static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
@@ -237,7 +237,7 @@ static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor
     }
     gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
 }
-static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward};
+static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward, .drop = QKV_DROP_ALL};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;

@@ -44,7 +44,7 @@ static bool view_strides(int ond, const int64_t *oshape, const int64_t *ostride,
 static void reshape_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_reshape(g, IN(0)->ndim, IN(0)->shape);
 }
-static const qkv_op_def reshape_op = {"reshape", reshape_backward};
+static const qkv_op_def reshape_op = {"reshape", reshape_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
@@ -106,7 +106,7 @@ static void permute_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     for (int i = 0; i < g->ndim; i++) inv[node->iargs[i]] = i;
     gi[0] = qkv_permute(g, inv);
 }
-static const qkv_op_def permute_op = {"permute", permute_backward};
+static const qkv_op_def permute_op = {"permute", permute_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
     if (!a) return NULL;
@@ -159,7 +159,7 @@ static void slice_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi)
     qkv_tensor *gg = node->iargs[4] ? qkv_unsqueeze(g, axis) : (qkv_tensor *)g;
     if (window && qkv_copy_(window, gg)) gi[0] = z;
 }
-static const qkv_op_def slice_op = {"slice", slice_backward};
+static const qkv_op_def slice_op = {"slice", slice_backward, .drop = QKV_DROP_ALL};
 
 static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int64_t len,
                               int64_t step, bool drop_axis, const char *name) {
@@ -270,7 +270,7 @@ qkv_tensor *qkv_unsqueeze(const qkv_tensor *a, int axis) {
 static void expand_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = (qkv_tensor *)g;
 }
-static const qkv_op_def expand_op = {"expand", expand_backward};
+static const qkv_op_def expand_op = {"expand", expand_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
@@ -297,9 +297,9 @@ qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
 /* ---- contiguous, clone, to_dtype --------------------------------------------------------- */
 
 /* d copy = g (to_dtype's gradient is converted back by the engine) */
-static const qkv_op_def contiguous_op = {"contiguous", expand_backward};
-static const qkv_op_def clone_op = {"clone", expand_backward};
-static const qkv_op_def to_dtype_op = {"to_dtype", expand_backward};
+static const qkv_op_def contiguous_op = {"contiguous", expand_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def clone_op = {"clone", expand_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def to_dtype_op = {"to_dtype", expand_backward, .drop = QKV_DROP_ALL};
 
 qkv_tensor *qkv_contiguous(const qkv_tensor *a) {
     return REC1(qkv__contiguous(a), &contiguous_op, a);

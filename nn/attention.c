@@ -167,6 +167,9 @@ qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
     if (o->weights) *o->weights = NULL;
     if (!m || !query || !key || !value || !check_inputs(m, query, key, value)) return NULL;
     int64_t B = query->shape[0], T = query->shape[1], S = key->shape[1];
+    /* Scores, masked scores and the head copies die with this scope unless the backward
+     * needs them. */
+    qkv_scope_begin();
     qkv_tensor *q = split_heads(m, qkv_linear_forward(m->q_proj, query));   /* [B,H,T,Dh] */
     qkv_tensor *k = split_heads(m, qkv_linear_forward(m->k_proj, key));     /* [B,H,S,Dh] */
     qkv_tensor *v = split_heads(m, qkv_linear_forward(m->v_proj, value));   /* [B,H,S,Dh] */
@@ -180,6 +183,9 @@ qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
     qkv_tensor *ctx = qkv_permute(qkv_matmul(attn, v), (const int[]){0, 2, 1, 3}); /* [B,T,H,Dh] */
     qkv_tensor *out = qkv_linear_forward(m->out_proj,
                                          qkv_reshape(ctx, QKV_SHAPE(B, T, m->embed_dim)));
-    if (out && o->weights) *o->weights = o->per_head_weights ? attn : qkv_mean(attn, 1, false);
+    if (out && o->weights)
+        *o->weights = qkv_keep(o->per_head_weights ? attn : qkv_mean(attn, 1, false));
+    out = qkv_keep(out);
+    qkv_scope_end();
     return out;
 }

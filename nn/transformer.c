@@ -74,13 +74,20 @@ qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer 
     static const qkv_encoder_options none = {0};
     const qkv_encoder_options *o = opts ? opts : &none;
     if (!m || !src) return NULL;
+    /* The layer's intermediates belong to its own scope, so those its backward does not need
+     * are freed when the layer returns rather than when the caller's step ends. */
+    qkv_scope_begin();
     qkv_tensor *x = (qkv_tensor *)src;
     if (m->config.norm_first) {
         x = qkv_add(x, self_attention_block(m, qkv_layer_norm_forward(m->norm1, x), o));
-        return qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x)));
+        x = qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x)));
+    } else {
+        x = qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o)));
+        x = qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x)));
     }
-    x = qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o)));
-    return qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x)));
+    x = qkv_keep(x);
+    qkv_scope_end();
+    return x;
 }
 
 /* ---- The stack --------------------------------------------------------------------------- */
