@@ -24,11 +24,22 @@ typedef struct qkv_node qkv_node;
 /* grads has one slot per input, all NULL on entry; leave a slot NULL for no gradient. */
 typedef void (*qkv_backward_fn)(qkv_node *node, const qkv_tensor *grad, qkv_tensor **grads);
 
+/* The node's output values computed again from what the node holds (qkv__values for its
+ * inputs), bit for bit as the forward made them; owned by the innermost scope. */
+typedef qkv_tensor *(*qkv_recompute_fn)(qkv_node *node);
+
 /* What a node keeps of its inputs. A backward reads an input's values only where its op's
  * def allows; for every other input the node holds a stub with the input's shape, dtype and
  * graph link but no storage, so a forward's intermediates are freed as soon as nothing else
- * holds them. A leaf that requires grad is always held whole: its .grad is accumulated. */
+ * holds them. A leaf that requires grad is always held whole: its .grad is accumulated.
+ *
+ * An input whose values are read but which a cheap op made (an activation, a dropout, an op
+ * that saves its own output) is held as a stub too, and recomputed from what its maker holds
+ * when the backward runs: a GELU's output from the GELU's input, which the GELU keeps for its
+ * own backward anyway, or a dropout's from its input and bit mask. Chains of such ops are
+ * recomputed at most QKV_RECOMPUTE_DEPTH ops deep. */
 #define QKV_DROP_ALL UINT32_MAX
+#define QKV_RECOMPUTE_DEPTH 2
 
 typedef struct qkv_op_def {
     const char *name;
@@ -36,6 +47,8 @@ typedef struct qkv_op_def {
     uint32_t drop;  /* inputs (bit i for input i) whose values the backward never reads */
     bool cross;     /* the others' values are read only for another input's gradient, as in a
                        product (d(ab)/da needs b): kept only when another input requires grad */
+    qkv_recompute_fn recompute;  /* NULL where recomputing costs more than keeping */
+    uint32_t recompute_reads;    /* inputs whose values recompute reads */
 } qkv_op_def;
 
 #define QKV_NODE_SAVED 4
@@ -60,6 +73,10 @@ struct qkv_node {
     bool freed;                         /* inputs and saved released (graph freed) */
     uint64_t mark;                      /* the backward pass that last visited this node */
     qkv_tensor *retained_out;           /* weak: the output, when qkv_retain_grad asked */
+    uint32_t materialize;               /* stubbed inputs the backward reads: recomputed
+                                           before it runs */
+    int depth;                          /* recomputations needed to recompute the output
+                                           (0: from held values), or -1 if it cannot be */
 };
 
 /* Records a node for out when grad mode is on and an input requires grad: out->grad_fn is set
@@ -71,6 +88,11 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
  * node->saved[slot]: for saving an op's own output without a reference cycle. */
 bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out);
 bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t);
+/* Input i's values: the input itself when the node holds it whole, else its maker's
+ * recomputation (owned by the innermost scope). NULL with an error if it cannot be had. */
+qkv_tensor *qkv__values(qkv_node *node, int i);
+/* recompute for ops that save their own output in saved[0] */
+qkv_tensor *qkv__saved_output(qkv_node *node);
 /* Reduces a gradient of a broadcast shape back to shape (sums the broadcast dims). */
 qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape);
 bool qkv__needs_grad(const qkv_tensor *t);

@@ -93,6 +93,50 @@ static qkv_tensor *stub(const qkv_tensor *t) {
     return s;
 }
 
+/* Whether a consumer may hold p's output as a stub and have it recomputed. */
+static bool recomputable(const qkv_node *p) {
+    return p->depth >= 0 && p->depth < QKV_RECOMPUTE_DEPTH && !p->freed;
+}
+
+qkv_tensor *qkv__saved_output(qkv_node *node) {
+    return node->saved[0];
+}
+
+/* The values of a stub whose maker can recompute them. */
+static qkv_tensor *recomputed(const qkv_tensor *t) {
+    qkv_node *p = t->grad_fn;
+    if (!p || p->depth < 0 || p->freed)
+        return qkv_set_error("qkv_backward: the values of an input of %s are gone and cannot "
+                             "be recomputed", p ? p->op->name : "a leaf");
+    qkv_tensor *v = p->op->recompute(p);
+    if (v && (v->ndim != t->ndim || memcmp(v->shape, t->shape, sizeof(int64_t) * t->ndim) ||
+              v->dtype != t->dtype))
+        return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape", p->op->name);
+    return v;
+}
+
+qkv_tensor *qkv__values(qkv_node *node, int i) {
+    qkv_tensor *t = node->inputs[i];
+    if (!t || t->storage) return t;
+    return recomputed(t);
+}
+
+/* Gives a stub the storage and geometry of its recomputed values, for one backward. */
+static bool attach_values(qkv_tensor *t) {
+    qkv_tensor *v = recomputed(t);
+    if (!v) return false;
+    t->storage = v->storage;
+    t->storage->refcount++;
+    t->offset = v->offset;
+    memcpy(t->strides, v->strides, sizeof t->strides);
+    return true;
+}
+
+static void detach_values(qkv_tensor *t) {
+    qkv__storage_release(t->storage);
+    t->storage = NULL;
+}
+
 /* Releases the first k inputs of a node that is being abandoned half built. */
 static void free_graph_links_upto(qkv_node *n, int k) {
     for (int i = 0; i < k; i++) qkv_release(n->inputs[i]);
@@ -123,15 +167,22 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
     n->op = op;
     n->refcount = 1;
     n->n_inputs = n_inputs;
+    n->depth = op->recompute ? 0 : -1;
     for (int i = 0; i < n_inputs; i++) {
         const qkv_tensor *in = inputs[i];
-        bool whole = !in || (in->requires_grad && !in->grad_fn) ||
-                     reads_values(op, n_inputs, inputs, i);
+        bool read = reads_values(op, n_inputs, inputs, i);
+        bool recompute_reads = op->recompute && i < 32 && (op->recompute_reads >> i) & 1;
+        bool lazy = in && in->grad_fn && i < 32 && recomputable(in->grad_fn);
+        bool whole = !in || (in->requires_grad && !in->grad_fn) || (read && !lazy);
         n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : stub(in);
         if (!n->inputs[i] && in) {
             free_graph_links_upto(n, i);
             goto fail;
         }
+        if (!whole && lazy && read) n->materialize |= 1u << i;
+        if (recompute_reads && n->depth >= 0 && !whole)
+            n->depth = !lazy ? -1 : in->grad_fn->depth + 1 > n->depth ? in->grad_fn->depth + 1
+                                                                          : n->depth;
     }
     n->out_ndim = out->ndim;
     memcpy(n->out_shape, out->shape, sizeof n->out_shape);
@@ -313,10 +364,20 @@ static bool run_node(qkv_node *n, node_list *ready) {
      * by their slots) outlive it, so a backward holds no more than its frontier. */
     qkv_scope_begin();
     bool had_error = qkv_error() != NULL;
+    uint32_t attached = 0;
+    bool values_ok = true;
+    for (int i = 0; i < n->n_inputs && i < 32 && values_ok; i++)
+        if ((n->materialize >> i) & 1) {
+            values_ok = attach_values(n->inputs[i]);
+            if (values_ok) attached |= 1u << i;
+        }
     backward_depth++;
-    n->op->backward(n, g, grads);
+    if (values_ok) n->op->backward(n, g, grads);
     backward_depth--;
-    bool ok = (had_error || !qkv_error()) && (!anomaly || check_gradients(n, grads));
+    for (int i = 0; i < n->n_inputs && i < 32; i++)
+        if ((attached >> i) & 1) detach_values(n->inputs[i]);
+    bool ok = values_ok && (had_error || !qkv_error()) &&
+              (!anomaly || check_gradients(n, grads));
     for (int i = 0; i < n->n_inputs && ok; i++) {
         qkv_tensor *in = n->inputs[i];
         if (!in || !in->requires_grad) continue;

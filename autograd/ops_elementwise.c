@@ -204,7 +204,8 @@ qkv_tensor *qkv_neg(const qkv_tensor *a) {
 static void exp_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, SAVED(0));
 }
-static const qkv_op_def exp_op = {"exp", exp_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def exp_op = {"exp", exp_backward, .drop = QKV_DROP_ALL,
+                                   .recompute = qkv__saved_output};
 qkv_tensor *qkv_exp(const qkv_tensor *a) {
     return unary_op(QKV_OP_EXP, a, &exp_op, true, "qkv_exp");
 }
@@ -222,7 +223,8 @@ qkv_tensor *qkv_log(const qkv_tensor *a) {
 static void sqrt_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_div(qkv_mul_scalar(g, 0.5), SAVED(0));
 }
-static const qkv_op_def sqrt_op = {"sqrt", sqrt_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def sqrt_op = {"sqrt", sqrt_backward, .drop = QKV_DROP_ALL,
+                                   .recompute = qkv__saved_output};
 qkv_tensor *qkv_sqrt(const qkv_tensor *a) {
     return unary_op(QKV_OP_SQRT, a, &sqrt_op, true, "qkv_sqrt");
 }
@@ -232,7 +234,8 @@ static void rsqrt_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi)
     qkv_tensor *o = SAVED(0);
     gi[0] = qkv_mul(qkv_mul_scalar(g, -0.5), qkv_mul(o, qkv_mul(o, o)));
 }
-static const qkv_op_def rsqrt_op = {"rsqrt", rsqrt_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def rsqrt_op = {"rsqrt", rsqrt_backward, .drop = QKV_DROP_ALL,
+                                   .recompute = qkv__saved_output};
 qkv_tensor *qkv_rsqrt(const qkv_tensor *a) {
     return unary_op(QKV_OP_RSQRT, a, &rsqrt_op, true, "qkv_rsqrt");
 }
@@ -250,7 +253,8 @@ qkv_tensor *qkv_abs(const qkv_tensor *a) {
 static void tanh_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv_rsub_scalar(1, qkv_mul(SAVED(0), SAVED(0))));
 }
-static const qkv_op_def tanh_op = {"tanh", tanh_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def tanh_op = {"tanh", tanh_backward, .drop = QKV_DROP_ALL,
+                                   .recompute = qkv__saved_output};
 qkv_tensor *qkv_tanh(const qkv_tensor *a) {
     return unary_op(QKV_OP_TANH, a, &tanh_op, true, "qkv_tanh");
 }
@@ -259,7 +263,8 @@ qkv_tensor *qkv_tanh(const qkv_tensor *a) {
 static void sigmoid_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv_mul(SAVED(0), qkv_rsub_scalar(1, SAVED(0))));
 }
-static const qkv_op_def sigmoid_op = {"sigmoid", sigmoid_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def sigmoid_op = {"sigmoid", sigmoid_backward, .drop = QKV_DROP_ALL,
+                                   .recompute = qkv__saved_output};
 qkv_tensor *qkv_sigmoid(const qkv_tensor *a) {
     return unary_op(QKV_OP_SIGMOID, a, &sigmoid_op, true, "qkv_sigmoid");
 }
@@ -268,7 +273,11 @@ qkv_tensor *qkv_sigmoid(const qkv_tensor *a) {
 static void relu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_mul(g, qkv__unary(QKV_OP_STEP, IN(0), "relu_backward"));
 }
-static const qkv_op_def relu_op = {"relu", relu_backward, .drop = 0};
+static qkv_tensor *relu_recompute(qkv_node *node) {
+    return qkv__unary(QKV_OP_RELU, qkv__values(node, 0), "relu");
+}
+static const qkv_op_def relu_op = {"relu", relu_backward, .drop = 0,
+                                   .recompute = relu_recompute, .recompute_reads = 0x1};
 qkv_tensor *qkv_relu(const qkv_tensor *a) {
     return unary_op(QKV_OP_RELU, a, &relu_op, false, "qkv_relu");
 }
@@ -278,7 +287,12 @@ static void gelu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) 
     qkv_unary_op d = node->iargs[0] ? QKV_OP_GELU_TANH_GRAD : QKV_OP_GELU_ERF_GRAD;
     gi[0] = qkv__unary_times(d, IN(0), g, "gelu_backward");
 }
-static const qkv_op_def gelu_op = {"gelu", gelu_backward, .drop = 0};
+static qkv_tensor *gelu_recompute(qkv_node *node) {
+    qkv_unary_op f = node->iargs[0] ? QKV_OP_GELU_TANH : QKV_OP_GELU_ERF;
+    return qkv__unary(f, qkv__values(node, 0), "gelu");
+}
+static const qkv_op_def gelu_op = {"gelu", gelu_backward, .drop = 0,
+                                   .recompute = gelu_recompute, .recompute_reads = 0x1};
 qkv_tensor *qkv_gelu(const qkv_tensor *a, bool tanh_approximation) {
     qkv_tensor *out = unary_op(tanh_approximation ? QKV_OP_GELU_TANH : QKV_OP_GELU_ERF, a,
                                &gelu_op, false, "qkv_gelu");

@@ -185,7 +185,14 @@ static void dropout_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     gi[0] = node->saved[0] ? dropout_apply_mask(g, node->saved[0], node->dargs[0])
                            : (qkv_tensor *)g;
 }
-static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL};
+/* the output again: the input times the saved mask's factors, or the input itself */
+static qkv_tensor *dropout_recompute(qkv_node *node) {
+    qkv_tensor *a = qkv__values(node, 0);
+    if (!a || !node->saved[0]) return a;
+    return dropout_apply_mask(a, node->saved[0], node->dargs[0]);
+}
+static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL,
+                                      .recompute = dropout_recompute, .recompute_reads = 0x1};
 
 qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g) {
     if (!a) return NULL;

@@ -226,7 +226,8 @@ static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     qkv_tensor *dot = qkv_sum(qkv_mul(g, out), axis, true);
     gi[0] = qkv_mul(out, qkv_sub(g, dot));
 }
-static const qkv_op_def softmax_op = {"softmax", softmax_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def softmax_op = {"softmax", softmax_backward, .drop = QKV_DROP_ALL,
+                                      .recompute = qkv__saved_output};
 
 /* d log_softmax = g - exp(out) * sum(g) along the axis */
 static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
@@ -237,7 +238,8 @@ static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor
     }
     gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
 }
-static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward, .drop = QKV_DROP_ALL};
+static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward, .drop = QKV_DROP_ALL,
+                                      .recompute = qkv__saved_output};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;

@@ -70,9 +70,9 @@ static double median(double *v, int n) {
 
 static bool train_step(classifier *m, qkv_optimizer *opt, const batch *b) {
     qkv_scope_begin();
+    qkv_optimizer_zero_grad(opt);
     qkv_tensor *logits = classifier_forward(m, b->ids, b->pad);
     qkv_tensor *loss = qkv_cross_entropy(logits, b->labels, QKV_REDUCTION_MEAN, -100, 0);
-    qkv_optimizer_zero_grad(opt);
     bool ok = loss && qkv_backward(loss) && qkv_optimizer_step(opt);
     qkv_scope_end();
     return ok;

@@ -173,7 +173,7 @@ static void backward_releases_what_the_graph_held(void **state) {
     qkv_tensor *z = qkv_mul(y, y);
     qkv_tensor *loss = qkv_sum_all(z);
     assert_int_equal(x->refcount, 2); /* the scope and exp's node */
-    assert_int_equal(y->refcount, 3); /* the scope and mul's node, twice */
+    assert_int_equal(y->refcount, 1); /* the scope: mul's node recomputes y from exp's */
     assert_int_equal(z->refcount, 1); /* the scope: sum's backward reads no values */
     assert_true(qkv_backward(loss));
     assert_int_equal(x->refcount, 1);
@@ -182,12 +182,12 @@ static void backward_releases_what_the_graph_held(void **state) {
     qkv_scope_end();
 }
 
-/* softmax(e^x C + C e^x) + e^x e^x, with C a constant: products where only one factor needs a
+/* softmax(2x C + C 2x) + 4x^2, with C a constant: products where only one factor needs a
  * gradient, so the nodes hold stubs of the others. */
 static qkv_tensor *stub_composition(qkv_tensor *const *in, int n, void *ctx) {
     (void)n;
     const qkv_tensor *c = ctx;
-    qkv_tensor *a = qkv_exp(in[0]);
+    qkv_tensor *a = qkv_mul_scalar(in[0], 2);
     qkv_tensor *s = qkv_softmax(qkv_add(qkv_matmul(a, c), qkv_matmul(c, a)), -1);
     return qkv_add(s, qkv_mul(a, a));
 }
@@ -198,7 +198,7 @@ static void nodes_hold_only_the_values_their_backward_reads(void **state) {
     qkv_scope_begin();
     qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(0.1, -0.2, 0.3, 0.4));
     qkv_tensor *c = constant(QKV_SHAPE(2, 2), VALUES(1, 2, -1, 0.5));
-    qkv_tensor *a = qkv_exp(x);
+    qkv_tensor *a = qkv_mul_scalar(x, 2);
     qkv_tensor *p = qkv_matmul(a, c);     /* da reads c; c needs no gradient, so a is unread */
     assert_non_null(p);
     assert_int_equal(a->refcount, 1);
@@ -227,6 +227,48 @@ static qkv_tensor *inner_forward(const qkv_tensor *x) {
     qkv_tensor *y = qkv_keep(qkv_tanh(h));                 /* tanh keeps its output */
     qkv_scope_end();
     return y;
+}
+
+/* gelu(gelu(gelu(gelu(x)))) @ dropout(gelu(x)), with the same dropout mask at every call */
+static qkv_tensor *recomputed_chain(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    qkv_tensor *x = in[0];
+    qkv_tensor *d = qkv_dropout(qkv_gelu(x, false), 0.4, true, &g);
+    qkv_tensor *c = qkv_gelu(qkv_gelu(qkv_gelu(qkv_gelu(x, false), true), false), true);
+    return qkv_matmul(c, d);
+}
+
+#define CHAIN_X VALUES(0.5, -1, 2, 0.25, -0.75, 1.5, 0.1, -2, 3, 0.3, -0.4, 1, 0.7, -0.2, 0, 1.2)
+
+/* Outputs of cheap ops are recomputed for the backward instead of held: at most
+ * QKV_RECOMPUTE_DEPTH ops deep, and with the same gradients as if they were held. */
+static void cheap_outputs_are_recomputed_not_held(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(4, 4), CHAIN_X);
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    qkv_tensor *g1 = qkv_gelu(x, false);
+    qkv_tensor *g2 = qkv_gelu(g1, true);     /* recomputes g1 from x */
+    qkv_tensor *g3 = qkv_gelu(g2, false);    /* g2 from g1 from x: two deep */
+    qkv_tensor *g4 = qkv_gelu(g3, true);     /* g3 would be three deep: held */
+    qkv_tensor *d = qkv_dropout(qkv_gelu(x, false), 0.4, true, &g);
+    qkv_tensor *y = qkv_matmul(g4, d);       /* g4 from g3; d from its mask and a gelu */
+    assert_non_null(y);
+    assert_int_equal(g1->refcount, 1);       /* the scope only */
+    assert_int_equal(g2->refcount, 1);
+    assert_int_equal(g3->refcount, 2);       /* the scope and g4's node */
+    assert_int_equal(g4->refcount, 1);
+    assert_int_equal(d->refcount, 1);
+    assert_int_equal(d->storage->refcount, 1);
+    qkv_scope_end();
+    qkv_scope_begin();
+    qkv_tensor *in = param(QKV_SHAPE(4, 4), CHAIN_X);
+    assert_true(qkv_gradcheck(recomputed_chain, &in, 1, NULL, 1e-6, 1e-8, 1e-6));
+    qkv_scope_end();
 }
 
 static void inner_scopes_free_what_the_backward_does_not_read(void **state) {
@@ -794,6 +836,7 @@ int main(void) {
                                clear_error),
         cmocka_unit_test_setup(backward_releases_what_the_graph_held, clear_error),
         cmocka_unit_test_setup(nodes_hold_only_the_values_their_backward_reads, clear_error),
+        cmocka_unit_test_setup(cheap_outputs_are_recomputed_not_held, clear_error),
         cmocka_unit_test_setup(inner_scopes_free_what_the_backward_does_not_read, clear_error),
         cmocka_unit_test_setup(backward_holds_nodes_whose_tensors_are_gone, clear_error),
         cmocka_unit_test_setup(scope_end_frees_a_graph_and_its_gradients, clear_error),

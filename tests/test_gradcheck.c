@@ -665,7 +665,7 @@ static void doubled_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     (void)node;
     gi[0] = qkv_mul_scalar(g, 2);
 }
-static const qkv_op_def doubled_op = {"doubled_identity", doubled_backward};
+static const qkv_op_def doubled_op = {"doubled_identity", doubled_backward, .drop = QKV_DROP_ALL};
 
 static qkv_tensor *doubled_identity(const qkv_tensor *a) {
     qkv_tensor *out = qkv__view(a, a->ndim, a->shape, a->strides, a->offset);

@@ -76,11 +76,11 @@ static void progress_draw(progress *p, int64_t epoch, int64_t done, int64_t tota
 
 /* One optimisation step on a batch; returns its loss, NAN on error. */
 static double train_step(classifier *m, qkv_optimizer *opt, const qkv_batch *b) {
+    qkv_optimizer_zero_grad(opt); /* last step's gradients are not kept through this forward */
     qkv_tensor *logits = classifier_forward(m, b->ids, b->key_padding_mask);
     qkv_tensor *loss = qkv_cross_entropy(logits, b->labels, QKV_REDUCTION_MEAN, -100, 0);
     double value = loss ? qkv_item(loss) : NAN;
     if (!isfinite(value)) return NAN;
-    qkv_optimizer_zero_grad(opt);
     if (!qkv_backward(loss) || !qkv_optimizer_step(opt)) return NAN;
     return value;
 }
