@@ -9,9 +9,9 @@
  *
  * Adding an op therefore touches its own file and one line elsewhere: a new ops_<name>.c
  * holding the forward, the backward and their static qkv_op_def (name, backward, and which
- * inputs' values the backward reads, side by side), listed in autograd/meson.build; plus its declaration in autograd.h. Nothing else
- * names the op: the engine reaches a backward through the node's qkv_op_def. Composite ops
- * built from public ops need no backward at all.
+ * inputs' values the backward reads, side by side), listed in autograd/meson.build; plus its
+ * declaration in autograd.h. Nothing else names the op: the engine reaches a backward through
+ * the node's qkv_op_def. Composite ops built from public ops need no backward at all.
  */
 #ifndef QKV_AUTOGRAD_INTERNAL_H
 #define QKV_AUTOGRAD_INTERNAL_H

@@ -33,7 +33,37 @@ static void layer_norm_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor 
     gi[1] = gw;
     gi[2] = gb;
 }
-static const qkv_op_def layer_norm_op = {"layer_norm", layer_norm_backward, .drop = 0x4};
+/* out, and each row's mean and 1/std into *mean and *rstd, for x normalised over its last d
+ * elements: the forward, and the same computation again for a consumer's backward */
+static qkv_tensor *layer_norm_values(const qkv_tensor *x, int64_t d, const qkv_tensor *weight,
+                                     const qkv_tensor *bias, double eps, qkv_tensor **mean,
+                                     qkv_tensor **rstd) {
+    int64_t rows = d ? x->numel / d : 0;
+    qkv_tensor *xc = qkv__contiguous(x);
+    qkv_tensor *wc = weight ? qkv__contiguous(weight) : NULL;
+    qkv_tensor *bc = bias ? qkv__contiguous(bias) : NULL;
+    qkv_tensor *out = xc ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
+    *mean = out ? qkv_empty(x->dtype, 1, &rows) : NULL;
+    *rstd = *mean ? qkv_empty(x->dtype, 1, &rows) : NULL;
+    if (!*rstd || (weight && !wc) || (bias && !bc)) return NULL;
+    qkv__layer_norm_rows(x->dtype, rows, d, qkv_data(xc), wc ? qkv_data(wc) : NULL,
+                         bc ? qkv_data(bc) : NULL, eps, qkv_data(out), qkv_data(*mean),
+                         qkv_data(*rstd));
+    return out;
+}
+
+/* the output again from the held input, weight and bias: one pass over a tensor the size of
+ * the input, where holding the output would keep that much memory until the backward */
+static qkv_tensor *layer_norm_recompute(qkv_node *node) {
+    qkv_tensor *x = qkv__values(node, 0), *w = NULL, *b = NULL, *mean, *rstd;
+    if (node->inputs[1] && !(w = qkv__values(node, 1))) return NULL;
+    if (node->inputs[2] && !(b = qkv__values(node, 2))) return NULL;
+    return x ? layer_norm_values(x, node->iargs[0], w, b, node->dargs[0], &mean, &rstd) : NULL;
+}
+
+static const qkv_op_def layer_norm_op = {"layer_norm", layer_norm_backward, .drop = 0x4,
+                                         .recompute = layer_norm_recompute,
+                                         .recompute_reads = 0x7};
 
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name) {
@@ -46,20 +76,12 @@ qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *wei
         (bias && (bias->dtype != x->dtype || bias->numel != d)))
         return qkv_set_error("%s: cannot normalise %s over its last %d dims with the given "
                              "weight and bias", name, qkv_shape_str(x, s, sizeof s), ndim);
-    int64_t rows = d ? x->numel / d : 0;
-    qkv_tensor *xc = qkv__contiguous(x);
-    qkv_tensor *wc = weight ? qkv__contiguous(weight) : NULL;
-    qkv_tensor *bc = bias ? qkv__contiguous(bias) : NULL;
-    qkv_tensor *out = xc ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
-    qkv_tensor *mean = out ? qkv_empty(x->dtype, 1, &rows) : NULL;
-    qkv_tensor *rstd = mean ? qkv_empty(x->dtype, 1, &rows) : NULL;
-    if (!rstd || (weight && !wc) || (bias && !bc)) return NULL;
-    qkv__layer_norm_rows(x->dtype, rows, d, qkv_data(xc), wc ? qkv_data(wc) : NULL,
-                         bc ? qkv_data(bc) : NULL, eps, qkv_data(out), qkv_data(mean),
-                         qkv_data(rstd));
+    qkv_tensor *mean, *rstd;
+    qkv_tensor *out = layer_norm_values(x, d, weight, bias, eps, &mean, &rstd);
     out = qkv__record(out, &layer_norm_op, 3, (const qkv_tensor *const[]){x, weight, bias});
     if (out && out->grad_fn) {
         out->grad_fn->iargs[0] = d;
+        out->grad_fn->dargs[0] = eps;
         if (!qkv__save(out->grad_fn, 0, mean) || !qkv__save(out->grad_fn, 1, rstd)) return NULL;
     }
     return out;

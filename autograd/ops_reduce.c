@@ -238,8 +238,8 @@ static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor
     }
     gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
 }
-static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward, .drop = QKV_DROP_ALL,
-                                      .recompute = qkv__saved_output};
+static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward,
+                                          .drop = QKV_DROP_ALL, .recompute = qkv__saved_output};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;

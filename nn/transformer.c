@@ -61,10 +61,14 @@ static qkv_tensor *self_attention_block(qkv_transformer_encoder_layer *m, const 
         m->dropout1, qkv_multi_head_attention_forward(m->self_attn, x, x, x, &ao));
 }
 
-/* dropout2(linear2(dropout(activation(linear1(x))))) */
+/* dropout2(linear2(dropout(activation(linear1(x))))). The activation's output is freed as soon
+ * as the dropout has read it, and the dropout's as soon as linear2 has: the backward
+ * recomputes both from linear1's output. */
 static qkv_tensor *feed_forward_block(qkv_transformer_encoder_layer *m, const qkv_tensor *x) {
-    qkv_tensor *h = qkv_activate(m->config.activation, qkv_linear_forward(m->linear1, x));
-    h = qkv_linear_forward(m->linear2, qkv_dropout_layer_forward(m->dropout, h));
+    qkv_tensor *h = qkv_linear_forward(m->linear1, x);
+    h = QKV_SCOPED(qkv_linear_forward(
+        m->linear2, QKV_SCOPED(qkv_dropout_layer_forward(
+                        m->dropout, qkv_activate(m->config.activation, h)))));
     return qkv_dropout_layer_forward(m->dropout2, h);
 }
 
@@ -79,11 +83,13 @@ qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer 
     qkv_scope_begin();
     qkv_tensor *x = (qkv_tensor *)src;
     if (m->config.norm_first) {
-        x = qkv_add(x, self_attention_block(m, qkv_layer_norm_forward(m->norm1, x), o));
-        x = qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x)));
+        x = QKV_SCOPED(
+            qkv_add(x, self_attention_block(m, qkv_layer_norm_forward(m->norm1, x), o)));
+        x = QKV_SCOPED(qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x))));
     } else {
-        x = qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o)));
-        x = qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x)));
+        x = QKV_SCOPED(
+            qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o))));
+        x = QKV_SCOPED(qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x))));
     }
     x = qkv_keep(x);
     qkv_scope_end();

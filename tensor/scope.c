@@ -66,3 +66,9 @@ qkv_tensor *qkv_keep(qkv_tensor *t) {
     if (parent && !add_to(parent, t)) return NULL;
     return t;
 }
+
+qkv_tensor *qkv_scope_end_keep(qkv_tensor *t) {
+    t = qkv_keep(t);
+    qkv_scope_end();
+    return t;
+}

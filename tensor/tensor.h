@@ -91,6 +91,13 @@ qkv_tensor *qkv_retain(qkv_tensor *t);  /* adds a reference the caller must rele
 void qkv_release(qkv_tensor *t);        /* drops a reference; NULL is ignored */
 qkv_tensor *qkv_keep(qkv_tensor *t);    /* moves t out of the innermost scope to the enclosing
                                            scope (or to the caller when there is none) */
+qkv_tensor *qkv_scope_end_keep(qkv_tensor *t); /* qkv_keep(t), then qkv_scope_end(); t */
+
+/* Evaluates expr in a scope of its own that keeps only expr's result: whatever expr made on
+ * the way is freed at once rather than at the end of the enclosing scope (a graph node still
+ * holds what its backward reads). For forwards whose intermediates are large:
+ *     h = QKV_SCOPED(qkv_gelu(qkv_linear_forward(l1, x), false));  */
+#define QKV_SCOPED(expr) (qkv_scope_begin(), qkv_scope_end_keep(expr))
 
 /* ---- Memory ------------------------------------------------------------------------------ */
 

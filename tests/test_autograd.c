@@ -271,6 +271,30 @@ static void cheap_outputs_are_recomputed_not_held(void **state) {
     qkv_scope_end();
 }
 
+/* layer_norm(x) W: the norm's output is recomputed from x for W's gradient */
+static qkv_tensor *normed_product(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    qkv_layer_norm *ln = ctx;
+    return qkv_matmul(qkv_layer_norm_forward(ln, in[0]), in[1]);
+}
+
+static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
+    (void)state;
+    qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){4}, 1e-5, true);
+    assert_non_null(ln);
+    qkv_module_to_dtype(ln, QKV_F64);
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3, 4), CHAIN_X);
+    qkv_tensor *w = param(QKV_SHAPE(4, 2), VALUES(0.5, -1, 2, 0.25, -0.75, 1.5, 0.1, -2));
+    qkv_tensor *h = qkv_layer_norm_forward(ln, x);
+    assert_non_null(qkv_matmul(h, w));
+    assert_int_equal(h->refcount, 1);
+    assert_true(qkv_gradcheck(normed_product, (qkv_tensor *const[]){x, w}, 2, ln, 1e-6, 1e-8,
+                              1e-6));
+    qkv_scope_end();
+    qkv_module_free(ln);
+}
+
 static void inner_scopes_free_what_the_backward_does_not_read(void **state) {
     (void)state;
     qkv_tensor *x = qkv_requires_grad_(qkv_zeros(QKV_F64, QKV_SHAPE(1024)), true);
@@ -837,6 +861,7 @@ int main(void) {
         cmocka_unit_test_setup(backward_releases_what_the_graph_held, clear_error),
         cmocka_unit_test_setup(nodes_hold_only_the_values_their_backward_reads, clear_error),
         cmocka_unit_test_setup(cheap_outputs_are_recomputed_not_held, clear_error),
+        cmocka_unit_test_setup(layer_norm_output_is_recomputed_for_its_consumer, clear_error),
         cmocka_unit_test_setup(inner_scopes_free_what_the_backward_does_not_read, clear_error),
         cmocka_unit_test_setup(backward_holds_nodes_whose_tensors_are_gone, clear_error),
         cmocka_unit_test_setup(scope_end_frees_a_graph_and_its_gradients, clear_error),

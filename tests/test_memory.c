@@ -94,6 +94,22 @@ static void keep_moves_a_result_to_the_enclosing_scope(void **state) {
     assert_int_equal(live(), before);
 }
 
+static void scoped_keeps_only_the_result(void **state) {
+    (void)state;
+    uint64_t before = live();
+    qkv_tensor *a = qkv_full(QKV_F32, QKV_SHAPE(3), 2);
+    int depth = qkv_scope_depth();
+    /* the sum, the product and the constant made inside are released at once */
+    qkv_tensor *r = QKV_SCOPED(qkv_mul(qkv_add(a, a), qkv_full(QKV_F32, QKV_SHAPE(3), 3)));
+    assert_int_equal(qkv_scope_depth(), depth);
+    assert_int_equal(live(), before + 2); /* a and r */
+    assert_int_equal(r->refcount, 1);     /* owned by the test's scope */
+    assert_true(qkv_get(r, (const int64_t[]){1}) == 12);
+    assert_null(QKV_SCOPED(qkv_mul(a, NULL)));
+    assert_int_equal(qkv_scope_depth(), depth);
+    assert_int_equal(live(), before + 2);
+}
+
 static void keep_in_the_outermost_scope_hands_the_result_to_the_caller(void **state) {
     (void)state;
     qkv_scope_end(); /* leave the test's scope: depth 0 */
@@ -217,6 +233,7 @@ int main(void) {
         T(steady_loop_returns_to_start_and_reuses_cached_blocks),
         T(scope_end_releases_everything_made_inside),
         T(keep_moves_a_result_to_the_enclosing_scope),
+        T(scoped_keeps_only_the_result),
         T(keep_in_the_outermost_scope_hands_the_result_to_the_caller),
         T(retain_and_release_count_references),
         T(without_a_scope_the_caller_owns_results),
