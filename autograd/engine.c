@@ -102,13 +102,14 @@ qkv_tensor *qkv__saved_output(qkv_node *node) {
     return node->saved[0];
 }
 
-/* The values of a stub whose maker can recompute them. */
+/* The values of a stub whose maker can recompute them. What a chain of recomputations makes
+ * on the way is freed at once. */
 static qkv_tensor *recomputed(const qkv_tensor *t) {
     qkv_node *p = t->grad_fn;
     if (!p || p->depth < 0 || p->freed)
         return qkv_set_error("qkv_backward: the values of an input of %s are gone and cannot "
                              "be recomputed", p ? p->op->name : "a leaf");
-    qkv_tensor *v = p->op->recompute(p);
+    qkv_tensor *v = QKV_SCOPED(p->op->recompute(p));
     if (v && (v->ndim != t->ndim || memcmp(v->shape, t->shape, sizeof(int64_t) * t->ndim) ||
               v->dtype != t->dtype))
         return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape", p->op->name);
