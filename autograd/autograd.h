@@ -194,6 +194,12 @@ qkv_tensor *qkv_one_hot(const qkv_tensor *index, int64_t n_classes); /* I64 -> I
 /* Zeroes each element with probability p and scales the rest by 1/(1-p); the identity when
  * training is false or p is 0. The mask is drawn from g in row-major order. */
 qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g);
+/* qkv_dropout written over a's own values, as torch's dropout(inplace=True), when nothing else
+ * can read them: a is held once (by its scope), shares its storage with no other tensor (so no
+ * graph node holds it) and is not a leaf that requires grad. Otherwise it is qkv_dropout. The
+ * result is a new tensor; a's values are not to be read after the call. For an activation
+ * nobody reads again, this saves a buffer of its size. */
+qkv_tensor *qkv_dropout_(qkv_tensor *a, double p, bool training, qkv_generator *g);
 
 #ifdef __cplusplus
 }

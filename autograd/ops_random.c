@@ -117,9 +117,11 @@ static void draw_bits(const qkv_generator *g0, uint32_t threshold, int64_t b, in
 /* out = a * mask / (1 - p) in one pass; with mask_out, the mask as bits (an I64 tensor of
  * ceil(n / 64) words), 1/32 of the memory of a float mask. */
 static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator *g,
-                                   qkv_tensor **mask_out) {
+                                   qkv_tensor **mask_out, bool in_place) {
     qkv_tensor *src = qkv__contiguous(a);
-    qkv_tensor *out = src ? qkv_empty(a->dtype, a->ndim, a->shape) : NULL;
+    qkv_tensor *out = !src ? NULL : in_place ? qkv__view(a, a->ndim, a->shape, a->strides,
+                                                         a->offset)
+                                             : qkv_empty(a->dtype, a->ndim, a->shape);
     qkv_tensor *mask = out && mask_out ? qkv_empty(QKV_I64, QKV_SHAPE((a->numel + 63) / 64))
                                        : NULL;
     factors *t = out ? qkv__alloc(sizeof *t) : NULL;
@@ -194,21 +196,26 @@ static qkv_tensor *dropout_recompute(qkv_node *node) {
 static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL,
                                       .recompute = dropout_recompute, .recompute_reads = 0x1};
 
-qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g) {
+static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g,
+                           bool in_place, const char *name) {
     if (!a) return NULL;
     char s[128];
     if (!qkv__is_float(a->dtype))
-        return qkv_set_error("qkv_dropout: input %s must be f32 or f64, not %s",
+        return qkv_set_error("%s: input %s must be f32 or f64, not %s", name,
                              qkv_shape_str(a, s, sizeof s), qkv_dtype_name(a->dtype));
-    if (!(p >= 0 && p <= 1))
-        return qkv_set_error("qkv_dropout: p must be in [0, 1], not %g", p);
+    if (!(p >= 0 && p <= 1)) return qkv_set_error("%s: p must be in [0, 1], not %g", name, p);
     if (!training || p == 0)
         return REC1(qkv__view(a, a->ndim, a->shape, a->strides, a->offset), &dropout_op, a);
-    if (!g) return qkv_set_error("qkv_dropout: training with p = %g needs a generator", p);
+    if (!g) return qkv_set_error("%s: training with p = %g needs a generator", name, p);
     bool record = qkv_is_grad_enabled() && a->requires_grad;
+    /* Over a's values only where nothing else can read them: a is held once, shares its
+     * storage with no other tensor (so no node holds it whole) and is no leaf parameter. */
+    in_place = in_place && a->refcount == 1 && a->storage->refcount == 1 &&
+               qkv_is_contiguous(a) && !(a->requires_grad && !a->grad_fn);
     qkv_scope_begin();
     qkv_tensor *mask = NULL;
-    qkv_tensor *out = REC1(dropout_forward(a, p, g, record ? &mask : NULL), &dropout_op, a);
+    qkv_tensor *out = REC1(dropout_forward(a, p, g, record ? &mask : NULL, in_place),
+                           &dropout_op, a);
     if (out && out->grad_fn) {
         if (qkv__save(out->grad_fn, 0, mask))
             out->grad_fn->dargs[0] = p < 1 ? 1.0 / (1.0 - p) : 0.0;
@@ -218,4 +225,12 @@ qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_genera
     out = qkv_keep(out);
     qkv_scope_end();
     return out;
+}
+
+qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g) {
+    return dropout(a, p, training, g, false, "qkv_dropout");
+}
+
+qkv_tensor *qkv_dropout_(qkv_tensor *a, double p, bool training, qkv_generator *g) {
+    return dropout(a, p, training, g, true, "qkv_dropout_");
 }

@@ -52,24 +52,27 @@ qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     return m;
 }
 
+/* d's dropout over x's own values: x is a fresh result nobody reads again (qkv_dropout_) */
+static qkv_tensor *dropout_over(qkv_dropout_layer *d, qkv_tensor *x) {
+    return qkv_dropout_(x, d->p, d->base.training, &d->generator);
+}
+
 /* dropout1(self_attn(x, x, x)) */
 static qkv_tensor *self_attention_block(qkv_transformer_encoder_layer *m, const qkv_tensor *x,
                                         const qkv_encoder_options *o) {
     qkv_attention_options ao = {.key_padding_mask = o->src_key_padding_mask,
                                 .attn_mask = o->src_mask, .is_causal = o->is_causal};
-    return qkv_dropout_layer_forward(
-        m->dropout1, qkv_multi_head_attention_forward(m->self_attn, x, x, x, &ao));
+    return dropout_over(m->dropout1, qkv_multi_head_attention_forward(m->self_attn, x, x, x, &ao));
 }
 
-/* dropout2(linear2(dropout(activation(linear1(x))))). The activation's output is freed as soon
- * as the dropout has read it, and the dropout's as soon as linear2 has: the backward
- * recomputes both from linear1's output. */
+/* dropout2(linear2(dropout(activation(linear1(x))))). The dropout overwrites the activation's
+ * output, which is freed as soon as linear2 has read it: the backward recomputes it from
+ * linear1's output. */
 static qkv_tensor *feed_forward_block(qkv_transformer_encoder_layer *m, const qkv_tensor *x) {
     qkv_tensor *h = qkv_linear_forward(m->linear1, x);
     h = QKV_SCOPED(qkv_linear_forward(
-        m->linear2, QKV_SCOPED(qkv_dropout_layer_forward(
-                        m->dropout, qkv_activate(m->config.activation, h)))));
-    return qkv_dropout_layer_forward(m->dropout2, h);
+        m->linear2, dropout_over(m->dropout, qkv_activate(m->config.activation, h))));
+    return dropout_over(m->dropout2, h);
 }
 
 qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer *m,

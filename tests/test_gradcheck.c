@@ -632,12 +632,23 @@ static qkv_tensor *call_dropout(qkv_tensor *const *in, int n, void *ctx) {
     return qkv_dropout(in[0], a->p, a->training, &g);
 }
 
+/* over a fresh product of the input, which qkv_dropout_ overwrites */
+static qkv_tensor *call_dropout_in_place(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    const dropout_args *a = ctx;
+    qkv_generator g;
+    qkv_generator_init(&g, 99);
+    return qkv_dropout_(qkv_mul_scalar(in[0], 1.5), a->p, a->training, &g);
+}
+
 static void gradcheck_dropout(void **state) {
     (void)state;
     const dropout_args cases[] = {{0.0, true}, {0.3, true}, {0.7, true}, {0.5, false}};
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++)
         for (int l = 0; l < N_LAYOUTS; l++)
             CHECK(call_dropout, (void *)&cases[c], input(QKV_SHAPE(3, 5), ANY, (layout)l));
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++)
+        CHECK(call_dropout_in_place, (void *)&cases[c], input(QKV_SHAPE(3, 5), ANY, CONTIGUOUS));
 }
 
 /* ---- Composition ------------------------------------------------------------------------- */

@@ -490,6 +490,40 @@ static void dropout_same_seed_gives_same_mask(void **state) {
     assert_memory_not_equal(qkv_data(o1), qkv_data(o3), sizeof(float) * DROP_N);
 }
 
+/* qkv_dropout_ overwrites a fresh, unshared input and gives qkv_dropout's values and
+ * gradient; anything else can still read its input, so it is not overwritten. */
+static void dropout_in_place_only_over_a_tensor_nothing_else_reads(void **state) {
+    (void)state;
+    qkv_generator g1, g2;
+    qkv_generator_init(&g1, 77);
+    qkv_generator_init(&g2, 77);
+    qkv_tensor *a = dropout_input(QKV_F32);
+    qkv_tensor *fresh = qkv_mul_scalar(a, 2);
+    void *fresh_data = qkv_data(fresh);
+    qkv_tensor *in_place = qkv_dropout_(fresh, 0.5, true, &g1);
+    qkv_tensor *copied = qkv_dropout(qkv_mul_scalar(a, 2), 0.5, true, &g2);
+    assert_ptr_equal(qkv_data(in_place), fresh_data);
+    assert_memory_equal(qkv_data(in_place), qkv_data(copied), sizeof(float) * DROP_N);
+    assert_true(qkv_backward(qkv_sum_all(qkv_add(in_place, copied))));
+    float *grad = qkv_data(a->grad);
+    const float *out = qkv_data(copied);
+    for (int i = 0; i < DROP_N; i++) assert_true(grad[i] == (out[i] == 0 ? 0.0f : 8.0f));
+    /* held twice, viewed, or a leaf parameter: left alone */
+    qkv_tensor *held = qkv_retain(qkv_mul_scalar(a, 2));
+    qkv_tensor *viewed = qkv_mul_scalar(a, 2);
+    qkv_tensor *view = qkv_reshape(viewed, S(DROP_N / 10, 10));
+    qkv_tensor *inputs[] = {held, viewed, a};
+    for (int k = 0; k < 3; k++) {
+        qkv_tensor *before = qkv_clone(inputs[k]);
+        qkv_tensor *out_k = qkv_dropout_(inputs[k], 0.5, true, &g1);
+        assert_non_null(out_k);
+        assert_ptr_not_equal(qkv_data(out_k), qkv_data(inputs[k]));
+        assert_memory_equal(qkv_data(before), qkv_data(inputs[k]), sizeof(float) * DROP_N);
+    }
+    assert_non_null(view);
+    qkv_release(held);
+}
+
 static void dropout_p1_gives_zeros_and_zero_gradient(void **state) {
     (void)state;
     qkv_generator gen;
@@ -687,6 +721,7 @@ int main(void) {
         T(dropout_gradient_is_mask_over_keep_probability),
         T(dropout_mask_is_uniform_draws_at_least_p),
         T(dropout_same_seed_gives_same_mask),
+        T(dropout_in_place_only_over_a_tensor_nothing_else_reads),
         T(dropout_p1_gives_zeros_and_zero_gradient),
         T(dropout_reads_transposed_input_in_row_major_order),
         T(dropout_rejects_p_outside_unit_interval),
