@@ -91,6 +91,9 @@ bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t);
 /* Input i's values: the input itself when the node holds it whole, else its maker's
  * recomputation (owned by the innermost scope). NULL with an error if it cannot be had. */
 qkv_tensor *qkv__values(qkv_node *node, int i);
+/* For a backward done reading input i: frees its values now if they were recomputed for it,
+ * rather than when the backward returns. Nothing otherwise. */
+void qkv__release_values(qkv_node *node, int i);
 /* recompute for ops that save their own output in saved[0] */
 qkv_tensor *qkv__saved_output(qkv_node *node);
 /* Reduces a gradient of a broadcast shape back to shape (sums the broadcast dims). */

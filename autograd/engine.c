@@ -122,20 +122,28 @@ qkv_tensor *qkv__values(qkv_node *node, int i) {
     return recomputed(t);
 }
 
-/* Gives a stub the storage and geometry of its recomputed values, for one backward. */
+/* Gives a stub the storage and geometry of its recomputed values, for one backward. The stub
+ * alone holds them, so qkv__release_values can free them before the backward ends. */
 static bool attach_values(qkv_tensor *t) {
+    qkv_scope_begin();
     qkv_tensor *v = recomputed(t);
-    if (!v) return false;
-    t->storage = v->storage;
-    t->storage->refcount++;
-    t->offset = v->offset;
-    memcpy(t->strides, v->strides, sizeof t->strides);
-    return true;
+    if (v) {
+        t->storage = v->storage;
+        t->storage->refcount++;
+        t->offset = v->offset;
+        memcpy(t->strides, v->strides, sizeof t->strides);
+    }
+    qkv_scope_end();
+    return v != NULL;
 }
 
 static void detach_values(qkv_tensor *t) {
     qkv__storage_release(t->storage);
     t->storage = NULL;
+}
+
+void qkv__release_values(qkv_node *node, int i) {
+    if (i < 32 && (node->materialize >> i) & 1) detach_values(node->inputs[i]);
 }
 
 /* Releases the first k inputs of a node that is being abandoned half built. */

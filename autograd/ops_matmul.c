@@ -36,11 +36,9 @@ static void matmul_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
     gshape[gnd++] = ashape[and - 2];
     gshape[gnd++] = bshape[bnd - 1];
     qkv_tensor *G = qkv_reshape(g, gnd, gshape);
-    if (a->requires_grad) {
-        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(lifted(b, false), -1, -2));
-        gi[0] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
-    }
+    /* dB first: A's values, when recomputed for this backward, are freed before dA is made. */
     if (b->requires_grad) {
+        qkv_scope_begin(); /* the views of A die with it */
         qkv_tensor *A = lifted(a, true), *gb;
         if (bnd == 2 && and > 2) {
             int64_t k = ashape[and - 1], n = bshape[1];
@@ -50,7 +48,12 @@ static void matmul_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
         } else {
             gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), bnd, bshape);
         }
-        gi[1] = qkv_reshape(gb, b->ndim, b->shape);
+        gi[1] = qkv_scope_end_keep(qkv_reshape(gb, b->ndim, b->shape));
+        qkv__release_values(node, 0);
+    }
+    if (a->requires_grad) {
+        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(lifted(b, false), -1, -2));
+        gi[0] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
     }
 }
 static const qkv_op_def matmul_op = {"matmul", matmul_backward, .cross = true};
@@ -65,9 +68,12 @@ static void affine_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi
     const qkv_tensor *x = IN(0), *w = IN(1), *b = IN(2);
     int64_t out_f = w->shape[0], in = w->shape[1];
     qkv_tensor *g2 = qkv_reshape(g, 2, (const int64_t[]){-1, out_f});
-    if (x->requires_grad) gi[0] = qkv_matmul(g, w);
+    /* dW first: x's values, when recomputed for this backward, are freed before dx is made. */
     if (w->requires_grad)
-        gi[1] = qkv_matmul(qkv_transpose(g2, 0, 1), qkv_reshape(x, 2, (const int64_t[]){-1, in}));
+        gi[1] = QKV_SCOPED(qkv_matmul(qkv_transpose(g2, 0, 1),
+                                      qkv_reshape(x, 2, (const int64_t[]){-1, in})));
+    qkv__release_values(node, 0);
+    if (x->requires_grad) gi[0] = qkv_matmul(g, w);
     if (b && b->requires_grad) gi[2] = qkv_sum(g2, 0, false);
 }
 static const qkv_op_def affine_op = {"affine", affine_backward, .drop = 0x4, .cross = true};

@@ -155,10 +155,20 @@ static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator 
     return out;
 }
 
+/* Whether nothing but its one holder can read t's values: t is held once, shares its storage
+ * with no other tensor (so no graph node holds it) and is not a leaf that requires grad. */
+static bool can_overwrite(const qkv_tensor *t) {
+    return t->refcount == 1 && t->storage && t->storage->refcount == 1 &&
+           qkv_is_contiguous(t) && !(t->requires_grad && !t->grad_fn);
+}
+
 /* g * (kept ? 1 / (1 - p) : 0), the same product the forward formed for its output. */
-static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mask, double scale) {
+static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mask, double scale,
+                                      bool in_place) {
     qkv_tensor *gc = qkv__contiguous(g);
-    qkv_tensor *out = gc ? qkv_empty(g->dtype, g->ndim, g->shape) : NULL;
+    qkv_tensor *out = !gc ? NULL : in_place ? qkv__view(g, g->ndim, g->shape, g->strides,
+                                                        g->offset)
+                                            : qkv_empty(g->dtype, g->ndim, g->shape);
     factors *t = out ? qkv__alloc(sizeof *t) : NULL;
     if (!t) return NULL;
     factors_init(t, scale);
@@ -184,14 +194,15 @@ static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mas
 /* d dropout = g * mask / (1 - p), from the bit mask saved by the forward; g itself for the
  * identity (evaluation, p = 0), which saves nothing */
 static void dropout_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = node->saved[0] ? dropout_apply_mask(g, node->saved[0], node->dargs[0])
+    gi[0] = node->saved[0] ? dropout_apply_mask(g, node->saved[0], node->dargs[0], false)
                            : (qkv_tensor *)g;
 }
-/* the output again: the input times the saved mask's factors, or the input itself */
+/* the output again: the input times the saved mask's factors, or the input itself. Over the
+ * input's values when they were recomputed for this and nothing else holds them. */
 static qkv_tensor *dropout_recompute(qkv_node *node) {
     qkv_tensor *a = qkv__values(node, 0);
     if (!a || !node->saved[0]) return a;
-    return dropout_apply_mask(a, node->saved[0], node->dargs[0]);
+    return dropout_apply_mask(a, node->saved[0], node->dargs[0], can_overwrite(a));
 }
 static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL,
                                       .recompute = dropout_recompute, .recompute_reads = 0x1};
@@ -210,8 +221,7 @@ static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_gen
     bool record = qkv_is_grad_enabled() && a->requires_grad;
     /* Over a's values only where nothing else can read them: a is held once, shares its
      * storage with no other tensor (so no node holds it whole) and is no leaf parameter. */
-    in_place = in_place && a->refcount == 1 && a->storage->refcount == 1 &&
-               qkv_is_contiguous(a) && !(a->requires_grad && !a->grad_fn);
+    in_place = in_place && can_overwrite(a);
     qkv_scope_begin();
     qkv_tensor *mask = NULL;
     qkv_tensor *out = REC1(dropout_forward(a, p, g, record ? &mask : NULL, in_place),
