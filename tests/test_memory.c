@@ -227,6 +227,50 @@ static void peak_tracks_the_largest_use(void **state) {
     assert_int_equal(qkv_memory_stats_get().cached_bytes, 0);
 }
 
+/* Large blocks share their memory across sizes: two freed neighbours serve one request of
+ * twice the size, and one freed block serves two of half its size, with no system
+ * allocation. */
+static void freed_large_blocks_serve_other_sizes(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 18))); /* 1 MiB each */
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 18)));
+    qkv_scope_end();
+    qkv_memory_stats before = qkv_memory_stats_get();
+    qkv_scope_begin();
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 19)));
+    qkv_memory_stats after = qkv_memory_stats_get();
+    assert_int_equal(after.system_allocs, before.system_allocs);
+    assert_true(before.cached_bytes - after.cached_bytes >= (2u << 20));
+    qkv_scope_end();
+    qkv_scope_begin();
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 18)));
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 18)));
+    assert_int_equal(qkv_memory_stats_get().system_allocs, before.system_allocs);
+    /* whole pages: a request just over 1 MiB takes 1 MiB and one page */
+    size_t in_use = qkv_memory_stats_get().bytes_in_use;
+    assert_non_null(qkv_empty(QKV_BOOL, QKV_SHAPE((1 << 20) + 1)));
+    assert_true(qkv_memory_stats_get().bytes_in_use - in_use >= (1u << 20) + 4096);
+    assert_true(qkv_memory_stats_get().bytes_in_use - in_use < (1u << 20) + 8192);
+    qkv_scope_end();
+    /* trim gives back free pages even beside a block in use; they serve later requests */
+    qkv_tensor *live = qkv_retain(qkv_full(QKV_F32, QKV_SHAPE(1 << 18), 3));
+    qkv_scope_begin();
+    assert_non_null(qkv_empty(QKV_F32, QKV_SHAPE(1 << 20)));
+    qkv_scope_end();
+    qkv_memory_trim();
+    assert_int_equal(qkv_memory_stats_get().cached_bytes, 0);
+    qkv_memory_stats trimmed = qkv_memory_stats_get();
+    qkv_scope_begin();
+    qkv_tensor *again = qkv_full(QKV_F32, QKV_SHAPE(1 << 20), 2);
+    assert_non_null(again);
+    assert_true(qkv_get(again, (const int64_t[]){12345}) == 2);
+    assert_true(qkv_memory_stats_get().system_allocs > trimmed.system_allocs);
+    qkv_scope_end();
+    assert_true(qkv_get(live, (const int64_t[]){(1 << 18) - 1}) == 3);
+    qkv_release(live);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
@@ -234,6 +278,7 @@ int main(void) {
         T(scope_end_releases_everything_made_inside),
         T(keep_moves_a_result_to_the_enclosing_scope),
         T(scoped_keeps_only_the_result),
+        T(freed_large_blocks_serve_other_sizes),
         T(keep_in_the_outermost_scope_hands_the_result_to_the_caller),
         T(retain_and_release_count_references),
         T(without_a_scope_the_caller_owns_results),
