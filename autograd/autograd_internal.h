@@ -73,6 +73,7 @@ struct qkv_node {
     bool freed;                         /* inputs and saved released (graph freed) */
     uint64_t mark;                      /* the backward pass that last visited this node */
     qkv_tensor *retained_out;           /* weak: the output, when qkv_retain_grad asked */
+    uint32_t needed_grad;               /* inputs that required grad when recorded */
     uint32_t materialize;               /* stubbed inputs the backward reads: recomputed
                                            before it runs */
     int depth;                          /* recomputations needed to recompute the output

@@ -189,6 +189,7 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
             goto fail;
         }
         if (!whole && lazy && read) n->materialize |= 1u << i;
+        if (i < 32 && qkv__needs_grad(in)) n->needed_grad |= 1u << i;
         if (recompute_reads && n->depth >= 0 && !whole)
             n->depth = !lazy ? -1 : in->grad_fn->depth + 1 > n->depth ? in->grad_fn->depth + 1
                                                                           : n->depth;
@@ -357,6 +358,14 @@ static bool run_node(qkv_node *n, node_list *ready) {
                       "pass retain_graph to backpropagate twice", n->op->name);
         return false;
     }
+    /* What the node kept was chosen by which inputs required grad; a leaf switched on since
+     * would have its gradient computed from values that were not kept. */
+    for (int i = 0; i < n->n_inputs && i < 32; i++)
+        if (qkv__needs_grad(n->inputs[i]) && !((n->needed_grad >> i) & 1)) {
+            qkv_set_error("qkv_backward: input %d of %s was set to require grad after the "
+                          "forward; run the forward again", i, n->op->name);
+            return false;
+        }
     qkv_tensor *g = n->grad;
     if (n->retained_out) {
         qkv_release(n->retained_out->grad);

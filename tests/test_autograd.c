@@ -295,6 +295,21 @@ static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
     qkv_module_free(ln);
 }
 
+/* The node of x W with W constant keeps no values of x; switching W on afterwards is an
+ * error naming the op, not a gradient made from values that were not kept. */
+static void requiring_grad_after_the_forward_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4));
+    qkv_tensor *w = constant(QKV_SHAPE(2, 2), VALUES(1, 0, 0, 1));
+    qkv_tensor *loss = qkv_sum_all(qkv_matmul(qkv_mul_scalar(x, 2), w));
+    assert_non_null(qkv_requires_grad_(w, true));
+    assert_false(qkv_backward(loss));
+    assert_error_contains("qkv_backward: input 1 of matmul was set to require grad after the "
+                          "forward");
+    qkv_scope_end();
+}
+
 static void inner_scopes_free_what_the_backward_does_not_read(void **state) {
     (void)state;
     qkv_tensor *x = qkv_requires_grad_(qkv_zeros(QKV_F64, QKV_SHAPE(1024)), true);
@@ -862,6 +877,7 @@ int main(void) {
         cmocka_unit_test_setup(nodes_hold_only_the_values_their_backward_reads, clear_error),
         cmocka_unit_test_setup(cheap_outputs_are_recomputed_not_held, clear_error),
         cmocka_unit_test_setup(layer_norm_output_is_recomputed_for_its_consumer, clear_error),
+        cmocka_unit_test_setup(requiring_grad_after_the_forward_is_an_error, clear_error),
         cmocka_unit_test_setup(inner_scopes_free_what_the_backward_does_not_read, clear_error),
         cmocka_unit_test_setup(backward_holds_nodes_whose_tensors_are_gone, clear_error),
         cmocka_unit_test_setup(scope_end_frees_a_graph_and_its_gradients, clear_error),
