@@ -45,7 +45,11 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
         __builtin_prefetch(c + i * rsc + nv * VL - 1, 1, 3);
         for (int v = 0; v < nv; v++) acc[i][v] = (V){0};
     }
-    for (int64_t l = 0; l < kc; l++) {
+    /* kc >= 1 (k == 0 never gets here). Said with a do-while, acc stays in registers; with
+     * a loop that may run zero times, GCC keeps it on the stack outside the loop: 2 * MR * NV
+     * vector stores per tile, which weigh when k is small. */
+    int64_t l = 0;
+    do {
         V b[NV];
         for (int v = 0; v < nv; v++) memcpy(&b[v], bp + v * VL, sizeof(V));
         for (int i = 0; i < mr; i++) {
@@ -54,7 +58,7 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
         }
         ap += mr;
         bp += nv * VL;
-    }
+    } while (++l < kc);
     /* One store loop per case, with no branch inside it: with small k (attention's
      * per-head products) the stores weigh. Every case does the same operations in the same
      * order (acc * alpha, + beta * C, + bias). */
@@ -238,16 +242,32 @@ static int F(edge_nv)(int64_t cols) {
     return cols <= VL ? 1 : NV;
 }
 
+/* Packs kc rows of `panels` * w contiguous values (row l at src + l * ss) into panels of w
+ * columns: dst[q * w * kc + l * w + j] = src[l * ss + q * w + j]. Rows go in groups of
+ * PACK_ROWS, each group across all the panels. Panel by panel, the pieces of a row that
+ * share a cache line are read far apart in time, over a row stride that is often a power of
+ * two, and the L1 sets conflict; row by row, the writes scatter over `panels` streams w * kc
+ * apart (a multiple of 4 KiB when kc is 256), which conflict the same way and leave lines
+ * half written from one row to the next. A group keeps few lines live on either side. w is
+ * a constant at every call, so each copy is a few vector moves. */
+static inline __attribute__((always_inline)) void
+F(pack_rows)(const T *src, int64_t ss, int64_t panels, const int w, int64_t kc,
+             T *restrict dst) {
+    enum { PACK_ROWS = 8 };
+    for (int64_t l0 = 0; l0 < kc; l0 += PACK_ROWS) {
+        int64_t l1 = kc - l0 < PACK_ROWS ? kc : l0 + PACK_ROWS;
+        for (int64_t q = 0; q < panels; q++)
+            for (int64_t l = l0; l < l1; l++)
+                memcpy(dst + q * w * kc + l * w, src + l * ss + q * w, (size_t)w * sizeof(T));
+    }
+}
+
 static void F(pack_a)(const T *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc, T *dst) {
     int64_t i = 0;
     if (rs == 1) {
-        /* A read transposed: a step of l is a contiguous row of the stored matrix. Read each
-         * such row once, in order, into all the panels; going panel by panel instead walks
-         * the rows with a stride that is often a power of two, and the L1 sets conflict. */
+        /* A read transposed: a step of l is a contiguous row of the stored matrix. */
         int64_t full = mc / MR;
-        for (int64_t l = 0; l < kc; l++)
-            for (int64_t q = 0; q < full; q++)
-                memcpy(dst + q * MR * kc + l * MR, a + l * cs + q * MR, MR * sizeof(T));
+        F(pack_rows)(a, cs, full, MR, kc, dst);
         i = full * MR;
         dst += full * MR * kc;
     }
@@ -262,11 +282,9 @@ static void F(pack_a)(const T *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc
 static void F(pack_b)(const T *b, int64_t rs, int64_t cs, int64_t kc, int64_t nc, T *dst) {
     int64_t j = 0;
     if (cs == 1) {
-        /* Row-major B: each row of the block read once, in order (see pack_a). */
+        /* Row-major B: a step of l is a contiguous row of the block. */
         int64_t full = nc / NR;
-        for (int64_t l = 0; l < kc; l++)
-            for (int64_t q = 0; q < full; q++)
-                memcpy(dst + q * NR * kc + l * NR, b + l * rs + q * NR, NR * sizeof(T));
+        F(pack_rows)(b, rs, full, NR, kc, dst);
         j = full * NR;
         dst += full * NR * kc;
     }

@@ -240,11 +240,14 @@ static void batches_with_offsets_and_broadcast(void **state) {
     check_both(gc);
 }
 
-/* Runs f32 and f64 products of several shapes with n threads into out32 / out64. */
-static void run_for_threads(int threads, const int64_t shape[4], float *out32, double *out64,
+/* Runs the f32 and f64 product of one shape with n threads into out32 / out64: A B^T (an
+ * input gradient) when shape[4] is 0, A^T B (a weight gradient) when it is 1. */
+static void run_for_threads(int threads, const int64_t shape[5], float *out32, double *out64,
                             const float *a32, const float *b32, const double *a64,
                             const double *b64) {
     int64_t bt = shape[0], m = shape[1], n = shape[2], k = shape[3];
+    bool wgrad = shape[4];
+    int64_t rsa = wgrad ? 1 : k, csa = wgrad ? m : 1, rsb = wgrad ? n : 1, csb = wgrad ? 1 : k;
     int64_t off[3][8];
     for (int64_t p = 0; p < bt; p++) {
         off[0][p] = p * m * k;
@@ -256,17 +259,17 @@ static void run_for_threads(int threads, const int64_t shape[4], float *out32, d
         out32[i] = 0.25f * (float)(i % 7);
         out64[i] = 0.25 * (double)(i % 7);
     }
-    qkv__gemm_f32(bt, m, n, k, 0.7f, a32, off[0], k, 1, b32, off[1], 1, k, 0.3f, out32,
+    qkv__gemm_f32(bt, m, n, k, 0.7f, a32, off[0], rsa, csa, b32, off[1], rsb, csb, 0.3f,
+                  out32, off[2], n, 1);
+    qkv__gemm_f64(bt, m, n, k, 0.7, a64, off[0], rsa, csa, b64, off[1], rsb, csb, 0.3, out64,
                   off[2], n, 1);
-    qkv__gemm_f64(bt, m, n, k, 0.7, a64, off[0], k, 1, b64, off[1], 1, k, 0.3, out64, off[2],
-                  n, 1);
 }
 
 static void same_bits_for_any_thread_count(void **state) {
     (void)state;
-    const int64_t shapes[][4] = {
-        {1, 301, 203, 517}, {1, 40, 700, 300}, {3, 130, 70, 90}, {8, 128, 128, 64},
-        {2, 1, 900, 1000}, {1, 900, 1, 1000},
+    const int64_t shapes[][5] = {
+        {1, 301, 203, 517, 0}, {1, 40, 700, 300, 0}, {3, 130, 70, 90, 0}, {8, 128, 128, 64, 0},
+        {2, 1, 900, 1000, 0}, {1, 900, 1, 1000, 0}, {1, 100, 777, 610, 1}, {1, 53, 300, 700, 1},
     };
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int64_t bt = shapes[s][0], m = shapes[s][1], n = shapes[s][2], k = shapes[s][3];
@@ -286,11 +289,15 @@ static void same_bits_for_any_thread_count(void **state) {
         for (int64_t i = 0; i < bt * m * k; i++) a64[i] = a32[i] = (float)uniform();
         for (int64_t i = 0; i < bt * k * n; i++) b64[i] = b32[i] = (float)uniform();
         run_for_threads(1, shapes[s], c32[0], c64[0], a32, b32, a64, b64);
-        run_for_threads(2, shapes[s], c32[1], c64[1], a32, b32, a64, b64);
-        assert_memory_equal(c32[0], c32[1], (size_t)(bt * m * n) * sizeof(float));
-        assert_memory_equal(c64[0], c64[1], (size_t)(bt * m * n) * sizeof(double));
+        for (int threads = 2; threads <= 3; threads++) {
+            run_for_threads(threads, shapes[s], c32[1], c64[1], a32, b32, a64, b64);
+            assert_memory_equal(c32[0], c32[1], (size_t)(bt * m * n) * sizeof(float));
+            assert_memory_equal(c64[0], c64[1], (size_t)(bt * m * n) * sizeof(double));
+        }
         /* and the values are right, not just repeatable */
-        gemm_case gc = {bt, m, n, k, ROW_MAJOR, TRANSPOSED, ROW_MAJOR, 0.7, 0.3, false, false};
+        bool wgrad = shapes[s][4];
+        layout la = wgrad ? TRANSPOSED : ROW_MAJOR, lb = wgrad ? ROW_MAJOR : TRANSPOSED;
+        gemm_case gc = {bt, m, n, k, la, lb, ROW_MAJOR, 0.7, 0.3, false, false};
         check_both(gc);
         for (int t = 0; t < 2; t++) {
             free(c32[t]);
