@@ -73,6 +73,8 @@ struct qkv_node {
     bool freed;                         /* inputs and saved released (graph freed) */
     uint64_t mark;                      /* the backward pass that last visited this node */
     qkv_tensor *retained_out;           /* weak: the output, when qkv_retain_grad asked */
+    qkv_tensor *recomputed;             /* the output recomputed for one consumer's backward,
+                                           kept for the others of the same backward */
     uint32_t needed_grad;               /* inputs that required grad when recorded */
     uint32_t materialize;               /* stubbed inputs the backward reads: recomputed
                                            before it runs */

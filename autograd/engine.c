@@ -45,6 +45,7 @@ static void node_release(qkv_node *n, qkv_tensor *owner) {
     if (--n->refcount > 0) return;
     free_graph_links(n);
     qkv_release(n->grad);
+    qkv_release(n->recomputed);
     qkv__free(n, sizeof *n);
 }
 
@@ -109,11 +110,26 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
     if (!p || p->depth < 0 || p->freed)
         return qkv_set_error("qkv_backward: the values of an input of %s are gone and cannot "
                              "be recomputed", p ? p->op->name : "a leaf");
-    qkv_tensor *v = QKV_SCOPED(p->op->recompute(p));
+    /* A layer norm read by three projections is recomputed once per backward: the values
+     * stay with their maker while consumers that have not run yet (pending) remain. */
+    qkv_tensor *v = p->recomputed;
+    if (v) {
+        if (p->pending <= 1) p->recomputed = NULL;
+        else qkv_retain(v);
+        return qkv__scope_add(v) ? v : NULL;
+    }
+    v = QKV_SCOPED(p->op->recompute(p));
     if (v && (v->ndim != t->ndim || memcmp(v->shape, t->shape, sizeof(int64_t) * t->ndim) ||
               v->dtype != t->dtype))
-        return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape", p->op->name);
+        return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape",
+                             p->op->name);
+    if (v && p->pending > 1) p->recomputed = qkv_retain(v);
     return v;
+}
+
+static void drop_recomputed(qkv_node *n) {
+    qkv_release(n->recomputed);
+    n->recomputed = NULL;
 }
 
 qkv_tensor *qkv__values(qkv_node *node, int i) {
@@ -366,6 +382,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
                           "forward; run the forward again", i, n->op->name);
             return false;
         }
+    drop_recomputed(n); /* every consumer has run */
     qkv_tensor *g = n->grad;
     if (n->retained_out) {
         qkv_release(n->retained_out->grad);
@@ -453,7 +470,10 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
             ready.items[i]->grad = NULL;
         }
         qkv__free(ready.items, ready.cap * sizeof *ready.items);
-        for (size_t i = 0; i < all.n; i++) node_release(all.items[i], NULL);
+        for (size_t i = 0; i < all.n; i++) {
+            drop_recomputed(all.items[i]);
+            node_release(all.items[i], NULL);
+        }
         qkv__free(all.items, all.cap * sizeof *all.items);
     }
     qkv_no_grad_end();

@@ -241,6 +241,19 @@ static qkv_tensor *recomputed_chain(qkv_tensor *const *in, int n, void *ctx) {
     return qkv_matmul(c, d);
 }
 
+/* one GELU output read by two dropouts, each read by a product: the GELU's recomputed
+ * output is shared by both and must not be overwritten by the first dropout's */
+static qkv_tensor *shared_recomputation(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *h = qkv_gelu(in[0], false);
+    qkv_tensor *a = qkv_matmul(qkv_dropout(h, 0.3, true, &g), in[1]);
+    qkv_tensor *b = qkv_matmul(qkv_dropout(h, 0.5, true, &g), in[1]);
+    return qkv_add(a, qkv_mul_scalar(b, 2));
+}
+
 #define CHAIN_X VALUES(0.5, -1, 2, 0.25, -0.75, 1.5, 0.1, -2, 3, 0.3, -0.4, 1, 0.7, -0.2, 0, 1.2)
 
 /* Outputs of cheap ops are recomputed for the backward instead of held: at most
@@ -268,6 +281,9 @@ static void cheap_outputs_are_recomputed_not_held(void **state) {
     qkv_scope_begin();
     qkv_tensor *in = param(QKV_SHAPE(4, 4), CHAIN_X);
     assert_true(qkv_gradcheck(recomputed_chain, &in, 1, NULL, 1e-6, 1e-8, 1e-6));
+    qkv_tensor *w = param(QKV_SHAPE(4, 4), CHAIN_X);
+    assert_true(qkv_gradcheck(shared_recomputation, (qkv_tensor *const[]){in, w}, 2, NULL,
+                              1e-6, 1e-8, 1e-6));
     qkv_scope_end();
 }
 
