@@ -21,6 +21,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <threads.h>
 
 #include "tensor/tensor_internal.h"
 

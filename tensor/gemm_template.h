@@ -336,14 +336,35 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, con
     }
 }
 
-/* Packing buffers, one pair per thread, grown on demand and kept for the next call. */
-static _Thread_local T *F(buf_a);
-static _Thread_local T *F(buf_b);
-static _Thread_local size_t F(cap_a);
-static _Thread_local size_t F(cap_b);
+/* Packing buffers, one pair per thread, grown on demand and kept for the next call. They are
+ * freed when their thread ends: a thread's first buffer registers them with a thread-specific
+ * key whose destructor frees them (an OpenMP team that shrinks ends threads). */
+typedef struct F(buffers) {
+    T *a, *b;
+    size_t cap_a, cap_b;
+} F(buffers);
+static _Thread_local F(buffers) F(bufs);
+static tss_t F(bufs_key);
+static bool F(bufs_key_ok);
+static once_flag F(bufs_once) = ONCE_FLAG_INIT;
+
+static void F(bufs_free)(void *p) {
+    F(buffers) *b = p;
+    free(b->a);
+    free(b->b);
+    *b = (F(buffers)){0};
+}
+
+static void F(bufs_key_make)(void) {
+    F(bufs_key_ok) = tss_create(&F(bufs_key), F(bufs_free)) == thrd_success;
+}
 
 static T *F(grow)(T **buf, size_t *cap, size_t need) {
     if (*cap >= need) return *buf;
+    if (!F(bufs).a && !F(bufs).b) {
+        call_once(&F(bufs_once), F(bufs_key_make));
+        if (F(bufs_key_ok)) tss_set(F(bufs_key), &F(bufs));
+    }
     size_t bytes = (need * sizeof(T) + 63) & ~(size_t)63;
     T *p = aligned_alloc(64, bytes);
     if (!p) return NULL;
@@ -384,8 +405,8 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
     int64_t kb = F(k_block)(g->k);
     int64_t mcap = m1 - m0 < MC ? m1 - m0 : MC, ncap = n1 - n0 < NC ? n1 - n0 : NC;
     /* Edge panels are never wider than full ones, so whole panels bound the sizes. */
-    T *pa = F(grow)(&F(buf_a), &F(cap_a), (size_t)((mcap + MR - 1) / MR * MR * kb));
-    T *pb = F(grow)(&F(buf_b), &F(cap_b), (size_t)((ncap + NR - 1) / NR * NR * kb));
+    T *pa = F(grow)(&F(bufs).a, &F(bufs).cap_a, (size_t)((mcap + MR - 1) / MR * MR * kb));
+    T *pb = F(grow)(&F(bufs).b, &F(bufs).cap_b, (size_t)((ncap + NR - 1) / NR * NR * kb));
     if (!pa || !pb) {
         F(block_unpacked)(g, a, b, c, m0, m1, n0, n1);
         return;
