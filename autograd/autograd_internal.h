@@ -29,12 +29,12 @@ typedef void (*qkv_backward_fn)(qkv_node *node, const qkv_tensor *grad, qkv_tens
 typedef qkv_tensor *(*qkv_recompute_fn)(qkv_node *node);
 
 /* What a node keeps of its inputs. A backward reads an input's values only where its op's
- * def allows; for every other input the node holds a stub with the input's shape, dtype and
+ * def allows; for every other input the node holds a shell with the input's shape, dtype and
  * graph link but no storage, so a forward's intermediates are freed as soon as nothing else
  * holds them. A leaf that requires grad is always held whole: its .grad is accumulated.
  *
  * An input whose values are read but which a cheap op made (an activation, a dropout, an op
- * that saves its own output) is held as a stub too, and recomputed from what its maker holds
+ * that saves its own output) is held as a shell too, and recomputed from what its maker holds
  * when the backward runs: a GELU's output from the GELU's input, which the GELU keeps for its
  * own backward anyway, or a dropout's from its input and bit mask. Chains of such ops are
  * recomputed at most QKV_RECOMPUTE_DEPTH ops deep. */
@@ -59,7 +59,7 @@ struct qkv_node {
     const qkv_op_def *op;
     int refcount;                       /* tensors whose grad_fn this is */
     int n_inputs;
-    qkv_tensor **inputs;                /* retained, or stubs (see qkv_op_def); NULL once the
+    qkv_tensor **inputs;                /* retained, or shells (see qkv_op_def); NULL once the
                                            graph is freed */
     qkv_tensor *saved[QKV_NODE_SAVED];  /* retained extras (an output's values, a mask) */
     int64_t iargs[QKV_NODE_ARGS];       /* op parameters */
@@ -76,8 +76,8 @@ struct qkv_node {
     qkv_tensor *recomputed;             /* the output recomputed for one consumer's backward,
                                            kept for the others of the same backward */
     uint32_t needed_grad;               /* inputs that required grad when recorded */
-    uint32_t materialize;               /* stubbed inputs the backward reads: recomputed
-                                           before it runs */
+    uint32_t materialize;               /* inputs held as shells that the backward reads:
+                                           recomputed before it runs */
     int depth;                          /* recomputations needed to recompute the output
                                            (0: from held values), or -1 if it cannot be */
 };

@@ -76,7 +76,7 @@ static bool reads_values(const qkv_op_def *op, int n_inputs, const qkv_tensor *c
 
 /* t's shape, dtype and graph link without its storage: what a node keeps of an input whose
  * values its backward never reads. Owned by the node, never by a scope. */
-static qkv_tensor *stub(const qkv_tensor *t) {
+static qkv_tensor *shell(const qkv_tensor *t) {
     qkv_tensor *s = qkv__alloc(sizeof *s);
     if (!s) return NULL;
     memset(s, 0, sizeof *s);
@@ -94,7 +94,7 @@ static qkv_tensor *stub(const qkv_tensor *t) {
     return s;
 }
 
-/* Whether a consumer may hold p's output as a stub and have it recomputed. */
+/* Whether a consumer may hold p's output as a shell and have it recomputed. */
 static bool recomputable(const qkv_node *p) {
     return p->depth >= 0 && p->depth < QKV_RECOMPUTE_DEPTH && !p->freed;
 }
@@ -103,7 +103,7 @@ qkv_tensor *qkv__saved_output(qkv_node *node) {
     return node->saved[0];
 }
 
-/* The values of a stub whose maker can recompute them. What a chain of recomputations makes
+/* The values of a shell whose maker can recompute them. What a chain of recomputations makes
  * on the way is freed at once. */
 static qkv_tensor *recomputed(const qkv_tensor *t) {
     qkv_node *p = t->grad_fn;
@@ -138,7 +138,7 @@ qkv_tensor *qkv__values(qkv_node *node, int i) {
     return recomputed(t);
 }
 
-/* Gives a stub the storage and geometry of its recomputed values, for one backward. The stub
+/* Gives a shell the storage and geometry of its recomputed values, for one backward. The shell
  * alone holds them, so qkv__release_values can free them before the backward ends. */
 static bool attach_values(qkv_tensor *t) {
     qkv_scope_begin();
@@ -199,7 +199,7 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
         bool recompute_reads = op->recompute && i < 32 && (op->recompute_reads >> i) & 1;
         bool lazy = in && in->grad_fn && i < 32 && recomputable(in->grad_fn);
         bool whole = !in || (in->requires_grad && !in->grad_fn) || (read && !lazy);
-        n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : stub(in);
+        n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : shell(in);
         if (!n->inputs[i] && in) {
             free_graph_links_upto(n, i);
             goto fail;

@@ -12,7 +12,7 @@ static qkv_tensor *lifted(const qkv_tensor *t, bool left) {
 }
 
 /* The lifted operand's shape into shape; returns its ndim. For operands the node keeps only
- * as stubs, which have no values to view. */
+ * as shells, which have no values to view. */
 static int lifted_shape(const qkv_tensor *t, bool left, int64_t *shape) {
     if (t->ndim >= 2) {
         memcpy(shape, t->shape, (size_t)t->ndim * sizeof *shape);

@@ -183,8 +183,8 @@ static void backward_releases_what_the_graph_held(void **state) {
 }
 
 /* softmax(2x C + C 2x) + 4x^2, with C a constant: products where only one factor needs a
- * gradient, so the nodes hold stubs of the others. */
-static qkv_tensor *stub_composition(qkv_tensor *const *in, int n, void *ctx) {
+ * gradient, so the nodes hold shells of the others. */
+static qkv_tensor *shell_composition(qkv_tensor *const *in, int n, void *ctx) {
     (void)n;
     const qkv_tensor *c = ctx;
     qkv_tensor *a = qkv_mul_scalar(in[0], 2);
@@ -215,8 +215,8 @@ static void nodes_hold_only_the_values_their_backward_reads(void **state) {
     assert_non_null(s);
     assert_int_equal(sum->refcount, 1);
     assert_int_equal(x->refcount, 2);     /* a leaf that requires grad is always held whole */
-    /* and the gradients through the stubs are right */
-    assert_true(qkv_gradcheck(stub_composition, &x, 1, c, 1e-6, 1e-8, 1e-6));
+    /* and the gradients through the shells are right */
+    assert_true(qkv_gradcheck(shell_composition, &x, 1, c, 1e-6, 1e-8, 1e-6));
     qkv_scope_end();
 }
 
@@ -346,8 +346,8 @@ static void inner_scopes_free_what_the_backward_does_not_read(void **state) {
     qkv_release(x);
 }
 
-/* A node whose only links are stubs held by its consumers stays alive through the backward
- * until its own turn, though the first consumer processed lets go of its stub. */
+/* A node whose only links are shells held by its consumers stays alive through the backward
+ * until its own turn, though the first consumer processed lets go of its shell. */
 static qkv_tensor *two_consumers(const qkv_tensor *x) {
     qkv_scope_begin();
     qkv_tensor *a = qkv_exp(x);
