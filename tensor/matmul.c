@@ -34,11 +34,20 @@ static void lift(const qkv_tensor *t, bool is_left, operand *o) {
 }
 
 /* Whether the batch dimensions and the row dimension of o step through memory as one
- * dimension, so that a batch of row blocks is a single taller matrix. */
-static bool rows_fold(const operand *o) {
-    for (int i = o->ndim - 3; i >= 0; i--)
-        if (o->shape[i] != 1 && o->strides[i] != o->strides[i + 1] * o->shape[i + 1])
-            return false;
+ * dimension, so that a batch of row blocks is a single taller matrix; *rs gets its row
+ * stride. An axis of size 1 takes no step, so its stride, arbitrary as in PyTorch, never
+ * counts. */
+static bool rows_fold(const operand *o, int64_t *rs) {
+    bool outer = false;
+    int64_t next = 0;
+    *rs = o->strides[o->ndim - 2];
+    for (int i = o->ndim - 2; i >= 0; i--) {
+        if (o->shape[i] == 1) continue;
+        if (!outer) *rs = o->strides[i];
+        else if (o->strides[i] != next) return false;
+        outer = true;
+        next = o->strides[i] * o->shape[i];
+    }
     return true;
 }
 
@@ -104,9 +113,10 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     char *od = qkv_data(out);
 
     /* A stack of row blocks times one matrix is one taller product. */
-    if (B.ndim == 2 && rows_fold(&A) && (a->ndim > 1 || batch == 1)) {
+    int64_t rsa;
+    if (B.ndim == 2 && rows_fold(&A, &rsa) && (a->ndim > 1 || batch == 1)) {
         int64_t rows = batch * m;
-        gemm(a->dtype, 1, rows, n, k, ad, NULL, A.strides[A.ndim - 2], A.strides[A.ndim - 1],
+        gemm(a->dtype, 1, rows, n, k, ad, NULL, rsa, A.strides[A.ndim - 1],
              bd, NULL, B.strides[0], B.strides[1], od, NULL, n, 1);
         return out;
     }
@@ -155,8 +165,9 @@ qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tens
     if (!qkv__is_float(x->dtype) || x->dtype != w->dtype || (b && b->dtype != x->dtype))
         return qkv_set_error("%s: x, W and b must share one float dtype", name);
     operand X;
+    int64_t rsx;
     lift(x, true, &X);
-    if (!rows_fold(&X)) {
+    if (!rows_fold(&X, &rsx)) {
         qkv_scope_begin();
         qkv_tensor *out = qkv_keep(qkv__affine(qkv__contiguous(x), w, b, name));
         qkv_scope_end();
@@ -178,7 +189,7 @@ qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tens
     if (b && !bc) return NULL;
     const char *xd = qkv_data(x), *wd = qkv_data(w), *bd = bc ? qkv_data(bc) : NULL;
     char *od = qkv_data(out);
-    int64_t rsx = x->ndim > 1 ? x->strides[x->ndim - 2] : 0, csx = x->strides[x->ndim - 1];
+    int64_t csx = x->strides[x->ndim - 1];
     if (x->dtype == QKV_F32)
         qkv__gemm_bias_f32(rows, out_f, in, (const float *)xd, rsx, csx, (const float *)wd,
                            w->strides[1], w->strides[0], (const float *)bd, (float *)od, out_f);

@@ -183,6 +183,51 @@ static void matmul_of_null_is_null_without_an_error(void **state) {
     assert_null(qkv_error());
 }
 
+/* Asserts t's shape and exact values (row-major). */
+static void assert_exact(const qkv_tensor *t, int ndim, const int64_t *shape, int64_t n,
+                         const double *want) {
+    assert_non_null(t);
+    assert_int_equal(t->ndim, ndim);
+    for (int i = 0; i < ndim; i++) assert_int_equal(t->shape[i], shape[i]);
+    double got[16];
+    assert_true(n <= 16 && t->numel == n);
+    assert_true(qkv_copy_out(t, QKV_F64, got));
+    for (int64_t i = 0; i < n; i++)
+        if (got[i] != want[i]) fail_msg("element %lld: got %g, want %g", (long long)i, got[i],
+                                        want[i]);
+}
+
+/* x = arange(6).reshape(2,1,3,1).transpose(2,3): [2,1,1,3] whose size-1 axes have strides
+ * 3 and 1. Rows are 3 apart, not 1 (torch: [210, 543]; dx = w per row, dW = [6, 9, 12]). */
+static void rows_behind_size_one_axes_with_odd_strides_are_read_in_place(void **state) {
+    (void)state;
+    qkv_tensor *leaf = qkv_requires_grad_(qkv_arange(QKV_F64, 0, 6, 1), true);
+    qkv_tensor *x = qkv_transpose(qkv_reshape(leaf, QKV_SHAPE(2, 1, 3, 1)), 2, 3);
+    qkv_tensor *w = qkv_requires_grad_(
+        qkv_from_array(QKV_F64, QKV_SHAPE(1, 3), (const double[]){1, 10, 100}), true);
+    const int64_t shape[] = {2, 1, 1, 1};
+    qkv_tensor *y = qkv_affine(x, w, NULL);
+    assert_exact(y, 4, shape, 2, (const double[]){210, 543});
+    assert_exact(qkv_matmul(x, qkv_transpose(w, 0, 1)), 4, shape, 2,
+                 (const double[]){210, 543});
+    qkv_tensor *seed = qkv_from_array(QKV_F64, 4, shape, (const double[]){1, 2});
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(y, seed))));
+    assert_exact(leaf->grad, QKV_SHAPE(6), 6, (const double[]){1, 10, 100, 2, 20, 200});
+    assert_exact(w->grad, QKV_SHAPE(1, 3), 3, (const double[]){6, 9, 12});
+}
+
+/* ones([1,4,3]).transpose(0,1) is [4,1,3] with stride 12 on its size-1 axis: contiguous, as
+ * in torch, so the affine reads it in place (it used to recurse without end). */
+static void affine_of_a_contiguous_view_with_an_odd_size_one_stride(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_transpose(qkv_ones(QKV_F32, QKV_SHAPE(1, 4, 3)), 0, 1);
+    assert_true(qkv_is_contiguous(x));
+    qkv_tensor *y = qkv_affine(x, qkv_ones(QKV_F32, QKV_SHAPE(2, 3)), NULL);
+    assert_exact(y, QKV_SHAPE(4, 1, 2), 8, (const double[]){3, 3, 3, 3, 3, 3, 3, 3});
+    assert_exact(qkv_matmul(x, qkv_ones(QKV_F32, QKV_SHAPE(3, 2))), QKV_SHAPE(4, 1, 2), 8,
+                 (const double[]){3, 3, 3, 3, 3, 3, 3, 3});
+}
+
 #define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
 
 int main(void) {
@@ -195,6 +240,8 @@ int main(void) {
         T(matmul_batch_dimensions_must_broadcast),
         T(matmul_needs_float_operands_with_a_dimension),
         T(matmul_of_null_is_null_without_an_error),
+        T(rows_behind_size_one_axes_with_odd_strides_are_read_in_place),
+        T(affine_of_a_contiguous_view_with_an_odd_size_one_stride),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
