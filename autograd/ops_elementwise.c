@@ -70,15 +70,22 @@ qkv_tensor *qkv_pow(const qkv_tensor *a, const qkv_tensor *b) {
     return out;
 }
 
-/* maximum/minimum: the gradient goes to the larger (smaller) input; ties split it in half. */
+/* maximum/minimum: the gradient goes to the larger (smaller) input; ties split it in half.
+ * The gradient is selected, not multiplied by a 0/1 factor, as in PyTorch: an infinite or NaN
+ * g reaching the losing side gives 0 there, not NaN. */
+static qkv_tensor *extremum_share(const qkv_tensor *g, const qkv_tensor *loses,
+                                  const qkv_tensor *ties) {
+    qkv_tensor *zero = qkv_zeros(g->dtype, 0, NULL);
+    qkv_tensor *tied = qkv__where(ties, qkv_mul_scalar(g, 0.5), g, "maximum_backward");
+    return qkv__where(loses, zero, tied, "maximum_backward");
+}
 static void extremum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi,
                               bool is_max) {
-    qkv_tensor *wins = is_max ? qkv_gt(IN(0), IN(1)) : qkv_lt(IN(0), IN(1));
     qkv_tensor *ties = qkv_eq(IN(0), IN(1));
-    qkv_tensor *w0 = qkv_add(qkv_to_dtype(wins, g->dtype),
-                             qkv_mul_scalar(qkv_to_dtype(ties, g->dtype), 0.5));
-    if (IN(0)->requires_grad) gi[0] = qkv_mul(g, w0);
-    if (IN(1)->requires_grad) gi[1] = qkv_mul(g, qkv_rsub_scalar(1, w0));
+    if (IN(0)->requires_grad)
+        gi[0] = extremum_share(g, is_max ? qkv_lt(IN(0), IN(1)) : qkv_gt(IN(0), IN(1)), ties);
+    if (IN(1)->requires_grad)
+        gi[1] = extremum_share(g, is_max ? qkv_gt(IN(0), IN(1)) : qkv_lt(IN(0), IN(1)), ties);
 }
 static void maximum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     extremum_backward(node, g, gi, true);
@@ -165,10 +172,8 @@ qkv_tensor *qkv_pow_scalar(const qkv_tensor *a, double s) {
 static void extremum_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi,
                                      bool is_max) {
     double s = node->dargs[0];
-    qkv_tensor *wins = is_max ? qkv_gt_scalar(IN(0), s) : qkv_lt_scalar(IN(0), s);
-    qkv_tensor *w = qkv_add(qkv_to_dtype(wins, g->dtype),
-                            qkv_mul_scalar(qkv_to_dtype(qkv_eq_scalar(IN(0), s), g->dtype), 0.5));
-    gi[0] = qkv_mul(g, w);
+    qkv_tensor *loses = is_max ? qkv_lt_scalar(IN(0), s) : qkv_gt_scalar(IN(0), s);
+    gi[0] = extremum_share(g, loses, qkv_eq_scalar(IN(0), s));
 }
 static void maximum_scalar_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
     extremum_scalar_backward(node, g, gi, true);
@@ -269,9 +274,11 @@ qkv_tensor *qkv_sigmoid(const qkv_tensor *a) {
     return unary_op(QKV_OP_SIGMOID, a, &sigmoid_op, true, "qkv_sigmoid");
 }
 
-/* d relu(a) = g where a > 0 */
+/* d relu(a) = g where a > 0, else 0: selected, so an infinite g at a <= 0 gives 0 (PyTorch's
+ * threshold_backward), not inf * 0. */
 static void relu_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = qkv_mul(g, qkv__unary(QKV_OP_STEP, IN(0), "relu_backward"));
+    gi[0] = qkv__where(qkv_le_scalar(IN(0), 0), qkv_zeros(g->dtype, 0, NULL), g,
+                       "relu_backward");
 }
 static qkv_tensor *relu_recompute(qkv_node *node) {
     return qkv__unary(QKV_OP_RELU, qkv__values(node, 0), "relu");

@@ -876,9 +876,31 @@ static void grad_fn_name_names_the_op(void **state) {
     qkv_scope_end();
 }
 
+/* sqrt's gradient at 0 is +inf; relu, maximum and minimum select the incoming gradient
+ * rather than multiply it by 0, so x = -1 gets 0 as in torch, not inf * 0 = NaN. Ties of
+ * maximum still split the gradient in half. */
+static void masking_backwards_select_instead_of_multiplying(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_requires_grad_(constant(QKV_SHAPE(3), VALUES(-1, 4, 0)), true);
+    qkv_tensor *zero = qkv_scalar(QKV_F64, 0);
+    qkv_tensor *ys[] = {qkv_relu(x), qkv_maximum_scalar(x, 0), qkv_maximum(x, zero),
+                        qkv_neg(qkv_minimum_scalar(qkv_neg(x), 0)),
+                        qkv_neg(qkv_minimum(qkv_neg(x), zero))};
+    for (size_t i = 0; i < sizeof ys / sizeof *ys; i++) {
+        qkv_tensor *y = qkv_narrow(ys[i], 0, 0, 2);
+        qkv_zero_grad(x);
+        assert_true(qkv_backward(qkv_sum_all(qkv_sqrt(y))));
+        ASSERT_VALUES(x->grad, 0, 0.25, 0);
+    }
+    qkv_zero_grad(x);
+    assert_true(qkv_backward(qkv_sum_all(qkv_maximum_scalar(x, 0))));
+    ASSERT_VALUES(x->grad, 0, 1, 0.5);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
+        cmocka_unit_test_setup(masking_backwards_select_instead_of_multiplying, clear_error),
         cmocka_unit_test_setup(zero_grad_drops_the_gradient, clear_error),
         cmocka_unit_test_setup(backward_with_seeds_a_non_scalar_output, clear_error),
         cmocka_unit_test_setup(backward_requires_a_one_element_loss, clear_error),
