@@ -147,6 +147,8 @@ static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool al
     if (!a) return NULL;
     int ax = all ? -1 : qkv__norm_axis(name, a, axis);
     if (!all && ax < 0) return NULL;
+    /* Axis 0 of a 0-d tensor is its one element: a full reduction. */
+    if (a->ndim == 0) all = true, ax = -1;
     uint32_t mask = all ? all_axes(a) : (a->ndim ? 1u << ax : 0);
     qkv_tensor *out = reduce_op(is_max ? QKV_RED_MAX : QKV_RED_MIN, a, mask, keepdim, 0,
                                 is_max ? &max_op : &min_op, name);

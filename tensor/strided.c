@@ -256,9 +256,10 @@ void qkv__broadcast_strides(const qkv_tensor *t, int ndim, const int64_t *shape,
 }
 
 int qkv__norm_axis(const char *op, const qkv_tensor *t, int axis) {
-    int n = t->ndim;
+    /* A 0-d tensor takes axis 0 or -1, as in PyTorch. */
+    int n = t->ndim ? t->ndim : 1;
     int a = axis < 0 ? axis + n : axis;
-    if (a < 0 || a >= (n ? n : 1)) {
+    if (a < 0 || a >= n) {
         char s[128];
         qkv_set_error("%s: axis %d out of range for %s", op, axis, qkv_shape_str(t, s, sizeof s));
         return -1;

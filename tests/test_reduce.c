@@ -228,10 +228,37 @@ static void full_reductions_give_zero_dimensional_tensors(void **state) {
     assert_int_equal(qkv_sum_all(qkv_ones(QKV_BOOL, QKV_SHAPE(4)))->dtype, QKV_I64);
 }
 
+/* A 0-d tensor has one axis for reductions, 0 or -1, as in torch (sum(-1), max(0) and its
+ * gradient, softmax(-1)); axis 1 is out of range. */
+static void zero_dimensional_tensors_reduce_over_axis_0_or_minus_1(void **state) {
+    (void)state;
+    qkv_tensor *z = qkv_requires_grad_(qkv_scalar(QKV_F64, 3), true);
+    for (int axis = -1; axis <= 0; axis++) {
+        qkv_tensor *s = qkv_sum(z, axis, false), *k = qkv_mean(z, axis, true);
+        assert_non_null(s);
+        assert_non_null(k);
+        assert_int_equal(s->ndim, 0);
+        assert_int_equal(k->ndim, 0);
+        assert_true(qkv_item(s) == 3 && qkv_item(k) == 3);
+        assert_true(qkv_item(qkv_argmax(z, axis, false)) == 0);
+        assert_true(qkv_item(qkv_softmax(z, axis)) == 1);
+        qkv_tensor *m = qkv_max(z, axis, axis == 0);
+        assert_non_null(m);
+        assert_int_equal(m->ndim, 0);
+        assert_true(qkv_item(m) == 3);
+        qkv_zero_grad(z);
+        assert_true(qkv_backward(qkv_mul_scalar(m, 2)));
+        assert_true(qkv_item(z->grad) == 2);
+    }
+    assert_null(qkv_sum(z, 1, false));
+    assert_string_equal(qkv_error(), "qkv_sum: axis 1 out of range for []");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
         T(sum_matches_torch),
+        T(zero_dimensional_tensors_reduce_over_axis_0_or_minus_1),
         T(mean_matches_torch),
         T(var_matches_torch),
         T(max_matches_torch),
