@@ -881,6 +881,7 @@ static void grad_fn_name_names_the_op(void **state) {
  * maximum still split the gradient in half. */
 static void masking_backwards_select_instead_of_multiplying(void **state) {
     (void)state;
+    qkv_scope_begin();
     qkv_tensor *x = qkv_requires_grad_(constant(QKV_SHAPE(3), VALUES(-1, 4, 0)), true);
     qkv_tensor *zero = qkv_scalar(QKV_F64, 0);
     qkv_tensor *ys[] = {qkv_relu(x), qkv_maximum_scalar(x, 0), qkv_maximum(x, zero),
@@ -895,6 +896,7 @@ static void masking_backwards_select_instead_of_multiplying(void **state) {
     qkv_zero_grad(x);
     assert_true(qkv_backward(qkv_sum_all(qkv_maximum_scalar(x, 0))));
     ASSERT_VALUES(x->grad, 0, 1, 0.5);
+    qkv_scope_end();
 }
 
 int main(void) {
