@@ -57,9 +57,10 @@ qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
         if (shape[i] == -1 && infer < 0) infer = i;
         else if (shape[i] < 0) return qkv_set_error("qkv_reshape: bad size %lld",
                                                      (long long)shape[i]);
-        else known *= shape[i];
+        else if (!qkv__mul_i64("qkv_reshape", known, shape[i], &known)) return NULL;
     }
     if (infer >= 0) ns[infer] = known ? a->numel / known : 0;
+    if (!qkv__check_shape("qkv_reshape", ndim, ns)) return NULL;
     char sa[128];
     if (qkv__numel(ndim, ns) != a->numel || (infer >= 0 && known == 0)) {
         char buf[160] = "[";
@@ -73,6 +74,7 @@ qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
     int64_t st[QKV_MAX_DIMS];
     qkv_tensor *out;
     if (view_strides(a->ndim, a->shape, a->strides, ndim, ns, st)) {
+        if (!qkv__check_view("qkv_reshape", a, ndim, ns, st, a->offset)) return NULL;
         out = qkv__view(a, ndim, ns, st, a->offset);
     } else {
         qkv_tensor *c = qkv__contiguous(a);
@@ -163,16 +165,21 @@ static const qkv_op_def slice_op = {"slice", slice_backward, .drop = QKV_DROP_AL
 
 static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int64_t len,
                               int64_t step, bool drop_axis, const char *name) {
-    int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
+    int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS], offset, axis_step;
+    /* A step past the axis's end takes one element: its stride is never applied. */
+    if (len <= 1) step = 1;
+    if (!qkv__mul_i64(name, a->strides[axis], step, &axis_step) ||
+        !qkv__mul_i64(name, start, a->strides[axis], &offset) ||
+        !qkv__add_i64(name, a->offset, offset, &offset))
+        return NULL;
     int n = 0;
     for (int i = 0; i < a->ndim; i++) {
         if (i == axis && drop_axis) continue;
         shape[n] = i == axis ? len : a->shape[i];
-        st[n++] = i == axis ? a->strides[i] * step : a->strides[i];
+        st[n++] = i == axis ? axis_step : a->strides[i];
     }
-    qkv_tensor *out = qkv__view(a, n, shape, st, a->offset + start * a->strides[axis]);
-    out = REC1(out, &slice_op, a);
-    (void)name;
+    if (!qkv__check_view(name, a, n, shape, st, offset)) return NULL;
+    qkv_tensor *out = REC1(qkv__view(a, n, shape, st, offset), &slice_op, a);
     if (out && out->grad_fn) {
         int64_t *args = out->grad_fn->iargs;
         args[0] = axis;
@@ -196,7 +203,7 @@ qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end,
     if (end < 0) end += n;
     start = start < 0 ? 0 : start > n ? n : start;
     end = end < start ? start : end > n ? n : end;
-    int64_t len = (end - start + step - 1) / step;
+    int64_t len = end > start ? (end - start - 1) / step + 1 : 0;
     return slice_view(a, ax, start, len, step, false, "qkv_slice");
 }
 
@@ -206,10 +213,10 @@ qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t len
     if (ax < 0) return NULL;
     int64_t n = a->ndim ? a->shape[ax] : 1;
     if (start < 0) start += n;
-    if (start < 0 || length < 0 || start + length > n) {
+    if (start < 0 || start > n || length < 0 || length > n - start) {
         char s[128];
-        return qkv_set_error("qkv_narrow: [%lld, %lld) is outside axis %d of %s",
-                             (long long)start, (long long)(start + length), axis,
+        return qkv_set_error("qkv_narrow: %lld elements from %lld are outside axis %d of %s",
+                             (long long)length, (long long)start, axis,
                              qkv_shape_str(a, s, sizeof s));
     }
     return slice_view(a, ax, start, length, 1, false, "qkv_narrow");
@@ -291,6 +298,7 @@ qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
         ns[i] = want;
         st[i] = j >= 0 && have == want ? a->strides[j] : 0;
     }
+    if (!qkv__check_view("qkv_expand", a, ndim, ns, st, a->offset)) return NULL;
     return REC1(qkv__view(a, ndim, ns, st, a->offset), &expand_op, a);
 }
 

@@ -34,6 +34,14 @@ qkv_tensor *qkv__view(const qkv_tensor *t, int ndim, const int64_t *shape,
 int64_t qkv__contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
 int64_t qkv__numel(int ndim, const int64_t *shape);
 bool qkv__check_shape(const char *op, int ndim, const int64_t *shape);
+/* Checked shape arithmetic (tensor/shape.c): false with an error naming op on overflow. */
+bool qkv__add_i64(const char *op, int64_t a, int64_t b, int64_t *out);
+bool qkv__mul_i64(const char *op, int64_t a, int64_t b, int64_t *out);
+/* Whether a view of base's storage with this geometry is valid: its shape passes
+ * qkv__check_shape and every element it addresses lies inside the storage. False with an
+ * error naming op otherwise. */
+bool qkv__check_view(const char *op, const qkv_tensor *base, int ndim, const int64_t *shape,
+                     const int64_t *strides, int64_t offset);
 /* A contiguous tensor with t's values (t itself, retained into the scope, when already so). */
 qkv_tensor *qkv__contiguous(const qkv_tensor *t);
 qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype);

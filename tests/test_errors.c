@@ -132,6 +132,89 @@ static void bad_sizes_and_arguments_name_the_op(void **state) {
 }
 
 /* A NULL where an array or a generator belongs is a mistake reported like any other. */
+/* ---- overflowing sizes ------------------------------------------------------------------- */
+
+/* A view either fails with an error, or every element it addresses lies in its storage: its
+ * values are written and summed (under ASan, any element outside would be caught). */
+static void assert_refused_or_sound(qkv_tensor *v) {
+    if (!v) {
+        assert_non_null(qkv_error());
+        qkv_clear_error();
+        return;
+    }
+    bool expanded = false;
+    for (int i = 0; i < v->ndim; i++) {
+        assert_true(v->shape[i] >= 0);
+        expanded = expanded || (v->strides[i] == 0 && v->shape[i] > 1);
+    }
+    assert_true(v->numel >= 0);
+    /* Only a broadcast view (stride 0) may have more elements than its storage. */
+    if (v->numel > 6) {
+        assert_true(expanded);
+        return;
+    }
+    assert_true(qkv_fill_(v, 1));
+    assert_non_null(qkv_sum_all(v));
+    assert_null(qkv_error());
+}
+
+static void views_and_creation_refuse_overflowing_sizes(void **state) {
+    (void)state;
+    const int64_t sizes[] = {INT64_MAX, INT64_MIN, INT64_MAX - 1, INT64_MIN + 1, -1, -2,
+                             INT64_C(1) << 62, INT64_C(1) << 40, 0, 1, 2, 3};
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        int64_t x = sizes[i];
+        for (size_t j = 0; j < sizeof sizes / sizeof *sizes; j++) {
+            int64_t y = sizes[j];
+            assert_refused_or_sound(qkv_narrow(a, 1, x, y));
+            assert_refused_or_sound(qkv_slice(a, 1, x, y, 1));
+            assert_refused_or_sound(qkv_slice(a, 1, 0, x, y));
+            assert_refused_or_sound(qkv_slice(a, 1, x, 3, y));
+            assert_refused_or_sound(qkv_narrow(qkv_slice(a, 1, 0, 3, 2), 1, x, y));
+            assert_refused_or_sound(qkv_expand(a, QKV_SHAPE(x, 2, 3)));
+            assert_refused_or_sound(qkv_reshape(a, QKV_SHAPE(x, y)));
+            assert_refused_or_sound(qkv_reshape(a, QKV_SHAPE(-1, x, y)));
+            qkv_tensor *e = qkv_zeros(QKV_F32, QKV_SHAPE(0, 3));
+            qkv_tensor *r = qkv_reshape(e, QKV_SHAPE(0, x, y));
+            if (r) assert_int_equal(r->numel, 0);
+            qkv_clear_error();
+            if (x == INT64_C(1) << 40 || y == INT64_C(1) << 40) continue; /* 4 TiB is valid */
+            qkv_tensor *made[] = {qkv_empty(QKV_F32, QKV_SHAPE(x, y)),
+                                  qkv_zeros(QKV_I64, QKV_SHAPE(2, x, y)),
+                                  qkv_full(QKV_F64, QKV_SHAPE(y, x, 0), 1)};
+            bool refused = false;
+            for (size_t k = 0; k < sizeof made / sizeof *made; k++) {
+                if (made[k]) assert_true(x >= 0 && x <= 3 && y >= 0 && y <= 3);
+                refused = refused || !made[k];
+            }
+            assert_true(refused == (qkv_error() != NULL));
+            qkv_clear_error();
+        }
+        assert_refused_or_sound(qkv_select(a, 1, x));
+    }
+}
+
+static void overflowing_views_name_the_op(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    assert_null(qkv_narrow(a, 1, 2, INT64_MAX));
+    assert_string_equal(qkv_error(),
+                        "qkv_narrow: 9223372036854775807 elements from 2 are outside axis 1 of "
+                        "[2,3]");
+    qkv_clear_error();
+    qkv_tensor *s = qkv_slice(a, 1, 0, INT64_MAX, INT64_MAX);
+    assert_non_null(s);
+    assert_int_equal(s->shape[1], 1);
+    assert_null(qkv_expand(qkv_zeros(QKV_F32, QKV_SHAPE(1, 1)),
+                           QKV_SHAPE(INT64_C(1) << 40, INT64_C(1) << 40)));
+    assert_string_equal(qkv_error(), "qkv_expand: shape too large (dimension 1)");
+    qkv_clear_error();
+    assert_null(qkv_reshape(qkv_zeros(QKV_F32, QKV_SHAPE(0, 3)),
+                            QKV_SHAPE(0, INT64_C(1) << 62, INT64_C(1) << 62)));
+    assert_string_equal(qkv_error(), "qkv_reshape: shape too large (dimension 1)");
+}
+
 static qkv_tensor *sum_of_first(qkv_tensor *const *in, int n, void *ctx) {
     (void)n;
     (void)ctx;
@@ -461,6 +544,8 @@ int main(void) {
         T(wrong_dtype_names_op_and_dtype),
         T(index_out_of_range_names_index_and_shape),
         T(bad_sizes_and_arguments_name_the_op),
+        T(views_and_creation_refuse_overflowing_sizes),
+        T(overflowing_views_name_the_op),
         T(missing_pointer_arguments_are_errors_not_crashes),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),
