@@ -45,6 +45,56 @@ bool qkv_is_anomaly_enabled(void);
 /* Name of the op that produced t ("mul", "matmul", ...), or NULL for a leaf. */
 const char *qkv_grad_fn_name(const qkv_tensor *t);
 
+/* ---- Functions with a backward of their own ---------------------------------------------- */
+
+/* An op with its own backward, as torch.autograd.Function. Every built-in op is defined this
+ * way too. The forward is ordinary code between qkv_function_begin and qkv_function_end:
+ *
+ *     qkv_ctx *ctx = qkv_function_begin(&fn, 2, (const qkv_tensor *[]){a, b}, &args);
+ *     if (qkv_ctx_needs_grad(ctx, 0)) qkv_save(ctx, 1, b);   // what the backward reads
+ *     if (qkv_ctx_needs_grad(ctx, 1)) qkv_save(ctx, 0, a);
+ *     return qkv_function_end(ctx, qkv_mul(a, b));
+ *
+ * begin returns NULL when no input requires grad or grad mode is off: then nothing is
+ * recorded, every call below takes a NULL ctx and does nothing, and end returns its tensor.
+ * Otherwise grad mode is off until end, which links the output to a graph node (the ctx).
+ * The node holds nothing but what was saved: whether a saved value is kept or, when its
+ * maker is a cheap op, dropped and recomputed for the backward is decided by the engine.
+ * A backward that reads a saved value changed in place since the forward fails. */
+typedef struct qkv_node qkv_ctx;
+
+typedef struct qkv_function {
+    const char *name; /* in errors and qkv_grad_fn_name */
+    /* grads has one slot per input, all NULL on entry; leave a slot NULL for no gradient.
+     * Gradients may have a broadcast shape: the engine sums them to each input's shape.
+     * Grad mode is off while it runs. */
+    void (*backward)(qkv_ctx *ctx, const qkv_tensor *grad, qkv_tensor **grads);
+    /* Optional: the output again, bit for bit, from what the forward saved. A function with
+     * one is cheap to recompute, so the ops that read its output hold no copy of it. */
+    qkv_tensor *(*recompute)(qkv_ctx *ctx);
+    size_t args_size; /* bytes of the arguments struct copied into each node, or 0 */
+} qkv_function;
+
+#define QKV_SAVED_SLOTS 6
+
+/* args (fn->args_size bytes; NULL for none) is copied into the node: qkv_ctx_args. n_inputs
+ * are the tensors gradients flow to (NULL entries allowed). On an allocation failure the
+ * error is set and end returns NULL. */
+qkv_ctx *qkv_function_begin(const qkv_function *fn, int n_inputs,
+                            const qkv_tensor *const *inputs, const void *args);
+/* Links out to the node and returns it; NULL (out released) if out is NULL or anything
+ * since begin failed. */
+qkv_tensor *qkv_function_end(qkv_ctx *ctx, qkv_tensor *out);
+/* Saves t for the backward in slot (0 <= slot < QKV_SAVED_SLOTS). t may be the output. */
+bool qkv_save(qkv_ctx *ctx, int slot, const qkv_tensor *t);
+/* In the backward: the values saved in slot (recomputed if the engine dropped them), or NULL
+ * with an error if they were changed in place since the forward. */
+qkv_tensor *qkv_saved(qkv_ctx *ctx, int slot);
+void *qkv_ctx_args(qkv_ctx *ctx);
+bool qkv_ctx_needs_grad(const qkv_ctx *ctx, int input); /* whether input i wants a gradient */
+/* Input i's shape, dtype and requires_grad (no values: save what the backward reads). */
+const qkv_tensor *qkv_ctx_input(const qkv_ctx *ctx, int input);
+
 /* ---- Gradient check ---------------------------------------------------------------------- */
 
 /* A function of n inputs returning one tensor (any shape); ctx is passed through. */

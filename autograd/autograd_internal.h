@@ -1,72 +1,63 @@
 /*
  * The graph node and the pieces every op definition uses. Never installed.
  *
- * An op is defined once, in its family's file: a forward that computes the result with the
- * tensor layer's kernels and then calls qkv__record, and a backward adjacent to it that turns
- * the output's gradient into one gradient per input using the public ops (grad mode is off
- * while backward runs). The engine reduces each input gradient to its input's shape and dtype
- * (undoing broadcasting), so backwards may return broadcast-shaped gradients.
+ * An op is defined once, in its family's file, through the public contract of autograd.h: a
+ * qkv_function (name, backward, optional recompute, arguments size) and a forward that runs
+ * the tensor layer's kernels between qkv_function_begin and qkv_function_end, saving what its
+ * backward reads with qkv_save. The backward, adjacent to it, turns the output's gradient
+ * into one gradient per input using the public ops (grad mode is off while it runs). The
+ * engine reduces each input gradient to its input's shape and dtype (undoing broadcasting),
+ * so backwards may return broadcast-shaped gradients. docs/internals.md has the whole
+ * contract and a worked example.
  *
- * Adding an op therefore touches its own file and one line elsewhere: a new ops_<name>.c
- * holding the forward, the backward and their static qkv_op_def (name, backward, and which
- * inputs' values the backward reads, side by side), listed in autograd/meson.build; plus its
- * declaration in autograd.h. Nothing else names the op: the engine reaches a backward through
- * the node's qkv_op_def. Composite ops built from public ops need no backward at all.
+ * Adding an op therefore touches its own file and one line elsewhere: its forward, backward
+ * and static qkv_function side by side in autograd/ops_<family>.c, and its declaration in
+ * autograd.h. Nothing else names the op. Composite ops built from public ops need no
+ * backward at all.
  */
 #ifndef QKV_AUTOGRAD_INTERNAL_H
 #define QKV_AUTOGRAD_INTERNAL_H
+
+#include <stdalign.h>
+#include <stddef.h>
 
 #include "autograd/autograd.h"
 #include "tensor/tensor_internal.h"
 
 typedef struct qkv_node qkv_node;
 
-/* grads has one slot per input, all NULL on entry; leave a slot NULL for no gradient. */
-typedef void (*qkv_backward_fn)(qkv_node *node, const qkv_tensor *grad, qkv_tensor **grads);
-
-/* The node's output values computed again from what the node holds (qkv__values for its
- * inputs), bit for bit as the forward made them; owned by the innermost scope. */
-typedef qkv_tensor *(*qkv_recompute_fn)(qkv_node *node);
-
-/* What a node keeps of its inputs. A backward reads an input's values only where its op's
- * def allows; for every other input the node holds a shell with the input's shape, dtype and
- * graph link but no storage, so a forward's intermediates are freed as soon as nothing else
- * holds them. A leaf that requires grad is always held whole: its .grad is accumulated.
- *
- * An input whose values are read but which a cheap op made (an activation, a dropout, an op
- * that saves its own output) is held as a shell too, and recomputed from what its maker holds
- * when the backward runs: a GELU's output from the GELU's input, which the GELU keeps for its
- * own backward anyway, or a dropout's from its input and bit mask. Chains of such ops are
- * recomputed at most QKV_RECOMPUTE_DEPTH ops deep. */
-#define QKV_DROP_ALL UINT32_MAX
+/* Chains of recomputations (a dropout's output from a GELU's from its input) go at most this
+ * many ops deep. */
 #define QKV_RECOMPUTE_DEPTH 2
 
-typedef struct qkv_op_def {
-    const char *name;
-    qkv_backward_fn backward;
-    uint32_t drop;  /* inputs (bit i for input i) whose values the backward never reads */
-    bool cross;     /* the others' values are read only for another input's gradient, as in a
-                       product (d(ab)/da needs b): kept only when another input requires grad */
-    qkv_recompute_fn recompute;  /* NULL where recomputing costs more than keeping */
-    uint32_t recompute_reads;    /* inputs whose values recompute reads */
-} qkv_op_def;
-
-#define QKV_NODE_SAVED 4
-#define QKV_NODE_ARGS 8
+/* One saved value. The engine decides how it is held: a tensor whose maker can recompute it
+ * is held as a shell (shape, dtype and graph link, no storage) and recomputed when the
+ * backward reads it; anything else is retained whole. */
+typedef struct qkv_saved_value {
+    qkv_tensor *t;        /* retained, or a shell; NULL for an empty slot */
+    bool lazy;            /* a shell, recomputed on read */
+    bool attached;        /* a lazy shell holding recomputed values for one backward */
+    bool output;          /* the node's own output, held without its graph link */
+} qkv_saved_value;
 
 struct qkv_node {
     qkv_node_base base;
-    const qkv_op_def *op;
+    const qkv_function *fn;
     int refcount;                       /* tensors whose grad_fn this is */
     int n_inputs;
-    qkv_tensor **inputs;                /* retained, or shells (see qkv_op_def); NULL once the
-                                           graph is freed */
-    qkv_tensor *saved[QKV_NODE_SAVED];  /* retained extras (an output's values, a mask) */
-    int64_t iargs[QKV_NODE_ARGS];       /* op parameters */
-    double dargs[QKV_NODE_ARGS];
+    qkv_tensor **inputs;                /* shells (a leaf that requires grad: itself); NULL once
+                                           the graph is freed */
+    qkv_saved_value saved[QKV_SAVED_SLOTS];
+    uint32_t needed_grad;               /* inputs that required grad when recorded */
     int out_ndim;                       /* the output's shape and dtype, for backward */
     int64_t out_shape[QKV_MAX_DIMS];
     qkv_dtype out_dtype;
+    bool failed;                        /* a save or an allocation failed in the forward */
+    bool no_recompute;                  /* a value recompute reads could not be had */
+    bool recomputing;                   /* its recompute is running */
+    const qkv_tensor *const *forward_inputs; /* the inputs as given, until the forward ends */
+    int depth;                          /* recomputations needed to recompute the output
+                                           (0: from held values), or -1 if it cannot be */
     /* engine state during one backward */
     qkv_tensor *grad;                   /* accumulated gradient of the output */
     int pending;                        /* consumers in this backward not yet processed */
@@ -75,30 +66,21 @@ struct qkv_node {
     qkv_tensor *retained_out;           /* weak: the output, when qkv_retain_grad asked */
     qkv_tensor *recomputed;             /* the output recomputed for one consumer's backward,
                                            kept for the others of the same backward */
-    uint32_t needed_grad;               /* inputs that required grad when recorded */
-    uint32_t materialize;               /* inputs held as shells that the backward reads:
-                                           recomputed before it runs */
-    int depth;                          /* recomputations needed to recompute the output
-                                           (0: from held values), or -1 if it cannot be */
+    alignas(max_align_t) unsigned char args[]; /* fn->args_size bytes */
 };
 
-/* Records a node for out when grad mode is on and an input requires grad: out->grad_fn is set
- * and out->requires_grad becomes true. Returns out, or NULL (out released) on failure. NULL
- * inputs are allowed. */
-qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
-                        const qkv_tensor *const *inputs);
-/* A tensor sharing t's storage and geometry but with no graph links, retained into
- * node->saved[slot]: for saving an op's own output without a reference cycle. */
-bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out);
-bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t);
-/* Input i's values: the input itself when the node holds it whole, else its maker's
- * recomputation (owned by the innermost scope). NULL with an error if it cannot be had. */
-qkv_tensor *qkv__values(qkv_node *node, int i);
-/* For a backward done reading input i: frees its values now if they were recomputed for it,
+/* Saves t in slot only for recompute to read, never for the backward: held as a shell when
+ * its maker can recompute it, whole when it is a leaf that requires grad (held anyway), and
+ * otherwise not at all, which makes the node's output not recomputable. */
+bool qkv__save_for_recompute(qkv_ctx *ctx, int slot, const qkv_tensor *t);
+/* For a backward done reading slot: frees its values now if they were recomputed for it,
  * rather than when the backward returns. Nothing otherwise. */
-void qkv__release_values(qkv_node *node, int i);
-/* recompute for ops that save their own output in saved[0] */
-qkv_tensor *qkv__saved_output(qkv_node *node);
+void qkv__saved_release(qkv_ctx *ctx, int slot);
+/* recompute for ops that save their own output in slot 0 */
+qkv_tensor *qkv__saved_output(qkv_ctx *ctx);
+/* The inputs argument of qkv_function_begin: QKV_INPUTS(a, b). */
+#define QKV_INPUTS(...) ((const qkv_tensor *const[]){__VA_ARGS__})
+
 /* Reduces a gradient of a broadcast shape back to shape (sums the broadcast dims). */
 qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape);
 bool qkv__needs_grad(const qkv_tensor *t);

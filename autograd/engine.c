@@ -23,21 +23,35 @@ bool qkv__needs_grad(const qkv_tensor *t) {
 }
 
 const char *qkv_grad_fn_name(const qkv_tensor *t) {
-    return t && t->grad_fn ? t->grad_fn->op->name : NULL;
+    return t && t->grad_fn ? t->grad_fn->fn->name : NULL;
 }
 
 /* ---- Nodes ------------------------------------------------------------------------------- */
+
+static size_t node_bytes(const qkv_node *n) {
+    return sizeof *n + n->fn->args_size;
+}
+
+/* Drops a saved value's recomputed storage; the shell stays for the next backward. */
+static void detach_values(qkv_tensor *t) {
+    qkv__storage_release(t->storage);
+    t->storage = NULL;
+}
+
+static void free_saved(qkv_node *n) {
+    for (int k = 0; k < QKV_SAVED_SLOTS; k++) {
+        qkv_release(n->saved[k].t);
+        n->saved[k] = (qkv_saved_value){0};
+    }
+}
 
 static void free_graph_links(qkv_node *n) {
     if (n->freed) return;
     n->freed = true;
     for (int i = 0; i < n->n_inputs; i++) qkv_release(n->inputs[i]);
-    qkv__free(n->inputs, (size_t)n->n_inputs * sizeof(qkv_tensor *));
+    qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
     n->inputs = NULL;
-    for (int i = 0; i < QKV_NODE_SAVED; i++) {
-        qkv_release(n->saved[i]);
-        n->saved[i] = NULL;
-    }
+    free_saved(n);
 }
 
 static void node_release(qkv_node *n, qkv_tensor *owner) {
@@ -46,7 +60,7 @@ static void node_release(qkv_node *n, qkv_tensor *owner) {
     free_graph_links(n);
     qkv_release(n->grad);
     qkv_release(n->recomputed);
-    qkv__free(n, sizeof *n);
+    qkv__free(n, node_bytes(n));
 }
 
 /* Anomaly mode: the first non-finite value in a float tensor. */
@@ -63,19 +77,8 @@ static bool all_finite(const qkv_tensor *t) {
     return isfinite(v);
 }
 
-/* Whether op's backward reads the values of input i (see qkv_op_def). */
-static bool reads_values(const qkv_op_def *op, int n_inputs, const qkv_tensor *const *inputs,
-                         int i) {
-    bool dropped = i < 32 ? (op->drop >> i) & 1 : op->drop == QKV_DROP_ALL;
-    if (dropped) return false;
-    if (!op->cross) return true;
-    for (int j = 0; j < n_inputs; j++)
-        if (j != i && qkv__needs_grad(inputs[j])) return true;
-    return false;
-}
-
-/* t's shape, dtype and graph link without its storage: what a node keeps of an input whose
- * values its backward never reads. Owned by the node, never by a scope. */
+/* t's shape, dtype and graph link without its storage: what a node keeps of an input, and of
+ * a saved value it will recompute. Owned by the node, never by a scope. */
 static qkv_tensor *shell(const qkv_tensor *t) {
     qkv_tensor *s = qkv__alloc(sizeof *s);
     if (!s) return NULL;
@@ -94,13 +97,18 @@ static qkv_tensor *shell(const qkv_tensor *t) {
     return s;
 }
 
-/* Whether a consumer may hold p's output as a shell and have it recomputed. */
+/* Whether p's output may be held as a shell and recomputed: the one place the engine decides
+ * between keeping a saved value and recomputing it. */
 static bool recomputable(const qkv_node *p) {
     return p->depth >= 0 && p->depth < QKV_RECOMPUTE_DEPTH && !p->freed;
 }
 
-qkv_tensor *qkv__saved_output(qkv_node *node) {
-    return node->saved[0];
+static bool lazy_able(const qkv_tensor *t) {
+    return t->grad_fn && t->storage && recomputable(t->grad_fn);
+}
+
+qkv_tensor *qkv__saved_output(qkv_ctx *ctx) {
+    return ctx->saved[0].t;
 }
 
 /* The values of a shell whose maker can recompute them. What a chain of recomputations makes
@@ -109,7 +117,7 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
     qkv_node *p = t->grad_fn;
     if (!p || p->depth < 0 || p->freed)
         return qkv_set_error("qkv_backward: the values of an input of %s are gone and cannot "
-                             "be recomputed", p ? p->op->name : "a leaf");
+                             "be recomputed", p ? p->fn->name : "a leaf");
     /* A layer norm read by three projections is recomputed once per backward: the values
      * stay with their maker while consumers that have not run yet (pending) remain. */
     qkv_tensor *v = p->recomputed;
@@ -118,11 +126,13 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
         else qkv_retain(v);
         return qkv__scope_add(v) ? v : NULL;
     }
-    v = QKV_SCOPED(p->op->recompute(p));
+    p->recomputing = true;
+    v = QKV_SCOPED(p->fn->recompute(p));
+    p->recomputing = false;
     if (v && (v->ndim != t->ndim || memcmp(v->shape, t->shape, sizeof(int64_t) * t->ndim) ||
               v->dtype != t->dtype))
         return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape",
-                             p->op->name);
+                             p->fn->name);
     if (v && p->pending > 1) p->recomputed = qkv_retain(v);
     return v;
 }
@@ -132,14 +142,8 @@ static void drop_recomputed(qkv_node *n) {
     n->recomputed = NULL;
 }
 
-qkv_tensor *qkv__values(qkv_node *node, int i) {
-    qkv_tensor *t = node->inputs[i];
-    if (!t || t->storage) return t;
-    return recomputed(t);
-}
-
-/* Gives a shell the storage and geometry of its recomputed values, for one backward. The shell
- * alone holds them, so qkv__release_values can free them before the backward ends. */
+/* Gives a shell the storage and geometry of its recomputed values. The shell alone holds
+ * them, so qkv__saved_release can free them before the backward ends. */
 static bool attach_values(qkv_tensor *t) {
     qkv_scope_begin();
     qkv_tensor *v = recomputed(t);
@@ -153,63 +157,97 @@ static bool attach_values(qkv_tensor *t) {
     return v != NULL;
 }
 
-static void detach_values(qkv_tensor *t) {
-    qkv__storage_release(t->storage);
-    t->storage = NULL;
-}
+/* ---- Functions: recording a node --------------------------------------------------------- */
 
-void qkv__release_values(qkv_node *node, int i) {
-    if (i < 32 && (node->materialize >> i) & 1) detach_values(node->inputs[i]);
-}
+/* The context handed out when a node could not be allocated: every save fails and end
+ * returns NULL. Never written. */
+static qkv_node failed_node = {.failed = true};
 
-/* Releases the first k inputs of a node that is being abandoned half built. */
-static void free_graph_links_upto(qkv_node *n, int k) {
-    for (int i = 0; i < k; i++) qkv_release(n->inputs[i]);
+static void free_unlinked(qkv_node *n, int n_inputs_made) {
+    for (int i = 0; i < n_inputs_made; i++) qkv_release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
-    qkv__free(n, sizeof *n);
+    free_saved(n);
+    qkv__free(n, node_bytes(n));
 }
 
-qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
-                        const qkv_tensor *const *inputs) {
-    if (!out) return NULL;
-    /* Ops called by a backward are checked as that backward's gradients, under its name. */
-    if (anomaly && backward_depth == 0 && !all_finite(out)) {
-        qkv_set_error("qkv anomaly: %s produced a non-finite value in its forward", op->name);
-        goto fail;
-    }
-    if (no_grad_depth > 0) return out;
+qkv_ctx *qkv_function_begin(const qkv_function *fn, int n_inputs,
+                            const qkv_tensor *const *inputs, const void *args) {
+    if (no_grad_depth > 0 || !fn || n_inputs < 0 || (n_inputs && !inputs)) return NULL;
     bool any = false;
     for (int i = 0; i < n_inputs; i++) any = any || qkv__needs_grad(inputs[i]);
-    if (!any) return out;
-    qkv_node *n = qkv__calloc(sizeof *n);
-    if (!n) goto fail;
+    if (!any) return NULL;
+    no_grad_depth++; /* until qkv_function_end */
+    qkv_node *n = qkv__calloc(sizeof *n + fn->args_size);
+    if (!n) return &failed_node;
+    n->fn = fn;
+    n->n_inputs = n_inputs;
     n->inputs = qkv__alloc((size_t)(n_inputs ? n_inputs : 1) * sizeof(qkv_tensor *));
     if (!n->inputs) {
-        qkv__free(n, sizeof *n);
-        goto fail;
+        qkv__free(n, node_bytes(n));
+        return &failed_node;
     }
-    n->base.release = node_release;
-    n->op = op;
-    n->refcount = 1;
-    n->n_inputs = n_inputs;
-    n->depth = op->recompute ? 0 : -1;
     for (int i = 0; i < n_inputs; i++) {
         const qkv_tensor *in = inputs[i];
-        bool read = reads_values(op, n_inputs, inputs, i);
-        bool recompute_reads = op->recompute && i < 32 && (op->recompute_reads >> i) & 1;
-        bool lazy = in && in->grad_fn && i < 32 && recomputable(in->grad_fn);
-        bool whole = !in || (in->requires_grad && !in->grad_fn) || (read && !lazy);
-        n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : shell(in);
-        if (!n->inputs[i] && in) {
-            free_graph_links_upto(n, i);
-            goto fail;
+        /* A leaf that requires grad is held itself: its .grad is accumulated. */
+        bool leaf = in && in->requires_grad && !in->grad_fn;
+        n->inputs[i] = !in ? NULL : leaf ? qkv_retain((qkv_tensor *)in) : shell(in);
+        if (in && !n->inputs[i]) {
+            free_unlinked(n, i);
+            return &failed_node;
         }
-        if (!whole && lazy && read) n->materialize |= 1u << i;
         if (i < 32 && qkv__needs_grad(in)) n->needed_grad |= 1u << i;
-        if (recompute_reads && n->depth >= 0 && !whole)
-            n->depth = !lazy ? -1 : in->grad_fn->depth + 1 > n->depth ? in->grad_fn->depth + 1
-                                                                          : n->depth;
     }
+    if (args && fn->args_size) memcpy(n->args, args, fn->args_size);
+    n->forward_inputs = inputs;
+    n->base.release = node_release;
+    n->refcount = 1;
+    return n;
+}
+
+/* The output's recompute depth: 0 when everything recompute reads is held, one more than the
+ * deepest maker of a value held as a shell, -1 when it cannot be recomputed. */
+static int recompute_depth(const qkv_node *n) {
+    if (!n->fn->recompute || n->no_recompute) return -1;
+    int depth = 0;
+    for (int k = 0; k < QKV_SAVED_SLOTS; k++)
+        if (n->saved[k].lazy && n->saved[k].t->grad_fn->depth + 1 > depth)
+            depth = n->saved[k].t->grad_fn->depth + 1;
+    return depth;
+}
+
+/* Saved slots holding out itself hold a view of it with no graph link instead, so that out
+ * and its node do not hold each other. */
+static bool unlink_saved_output(qkv_node *n, qkv_tensor *out) {
+    for (int k = 0; k < QKV_SAVED_SLOTS; k++) {
+        if (n->saved[k].t != out) continue;
+        qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
+        if (!v) return false;
+        n->saved[k].t = qkv_scope_depth() ? qkv_retain(v) : v;
+        n->saved[k].output = true;
+        qkv_release(out);
+    }
+    return true;
+}
+
+qkv_tensor *qkv_function_end(qkv_ctx *n, qkv_tensor *out) {
+    if (!n) return out;
+    no_grad_depth--;
+    if (n == &failed_node) goto fail;
+    n->forward_inputs = NULL;
+    if (!out || n->failed) goto fail;
+    /* Ops called by a backward are checked as that backward's gradients, under its name. */
+    if (anomaly && backward_depth == 0 && !all_finite(out)) {
+        qkv_set_error("qkv anomaly: %s produced a non-finite value in its forward",
+                      n->fn->name);
+        goto fail;
+    }
+    /* A forward that returns a tensor already in the graph gets a view of it. */
+    if (out->grad_fn || out->requires_grad) {
+        out = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
+        if (!out) goto fail;
+    }
+    if (!unlink_saved_output(n, out)) goto fail;
+    n->depth = recompute_depth(n);
     n->out_ndim = out->ndim;
     memcpy(n->out_shape, out->shape, sizeof n->out_shape);
     n->out_dtype = out->dtype;
@@ -217,22 +255,92 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
     out->requires_grad = true;
     return out;
 fail:
-    if (qkv_scope_depth() == 0) qkv_release(out);
+    if (n != &failed_node) free_unlinked(n, n->n_inputs);
+    if (out && qkv_scope_depth() == 0) qkv_release(out);
     return NULL;
 }
 
-bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t) {
-    if (!node || !t) return false;
-    node->saved[slot] = qkv_retain((qkv_tensor *)t);
+static qkv_saved_value *slot_of(qkv_ctx *n, int slot) {
+    if (slot >= 0 && slot < QKV_SAVED_SLOTS) return &n->saved[slot];
+    qkv_set_error("%s: saved slot %d out of range [0, %d)", n->fn ? n->fn->name : "qkv_save",
+                  slot, QKV_SAVED_SLOTS);
+    return NULL;
+}
+
+/* A leaf input saved whole is linked by the node as itself rather than a shell: it is held
+ * anyway, and a leaf switched to require grad after the forward is then caught by the
+ * backward (the node saved nothing for its gradient). */
+static void hold_input_itself(qkv_node *n, const qkv_tensor *t) {
+    if (t->grad_fn || !n->forward_inputs) return;
+    for (int i = 0; i < n->n_inputs; i++) {
+        if (n->forward_inputs[i] != t || n->inputs[i]->storage) continue;
+        qkv_release(n->inputs[i]);
+        n->inputs[i] = qkv_retain((qkv_tensor *)t);
+    }
+}
+
+bool qkv_save(qkv_ctx *n, int slot, const qkv_tensor *t) {
+    if (!n || !t) return true;
+    if (n->failed) return false;
+    qkv_saved_value *s = slot_of(n, slot);
+    if (!s) return !(n->failed = true);
+    qkv_release(s->t);
+    *s = (qkv_saved_value){0};
+    if (lazy_able(t)) {
+        s->t = shell(t);
+        s->lazy = true;
+    } else {
+        s->t = qkv_retain((qkv_tensor *)t);
+        if (s->t) hold_input_itself(n, t);
+    }
+    if (!s->t) n->failed = true;
+    return !n->failed;
+}
+
+bool qkv__save_for_recompute(qkv_ctx *n, int slot, const qkv_tensor *t) {
+    if (!n || !t) return true;
+    if (n->failed) return false;
+    if (lazy_able(t) || (t->requires_grad && !t->grad_fn)) return qkv_save(n, slot, t);
+    n->no_recompute = true;
     return true;
 }
 
-bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out) {
-    if (!node || !out) return false;
-    qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
-    if (!v) return false;
-    node->saved[slot] = qkv_scope_depth() ? qkv_retain(v) : v;
-    return true;
+qkv_tensor *qkv_saved(qkv_ctx *n, int slot) {
+    if (!n) return NULL;
+    qkv_saved_value *s = slot_of(n, slot);
+    if (!s || !s->t) return NULL;
+    if (!s->lazy) return s->t;
+    /* Read by the node's own recompute: the values are made for it alone and die with it,
+     * so it may write over them (a dropout over a recomputed GELU output). */
+    if (n->recomputing && !s->t->storage) return recomputed(s->t);
+    if (!s->t->storage) {
+        if (!attach_values(s->t)) return NULL;
+        s->attached = true;
+    }
+    /* A view of the shell, so that what the backward makes of it (even a gradient that is the
+     * value itself) keeps the storage it needs when the shell lets go. */
+    return qkv__view(s->t, s->t->ndim, s->t->shape, s->t->strides, s->t->offset);
+}
+
+void qkv__saved_release(qkv_ctx *n, int slot) {
+    qkv_saved_value *s = &n->saved[slot];
+    if (!s->attached) return;
+    detach_values(s->t);
+    s->attached = false;
+}
+
+void *qkv_ctx_args(qkv_ctx *n) {
+    return n ? n->args : NULL;
+}
+
+bool qkv_ctx_needs_grad(const qkv_ctx *n, int input) {
+    if (!n || input < 0 || input >= n->n_inputs) return false;
+    if (input >= 32) return n->inputs && qkv__needs_grad(n->inputs[input]);
+    return (n->needed_grad >> input) & 1;
+}
+
+const qkv_tensor *qkv_ctx_input(const qkv_ctx *n, int input) {
+    return n && n->inputs && input >= 0 && input < n->n_inputs ? n->inputs[input] : NULL;
 }
 
 /* ---- Leaves ------------------------------------------------------------------------------ */
@@ -241,7 +349,7 @@ qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
     if (!t) return NULL;
     if (t->grad_fn) {
         qkv_set_error("qkv_requires_grad_: only a leaf can be set; %s made this tensor",
-                      t->grad_fn->op->name);
+                      t->grad_fn->fn->name);
         return NULL;
     }
     if (requires_grad && !qkv__is_float(t->dtype)) {
@@ -360,7 +468,7 @@ static bool check_gradients(const qkv_node *n, qkv_tensor **grads) {
     for (int i = 0; i < n->n_inputs; i++)
         if (grads[i] && !all_finite(grads[i])) {
             qkv_set_error("qkv anomaly: the backward of %s produced a non-finite gradient for "
-                          "its input %d", n->op->name, i);
+                          "its input %d", n->fn->name, i);
             return false;
         }
     return true;
@@ -371,7 +479,7 @@ static bool check_gradients(const qkv_node *n, qkv_tensor **grads) {
 static bool run_node(qkv_node *n, node_list *ready) {
     if (n->freed) {
         qkv_set_error("qkv_backward: the graph through %s was already freed by a backward; "
-                      "pass retain_graph to backpropagate twice", n->op->name);
+                      "pass retain_graph to backpropagate twice", n->fn->name);
         return false;
     }
     /* What the node kept was chosen by which inputs required grad; a leaf switched on since
@@ -379,7 +487,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
     for (int i = 0; i < n->n_inputs && i < 32; i++)
         if (qkv__needs_grad(n->inputs[i]) && !((n->needed_grad >> i) & 1)) {
             qkv_set_error("qkv_backward: input %d of %s was set to require grad after the "
-                          "forward; run the forward again", i, n->op->name);
+                          "forward; run the forward again", i, n->fn->name);
             return false;
         }
     drop_recomputed(n); /* every consumer has run */
@@ -399,19 +507,11 @@ static bool run_node(qkv_node *n, node_list *ready) {
      * by their slots) outlive it, so a backward holds no more than its frontier. */
     qkv_scope_begin();
     bool had_error = qkv_error() != NULL;
-    uint32_t attached = 0;
-    bool values_ok = true;
-    for (int i = 0; i < n->n_inputs && i < 32 && values_ok; i++)
-        if ((n->materialize >> i) & 1) {
-            values_ok = attach_values(n->inputs[i]);
-            if (values_ok) attached |= 1u << i;
-        }
     backward_depth++;
-    if (values_ok) n->op->backward(n, g, grads);
+    n->fn->backward(n, g, grads);
     backward_depth--;
-    for (int i = 0; i < n->n_inputs && i < 32; i++)
-        if ((attached >> i) & 1) detach_values(n->inputs[i]);
-    bool ok = values_ok && (had_error || !qkv_error()) &&
+    for (int k = 0; k < QKV_SAVED_SLOTS; k++) qkv__saved_release(n, k);
+    bool ok = (had_error || !qkv_error()) &&
               (!anomaly || check_gradients(n, grads));
     for (int i = 0; i < n->n_inputs && ok; i++) {
         qkv_tensor *in = n->inputs[i];

@@ -7,79 +7,95 @@
 
 #include "autograd/autograd_internal.h"
 
-#define IN(i) (node->inputs[i])
-#define REC2(out, def, a, b) qkv__record(out, def, 2, (const qkv_tensor *const[]){a, b})
+#define IN(i) qkv_ctx_input(ctx, i)
+
+/* The (non-negative) axis every op here works along. */
+typedef struct axis_args {
+    int axis;
+} axis_args;
+
+static int axis_of(qkv_ctx *ctx) {
+    return ((const axis_args *)qkv_ctx_args(ctx))->axis;
+}
 
 /* ---- index_select, gather ---------------------------------------------------------------- */
-/* iargs[0] holds the (non-negative) axis; input 1 is the index. */
+/* Input 1 is the index, saved in slot 1. */
 
 /* d index_select = g's slices added into zeros of a's shape at the indices */
-static void index_select_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = qkv__index_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
+static void index_select_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = qkv__index_add(g, axis_of(ctx), qkv_saved(ctx, 1), IN(0)->ndim, IN(0)->shape,
                            "qkv_index_select backward");
 }
-static const qkv_op_def index_select_op = {"index_select", index_select_backward, .drop = 0x1};
+static const qkv_function index_select_fn = {.name = "index_select",
+                                             .backward = index_select_backward,
+                                             .args_size = sizeof(axis_args)};
+
+/* out recorded as fn of a along axis, picked at index */
+static qkv_tensor *record_indexed(const qkv_function *fn, const qkv_tensor *a, int axis,
+                                  const qkv_tensor *index, qkv_tensor *out) {
+    qkv_ctx *ctx = qkv_function_begin(fn, 2, QKV_INPUTS(a, index), &(axis_args){axis});
+    qkv_save(ctx, 1, index);
+    return qkv_function_end(ctx, out);
+}
 
 qkv_tensor *qkv_index_select(const qkv_tensor *a, int axis, const qkv_tensor *index) {
     if (!a || !index) return NULL;
     int ax = qkv__norm_axis("qkv_index_select", a, axis);
     if (ax < 0) return NULL;
-    qkv_tensor *out = qkv__index_select(a, ax, index, "qkv_index_select");
-    out = REC2(out, &index_select_op, a, index);
-    if (out && out->grad_fn) out->grad_fn->iargs[0] = ax;
-    return out;
+    return record_indexed(&index_select_fn, a, ax, index,
+                          qkv__index_select(a, ax, index, "qkv_index_select"));
 }
 
 /* d gather = g's elements added into zeros of a's shape at the gathered positions */
-static void gather_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = qkv__scatter_add(g, (int)node->iargs[0], IN(1), IN(0)->ndim, IN(0)->shape,
+static void gather_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = qkv__scatter_add(g, axis_of(ctx), qkv_saved(ctx, 1), IN(0)->ndim, IN(0)->shape,
                              "qkv_gather backward");
 }
-static const qkv_op_def gather_op = {"gather", gather_backward, .drop = 0x1};
+static const qkv_function gather_fn = {.name = "gather", .backward = gather_backward,
+                                       .args_size = sizeof(axis_args)};
 
 qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index) {
     if (!a || !index) return NULL;
     int ax = qkv__norm_axis("qkv_gather", a, axis);
     if (ax < 0) return NULL;
-    qkv_tensor *out = REC2(qkv__gather(a, ax, index, "qkv_gather"), &gather_op, a, index);
-    if (out && out->grad_fn) out->grad_fn->iargs[0] = ax;
-    return out;
+    return record_indexed(&gather_fn, a, ax, index, qkv__gather(a, ax, index, "qkv_gather"));
 }
 
 /* ---- concat, stack ----------------------------------------------------------------------- */
-/* iargs[0] holds the (non-negative) axis of the result. */
 
 /* d concat = the slice of g along axis where each input was placed */
-static void concat_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    int axis = (int)node->iargs[0];
+static void concat_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    int axis = axis_of(ctx);
     int64_t start = 0;
-    for (int k = 0; k < node->n_inputs; k++) {
+    for (int k = 0; IN(k); k++) {
         int64_t len = IN(k)->shape[axis];
-        if (IN(k)->requires_grad) gi[k] = qkv_narrow(g, axis, start, len);
+        if (qkv_ctx_needs_grad(ctx, k)) gi[k] = qkv_narrow(g, axis, start, len);
         start += len;
     }
 }
-static const qkv_op_def concat_op = {"concat", concat_backward, .drop = QKV_DROP_ALL};
+static const qkv_function concat_fn = {.name = "concat", .backward = concat_backward,
+                                       .args_size = sizeof(axis_args)};
 
-static qkv_tensor *record_n(qkv_tensor *out, const qkv_op_def *def, int n,
+static qkv_tensor *record_n(qkv_tensor *out, const qkv_function *fn, int n,
                             qkv_tensor *const *tensors, int axis) {
-    out = qkv__record(out, def, n, (const qkv_tensor *const *)tensors);
-    if (out && out->grad_fn) out->grad_fn->iargs[0] = axis;
-    return out;
+    qkv_ctx *ctx = qkv_function_begin(fn, n, (const qkv_tensor *const *)tensors,
+                                      &(axis_args){axis});
+    return qkv_function_end(ctx, out);
 }
 
 qkv_tensor *qkv_concat(int n, qkv_tensor *const *tensors, int axis) {
     qkv_tensor *out = qkv__concat(n, (const qkv_tensor *const *)tensors, axis, "qkv_concat");
     if (!out) return NULL;
-    return record_n(out, &concat_op, n, tensors, axis < 0 ? axis + out->ndim : axis);
+    return record_n(out, &concat_fn, n, tensors, axis < 0 ? axis + out->ndim : axis);
 }
 
 /* d stack = g selected at each input's position along axis */
-static void stack_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    for (int k = 0; k < node->n_inputs; k++)
-        if (IN(k)->requires_grad) gi[k] = qkv_select(g, (int)node->iargs[0], k);
+static void stack_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    for (int k = 0; IN(k); k++)
+        if (qkv_ctx_needs_grad(ctx, k)) gi[k] = qkv_select(g, axis_of(ctx), k);
 }
-static const qkv_op_def stack_op = {"stack", stack_backward, .drop = QKV_DROP_ALL};
+static const qkv_function stack_fn = {.name = "stack", .backward = stack_backward,
+                                      .args_size = sizeof(axis_args)};
 
 static bool check_stack(int n, qkv_tensor *const *ts) {
     char s0[128], sk[128];
@@ -125,7 +141,7 @@ qkv_tensor *qkv_stack(int n, qkv_tensor *const *tensors, int axis) {
     if (ok) out = qkv_keep(qkv__concat(n, views, ax, "qkv_stack"));
     if (views && views != small) qkv__free(views, (size_t)n * sizeof *views);
     qkv_scope_end();
-    return record_n(out, &stack_op, n, tensors, ax);
+    return record_n(out, &stack_fn, n, tensors, ax);
 }
 
 /* ---- one_hot ----------------------------------------------------------------------------- */

@@ -5,26 +5,36 @@
  */
 #include "autograd/autograd_internal.h"
 
-#define IN(i) (node->inputs[i])
-#define SAVED(i) (node->saved[i])
+#define IN(i) qkv_ctx_input(ctx, i)
+#define NEEDS(i) qkv_ctx_needs_grad(ctx, i)
+
+/* Saved slots: the input, the weight, the bias (for recompute only), each row's mean and
+ * 1/std. */
+enum { X, WEIGHT, BIAS, MEAN, RSTD };
+
+typedef struct layer_norm_args {
+    int64_t d; /* elements per normalised row */
+    double eps;
+} layer_norm_args;
 
 /* With xh = (x - mean) rstd and gh = g w:
  * dx = rstd (gh - mean(gh) - xh mean(gh xh)) over each row, dw = sum over rows of g xh,
  * db = sum over rows of g */
-static void layer_norm_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+static void layer_norm_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *x = IN(0), *w = IN(1), *b = IN(2);
-    int64_t d = node->iargs[0], rows = d ? x->numel / d : 0;
-    qkv_tensor *xc = qkv__contiguous(x), *gc = qkv__contiguous(g);
-    qkv_tensor *wc = w ? qkv__contiguous(w) : NULL;
-    qkv_tensor *gx = x->requires_grad ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
-    qkv_tensor *gw = w && w->requires_grad ? qkv_empty(w->dtype, w->ndim, w->shape) : NULL;
-    qkv_tensor *gb = b && b->requires_grad ? qkv_empty(b->dtype, b->ndim, b->shape) : NULL;
-    if (!xc || !gc || (w && !wc) || (x->requires_grad && !gx) ||
-        (w && w->requires_grad && !gw) || (b && b->requires_grad && !gb))
+    int64_t d = ((const layer_norm_args *)qkv_ctx_args(ctx))->d, rows = d ? x->numel / d : 0;
+    qkv_tensor *xc = qkv__contiguous(qkv_saved(ctx, X)), *gc = qkv__contiguous(g);
+    qkv_tensor *wc = w ? qkv__contiguous(qkv_saved(ctx, WEIGHT)) : NULL;
+    qkv_tensor *gx = NEEDS(0) ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
+    qkv_tensor *gw = NEEDS(1) ? qkv_empty(w->dtype, w->ndim, w->shape) : NULL;
+    qkv_tensor *gb = NEEDS(2) ? qkv_empty(b->dtype, b->ndim, b->shape) : NULL;
+    qkv_tensor *mean = qkv_saved(ctx, MEAN), *rstd = qkv_saved(ctx, RSTD);
+    if (!xc || !gc || (w && !wc) || !mean || !rstd || (NEEDS(0) && !gx) || (NEEDS(1) && !gw) ||
+        (NEEDS(2) && !gb))
         return;
     if (!qkv__layer_norm_backward_rows(x->dtype, rows, d, qkv_data(xc), qkv_data(gc),
-                                       wc ? qkv_data(wc) : NULL, qkv_data(SAVED(0)),
-                                       qkv_data(SAVED(1)), gx ? qkv_data(gx) : NULL,
+                                       wc ? qkv_data(wc) : NULL, qkv_data(mean),
+                                       qkv_data(rstd), gx ? qkv_data(gx) : NULL,
                                        gw ? qkv_data(gw) : NULL, gb ? qkv_data(gb) : NULL)) {
         qkv_set_error("layer_norm_backward: out of memory");
         return;
@@ -54,16 +64,17 @@ static qkv_tensor *layer_norm_values(const qkv_tensor *x, int64_t d, const qkv_t
 
 /* the output again from the held input, weight and bias: one pass over a tensor the size of
  * the input, where holding the output would keep that much memory until the backward */
-static qkv_tensor *layer_norm_recompute(qkv_node *node) {
-    qkv_tensor *x = qkv__values(node, 0), *w = NULL, *b = NULL, *mean, *rstd;
-    if (node->inputs[1] && !(w = qkv__values(node, 1))) return NULL;
-    if (node->inputs[2] && !(b = qkv__values(node, 2))) return NULL;
-    return x ? layer_norm_values(x, node->iargs[0], w, b, node->dargs[0], &mean, &rstd) : NULL;
+static qkv_tensor *layer_norm_recompute(qkv_ctx *ctx) {
+    const layer_norm_args *args = qkv_ctx_args(ctx);
+    qkv_tensor *x = qkv_saved(ctx, X), *w = NULL, *b = NULL, *mean, *rstd;
+    if (IN(1) && !(w = qkv_saved(ctx, WEIGHT))) return NULL;
+    if (IN(2) && !(b = qkv_saved(ctx, BIAS))) return NULL;
+    return x ? layer_norm_values(x, args->d, w, b, args->eps, &mean, &rstd) : NULL;
 }
 
-static const qkv_op_def layer_norm_op = {"layer_norm", layer_norm_backward, .drop = 0x4,
-                                         .recompute = layer_norm_recompute,
-                                         .recompute_reads = 0x7};
+static const qkv_function layer_norm_fn = {.name = "layer_norm", .backward = layer_norm_backward,
+                                           .recompute = layer_norm_recompute,
+                                           .args_size = sizeof(layer_norm_args)};
 
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name) {
@@ -76,13 +87,14 @@ qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *wei
         (bias && (bias->dtype != x->dtype || bias->numel != d)))
         return qkv_set_error("%s: cannot normalise %s over its last %d dims with the given "
                              "weight and bias", name, qkv_shape_str(x, s, sizeof s), ndim);
+    qkv_ctx *ctx = qkv_function_begin(&layer_norm_fn, 3, QKV_INPUTS(x, weight, bias),
+                                      &(layer_norm_args){d, eps});
+    qkv_save(ctx, X, x);
+    qkv_save(ctx, WEIGHT, weight);
+    qkv__save_for_recompute(ctx, BIAS, bias);
     qkv_tensor *mean, *rstd;
     qkv_tensor *out = layer_norm_values(x, d, weight, bias, eps, &mean, &rstd);
-    out = qkv__record(out, &layer_norm_op, 3, (const qkv_tensor *const[]){x, weight, bias});
-    if (out && out->grad_fn) {
-        out->grad_fn->iargs[0] = d;
-        out->grad_fn->dargs[0] = eps;
-        if (!qkv__save(out->grad_fn, 0, mean) || !qkv__save(out->grad_fn, 1, rstd)) return NULL;
-    }
-    return out;
+    qkv_save(ctx, MEAN, mean);
+    qkv_save(ctx, RSTD, rstd);
+    return qkv_function_end(ctx, out);
 }

@@ -9,7 +9,6 @@
 
 #include "autograd/autograd_internal.h"
 
-#define REC1(out, def, a) qkv__record(out, def, 1, (const qkv_tensor *const[]){a})
 
 /* Elements per task: a multiple of 64, so tasks write whole words of the saved bit mask, and
  * large enough that jumping the generator to a block's start costs nothing next to it. */
@@ -191,21 +190,39 @@ static qkv_tensor *dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mas
     return out;
 }
 
+/* Saved slots: the bit mask (none for the identity), and the input for recompute only. */
+enum { MASK, INPUT };
+
+typedef struct dropout_args {
+    bool masked;  /* false for the identity (evaluation, p = 0) */
+    double scale; /* 1 / (1 - p) */
+} dropout_args;
+
+static const dropout_args *args_of(qkv_ctx *ctx) {
+    return qkv_ctx_args(ctx);
+}
+
 /* d dropout = g * mask / (1 - p), from the bit mask saved by the forward; g itself for the
- * identity (evaluation, p = 0), which saves nothing */
-static void dropout_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = node->saved[0] ? dropout_apply_mask(g, node->saved[0], node->dargs[0], false)
-                           : (qkv_tensor *)g;
+ * identity */
+static void dropout_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    if (!args_of(ctx)->masked) {
+        gi[0] = (qkv_tensor *)g;
+        return;
+    }
+    qkv_tensor *mask = qkv_saved(ctx, MASK);
+    gi[0] = mask ? dropout_apply_mask(g, mask, args_of(ctx)->scale, false) : NULL;
 }
 /* the output again: the input times the saved mask's factors, or the input itself. Over the
  * input's values when they were recomputed for this and nothing else holds them. */
-static qkv_tensor *dropout_recompute(qkv_node *node) {
-    qkv_tensor *a = qkv__values(node, 0);
-    if (!a || !node->saved[0]) return a;
-    return dropout_apply_mask(a, node->saved[0], node->dargs[0], can_overwrite(a));
+static qkv_tensor *dropout_recompute(qkv_ctx *ctx) {
+    qkv_tensor *a = qkv_saved(ctx, INPUT);
+    if (!a || !args_of(ctx)->masked) return a;
+    qkv_tensor *mask = qkv_saved(ctx, MASK);
+    return mask ? dropout_apply_mask(a, mask, args_of(ctx)->scale, can_overwrite(a)) : NULL;
 }
-static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_DROP_ALL,
-                                      .recompute = dropout_recompute, .recompute_reads = 0x1};
+static const qkv_function dropout_fn = {.name = "dropout", .backward = dropout_backward,
+                                        .recompute = dropout_recompute,
+                                        .args_size = sizeof(dropout_args)};
 
 static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g,
                            bool in_place, const char *name) {
@@ -215,24 +232,23 @@ static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_gen
         return qkv_set_error("%s: input %s must be f32 or f64, not %s", name,
                              qkv_shape_str(a, s, sizeof s), qkv_dtype_name(a->dtype));
     if (!(p >= 0 && p <= 1)) return qkv_set_error("%s: p must be in [0, 1], not %g", name, p);
-    if (!training || p == 0)
-        return REC1(qkv__view(a, a->ndim, a->shape, a->strides, a->offset), &dropout_op, a);
+    if (!training || p == 0) {
+        qkv_ctx *ctx = qkv_function_begin(&dropout_fn, 1, QKV_INPUTS(a), &(dropout_args){false, 1});
+        qkv__save_for_recompute(ctx, INPUT, a);
+        return qkv_function_end(ctx, qkv__view(a, a->ndim, a->shape, a->strides, a->offset));
+    }
     if (!g) return qkv_set_error("%s: training with p = %g needs a generator", name, p);
-    bool record = qkv_is_grad_enabled() && a->requires_grad;
     /* Over a's values only where nothing else can read them: a is held once, shares its
      * storage with no other tensor (so no node holds it whole) and is no leaf parameter. */
     in_place = in_place && can_overwrite(a);
     qkv_scope_begin();
+    qkv_ctx *ctx = qkv_function_begin(&dropout_fn, 1, QKV_INPUTS(a),
+                                      &(dropout_args){true, p < 1 ? 1.0 / (1.0 - p) : 0.0});
+    qkv__save_for_recompute(ctx, INPUT, a);
     qkv_tensor *mask = NULL;
-    qkv_tensor *out = REC1(dropout_forward(a, p, g, record ? &mask : NULL, in_place),
-                           &dropout_op, a);
-    if (out && out->grad_fn) {
-        if (qkv__save(out->grad_fn, 0, mask))
-            out->grad_fn->dargs[0] = p < 1 ? 1.0 / (1.0 - p) : 0.0;
-        else
-            out = NULL;
-    }
-    out = qkv_keep(out);
+    qkv_tensor *out = dropout_forward(a, p, g, ctx ? &mask : NULL, in_place);
+    qkv_save(ctx, MASK, mask);
+    out = qkv_keep(qkv_function_end(ctx, out));
     qkv_scope_end();
     return out;
 }

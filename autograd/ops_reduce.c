@@ -1,7 +1,19 @@
 /* Reductions and softmax: forward with the tensor kernels, backward beside each. */
 #include "autograd/autograd_internal.h"
 
-#define IN(i) (node->inputs[i])
+#define IN(i) qkv_ctx_input(ctx, i)
+
+/* What every reduction's backward needs: the reduced axes (bit i for axis i), var's
+ * correction, and for max/min the one axis reduced (-1: all of them). */
+typedef struct reduce_args {
+    uint32_t mask;
+    double correction;
+    int axis;
+} reduce_args;
+
+static const reduce_args *args_of(qkv_ctx *ctx) {
+    return qkv_ctx_args(ctx);
+}
 
 /* Turns an axis list into a bit mask, checking range and repeats. */
 static bool axes_mask(const char *op, const qkv_tensor *a, int naxes, const int *axes,
@@ -22,30 +34,29 @@ static bool axes_mask(const char *op, const qkv_tensor *a, int naxes, const int 
 }
 
 /* The output gradient with the reduced axes put back as size 1, broadcast to the input. */
-static qkv_tensor *expand_back(const qkv_node *node, const qkv_tensor *g) {
+static qkv_tensor *expand_back(qkv_ctx *ctx, const qkv_tensor *g) {
     const qkv_tensor *a = IN(0);
-    uint32_t mask = (uint32_t)node->iargs[0];
+    uint32_t mask = args_of(ctx)->mask;
     int64_t kshape[QKV_MAX_DIMS];
     for (int i = 0; i < a->ndim; i++) kshape[i] = mask & (1u << i) ? 1 : a->shape[i];
     return qkv_expand(qkv_reshape(g, a->ndim, kshape), a->ndim, a->shape);
 }
 
-static int64_t reduced_count(const qkv_node *node) {
+static int64_t reduced_count(qkv_ctx *ctx) {
     int64_t n = 1;
     for (int i = 0; i < IN(0)->ndim; i++)
-        if (node->iargs[0] & (1 << i)) n *= IN(0)->shape[i];
+        if (args_of(ctx)->mask & (1u << i)) n *= IN(0)->shape[i];
     return n;
 }
 
+/* A reduction whose backward reads nothing but the input's shape, or (save_input) its
+ * values too. */
 static qkv_tensor *reduce_op(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
-                             double correction, const qkv_op_def *def, const char *name) {
-    qkv_tensor *out = qkv__record(qkv__reduce(op, a, mask, keepdim, correction, name), def, 1,
-                                  (const qkv_tensor *const[]){a});
-    if (out && out->grad_fn) {
-        out->grad_fn->iargs[0] = mask;
-        out->grad_fn->dargs[0] = correction;
-    }
-    return out;
+                             double correction, const qkv_function *fn, bool save_input,
+                             const char *name) {
+    qkv_ctx *ctx = qkv_function_begin(fn, 1, QKV_INPUTS(a), &(reduce_args){mask, correction, -1});
+    if (save_input) qkv_save(ctx, 0, a);
+    return qkv_function_end(ctx, qkv__reduce(op, a, mask, keepdim, correction, name));
 }
 
 static uint32_t all_axes(const qkv_tensor *a) {
@@ -55,78 +66,83 @@ static uint32_t all_axes(const qkv_tensor *a) {
 /* ---- sum, mean, var ---------------------------------------------------------------------- */
 
 /* d sum = g broadcast over the reduced axes */
-static void sum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    gi[0] = expand_back(node, g);
+static void sum_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    gi[0] = expand_back(ctx, g);
 }
-static const qkv_op_def sum_op = {"sum", sum_backward, .drop = QKV_DROP_ALL};
+static const qkv_function sum_fn = {.name = "sum", .backward = sum_backward,
+                                    .args_size = sizeof(reduce_args)};
 
 /* The reduction op over the listed axes, reported in errors as name. */
 static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
                                const int *axes, bool keepdim, double correction,
-                               const qkv_op_def *def, const char *name) {
+                               const qkv_function *fn, const char *name) {
     uint32_t mask;
     if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
-    return reduce_op(op, a, mask, keepdim, correction, def, name);
+    return reduce_op(op, a, mask, keepdim, correction, fn, op == QKV_RED_VAR, name);
 }
 
 qkv_tensor *qkv_sum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
-    return reduce_axes(QKV_RED_SUM, a, naxes, axes, keepdim, 0, &sum_op, "qkv_sum_axes");
+    return reduce_axes(QKV_RED_SUM, a, naxes, axes, keepdim, 0, &sum_fn, "qkv_sum_axes");
 }
 qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
-    return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_op, "qkv_sum");
+    return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_fn, "qkv_sum");
 }
 qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
-    return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_op, "qkv_sum_all") : NULL;
+    return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_fn, false, "qkv_sum_all")
+             : NULL;
 }
 
 /* d mean = g/N broadcast */
-static void mean_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+static void mean_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     /* Divided while still reduced, then broadcast: a view, not a pass over the input. */
-    gi[0] = expand_back(node, qkv_div_scalar(g, (double)reduced_count(node)));
+    gi[0] = expand_back(ctx, qkv_div_scalar(g, (double)reduced_count(ctx)));
 }
-static const qkv_op_def mean_op = {"mean", mean_backward, .drop = QKV_DROP_ALL};
+static const qkv_function mean_fn = {.name = "mean", .backward = mean_backward,
+                                     .args_size = sizeof(reduce_args)};
 
 qkv_tensor *qkv_mean_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim) {
-    return reduce_axes(QKV_RED_MEAN, a, naxes, axes, keepdim, 0, &mean_op, "qkv_mean_axes");
+    return reduce_axes(QKV_RED_MEAN, a, naxes, axes, keepdim, 0, &mean_fn, "qkv_mean_axes");
 }
 qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
-    return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_op, "qkv_mean");
+    return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_fn, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
-    return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_op, "qkv_mean_all")
+    return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false,
+                         "qkv_mean_all")
              : NULL;
 }
 
 /* d var = g * 2 (a - mean) / (N - correction) */
-static void var_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    uint32_t mask = (uint32_t)node->iargs[0];
+static void var_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *a = qkv_saved(ctx, 0);
     int axes[QKV_MAX_DIMS], n = 0;
     for (int i = 0; i < IN(0)->ndim; i++)
-        if (mask & (1u << i)) axes[n++] = i;
-    qkv_tensor *centered = qkv_sub(IN(0), qkv_mean_axes(IN(0), n, axes, true));
-    double dof = (double)reduced_count(node) - node->dargs[0];
+        if (args_of(ctx)->mask & (1u << i)) axes[n++] = i;
+    qkv_tensor *centered = qkv_sub(a, qkv_mean_axes(a, n, axes, true));
+    double dof = (double)reduced_count(ctx) - args_of(ctx)->correction;
     /* (2 / dof) * g while g is still reduced, as torch orders it: two passes over the input
      * (centre, multiply) instead of three. */
-    gi[0] = qkv_mul(expand_back(node, qkv_mul_scalar(g, 2.0 / dof)), centered);
+    gi[0] = qkv_mul(expand_back(ctx, qkv_mul_scalar(g, 2.0 / dof)), centered);
 }
-static const qkv_op_def var_op = {"var", var_backward, .drop = 0};
+static const qkv_function var_fn = {.name = "var", .backward = var_backward,
+                                    .args_size = sizeof(reduce_args)};
 
 qkv_tensor *qkv_var_axes(const qkv_tensor *a, int naxes, const int *axes, double correction,
                          bool keepdim) {
-    return reduce_axes(QKV_RED_VAR, a, naxes, axes, keepdim, correction, &var_op,
+    return reduce_axes(QKV_RED_VAR, a, naxes, axes, keepdim, correction, &var_fn,
                        "qkv_var_axes");
 }
 qkv_tensor *qkv_var(const qkv_tensor *a, int axis, double correction, bool keepdim) {
-    return reduce_axes(QKV_RED_VAR, a, 1, &axis, keepdim, correction, &var_op, "qkv_var");
+    return reduce_axes(QKV_RED_VAR, a, 1, &axis, keepdim, correction, &var_fn, "qkv_var");
 }
 
 /* ---- max, min, argmax, argmin ------------------------------------------------------------ */
 
-/* d max = g at the first position that attains the maximum, 0 elsewhere. saved[0] holds that
+/* d max = g at the first position that attains the maximum, 0 elsewhere. Slot 0 holds that
  * position (keepdim shape along the axis, or the flat index for a full reduction). */
-static void extremum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+static void extremum_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *a = IN(0);
-    int axis = (int)node->iargs[1];
+    int axis = args_of(ctx)->axis;
     qkv_tensor *pos;
     if (axis < 0) {
         pos = qkv_reshape(qkv_arange(QKV_I64, 0, (double)a->numel, 1), a->ndim, a->shape);
@@ -135,12 +151,14 @@ static void extremum_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **
         for (int i = 0; i < a->ndim; i++) shape[i] = i == axis ? a->shape[i] : 1;
         pos = qkv_reshape(qkv_arange(QKV_I64, 0, (double)a->shape[axis], 1), a->ndim, shape);
     }
-    qkv_tensor *hit = qkv_eq(pos, node->saved[0]);
-    gi[0] = qkv__where(hit, expand_back(node, g), qkv_zeros(g->dtype, 0, NULL),
+    qkv_tensor *hit = qkv_eq(pos, qkv_saved(ctx, 0));
+    gi[0] = qkv__where(hit, expand_back(ctx, g), qkv_zeros(g->dtype, 0, NULL),
                        "max_backward");
 }
-static const qkv_op_def max_op = {"max", extremum_backward, .drop = QKV_DROP_ALL};
-static const qkv_op_def min_op = {"min", extremum_backward, .drop = QKV_DROP_ALL};
+static const qkv_function max_fn = {.name = "max", .backward = extremum_backward,
+                                    .args_size = sizeof(reduce_args)};
+static const qkv_function min_fn = {.name = "min", .backward = extremum_backward,
+                                    .args_size = sizeof(reduce_args)};
 
 static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool all, bool is_max,
                             const char *name) {
@@ -149,19 +167,19 @@ static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool al
     if (!all && ax < 0) return NULL;
     /* Axis 0 of a 0-d tensor is its one element: a full reduction. */
     if (a->ndim == 0) all = true, ax = -1;
-    uint32_t mask = all ? all_axes(a) : (a->ndim ? 1u << ax : 0);
-    qkv_tensor *out = reduce_op(is_max ? QKV_RED_MAX : QKV_RED_MIN, a, mask, keepdim, 0,
-                                is_max ? &max_op : &min_op, name);
-    if (!out || !out->grad_fn) return out;
-    out->grad_fn->iargs[1] = ax;
-    qkv_tensor *idx = qkv__reduce(is_max ? QKV_RED_ARGMAX : QKV_RED_ARGMIN, a, mask, true, 0,
-                                  name);
-    if (all && idx) {
+    uint32_t mask = all ? all_axes(a) : 1u << ax;
+    qkv_ctx *ctx = qkv_function_begin(is_max ? &max_fn : &min_fn, 1, QKV_INPUTS(a),
+                                      &(reduce_args){mask, 0, ax});
+    qkv_tensor *out = qkv__reduce(is_max ? QKV_RED_MAX : QKV_RED_MIN, a, mask, keepdim, 0, name);
+    if (ctx && out) {
+        qkv_tensor *idx = qkv__reduce(is_max ? QKV_RED_ARGMAX : QKV_RED_ARGMIN, a, mask, true,
+                                      0, name);
         /* For a full reduction the kernel's index already counts in row-major order. */
-        idx = qkv__view(idx, 0, NULL, NULL, idx->offset);
+        if (all && idx) idx = qkv__view(idx, 0, NULL, NULL, idx->offset);
+        if (!idx) out = NULL;
+        qkv_save(ctx, 0, idx);
     }
-    if (!idx || !qkv__save(out->grad_fn, 0, idx)) return NULL;
-    return out;
+    return qkv_function_end(ctx, out);
 }
 
 qkv_tensor *qkv_max(const qkv_tensor *a, int axis, bool keepdim) {
@@ -217,10 +235,15 @@ qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim) {
 
 /* ---- softmax, log_softmax ---------------------------------------------------------------- */
 
+typedef struct softmax_args {
+    int axis;
+} softmax_args;
+
 /* d softmax = out * (g - sum(g * out)) along the axis */
-static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    qkv_tensor *out = node->saved[0];
-    int axis = (int)node->iargs[0];
+static void softmax_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *out = qkv_saved(ctx, 0);
+    int axis = ((const softmax_args *)qkv_ctx_args(ctx))->axis;
+    if (!out) return;
     if (axis == out->ndim - 1 && g->dtype == out->dtype) {
         gi[0] = qkv__softmax_backward(out, g, false, "softmax_backward");
         return;
@@ -228,33 +251,35 @@ static void softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **g
     qkv_tensor *dot = qkv_sum(qkv_mul(g, out), axis, true);
     gi[0] = qkv_mul(out, qkv_sub(g, dot));
 }
-static const qkv_op_def softmax_op = {"softmax", softmax_backward, .drop = QKV_DROP_ALL,
-                                      .recompute = qkv__saved_output};
+static const qkv_function softmax_fn = {.name = "softmax", .backward = softmax_backward,
+                                        .recompute = qkv__saved_output,
+                                        .args_size = sizeof(softmax_args)};
 
 /* d log_softmax = g - exp(out) * sum(g) along the axis */
-static void log_softmax_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    int axis = (int)node->iargs[0];
-    if (axis == node->saved[0]->ndim - 1 && g->dtype == node->saved[0]->dtype) {
-        gi[0] = qkv__softmax_backward(node->saved[0], g, true, "log_softmax_backward");
+static void log_softmax_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *out = qkv_saved(ctx, 0);
+    int axis = ((const softmax_args *)qkv_ctx_args(ctx))->axis;
+    if (!out) return;
+    if (axis == out->ndim - 1 && g->dtype == out->dtype) {
+        gi[0] = qkv__softmax_backward(out, g, true, "log_softmax_backward");
         return;
     }
-    gi[0] = qkv_sub(g, qkv_mul(qkv_exp(node->saved[0]), qkv_sum(g, axis, true)));
+    gi[0] = qkv_sub(g, qkv_mul(qkv_exp(out), qkv_sum(g, axis, true)));
 }
-static const qkv_op_def log_softmax_op = {"log_softmax", log_softmax_backward,
-                                          .drop = QKV_DROP_ALL, .recompute = qkv__saved_output};
+static const qkv_function log_softmax_fn = {.name = "log_softmax",
+                                            .backward = log_softmax_backward,
+                                            .recompute = qkv__saved_output,
+                                            .args_size = sizeof(softmax_args)};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
-    qkv_tensor *out = qkv__record(qkv__softmax(a, ax, log, name),
-                                  log ? &log_softmax_op : &softmax_op, 1,
-                                  (const qkv_tensor *const[]){a});
-    if (out && out->grad_fn) {
-        out->grad_fn->iargs[0] = ax;
-        if (!qkv__save_output(out->grad_fn, 0, out)) return NULL;
-    }
-    return out;
+    qkv_ctx *ctx = qkv_function_begin(log ? &log_softmax_fn : &softmax_fn, 1, QKV_INPUTS(a),
+                                      &(softmax_args){ax});
+    qkv_tensor *out = qkv__softmax(a, ax, log, name);
+    qkv_save(ctx, 0, out);
+    return qkv_function_end(ctx, out);
 }
 
 qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis) {

@@ -6,8 +6,15 @@
 
 #include "autograd/autograd_internal.h"
 
-#define IN(i) (node->inputs[i])
-#define REC1(out, def, a) qkv__record(out, def, 1, (const qkv_tensor *const[]){a})
+#define IN(i) qkv_ctx_input(ctx, i)
+
+/* out, already made from a, recorded as fn of a with args: for the views and copies, whose
+ * backwards read nothing but a's shape and their arguments. */
+static qkv_tensor *record1(const qkv_function *fn, const qkv_tensor *a, const void *args,
+                           qkv_tensor *out) {
+    return qkv_function_end(qkv_function_begin(fn, 1, QKV_INPUTS(a), args), out);
+}
+#define REC1(out, fn, a) record1(fn, a, NULL, out)
 
 /* ---- reshape ----------------------------------------------------------------------------- */
 
@@ -41,10 +48,10 @@ static bool view_strides(int ond, const int64_t *oshape, const int64_t *ostride,
 }
 
 /* d reshape = g reshaped to the input's shape */
-static void reshape_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+static void reshape_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     gi[0] = qkv_reshape(g, IN(0)->ndim, IN(0)->shape);
 }
-static const qkv_op_def reshape_op = {"reshape", reshape_backward, .drop = QKV_DROP_ALL};
+static const qkv_function reshape_fn = {.name = "reshape", .backward = reshape_backward};
 
 qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
@@ -81,7 +88,7 @@ qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
         qkv__contiguous_strides(ndim, ns, st);
         out = c ? qkv__view(c, ndim, ns, st, c->offset) : NULL;
     }
-    return REC1(out, &reshape_op, a);
+    return REC1(out, &reshape_fn, a);
 }
 
 qkv_tensor *qkv_flatten(const qkv_tensor *a, int start_axis, int end_axis) {
@@ -103,19 +110,26 @@ qkv_tensor *qkv_flatten(const qkv_tensor *a, int start_axis, int end_axis) {
 /* ---- transpose, permute ------------------------------------------------------------------ */
 
 /* d permute = g permuted by the inverse permutation */
-static void permute_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+typedef struct permute_args {
+    int axes[QKV_MAX_DIMS];
+} permute_args;
+
+static void permute_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    const permute_args *args = qkv_ctx_args(ctx);
     int inv[QKV_MAX_DIMS];
-    for (int i = 0; i < g->ndim; i++) inv[node->iargs[i]] = i;
+    for (int i = 0; i < g->ndim; i++) inv[args->axes[i]] = i;
     gi[0] = qkv_permute(g, inv);
 }
-static const qkv_op_def permute_op = {"permute", permute_backward, .drop = QKV_DROP_ALL};
+static const qkv_function permute_fn = {.name = "permute", .backward = permute_backward,
+                                        .args_size = sizeof(permute_args)};
 
 qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
     if (!a) return NULL;
     if (!axes) return qkv_set_error("qkv_permute: axes is NULL");
     int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
     bool used[QKV_MAX_DIMS] = {false};
-    int ax[QKV_MAX_DIMS];
+    permute_args args = {{0}};
+    int *ax = args.axes;
     for (int i = 0; i < a->ndim; i++) {
         ax[i] = qkv__norm_axis("qkv_permute", a, axes[i]);
         if (ax[i] < 0) return NULL;
@@ -124,10 +138,7 @@ qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
         shape[i] = a->shape[ax[i]];
         st[i] = a->strides[ax[i]];
     }
-    qkv_tensor *out = REC1(qkv__view(a, a->ndim, shape, st, a->offset), &permute_op, a);
-    if (out && out->grad_fn)
-        for (int i = 0; i < a->ndim; i++) out->grad_fn->iargs[i] = ax[i];
-    return out;
+    return record1(&permute_fn, a, &args, qkv__view(a, a->ndim, shape, st, a->offset));
 }
 
 qkv_tensor *qkv_transpose(const qkv_tensor *a, int axis0, int axis1) {
@@ -146,22 +157,29 @@ qkv_tensor *qkv_transpose(const qkv_tensor *a, int axis0, int axis1) {
 /* ---- slice, narrow, select --------------------------------------------------------------- */
 
 /* d slice = g placed into zeros of the input's shape at the sliced positions */
-static void slice_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+typedef struct slice_args {
+    int axis;
+    bool drop_axis; /* select: the axis is gone from the output */
+    int64_t start, step, len;
+} slice_args;
+
+static void slice_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *a = IN(0);
+    const slice_args *args = qkv_ctx_args(ctx);
     qkv_tensor *z = qkv_zeros(g->dtype, a->ndim, a->shape);
     if (!z) return;
-    int axis = (int)node->iargs[0];
-    int64_t start = node->iargs[1], step = node->iargs[2];
+    int axis = args->axis;
     int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
     memcpy(shape, z->shape, sizeof shape);
     memcpy(st, z->strides, sizeof st);
-    shape[axis] = node->iargs[3];
-    st[axis] *= step;
-    qkv_tensor *window = qkv__view(z, z->ndim, shape, st, start * z->strides[axis]);
-    qkv_tensor *gg = node->iargs[4] ? qkv_unsqueeze(g, axis) : (qkv_tensor *)g;
+    shape[axis] = args->len;
+    st[axis] *= args->step;
+    qkv_tensor *window = qkv__view(z, z->ndim, shape, st, args->start * z->strides[axis]);
+    qkv_tensor *gg = args->drop_axis ? qkv_unsqueeze(g, axis) : (qkv_tensor *)g;
     if (window && qkv_copy_(window, gg)) gi[0] = z;
 }
-static const qkv_op_def slice_op = {"slice", slice_backward, .drop = QKV_DROP_ALL};
+static const qkv_function slice_fn = {.name = "slice", .backward = slice_backward,
+                                      .args_size = sizeof(slice_args)};
 
 static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int64_t len,
                               int64_t step, bool drop_axis, const char *name) {
@@ -179,16 +197,8 @@ static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int6
         st[n++] = i == axis ? axis_step : a->strides[i];
     }
     if (!qkv__check_view(name, a, n, shape, st, offset)) return NULL;
-    qkv_tensor *out = REC1(qkv__view(a, n, shape, st, offset), &slice_op, a);
-    if (out && out->grad_fn) {
-        int64_t *args = out->grad_fn->iargs;
-        args[0] = axis;
-        args[1] = start;
-        args[2] = step;
-        args[3] = len;
-        args[4] = drop_axis;
-    }
-    return out;
+    slice_args args = {axis, drop_axis, start, step, len};
+    return record1(&slice_fn, a, &args, qkv__view(a, n, shape, st, offset));
 }
 
 qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end, int64_t step) {
@@ -274,10 +284,11 @@ qkv_tensor *qkv_unsqueeze(const qkv_tensor *a, int axis) {
 
 /* d expand = g summed over the broadcast dimensions (the engine's reduction to the input's
  * shape does exactly that) */
-static void expand_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
+static void expand_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    (void)ctx;
     gi[0] = (qkv_tensor *)g;
 }
-static const qkv_op_def expand_op = {"expand", expand_backward, .drop = QKV_DROP_ALL};
+static const qkv_function expand_fn = {.name = "expand", .backward = expand_backward};
 
 qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
@@ -299,25 +310,25 @@ qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
         st[i] = j >= 0 && have == want ? a->strides[j] : 0;
     }
     if (!qkv__check_view("qkv_expand", a, ndim, ns, st, a->offset)) return NULL;
-    return REC1(qkv__view(a, ndim, ns, st, a->offset), &expand_op, a);
+    return REC1(qkv__view(a, ndim, ns, st, a->offset), &expand_fn, a);
 }
 
 /* ---- contiguous, clone, to_dtype --------------------------------------------------------- */
 
 /* d copy = g (to_dtype's gradient is converted back by the engine) */
-static const qkv_op_def contiguous_op = {"contiguous", expand_backward, .drop = QKV_DROP_ALL};
-static const qkv_op_def clone_op = {"clone", expand_backward, .drop = QKV_DROP_ALL};
-static const qkv_op_def to_dtype_op = {"to_dtype", expand_backward, .drop = QKV_DROP_ALL};
+static const qkv_function contiguous_fn = {.name = "contiguous", .backward = expand_backward};
+static const qkv_function clone_fn = {.name = "clone", .backward = expand_backward};
+static const qkv_function to_dtype_fn = {.name = "to_dtype", .backward = expand_backward};
 
 qkv_tensor *qkv_contiguous(const qkv_tensor *a) {
-    return REC1(qkv__contiguous(a), &contiguous_op, a);
+    return REC1(qkv__contiguous(a), &contiguous_fn, a);
 }
 
 qkv_tensor *qkv_clone(const qkv_tensor *a) {
     if (!a) return NULL;
     qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
     if (out && !qkv_copy_(out, a)) return NULL;
-    return REC1(out, &clone_op, a);
+    return REC1(out, &clone_fn, a);
 }
 
 qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype) {
@@ -325,5 +336,5 @@ qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype) {
     if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("qkv_to_dtype: unknown dtype %d", dtype);
     qkv_tensor *out = qkv__to_dtype(a, dtype);
     if (!qkv__is_float(dtype)) return out; /* integers and masks carry no gradient */
-    return REC1(out, &to_dtype_op, a);
+    return REC1(out, &to_dtype_fn, a);
 }

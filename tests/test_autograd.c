@@ -199,14 +199,16 @@ static void nodes_hold_only_the_values_their_backward_reads(void **state) {
     qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(0.1, -0.2, 0.3, 0.4));
     qkv_tensor *c = constant(QKV_SHAPE(2, 2), VALUES(1, 2, -1, 0.5));
     qkv_tensor *a = qkv_mul_scalar(x, 2);
-    qkv_tensor *p = qkv_matmul(a, c);     /* da reads c; c needs no gradient, so a is unread */
+    /* da reads c; c needs no gradient, so a is unread. The node holds c twice: as the saved
+     * value and as its link to that input. */
+    qkv_tensor *p = qkv_matmul(a, c);
     assert_non_null(p);
     assert_int_equal(a->refcount, 1);
-    assert_int_equal(c->refcount, 2);
+    assert_int_equal(c->refcount, 3);
     qkv_tensor *q = qkv_matmul(c, a);
     assert_non_null(q);
     assert_int_equal(a->refcount, 1);
-    assert_int_equal(c->refcount, 3);
+    assert_int_equal(c->refcount, 5);
     qkv_tensor *r = qkv_mul(a, a);        /* each factor's gradient reads the other */
     assert_non_null(r);
     assert_int_equal(a->refcount, 3);

@@ -671,16 +671,17 @@ static void gradcheck_composite_attention(void **state) {
 
 /* ---- gradcheck itself -------------------------------------------------------------------- */
 
-/* An identity whose backward doubles the gradient: a deliberately wrong op. */
-static void doubled_backward(qkv_node *node, const qkv_tensor *g, qkv_tensor **gi) {
-    (void)node;
+/* An identity whose backward doubles the gradient: a deliberately wrong op, defined through
+ * the public contract for functions with their own backward. */
+static void doubled_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    (void)ctx;
     gi[0] = qkv_mul_scalar(g, 2);
 }
-static const qkv_op_def doubled_op = {"doubled_identity", doubled_backward, .drop = QKV_DROP_ALL};
+static const qkv_function doubled_fn = {.name = "doubled_identity", .backward = doubled_backward};
 
 static qkv_tensor *doubled_identity(const qkv_tensor *a) {
-    qkv_tensor *out = qkv__view(a, a->ndim, a->shape, a->strides, a->offset);
-    return qkv__record(out, &doubled_op, 1, (const qkv_tensor *const[]){a});
+    qkv_ctx *ctx = qkv_function_begin(&doubled_fn, 1, (const qkv_tensor *const[]){a}, NULL);
+    return qkv_function_end(ctx, qkv_mul_scalar(a, 1));
 }
 
 static qkv_tensor *call_with_wrong_gradient(qkv_tensor *const *in, int n, void *ctx) {
