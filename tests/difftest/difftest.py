@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -456,12 +457,24 @@ def parse_runner_output(text, graphs):
     return results
 
 
+RUNNER_STACK = 2 << 20
+
+
+def small_stack():
+    """A 2 MiB stack for the runner: qkv needs little (its backward is iterative by design),
+    and a runaway recursion then crashes in milliseconds rather than after seconds of
+    growing an 8 MiB stack."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == resource.RLIM_INFINITY or soft > RUNNER_STACK:
+        resource.setrlimit(resource.RLIMIT_STACK, (RUNNER_STACK, hard))
+
+
 def run_runner(runner, graphs, timeout=120):
     """Runs graphs in one process: (results by id, return code, stderr tail)."""
     text = "".join(spec_text(g) for g in graphs)
     try:
         p = subprocess.run([runner], input=text.encode(), capture_output=True,
-                           timeout=timeout)
+                           timeout=timeout, preexec_fn=small_stack)
         out, rc, err = p.stdout.decode(errors="replace"), p.returncode, p.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace")
