@@ -187,8 +187,8 @@ def index_select_nd(x, axis, idx):
 
 
 def mse_loss_to_input(x, target, reduction):
-    if torch.broadcast_shapes(x.shape, target.shape) != x.shape:
-        raise RuntimeError("the target does not broadcast to the input's shape")
+    if math.prod(torch.broadcast_shapes(x.shape, target.shape)) != x.numel():
+        raise RuntimeError("the target makes the result larger than the input")
     return F.mse_loss(x, target, reduction=reduction)
 
 
@@ -1078,6 +1078,14 @@ class Builder:
         n = s[ax]
         if n == 0:
             return
+        if r.random() < 0.15:
+            # Indices from argmax/argmin of values with ties: the first index, as in torch.
+            src = self.new_leaf([r.randint(1, 3), n], "grid", rg=False)
+            idx = self.op(r.choice(["argmax", "argmin"]), [src], [1, 0]) \
+                if src is not None else None
+            if idx is not None:
+                self.op("index_select", [i, idx], [self.neg(ax, nd)])
+            return
         if r.random() < 0.55:
             ishape = r.choice([[r.randint(0, 4)], [r.randint(0, 4)], [], [2, r.randint(1, 2)]])
             idx = self.new_leaf(ishape, dtype="i64", rg=False, hi=n)
@@ -1519,11 +1527,14 @@ def signature(why, g):
     the output."""
     kind = re.sub(r"qkv_[a-z_]+|[a-z_]+\(\)", "OP", why)
     kind = re.sub(r"\[[^]]*\]|torch\.Size\(\[[^]]*\]\)|-?[0-9][0-9.e+-]*", "#", kind)
-    if "refused" in why or "crashed" in why:
-        return kind
-    kind = re.sub(r"elements differ.*", "elements differ", kind)
     last = g.values[-1]
-    return "%s [%s]" % (kind, last.name if isinstance(last, Op) else "leaf")
+    last = last.name if isinstance(last, Op) else "leaf"
+    if "fwd_refused" in why or "crashed" in why:
+        return kind
+    if "bwd_refused" in why:
+        return "%s [%s]" % (kind, last)
+    kind = re.sub(r"elements differ.*", "elements differ", kind)
+    return "%s [%s]" % (kind, last)
 
 
 # ---- Main ---------------------------------------------------------------------------------
