@@ -1,11 +1,12 @@
 # Front door: `make demo` trains the example classifier, `make test` runs every test suite.
-# Both install missing build dependencies first (Debian/Ubuntu).
+# Both install missing build dependencies first (Debian/Ubuntu). `make difftest` runs the
+# differential tester against PyTorch for longer than the test suite does (tests/difftest/).
 
 BUILD ?= build
 MESON_OPTS ?=
 THREADS ?= 2
 
-.PHONY: all deps configure build test demo bench bench-classify clean
+.PHONY: all deps configure build test difftest demo bench bench-classify clean
 
 all: build
 
@@ -22,6 +23,15 @@ build: configure
 
 test: build
 	@sh tools/run-tests.sh $(BUILD)
+
+DIFFTEST_SEEDS ?= 1 2 3 4
+DIFFTEST_COUNT ?= 2000
+
+difftest: deps
+	@sh tools/install-deps.sh python3 python3-torch
+	@$(MAKE) --no-print-directory build
+	/usr/bin/python3 tests/difftest/difftest.py --runner $(BUILD)/tests/difftest_run \
+		$(foreach s,$(DIFFTEST_SEEDS),--seed $(s)) --count $(DIFFTEST_COUNT)
 
 demo: build
 	@sh tools/demo.sh $(BUILD)
