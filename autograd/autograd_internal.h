@@ -52,6 +52,7 @@ typedef struct qkv_op_def {
 } qkv_op_def;
 
 #define QKV_NODE_SAVED 4
+#define QKV_UNVERSIONED UINT64_MAX
 #define QKV_NODE_ARGS 8
 
 struct qkv_node {
@@ -62,6 +63,12 @@ struct qkv_node {
     qkv_tensor **inputs;                /* retained, or shells (see qkv_op_def); NULL once the
                                            graph is freed */
     qkv_tensor *saved[QKV_NODE_SAVED];  /* retained extras (an output's values, a mask) */
+    /* The storage versions the forward saw (see qkv_version), checked before the values are
+     * read: of each input held whole whose values the backward or recompute reads
+     * (QKV_UNVERSIONED for the others; after inputs, in the same block), and of saved. */
+    uint64_t *versions;
+    uint32_t recompute_only;            /* versioned inputs that only recompute reads */
+    uint64_t saved_version[QKV_NODE_SAVED];
     int64_t iargs[QKV_NODE_ARGS];       /* op parameters */
     double dargs[QKV_NODE_ARGS];
     int out_ndim;                       /* the output's shape and dtype, for backward */

@@ -28,12 +28,18 @@ const char *qkv_grad_fn_name(const qkv_tensor *t) {
 
 /* ---- Nodes ------------------------------------------------------------------------------- */
 
+/* A node's inputs and their versions share one block: the versions, then the pointers. */
+static size_t links_bytes(int n_inputs) {
+    return (size_t)(n_inputs ? n_inputs : 1) * (sizeof(uint64_t) + sizeof(qkv_tensor *));
+}
+
 static void free_graph_links(qkv_node *n) {
     if (n->freed) return;
     n->freed = true;
     for (int i = 0; i < n->n_inputs; i++) qkv_release(n->inputs[i]);
-    qkv__free(n->inputs, (size_t)n->n_inputs * sizeof(qkv_tensor *));
+    qkv__free(n->versions, links_bytes(n->n_inputs));
     n->inputs = NULL;
+    n->versions = NULL;
     for (int i = 0; i < QKV_NODE_SAVED; i++) {
         qkv_release(n->saved[i]);
         n->saved[i] = NULL;
@@ -103,6 +109,38 @@ qkv_tensor *qkv__saved_output(qkv_node *node) {
     return node->saved[0];
 }
 
+static bool changed_in_place(const qkv_node *n, const char *what, int index,
+                             const qkv_tensor *t, uint64_t seen, const char *purpose) {
+    char s[128];
+    qkv_set_error("qkv_backward: %s %d of %s (%s %s), saved for %s, was modified in place: its "
+                  "storage is at version %llu, the forward saw version %llu; modify it after "
+                  "the backward, or run the forward again", what, index, n->op->name,
+                  qkv_dtype_name(t->dtype), qkv_shape_str(t, s, sizeof s), purpose,
+                  (unsigned long long)t->storage->version, (unsigned long long)seen);
+    return false;
+}
+
+/* Whether every value n kept for its backward (or, with recompute, for recomputing its
+ * output) is still as the forward saw it: an integer compare per value. An error naming the
+ * op, the value and both versions otherwise, as PyTorch refuses such a backward. */
+static bool versions_unchanged(const qkv_node *n, bool recompute) {
+    const char *purpose = recompute ? "recomputing its output" : "its backward";
+    for (int i = 0; i < n->n_inputs; i++) {
+        uint64_t seen = n->versions[i];
+        if (seen == QKV_UNVERSIONED) continue;
+        bool wanted = recompute ? i < 32 && (n->op->recompute_reads >> i) & 1
+                                : i >= 32 || !((n->recompute_only >> i) & 1);
+        if (wanted && n->inputs[i]->storage->version != seen)
+            return changed_in_place(n, "input", i, n->inputs[i], seen, purpose);
+    }
+    for (int k = 0; k < QKV_NODE_SAVED; k++) {
+        const qkv_tensor *t = n->saved[k];
+        if (t && t->storage && t->storage->version != n->saved_version[k])
+            return changed_in_place(n, "saved value", k, t, n->saved_version[k], purpose);
+    }
+    return true;
+}
+
 /* The values of a shell whose maker can recompute them. What a chain of recomputations makes
  * on the way is freed at once. */
 static qkv_tensor *recomputed(const qkv_tensor *t) {
@@ -110,6 +148,7 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
     if (!p || p->depth < 0 || p->freed)
         return qkv_set_error("qkv_backward: the values of an input of %s are gone and cannot "
                              "be recomputed", p ? p->op->name : "a leaf");
+    if (!p->recomputed && !versions_unchanged(p, true)) return NULL;
     /* A layer norm read by three projections is recomputed once per backward: the values
      * stay with their maker while consumers that have not run yet (pending) remain. */
     qkv_tensor *v = p->recomputed;
@@ -165,7 +204,7 @@ void qkv__release_values(qkv_node *node, int i) {
 /* Releases the first k inputs of a node that is being abandoned half built. */
 static void free_graph_links_upto(qkv_node *n, int k) {
     for (int i = 0; i < k; i++) qkv_release(n->inputs[i]);
-    qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
+    qkv__free(n->versions, links_bytes(n->n_inputs));
     qkv__free(n, sizeof *n);
 }
 
@@ -183,11 +222,12 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
     if (!any) return out;
     qkv_node *n = qkv__calloc(sizeof *n);
     if (!n) goto fail;
-    n->inputs = qkv__alloc((size_t)(n_inputs ? n_inputs : 1) * sizeof(qkv_tensor *));
-    if (!n->inputs) {
+    n->versions = qkv__alloc(links_bytes(n_inputs));
+    if (!n->versions) {
         qkv__free(n, sizeof *n);
         goto fail;
     }
+    n->inputs = (qkv_tensor **)(n->versions + (n_inputs ? n_inputs : 1));
     n->base.release = node_release;
     n->op = op;
     n->refcount = 1;
@@ -204,6 +244,9 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
             free_graph_links_upto(n, i);
             goto fail;
         }
+        bool versioned = whole && in && in->storage && (read || recompute_reads);
+        n->versions[i] = versioned ? in->storage->version : QKV_UNVERSIONED;
+        if (versioned && !read) n->recompute_only |= 1u << i;
         if (!whole && lazy && read) n->materialize |= 1u << i;
         if (i < 32 && qkv__needs_grad(in)) n->needed_grad |= 1u << i;
         if (recompute_reads && n->depth >= 0 && !whole)
@@ -224,6 +267,7 @@ fail:
 bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t) {
     if (!node || !t) return false;
     node->saved[slot] = qkv_retain((qkv_tensor *)t);
+    node->saved_version[slot] = qkv_version(t);
     return true;
 }
 
@@ -232,6 +276,7 @@ bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out) {
     qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
     if (!v) return false;
     node->saved[slot] = qkv_scope_depth() ? qkv_retain(v) : v;
+    node->saved_version[slot] = qkv_version(v);
     return true;
 }
 
@@ -382,6 +427,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
                           "forward; run the forward again", i, n->op->name);
             return false;
         }
+    if (!versions_unchanged(n, false)) return false;
     drop_recomputed(n); /* every consumer has run */
     qkv_tensor *g = n->grad;
     if (n->retained_out) {

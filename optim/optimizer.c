@@ -291,6 +291,19 @@ static void run_updates(qkv_optimizer *opt, qkv__update_fn fn) {
     }
 }
 
+/* The parameters and state an update wrote in place: a graph that kept a parameter's values
+ * for a backward not yet run sees it changed (see qkv_version). */
+static void bump_versions(qkv_optimizer *opt) {
+    for (int gi = 0; gi < opt->n_groups; gi++) {
+        qkv_param_group *g = &opt->groups[gi];
+        for (int i = 0; i < g->n; i++) {
+            if (!g->params[i]->grad) continue;
+            qkv__bump_version(g->params[i]);
+            for (int s = 0; s < QKV_OPTIM_SLOTS; s++) qkv__bump_version(g->state[i].slots[s]);
+        }
+    }
+}
+
 bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
     if (!prepare(opt)) return false;
     qkv_no_grad_begin();
@@ -310,5 +323,6 @@ bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
 #endif
     run_updates(opt, fn);
     qkv_no_grad_end();
+    bump_versions(opt);
     return true;
 }
