@@ -35,6 +35,8 @@ typedef struct qkv_node qkv_node;
  * backward reads it; anything else is retained whole. */
 typedef struct qkv_saved_value {
     qkv_tensor *t;        /* retained, or a shell; NULL for an empty slot */
+    uint64_t version;     /* its storage's version when saved (held whole) */
+    int input;            /* which input it is, or -1 (for messages) */
     bool lazy;            /* a shell, recomputed on read */
     bool attached;        /* a lazy shell holding recomputed values for one backward */
     bool output;          /* the node's own output, held without its graph link */

@@ -3,6 +3,7 @@
  * topological order without recursion.
  */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "autograd/autograd_internal.h"
@@ -223,6 +224,7 @@ static bool unlink_saved_output(qkv_node *n, qkv_tensor *out) {
         qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
         if (!v) return false;
         n->saved[k].t = qkv_scope_depth() ? qkv_retain(v) : v;
+        n->saved[k].version = qkv_version(v);
         n->saved[k].output = true;
         qkv_release(out);
     }
@@ -267,6 +269,12 @@ static qkv_saved_value *slot_of(qkv_ctx *n, int slot) {
     return NULL;
 }
 
+static int input_index(const qkv_node *n, const qkv_tensor *t) {
+    for (int i = 0; n->forward_inputs && i < n->n_inputs; i++)
+        if (n->forward_inputs[i] == t) return i;
+    return -1;
+}
+
 /* A leaf input saved whole is linked by the node as itself rather than a shell: it is held
  * anyway, and a leaf switched to require grad after the forward is then caught by the
  * backward (the node saved nothing for its gradient). */
@@ -291,8 +299,10 @@ bool qkv_save(qkv_ctx *n, int slot, const qkv_tensor *t) {
         s->lazy = true;
     } else {
         s->t = qkv_retain((qkv_tensor *)t);
+        s->version = qkv_version(t);
         if (s->t) hold_input_itself(n, t);
     }
+    s->input = input_index(n, t);
     if (!s->t) n->failed = true;
     return !n->failed;
 }
@@ -305,11 +315,30 @@ bool qkv__save_for_recompute(qkv_ctx *n, int slot, const qkv_tensor *t) {
     return true;
 }
 
+/* A value held whole and changed in place since the forward would give a gradient made from
+ * other values than the forward's: an error naming the op, the value and both versions, as
+ * PyTorch refuses such a backward. */
+static bool unchanged(const qkv_node *n, int slot) {
+    const qkv_saved_value *s = &n->saved[slot];
+    uint64_t now = qkv_version(s->t);
+    if (now == s->version) return true;
+    char what[32], shape[128];
+    if (s->input >= 0) snprintf(what, sizeof what, "input %d", s->input);
+    else snprintf(what, sizeof what, "saved value %d", slot);
+    qkv_set_error("qkv_backward: %s of %s (%s %s), saved for %s, was modified in place: its "
+                  "storage is at version %llu, the forward saw version %llu; modify it after "
+                  "the backward, or run the forward again", what, n->fn->name,
+                  qkv_dtype_name(s->t->dtype), qkv_shape_str(s->t, shape, sizeof shape),
+                  n->recomputing ? "recomputing its output" : "its backward",
+                  (unsigned long long)now, (unsigned long long)s->version);
+    return false;
+}
+
 qkv_tensor *qkv_saved(qkv_ctx *n, int slot) {
     if (!n) return NULL;
     qkv_saved_value *s = slot_of(n, slot);
     if (!s || !s->t) return NULL;
-    if (!s->lazy) return s->t;
+    if (!s->lazy) return unchanged(n, slot) ? s->t : NULL;
     /* Read by the node's own recompute: the values are made for it alone and die with it,
      * so it may write over them (a dropout over a recomputed GELU output). */
     if (n->recomputing && !s->t->storage) return recomputed(s->t);
@@ -490,6 +519,8 @@ static bool run_node(qkv_node *n, node_list *ready) {
                           "forward; run the forward again", i, n->fn->name);
             return false;
         }
+    for (int k = 0; k < QKV_SAVED_SLOTS; k++)
+        if (n->saved[k].t && !n->saved[k].lazy && !unchanged(n, k)) return false;
     drop_recomputed(n); /* every consumer has run */
     qkv_tensor *g = n->grad;
     if (n->retained_out) {

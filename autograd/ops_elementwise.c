@@ -396,7 +396,7 @@ static const qkv_function masked_fill_fn = {.name = "masked_fill",
 qkv_tensor *qkv_masked_fill(const qkv_tensor *a, const qkv_tensor *mask, double value) {
     if (!a || !mask) return NULL;
     union { float f; double d; int64_t i; bool b; } v;
-    qkv_storage storage = {&v, sizeof v, 1};
+    qkv_storage storage = {.data = &v, .nbytes = sizeof v, .refcount = 1};
     qkv_tensor fill = {0};
     fill.dtype = a->dtype;
     fill.numel = 1;

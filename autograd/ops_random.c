@@ -150,6 +150,7 @@ static qkv_tensor *dropout_forward(const qkv_tensor *a, double p, qkv_generator 
     }
     qkv__free(t, sizeof *t);
     qkv__generator_advance(g, (uint64_t)n);
+    if (in_place) qkv__bump_version(out);
     if (mask_out) *mask_out = mask;
     return out;
 }

@@ -254,12 +254,15 @@ int64_t qkv_module_num_parameters(const void *m) {
 /* ---- Dtype and gradients ----------------------------------------------------------------- */
 
 /* Gives t a fresh contiguous storage of dtype with its values converted. The tensor object
- * stays the same, so every pointer a module holds to it stays valid. Its gradient is dropped. */
+ * stays the same, so every pointer a module holds to it stays valid. Its gradient is dropped.
+ * The new storage continues the old one's version, one further: a graph node that kept t
+ * sees it changed in place (views of the old storage keep the old values and version). */
 static bool convert_in_place(qkv_tensor *t, qkv_dtype dtype) {
     if (t->dtype == dtype || !qkv__is_float(t->dtype)) return true;
     qkv_scope_begin();
     qkv_tensor *c = qkv__to_dtype(t, dtype);
     if (c) {
+        c->storage->version = t->storage->version + 1;
         c->storage->refcount++;
         qkv__storage_release(t->storage);
         t->storage = c->storage;

@@ -56,7 +56,7 @@ typedef struct adam_scalars {
 DEFINE_ADAM(float, f32, sqrtf)
 DEFINE_ADAM(double, f64, sqrt)
 
-static void update(const qkv_optim_config *c, int64_t step, const qkv__update *u,
+static void update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
                    bool decoupled) {
     double t = (double)step;
     double bias_correction1 = 1 - pow(c->beta1, t);
@@ -78,52 +78,40 @@ static void update(const qkv_optim_config *c, int64_t step, const qkv__update *u
                  u->slot[MAX_EXP_AVG_SQ], &s);
 }
 
-static void adam_update(const qkv_optim_config *c, int64_t step, const qkv__update *u) {
+static void adam_update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                        void *ctx) {
+    (void)ctx;
     update(c, step, u, false);
 }
 
-static void adamw_update(const qkv_optim_config *c, int64_t step, const qkv__update *u) {
+static void adamw_update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                         void *ctx) {
+    (void)ctx;
     update(c, step, u, true);
-}
-
-static bool adam_step(qkv_optimizer *opt) {
-    return qkv__optimizer_step(opt, adam_update);
-}
-
-static bool adamw_step(qkv_optimizer *opt) {
-    return qkv__optimizer_step(opt, adamw_update);
 }
 
 static bool adam_slot_used(const qkv_optim_config *c, int slot) {
     return slot != MAX_EXP_AVG_SQ || c->amsgrad;
 }
 
-static const qkv_optimizer_vtable adam_vtable = {
+static const qkv_optimizer_def adam_def = {
     .name = "adam",
     .slot_names = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     .slot_used = adam_slot_used,
-    .step = adam_step,
-    .zero_grad = qkv__optimizer_zero_grad,
-    .state_export = qkv__optim_state_export,
-    .state_import = qkv__optim_state_import,
-    .free = qkv__optimizer_free,
+    .update = adam_update,
 };
 
-static const qkv_optimizer_vtable adamw_vtable = {
+static const qkv_optimizer_def adamw_def = {
     .name = "adamw",
     .slot_names = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
     .slot_used = adam_slot_used,
-    .step = adamw_step,
-    .zero_grad = qkv__optimizer_zero_grad,
-    .state_export = qkv__optim_state_export,
-    .state_import = qkv__optim_state_import,
-    .free = qkv__optimizer_free,
+    .update = adamw_update,
 };
 
 qkv_optimizer *qkv_adam_new(void) {
-    return qkv__optimizer_new(&adam_vtable);
+    return qkv__optimizer_new(&adam_def);
 }
 
 qkv_optimizer *qkv_adamw_new(void) {
-    return qkv__optimizer_new(&adamw_vtable);
+    return qkv__optimizer_new(&adamw_def);
 }

@@ -51,6 +51,7 @@ static void scale(qkv_tensor *g, double factor) {
         QKV__PARALLEL_FOR
         for (int64_t i = 0; i < n; i++) x[i] = x[i] * factor;
     }
+    qkv__bump_version(g);
 }
 
 double qkv_clip_grad_norm(const qkv_named_list *params, double max_norm) {
@@ -87,6 +88,7 @@ bool qkv_clip_grad_value(const qkv_named_list *params, double clip) {
         if (!g) continue;
         if (g->dtype == QKV_F32) clamp_f32(qkv_data(g), g->numel, (float)clip);
         else clamp_f64(qkv_data(g), g->numel, clip);
+        qkv__bump_version(g);
     }
     return true;
 }

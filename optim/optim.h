@@ -8,6 +8,18 @@
  * are made at a parameter's first step and held by the optimizer outside every scope until
  * qkv_optimizer_free, so later steps allocate nothing. Parameters are F32 or F64.
  *
+ * A step writes its parameters in place, so it adds one to their versions (qkv_version): a
+ * graph recorded before the step and backpropagated after it is an error, as in PyTorch. A
+ * parameter whose dtype changed since its state was made (qkv_module_to_dtype after a step)
+ * has its state converted to the new dtype at the next step, as torch's load_state_dict
+ * casts state to its parameter's dtype; one whose shape changed is an error, since no
+ * conversion keeps the meaning of a moment.
+ *
+ * An optimizer is opaque: its groups, hyperparameters and state are read with the accessors
+ * below. A new optimizer is a qkv_optimizer_def (its name, the state it keeps per parameter
+ * and one parameter's update) given to qkv_optimizer_new; it then has groups, checkpoints,
+ * state conversion and version counting as the built-in ones do.
+ *
  * Errors follow tensor.h: false or NULL, with qkv_error() naming the function and the cause.
  * An optimizer, like the parameters it updates, is used by one thread at a time.
  * A typical training step:
@@ -15,7 +27,7 @@
  *     qkv_scope_begin();
  *     qkv_tensor *loss = model_loss(model, batch);
  *     qkv_backward(loss);
- *     qkv_lr_schedule_apply(&schedule, opt, opt->steps);
+ *     qkv_lr_schedule_apply(&schedule, opt, qkv_optimizer_steps(opt));
  *     qkv_optimizer_step(opt);
  *     qkv_optimizer_zero_grad(opt);
  *     qkv_scope_end();
@@ -58,24 +70,6 @@ qkv_optim_config qkv_rmsprop_config(double lr); /* alpha 0.99, eps 1e-8 */
 
 typedef struct qkv_optimizer qkv_optimizer;
 
-/* The state of one parameter: its step count (updates applied to it) and up to
- * QKV_OPTIM_SLOTS state tensors of its shape and dtype (NULL when unused or not yet made). */
-#define QKV_OPTIM_SLOTS 3
-typedef struct qkv_param_state {
-    int64_t step;
-    qkv_tensor *slots[QKV_OPTIM_SLOTS];
-    bool fresh; /* the slots were made for the step under way (SGD starts its buffer there) */
-} qkv_param_state;
-
-typedef struct qkv_param_group {
-    int n;
-    char **names;            /* copies of the names given */
-    qkv_tensor **params;     /* retained by the optimizer */
-    qkv_param_state *state;  /* one per parameter */
-    qkv_optim_config config; /* config.lr is the current learning rate (schedules set it) */
-    double initial_lr;       /* the lr the group was added with: schedules scale from it */
-} qkv_param_group;
-
 /* Optimizer state as named tensors (copies) plus metadata strings, ready for a checkpoint:
  *   "optim.state.<param>.step"   I64 0-d: updates applied to <param>
  *   "optim.state.<param>.<slot>" the slot tensors, named as in torch ("exp_avg", "exp_avg_sq",
@@ -93,26 +87,6 @@ typedef struct qkv_optim_state {
     char **meta_keys;
     char **meta_values;
 } qkv_optim_state;
-
-/* The vtable. The built-in optimizers share zero_grad, state export/import and free; a new
- * optimizer supplies step and describes its slots. */
-typedef struct qkv_optimizer_vtable {
-    const char *name;                                /* "sgd", "adam", "adamw", "rmsprop" */
-    const char *slot_names[QKV_OPTIM_SLOTS];         /* NULL past the last slot */
-    bool (*slot_used)(const qkv_optim_config *c, int slot); /* given the group's config */
-    bool (*step)(qkv_optimizer *opt);
-    void (*zero_grad)(qkv_optimizer *opt);
-    qkv_optim_state *(*state_export)(const qkv_optimizer *opt);
-    bool (*state_import)(qkv_optimizer *opt, const qkv_optim_state *state);
-    void (*free)(qkv_optimizer *opt);
-} qkv_optimizer_vtable;
-
-struct qkv_optimizer {
-    const qkv_optimizer_vtable *vtable;
-    int n_groups, cap_groups;
-    qkv_param_group *groups;
-    int64_t steps;           /* qkv_optimizer_step calls that succeeded */
-};
 
 /* An optimizer with no parameter groups yet. */
 qkv_optimizer *qkv_sgd_new(void);     /* torch.optim.SGD */
@@ -135,11 +109,74 @@ bool qkv_param_takes_decay(const char *name, const qkv_tensor *t);
 bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *params,
                                     qkv_optim_config config);
 
-/* One update of every parameter that has a grad. */
+/* One update of every parameter that has a grad. Everything that can fail (a grad of the
+ * wrong shape, a parameter whose shape changed since its state was made, memory for new
+ * state) fails before any parameter changes. */
 bool qkv_optimizer_step(qkv_optimizer *opt);
 /* Sets every parameter's grad to NULL (qkv_zero_grad). */
 void qkv_optimizer_zero_grad(qkv_optimizer *opt);
 void qkv_optimizer_free(qkv_optimizer *opt); /* NULL is ignored */
+
+/* ---- Reading and changing an optimizer --------------------------------------------------- */
+
+/* Groups are numbered from 0 in the order they were added, parameters within a group in the
+ * order of their list. An index out of range is an error: NULL, -1 or NAN as the type allows.
+ * Pointers returned stay valid until qkv_optimizer_free. */
+const char *qkv_optimizer_name(const qkv_optimizer *opt);     /* "sgd", "adam", ... */
+int64_t qkv_optimizer_steps(const qkv_optimizer *opt);        /* qkv_optimizer_step calls that
+                                                                 succeeded */
+int qkv_optimizer_num_groups(const qkv_optimizer *opt);
+int qkv_optimizer_num_params(const qkv_optimizer *opt, int group);
+/* The group's hyperparameters; config->lr is its current learning rate. */
+const qkv_optim_config *qkv_optimizer_config(const qkv_optimizer *opt, int group);
+double qkv_optimizer_lr(const qkv_optimizer *opt, int group);
+double qkv_optimizer_initial_lr(const qkv_optimizer *opt, int group); /* schedules scale it */
+/* Sets the current lr of one group, or of every group when group is -1 (as writing
+ * param_group["lr"] in torch; the initial lr stays). lr must be finite and >= 0. */
+bool qkv_optimizer_set_lr(qkv_optimizer *opt, int group, double lr);
+const char *qkv_optimizer_param_name(const qkv_optimizer *opt, int group, int index);
+qkv_tensor *qkv_optimizer_param(const qkv_optimizer *opt, int group, int index);
+/* Updates applied to the parameter so far (torch's state[p]["step"]). */
+int64_t qkv_optimizer_param_steps(const qkv_optimizer *opt, int group, int index);
+/* The parameter's state tensor of that slot name ("exp_avg", "momentum_buffer", ...), held by
+ * the optimizer; NULL without an error when the slot is not made yet or its config does not
+ * use it, NULL with an error for a name the optimizer does not have. */
+qkv_tensor *qkv_optimizer_state(const qkv_optimizer *opt, int group, int index,
+                                const char *slot);
+
+/* ---- Optimizers of your own -------------------------------------------------------------- */
+
+/* The state an optimizer keeps per parameter: up to QKV_OPTIM_SLOTS tensors of the
+ * parameter's shape and dtype, made as zeros before the parameter's first update. */
+#define QKV_OPTIM_SLOTS 3
+
+/* One parameter's update, as raw contiguous arrays of n elements of dtype (F32 or F64). */
+typedef struct qkv_param_update {
+    int64_t n;
+    qkv_dtype dtype;
+    void *param;                 /* updated in place */
+    const void *grad;            /* the parameter's gradient, same dtype */
+    void *slot[QKV_OPTIM_SLOTS]; /* the state's elements; NULL for slots not in use */
+    bool first;                  /* the slots were just made (zeros) for this step */
+} qkv_param_update;
+
+/* What makes an optimizer. update is called once per parameter that has a grad, with the
+ * group's config, the parameter's step count (1 at its first update) and ctx; it cannot fail,
+ * since everything that can was done before. slot_names name the state in checkpoints
+ * ("optim.state.<param>.<slot>"): distinct, without '.', not "step"; NULL past the last.
+ * slot_used says which slots a config needs (NULL: all named slots). name is the optimizer's
+ * type in checkpoints. The strings must outlive the optimizer; the struct is copied. */
+typedef struct qkv_optimizer_def {
+    const char *name;
+    const char *slot_names[QKV_OPTIM_SLOTS];
+    bool (*slot_used)(const qkv_optim_config *c, int slot);
+    void (*update)(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                   void *ctx);
+} qkv_optimizer_def;
+
+/* An optimizer with no parameter groups yet that updates through def, passing ctx (which
+ * the caller owns and keeps alive) to every update. Updates run on the calling thread. */
+qkv_optimizer *qkv_optimizer_new(const qkv_optimizer_def *def, void *ctx);
 
 /* ---- State save / load ------------------------------------------------------------------- */
 
@@ -147,7 +184,7 @@ qkv_optim_state *qkv_optimizer_state_export(const qkv_optimizer *opt);
 /* Restores a state exported from an optimizer of the same type with the same groups and
  * parameter names: names, shapes and dtypes are checked before anything changes. Entries not
  * starting with "optim." are ignored, so the tensors of a whole checkpoint may be passed.
- * Hyperparameters and opt->steps are restored from the metadata. */
+ * Hyperparameters and the step count (qkv_optimizer_steps) are restored from the metadata. */
 bool qkv_optimizer_state_import(qkv_optimizer *opt, const qkv_optim_state *state);
 void qkv_optim_state_free(qkv_optim_state *state); /* NULL is ignored */
 

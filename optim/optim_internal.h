@@ -1,6 +1,7 @@
 /*
- * Library-internal parts of the optimizers: the step driver shared by SGD, Adam and RMSprop,
- * and the shared vtable entries. Never installed.
+ * Library-internal parts of the optimizers: the optimizer struct behind the public accessors,
+ * and the helpers shared by the step driver, the state export/import and the built-in
+ * optimizers. Never installed.
  */
 #ifndef QKV_OPTIM_INTERNAL_H
 #define QKV_OPTIM_INTERNAL_H
@@ -13,23 +14,35 @@
 #pragma STDC FP_CONTRACT OFF
 #endif
 
-/* One parameter's update as raw contiguous arrays of n elements of dtype (F32 or F64). */
-typedef struct qkv__update {
-    int64_t n;
-    qkv_dtype dtype;
-    void *param;
-    const void *grad;
-    void *slot[QKV_OPTIM_SLOTS]; /* NULL for slots the config does not use */
-    bool first;                  /* the slots were just made (zeros) for this step */
-} qkv__update;
+/* The state of one parameter: its step count (updates applied to it) and its slot tensors
+ * (NULL when unused or not yet made). */
+typedef struct qkv_param_state {
+    int64_t step;
+    qkv_tensor *slots[QKV_OPTIM_SLOTS];
+    bool fresh; /* the slots were made for the step under way (SGD starts its buffer there) */
+} qkv_param_state;
 
-typedef void (*qkv__update_fn)(const qkv_optim_config *c, int64_t step, const qkv__update *u);
+typedef struct qkv_param_group {
+    int n;
+    char **names;            /* copies of the names given */
+    qkv_tensor **params;     /* retained by the optimizer */
+    qkv_param_state *state;  /* one per parameter */
+    qkv_optim_config config; /* config.lr is the current learning rate (schedules set it) */
+    double initial_lr;       /* the lr the group was added with: schedules scale from it */
+} qkv_param_group;
 
-/* The body of every built-in step: makes missing slots (zeros) and contiguous same-dtype grads
- * first, so that nothing can fail once parameters start changing, then calls fn once per
- * parameter with a grad, with its step count already incremented, in no-grad mode. */
-bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn);
-qkv_optimizer *qkv__optimizer_new(const qkv_optimizer_vtable *vtable);
+struct qkv_optimizer {
+    qkv_optimizer_def def;   /* a copy of what made it */
+    void *ctx;               /* passed to def.update */
+    bool parallel;           /* def.update shares its loop among the threads of a parallel
+                                region (QKV__UPDATE_FOR): the built-in ones */
+    int n_groups, cap_groups;
+    qkv_param_group *groups;
+    int64_t steps;           /* qkv_optimizer_step calls that succeeded */
+};
+
+/* A built-in optimizer: def's update loops are written with QKV__UPDATE_FOR. */
+qkv_optimizer *qkv__optimizer_new(const qkv_optimizer_def *def);
 
 /* torch.optim's checks of a config (plus finiteness); op and type name the error. */
 bool qkv__optim_check_config(const char *op, const char *type,
@@ -39,11 +52,8 @@ bool qkv__optim_check_config(const char *op, const char *type,
  * differs from p's. */
 bool qkv__fit_grad(const char *op, const char *name, qkv_tensor *p);
 
-/* The shared vtable entries. */
-void qkv__optimizer_zero_grad(qkv_optimizer *opt);
-void qkv__optimizer_free(qkv_optimizer *opt);
-qkv_optim_state *qkv__optim_state_export(const qkv_optimizer *opt);
-bool qkv__optim_state_import(qkv_optimizer *opt, const qkv_optim_state *state);
+/* Whether the config c uses slot s of opt's definition. */
+bool qkv__slot_used(const qkv_optimizer *opt, const qkv_optim_config *c, int s);
 
 /* A copy of s from qkv__alloc (free with qkv__optim_free_str); NULL with an error on failure. */
 char *qkv__optim_strdup(const char *s);
@@ -64,7 +74,7 @@ qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t);
 #define QKV__PARALLEL_FOR (void)nt; /* one thread: the count is unused */
 #endif
 
-/* The pragma for the update loops. qkv__optimizer_step calls the update function of every
+/* The pragma for the update loops. qkv_optimizer_step calls the update function of every
  * parameter from each thread of one parallel region, and each loop is shared among those
  * threads, a block at a time as they come free, with no barrier at its end (parameters are
  * independent): one fork and join per step instead of one per parameter, which matters when

@@ -1,6 +1,6 @@
 /*
- * The optimizer base: configs, parameter groups, the decay rule, the shared step driver and the
- * vtable entries every built-in optimizer shares (zero_grad, free).
+ * The optimizer base: configs, construction from a definition, parameter groups, the decay
+ * rule, the step driver every optimizer shares, and the accessors of the opaque struct.
  */
 #include <math.h>
 #include <string.h>
@@ -73,10 +73,52 @@ qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t) {
 
 /* ---- Construction ------------------------------------------------------------------------ */
 
-qkv_optimizer *qkv__optimizer_new(const qkv_optimizer_vtable *vtable) {
+/* A definition's slot names must name checkpoint entries "optim.state.<param>.<slot>"
+ * without ambiguity: distinct, free of '.', not the step count's name. */
+static bool check_def(const qkv_optimizer_def *def) {
+    const char *op = "qkv_optimizer_new";
+    if (!def) return qkv_set_error("%s: NULL definition", op), false;
+    if (!def->name || !def->name[0] || !def->update)
+        return qkv_set_error("%s: a definition needs a name and an update function", op), false;
+    for (int s = 0; s < QKV_OPTIM_SLOTS; s++) {
+        const char *n = def->slot_names[s];
+        if (!n) {
+            for (int t = s + 1; t < QKV_OPTIM_SLOTS; t++)
+                if (def->slot_names[t])
+                    return qkv_set_error("%s: %s: slot %d named after the unnamed slot %d", op,
+                                         def->name, t, s), false;
+            break;
+        }
+        if (!n[0] || strchr(n, '.') || !strcmp(n, "step"))
+            return qkv_set_error("%s: %s: bad slot name \"%s\" (empty, with a '.', or "
+                                 "\"step\")", op, def->name, n), false;
+        for (int t = 0; t < s; t++)
+            if (!strcmp(def->slot_names[t], n))
+                return qkv_set_error("%s: %s: two slots named \"%s\"", op, def->name, n),
+                       false;
+    }
+    return true;
+}
+
+static qkv_optimizer *optimizer_new(const qkv_optimizer_def *def, void *ctx, bool parallel) {
     qkv_optimizer *opt = qkv__calloc(sizeof *opt);
-    if (opt) opt->vtable = vtable;
+    if (!opt) return NULL;
+    opt->def = *def;
+    opt->ctx = ctx;
+    opt->parallel = parallel;
     return opt;
+}
+
+qkv_optimizer *qkv__optimizer_new(const qkv_optimizer_def *def) {
+    return optimizer_new(def, NULL, true);
+}
+
+qkv_optimizer *qkv_optimizer_new(const qkv_optimizer_def *def, void *ctx) {
+    return check_def(def) ? optimizer_new(def, ctx, false) : NULL;
+}
+
+bool qkv__slot_used(const qkv_optimizer *opt, const qkv_optim_config *c, int s) {
+    return !opt->def.slot_used || opt->def.slot_used(c, s);
 }
 
 static void group_free(qkv_param_group *g) {
@@ -90,14 +132,11 @@ static void group_free(qkv_param_group *g) {
     qkv__free(g->state, (size_t)g->n * sizeof *g->state);
 }
 
-void qkv__optimizer_free(qkv_optimizer *opt) {
+void qkv_optimizer_free(qkv_optimizer *opt) {
+    if (!opt) return;
     for (int g = 0; g < opt->n_groups; g++) group_free(&opt->groups[g]);
     qkv__free(opt->groups, (size_t)opt->cap_groups * sizeof *opt->groups);
     qkv__free(opt, sizeof *opt);
-}
-
-void qkv_optimizer_free(qkv_optimizer *opt) {
-    if (opt) opt->vtable->free(opt);
 }
 
 /* Whether a parameter with this name or this tensor is already in a group of opt, or earlier
@@ -146,7 +185,7 @@ bool qkv_optimizer_add_group(qkv_optimizer *opt, const qkv_named_list *params,
         return false;
     }
     const char *op = "qkv_optimizer_add_group";
-    if (!qkv__optim_check_config(op, opt->vtable->name, &config) || !check_params(opt, params))
+    if (!qkv__optim_check_config(op, opt->def.name, &config) || !check_params(opt, params))
         return false;
     size_t cap = (size_t)opt->cap_groups;
     if (!qkv__reserve((void **)&opt->groups, &cap, (size_t)opt->n_groups + 1,
@@ -217,18 +256,8 @@ bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *pa
 
 /* ---- Step, zero_grad --------------------------------------------------------------------- */
 
-bool qkv_optimizer_step(qkv_optimizer *opt) {
-    if (!opt) return qkv_set_error("qkv_optimizer_step: NULL optimizer"), false;
-    if (!opt->vtable->step(opt)) return false;
-    opt->steps++;
-    return true;
-}
-
 void qkv_optimizer_zero_grad(qkv_optimizer *opt) {
-    if (opt) opt->vtable->zero_grad(opt);
-}
-
-void qkv__optimizer_zero_grad(qkv_optimizer *opt) {
+    if (!opt) return;
     for (int g = 0; g < opt->n_groups; g++)
         for (int i = 0; i < opt->groups[g].n; i++) qkv_zero_grad(opt->groups[g].params[i]);
 }
@@ -251,19 +280,48 @@ bool qkv__fit_grad(const char *op, const char *name, qkv_tensor *p) {
     return true;
 }
 
+/* A parameter's state made before the parameter changed: converted to its new dtype, as
+ * torch's load_state_dict casts state to its parameter's dtype (a moment keeps its meaning in
+ * either precision); refused for a new shape, which no conversion gives a meaning. */
+static bool fit_state(const qkv_optimizer *opt, int gi, int i) {
+    qkv_param_group *g = &opt->groups[gi];
+    qkv_tensor *p = g->params[i];
+    qkv_param_state *st = &g->state[i];
+    for (int s = 0; s < QKV_OPTIM_SLOTS; s++) {
+        qkv_tensor *t = st->slots[s];
+        if (!t) continue;
+        if (t->ndim != p->ndim || memcmp(t->shape, p->shape, (size_t)p->ndim * sizeof *p->shape)) {
+            char a[128], b[128];
+            qkv_set_error("qkv_optimizer_step: %s: parameter %d of group %d (\"%s\") is %s but "
+                          "its state %s is %s: a parameter must keep its shape under an "
+                          "optimizer", opt->def.name, i, gi, g->names[i],
+                          qkv_shape_str(p, a, sizeof a), opt->def.slot_names[s],
+                          qkv_shape_str(t, b, sizeof b));
+            return false;
+        }
+        if (t->dtype == p->dtype) continue;
+        qkv_tensor *converted = qkv__own(qkv__to_dtype(t, p->dtype));
+        if (!converted) return false;
+        qkv_release(t);
+        st->slots[s] = converted;
+    }
+    return true;
+}
+
 /* Everything that can fail, before any parameter changes. */
 static bool prepare(qkv_optimizer *opt) {
-    const qkv_optimizer_vtable *vt = opt->vtable;
+    const qkv_optimizer_def *def = &opt->def;
     for (int gi = 0; gi < opt->n_groups; gi++) {
         qkv_param_group *g = &opt->groups[gi];
         for (int i = 0; i < g->n; i++) {
             qkv_tensor *p = g->params[i];
             if (!p->grad) continue;
-            if (!qkv__fit_grad("qkv_optimizer_step", g->names[i], p)) return false;
+            if (!qkv__fit_grad("qkv_optimizer_step", g->names[i], p) || !fit_state(opt, gi, i))
+                return false;
             qkv_param_state *st = &g->state[i];
             st->fresh = false;
-            for (int s = 0; s < QKV_OPTIM_SLOTS && vt->slot_names[s]; s++) {
-                if (st->slots[s] || !vt->slot_used(&g->config, s)) continue;
+            for (int s = 0; s < QKV_OPTIM_SLOTS && def->slot_names[s]; s++) {
+                if (st->slots[s] || !qkv__slot_used(opt, &g->config, s)) continue;
                 st->slots[s] = qkv__held_zeros_like(p);
                 if (!st->slots[s]) return false;
                 st->fresh = true;
@@ -273,25 +331,40 @@ static bool prepare(qkv_optimizer *opt) {
     return true;
 }
 
-/* Calls fn for every parameter with a grad (steps already counted). Every thread of the
- * region walks all parameters; the loops inside fn share out the elements (QKV__UPDATE_FOR). */
-static void run_updates(qkv_optimizer *opt, qkv__update_fn fn) {
+/* Calls the update for every parameter with a grad (steps already counted). In a parallel
+ * region every thread walks all parameters, and the built-in updates share out the elements
+ * (QKV__UPDATE_FOR); an update of the user's runs on the calling thread alone. */
+static void run_updates(qkv_optimizer *opt) {
     for (int gi = 0; gi < opt->n_groups; gi++) {
         qkv_param_group *g = &opt->groups[gi];
         for (int i = 0; i < g->n; i++) {
             qkv_tensor *p = g->params[i];
             if (!p->grad) continue;
             qkv_param_state *st = &g->state[i];
-            qkv__update u = {.n = p->numel, .dtype = p->dtype, .param = qkv_data(p),
-                             .grad = qkv_data(p->grad), .first = st->fresh};
+            qkv_param_update u = {.n = p->numel, .dtype = p->dtype, .param = qkv_data(p),
+                                  .grad = qkv_data(p->grad), .first = st->fresh};
             for (int s = 0; s < QKV_OPTIM_SLOTS; s++)
                 u.slot[s] = st->slots[s] ? qkv_data(st->slots[s]) : NULL;
-            fn(&g->config, st->step, &u);
+            opt->def.update(&g->config, st->step, &u, opt->ctx);
         }
     }
 }
 
-bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
+/* The parameters and state an update wrote in place: a graph that kept a parameter's values
+ * for a backward not yet run sees it changed (see qkv_version). */
+static void bump_versions(qkv_optimizer *opt) {
+    for (int gi = 0; gi < opt->n_groups; gi++) {
+        qkv_param_group *g = &opt->groups[gi];
+        for (int i = 0; i < g->n; i++) {
+            if (!g->params[i]->grad) continue;
+            qkv__bump_version(g->params[i]);
+            for (int s = 0; s < QKV_OPTIM_SLOTS; s++) qkv__bump_version(g->state[i].slots[s]);
+        }
+    }
+}
+
+bool qkv_optimizer_step(qkv_optimizer *opt) {
+    if (!opt) return qkv_set_error("qkv_optimizer_step: NULL optimizer"), false;
     if (!prepare(opt)) return false;
     qkv_no_grad_begin();
     int64_t total = 0;
@@ -303,12 +376,107 @@ bool qkv__optimizer_step(qkv_optimizer *opt, qkv__update_fn fn) {
             total += g->params[i]->numel;
         }
     }
-    int threads = qkv__threads_for(total * 8);
+    int threads = opt->parallel ? qkv__threads_for(total * 8) : 1;
     (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
-    run_updates(opt, fn);
+    run_updates(opt);
     qkv_no_grad_end();
+    bump_versions(opt);
+    opt->steps++;
     return true;
+}
+
+/* ---- Accessors --------------------------------------------------------------------------- */
+
+/* The group, or NULL with an error naming op. */
+static qkv_param_group *group_at(const qkv_optimizer *opt, int group, const char *op) {
+    if (!opt) return qkv_set_error("%s: NULL optimizer", op);
+    if (group < 0 || group >= opt->n_groups)
+        return qkv_set_error("%s: group %d out of range for %d groups", op, group,
+                             opt->n_groups);
+    return &opt->groups[group];
+}
+
+/* The group holding the parameter, or NULL with an error naming op. */
+static qkv_param_group *param_group_at(const qkv_optimizer *opt, int group, int index,
+                                       const char *op) {
+    qkv_param_group *g = group_at(opt, group, op);
+    if (g && (index < 0 || index >= g->n))
+        return qkv_set_error("%s: index %d out of range for the %d parameters of group %d", op,
+                             index, g->n, group);
+    return g;
+}
+
+const char *qkv_optimizer_name(const qkv_optimizer *opt) {
+    return opt ? opt->def.name : qkv_set_error("qkv_optimizer_name: NULL optimizer");
+}
+
+int64_t qkv_optimizer_steps(const qkv_optimizer *opt) {
+    if (!opt) return qkv_set_error("qkv_optimizer_steps: NULL optimizer"), -1;
+    return opt->steps;
+}
+
+int qkv_optimizer_num_groups(const qkv_optimizer *opt) {
+    if (!opt) return qkv_set_error("qkv_optimizer_num_groups: NULL optimizer"), -1;
+    return opt->n_groups;
+}
+
+int qkv_optimizer_num_params(const qkv_optimizer *opt, int group) {
+    const qkv_param_group *g = group_at(opt, group, "qkv_optimizer_num_params");
+    return g ? g->n : -1;
+}
+
+const qkv_optim_config *qkv_optimizer_config(const qkv_optimizer *opt, int group) {
+    const qkv_param_group *g = group_at(opt, group, "qkv_optimizer_config");
+    return g ? &g->config : NULL;
+}
+
+double qkv_optimizer_lr(const qkv_optimizer *opt, int group) {
+    const qkv_param_group *g = group_at(opt, group, "qkv_optimizer_lr");
+    return g ? g->config.lr : NAN;
+}
+
+double qkv_optimizer_initial_lr(const qkv_optimizer *opt, int group) {
+    const qkv_param_group *g = group_at(opt, group, "qkv_optimizer_initial_lr");
+    return g ? g->initial_lr : NAN;
+}
+
+bool qkv_optimizer_set_lr(qkv_optimizer *opt, int group, double lr) {
+    const char *op = "qkv_optimizer_set_lr";
+    if (!(lr >= 0) || isinf(lr)) return qkv_set_error("%s: invalid lr %g", op, lr), false;
+    if (opt && group == -1) {
+        for (int g = 0; g < opt->n_groups; g++) opt->groups[g].config.lr = lr;
+        return true;
+    }
+    qkv_param_group *g = group_at(opt, group, op);
+    if (g) g->config.lr = lr;
+    return g != NULL;
+}
+
+const char *qkv_optimizer_param_name(const qkv_optimizer *opt, int group, int index) {
+    const qkv_param_group *g = param_group_at(opt, group, index, "qkv_optimizer_param_name");
+    return g ? g->names[index] : NULL;
+}
+
+qkv_tensor *qkv_optimizer_param(const qkv_optimizer *opt, int group, int index) {
+    const qkv_param_group *g = param_group_at(opt, group, index, "qkv_optimizer_param");
+    return g ? g->params[index] : NULL;
+}
+
+int64_t qkv_optimizer_param_steps(const qkv_optimizer *opt, int group, int index) {
+    const qkv_param_group *g = param_group_at(opt, group, index, "qkv_optimizer_param_steps");
+    return g ? g->state[index].step : -1;
+}
+
+qkv_tensor *qkv_optimizer_state(const qkv_optimizer *opt, int group, int index,
+                                const char *slot) {
+    const char *op = "qkv_optimizer_state";
+    const qkv_param_group *g = param_group_at(opt, group, index, op);
+    if (!g) return NULL;
+    for (int s = 0; s < QKV_OPTIM_SLOTS && opt->def.slot_names[s]; s++)
+        if (slot && !strcmp(slot, opt->def.slot_names[s])) return g->state[index].slots[s];
+    return qkv_set_error("%s: %s keeps no state named \"%s\"", op, opt->def.name,
+                         slot ? slot : "(null)");
 }

@@ -59,8 +59,10 @@ typedef struct rmsprop_scalars {
 DEFINE_RMSPROP(float, f32, sqrtf)
 DEFINE_RMSPROP(double, f64, sqrt)
 
-static void rmsprop_update(const qkv_optim_config *c, int64_t step, const qkv__update *u) {
+static void rmsprop_update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                           void *ctx) {
     (void)step;
+    (void)ctx;
     rmsprop_scalars s = {.wd = c->weight_decay, .alpha = c->alpha,
                          .one_minus_alpha = 1 - c->alpha, .eps = c->eps,
                          .momentum = c->momentum, .neg_lr = -c->lr};
@@ -72,27 +74,19 @@ static void rmsprop_update(const qkv_optim_config *c, int64_t step, const qkv__u
                     u->slot[GRAD_AVG], &s);
 }
 
-static bool rmsprop_step(qkv_optimizer *opt) {
-    return qkv__optimizer_step(opt, rmsprop_update);
-}
-
 static bool rmsprop_slot_used(const qkv_optim_config *c, int slot) {
     if (slot == MOMENTUM_BUFFER) return c->momentum > 0;
     if (slot == GRAD_AVG) return c->centered;
     return true;
 }
 
-static const qkv_optimizer_vtable rmsprop_vtable = {
+static const qkv_optimizer_def rmsprop_def = {
     .name = "rmsprop",
     .slot_names = {"square_avg", "momentum_buffer", "grad_avg"},
     .slot_used = rmsprop_slot_used,
-    .step = rmsprop_step,
-    .zero_grad = qkv__optimizer_zero_grad,
-    .state_export = qkv__optim_state_export,
-    .state_import = qkv__optim_state_import,
-    .free = qkv__optimizer_free,
+    .update = rmsprop_update,
 };
 
 qkv_optimizer *qkv_rmsprop_new(void) {
-    return qkv__optimizer_new(&rmsprop_vtable);
+    return qkv__optimizer_new(&rmsprop_def);
 }

@@ -4,7 +4,7 @@
  */
 #include <math.h>
 
-#include "optim/optim.h"
+#include "optim/optim_internal.h"
 
 qkv_lr_schedule qkv_lr_step(int64_t step_size, double gamma) {
     return (qkv_lr_schedule){.kind = QKV_LR_STEP, .step_size = step_size, .gamma = gamma};

@@ -39,8 +39,10 @@ typedef struct sgd_scalars {
 DEFINE_SGD(float, f32)
 DEFINE_SGD(double, f64)
 
-static void sgd_update(const qkv_optim_config *c, int64_t step, const qkv__update *u) {
+static void sgd_update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                       void *ctx) {
     (void)step;
+    (void)ctx;
     sgd_scalars s = {.wd = c->weight_decay, .momentum = c->momentum,
                      .one_minus_dampening = 1 - c->dampening, .neg_lr = -c->lr,
                      .nesterov = c->nesterov, .first = u->first};
@@ -50,25 +52,17 @@ static void sgd_update(const qkv_optim_config *c, int64_t step, const qkv__updat
         sgd_f64(u->n, u->param, u->grad, u->slot[MOMENTUM_BUFFER], &s);
 }
 
-static bool sgd_step(qkv_optimizer *opt) {
-    return qkv__optimizer_step(opt, sgd_update);
-}
-
 static bool sgd_slot_used(const qkv_optim_config *c, int slot) {
     return slot == MOMENTUM_BUFFER && c->momentum != 0;
 }
 
-static const qkv_optimizer_vtable sgd_vtable = {
+static const qkv_optimizer_def sgd_def = {
     .name = "sgd",
     .slot_names = {"momentum_buffer"},
     .slot_used = sgd_slot_used,
-    .step = sgd_step,
-    .zero_grad = qkv__optimizer_zero_grad,
-    .state_export = qkv__optim_state_export,
-    .state_import = qkv__optim_state_import,
-    .free = qkv__optimizer_free,
+    .update = sgd_update,
 };
 
 qkv_optimizer *qkv_sgd_new(void) {
-    return qkv__optimizer_new(&sgd_vtable);
+    return qkv__optimizer_new(&sgd_def);
 }

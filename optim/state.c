@@ -94,7 +94,7 @@ static char *joined_names(const qkv_param_group *g) {
     return s;
 }
 
-static void export_group(builder *b, const qkv_optimizer_vtable *vt, int gi,
+static void export_group(builder *b, const qkv_optimizer_def *def, int gi,
                          const qkv_param_group *g) {
     char key[256], value[64], *names = joined_names(g);
     for (int f = 0; f < N_FIELDS && b->ok; f++) {
@@ -119,9 +119,9 @@ static void export_group(builder *b, const qkv_optimizer_vtable *vt, int gi,
         if (!name) { b->ok = false; break; }
         snprintf(name, len, STATE_PREFIX "%s.step", g->names[i]);
         add_tensor(b, name, qkv__own(qkv_scalar(QKV_I64, (double)ps->step)));
-        for (int s = 0; s < QKV_OPTIM_SLOTS && vt->slot_names[s]; s++) {
+        for (int s = 0; s < QKV_OPTIM_SLOTS && def->slot_names[s]; s++) {
             if (!ps->slots[s]) continue;
-            snprintf(name, len, STATE_PREFIX "%s.%s", g->names[i], vt->slot_names[s]);
+            snprintf(name, len, STATE_PREFIX "%s.%s", g->names[i], def->slot_names[s]);
             add_tensor(b, name, qkv__own(qkv_clone(ps->slots[s])));
         }
         qkv__free(name, len);
@@ -130,10 +130,6 @@ static void export_group(builder *b, const qkv_optimizer_vtable *vt, int gi,
 
 qkv_optim_state *qkv_optimizer_state_export(const qkv_optimizer *opt) {
     if (!opt) return qkv_set_error("qkv_optimizer_state_export: NULL optimizer");
-    return opt->vtable->state_export(opt);
-}
-
-qkv_optim_state *qkv__optim_state_export(const qkv_optimizer *opt) {
     qkv_optim_state *st = qkv__calloc(sizeof *st);
     if (!st) return NULL;
     count_entries(opt, &st->tensors.n, &st->n_meta);
@@ -145,13 +141,13 @@ qkv_optim_state *qkv__optim_state_export(const qkv_optimizer *opt) {
     builder b = {.st = st, .ok = st->tensors.names && st->tensors.tensors && st->meta_keys &&
                                   st->meta_values};
     char value[32];
-    if (b.ok) add_meta(&b, "optim.type", opt->vtable->name);
+    if (b.ok) add_meta(&b, "optim.type", opt->def.name);
     snprintf(value, sizeof value, "%lld", (long long)opt->steps);
     if (b.ok) add_meta(&b, "optim.steps", value);
     snprintf(value, sizeof value, "%d", opt->n_groups);
     if (b.ok) add_meta(&b, "optim.groups", value);
     for (int g = 0; g < opt->n_groups && b.ok; g++)
-        export_group(&b, opt->vtable, g, &opt->groups[g]);
+        export_group(&b, &opt->def, g, &opt->groups[g]);
     if (!b.ok) {
         qkv_optim_state_free(st);
         return NULL;
@@ -213,9 +209,9 @@ static bool read_groups(const qkv_optimizer *opt, const qkv_optim_state *st,
                         qkv_optim_config *configs, double *initial_lr, double *steps) {
     const char *type = meta(st, "optim.type");
     if (!type) return qkv_set_error(IMPORT ": no optim.type: not an optimizer state"), false;
-    if (strcmp(type, opt->vtable->name))
-        return qkv_set_error(IMPORT ": state of %s, optimizer is %s", type,
-                             opt->vtable->name), false;
+    if (strcmp(type, opt->def.name))
+        return qkv_set_error(IMPORT ": state of %s, optimizer is %s", type, opt->def.name),
+               false;
     double n_groups;
     if (!meta_value(st, "optim.groups", false, &n_groups) ||
         !meta_value(st, "optim.steps", false, steps))
@@ -259,8 +255,8 @@ static bool locate(const qkv_optimizer *opt, const char *entry, int *flat, int *
     const char *slot_name = dot + 1;
     *slot = -1;
     if (!strcmp(slot_name, "step")) *slot = QKV_OPTIM_SLOTS;
-    for (int s = 0; s < QKV_OPTIM_SLOTS && opt->vtable->slot_names[s]; s++)
-        if (!strcmp(slot_name, opt->vtable->slot_names[s])) *slot = s;
+    for (int s = 0; s < QKV_OPTIM_SLOTS && opt->def.slot_names[s]; s++)
+        if (!strcmp(slot_name, opt->def.slot_names[s])) *slot = s;
     int k = 0;
     for (int g = 0; g < opt->n_groups; g++)
         for (int i = 0; i < opt->groups[g].n; i++, k++) {
@@ -268,7 +264,7 @@ static bool locate(const qkv_optimizer *opt, const char *entry, int *flat, int *
             if (strlen(name) != len || strncmp(name, rest, len)) continue;
             if (*slot < 0)
                 return qkv_set_error(IMPORT ": unknown entry %s for %s", entry,
-                                     opt->vtable->name), false;
+                                     opt->def.name), false;
             *flat = k;
             return true;
         }
@@ -326,13 +322,13 @@ static bool check_complete(const qkv_optimizer *opt, const qkv_optim_config *con
             for (int s = 0; s <= QKV_OPTIM_SLOTS; s++) any |= row[s] != NULL;
             if (!any) continue;
             const char *missing = row[QKV_OPTIM_SLOTS] ? NULL : "step";
-            for (int s = 0; s < QKV_OPTIM_SLOTS && opt->vtable->slot_names[s]; s++) {
-                bool used = opt->vtable->slot_used(&configs[g], s);
-                if (used && !row[s]) missing = opt->vtable->slot_names[s];
+            for (int s = 0; s < QKV_OPTIM_SLOTS && opt->def.slot_names[s]; s++) {
+                bool used = qkv__slot_used(opt, &configs[g], s);
+                if (used && !row[s]) missing = opt->def.slot_names[s];
                 if (!used && row[s])
                     return qkv_set_error(IMPORT ": %s has %s, which its config does not use",
                                          opt->groups[g].names[i],
-                                         opt->vtable->slot_names[s]), false;
+                                         opt->def.slot_names[s]), false;
             }
             if (missing)
                 return qkv_set_error(IMPORT ": %s has state but no %s", opt->groups[g].names[i],
@@ -379,13 +375,9 @@ static void commit(qkv_optimizer *opt, const qkv_optim_config *configs, const do
     opt->steps = (int64_t)steps;
 }
 
-bool qkv_optimizer_state_import(qkv_optimizer *opt, const qkv_optim_state *state) {
-    if (!opt || !state)
+bool qkv_optimizer_state_import(qkv_optimizer *opt, const qkv_optim_state *st) {
+    if (!opt || !st)
         return qkv_set_error(IMPORT ": NULL %s", opt ? "state" : "optimizer"), false;
-    return opt->vtable->state_import(opt, state);
-}
-
-bool qkv__optim_state_import(qkv_optimizer *opt, const qkv_optim_state *st) {
     int n_flat = 0;
     for (int g = 0; g < opt->n_groups; g++) n_flat += opt->groups[g].n;
     size_t ng = (size_t)(opt->n_groups ? opt->n_groups : 1), nf = (size_t)(n_flat ? n_flat : 1);

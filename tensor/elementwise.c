@@ -166,7 +166,7 @@ qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, 
     if (a->dtype == QKV_BOOL && is_compare(op) && (s == 0 || s == 1)) dt = QKV_BOOL;
     /* The scalar lives on the stack as a 0-d tensor: no allocation, nothing in the scope. */
     union { float f; double d; int64_t i; bool b; } v;
-    qkv_storage storage = {&v, sizeof v, 1};
+    qkv_storage storage = {.data = &v, .nbytes = sizeof v, .refcount = 1};
     qkv_tensor st = {0};
     st.dtype = dt;
     st.numel = 1;

@@ -171,6 +171,7 @@ bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src) {
     char *bases[2] = {qkv_data(dst), qkv_data(src)};
     qkv__foreach(2, bases, dst->ndim, dst->shape, (const int64_t(*)[QKV_MAX_DIMS])st, copy_run,
                  &c, true);
+    qkv__bump_version(dst);
     return true;
 }
 
@@ -192,6 +193,7 @@ bool qkv_fill_(qkv_tensor *t, double value) {
     char *bases[2] = {qkv_data(t), (char *)&v};
     qkv__foreach(2, bases, t->ndim, t->shape, (const int64_t(*)[QKV_MAX_DIMS])st, copy_run, &c,
                  true);
+    qkv__bump_version(t);
     return true;
 }
 
@@ -218,7 +220,8 @@ bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst) {
     if (!dst) return qkv_set_error("qkv_copy_out: dst is NULL"), false;
     int64_t strides[QKV_MAX_DIMS];
     qkv__contiguous_strides(t->ndim, t->shape, strides);
-    qkv_storage fake = {dst, (size_t)t->numel * qkv_dtype_size(dtype), 1};
+    qkv_storage fake = {.data = dst, .nbytes = (size_t)t->numel * qkv_dtype_size(dtype),
+                        .refcount = 1};
     qkv_tensor d = {0};
     d.dtype = dtype;
     d.ndim = t->ndim;

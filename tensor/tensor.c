@@ -29,6 +29,7 @@ qkv_storage *qkv__storage_new(size_t nbytes) {
     }
     s->nbytes = nbytes;
     s->refcount = 1;
+    s->version = 0;
     return s;
 }
 
@@ -215,6 +216,10 @@ bool qkv_is_contiguous(const qkv_tensor *t) {
         expect *= t->shape[i];
     }
     return true;
+}
+
+uint64_t qkv_version(const qkv_tensor *t) {
+    return t && t->storage ? t->storage->version : 0;
 }
 
 void *qkv_data(const qkv_tensor *t) {

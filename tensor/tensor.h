@@ -48,6 +48,7 @@ typedef struct qkv_storage {
     void *data;
     size_t nbytes;
     int refcount;
+    uint64_t version; /* in-place writes so far, shared by every view (see qkv_version) */
 } qkv_storage;
 
 struct qkv_node;
@@ -175,6 +176,13 @@ bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst);
 bool qkv_fill_(qkv_tensor *t, double value);
 /* Copies src into dst elementwise (same shape; src may broadcast); in place, not recorded. */
 bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src);
+/* How many times t's storage has been written in place: every function of the library that
+ * changes values in place (qkv_fill_, qkv_copy_, qkv_dropout_, the init schemes, optimizer
+ * steps, module dtype conversions, checkpoint loads) adds one, for t and every view sharing
+ * its storage. A backward that reads a value saved by its forward fails when the value's
+ * version has moved since; a cache computed from t can compare versions to know it is stale.
+ * Writes through qkv_data() are not counted. 0 for NULL. */
+uint64_t qkv_version(const qkv_tensor *t);
 
 /* ---- Printing ---------------------------------------------------------------------------- */
 

@@ -21,6 +21,11 @@ void qkv__count_tensor(int delta);
 /* A new storage of nbytes (uninitialised), refcount 1. */
 qkv_storage *qkv__storage_new(size_t nbytes);
 void qkv__storage_release(qkv_storage *s);
+/* Records an in-place write of t's values (see qkv_version): every function that changes a
+ * tensor the caller can still see, in place, calls it. */
+static inline void qkv__bump_version(qkv_tensor *t) {
+    if (t && t->storage) t->storage->version++;
+}
 /* Registers t (whose reference the caller holds) with the innermost scope. False when the
  * scope cannot grow; t is then released. */
 bool qkv__scope_add(qkv_tensor *t);

@@ -901,6 +901,170 @@ static void masking_backwards_select_instead_of_multiplying(void **state) {
     qkv_scope_end();
 }
 
+/* ---- Values changed in place between forward and backward ------------------------------- */
+
+#define CHANGED(what, op, meta, purpose, now, seen)                                            \
+    "qkv_backward: " what " of " op " (" meta "), saved for " purpose ", was modified in "     \
+    "place: its storage is at version " now ", the forward saw version " seen "; modify it "  \
+    "after the backward, or run the forward again"
+
+static void assert_error_is(const char *want) {
+    assert_non_null(qkv_error());
+    assert_string_equal(qkv_error(), want);
+}
+
+/* d(w v)/dv = w: a w changed before the backward would give its new value, 100, not 3 */
+static void a_parameter_filled_before_the_backward_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *w = param(QKV_SHAPE(1), VALUES(3));
+    qkv_tensor *v = param(QKV_SHAPE(1), VALUES(2));
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(w, v));
+    assert_int_equal(qkv_version(w), 0);
+    assert_true(qkv_fill_(w, 100));
+    assert_int_equal(qkv_version(w), 1);
+    assert_false(qkv_backward(loss));
+    assert_error_is(CHANGED("input 0", "mul", "f64 [1]", "its backward", "1", "0"));
+    assert_null(v->grad);
+    assert_null(w->grad);
+    qkv_scope_end();
+}
+
+static void without_a_change_the_gradient_is_right(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *w = param(QKV_SHAPE(1), VALUES(3));
+    qkv_tensor *v = param(QKV_SHAPE(1), VALUES(2));
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(w, v));
+    assert_true(qkv_backward(loss));
+    ASSERT_VALUES(v->grad, 3);
+    ASSERT_VALUES(w->grad, 2);
+    assert_true(qkv_fill_(w, 100)); /* after the backward: nothing holds the old values */
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(w, v))));
+    ASSERT_VALUES(v->grad, 103);
+    qkv_scope_end();
+}
+
+static void copying_into_a_view_of_a_saved_parameter_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *w = param(QKV_SHAPE(2, 2), VALUES(1, 2, 3, 4));
+    qkv_tensor *x = param(QKV_SHAPE(2, 2), VALUES(1, 0, 0, 1));
+    qkv_tensor *loss = qkv_sum_all(qkv_matmul(x, w));
+    qkv_tensor *row = qkv_select(qkv_detach(w), 0, 1); /* shares w's storage */
+    assert_true(qkv_copy_(row, constant(QKV_SHAPE(2), VALUES(7, 8))));
+    assert_int_equal(qkv_version(w), 1);
+    assert_int_equal(qkv_version(row), 1);
+    assert_false(qkv_backward(loss));
+    assert_error_is(CHANGED("input 1", "matmul", "f64 [2,2]", "its backward", "1", "0"));
+    qkv_scope_end();
+}
+
+/* a step between the forward and the backward, as in a training loop with the step moved up */
+static void an_optimizer_step_before_the_backward_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *w = param(QKV_SHAPE(1), VALUES(3));
+    qkv_tensor *v = param(QKV_SHAPE(1), VALUES(2));
+    qkv_named_list params = {2, (char *[]){"w", "v"}, (qkv_tensor *[]){w, v}};
+    qkv_optimizer *opt = qkv_sgd_new();
+    assert_true(qkv_optimizer_add_group(opt, &params, qkv_sgd_config(0.5)));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(w, v))));
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(w, v));
+    assert_true(qkv_optimizer_step(opt));
+    assert_int_equal(qkv_version(w), 1);
+    assert_int_equal(qkv_version(v), 1);
+    assert_false(qkv_backward(loss));
+    assert_error_is(CHANGED("input 0", "mul", "f64 [1]", "its backward", "1", "0"));
+    qkv_optimizer_free(opt);
+    qkv_scope_end();
+}
+
+/* the sum's backward reads no values, so a change to x cannot make its gradient wrong */
+static void a_change_to_a_value_no_backward_reads_is_allowed(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *loss = qkv_sum_all(qkv_add(x, x));
+    assert_true(qkv_fill_(x, 5));
+    assert_true(qkv_backward(loss));
+    ASSERT_VALUES(x->grad, 2, 2);
+    qkv_scope_end();
+}
+
+/* softmax keeps its own output; changing that output changes what its backward would read */
+static void changing_an_output_its_op_saved_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(0, 0));
+    qkv_tensor *s = qkv_softmax(x, 0);
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(s, constant(QKV_SHAPE(2), VALUES(1, 2))));
+    assert_true(qkv_fill_(s, 0));
+    assert_false(qkv_backward(loss));
+    assert_error_is(CHANGED("saved value 0", "softmax", "f64 [2]", "its backward", "1", "0"));
+    qkv_scope_end();
+}
+
+/* mul holds gelu(x) as a shell and recomputes it from x for w's gradient: a changed x would
+ * give a product with another gelu(x) than the forward's */
+static void recomputing_from_a_changed_input_is_an_error(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 2));
+    qkv_tensor *w = param(QKV_SHAPE(2), VALUES(3, 4));
+    qkv_tensor *h = qkv_gelu(x, false);
+    qkv_tensor *loss = qkv_sum_all(qkv_mul(h, w));
+    assert_int_equal(h->refcount, 1); /* the scope: mul holds a shell */
+    assert_true(qkv_fill_(x, -1));
+    assert_false(qkv_backward(loss));
+    assert_error_is(CHANGED("input 0", "gelu", "f64 [2]", "recomputing its output", "1", "0"));
+    assert_null(w->grad);
+    qkv_scope_end();
+}
+
+/* a dropout over a value a node holds copies; over a value nothing else reads, it writes in
+ * place and counts the write */
+static void dropout_in_place_counts_its_write_and_spares_saved_values(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(0, 0));
+    qkv_tensor *s = qkv_softmax(x, 0);
+    qkv_tensor *d = qkv_dropout_(s, 0.5, true, &g);
+    assert_ptr_not_equal(d->storage, s->storage);
+    assert_int_equal(qkv_version(s), 0);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(d, constant(QKV_SHAPE(2), VALUES(1, 2))))));
+    qkv_tensor *a = qkv_mul_scalar(constant(QKV_SHAPE(2), VALUES(1, 2)), 2);
+    qkv_tensor *e = qkv_dropout_(a, 0.5, true, &g);
+    assert_ptr_equal(e->storage, a->storage);
+    assert_int_equal(qkv_version(a), 1);
+    qkv_scope_end();
+}
+
+/* a dtype conversion gives the parameter new storage: a version further than the old one */
+static void converting_a_module_before_the_backward_is_an_error(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_linear *l = qkv_linear_new(2, 1, false, &g);
+    assert_non_null(l);
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(1, 2), VALUES(1, 2));
+    qkv_module_to_dtype(l, QKV_F64);
+    qkv_tensor *loss = qkv_sum_all(qkv_linear_forward(l, x));
+    uint64_t seen = qkv_version(l->weight); /* its initialisation and conversion wrote it */
+    assert_true(qkv_module_to_dtype(l, QKV_F32));
+    assert_int_equal(qkv_version(l->weight), seen + 1);
+    assert_false(qkv_backward(loss));
+    char want[160];
+    snprintf(want, sizeof want, "its storage is at version %llu, the forward saw version %llu",
+             (unsigned long long)seen + 1, (unsigned long long)seen);
+    assert_error_contains(want);
+    qkv_scope_end();
+    qkv_module_free(l);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
@@ -960,6 +1124,18 @@ int main(void) {
         cmocka_unit_test_setup(maximum_and_minimum_split_the_gradient_of_a_tie_in_half,
                                clear_error),
         cmocka_unit_test_setup(grad_fn_name_names_the_op, clear_error),
+        cmocka_unit_test_setup(a_parameter_filled_before_the_backward_is_an_error, clear_error),
+        cmocka_unit_test_setup(without_a_change_the_gradient_is_right, clear_error),
+        cmocka_unit_test_setup(copying_into_a_view_of_a_saved_parameter_is_an_error,
+                               clear_error),
+        cmocka_unit_test_setup(an_optimizer_step_before_the_backward_is_an_error, clear_error),
+        cmocka_unit_test_setup(a_change_to_a_value_no_backward_reads_is_allowed, clear_error),
+        cmocka_unit_test_setup(changing_an_output_its_op_saved_is_an_error, clear_error),
+        cmocka_unit_test_setup(recomputing_from_a_changed_input_is_an_error, clear_error),
+        cmocka_unit_test_setup(dropout_in_place_counts_its_write_and_spares_saved_values,
+                               clear_error),
+        cmocka_unit_test_setup(converting_a_module_before_the_backward_is_an_error,
+                               clear_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

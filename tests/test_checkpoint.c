@@ -351,7 +351,7 @@ static void training_resumed_from_a_checkpoint_is_bitwise_identical(void **state
     classifier *second = classifier_new(&small, &g);
     opt = adam_for(second);
     assert_true(qkv_checkpoint_load(second, opt, path, NULL));
-    assert_int_equal(opt->steps, N);
+    assert_int_equal(qkv_optimizer_steps(opt), N);
     /* the dropout generators were saved where they stood, and are restored there */
     qkv_generator_list *gens = qkv_module_generators(second);
     assert_int_equal(gens->n, 5); /* embedding dropout, attention, three in the layer */
@@ -443,7 +443,7 @@ static void a_module_only_file_given_an_optimizer_changes_nothing(void **state) 
     assert_memory_equal(qkv_error(), want, strlen(want));
     qkv_clear_error();
     for (int i = 0; i < state_b->n; i++) assert_same_values(state_b->tensors[i], copies[i]);
-    assert_int_equal(opt->steps, 1);
+    assert_int_equal(qkv_optimizer_steps(opt), 1);
     qkv_named_list_free(state_b);
     qkv_optimizer_free(opt);
     qkv_module_free(a);

@@ -98,7 +98,7 @@ static void train_step(mlp *m, qkv_optimizer *opt, const qkv_lr_schedule *schedu
     qkv_tensor *loss = mlp_loss(m);
     assert_non_null(loss);
     assert_true(qkv_backward(loss));
-    if (schedule) assert_true(qkv_lr_schedule_apply(schedule, opt, opt->steps));
+    if (schedule) assert_true(qkv_lr_schedule_apply(schedule, opt, qkv_optimizer_steps(opt)));
     assert_true(qkv_optimizer_step(opt));
     qkv_optimizer_zero_grad(opt);
     qkv_scope_end();
@@ -115,7 +115,7 @@ static void check_against_torch(qkv_optimizer *opt, qkv_optim_config config,
     assert_non_null(opt);
     assert_true(qkv_optimizer_add_group(opt, &m.list, config));
     for (int s = 0; s < OPTIM_STEPS; s++) train_step(&m, opt, NULL);
-    assert_int_equal(opt->steps, OPTIM_STEPS);
+    assert_int_equal(qkv_optimizer_steps(opt), OPTIM_STEPS);
     for (int i = 0; i < N_PARAMS; i++) {
         if (dtype == QKV_F32)
             assert_close_f32(m.params[i], expected[i], m.params[i]->numel, 1e-6, 1e-7);
@@ -214,7 +214,7 @@ static void adam_first_step_moves_each_element_by_lr_against_the_gradient(void *
     assert_true(fabs(v[0] - (1 - 0.5 * 4 / (4 + 1e-8))) < 1e-15);
     assert_true(fabs(v[1] - (2 + 0.5 * 0.25 / (0.25 + 1e-8))) < 1e-15);
     assert_true(v[2] == 3);
-    assert_int_equal(opt->groups[0].state[0].step, 1);
+    assert_int_equal(qkv_optimizer_param_steps(opt, 0, 0), 1);
     qkv_optimizer_free(opt);
     qkv_release(p);
 }
@@ -231,7 +231,7 @@ static void sgd_plain_step_is_param_minus_lr_times_grad(void **state) {
     assert_true(qkv_optimizer_step(opt));
     assert_true(((float *)qkv_data(p))[0] == 0.0f);
     assert_true(((float *)qkv_data(p))[1] == -3.0f);
-    assert_null(opt->groups[0].state[0].slots[0]); /* no momentum, no buffer */
+    assert_null(qkv_optimizer_state(opt, 0, 0, "momentum_buffer")); /* no momentum, no buffer */
     qkv_optimizer_free(opt);
     qkv_release(p);
 }
@@ -246,11 +246,11 @@ static void parameters_without_grad_are_skipped_and_get_no_state(void **state) {
     float before = ((float *)qkv_data(m.params[0]))[0];
     assert_true(qkv_optimizer_step(opt));
     assert_true(((float *)qkv_data(m.params[0]))[0] == before);
-    assert_int_equal(opt->groups[0].state[0].step, 0);
-    assert_null(opt->groups[0].state[0].slots[0]);
-    assert_int_equal(opt->groups[0].state[1].step, 1);
-    assert_non_null(opt->groups[0].state[1].slots[0]);
-    assert_null(opt->groups[0].state[1].slots[2]); /* max_exp_avg_sq only with amsgrad */
+    assert_int_equal(qkv_optimizer_param_steps(opt, 0, 0), 0);
+    assert_null(qkv_optimizer_state(opt, 0, 0, "exp_avg"));
+    assert_int_equal(qkv_optimizer_param_steps(opt, 0, 1), 1);
+    assert_non_null(qkv_optimizer_state(opt, 0, 1, "exp_avg"));
+    assert_null(qkv_optimizer_state(opt, 0, 1, "max_exp_avg_sq")); /* only with amsgrad */
     qkv_optimizer_zero_grad(opt);
     assert_null(m.params[1]->grad);
     qkv_optimizer_free(opt);
@@ -346,15 +346,15 @@ static void decay_groups_split_weights_from_biases(void **state) {
     mlp_init(&m, QKV_F32);
     qkv_optimizer *opt = qkv_adamw_new();
     assert_true(qkv_optimizer_add_decay_groups(opt, &m.list, qkv_adamw_config(0.01)));
-    assert_int_equal(opt->n_groups, 2);
-    assert_int_equal(opt->groups[0].n, 2);
-    assert_string_equal(opt->groups[0].names[0], "fc1.weight");
-    assert_string_equal(opt->groups[0].names[1], "fc2.weight");
-    assert_true(opt->groups[0].config.weight_decay == 0.01);
-    assert_int_equal(opt->groups[1].n, 2);
-    assert_string_equal(opt->groups[1].names[0], "fc1.bias");
-    assert_string_equal(opt->groups[1].names[1], "fc2.bias");
-    assert_true(opt->groups[1].config.weight_decay == 0);
+    assert_int_equal(qkv_optimizer_num_groups(opt), 2);
+    assert_int_equal(qkv_optimizer_num_params(opt, 0), 2);
+    assert_string_equal(qkv_optimizer_param_name(opt, 0, 0), "fc1.weight");
+    assert_string_equal(qkv_optimizer_param_name(opt, 0, 1), "fc2.weight");
+    assert_true(qkv_optimizer_config(opt, 0)->weight_decay == 0.01);
+    assert_int_equal(qkv_optimizer_num_params(opt, 1), 2);
+    assert_string_equal(qkv_optimizer_param_name(opt, 1, 0), "fc1.bias");
+    assert_string_equal(qkv_optimizer_param_name(opt, 1, 1), "fc2.bias");
+    assert_true(qkv_optimizer_config(opt, 1)->weight_decay == 0);
     qkv_optimizer_free(opt);
     mlp_free(&m);
 }
@@ -390,7 +390,7 @@ static void add_group_rejects_bad_configs_and_repeated_parameters(void **state) 
     assert_false(qkv_optimizer_add_group(opt, NULL, qkv_sgd_config(0.1)));
     assert_false(qkv_optimizer_step(NULL));
     qkv_optimizer_free(NULL);
-    assert_int_equal(opt->n_groups, 1);
+    assert_int_equal(qkv_optimizer_num_groups(opt), 1);
     qkv_release(ids);
     qkv_optimizer_free(opt);
     mlp_free(&m);
@@ -442,9 +442,9 @@ static void schedule_apply_scales_each_group_from_its_initial_lr(void **state) {
     assert_true(qkv_optimizer_add_group(opt, &b, qkv_sgd_config(1.0)));
     qkv_lr_schedule s = qkv_lr_step(2, 0.5);
     assert_true(qkv_lr_schedule_apply(&s, opt, 5));
-    assert_true(opt->groups[0].config.lr == 0.1 * 0.25);
-    assert_true(opt->groups[1].config.lr == 0.25);
-    assert_true(opt->groups[1].initial_lr == 1.0);
+    assert_true(qkv_optimizer_config(opt, 0)->lr == 0.1 * 0.25);
+    assert_true(qkv_optimizer_config(opt, 1)->lr == 0.25);
+    assert_true(qkv_optimizer_initial_lr(opt, 1) == 1.0);
     qkv_lr_schedule bad = qkv_lr_step(0, 0.5);
     assert_false(qkv_lr_schedule_apply(&bad, opt, 1));
     assert_string_equal(qkv_error(), "qkv_lr_schedule_apply: step_size must be positive");
@@ -555,7 +555,7 @@ static void export_names_moments_steps_and_hyperparameters(void **state) {
     assert_true(qkv_item(step) == 2);
     qkv_tensor *exp_avg = state_tensor(st, "optim.state.fc2.weight.exp_avg");
     assert_non_null(exp_avg);
-    assert_memory_equal(qkv_data(exp_avg), qkv_data(opt->groups[0].state[1].slots[0]),
+    assert_memory_equal(qkv_data(exp_avg), qkv_data(qkv_optimizer_state(opt, 0, 1, "exp_avg")),
                         OPTIM_D_HID * OPTIM_D_OUT * sizeof(float));
     assert_non_null(state_tensor(st, "optim.state.fc1.weight.max_exp_avg_sq"));
     assert_string_equal(state_meta(st, "optim.type"), "adamw");
@@ -595,10 +595,10 @@ static void resumed_training_is_bitwise_identical(void **state) {
     for (int i = 0; i < N_PARAMS; i++) assert_true(qkv_copy_(second.params[i], first.params[i]));
     mlp_free(&first);
     opt = resumable_optimizer(&second);
-    opt->groups[0].config.lr = 123; /* the import restores what the state says */
+    assert_true(qkv_optimizer_set_lr(opt, 0, 123)); /* the import restores what the state says */
     assert_true(qkv_optimizer_state_import(opt, st));
     qkv_optim_state_free(st);
-    assert_int_equal(opt->steps, N);
+    assert_int_equal(qkv_optimizer_steps(opt), N);
     for (int s = 0; s < N; s++) train_step(&second, opt, &schedule);
     qkv_optimizer_free(opt);
 
@@ -629,7 +629,7 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
     qkv_optimizer *opt = resumable_optimizer(&m);
     train_step(&m, opt, NULL);
     qkv_optim_state *st = qkv_optimizer_state_export(opt);
-    qkv_tensor *kept = opt->groups[0].state[0].slots[0];
+    qkv_tensor *kept = qkv_optimizer_state(opt, 0, 0, "exp_avg");
 
     qkv_optimizer *adam = qkv_adam_new();
     assert_true(qkv_optimizer_add_decay_groups(adam, &m.list, qkv_adam_config(0.1)));
@@ -686,8 +686,8 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
     assert_string_equal(qkv_error(), "qkv_optimizer_state_import: fc1.weight has state but "
                                      "no exp_avg");
     qkv_clear_error();
-    assert_ptr_equal(opt->groups[0].state[0].slots[0], kept);
-    assert_int_equal(opt->groups[0].state[0].step, 1);
+    assert_ptr_equal(qkv_optimizer_state(opt, 0, 0, "exp_avg"), kept);
+    assert_int_equal(qkv_optimizer_param_steps(opt, 0, 0), 1);
     qkv_optim_state_free(st);
     assert_false(qkv_optimizer_state_import(opt, NULL));
     qkv_optimizer_free(opt);
@@ -721,11 +721,11 @@ static void module_parameters_train_in_decay_groups(void **state) {
     qkv_optimizer *opt = qkv_adamw_new();
     assert_true(qkv_optimizer_add_decay_groups(opt, params, qkv_adamw_config(0.05)));
     qkv_named_list_free(params);
-    assert_int_equal(opt->groups[0].n, 2);
-    assert_string_equal(opt->groups[0].names[0], "0.weight");
-    assert_string_equal(opt->groups[0].names[1], "2.weight");
-    assert_int_equal(opt->groups[1].n, 4);
-    assert_string_equal(opt->groups[1].names[1], "1.weight");
+    assert_int_equal(qkv_optimizer_num_params(opt, 0), 2);
+    assert_string_equal(qkv_optimizer_param_name(opt, 0, 0), "0.weight");
+    assert_string_equal(qkv_optimizer_param_name(opt, 0, 1), "2.weight");
+    assert_int_equal(qkv_optimizer_num_params(opt, 1), 4);
+    assert_string_equal(qkv_optimizer_param_name(opt, 1, 1), "1.weight");
 
     qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(32, 4), &gen);
     qkv_tensor *y = qkv_randn(QKV_F32, QKV_SHAPE(32, 2), &gen);
@@ -829,6 +829,200 @@ static void every_allocation_failure_is_reported_and_leaks_nothing(void **state)
     mlp_free(&m);
 }
 
+/* ---- Optimizers of one's own, parameters that change ------------------------------------- */
+
+/* Signum (sign SGD with momentum, Bernstein et al. 2018), written as a user would:
+ * m = beta1 m + (1 - beta1) g, param -= lr sign(m). ctx counts the updates. */
+enum { SIGNUM_MOMENTUM };
+
+static void signum_update(const qkv_optim_config *c, int64_t step, const qkv_param_update *u,
+                          void *ctx) {
+    (void)step;
+    ++*(int *)ctx;
+    assert_int_equal(u->dtype, QKV_F64);
+    double *p = u->param, *m = u->slot[SIGNUM_MOMENTUM];
+    const double *g = u->grad;
+    for (int64_t i = 0; i < u->n; i++) {
+        m[i] = c->beta1 * m[i] + (1 - c->beta1) * g[i];
+        p[i] -= c->lr * (double)((m[i] > 0) - (m[i] < 0));
+    }
+}
+
+static const qkv_optimizer_def signum_def = {
+    .name = "signum",
+    .slot_names = {"momentum"},
+    .update = signum_update,
+};
+
+static void a_user_defined_optimizer_steps_and_saves_its_state(void **state) {
+    (void)state;
+    qkv_tensor *p = qkv_requires_grad_(
+        qkv_from_array(QKV_F64, QKV_SHAPE(3), (double[]){1, 2, 3}), true);
+    qkv_named_list list = {1, (char *[]){"w"}, &p};
+    int updates = 0;
+    qkv_optimizer *opt = qkv_optimizer_new(&signum_def, &updates);
+    qkv_optim_config config = qkv_sgd_config(0.25);
+    config.beta1 = 0.5;
+    assert_true(qkv_optimizer_add_group(opt, &list, config));
+    assert_string_equal(qkv_optimizer_name(opt), "signum");
+    assert_null(qkv_optimizer_state(opt, 0, 0, "momentum")); /* made at the first step */
+
+    p->grad = qkv_from_array(QKV_F64, QKV_SHAPE(3), (double[]){0.5, -2, 0});
+    assert_true(qkv_optimizer_step(opt));
+    const double *v = qkv_data(p);
+    assert_true(v[0] == 0.75 && v[1] == 2.25 && v[2] == 3);
+    const double *m = qkv_data(qkv_optimizer_state(opt, 0, 0, "momentum"));
+    assert_true(m[0] == 0.25 && m[1] == -1 && m[2] == 0);
+    qkv_optimizer_zero_grad(opt);
+    p->grad = qkv_from_array(QKV_F64, QKV_SHAPE(3), (double[]){-1, -1, -1});
+    assert_true(qkv_optimizer_step(opt));
+    assert_true(v[0] == 1 && v[1] == 2.5 && v[2] == 3.25); /* m = -0.375, -1, -0.5 */
+    assert_int_equal(updates, 2);
+    assert_int_equal(qkv_optimizer_steps(opt), 2);
+    assert_int_equal(qkv_optimizer_param_steps(opt, 0, 0), 2);
+    assert_int_equal(qkv_version(p), 2);
+
+    qkv_optim_state *st = qkv_optimizer_state_export(opt);
+    assert_non_null(st);
+    assert_string_equal(st->tensors.names[1], "optim.state.w.momentum");
+    assert_string_equal(st->meta_values[0], "signum");
+    qkv_optim_state_free(st);
+    qkv_optimizer_free(opt);
+    qkv_release(p);
+    assert_null(qkv_error());
+}
+
+static void a_definition_with_bad_names_is_refused(void **state) {
+    (void)state;
+    qkv_optimizer_def def = signum_def;
+    def.slot_names[0] = "step";
+    assert_null(qkv_optimizer_new(&def, NULL));
+    assert_string_equal(qkv_error(), "qkv_optimizer_new: signum: bad slot name \"step\" "
+                                     "(empty, with a '.', or \"step\")");
+    qkv_clear_error();
+    def.slot_names[0] = "m";
+    def.slot_names[1] = "m";
+    assert_null(qkv_optimizer_new(&def, NULL));
+    assert_string_equal(qkv_error(), "qkv_optimizer_new: signum: two slots named \"m\"");
+    qkv_clear_error();
+    def.update = NULL;
+    assert_null(qkv_optimizer_new(&def, NULL));
+    assert_string_equal(qkv_error(), "qkv_optimizer_new: a definition needs a name and an "
+                                     "update function");
+}
+
+static void accessors_read_groups_and_set_the_lr(void **state) {
+    (void)state;
+    mlp m;
+    mlp_init(&m, QKV_F32);
+    qkv_optimizer *opt = qkv_adamw_new();
+    assert_true(qkv_optimizer_add_decay_groups(opt, &m.list, qkv_adamw_config(0.5)));
+    assert_int_equal(qkv_optimizer_num_groups(opt), 2);
+    assert_ptr_equal(qkv_optimizer_param(opt, 0, 1), m.params[2]);
+    assert_true(qkv_optimizer_set_lr(opt, -1, 0.25));
+    assert_true(qkv_optimizer_lr(opt, 0) == 0.25 && qkv_optimizer_lr(opt, 1) == 0.25);
+    assert_true(qkv_optimizer_initial_lr(opt, 1) == 0.5);
+    assert_true(qkv_optimizer_set_lr(opt, 1, 0.125));
+    assert_true(qkv_optimizer_config(opt, 1)->lr == 0.125);
+    assert_false(qkv_optimizer_set_lr(opt, 0, NAN));
+    assert_string_equal(qkv_error(), "qkv_optimizer_set_lr: invalid lr nan");
+    qkv_clear_error();
+    assert_null(qkv_optimizer_param(opt, 1, 2));
+    assert_string_equal(qkv_error(), "qkv_optimizer_param: index 2 out of range for the 2 "
+                                     "parameters of group 1");
+    qkv_clear_error();
+    assert_true(isnan(qkv_optimizer_lr(opt, 2)));
+    assert_string_equal(qkv_error(), "qkv_optimizer_lr: group 2 out of range for 2 groups");
+    qkv_clear_error();
+    assert_null(qkv_optimizer_state(opt, 0, 0, "momentum_buffer"));
+    assert_string_equal(qkv_error(), "qkv_optimizer_state: adamw keeps no state named "
+                                     "\"momentum_buffer\"");
+    qkv_optimizer_free(opt);
+    mlp_free(&m);
+}
+
+/* One Adam step of sum(l(x)) for a [2,2] linear layer in x's dtype. */
+static void linear_adam_step(qkv_linear *l, qkv_optimizer *opt, qkv_dtype dtype) {
+    qkv_scope_begin();
+    qkv_tensor *x = qkv_from_array(QKV_F64, QKV_SHAPE(1, 2), (double[]){0.5, -2});
+    assert_true(qkv_backward(qkv_sum_all(qkv_linear_forward(l, qkv_to_dtype(x, dtype)))));
+    assert_true(qkv_optimizer_step(opt));
+    qkv_optimizer_zero_grad(opt);
+    qkv_scope_end();
+}
+
+static qkv_optimizer *adam_over(qkv_linear *l) {
+    qkv_named_list *params = qkv_module_parameters(l);
+    qkv_optimizer *opt = qkv_adam_new();
+    assert_true(qkv_optimizer_add_group(opt, params, qkv_adam_config(0.1)));
+    qkv_named_list_free(params);
+    return opt;
+}
+
+/* After qkv_module_to_dtype the moments follow their parameters' dtype at the next step, as a
+ * state loaded into the converted model would (torch's load_state_dict casts state). */
+static void state_follows_a_parameter_converted_to_another_dtype(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    qkv_linear *l = qkv_linear_new(2, 2, true, &g);
+    qkv_optimizer *opt = adam_over(l);
+    linear_adam_step(l, opt, QKV_F32);
+    qkv_optim_state *st = qkv_optimizer_state_export(opt);
+    assert_true(qkv_module_to_dtype(l, QKV_F64));
+    assert_int_equal(qkv_optimizer_state(opt, 0, 0, "exp_avg")->dtype, QKV_F32);
+
+    qkv_linear *ref = qkv_linear_new(2, 2, true, &g);
+    assert_true(qkv_module_to_dtype(ref, QKV_F64));
+    assert_true(qkv_copy_(ref->weight, l->weight) && qkv_copy_(ref->bias, l->bias));
+    qkv_optimizer *ref_opt = adam_over(ref);
+    assert_true(qkv_optimizer_state_import(ref_opt, st));
+    qkv_optim_state_free(st);
+
+    linear_adam_step(l, opt, QKV_F64);
+    linear_adam_step(ref, ref_opt, QKV_F64);
+    for (int s = 0; s < 2; s++) {
+        const char *slot = s ? "exp_avg_sq" : "exp_avg";
+        assert_int_equal(qkv_optimizer_state(opt, 0, 0, slot)->dtype, QKV_F64);
+        assert_memory_equal(qkv_data(qkv_optimizer_state(opt, 0, 0, slot)),
+                            qkv_data(qkv_optimizer_state(ref_opt, 0, 0, slot)),
+                            4 * sizeof(double));
+    }
+    assert_memory_equal(qkv_data(l->weight), qkv_data(ref->weight), 4 * sizeof(double));
+    assert_memory_equal(qkv_data(l->bias), qkv_data(ref->bias), 2 * sizeof(double));
+    qkv_optimizer_free(opt);
+    qkv_optimizer_free(ref_opt);
+    qkv_module_free(l);
+    qkv_module_free(ref);
+    assert_null(qkv_error());
+}
+
+/* No function reshapes a tensor in place; a program that changes the fields is told. */
+static void a_parameter_that_changed_shape_is_refused(void **state) {
+    (void)state;
+    qkv_tensor *p = qkv_requires_grad_(qkv_ones(QKV_F32, QKV_SHAPE(2, 2)), true);
+    qkv_named_list list = {1, (char *[]){"w"}, &p};
+    qkv_optimizer *opt = qkv_adam_new();
+    assert_true(qkv_optimizer_add_group(opt, &list, qkv_adam_config(0.1)));
+    p->grad = qkv_ones(QKV_F32, QKV_SHAPE(2, 2));
+    assert_true(qkv_optimizer_step(opt));
+    qkv_optimizer_zero_grad(opt);
+    float before[4];
+    memcpy(before, qkv_data(p), sizeof before);
+    p->ndim = 1;
+    p->shape[0] = 4;
+    p->strides[0] = 1;
+    p->grad = qkv_ones(QKV_F32, QKV_SHAPE(4));
+    assert_false(qkv_optimizer_step(opt));
+    assert_string_equal(qkv_error(), "qkv_optimizer_step: adam: parameter 0 of group 0 (\"w\") "
+                                     "is [4] but its state exp_avg is [2,2]: a parameter must "
+                                     "keep its shape under an optimizer");
+    assert_memory_equal(qkv_data(p), before, sizeof before);
+    assert_int_equal(qkv_optimizer_steps(opt), 1);
+    qkv_optimizer_free(opt);
+    qkv_release(p);
+}
+
 int main(void) {
 #define T(name) cmocka_unit_test_setup(name, clear_error)
     const struct CMUnitTest tests[] = {
@@ -863,6 +1057,11 @@ int main(void) {
         T(import_checks_type_groups_names_and_shapes_before_changing_anything),
         T(module_parameters_train_in_decay_groups),
         T(every_allocation_failure_is_reported_and_leaks_nothing),
+        T(a_user_defined_optimizer_steps_and_saves_its_state),
+        T(a_definition_with_bad_names_is_refused),
+        T(accessors_read_groups_and_set_the_lr),
+        T(state_follows_a_parameter_converted_to_another_dtype),
+        T(a_parameter_that_changed_shape_is_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
