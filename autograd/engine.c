@@ -23,6 +23,7 @@ bool qkv__needs_grad(const qkv_tensor *t) {
 }
 
 const char *qkv_grad_fn_name(const qkv_tensor *t) {
+    if (!QKV__CHECK("qkv_grad_fn_name", t)) return NULL;
     return t && t->grad_fn ? t->grad_fn->op->name : NULL;
 }
 
@@ -31,11 +32,11 @@ const char *qkv_grad_fn_name(const qkv_tensor *t) {
 static void free_graph_links(qkv_node *n) {
     if (n->freed) return;
     n->freed = true;
-    for (int i = 0; i < n->n_inputs; i++) qkv_release(n->inputs[i]);
+    for (int i = 0; i < n->n_inputs; i++) qkv__release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)n->n_inputs * sizeof(qkv_tensor *));
     n->inputs = NULL;
     for (int i = 0; i < QKV_NODE_SAVED; i++) {
-        qkv_release(n->saved[i]);
+        qkv__release(n->saved[i]);
         n->saved[i] = NULL;
     }
 }
@@ -44,8 +45,8 @@ static void node_release(qkv_node *n, qkv_tensor *owner) {
     if (n->retained_out == owner) n->retained_out = NULL;
     if (--n->refcount > 0) return;
     free_graph_links(n);
-    qkv_release(n->grad);
-    qkv_release(n->recomputed);
+    qkv__release(n->grad);
+    qkv__release(n->recomputed);
     qkv__free(n, sizeof *n);
 }
 
@@ -57,8 +58,8 @@ static bool all_finite(const qkv_tensor *t) {
     qkv_tensor *m = qkv__reduce(QKV_RED_MAX, bad, ~0u, false, 0, "anomaly");
     double v = m ? qkv_item(m) : 0;
     if (qkv_scope_depth() == 0) {
-        qkv_release(m);
-        qkv_release(bad);
+        qkv__release(m);
+        qkv__release(bad);
     }
     return isfinite(v);
 }
@@ -87,6 +88,7 @@ static qkv_tensor *shell(const qkv_tensor *t) {
     s->offset = t->offset;
     s->numel = t->numel;
     s->refcount = 1;
+    s->magic = QKV__TENSOR_LIVE;
     s->requires_grad = t->requires_grad;
     s->grad_fn = t->grad_fn;
     if (s->grad_fn) s->grad_fn->refcount++;
@@ -115,7 +117,7 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
     qkv_tensor *v = p->recomputed;
     if (v) {
         if (p->pending <= 1) p->recomputed = NULL;
-        else qkv_retain(v);
+        else qkv__retain(v);
         return qkv__scope_add(v) ? v : NULL;
     }
     v = QKV_SCOPED(p->op->recompute(p));
@@ -123,12 +125,12 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
               v->dtype != t->dtype))
         return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape",
                              p->op->name);
-    if (v && p->pending > 1) p->recomputed = qkv_retain(v);
+    if (v && p->pending > 1) p->recomputed = qkv__retain(v);
     return v;
 }
 
 static void drop_recomputed(qkv_node *n) {
-    qkv_release(n->recomputed);
+    qkv__release(n->recomputed);
     n->recomputed = NULL;
 }
 
@@ -164,7 +166,7 @@ void qkv__release_values(qkv_node *node, int i) {
 
 /* Releases the first k inputs of a node that is being abandoned half built. */
 static void free_graph_links_upto(qkv_node *n, int k) {
-    for (int i = 0; i < k; i++) qkv_release(n->inputs[i]);
+    for (int i = 0; i < k; i++) qkv__release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
     qkv__free(n, sizeof *n);
 }
@@ -199,7 +201,7 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
         bool recompute_reads = op->recompute && i < 32 && (op->recompute_reads >> i) & 1;
         bool lazy = in && in->grad_fn && i < 32 && recomputable(in->grad_fn);
         bool whole = !in || (in->requires_grad && !in->grad_fn) || (read && !lazy);
-        n->inputs[i] = whole ? qkv_retain((qkv_tensor *)in) : shell(in);
+        n->inputs[i] = whole ? qkv__retain((qkv_tensor *)in) : shell(in);
         if (!n->inputs[i] && in) {
             free_graph_links_upto(n, i);
             goto fail;
@@ -217,13 +219,13 @@ qkv_tensor *qkv__record(qkv_tensor *out, const qkv_op_def *op, int n_inputs,
     out->requires_grad = true;
     return out;
 fail:
-    if (qkv_scope_depth() == 0) qkv_release(out);
+    if (qkv_scope_depth() == 0) qkv__release(out);
     return NULL;
 }
 
 bool qkv__save(qkv_node *node, int slot, const qkv_tensor *t) {
     if (!node || !t) return false;
-    node->saved[slot] = qkv_retain((qkv_tensor *)t);
+    node->saved[slot] = qkv__retain((qkv_tensor *)t);
     return true;
 }
 
@@ -231,14 +233,14 @@ bool qkv__save_output(qkv_node *node, int slot, const qkv_tensor *out) {
     if (!node || !out) return false;
     qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
     if (!v) return false;
-    node->saved[slot] = qkv_scope_depth() ? qkv_retain(v) : v;
+    node->saved[slot] = qkv_scope_depth() ? qkv__retain(v) : v;
     return true;
 }
 
 /* ---- Leaves ------------------------------------------------------------------------------ */
 
 qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
-    if (!t) return NULL;
+    if (!t || !QKV__CHECK("qkv_requires_grad_", t)) return NULL;
     if (t->grad_fn) {
         qkv_set_error("qkv_requires_grad_: only a leaf can be set; %s made this tensor",
                       t->grad_fn->op->name);
@@ -254,19 +256,20 @@ qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
 }
 
 void qkv_zero_grad(qkv_tensor *t) {
-    if (!t) return;
-    qkv_release(t->grad);
+    if (!t || !QKV__CHECK("qkv_zero_grad", t)) return;
+    qkv__release(t->grad);
     t->grad = NULL;
 }
 
 void qkv_retain_grad(qkv_tensor *t) {
-    if (!t) return;
+    if (!t || !QKV__CHECK("qkv_retain_grad", t)) return;
     t->retains_grad = true;
     if (t->grad_fn) t->grad_fn->retained_out = t;
 }
 
 qkv_tensor *qkv_detach(const qkv_tensor *t) {
-    if (!t) return NULL;
+    if (!t || !QKV__CHECK("qkv_detach", t)) return NULL;
+    QKV__OP("qkv_detach");
     return qkv__view(t, t->ndim, t->shape, t->strides, t->offset);
 }
 
@@ -307,8 +310,8 @@ static bool accumulate(qkv_tensor **slot, qkv_tensor *g, bool fresh_copy) {
     if (*slot) sum = qkv__binary(QKV_OP_ADD, *slot, g, "backward");
     else sum = fresh_copy ? qkv_clone(g) : g;
     if (!sum) return false;
-    qkv_retain(sum);
-    qkv_release(*slot);
+    qkv__retain(sum);
+    qkv__release(*slot);
     *slot = sum;
     return true;
 }
@@ -385,8 +388,8 @@ static bool run_node(qkv_node *n, node_list *ready) {
     drop_recomputed(n); /* every consumer has run */
     qkv_tensor *g = n->grad;
     if (n->retained_out) {
-        qkv_release(n->retained_out->grad);
-        n->retained_out->grad = qkv_retain(qkv_clone(g));
+        qkv__release(n->retained_out->grad);
+        n->retained_out->grad = qkv__retain(qkv_clone(g));
     }
     qkv_tensor *grads_small[8] = {0};
     qkv_tensor **grads = grads_small;
@@ -429,7 +432,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
 }
 
 bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_graph) {
-    if (!out || !grad) return false;
+    if (!out || !grad || !QKV__CHECK("qkv_backward_with", out, grad)) return false;
     char a[128], b[128];
     if (!out->requires_grad) {
         qkv_set_error("qkv_backward: the tensor %s does not require grad (no input of its "
@@ -452,7 +455,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
         node_list ready = {0}, all = {0};
         ok = count_consumers(root, ++backward_generation, &all);
         if (ok) {
-            qkv_release(root->grad);
+            qkv__release(root->grad);
             root->grad = NULL;
             ok = accumulate(&root->grad, fit((qkv_tensor *)grad, out), false) &&
                  push(&ready, root);
@@ -460,13 +463,13 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
         while (ok && ready.n) {
             qkv_node *n = ready.items[--ready.n];
             ok = run_node(n, &ready);
-            qkv_release(n->grad);
+            qkv__release(n->grad);
             n->grad = NULL;
             if (!retain_graph) free_graph_links(n);
         }
         /* After a failure, drop what other nodes had collected so far. */
         for (size_t i = 0; i < ready.n; i++) {
-            qkv_release(ready.items[i]->grad);
+            qkv__release(ready.items[i]->grad);
             ready.items[i]->grad = NULL;
         }
         qkv__free(ready.items, ready.cap * sizeof *ready.items);
@@ -482,7 +485,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
 }
 
 bool qkv_backward(qkv_tensor *loss) {
-    if (!loss) return false;
+    if (!loss || !QKV__CHECK("qkv_backward", loss)) return false;
     if (loss->numel != 1) {
         char a[128];
         qkv_set_error("qkv_backward: the loss must have one element, not %s; use "

@@ -210,6 +210,8 @@ static const qkv_op_def dropout_op = {"dropout", dropout_backward, .drop = QKV_D
 static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g,
                            bool in_place, const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     char s[128];
     if (!qkv__is_float(a->dtype))
         return qkv_set_error("%s: input %s must be f32 or f64, not %s", name,
