@@ -24,6 +24,7 @@ bool qkv__needs_grad(const qkv_tensor *t) {
 }
 
 const char *qkv_grad_fn_name(const qkv_tensor *t) {
+    if (!QKV__CHECK("qkv_grad_fn_name", t)) return NULL;
     return t && t->grad_fn ? t->grad_fn->fn->name : NULL;
 }
 
@@ -41,7 +42,7 @@ static void detach_values(qkv_tensor *t) {
 
 static void free_saved(qkv_node *n) {
     for (int k = 0; k < QKV_SAVED_SLOTS; k++) {
-        qkv_release(n->saved[k].t);
+        qkv__release(n->saved[k].t);
         n->saved[k] = (qkv_saved_value){0};
     }
 }
@@ -49,7 +50,7 @@ static void free_saved(qkv_node *n) {
 static void free_graph_links(qkv_node *n) {
     if (n->freed) return;
     n->freed = true;
-    for (int i = 0; i < n->n_inputs; i++) qkv_release(n->inputs[i]);
+    for (int i = 0; i < n->n_inputs; i++) qkv__release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
     n->inputs = NULL;
     free_saved(n);
@@ -59,8 +60,8 @@ static void node_release(qkv_node *n, qkv_tensor *owner) {
     if (n->retained_out == owner) n->retained_out = NULL;
     if (--n->refcount > 0) return;
     free_graph_links(n);
-    qkv_release(n->grad);
-    qkv_release(n->recomputed);
+    qkv__release(n->grad);
+    qkv__release(n->recomputed);
     qkv__free(n, node_bytes(n));
 }
 
@@ -72,8 +73,8 @@ static bool all_finite(const qkv_tensor *t) {
     qkv_tensor *m = qkv__reduce(QKV_RED_MAX, bad, ~0u, false, 0, "anomaly");
     double v = m ? qkv_item(m) : 0;
     if (qkv_scope_depth() == 0) {
-        qkv_release(m);
-        qkv_release(bad);
+        qkv__release(m);
+        qkv__release(bad);
     }
     return isfinite(v);
 }
@@ -91,6 +92,7 @@ static qkv_tensor *shell(const qkv_tensor *t) {
     s->offset = t->offset;
     s->numel = t->numel;
     s->refcount = 1;
+    s->magic = QKV__TENSOR_LIVE;
     s->requires_grad = t->requires_grad;
     s->grad_fn = t->grad_fn;
     if (s->grad_fn) s->grad_fn->refcount++;
@@ -124,7 +126,7 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
     qkv_tensor *v = p->recomputed;
     if (v) {
         if (p->pending <= 1) p->recomputed = NULL;
-        else qkv_retain(v);
+        else qkv__retain(v);
         return qkv__scope_add(v) ? v : NULL;
     }
     p->recomputing = true;
@@ -134,12 +136,12 @@ static qkv_tensor *recomputed(const qkv_tensor *t) {
               v->dtype != t->dtype))
         return qkv_set_error("qkv_backward: %s recomputed a tensor of another shape",
                              p->fn->name);
-    if (v && p->pending > 1) p->recomputed = qkv_retain(v);
+    if (v && p->pending > 1) p->recomputed = qkv__retain(v);
     return v;
 }
 
 static void drop_recomputed(qkv_node *n) {
-    qkv_release(n->recomputed);
+    qkv__release(n->recomputed);
     n->recomputed = NULL;
 }
 
@@ -165,7 +167,7 @@ static bool attach_values(qkv_tensor *t) {
 static qkv_node failed_node = {.failed = true};
 
 static void free_unlinked(qkv_node *n, int n_inputs_made) {
-    for (int i = 0; i < n_inputs_made; i++) qkv_release(n->inputs[i]);
+    for (int i = 0; i < n_inputs_made; i++) qkv__release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
     free_saved(n);
     qkv__free(n, node_bytes(n));
@@ -191,7 +193,7 @@ qkv_ctx *qkv_function_begin(const qkv_function *fn, int n_inputs,
         const qkv_tensor *in = inputs[i];
         /* A leaf that requires grad is held itself: its .grad is accumulated. */
         bool leaf = in && in->requires_grad && !in->grad_fn;
-        n->inputs[i] = !in ? NULL : leaf ? qkv_retain((qkv_tensor *)in) : shell(in);
+        n->inputs[i] = !in ? NULL : leaf ? qkv__retain((qkv_tensor *)in) : shell(in);
         if (in && !n->inputs[i]) {
             free_unlinked(n, i);
             return &failed_node;
@@ -223,10 +225,10 @@ static bool unlink_saved_output(qkv_node *n, qkv_tensor *out) {
         if (n->saved[k].t != out) continue;
         qkv_tensor *v = qkv__view(out, out->ndim, out->shape, out->strides, out->offset);
         if (!v) return false;
-        n->saved[k].t = qkv_scope_depth() ? qkv_retain(v) : v;
+        n->saved[k].t = qkv_scope_depth() ? qkv__retain(v) : v;
         n->saved[k].version = qkv_version(v);
         n->saved[k].output = true;
-        qkv_release(out);
+        qkv__release(out);
     }
     return true;
 }
@@ -258,7 +260,7 @@ qkv_tensor *qkv_function_end(qkv_ctx *n, qkv_tensor *out) {
     return out;
 fail:
     if (n != &failed_node) free_unlinked(n, n->n_inputs);
-    if (out && qkv_scope_depth() == 0) qkv_release(out);
+    if (out && qkv_scope_depth() == 0) qkv__release(out);
     return NULL;
 }
 
@@ -282,23 +284,27 @@ static void hold_input_itself(qkv_node *n, const qkv_tensor *t) {
     if (t->grad_fn || !n->forward_inputs) return;
     for (int i = 0; i < n->n_inputs; i++) {
         if (n->forward_inputs[i] != t || n->inputs[i]->storage) continue;
-        qkv_release(n->inputs[i]);
-        n->inputs[i] = qkv_retain((qkv_tensor *)t);
+        qkv__release(n->inputs[i]);
+        n->inputs[i] = qkv__retain((qkv_tensor *)t);
     }
 }
 
 bool qkv_save(qkv_ctx *n, int slot, const qkv_tensor *t) {
     if (!n || !t) return true;
+    if (!QKV__CHECK("qkv_save", t)) {
+        n->failed = true;
+        return false;
+    }
     if (n->failed) return false;
     qkv_saved_value *s = slot_of(n, slot);
     if (!s) return !(n->failed = true);
-    qkv_release(s->t);
+    qkv__release(s->t);
     *s = (qkv_saved_value){0};
     if (lazy_able(t)) {
         s->t = shell(t);
         s->lazy = true;
     } else {
-        s->t = qkv_retain((qkv_tensor *)t);
+        s->t = qkv__retain((qkv_tensor *)t);
         s->version = qkv_version(t);
         if (s->t) hold_input_itself(n, t);
     }
@@ -375,7 +381,7 @@ const qkv_tensor *qkv_ctx_input(const qkv_ctx *n, int input) {
 /* ---- Leaves ------------------------------------------------------------------------------ */
 
 qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
-    if (!t) return NULL;
+    if (!t || !QKV__CHECK("qkv_requires_grad_", t)) return NULL;
     if (t->grad_fn) {
         qkv_set_error("qkv_requires_grad_: only a leaf can be set; %s made this tensor",
                       t->grad_fn->fn->name);
@@ -391,19 +397,20 @@ qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
 }
 
 void qkv_zero_grad(qkv_tensor *t) {
-    if (!t) return;
-    qkv_release(t->grad);
+    if (!t || !QKV__CHECK("qkv_zero_grad", t)) return;
+    qkv__release(t->grad);
     t->grad = NULL;
 }
 
 void qkv_retain_grad(qkv_tensor *t) {
-    if (!t) return;
+    if (!t || !QKV__CHECK("qkv_retain_grad", t)) return;
     t->retains_grad = true;
     if (t->grad_fn) t->grad_fn->retained_out = t;
 }
 
 qkv_tensor *qkv_detach(const qkv_tensor *t) {
-    if (!t) return NULL;
+    if (!t || !QKV__CHECK("qkv_detach", t)) return NULL;
+    QKV__OP("qkv_detach");
     return qkv__view(t, t->ndim, t->shape, t->strides, t->offset);
 }
 
@@ -444,8 +451,8 @@ static bool accumulate(qkv_tensor **slot, qkv_tensor *g, bool fresh_copy) {
     if (*slot) sum = qkv__binary(QKV_OP_ADD, *slot, g, "backward");
     else sum = fresh_copy ? qkv_clone(g) : g;
     if (!sum) return false;
-    qkv_retain(sum);
-    qkv_release(*slot);
+    qkv__retain(sum);
+    qkv__release(*slot);
     *slot = sum;
     return true;
 }
@@ -524,8 +531,8 @@ static bool run_node(qkv_node *n, node_list *ready) {
     drop_recomputed(n); /* every consumer has run */
     qkv_tensor *g = n->grad;
     if (n->retained_out) {
-        qkv_release(n->retained_out->grad);
-        n->retained_out->grad = qkv_retain(qkv_clone(g));
+        qkv__release(n->retained_out->grad);
+        n->retained_out->grad = qkv__retain(qkv_clone(g));
     }
     qkv_tensor *grads_small[8] = {0};
     qkv_tensor **grads = grads_small;
@@ -560,7 +567,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
 }
 
 bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_graph) {
-    if (!out || !grad) return false;
+    if (!out || !grad || !QKV__CHECK("qkv_backward_with", out, grad)) return false;
     char a[128], b[128];
     if (!out->requires_grad) {
         qkv_set_error("qkv_backward: the tensor %s does not require grad (no input of its "
@@ -583,7 +590,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
         node_list ready = {0}, all = {0};
         ok = count_consumers(root, ++backward_generation, &all);
         if (ok) {
-            qkv_release(root->grad);
+            qkv__release(root->grad);
             root->grad = NULL;
             ok = accumulate(&root->grad, fit((qkv_tensor *)grad, out), false) &&
                  push(&ready, root);
@@ -591,13 +598,13 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
         while (ok && ready.n) {
             qkv_node *n = ready.items[--ready.n];
             ok = run_node(n, &ready);
-            qkv_release(n->grad);
+            qkv__release(n->grad);
             n->grad = NULL;
             if (!retain_graph) free_graph_links(n);
         }
         /* After a failure, drop what other nodes had collected so far. */
         for (size_t i = 0; i < ready.n; i++) {
-            qkv_release(ready.items[i]->grad);
+            qkv__release(ready.items[i]->grad);
             ready.items[i]->grad = NULL;
         }
         qkv__free(ready.items, ready.cap * sizeof *ready.items);
@@ -613,7 +620,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
 }
 
 bool qkv_backward(qkv_tensor *loss) {
-    if (!loss) return false;
+    if (!loss || !QKV__CHECK("qkv_backward", loss)) return false;
     if (loss->numel != 1) {
         char a[128];
         qkv_set_error("qkv_backward: the loss must have one element, not %s; use "

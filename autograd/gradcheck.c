@@ -18,7 +18,7 @@ static double weighted_output(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, in
         qkv_generator g;
         qkv_generator_init(&g, 0x9e3779b9);
         *w = qkv_randn(QKV_F64, out->ndim, out->shape, &g);
-        if (*w) qkv_retain(*w);
+        if (*w) qkv__retain(*w);
     }
     qkv_tensor *loss = qkv_sum_all(qkv_mul(qkv_to_dtype(out, QKV_F64), *w));
     if (loss) {
@@ -120,9 +120,9 @@ bool qkv_gradcheck(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *
         qkv_scope_end();
     }
     for (int i = 0; i < n; i++) {
-        qkv_release(inputs[i]->grad);
+        qkv__release(inputs[i]->grad);
         inputs[i]->grad = saved[i];
     }
-    qkv_release(w);
+    qkv__release(w);
     return ok;
 }

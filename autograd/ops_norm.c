@@ -79,6 +79,8 @@ static const qkv_function layer_norm_fn = {.name = "layer_norm", .backward = lay
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name) {
     if (!x) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, x, weight, bias)) return NULL;
     int64_t d = 1;
     for (int i = x->ndim - ndim; i < x->ndim; i++) d *= i >= 0 ? x->shape[i] : 0;
     char s[128];

@@ -228,6 +228,8 @@ static const qkv_function dropout_fn = {.name = "dropout", .backward = dropout_b
 static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g,
                            bool in_place, const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     char s[128];
     if (!qkv__is_float(a->dtype))
         return qkv_set_error("%s: input %s must be f32 or f64, not %s", name,

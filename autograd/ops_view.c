@@ -55,6 +55,8 @@ static const qkv_function reshape_fn = {.name = "reshape", .backward = reshape_b
 
 qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
+    QKV__OP("qkv_reshape");
+    if (!QKV__CHECK("qkv_reshape", a)) return NULL;
     if (ndim < 0 || ndim > QKV_MAX_DIMS || (ndim && !shape))
         return qkv_set_error("qkv_reshape: bad number of dimensions %d", ndim);
     int64_t ns[QKV_MAX_DIMS] = {0}, known = 1;
@@ -93,6 +95,8 @@ qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
 
 qkv_tensor *qkv_flatten(const qkv_tensor *a, int start_axis, int end_axis) {
     if (!a) return NULL;
+    QKV__OP("qkv_flatten");
+    if (!QKV__CHECK("qkv_flatten", a)) return NULL;
     if (a->ndim == 0) return qkv_reshape(a, 1, (const int64_t[]){1});
     int s = qkv__norm_axis("qkv_flatten", a, start_axis);
     int e = qkv__norm_axis("qkv_flatten", a, end_axis);
@@ -125,6 +129,8 @@ static const qkv_function permute_fn = {.name = "permute", .backward = permute_b
 
 qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
     if (!a) return NULL;
+    QKV__OP("qkv_permute");
+    if (!QKV__CHECK("qkv_permute", a)) return NULL;
     if (!axes) return qkv_set_error("qkv_permute: axes is NULL");
     int64_t shape[QKV_MAX_DIMS], st[QKV_MAX_DIMS];
     bool used[QKV_MAX_DIMS] = {false};
@@ -143,6 +149,8 @@ qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
 
 qkv_tensor *qkv_transpose(const qkv_tensor *a, int axis0, int axis1) {
     if (!a) return NULL;
+    QKV__OP("qkv_transpose");
+    if (!QKV__CHECK("qkv_transpose", a)) return NULL;
     int d0 = qkv__norm_axis("qkv_transpose", a, axis0);
     int d1 = qkv__norm_axis("qkv_transpose", a, axis1);
     if (d0 < 0 || d1 < 0) return NULL;
@@ -203,6 +211,8 @@ static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int6
 
 qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end, int64_t step) {
     if (!a) return NULL;
+    QKV__OP("qkv_slice");
+    if (!QKV__CHECK("qkv_slice", a)) return NULL;
     int ax = qkv__norm_axis("qkv_slice", a, axis);
     if (ax < 0) return NULL;
     if (a->ndim == 0) return qkv_set_error("qkv_slice: cannot slice a 0-d tensor");
@@ -219,6 +229,8 @@ qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end,
 
 qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t length) {
     if (!a) return NULL;
+    QKV__OP("qkv_narrow");
+    if (!QKV__CHECK("qkv_narrow", a)) return NULL;
     int ax = qkv__norm_axis("qkv_narrow", a, axis);
     if (ax < 0) return NULL;
     int64_t n = a->ndim ? a->shape[ax] : 1;
@@ -234,6 +246,8 @@ qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t len
 
 qkv_tensor *qkv_select(const qkv_tensor *a, int axis, int64_t index) {
     if (!a) return NULL;
+    QKV__OP("qkv_select");
+    if (!QKV__CHECK("qkv_select", a)) return NULL;
     int ax = qkv__norm_axis("qkv_select", a, axis);
     if (ax < 0) return NULL;
     int64_t n = a->ndim ? a->shape[ax] : 0;
@@ -250,6 +264,8 @@ qkv_tensor *qkv_select(const qkv_tensor *a, int axis, int64_t index) {
 
 qkv_tensor *qkv_squeeze(const qkv_tensor *a, int axis) {
     if (!a) return NULL;
+    QKV__OP("qkv_squeeze");
+    if (!QKV__CHECK("qkv_squeeze", a)) return NULL;
     int ax = qkv__norm_axis("qkv_squeeze", a, axis);
     if (ax < 0) return NULL;
     if (a->ndim == 0 || a->shape[ax] != 1) return qkv_reshape(a, a->ndim, a->shape);
@@ -262,6 +278,8 @@ qkv_tensor *qkv_squeeze(const qkv_tensor *a, int axis) {
 
 qkv_tensor *qkv_squeeze_all(const qkv_tensor *a) {
     if (!a) return NULL;
+    QKV__OP("qkv_squeeze_all");
+    if (!QKV__CHECK("qkv_squeeze_all", a)) return NULL;
     int64_t shape[QKV_MAX_DIMS];
     int n = 0;
     for (int i = 0; i < a->ndim; i++)
@@ -271,6 +289,8 @@ qkv_tensor *qkv_squeeze_all(const qkv_tensor *a) {
 
 qkv_tensor *qkv_unsqueeze(const qkv_tensor *a, int axis) {
     if (!a) return NULL;
+    QKV__OP("qkv_unsqueeze");
+    if (!QKV__CHECK("qkv_unsqueeze", a)) return NULL;
     int ax = axis < 0 ? axis + a->ndim + 1 : axis;
     if (ax < 0 || ax > a->ndim || a->ndim >= QKV_MAX_DIMS) {
         char s[128];
@@ -292,6 +312,8 @@ static const qkv_function expand_fn = {.name = "expand", .backward = expand_back
 
 qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
     if (!a) return NULL;
+    QKV__OP("qkv_expand");
+    if (!QKV__CHECK("qkv_expand", a)) return NULL;
     char sa[128];
     if (ndim < a->ndim || ndim > QKV_MAX_DIMS)
         return qkv_set_error("qkv_expand: cannot expand %s to %d dimensions",
@@ -321,11 +343,15 @@ static const qkv_function clone_fn = {.name = "clone", .backward = expand_backwa
 static const qkv_function to_dtype_fn = {.name = "to_dtype", .backward = expand_backward};
 
 qkv_tensor *qkv_contiguous(const qkv_tensor *a) {
+    QKV__OP("qkv_contiguous");
+    if (!QKV__CHECK("qkv_contiguous", a)) return NULL;
     return REC1(qkv__contiguous(a), &contiguous_fn, a);
 }
 
 qkv_tensor *qkv_clone(const qkv_tensor *a) {
     if (!a) return NULL;
+    QKV__OP("qkv_clone");
+    if (!QKV__CHECK("qkv_clone", a)) return NULL;
     qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
     if (out && !qkv_copy_(out, a)) return NULL;
     return REC1(out, &clone_fn, a);
@@ -333,6 +359,8 @@ qkv_tensor *qkv_clone(const qkv_tensor *a) {
 
 qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype) {
     if (!a) return NULL;
+    QKV__OP("qkv_to_dtype");
+    if (!QKV__CHECK("qkv_to_dtype", a)) return NULL;
     if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("qkv_to_dtype: unknown dtype %d", dtype);
     qkv_tensor *out = qkv__to_dtype(a, dtype);
     if (!qkv__is_float(dtype)) return out; /* integers and masks carry no gradient */

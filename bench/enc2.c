@@ -8,6 +8,7 @@
  * A training step is zero_grad + forward + backward + Adam step inside one scope; an inference
  * batch is a forward in eval mode without recording. Each is timed after --warmup untimed runs
  * and reported as the median over --steps, with the allocator's counters for the timed steps.
+ * Last, the training step is timed again in checked mode (train_step_checked_ms).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -150,18 +151,29 @@ int main(int argc, char **argv) {
         qkv_module_train(m, false);
         ok = run_timed(false, m, opt, &b, warmup, steps, &infer);
     }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    /* The same training step in checked mode (QKV_DEBUG=1), last: its quarantine of freed
+     * tensors would count in the peak above. */
+    timing checked = {0};
+    if (ok) {
+        bool was = qkv_is_debug();
+        qkv_module_train(m, true);
+        qkv_debug(true);
+        ok = run_timed(true, m, opt, &b, warmup, steps, &checked);
+        qkv_debug(was);
+    }
     if (!ok) {
         fprintf(stderr, "enc2: %s\n", qkv_error() ? qkv_error() : "failed");
         return 1;
     }
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
     double flops = 3 * forward_flops();
     printf("threads=%d\n", threads);
     printf("params=%lld\n", (long long)qkv_module_num_parameters(m));
     printf("flops_per_step=%.0f\n", flops);
     printf("train_step_ms=%.2f\n", train.median_ms);
     printf("infer_batch_ms=%.2f\n", infer.median_ms);
+    printf("train_step_checked_ms=%.2f\n", checked.median_ms);
     printf("train_gflops=%.2f\n", flops / (train.median_ms * 1e-3) / 1e9);
     printf("peak_rss_mb=%.1f\n", (double)ru.ru_maxrss / 1024);
     qkv_memory_stats ms = qkv_memory_stats_get();

@@ -45,7 +45,8 @@ for t in 1 2; do
         printf '%-8s %-22s %12s %12s %8s\n' "$t" "$key" "$qv" "$pv" \
             "$(awk -v a="$qv" -v b="$pv" 'BEGIN { printf "%.2f", a / b }')"
     done
-    for key in steady_system_allocs_per_step allocator_requests_per_step page_faults_per_step; do
+    for key in train_step_checked_ms steady_system_allocs_per_step allocator_requests_per_step \
+        page_faults_per_step; do
         echo "$t        qkv $key=$(echo "$qs" | sed -n "s/^$key=//p" | median)"
     done
 done

@@ -142,9 +142,9 @@ qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n
     if (ds->labels) b.labels = qkv_empty(QKV_I64, QKV_SHAPE(n));
     if (!b.ids || !b.key_padding_mask || (ds->labels && !b.labels)) {
         if (qkv_scope_depth() == 0) { /* the caller would have owned them */
-            qkv_release(b.ids);
-            qkv_release(b.key_padding_mask);
-            qkv_release(b.labels);
+            qkv__release(b.ids);
+            qkv__release(b.key_padding_mask);
+            qkv__release(b.labels);
         }
         return (qkv_batch){0};
     }

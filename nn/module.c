@@ -77,7 +77,7 @@ qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor
     if (!check_name(m, "qkv_module_add_parameter", name)) return NULL;
     if (!qkv_requires_grad_(t, true)) return NULL;
     if (!append(&m->params, &m->n_params, &m->cap_params, name, t, NULL)) return NULL;
-    return qkv_retain(t);
+    return qkv__retain(t);
 }
 
 qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t) {
@@ -85,7 +85,7 @@ qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t
     if (!check_name(m, "qkv_module_add_buffer", name)) return NULL;
     if (t->grad_fn) return qkv_set_error("qkv_module_add_buffer: \"%s\" is not a leaf", name);
     if (!append(&m->buffers, &m->n_buffers, &m->cap_buffers, name, t, NULL)) return NULL;
-    return qkv_retain(t);
+    return qkv__retain(t);
 }
 
 void *qkv_module_add_module(qkv_module *m, const char *name, void *child) {
@@ -115,7 +115,7 @@ bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g)
 static void free_entries(qkv_module_entry *e, int n, int cap) {
     for (int i = 0; i < n; i++) {
         free_string(e[i].name);
-        qkv_release(e[i].tensor);
+        qkv__release(e[i].tensor);
         qkv_module_free(e[i].module);
     }
     if (e) qkv__free(e, (size_t)cap * sizeof *e);

@@ -64,7 +64,7 @@ void qkv__optim_free_str(char *s) {
 }
 
 qkv_tensor *qkv__own(qkv_tensor *t) {
-    return qkv_scope_depth() > 0 ? qkv_retain(t) : t;
+    return qkv_scope_depth() > 0 ? qkv__retain(t) : t;
 }
 
 qkv_tensor *qkv__held_zeros_like(const qkv_tensor *t) {
@@ -124,8 +124,8 @@ bool qkv__slot_used(const qkv_optimizer *opt, const qkv_optim_config *c, int s) 
 static void group_free(qkv_param_group *g) {
     for (int i = 0; i < g->n; i++) {
         qkv__optim_free_str(g->names[i]);
-        qkv_release(g->params[i]);
-        for (int s = 0; s < QKV_OPTIM_SLOTS; s++) qkv_release(g->state[i].slots[s]);
+        qkv__release(g->params[i]);
+        for (int s = 0; s < QKV_OPTIM_SLOTS; s++) qkv__release(g->state[i].slots[s]);
     }
     qkv__free(g->names, (size_t)g->n * sizeof *g->names);
     qkv__free(g->params, (size_t)g->n * sizeof *g->params);
@@ -201,13 +201,13 @@ bool qkv_optimizer_add_group(qkv_optimizer *opt, const qkv_named_list *params,
     for (int i = 0; i < params->n; i++) {
         g.names[i] = qkv__optim_strdup(params->names[i]);
         if (!g.names[i]) goto fail;
-        g.params[i] = qkv_retain(params->tensors[i]);
+        g.params[i] = qkv__retain(params->tensors[i]);
     }
     opt->groups[opt->n_groups++] = g;
     return true;
 fail:
     if (g.names) for (int i = 0; i < params->n; i++) qkv__optim_free_str(g.names[i]);
-    if (g.params) for (int i = 0; i < params->n; i++) qkv_release(g.params[i]);
+    if (g.params) for (int i = 0; i < params->n; i++) qkv__release(g.params[i]);
     qkv__free(g.names, n * sizeof *g.names);
     qkv__free(g.params, n * sizeof *g.params);
     qkv__free(g.state, n * sizeof *g.state);
@@ -273,9 +273,9 @@ bool qkv__fit_grad(const char *op, const char *name, qkv_tensor *p) {
     if (g->dtype == p->dtype && qkv_is_contiguous(g)) return true;
     qkv_tensor *converted = qkv__own(qkv_to_dtype(g, p->dtype));
     qkv_tensor *fitted = qkv__own(qkv_contiguous(converted));
-    qkv_release(converted);
+    qkv__release(converted);
     if (!fitted) return false;
-    qkv_release(p->grad);
+    qkv__release(p->grad);
     p->grad = fitted;
     return true;
 }
@@ -302,7 +302,7 @@ static bool fit_state(const qkv_optimizer *opt, int gi, int i) {
         if (t->dtype == p->dtype) continue;
         qkv_tensor *converted = qkv__own(qkv__to_dtype(t, p->dtype));
         if (!converted) return false;
-        qkv_release(t);
+        qkv__release(t);
         st->slots[s] = converted;
     }
     return true;

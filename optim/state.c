@@ -48,7 +48,7 @@ typedef struct builder {
 static void add_tensor(builder *b, const char *name, qkv_tensor *t) {
     char *copy = t ? qkv__optim_strdup(name) : NULL;
     if (!copy) {
-        qkv_release(t);
+        qkv__release(t);
         b->ok = false;
         return;
     }
@@ -160,7 +160,7 @@ void qkv_optim_state_free(qkv_optim_state *st) {
     size_t nt = (size_t)st->tensors.n, nm = (size_t)st->n_meta;
     for (size_t i = 0; i < nt; i++) {
         if (st->tensors.names) qkv__optim_free_str(st->tensors.names[i]);
-        if (st->tensors.tensors) qkv_release(st->tensors.tensors[i]);
+        if (st->tensors.tensors) qkv__release(st->tensors.tensors[i]);
     }
     for (size_t i = 0; i < nm; i++) {
         if (st->meta_keys) qkv__optim_free_str(st->meta_keys[i]);
@@ -367,7 +367,7 @@ static void commit(qkv_optimizer *opt, const qkv_optim_config *configs, const do
             const qkv_tensor *step = found[k * (QKV_OPTIM_SLOTS + 1) + QKV_OPTIM_SLOTS];
             ps->step = step ? *(const int64_t *)qkv_data(step) : 0;
             for (int s = 0; s < QKV_OPTIM_SLOTS; s++) {
-                qkv_release(ps->slots[s]);
+                qkv__release(ps->slots[s]);
                 ps->slots[s] = made[k * QKV_OPTIM_SLOTS + s];
             }
         }
@@ -400,7 +400,7 @@ bool qkv_optimizer_state_import(qkv_optimizer *opt, const qkv_optim_state *st) {
     ok = ok && check_complete(opt, configs, found) && make_slots(opt, found, made, n_flat);
     if (ok) commit(opt, configs, initial_lr, steps, found, made);
     else if (made)
-        for (size_t i = 0; i < nf * QKV_OPTIM_SLOTS; i++) qkv_release(made[i]);
+        for (size_t i = 0; i < nf * QKV_OPTIM_SLOTS; i++) qkv__release(made[i]);
     qkv__free(configs, ng * sizeof *configs);
     qkv__free(initial_lr, ng * sizeof *initial_lr);
     qkv__free(found, found_bytes);

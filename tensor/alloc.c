@@ -7,8 +7,9 @@
  *  - a test can make any single allocation fail (qkv_debug_fail_alloc_at).
  *
  * Small blocks (under LARGE_MIN) are rounded up to classes: multiples of 64 bytes up to 1 KiB,
- * then four classes per power of two (at most 25% slack). Freed ones wait in a free list per
- * class.
+ * then four classes per power of two (at most 25% slack). Freed ones wait in a stack per
+ * class, kept outside the blocks so that a free block holds nothing the library reads (under
+ * AddressSanitizer it is poisoned whole, and LeakSanitizer still sees it held).
  *
  * Large blocks (tensor storage, mostly) are cut from arenas: big regions reserved from the
  * system whose pages become resident only when first used. A request takes the smallest free
@@ -29,8 +30,9 @@
 
 #include "tensor/tensor_internal.h"
 
-/* Under AddressSanitizer, free arena memory and the slack past a large block's bytes are
- * poisoned, so an overflow or a use after free inside an arena is still caught. */
+/* Under AddressSanitizer, free memory (arena ranges and small blocks waiting in their free
+ * lists) and the slack past a block's bytes are poisoned, so an overflow or a use after free
+ * of memory the cache holds is still caught. */
 #if defined(__SANITIZE_ADDRESS__)
 #define QKV_ASAN 1
 #elif defined(__has_feature)
@@ -54,9 +56,10 @@
 #define ARENA_BYTES ((size_t)256 << 20) /* address space reserved per arena */
 #define MAX_ARENAS 64
 
-typedef struct free_block {
-    struct free_block *next;
-} free_block;
+typedef struct block_stack {
+    void **items;
+    size_t n, cap;
+} block_stack;
 
 typedef struct arena {
     char *base, *top, *end;  /* [base, top) has been handed out at least once */
@@ -67,7 +70,7 @@ typedef struct range {
     size_t size;
 } range;
 
-static free_block *free_lists[N_CLASSES];
+static block_stack free_lists[N_CLASSES];
 static arena arenas[MAX_ARENAS];
 static int n_arenas;
 typedef struct range_list {
@@ -242,6 +245,13 @@ static int size_class(size_t n, size_t *class_size) {
     return 16 + (e - 10) * 4 + (int)q - 1;
 }
 
+/* The size of class c's blocks: size_class's inverse. */
+static size_t class_bytes(int c) {
+    if (c < 16) return (size_t)(c + 1) * 64;
+    size_t base = (size_t)1 << ((c - 16) / 4 + 10);
+    return base + (size_t)((c - 16) % 4 + 1) * (base >> 2);
+}
+
 void *qkv__alloc(size_t nbytes) {
     size_t csize;
     int c = size_class(nbytes ? nbytes : 1, &csize);
@@ -258,11 +268,9 @@ void *qkv__alloc(size_t nbytes) {
     bool fresh = true;
     if (large) {
         b = large_alloc(csize, &fresh);
-    } else if (c < N_CLASSES && free_lists[c]) {
-        free_block *f = free_lists[c];
-        free_lists[c] = f->next;
+    } else if (c < N_CLASSES && free_lists[c].n) {
+        b = free_lists[c].items[--free_lists[c].n];
         stats.cached_bytes -= csize;
-        b = f;
         fresh = false;
     }
     if (b) {
@@ -272,11 +280,12 @@ void *qkv__alloc(size_t nbytes) {
         else stats.cache_hits++;
     }
     lock_release();
-    if (large && b) UNPOISON(b, nbytes);
+    if (b) UNPOISON(b, nbytes);
     if (b || large) return b ? b : qkv_set_error("qkv: out of memory allocating %zu bytes",
                                                  nbytes);
     b = aligned_alloc(64, csize);
     if (!b) return qkv_set_error("qkv: out of memory allocating %zu bytes", nbytes);
+    POISON((char *)b + nbytes, csize - nbytes);
     lock_acquire();
     stats.system_allocs++;
     stats.bytes_in_use += csize;
@@ -289,6 +298,19 @@ void *qkv__calloc(size_t nbytes) {
     void *p = qkv__alloc(nbytes);
     if (p) memset(p, 0, nbytes);
     return p;
+}
+
+/* False when the stack cannot grow: the block then goes back to the system. */
+static bool push_block(block_stack *s, void *p) {
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 64;
+        void **items = realloc(s->items, cap * sizeof *items);
+        if (!items) return false;
+        s->items = items;
+        s->cap = cap;
+    }
+    s->items[s->n++] = p;
+    return true;
 }
 
 void qkv__free(void *p, size_t nbytes) {
@@ -304,15 +326,23 @@ void qkv__free(void *p, size_t nbytes) {
         return;
     }
     stats.bytes_in_use -= csize;
-    if (c < N_CLASSES) {
-        free_block *b = p;
-        b->next = free_lists[c];
-        free_lists[c] = b;
+    if (c < N_CLASSES && push_block(&free_lists[c], p)) {
         stats.cached_bytes += csize;
+        POISON(p, csize);
         p = NULL;
     }
     lock_release();
+    if (p) UNPOISON(p, csize);
     free(p);
+}
+
+void qkv__forget(void *p, size_t nbytes) {
+    size_t csize;
+    size_class(nbytes ? nbytes : 1, &csize);
+    lock_acquire();
+    stats.bytes_in_use -= csize;
+    lock_release();
+    UNPOISON(p, csize);
 }
 
 bool qkv__reserve(void **ptr, size_t *cap, size_t need, size_t elem) {
@@ -352,13 +382,12 @@ void qkv_memory_reset_peak(void) {
 void qkv_memory_trim(void) {
     lock_acquire();
     for (int c = 0; c < N_CLASSES; c++) {
-        free_block *b = free_lists[c];
-        free_lists[c] = NULL;
-        while (b) {
-            free_block *next = b->next;
-            free(b);
-            b = next;
+        block_stack *st = &free_lists[c];
+        for (size_t i = 0; i < st->n; i++) {
+            UNPOISON(st->items[i], class_bytes(c));
+            free(st->items[i]);
         }
+        st->n = 0;
     }
     trim_arenas();
     stats.cached_bytes = 0;

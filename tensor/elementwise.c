@@ -137,6 +137,8 @@ static qkv_dtype compute_dtype(qkv_binary_op op, qkv_dtype a, qkv_dtype b) {
 qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b,
                         const char *name) {
     if (!a || !b) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a, b)) return NULL;
     qkv_dtype ct = compute_dtype(op, a->dtype, b->dtype);
     if (a->dtype != ct || b->dtype != ct) {
         qkv_scope_begin();
@@ -161,6 +163,8 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
 qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
                                const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     qkv_dtype dt = a->dtype;
     if (!qkv__is_float(dt)) dt = s == floor(s) && fabs(s) < 9e15 ? QKV_I64 : QKV_F32;
     if (a->dtype == QKV_BOOL && is_compare(op) && (s == 0 || s == 1)) dt = QKV_BOOL;
@@ -290,6 +294,8 @@ static bool keeps_integers(qkv_unary_op op) {
 
 qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     qkv_dtype ct = a->dtype;
     if (ct == QKV_BOOL) ct = keeps_integers(op) ? QKV_I64 : QKV_F32;
     if (ct == QKV_I64 && !keeps_integers(op)) ct = QKV_F32;
@@ -317,6 +323,8 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
 qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tensor *g,
                              const char *name) {
     if (!x || !g) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, x, g)) return NULL;
     bool fused = x->dtype == QKV_F32 && g->dtype == QKV_F32 && x->ndim == g->ndim &&
                  x->numel > 1 &&
                  qkv_is_contiguous(x) && qkv_is_contiguous(g) &&
@@ -374,6 +382,8 @@ static void where_run(int64_t n, char **p, const int64_t *st, void *vctx) {
 qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
                        const char *name) {
     if (!cond || !a || !b) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, cond, a, b)) return NULL;
     if (cond->dtype != QKV_BOOL)
         return qkv_set_error("%s: condition must be bool, not %s", name,
                              qkv_dtype_name(cond->dtype));

@@ -170,6 +170,8 @@ static int select_shape(int ndim, const int64_t *shape, int ax, const qkv_tensor
 qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *index,
                               const char *name) {
     if (!a || !index) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a, index)) return NULL;
     char sa[128], si[128];
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
@@ -214,6 +216,8 @@ static void add_rows(char *out, const char *src, const int64_t *ix, int64_t n, i
 qkv_tensor *qkv__index_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
                            const int64_t *shape, const char *name) {
     if (!src || !index) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, src, index)) return NULL;
     int64_t want[QKV_MAX_DIMS];
     int nwant = axis >= 0 && axis < ndim ? select_shape(ndim, shape, axis, index, want) : -1;
     if (nwant != src->ndim || memcmp(want, src->shape, (size_t)nwant * sizeof(int64_t))) {
@@ -310,6 +314,8 @@ static void index_loop(qkv_tensor *dst, const qkv_tensor *src, const qkv_tensor 
 qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
                         const char *name) {
     if (!a || !index) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a, index)) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     if (a->ndim == 0) return qkv_set_error("%s: cannot index a 0-d tensor", name);
@@ -326,6 +332,8 @@ qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
 qkv_tensor *qkv__scatter_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
                              const int64_t *shape, const char *name) {
     if (!src || !index) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, src, index)) return NULL;
     if (axis < 0 || axis >= ndim) return qkv_set_error("%s: axis %d out of range", name, axis);
     qkv_scope_begin();
     qkv_tensor *out = qkv_zeros(src->dtype, ndim, shape), *ci = NULL;
@@ -374,6 +382,8 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
     if (n <= 0 || !ts) return qkv_set_error("%s: no tensors to concatenate", name);
     for (int k = 0; k < n; k++)
         if (!ts[k]) return NULL;
+    QKV__OP(name);
+    if (qkv__checking() && !qkv__check_args(name, n, ts)) return NULL;
     if (ts[0]->ndim == 0) return qkv_set_error("%s: cannot concatenate 0-d tensors", name);
     int ax = qkv__norm_axis(name, ts[0], axis);
     if (ax < 0 || !check_concat(n, ts, ax, name)) return NULL;
@@ -400,6 +410,8 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
 
 qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char *name) {
     if (!index) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, index)) return NULL;
     char si[128];
     if (index->dtype != QKV_I64)
         return qkv_set_error("%s: index must be i64, not %s", name,

@@ -72,6 +72,8 @@ static qkv_tensor *matmul_error(const char *name, const qkv_tensor *a, const qkv
 
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
     if (!a || !b) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a, b)) return NULL;
     if (a->ndim == 0 || b->ndim == 0) return matmul_error(name, a, b, "both operands need a dimension");
     if (!qkv__is_float(a->dtype) || !qkv__is_float(b->dtype))
         return matmul_error(name, a, b, "operands must be f32 or f64");
@@ -155,6 +157,8 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
                         const char *name) {
     if (!x || !w) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, x, w, b)) return NULL;
     char sx[128], sw[128], sb[128];
     int64_t in = w->ndim == 2 ? w->shape[1] : -1, out_f = w->ndim == 2 ? w->shape[0] : -1;
     if (w->ndim != 2 || x->ndim < 1 || x->shape[x->ndim - 1] != in ||

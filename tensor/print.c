@@ -150,6 +150,7 @@ char *qkv_to_string(const qkv_tensor *t) {
         put(&b, "tensor(NULL)");
         return b.s;
     }
+    if (!QKV__CHECK("qkv_to_string", t)) return NULL;
     put(&b, "tensor(");
     style st;
     choose_style(t, &st);

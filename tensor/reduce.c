@@ -264,6 +264,8 @@ static const char *const reduce_names[] = {"sum", "mean", "var", "max", "min", "
 qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
                         double correction, const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     if (!qkv__is_float(a->dtype) && (op == QKV_RED_MEAN || op == QKV_RED_VAR)) {
         qkv_scope_begin();
         qkv_tensor *out = qkv_keep(qkv__reduce(op, qkv__to_dtype(a, QKV_F32), mask, keepdim,
@@ -406,6 +408,8 @@ static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_lo
 
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name) {
     if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
     if (!qkv__is_float(a->dtype)) {
         qkv_scope_begin();
         qkv_tensor *out = qkv_keep(qkv__softmax(qkv__to_dtype(a, QKV_F32), axis, log, name));
@@ -467,6 +471,8 @@ SOFTMAX_GRAD_ROW(double, exp)
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name) {
     if (!y || !g) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, y, g)) return NULL;
     if (y->ndim == 0 || g->dtype != y->dtype || g->ndim != y->ndim || g->numel != y->numel)
         return qkv_set_error("%s: gradient does not match the output", name);
     qkv_tensor *yc = qkv__contiguous(y), *gc = qkv__contiguous(g);

@@ -82,6 +82,7 @@ static bool check_float(const char *op, qkv_dtype dtype, const qkv_generator *g)
 }
 
 qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
+    QKV__OP("qkv_rand");
     if (!check_float("qkv_rand", dtype, g) || !qkv__check_shape("qkv_rand", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
@@ -96,6 +97,7 @@ qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_genera
 }
 
 qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
+    QKV__OP("qkv_randn");
     if (!check_float("qkv_randn", dtype, g) || !qkv__check_shape("qkv_randn", ndim, shape)) return NULL;
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
@@ -106,6 +108,7 @@ qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_gener
 
 qkv_tensor *qkv_randint(int64_t low, int64_t high, int ndim, const int64_t *shape,
                         qkv_generator *g) {
+    QKV__OP("qkv_randint");
     if (!g) return qkv_set_error("qkv_randint: no generator");
     if (high <= low)
         return qkv_set_error("qkv_randint: empty range [%lld, %lld)", (long long)low,

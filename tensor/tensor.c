@@ -35,6 +35,8 @@ qkv_storage *qkv__storage_new(size_t nbytes) {
 
 void qkv__storage_release(qkv_storage *s) {
     if (!s || --s->refcount > 0) return;
+    /* In checked mode stale values read through a kept data pointer show as NaN (or -1). */
+    if (qkv__checking()) memset(s->data, 0xff, s->nbytes);
     qkv__free(s->data, s->nbytes);
     qkv__free(s, sizeof *s);
 }
@@ -89,7 +91,9 @@ qkv_tensor *qkv__make(qkv_dtype dtype, int ndim, const int64_t *shape, const int
     t->storage = storage;
     storage->refcount++;
     t->refcount = 1;
+    t->magic = QKV__TENSOR_LIVE;
     qkv__count_tensor(1);
+    if (qkv__checking()) qkv__debug_track(t);
     return qkv__scope_add(t) ? t : NULL;
 }
 
@@ -98,17 +102,27 @@ qkv_tensor *qkv__view(const qkv_tensor *t, int ndim, const int64_t *shape,
     return qkv__make(t->dtype, ndim, shape, strides, offset, t->storage);
 }
 
-qkv_tensor *qkv_retain(qkv_tensor *t) {
+qkv_tensor *qkv__retain(qkv_tensor *t) {
     if (t) t->refcount++;
+    return t;
+}
+
+qkv_tensor *qkv_retain(qkv_tensor *t) {
+    if (!t) return NULL;
+    if (t->magic == QKV__TENSOR_FREED) return qkv__freed_error("qkv_retain", t), NULL;
+    t->user_refs++;
+    t->refcount++;
     return t;
 }
 
 static void destroy(qkv_tensor *t) {
     if (t->grad_fn) ((qkv_node_base *)t->grad_fn)->release(t->grad_fn, t);
-    qkv_release(t->grad);
+    qkv__release(t->grad);
     qkv__storage_release(t->storage);
-    qkv__free(t, sizeof *t);
+    t->magic = QKV__TENSOR_FREED;
     qkv__count_tensor(-1);
+    if (t->debug) qkv__debug_quarantine(t);
+    else qkv__free(t, sizeof *t);
 }
 
 /* Releasing a graph's output releases its inputs in turn. A worklist instead of recursion
@@ -116,7 +130,7 @@ static void destroy(qkv_tensor *t) {
 static _Thread_local qkv_tensor *dying;
 static _Thread_local bool draining;
 
-void qkv_release(qkv_tensor *t) {
+void qkv__release(qkv_tensor *t) {
     if (!t || --t->refcount > 0) return;
     t->dying_next = dying;
     dying = t;
@@ -130,8 +144,33 @@ void qkv_release(qkv_tensor *t) {
     draining = false;
 }
 
+/* Only the caller's own references can be released: dropping one a scope or the library
+ * holds would free the tensor while they still point at it. */
+void qkv_release(qkv_tensor *t) {
+    if (!t) return;
+    if (t->magic == QKV__TENSOR_FREED) return qkv__freed_error("qkv_release", t);
+    if (t->user_refs == 0) {
+        char d[256];
+        qkv__describe(t, d, sizeof d);
+        if (t->scope_refs > 0)
+            qkv_set_error("qkv_release: the tensor %s is owned by its scope and you hold no "
+                          "reference to it; qkv_scope_end frees it (qkv_retain first to keep "
+                          "it longer)", d);
+        else
+            qkv_set_error("qkv_release: the tensor %s is held only by the library (a "
+                          "module's parameter, a gradient, a graph) and you hold no "
+                          "reference to it", d);
+        return;
+    }
+    t->user_refs--;
+    if (qkv__checking()) qkv__debug_releasing("qkv_release", NULL, 0);
+    qkv__release(t);
+    if (qkv__checking()) qkv__debug_releasing(NULL, NULL, 0);
+}
+
 /* qkv_empty for the creation function op, which names itself in errors. */
 static qkv_tensor *empty_for(const char *op, qkv_dtype dtype, int ndim, const int64_t *shape) {
+    QKV__OP(op);
     if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("%s: unknown dtype %d", op, dtype);
     if (!qkv__check_shape(op, ndim, shape)) return NULL;
     int64_t strides[QKV_MAX_DIMS];
@@ -197,19 +236,22 @@ qkv_tensor *qkv_from_array(qkv_dtype dtype, int ndim, const int64_t *shape, cons
 }
 
 qkv_tensor *qkv_empty_like(const qkv_tensor *t) {
-    return t ? qkv_empty(t->dtype, t->ndim, t->shape) : NULL;
+    if (!t || !QKV__CHECK("qkv_empty_like", t)) return NULL;
+    return qkv_empty(t->dtype, t->ndim, t->shape);
 }
 
 qkv_tensor *qkv_zeros_like(const qkv_tensor *t) {
-    return t ? qkv_zeros(t->dtype, t->ndim, t->shape) : NULL;
+    if (!t || !QKV__CHECK("qkv_zeros_like", t)) return NULL;
+    return qkv_zeros(t->dtype, t->ndim, t->shape);
 }
 
 qkv_tensor *qkv_ones_like(const qkv_tensor *t) {
-    return t ? qkv_ones(t->dtype, t->ndim, t->shape) : NULL;
+    if (!t || !QKV__CHECK("qkv_ones_like", t)) return NULL;
+    return qkv_ones(t->dtype, t->ndim, t->shape);
 }
 
 bool qkv_is_contiguous(const qkv_tensor *t) {
-    if (!t) return false;
+    if (!t || !QKV__CHECK("qkv_is_contiguous", t)) return false;
     int64_t expect = 1;
     for (int i = t->ndim - 1; i >= 0; i--) {
         if (t->shape[i] != 1 && t->strides[i] != expect) return false;
@@ -223,7 +265,7 @@ uint64_t qkv_version(const qkv_tensor *t) {
 }
 
 void *qkv_data(const qkv_tensor *t) {
-    if (!t) return NULL;
+    if (!t || !QKV__CHECK("qkv_data", t)) return NULL;
     return (char *)t->storage->data + (size_t)t->offset * qkv_dtype_size(t->dtype);
 }
 
@@ -247,7 +289,7 @@ void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v) {
 }
 
 double qkv_item(const qkv_tensor *t) {
-    if (!t) return NAN;
+    if (!t || !QKV__CHECK("qkv_item", t)) return NAN;
     if (t->numel != 1) {
         char s[128];
         qkv_set_error("qkv_item: tensor has %lld elements, not 1: %s", (long long)t->numel,
@@ -259,7 +301,7 @@ double qkv_item(const qkv_tensor *t) {
 }
 
 double qkv_get(const qkv_tensor *t, const int64_t *index) {
-    if (!t) return NAN;
+    if (!t || !QKV__CHECK("qkv_get", t)) return NAN;
     if (!index && t->ndim > 0) return qkv_set_error("qkv_get: index is NULL"), NAN;
     int64_t off = 0;
     for (int i = 0; i < t->ndim; i++) {

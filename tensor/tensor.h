@@ -52,6 +52,7 @@ typedef struct qkv_storage {
 } qkv_storage;
 
 struct qkv_node;
+struct qkv__tensor_debug;
 
 typedef struct qkv_tensor {
     qkv_dtype dtype;
@@ -61,12 +62,17 @@ typedef struct qkv_tensor {
     int64_t offset;                /* first element, in elements from the storage start */
     int64_t numel;
     qkv_storage *storage;          /* shared by views */
-    int refcount;
+    int refcount;                  /* every holder: scopes, the caller, the library */
+    int user_refs;                 /* of those, the caller's: qkv_retain, a result made with
+                                      no scope open, qkv_keep out of the outermost scope */
+    int scope_refs;                /* of those, the scopes': one per scope that owns it */
+    uint32_t magic;                /* internal: marks a live or a freed tensor */
     bool requires_grad;            /* leaf parameters, or any result of a recorded op */
     bool retains_grad;             /* a non-leaf whose gradient is kept (qkv_retain_grad) */
     struct qkv_tensor *grad;       /* accumulated gradient, owned by this tensor, or NULL */
     struct qkv_node *grad_fn;      /* the op that made this tensor, when recorded */
     struct qkv_tensor *dying_next; /* internal: the release worklist */
+    struct qkv__tensor_debug *debug; /* internal: where it was made, in checked mode */
 } qkv_tensor;
 
 /* Expands to `ndim, shape` for the creation functions: qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)). */
@@ -84,12 +90,22 @@ char *qkv_shape_str(const qkv_tensor *t, char *buf, size_t size);
 
 /* ---- Lifetime ---------------------------------------------------------------------------- */
 
-void qkv_scope_begin(void);             /* never fails; past 128 levels deep, the tensors
-                                           of deeper levels go to the 128th */
+/* A release drops one of the caller's references: one from qkv_retain, from a result made with
+ * no scope open, or from qkv_keep out of the outermost scope. Releasing a tensor that a scope
+ * owns (and that you did not retain), or one only the library holds (a module's parameter, a
+ * gradient), is refused with an error and changes nothing. Lifetime mistakes are errors, never
+ * aborts: qkv_scope_end or qkv_keep with no scope open, and more than 128 scopes open at once
+ * (the tensors of deeper levels then go to the 128th). docs/robustness.md lists the messages. */
+void qkv_scope_begin(void);
+/* qkv_scope_begin(), recording the file and line that opened the scope: an unbalanced scope is
+ * reported with them (see qkv_debug). */
+void qkv_scope_begin_at(const char *file, int line);
+#define qkv_scope_begin() qkv_scope_begin_at(__FILE__, __LINE__)
 void qkv_scope_end(void);               /* releases every tensor the innermost scope still owns */
 int qkv_scope_depth(void);
 qkv_tensor *qkv_retain(qkv_tensor *t);  /* adds a reference the caller must release */
-void qkv_release(qkv_tensor *t);        /* drops a reference; NULL is ignored */
+void qkv_release(qkv_tensor *t);        /* drops one of the caller's references; NULL is
+                                           ignored */
 qkv_tensor *qkv_keep(qkv_tensor *t);    /* moves t out of the innermost scope to the enclosing
                                            scope (or to the caller when there is none) */
 qkv_tensor *qkv_scope_end_keep(qkv_tensor *t); /* qkv_keep(t), then qkv_scope_end(); t */
@@ -119,6 +135,20 @@ void qkv_memory_trim(void);  /* returns cached blocks to the system */
 /* Test switch: the n-th allocation from now on (1-based) fails; 0 turns it off. */
 void qkv_debug_fail_alloc_at(uint64_t n);
 uint64_t qkv_debug_alloc_count(void); /* allocations requested since the switch was set */
+
+/* ---- Checked mode ------------------------------------------------------------------------ */
+
+/* Off by default; on with QKV_DEBUG=1 in the environment or qkv_debug(true), best before the
+ * first tensor is made. Every tensor made while it is on records the op that made it and a
+ * serial number; a freed one is filled with a pattern, marked freed and kept out of reuse
+ * (the last 65536 of them), so that an op handed it fails with an error naming where it was
+ * made and what freed it, instead of reading another tensor's values. At exit the tensors
+ * still alive and the scopes still open are listed on stderr. docs/guide.md has its cost. */
+void qkv_debug(bool on);
+bool qkv_is_debug(void);
+/* Writes the tensors alive (made in checked mode) and the scopes this thread has open, as the
+ * exit report does; returns how many of both. Writes nothing when there are none. */
+size_t qkv_debug_report(FILE *f);
 
 /* ---- Creation ---------------------------------------------------------------------------- */
 

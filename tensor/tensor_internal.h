@@ -5,6 +5,8 @@
 #ifndef QKV_TENSOR_INTERNAL_H
 #define QKV_TENSOR_INTERNAL_H
 
+#include <stdatomic.h>
+
 #include "tensor/tensor.h"
 
 /* ---- Allocation (every allocation of the library goes through here) ---------------------- */
@@ -15,6 +17,9 @@ void *qkv__calloc(size_t nbytes);
 /* Growable array helper: ensures *cap >= need elements of size elem, keeping contents. */
 bool qkv__reserve(void **ptr, size_t *cap, size_t need, size_t elem);
 void qkv__count_tensor(int delta);
+/* Takes a block out of the allocator's accounts without caching it: the caller now owns it
+ * and gives it back with free() (small blocks only). For the checked mode's quarantine. */
+void qkv__forget(void *p, size_t nbytes);
 
 /* ---- Construction ------------------------------------------------------------------------ */
 
@@ -26,12 +31,17 @@ void qkv__storage_release(qkv_storage *s);
 static inline void qkv__bump_version(qkv_tensor *t) {
     if (t && t->storage) t->storage->version++;
 }
-/* Registers t (whose reference the caller holds) with the innermost scope. False when the
- * scope cannot grow; t is then released. */
+/* Registers t (whose reference the caller holds) with the innermost scope, or hands that
+ * reference to the caller (t->user_refs) when no scope is open. False when the scope cannot
+ * grow; t is then released. */
 bool qkv__scope_add(qkv_tensor *t);
 /* A new tensor object over storage (retained), registered with the innermost scope. */
 qkv_tensor *qkv__make(qkv_dtype dtype, int ndim, const int64_t *shape, const int64_t *strides,
                       int64_t offset, qkv_storage *storage);
+/* References the library holds for itself (graph nodes, modules, optimizers, gradients): they
+ * are not the caller's, so qkv_release would refuse to drop them. */
+qkv_tensor *qkv__retain(qkv_tensor *t);
+void qkv__release(qkv_tensor *t);
 /* A view of t with the given geometry, sharing its storage. */
 qkv_tensor *qkv__view(const qkv_tensor *t, int ndim, const int64_t *shape,
                       const int64_t *strides, int64_t offset);
@@ -55,6 +65,52 @@ qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype);
 typedef struct qkv_node_base {
     void (*release)(struct qkv_node *node, qkv_tensor *owner);
 } qkv_node_base;
+
+/* ---- Lifetime checks --------------------------------------------------------------------- */
+
+#define QKV__TENSOR_LIVE 0x7e450a11u
+#define QKV__TENSOR_FREED 0xf4eed0d0u
+
+extern atomic_bool qkv__checked_mode;
+static inline bool qkv__checking(void) {
+    return __builtin_expect(atomic_load_explicit(&qkv__checked_mode, memory_order_relaxed), 0);
+}
+/* In checked mode: false with an error naming op if one of the n tensors was freed. */
+bool qkv__check_args(const char *op, int n, const qkv_tensor *const *ts);
+/* At the entry of a public function taking tensors: false (with the error recorded) when one
+ * was freed. One predictable branch when checked mode is off. */
+#define QKV__CHECK(op, ...)                                                                 \
+    (!qkv__checking() ||                                                                    \
+     qkv__check_args(op, (int)(sizeof((const qkv_tensor *[]){__VA_ARGS__}) /                \
+                               sizeof(const qkv_tensor *)),                                 \
+                     (const qkv_tensor *const[]){__VA_ARGS__}))
+
+/* QKV__OP("qkv_add"); at the top of an op names it, in checked mode, as the maker of every
+ * tensor made until it returns, unless an op that called it already named itself: a tensor
+ * is known by the outermost op of the library the caller called. */
+const char *qkv__op_enter(const char *op);
+void qkv__op_leave(void);
+static inline const char *qkv__op_begin(const char *op) {
+    return qkv__checking() ? qkv__op_enter(op) : NULL;
+}
+static inline void qkv__op_end(const char **entered) {
+    if (*entered) qkv__op_leave();
+}
+#define QKV__OP(op) \
+    const char *qkv__op_ __attribute__((cleanup(qkv__op_end), unused)) = qkv__op_begin(op)
+/* An error of op about t, which was freed: names where it was made when that is known. */
+void qkv__freed_error(const char *op, const qkv_tensor *t);
+/* "[2,3]", followed in checked mode by " made by qkv_add (tensor #12)". */
+char *qkv__describe(const qkv_tensor *t, char *buf, size_t size);
+/* Checked mode's part of making and freeing a tensor: records its maker and links it into
+ * the list of live tensors; unlinks it and keeps it, poisoned, out of reuse. */
+void qkv__debug_track(qkv_tensor *t);
+void qkv__debug_quarantine(qkv_tensor *t);
+/* What is releasing tensors now ("qkv_release", "qkv_scope_end" with the scope's site), for
+ * the freed tensors' records; NULL when the library is. */
+void qkv__debug_releasing(const char *by, const char *file, int line);
+/* Writes the scopes this thread has open (innermost last); returns how many. */
+size_t qkv__scope_report(FILE *f);
 
 /* g as it would be after n calls of qkv_generator_next_u32. */
 void qkv__generator_advance(qkv_generator *g, uint64_t n);
