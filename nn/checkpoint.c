@@ -5,8 +5,8 @@
  */
 #include <string.h>
 
+#include "io/io_internal.h"
 #include "nn/nn.h"
-#include "nn/nn_internal.h"
 #include "tensor/tensor_internal.h"
 
 bool qkv_module_save(const void *m, const char *path, const qkv_checkpoint_contents *extras) {

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "io/io.h"
 #include "optim/optim.h"
 #include "tensor/tensor_internal.h"
 

@@ -24,6 +24,7 @@
 #define QKV_OPTIM_H
 
 #include "autograd/autograd.h"
+#include "io/io.h"
 #include "nn/nn.h"
 #include "tensor/tensor.h"
 
