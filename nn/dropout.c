@@ -15,7 +15,7 @@ qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g) {
     seed |= qkv_generator_next_u32(g);
     qkv_generator_init(&m->generator, seed);
     if (!qkv_module_add_generator(&m->base, "generator", &m->generator)) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

@@ -25,7 +25,7 @@ qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
     if (ok && padding_idx >= 0) ok = qkv_fill_(qkv_select(m->weight, 0, padding_idx), 0.0);
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

@@ -33,7 +33,7 @@ qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, do
         qkv_scope_end();
     }
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

@@ -30,7 +30,7 @@ qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
     }
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

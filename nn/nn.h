@@ -1,10 +1,11 @@
 /*
  * qkv neural-network modules: named parameters, layers, losses.
  *
- * A module is a struct whose first member is a qkv_module. It owns its parameters (leaf
- * tensors that require grad, held outside every scope) and its submodules; qkv_module_free
- * releases all of it. Forward functions follow tensor.h's conventions: results belong to the
- * innermost scope, errors return NULL with qkv_error() set.
+ * A module is a struct whose first member is a qkv_module named base; the qkv_module_*
+ * functions take a qkv_module *, which QKV_MODULE(m) gives for any such struct. It owns its
+ * parameters (leaf tensors that require grad, held outside every scope) and its submodules;
+ * qkv_module_free releases all of it. Forward functions follow tensor.h's conventions: results
+ * belong to the innermost scope, errors return NULL with qkv_error() set.
  *
  * Parameters have PyTorch-style dotted names built from the submodule names
  * ("blocks.0.attn.q_proj.weight"), so checkpoints line up with PyTorch's state_dict.
@@ -58,6 +59,17 @@ void qkv_module_init(qkv_module *m, const char *type, size_t size,
 /* Allocates a zeroed concrete module struct of `size` bytes (its first member a qkv_module)
  * and initialises its base. NULL on allocation failure. */
 void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m));
+
+/* A concrete module (a pointer to a struct whose first member is `qkv_module base`) as the
+ * qkv_module * that the qkv_module_* functions take; NULL stays NULL. Anything without a
+ * qkv_module base, a tensor say, does not compile. */
+#ifdef __cplusplus
+#define QKV_MODULE(m) (&(m)->base)
+#else
+#define QKV_MODULE(m)                                                                         \
+    _Generic(&(m)->base, qkv_module *: (qkv_module *)(void *)(m),                             \
+             const qkv_module *: (const qkv_module *)(const void *)(m))
+#endif
 /* Registers t as a parameter named `name` (the module takes a reference and makes t a leaf that
  * requires grad). Returns t, or NULL on error (duplicate name, NULL t). */
 qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t);
@@ -65,18 +77,18 @@ qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t
 /* Registers child as a submodule; m now owns it and frees it. Returns child, or NULL on error
  * (duplicate name, NULL child), having freed child: a constructor can pass qkv_foo_new(...)
  * straight in and check once. Names are non-empty and contain no '.'. */
-void *qkv_module_add_module(qkv_module *m, const char *name, void *child);
+void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child);
 /* Registers a generator that lives inside the module struct (a dropout layer's), so that a
  * training checkpoint (qkv_checkpoint_save) saves and restores where it stands. */
 bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g);
-void qkv_module_free(void *m);                 /* NULL is ignored */
-void qkv_module_train(void *m, bool training); /* reaches every submodule */
+void qkv_module_free(qkv_module *m);                 /* NULL is ignored */
+void qkv_module_train(qkv_module *m, bool training); /* reaches every submodule */
 
 /* All parameters (or, with buffers, parameters then buffers) in depth-first registration
  * order with full dotted names, as a qkv_named_list (io/io.h). The list is malloc'd; free it
  * with qkv_named_list_free. */
-qkv_named_list *qkv_module_parameters(const void *m);
-qkv_named_list *qkv_module_state(const void *m); /* parameters and buffers */
+qkv_named_list *qkv_module_parameters(const qkv_module *m);
+qkv_named_list *qkv_module_state(const qkv_module *m); /* parameters and buffers */
 void qkv_named_list_free(qkv_named_list *list);
 /* Every registered generator with its dotted name ("encoder.layers.0.dropout1.generator"). */
 typedef struct qkv_named_generator {
@@ -87,12 +99,12 @@ typedef struct qkv_generator_list {
     int n, cap;
     qkv_named_generator *items;
 } qkv_generator_list;
-qkv_generator_list *qkv_module_generators(const void *m);
+qkv_generator_list *qkv_module_generators(const qkv_module *m);
 void qkv_generator_list_free(qkv_generator_list *list);
-int64_t qkv_module_num_parameters(const void *m); /* total elements */
+int64_t qkv_module_num_parameters(const qkv_module *m); /* total elements */
 /* Converts every parameter and buffer to dtype in place (e.g. F64 for gradient checks). */
-bool qkv_module_to_dtype(void *m, qkv_dtype dtype);
-void qkv_module_zero_grad(void *m);
+bool qkv_module_to_dtype(qkv_module *m, qkv_dtype dtype);
+void qkv_module_zero_grad(qkv_module *m);
 
 /* ---- Initialisation ---------------------------------------------------------------------- */
 /* In place on t (any float dtype), drawing from g in row-major order; nothing is recorded.
@@ -199,7 +211,7 @@ typedef struct qkv_sequential {
 } qkv_sequential;
 qkv_sequential *qkv_sequential_new(void);
 /* Appends module (owned from now on, freed on failure); returns it or NULL. */
-void *qkv_sequential_add(qkv_sequential *s, void *module, qkv_forward_fn forward);
+void *qkv_sequential_add(qkv_sequential *s, qkv_module *module, qkv_forward_fn forward);
 qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x);
 
 /* ---- Attention --------------------------------------------------------------------------- */
@@ -335,7 +347,8 @@ qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
  * how a write stays atomic): its parameters and buffers under their dotted names. */
 
 /* qkv_safetensors_write of the module's parameters and buffers (qkv_module_state) and extras. */
-bool qkv_module_save(const void *m, const char *path, const qkv_checkpoint_contents *extras);
+bool qkv_module_save(const qkv_module *m, const char *path,
+                     const qkv_checkpoint_contents *extras);
 
 typedef struct qkv_load_options {
     bool partial;  /* load what matches by name; missing and unexpected names are no error */
@@ -345,8 +358,8 @@ typedef struct qkv_load_options {
  * (converting between float dtypes). Every name, shape and dtype is checked before anything
  * changes. Unless opts->partial, a module entry missing from the file, or a file tensor that
  * is neither the module's nor one of the extras saved with it, is an error naming it. */
-bool qkv_module_load(void *m, const char *path, const qkv_load_options *opts);
-bool qkv_module_load_safetensors(void *m, const qkv_safetensors *f,
+bool qkv_module_load(qkv_module *m, const char *path, const qkv_load_options *opts);
+bool qkv_module_load_safetensors(qkv_module *m, const qkv_safetensors *f,
                                  const qkv_load_options *opts);
 
 #ifdef __cplusplus

@@ -29,7 +29,7 @@ qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, in
     bool ok = qkv_init_normal_(m->table, 0.0, 1.0, g);
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
@@ -62,7 +62,7 @@ qkv_positional_encoding *qkv_sinusoidal_positional_encoding_new(int64_t max_len,
     if (m->table) fill_sinusoids(qkv_data(m->table), max_len, d_model);
     qkv_scope_end();
     if (!m->table) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

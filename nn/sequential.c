@@ -36,7 +36,7 @@ static bool is_builtin(const qkv_module *m) {
     return false;
 }
 
-void *qkv_sequential_add(qkv_sequential *s, void *module, qkv_forward_fn forward) {
+void *qkv_sequential_add(qkv_sequential *s, qkv_module *module, qkv_forward_fn forward) {
     if (!s || !module) {
         qkv_module_free(module);
         return NULL;

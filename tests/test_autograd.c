@@ -298,7 +298,7 @@ static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
     (void)state;
     qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){4}, 1e-5, true);
     assert_non_null(ln);
-    qkv_module_to_dtype(ln, QKV_F64);
+    qkv_module_to_dtype(QKV_MODULE(ln), QKV_F64);
     qkv_scope_begin();
     qkv_tensor *x = param(QKV_SHAPE(3, 4), CHAIN_X);
     qkv_tensor *w = param(QKV_SHAPE(4, 2), VALUES(0.5, -1, 2, 0.25, -0.75, 1.5, 0.1, -2));
@@ -308,7 +308,7 @@ static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
     assert_true(qkv_gradcheck(normed_product, (qkv_tensor *const[]){x, w}, 2, ln, 1e-6, 1e-8,
                               1e-6));
     qkv_scope_end();
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 /* The node of x W with W constant keeps no values of x; switching W on afterwards is an

@@ -350,11 +350,13 @@ static tiny_attention_model *tiny_attention_model_new(qkv_generator *g) {
                                 .activation = QKV_ACT_GELU, .norm_first = true};
     tiny_attention_model *m = qkv_module_new("tiny_attention", sizeof *m, NULL);
     if (!m) return NULL;
-    m->embed = qkv_module_add_module(&m->base, "embed", qkv_embedding_new(10, 4, 0, g));
-    m->layer = qkv_module_add_module(&m->base, "layer", qkv_transformer_encoder_layer_new(&c, g));
-    m->head = qkv_module_add_module(&m->base, "head", qkv_linear_new(4, 3, true, g));
+    m->embed = qkv_module_add_module(&m->base, "embed",
+                                     QKV_MODULE(qkv_embedding_new(10, 4, 0, g)));
+    m->layer = qkv_module_add_module(&m->base, "layer",
+                                     QKV_MODULE(qkv_transformer_encoder_layer_new(&c, g)));
+    m->head = qkv_module_add_module(&m->base, "head", QKV_MODULE(qkv_linear_new(4, 3, true, g)));
     if (!m->embed || !m->layer || !m->head) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
@@ -366,7 +368,7 @@ static bool attention_training_step(double *loss_out) {
     qkv_generator g;
     qkv_generator_init(&g, 7);
     tiny_attention_model *m = tiny_attention_model_new(&g);
-    qkv_named_list *params = m ? qkv_module_parameters(m) : NULL;
+    qkv_named_list *params = m ? qkv_module_parameters(QKV_MODULE(m)) : NULL;
     qkv_optimizer *opt = qkv_adam_new();
     bool ok = params && opt && qkv_optimizer_add_group(opt, params, qkv_adam_config(1e-2));
     if (ok) {
@@ -388,7 +390,7 @@ static bool attention_training_step(double *loss_out) {
     }
     qkv_optimizer_free(opt);
     qkv_named_list_free(params);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     return ok;
 }
 

@@ -169,10 +169,10 @@ static qkv_generator gen(uint64_t seed) {
 
 static qkv_sequential *small_mlp(qkv_generator *g) {
     qkv_sequential *s = qkv_sequential_new();
-    assert_non_null(qkv_sequential_add(s, qkv_linear_new(3, 4, true, g), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_activation_new(QKV_ACT_TANH), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_dropout_layer_new(0.5, g), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_linear_new(4, 2, false, g), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(3, 4, true, g)), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_TANH)), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_dropout_layer_new(0.5, g)), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(4, 2, false, g)), NULL));
     return s;
 }
 
@@ -180,23 +180,23 @@ static void parameters_are_listed_depth_first_with_dotted_names(void **state) {
     (void)state;
     qkv_generator g = gen(1);
     qkv_sequential *s = small_mlp(&g);
-    qkv_named_list *l = qkv_module_parameters(s);
+    qkv_named_list *l = qkv_module_parameters(QKV_MODULE(s));
     assert_int_equal(l->n, 3);
     assert_string_equal(l->names[0], "0.weight");
     assert_string_equal(l->names[1], "0.bias");
     assert_string_equal(l->names[2], "3.weight");
     assert_ptr_equal(l->tensors[2], ((qkv_linear *)s->base.modules[3].module)->weight);
     qkv_named_list_free(l);
-    assert_int_equal(qkv_module_num_parameters(s), 3 * 4 + 4 + 4 * 2);
-    qkv_module_free(s);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(s)), 3 * 4 + 4 + 4 * 2);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 static void state_lists_buffers_after_each_modules_parameters(void **state) {
     (void)state;
     qkv_generator g = gen(2);
     qkv_module *m = qkv_module_new("model", sizeof(qkv_module), NULL);
-    qkv_module_add_module(m, "pos", qkv_sinusoidal_positional_encoding_new(4, 2));
-    qkv_module_add_module(m, "proj", qkv_linear_new(2, 2, true, &g));
+    qkv_module_add_module(m, "pos", QKV_MODULE(qkv_sinusoidal_positional_encoding_new(4, 2)));
+    qkv_module_add_module(m, "proj", QKV_MODULE(qkv_linear_new(2, 2, true, &g)));
     qkv_module_add_buffer(m, "step", qkv_zeros(QKV_I64, 0, NULL));
     qkv_named_list *l = qkv_module_state(m);
     assert_int_equal(l->n, 4);
@@ -241,7 +241,7 @@ static void registration_rejects_duplicate_and_dotted_names(void **state) {
                                      "no '.')");
     qkv_clear_error();
     /* a child that cannot be registered is freed, not leaked */
-    assert_null(qkv_module_add_module(m, "w", qkv_activation_new(QKV_ACT_RELU)));
+    assert_null(qkv_module_add_module(m, "w", QKV_MODULE(qkv_activation_new(QKV_ACT_RELU))));
     assert_null(qkv_module_add_parameter(m, "i", qkv_zeros(QKV_I64, S(2))));
     qkv_module_free(m);
 }
@@ -271,7 +271,7 @@ static void module_free_releases_every_tensor(void **state) {
     assert_non_null(enc);
     qkv_scope_end();
     assert_true(qkv_memory_stats_get().live_tensors > live);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
     assert_int_equal(qkv_memory_stats_get().live_tensors, live);
     assert_int_equal(qkv_memory_stats_get().bytes_in_use, bytes);
 }
@@ -284,14 +284,14 @@ static void train_and_eval_reach_every_submodule(void **state) {
                                   .activation = QKV_ACT_RELU},
         2, false, &g);
     assert_true(enc->layers[1]->dropout2->base.training);
-    qkv_module_train(enc, false);
+    qkv_module_train(QKV_MODULE(enc), false);
     assert_false(enc->base.training);
     assert_false(enc->layers[0]->self_attn->base.training);
     assert_false(enc->layers[1]->dropout2->base.training);
     assert_false(enc->layers[1]->self_attn->out_proj->base.training);
-    qkv_module_train(enc, true);
+    qkv_module_train(QKV_MODULE(enc), true);
     assert_true(enc->layers[1]->dropout->base.training);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 static void to_dtype_converts_parameters_in_place(void **state) {
@@ -303,7 +303,7 @@ static void to_dtype_converts_parameters_in_place(void **state) {
     assert_true(qkv_copy_out(w, QKV_F32, before));
     qkv_backward(qkv_sum_all(qkv_linear_forward(lin, qkv_ones(QKV_F32, S(1, 3)))));
     assert_non_null(w->grad);
-    assert_true(qkv_module_to_dtype(lin, QKV_F64));
+    assert_true(qkv_module_to_dtype(QKV_MODULE(lin), QKV_F64));
     assert_ptr_equal(lin->weight, w);
     assert_int_equal(w->dtype, QKV_F64);
     assert_int_equal(lin->bias->dtype, QKV_F64);
@@ -312,9 +312,9 @@ static void to_dtype_converts_parameters_in_place(void **state) {
     for (int i = 0; i < 6; i++) assert_true(((double *)qkv_data(w))[i] == (double)before[i]);
     qkv_tensor *y = qkv_linear_forward(lin, qkv_ones(QKV_F64, S(1, 3)));
     assert_int_equal(y->dtype, QKV_F64);
-    assert_false(qkv_module_to_dtype(lin, QKV_I64));
+    assert_false(qkv_module_to_dtype(QKV_MODULE(lin), QKV_I64));
     assert_string_equal(qkv_error(), "qkv_module_to_dtype: i64 is not a floating dtype");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void zero_grad_drops_every_gradient(void **state) {
@@ -325,10 +325,10 @@ static void zero_grad_drops_every_gradient(void **state) {
     qkv_tensor *w0 = find_param(s, "0.weight"), *w3 = find_param(s, "3.weight");
     assert_non_null(w0->grad);
     assert_non_null(w3->grad);
-    qkv_module_zero_grad(s);
+    qkv_module_zero_grad(QKV_MODULE(s));
     assert_null(w0->grad);
     assert_null(w3->grad);
-    qkv_module_free(s);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 /* ---- Init -------------------------------------------------------------------------------- */
@@ -397,14 +397,15 @@ static void same_seed_gives_the_same_model(void **state) {
     qkv_generator g1 = gen(10), g2 = gen(10);
     qkv_multi_head_attention *a = qkv_multi_head_attention_new(8, 2, 0.1, true, 0, 0, &g1);
     qkv_multi_head_attention *b = qkv_multi_head_attention_new(8, 2, 0.1, true, 0, 0, &g2);
-    qkv_named_list *la = qkv_module_parameters(a), *lb = qkv_module_parameters(b);
+    qkv_named_list *la = qkv_module_parameters(QKV_MODULE(a));
+    qkv_named_list *lb = qkv_module_parameters(QKV_MODULE(b));
     for (int i = 0; i < la->n; i++)
         assert_memory_equal(qkv_data(la->tensors[i]), qkv_data(lb->tensors[i]),
                             (size_t)la->tensors[i]->numel * sizeof(float));
     qkv_named_list_free(la);
     qkv_named_list_free(lb);
-    qkv_module_free(a);
-    qkv_module_free(b);
+    qkv_module_free(QKV_MODULE(a));
+    qkv_module_free(QKV_MODULE(b));
 }
 
 /* ---- Layers ------------------------------------------------------------------------------ */
@@ -421,7 +422,7 @@ static void linear_matches_torch_with_leading_dims(void **state) {
     assert_true(qkv_backward(weighted(y, &linear_w)));
     assert_fixture(x->grad, &linear_dx, RTOL, ATOL, "dx");
     assert_grads(lin, linear_grads);
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void linear_default_init_is_within_one_over_sqrt_in(void **state) {
@@ -435,9 +436,9 @@ static void linear_default_init_is_within_one_over_sqrt_in(void **state) {
     assert_true(lo >= -0.25 && hi < 0.25 && lo < -0.24 && hi > 0.24);
     qkv_linear *nob = qkv_linear_new(16, 3, false, &g);
     assert_null(nob->bias);
-    assert_int_equal(qkv_module_num_parameters(nob), 48);
-    qkv_module_free(lin);
-    qkv_module_free(nob);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(nob)), 48);
+    qkv_module_free(QKV_MODULE(lin));
+    qkv_module_free(QKV_MODULE(nob));
 }
 
 static void linear_names_the_bad_input_shape(void **state) {
@@ -451,7 +452,7 @@ static void linear_names_the_bad_input_shape(void **state) {
     assert_null(qkv_error());
     assert_null(qkv_linear_new(0, 3, true, &g));
     assert_string_equal(qkv_error(), "qkv_linear_new: bad sizes in 0, out 3");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void embedding_matches_torch_and_padding_row_gets_no_gradient(void **state) {
@@ -464,7 +465,7 @@ static void embedding_matches_torch_and_padding_row_gets_no_gradient(void **stat
     assert_true(qkv_backward(weighted(y, &embedding_w)));
     assert_grads(emb, embedding_grads);
     assert_values(qkv_select(emb->weight->grad, 0, 1), 3, (const double[]){0, 0, 0}, 0);
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void embedding_padding_row_starts_at_zero(void **state) {
@@ -477,7 +478,7 @@ static void embedding_padding_row_starts_at_zero(void **state) {
     assert_true(sd > 0);
     assert_null(qkv_embedding_new(5, 4, 5, &g));
     assert_string_equal(qkv_error(), "qkv_embedding_new: padding_idx 5 out of range for 5 rows");
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void embedding_names_an_id_out_of_range_and_ids_that_are_not_i64(void **state) {
@@ -491,7 +492,7 @@ static void embedding_names_an_id_out_of_range_and_ids_that_are_not_i64(void **s
     qkv_clear_error();
     assert_null(qkv_embedding_forward(emb, qkv_ones(QKV_F32, S(2))));
     assert_string_equal(qkv_error(), "qkv_embedding_forward: ids must be i64, not f32");
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void dropout_layer_drops_in_training_only(void **state) {
@@ -502,10 +503,10 @@ static void dropout_layer_drops_in_training_only(void **state) {
     double lo, hi, mean, sd;
     range_of(qkv_dropout_layer_forward(d, x), &lo, &hi, &mean, &sd);
     assert_true(lo == 0 && hi == 2 && fabs(mean - 1) < 0.1);
-    qkv_module_train(d, false);
+    qkv_module_train(QKV_MODULE(d), false);
     range_of(qkv_dropout_layer_forward(d, x), &lo, &hi, &mean, &sd);
     assert_true(lo == 1 && hi == 1);
-    qkv_module_free(d);
+    qkv_module_free(QKV_MODULE(d));
 }
 
 static void layer_norm_matches_torch_over_two_dims(void **state) {
@@ -519,13 +520,13 @@ static void layer_norm_matches_torch_over_two_dims(void **state) {
     assert_true(qkv_backward(weighted(y, &layer_norm_w)));
     assert_fixture(x->grad, &layer_norm_dx, RTOL, ATOL, "dx");
     assert_grads(ln, layer_norm_grads);
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 static void layer_norm_without_affine_has_no_parameters(void **state) {
     (void)state;
     qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){4}, 0.0, false);
-    assert_int_equal(qkv_module_num_parameters(ln), 0);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(ln)), 0);
     qkv_tensor *y = qkv_layer_norm_forward(ln, qkv_from_array(QKV_F32, S(1, 4),
                                                               (const float[]){1, 2, 3, 4}));
     double s = 1 / sqrt(1.25);
@@ -533,7 +534,7 @@ static void layer_norm_without_affine_has_no_parameters(void **state) {
     assert_null(qkv_layer_norm_forward(ln, qkv_ones(QKV_F32, S(4, 3))));
     assert_string_equal(qkv_error(), "qkv_layer_norm_forward: input [4,3] does not end with "
                                      "the normalized shape (1 dims, last 4)");
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 static void activation_modules_apply_their_function(void **state) {
@@ -550,7 +551,7 @@ static void activation_modules_apply_their_function(void **state) {
         qkv_activation *a = qkv_activation_new(cases[i].kind);
         assert_string_equal(a->base.type, cases[i].type);
         assert_values(qkv_activation_forward(a, x), 3, cases[i].y, 1e-6);
-        qkv_module_free(a);
+        qkv_module_free(QKV_MODULE(a));
     }
 }
 
@@ -564,8 +565,8 @@ static void sequential_chains_builtin_and_user_modules(void **state) {
     (void)state;
     qkv_generator g = gen(17);
     qkv_sequential *s = qkv_sequential_new();
-    qkv_linear *lin = qkv_sequential_add(s, qkv_linear_new(2, 2, true, &g), NULL);
-    qkv_sequential_add(s, qkv_activation_new(QKV_ACT_RELU), NULL);
+    qkv_linear *lin = qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(2, 2, true, &g)), NULL);
+    qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_RELU)), NULL);
     qkv_sequential_add(s, qkv_module_new("doubling", sizeof(qkv_module), NULL),
                        doubling_forward);
     assert_true(qkv_fill_(lin->weight, 0) && qkv_fill_(lin->bias, 0));
@@ -577,7 +578,7 @@ static void sequential_chains_builtin_and_user_modules(void **state) {
     assert_string_equal(qkv_error(), "qkv_sequential_add: a mine module needs a forward "
                                      "function");
     assert_int_equal(s->n, 3);
-    qkv_module_free(s);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 /* ---- Multi-head attention ---------------------------------------------------------------- */
@@ -616,7 +617,7 @@ static void check_mha(const mha_case *c) {
     if (c->dkey) assert_fixture(k->grad, c->dkey, RTOL, ATOL, "dkey");
     if (c->dvalue) assert_fixture(v->grad, c->dvalue, RTOL, ATOL, "dvalue");
     assert_grads(m, c->grads);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_self_with_key_padding_mask_matches_torch(void **state) {
@@ -684,7 +685,7 @@ static void attention_causal_flag_equals_the_explicit_mask(void **state) {
                                              .per_head_weights = true});
     assert_fixture(out, &mha_causal_out, RTOL, ATOL, "out");
     assert_fixture(w, &mha_causal_weights, RTOL, ATOL, "weights");
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_query_with_every_key_masked_outputs_the_out_proj_bias(void **state) {
@@ -708,7 +709,7 @@ static void attention_query_with_every_key_masked_outputs_the_out_proj_bias(void
     assert_true(qkv_copy_out(x->grad, QKV_F64, dx));
     for (int i = 0; i < 12; i++) assert_true(isfinite(dx[i]));
     for (int i = 12; i < 24; i++) assert_true(dx[i] == 0);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_init_is_xavier_with_zero_biases(void **state) {
@@ -724,7 +725,7 @@ static void attention_init_is_xavier_with_zero_biases(void **state) {
     assert_true(lo == 0 && hi == 0);
     range_of(m->out_proj->weight, &lo, &hi, &mean, &sd);
     assert_true(hi < 1 / sqrt(32.0) && hi > 0.95 / sqrt(32.0));
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 /* lo and hi lie in [-bound, bound) and come within 5% of both ends. */
@@ -768,10 +769,10 @@ static void layer_defaults_match_pytorch_init(void **state) {
     assert_fills_uniform(layer->linear2->weight, 1 / sqrt(128.0), "linear2.weight");
     assert_constant(layer->norm2->weight, 1, "norm2.weight");
     assert_constant(layer->norm2->bias, 0, "norm2.bias");
-    qkv_module_free(emb);
-    qkv_module_free(ln);
-    qkv_module_free(m);
-    qkv_module_free(layer);
+    qkv_module_free(QKV_MODULE(emb));
+    qkv_module_free(QKV_MODULE(ln));
+    qkv_module_free(QKV_MODULE(m));
+    qkv_module_free(QKV_MODULE(layer));
 }
 
 /* Copies every parameter of from into the parameter of the same name of to. */
@@ -812,11 +813,11 @@ static void encoder_layer_dropout_acts_in_training_only(void **state) {
     qkv_tensor *second = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
     assert_false(same_values(first, reference));
     assert_false(same_values(first, second));
-    qkv_module_train(dropping, false);
+    qkv_module_train(QKV_MODULE(dropping), false);
     assert_true(same_values(qkv_transformer_encoder_layer_forward(dropping, x, NULL),
                             reference));
-    qkv_module_free(dropping);
-    qkv_module_free(plain);
+    qkv_module_free(QKV_MODULE(dropping));
+    qkv_module_free(QKV_MODULE(plain));
 }
 
 /* Attention dropout acts on the weights, and the weights returned are those after dropout
@@ -829,7 +830,7 @@ static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
     qkv_tensor *dropped = NULL, *kept = NULL;
     qkv_attention_options o = {.weights = &dropped, .per_head_weights = true};
     assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
-    qkv_module_train(m, false);
+    qkv_module_train(QKV_MODULE(m), false);
     o.weights = &kept;
     assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
     int64_t n = kept->numel, zeros = 0;
@@ -846,7 +847,7 @@ static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
     }
     free(v);
     assert_true(zeros > n / 4 && zeros < 3 * n / 4);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_names_bad_shapes(void **state) {
@@ -867,7 +868,7 @@ static void attention_names_bad_shapes(void **state) {
     qkv_clear_error();
     assert_null(qkv_multi_head_attention_new(6, 4, 0.0, true, 0, 0, &g));
     assert_non_null(qkv_error());
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 /* ---- Transformer encoder ----------------------------------------------------------------- */
@@ -896,7 +897,7 @@ static void check_encoder(const encoder_case *c) {
     assert_true(qkv_backward(weighted(out, c->w)));
     assert_fixture(src->grad, c->dsrc, RTOL, ATOL, "dsrc");
     assert_grads(m, c->grads);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void encoder_layer_post_norm_relu_matches_torch(void **state) {
@@ -968,16 +969,16 @@ static void encoder_layer_parameters_are_pytorch_state_dict_keys(void **state) {
                                 .activation = QKV_ACT_RELU};
     qkv_transformer_encoder_layer *m = qkv_transformer_encoder_layer_new(&c, &g);
     assert_names_match_torch(m, encoder_torch_keys);
-    assert_int_equal(qkv_module_num_parameters(m), encoder_torch_numel);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(m)), encoder_torch_numel);
     const char *subs[] = {"self_attn", "linear1", "dropout", "linear2", "norm1", "norm2",
                           "dropout1", "dropout2"};
     assert_int_equal(m->base.n_modules, 8);
     for (int i = 0; i < 8; i++) assert_string_equal(m->base.modules[i].name, subs[i]);
     qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
     assert_names_match_torch(enc, encoder_stack_torch_keys);
-    assert_int_equal(qkv_module_num_parameters(enc), 2 * encoder_torch_numel + 16);
-    qkv_module_free(m);
-    qkv_module_free(enc);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(enc)), 2 * encoder_torch_numel + 16);
+    qkv_module_free(QKV_MODULE(m));
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 static void encoder_layer_names_a_key_padding_mask_of_the_wrong_shape(void **state) {
@@ -991,7 +992,7 @@ static void encoder_layer_names_a_key_padding_mask_of_the_wrong_shape(void **sta
                                                       &opts));
     assert_string_equal(qkv_error(), "qkv_multi_head_attention_forward: key_padding_mask "
                                      "[2,4]; expected [2,3]");
-    qkv_module_free(layer);
+    qkv_module_free(QKV_MODULE(layer));
 }
 
 static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state) {
@@ -1005,7 +1006,7 @@ static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state
     assert_null(y);
     assert_string_equal(qkv_error(), "qkv anomaly: affine produced a non-finite value in its "
                                      "forward");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void encoder_stack_applies_its_layers_then_the_final_norm(void **state) {
@@ -1023,7 +1024,7 @@ static void encoder_stack_applies_its_layers_then_the_final_norm(void **state) {
     double expected[80];
     assert_true(qkv_copy_out(by_hand, QKV_F64, expected));
     assert_values(y, 80, expected, 0);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 /* ---- Positional encodings ---------------------------------------------------------------- */
@@ -1032,21 +1033,21 @@ static void sinusoidal_encoding_is_the_tutorial_table(void **state) {
     (void)state;
     qkv_positional_encoding *pe = qkv_sinusoidal_positional_encoding_new(12, 6);
     assert_fixture(pe->table, &sinusoidal_pe, 0, 1e-6, "pe");
-    assert_int_equal(qkv_module_num_parameters(pe), 0);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(pe)), 0);
     qkv_tensor *y = qkv_positional_encoding_forward(pe, qkv_zeros(QKV_F32, S(2, 3, 6)));
     assert_fixture(qkv_select(y, 0, 1), &(nn_fixture){2, {3, 6}, sinusoidal_pe_data}, 0, 1e-6,
                    "first rows");
     assert_null(qkv_positional_encoding_forward(pe, qkv_zeros(QKV_F32, S(1, 13, 6))));
     assert_string_equal(qkv_error(), "qkv_positional_encoding_forward: input [1,13,6]; "
                                      "expected [B,T,6] with T <= 12");
-    qkv_module_free(pe);
+    qkv_module_free(QKV_MODULE(pe));
 }
 
 static void learned_encoding_adds_rows_and_trains_only_those_used(void **state) {
     (void)state;
     qkv_generator g = gen(33);
     qkv_positional_encoding *pe = qkv_learned_positional_encoding_new(8, 2, &g);
-    qkv_named_list *l = qkv_module_parameters(pe);
+    qkv_named_list *l = qkv_module_parameters(QKV_MODULE(pe));
     assert_string_equal(l->names[0], "weight");
     qkv_named_list_free(l);
     qkv_tensor *y = qkv_positional_encoding_forward(pe, qkv_ones(QKV_F32, S(3, 2, 2)));
@@ -1057,7 +1058,7 @@ static void learned_encoding_adds_rows_and_trains_only_those_used(void **state) 
     assert_true(qkv_backward(qkv_sum_all(y)));
     assert_values(pe->table->grad, 16, (const double[]){3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                         0, 0, 0}, 0);
-    qkv_module_free(pe);
+    qkv_module_free(QKV_MODULE(pe));
 }
 
 /* ---- Losses ------------------------------------------------------------------------------ */
@@ -1260,14 +1261,14 @@ static bool encoder_lifecycle(void) {
     qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 4, .dropout = 0.1,
                                 .activation = QKV_ACT_RELU};
     qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
-    qkv_named_list *l = qkv_module_state(enc);
+    qkv_named_list *l = qkv_module_state(QKV_MODULE(enc));
     qkv_tensor *x = qkv_randn(QKV_F32, S(2, 3, 4), &g);
     qkv_tensor *targets = qkv_from_array(QKV_I64, S(2), (const int64_t[]){1, 3});
     qkv_tensor *logits = qkv_select(qkv_transformer_encoder_forward(enc, x, NULL), 1, 0);
     qkv_tensor *loss = qkv_cross_entropy(logits, targets, QKV_REDUCTION_MEAN, -100, 0.1);
-    bool ok = enc && l && qkv_backward(loss) && qkv_module_to_dtype(enc, QKV_F64);
+    bool ok = enc && l && qkv_backward(loss) && qkv_module_to_dtype(QKV_MODULE(enc), QKV_F64);
     qkv_named_list_free(l);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
     return ok;
 }
 

@@ -713,10 +713,11 @@ static void module_parameters_train_in_decay_groups(void **state) {
     qkv_generator gen;
     qkv_generator_init(&gen, 3);
     qkv_sequential *net = qkv_sequential_new();
-    qkv_sequential_add(net, qkv_linear_new(4, 6, true, &gen), forward_linear);
-    qkv_sequential_add(net, qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true), forward_layer_norm);
-    qkv_sequential_add(net, qkv_linear_new(6, 2, true, &gen), forward_linear);
-    qkv_named_list *params = qkv_module_parameters(net);
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(4, 6, true, &gen)), forward_linear);
+    qkv_sequential_add(net, QKV_MODULE(qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true)),
+                       forward_layer_norm);
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(6, 2, true, &gen)), forward_linear);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(net));
     assert_non_null(params);
     qkv_optimizer *opt = qkv_adamw_new();
     assert_true(qkv_optimizer_add_decay_groups(opt, params, qkv_adamw_config(0.05)));
@@ -744,7 +745,7 @@ static void module_parameters_train_in_decay_groups(void **state) {
     }
     assert_true(last < 0.8 * first);
     qkv_optimizer_free(opt);
-    qkv_module_free(net);
+    qkv_module_free(QKV_MODULE(net));
     qkv_release(x);
     qkv_release(y);
     assert_null(qkv_error());

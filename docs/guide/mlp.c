@@ -4,14 +4,16 @@
 mlp *mlp_new(int64_t in, int64_t hidden, int64_t classes, qkv_generator *g) {
     mlp *m = qkv_module_new("mlp", sizeof *m, NULL);
     if (!m) return NULL;
-    m->hidden = qkv_module_add_module(&m->base, "hidden", qkv_linear_new(in, hidden, true, g));
-    m->out = qkv_module_add_module(&m->base, "out", qkv_linear_new(hidden, classes, true, g));
+    m->hidden = qkv_module_add_module(&m->base, "hidden",
+                                      QKV_MODULE(qkv_linear_new(in, hidden, true, g)));
+    m->out = qkv_module_add_module(&m->base, "out",
+                                   QKV_MODULE(qkv_linear_new(hidden, classes, true, g)));
     qkv_scope_begin(); /* the module keeps its own reference; the scope drops ours */
     m->temperature = qkv_module_add_parameter(&m->base, "temperature",
                                               qkv_full(QKV_F32, QKV_SHAPE(1), 1.0));
     qkv_scope_end();
     if (!m->hidden || !m->out || !m->temperature) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
