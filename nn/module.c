@@ -17,6 +17,7 @@ void qkv_module_init(qkv_module *m, const char *type, size_t size,
     m->cap_params = m->cap_buffers = m->cap_modules = m->cap_generators = 0;
     m->destroy = destroy;
     m->size = size;
+    m->forward = NULL;
 }
 
 void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m)) {
@@ -135,6 +136,14 @@ void qkv_module_train(qkv_module *m, bool training) {
     if (!m) return;
     m->training = training;
     for (int i = 0; i < m->n_modules; i++) qkv_module_train(m->modules[i].module, training);
+}
+
+qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x) {
+    if (!m || !x) return NULL;
+    if (!m->forward)
+        return qkv_set_error("qkv_module_forward: a %s module has no one-input forward",
+                             m->type);
+    return m->forward(m, x);
 }
 
 /* ---- Listing ----------------------------------------------------------------------------- */

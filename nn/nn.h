@@ -31,6 +31,9 @@ extern "C" {
 
 typedef struct qkv_module qkv_module;
 
+/* A module's forward over one input: x -> y, following tensor.h's conventions. */
+typedef qkv_tensor *(*qkv_forward_fn)(qkv_module *m, const qkv_tensor *x);
+
 typedef struct qkv_module_entry {
     char *name;
     qkv_tensor *tensor;   /* for parameters and buffers */
@@ -49,6 +52,8 @@ struct qkv_module {
     int cap_params, cap_buffers, cap_modules, cap_generators;
     void (*destroy)(qkv_module *m); /* frees what the concrete struct adds; may be NULL */
     size_t size;                  /* sizeof the concrete struct, for freeing it */
+    qkv_forward_fn forward;       /* its one-input forward, set by its constructor; NULL for a
+                                     module whose forward takes more (attention) */
 };
 
 /* Initialises the base of a concrete module struct of `size` bytes (training mode on). The
@@ -83,6 +88,9 @@ void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child);
 bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g);
 void qkv_module_free(qkv_module *m);                 /* NULL is ignored */
 void qkv_module_train(qkv_module *m, bool training); /* reaches every submodule */
+/* m->forward(m, x): the module's one-input forward, whatever its type (qkv_sequential calls
+ * its entries so). An error when m has none; NULL m or x give NULL. */
+qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x);
 
 /* All parameters (or, with buffers, parameters then buffers) in depth-first registration
  * order with full dotted names, as a qkv_named_list (io/io.h). The list is malloc'd; free it
@@ -199,19 +207,17 @@ qkv_activation *qkv_activation_new(qkv_activation_kind kind);
 qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x);
 qkv_tensor *qkv_activate(qkv_activation_kind kind, const qkv_tensor *x);
 
-/* A chain of one-input modules, registered as "0", "1", ... Each entry holds the forward to
- * call; NULL selects the built-in one for linear, embedding, dropout, layer norm, activation
- * and sequential modules. A user's own module passes a function taking its struct as void *. */
-typedef qkv_tensor *(*qkv_forward_fn)(void *module, const qkv_tensor *x);
+/* A chain of one-input modules, registered as "0", "1", ..., each called through its forward
+ * (qkv_module_forward): the built-in layers set theirs, and so does a user's own module
+ * (m->base.forward = its function). A sequential is itself a one-input module. */
 typedef struct qkv_sequential {
     qkv_module base;
     int n;
-    qkv_forward_fn *forwards; /* one per submodule, in order */
-    int cap;
 } qkv_sequential;
 qkv_sequential *qkv_sequential_new(void);
-/* Appends module (owned from now on, freed on failure); returns it or NULL. */
-void *qkv_sequential_add(qkv_sequential *s, qkv_module *module, qkv_forward_fn forward);
+/* Appends module (owned from now on, freed on failure, an error when it has no one-input
+ * forward); returns it or NULL. */
+void *qkv_sequential_add(qkv_sequential *s, qkv_module *module);
 qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x);
 
 /* ---- Attention --------------------------------------------------------------------------- */

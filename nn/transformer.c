@@ -21,6 +21,11 @@ static bool check_config(const qkv_transformer_config *c) {
     return true;
 }
 
+/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *layer_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_transformer_encoder_layer_forward((qkv_transformer_encoder_layer *)m, x, NULL);
+}
+
 qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     const qkv_transformer_config *config, qkv_generator *g) {
     if (!check_config(config)) return NULL;
@@ -29,6 +34,7 @@ qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     qkv_transformer_encoder_layer *m =
         qkv_module_new("transformer_encoder_layer", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = layer_module_forward;
     m->config = c;
     qkv_module *b = &m->base;
     const int64_t *d = &c.d_model;
@@ -111,6 +117,11 @@ static void encoder_destroy(qkv_module *base) {
     if (m->layers) qkv__free(m->layers, (size_t)m->num_layers * sizeof *m->layers);
 }
 
+/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *encoder_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_transformer_encoder_forward((qkv_transformer_encoder *)m, x, NULL);
+}
+
 /* The layers live in a plain container module named "layers" whose children are "0", "1", ...,
  * which gives PyTorch's names (layers.0.self_attn...); m->layers points at them directly. */
 qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_config *config,
@@ -122,6 +133,7 @@ qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_confi
     qkv_transformer_encoder *m =
         qkv_module_new("transformer_encoder", sizeof *m, encoder_destroy);
     if (!m) return NULL;
+    m->base.forward = encoder_module_forward;
     m->layers = qkv__calloc((size_t)num_layers * sizeof *m->layers);
     if (!m->layers) goto fail;
     m->num_layers = num_layers;

@@ -36,10 +36,12 @@ expect_refused() {
 expect_ok module_free 'qkv_module_free(QKV_MODULE(lin));'
 expect_ok module_base 'qkv_module_train(&lin->base, false);'
 expect_ok module_list 'qkv_named_list_free(qkv_module_parameters(QKV_MODULE(lin)));'
+expect_ok module_forward 'qkv_module_forward(QKV_MODULE(lin), t);'
 expect_refused tensor_free 'qkv_module_free(t);'
 expect_refused tensor_train 'qkv_module_train(t, false);'
 expect_refused tensor_parameters 'qkv_module_parameters(t);'
 expect_refused tensor_save 'qkv_module_save(t, "x", NULL);'
+expect_refused tensor_forward 'qkv_module_forward(t, t);'
 expect_refused tensor_cast 'qkv_module_free(QKV_MODULE(t));'
 expect_refused concrete_without_cast 'qkv_module_free(lin);'
 exit $status

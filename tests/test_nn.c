@@ -169,10 +169,10 @@ static qkv_generator gen(uint64_t seed) {
 
 static qkv_sequential *small_mlp(qkv_generator *g) {
     qkv_sequential *s = qkv_sequential_new();
-    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(3, 4, true, g)), NULL));
-    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_TANH)), NULL));
-    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_dropout_layer_new(0.5, g)), NULL));
-    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(4, 2, false, g)), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(3, 4, true, g))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_TANH))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_dropout_layer_new(0.5, g))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(4, 2, false, g))));
     return s;
 }
 
@@ -556,27 +556,32 @@ static void activation_modules_apply_their_function(void **state) {
 }
 
 /* A user's own module in a sequential chain: y = 2x. */
-static qkv_tensor *doubling_forward(void *m, const qkv_tensor *x) {
+static qkv_tensor *doubling_forward(qkv_module *m, const qkv_tensor *x) {
     (void)m;
     return qkv_mul_scalar(x, 2);
+}
+
+static qkv_module *doubling_new(void) {
+    qkv_module *m = qkv_module_new("doubling", sizeof(qkv_module), NULL);
+    if (m) m->forward = doubling_forward;
+    return m;
 }
 
 static void sequential_chains_builtin_and_user_modules(void **state) {
     (void)state;
     qkv_generator g = gen(17);
     qkv_sequential *s = qkv_sequential_new();
-    qkv_linear *lin = qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(2, 2, true, &g)), NULL);
-    qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_RELU)), NULL);
-    qkv_sequential_add(s, qkv_module_new("doubling", sizeof(qkv_module), NULL),
-                       doubling_forward);
+    qkv_linear *lin = qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(2, 2, true, &g)));
+    qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_RELU)));
+    qkv_sequential_add(s, doubling_new());
     assert_true(qkv_fill_(lin->weight, 0) && qkv_fill_(lin->bias, 0));
     qkv_fill_(qkv_select(lin->bias, 0, 0), 1.5);
     qkv_fill_(qkv_select(lin->bias, 0, 1), -1);
     qkv_tensor *y = qkv_sequential_forward(s, qkv_ones(QKV_F32, S(1, 2)));
     assert_values(y, 2, (const double[]){3, 0}, 0);
-    assert_null(qkv_sequential_add(s, qkv_module_new("mine", sizeof(qkv_module), NULL), NULL));
-    assert_string_equal(qkv_error(), "qkv_sequential_add: a mine module needs a forward "
-                                     "function");
+    assert_null(qkv_sequential_add(s, qkv_module_new("mine", sizeof(qkv_module), NULL)));
+    assert_string_equal(qkv_error(), "qkv_sequential_add: a mine module has no one-input "
+                                     "forward");
     assert_int_equal(s->n, 3);
     qkv_module_free(QKV_MODULE(s));
 }
@@ -794,6 +799,66 @@ static bool same_values(const qkv_tensor *a, const qkv_tensor *b) {
     bool same = memcmp(va, va + a->numel, (size_t)a->numel * sizeof *va) == 0;
     free(va);
     return same;
+}
+
+/* qkv_module_forward calls the forward each one-input module's constructor sets in its base:
+ * the same values as the module's own forward function. */
+static void module_forward_calls_each_modules_own_forward(void **state) {
+    (void)state;
+    qkv_generator g = gen(18);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 3, 4), &g);
+    qkv_tensor *ids = qkv_from_array(QKV_I64, S(2, 3), (const int64_t[]){1, 3, 0, 2, 2, 4});
+    qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 8,
+                                .activation = QKV_ACT_RELU};
+    qkv_linear *lin = qkv_linear_new(4, 5, true, &g);
+    qkv_embedding *emb = qkv_embedding_new(6, 4, 0, &g);
+    qkv_dropout_layer *drop = qkv_dropout_layer_new(0.5, &g);
+    qkv_layer_norm *ln = qkv_layer_norm_new(S(4), 1e-5, true);
+    qkv_activation *act = qkv_activation_new(QKV_ACT_GELU);
+    qkv_positional_encoding *pe = qkv_sinusoidal_positional_encoding_new(8, 4);
+    qkv_transformer_encoder_layer *layer = qkv_transformer_encoder_layer_new(&c, &g);
+    qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
+    qkv_module_train(QKV_MODULE(drop), false);
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(lin), x), qkv_linear_forward(lin, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(emb), ids),
+                            qkv_embedding_forward(emb, ids)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(drop), x),
+                            qkv_dropout_layer_forward(drop, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(ln), x),
+                            qkv_layer_norm_forward(ln, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(act), x),
+                            qkv_activation_forward(act, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(pe), x),
+                            qkv_positional_encoding_forward(pe, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(layer), x),
+                            qkv_transformer_encoder_layer_forward(layer, x, NULL)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(enc), x),
+                            qkv_transformer_encoder_forward(enc, x, NULL)));
+    qkv_module_free(QKV_MODULE(lin));
+    qkv_module_free(QKV_MODULE(emb));
+    qkv_module_free(QKV_MODULE(drop));
+    qkv_module_free(QKV_MODULE(ln));
+    qkv_module_free(QKV_MODULE(act));
+    qkv_module_free(QKV_MODULE(pe));
+    qkv_module_free(QKV_MODULE(layer));
+    qkv_module_free(QKV_MODULE(enc));
+}
+
+/* A module whose forward takes more than one input has none in its base: calling it through
+ * qkv_module_forward is an error naming its type, and a NULL module or input passes through. */
+static void module_forward_without_one_is_an_error(void **state) {
+    (void)state;
+    qkv_generator g = gen(19);
+    qkv_multi_head_attention *mha = qkv_multi_head_attention_new(4, 2, 0, true, 0, 0, &g);
+    qkv_tensor *x = qkv_zeros(QKV_F32, S(1, 2, 4));
+    assert_null(qkv_module_forward(QKV_MODULE(mha), x));
+    assert_string_equal(qkv_error(), "qkv_module_forward: a multi_head_attention module has no "
+                                     "one-input forward");
+    qkv_clear_error();
+    assert_null(qkv_module_forward(NULL, x));
+    assert_null(qkv_module_forward(QKV_MODULE(mha), NULL));
+    assert_null(qkv_error());
+    qkv_module_free(QKV_MODULE(mha));
 }
 
 /* In eval mode an encoder layer with dropout is the same function as one without; in
@@ -1305,6 +1370,8 @@ int main(void) {
         T(layer_norm_without_affine_has_no_parameters),
         T(activation_modules_apply_their_function),
         T(sequential_chains_builtin_and_user_modules),
+        T(module_forward_calls_each_modules_own_forward),
+        T(module_forward_without_one_is_an_error),
         T(attention_self_with_key_padding_mask_matches_torch),
         T(attention_causal_mask_per_head_weights_match_torch),
         T(attention_cross_with_kdim_vdim_matches_torch),

@@ -696,14 +696,6 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
 
 /* ---- With nn modules --------------------------------------------------------------------- */
 
-static qkv_tensor *forward_linear(void *m, const qkv_tensor *x) {
-    return qkv_linear_forward(m, x);
-}
-
-static qkv_tensor *forward_layer_norm(void *m, const qkv_tensor *x) {
-    return qkv_layer_norm_forward(m, x);
-}
-
 /* A module's parameter list goes straight into decay groups: the linear weights ("0.weight",
  * "2.weight") decay; biases and the layer norm's 1-D gain do not. Training then lowers the loss
  * and, after the first step, allocates nothing in the optimizer. */
@@ -713,10 +705,9 @@ static void module_parameters_train_in_decay_groups(void **state) {
     qkv_generator gen;
     qkv_generator_init(&gen, 3);
     qkv_sequential *net = qkv_sequential_new();
-    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(4, 6, true, &gen)), forward_linear);
-    qkv_sequential_add(net, QKV_MODULE(qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true)),
-                       forward_layer_norm);
-    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(6, 2, true, &gen)), forward_linear);
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(4, 6, true, &gen)));
+    qkv_sequential_add(net, QKV_MODULE(qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true)));
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(6, 2, true, &gen)));
     qkv_named_list *params = qkv_module_parameters(QKV_MODULE(net));
     assert_non_null(params);
     qkv_optimizer *opt = qkv_adamw_new();
