@@ -13,7 +13,7 @@
 
 #include "qkv.h"
 #include "fixtures/elementwise_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 

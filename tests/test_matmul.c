@@ -14,7 +14,7 @@
 
 #include "qkv.h"
 #include "fixtures/matmul_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -12,7 +12,7 @@
 
 #include "qkv.h"
 #include "fixtures/reduce_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 

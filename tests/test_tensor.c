@@ -13,7 +13,7 @@
 
 #include "qkv.h"
 #include "fixtures/tensor_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 static int open_scope(void **state) {
     (void)state;

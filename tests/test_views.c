@@ -10,7 +10,7 @@
 
 #include "qkv.h"
 #include "fixtures/views_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 static int open_scope(void **state) {
     (void)state;

@@ -3,8 +3,8 @@
  * an fx_tensor, and asserting that a result has the reference's dtype, shape and values.
  * Include after <cmocka.h> and a generated *_fixtures.h.
  */
-#ifndef QKV_FIXTURE_CHECK_H
-#define QKV_FIXTURE_CHECK_H
+#ifndef QKV_TEST_HARNESS_H
+#define QKV_TEST_HARNESS_H
 
 #include <math.h>
 #include <stdio.h>
