@@ -1,17 +1,132 @@
 /*
- * Helpers shared by the suites that compare against reference fixtures: building a tensor from
- * an fx_tensor, and asserting that a result has the reference's dtype, shape and values.
- * Include after <cmocka.h> and a generated *_fixtures.h.
+ * What the test suites share, in one place: a scope per test that must leave no tensor alive
+ * behind it (cmocka setup and teardown), the sweep that fails every allocation of an operation
+ * in turn, and the checks of results against reference fixtures (fx_*). Include after
+ * <cmocka.h> (and after a generated *_fixtures.h, in the suites that have one).
  */
 #ifndef QKV_TEST_HARNESS_H
 #define QKV_TEST_HARNESS_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "qkv.h"
+
+/* ---- A scope per test -------------------------------------------------------------------- */
+
+static uint64_t harness_live_at_start;
+
+/* cmocka setup: no error recorded, a scope open, and the live tensors counted. */
+static inline int open_scope(void **state) {
+    (void)state;
+    qkv_clear_error();
+    harness_live_at_start = qkv_memory_stats_get().live_tensors;
+    qkv_scope_begin();
+    return 0;
+}
+
+/* cmocka teardown: ends the test's scope; fails the test when its scopes do not balance or
+ * anything it made outlives the scope. */
+static inline int close_scope(void **state) {
+    (void)state;
+    qkv_scope_end();
+    qkv_clear_error();
+    if (qkv_scope_depth() != 0) fail_msg("%d scopes left open", qkv_scope_depth());
+    uint64_t live = qkv_memory_stats_get().live_tensors;
+    if (live != harness_live_at_start)
+        fail_msg("%lld tensors outlive the test", (long long)(live - harness_live_at_start));
+    return 0;
+}
+
+/* cmocka setup for suites whose tests open their own scopes. */
+static inline int clear_error(void **state) {
+    (void)state;
+    qkv_clear_error();
+    return 0;
+}
+
+/* ---- Allocation failures ----------------------------------------------------------------- */
+
+/* Fails the 1st, 2nd, ... allocation of `call` (an expression giving true on success) in turn:
+ * each run must give false with an out-of-memory error and give back every byte and tensor it
+ * took, until `call` runs with no failure left to inject, when it must succeed with no error.
+ * The _in_a_scope form runs each call in a scope of its own, for a call whose results are left
+ * to the innermost scope; the other runs it as it is, so that what it returns with no scope
+ * open is its caller's (and a tensor it forgets to release counts as a leak). */
+#define assert_every_allocation_failure_is_clean(call) ALLOCATION_SWEEP(call, false)
+#define assert_every_allocation_failure_is_clean_in_a_scope(call) ALLOCATION_SWEEP(call, true)
+#define ALLOCATION_SWEEP(call, scope)                                                         \
+    do {                                                                                      \
+        allocation_sweep sweep_ = {.in_scope = (scope)};                                      \
+        while (allocation_sweep_arm(&sweep_)) allocation_sweep_check(&sweep_, (call));       \
+    } while (0)
+
+/* The same loop written out, for a test that wants the number of failures injected:
+ *     allocation_sweep s = {0};
+ *     while (allocation_sweep_arm(&s)) allocation_sweep_check(&s, op());
+ * leaves s.failures. */
+typedef struct allocation_sweep {
+    bool in_scope;     /* run each call in a scope of its own */
+    uint64_t n;        /* the allocation made to fail */
+    uint64_t failures; /* runs that failed as they should */
+    size_t in_use;
+    uint64_t live;
+    bool done;
+} allocation_sweep;
+
+/* What a failed allocation reports (an op may put its name and a path in front). */
+#define HARNESS_OOM "qkv: out of memory allocating "
+
+/* Arms the next run: the (n+1)th allocation will fail. False once a run has succeeded. */
+static inline bool allocation_sweep_arm(allocation_sweep *s) {
+    if (s->done) return false;
+    s->n++;
+    s->in_use = qkv_memory_stats_get().bytes_in_use;
+    s->live = qkv_memory_stats_get().live_tensors;
+    qkv_clear_error();
+    qkv_debug_fail_alloc_at(s->n);
+    if (s->in_scope) qkv_scope_begin();
+    return true;
+}
+
+/* Checks the run just made, whose result was ok. */
+static inline void allocation_sweep_check(allocation_sweep *s, bool ok) {
+    if (s->in_scope) qkv_scope_end();
+    uint64_t count = qkv_debug_alloc_count();
+    qkv_debug_fail_alloc_at(0);
+    qkv_memory_stats now = qkv_memory_stats_get();
+    if (now.live_tensors != s->live || now.bytes_in_use != s->in_use)
+        fail_msg("allocation %llu failing leaks %lld tensors, %lld bytes",
+                 (unsigned long long)s->n, (long long)(now.live_tensors - s->live),
+                 (long long)(now.bytes_in_use - s->in_use));
+    const char *err = qkv_error();
+    if (count < s->n) { /* nothing was left to fail: this is a clean run */
+        if (!ok || err) fail_msg("the run with no failure failed: %s", err ? err : "no error");
+        s->done = true;
+        return;
+    }
+    if (ok) fail_msg("allocation %llu failed but the run succeeded", (unsigned long long)s->n);
+    if (!err || !strstr(err, HARNESS_OOM))
+        fail_msg("allocation %llu: expected out of memory, got %s", (unsigned long long)s->n,
+                 err ? err : "no error");
+    s->failures++;
+}
+
+/* ---- Reference fixtures ------------------------------------------------------------------ */
+
+#ifndef QKV_FX_TENSOR_DEFINED
+#define QKV_FX_TENSOR_DEFINED
+/* A reference tensor: shape and row-major values (as doubles, whatever the dtype). */
+typedef struct fx_tensor {
+    int ndim;
+    int64_t shape[8];
+    int64_t numel;
+    const double *data;
+} fx_tensor;
+#endif
 
 /* A tensor of the given dtype holding the reference's values, owned by the current scope. */
 static inline qkv_tensor *fx_make(const fx_tensor *f, qkv_dtype dtype) {

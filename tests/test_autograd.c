@@ -11,14 +11,9 @@
 #include <string.h>
 
 #include "qkv.h"
+#include "harness.h"
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static int clear_error(void **state) {
-    (void)state;
-    qkv_clear_error();
-    return 0;
-}
 
 /* An F64 leaf with the given values, requiring grad. */
 static qkv_tensor *param(int ndim, const int64_t *shape, const double *values) {

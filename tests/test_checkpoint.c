@@ -21,27 +21,22 @@
 
 #include "qkv.h"
 #include "examples/classify/model.h"
+#include "harness.h"
 
 static char dir[64];
 static char path[128];
-static uint64_t live_at_start;
 
+/* A scope (open_scope) and a directory of the test's own. */
 static int setup(void **state) {
-    (void)state;
     snprintf(dir, sizeof dir, "/tmp/qkv-ckpt-XXXXXX");
     if (!mkdtemp(dir)) return -1;
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
+    return open_scope(state);
 }
 
 /* Removes the directory; fails the test if any file other than model.safetensors was left
- * behind (a temporary file of an interrupted save). */
+ * behind (a temporary file of an interrupted save), or anything it made outlives its scope. */
 static int teardown(void **state) {
-    (void)state;
-    qkv_scope_end();
     qkv_debug_fail_write_after(0);
     qkv_debug_fail_alloc_at(0);
     int strays = 0;
@@ -55,7 +50,8 @@ static int teardown(void **state) {
     }
     if (d) closedir(d);
     rmdir(dir);
-    return strays == 0 && qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
+    close_scope(state);
+    return strays == 0 ? 0 : -1;
 }
 
 static void write_bytes(const char *p, const void *data, size_t n) {
@@ -689,20 +685,10 @@ static void save_and_load_survive_every_allocation_failure(void **state) {
     qkv_checkpoint_contents x = {.n_bytes = 1, .bytes = bytes, .n_meta = 1, .meta = meta};
     assert_true(qkv_module_save(QKV_MODULE(a), path, &x));
     for (int op = 0; op < 2; op++) {
-        for (uint64_t n = 1;; n++) {
-            size_t in_use = qkv_memory_stats_get().bytes_in_use;
-            uint64_t live = qkv_memory_stats_get().live_tensors;
-            qkv_clear_error();
-            qkv_debug_fail_alloc_at(n);
-            bool ok = op == 0 ? qkv_module_save(QKV_MODULE(b), path, &x)
-                              : qkv_module_load(QKV_MODULE(b), path, NULL);
-            qkv_debug_fail_alloc_at(0);
-            assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-            assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-            if (ok) break;
-            assert_non_null(qkv_error());
-            assert_true(n < 10000);
-        }
+        if (op == 0)
+            assert_every_allocation_failure_is_clean(qkv_module_save(QKV_MODULE(b), path, &x));
+        else
+            assert_every_allocation_failure_is_clean(qkv_module_load(QKV_MODULE(b), path, NULL));
         /* whichever save failed, the file is one whole checkpoint */
         qkv_transformer_encoder_layer *probe = encoder_layer(3);
         assert_true(qkv_module_load(QKV_MODULE(probe), path, NULL));
@@ -720,22 +706,8 @@ static void training_checkpoints_survive_every_allocation_failure(void **state) 
     classifier *m = classifier_new(&small, &g);
     qkv_optimizer *opt = adam_for(m);
     train_step(m, opt, 0);
-    for (int op = 0; op < 2; op++) {
-        for (uint64_t n = 1;; n++) {
-            size_t in_use = qkv_memory_stats_get().bytes_in_use;
-            uint64_t live = qkv_memory_stats_get().live_tensors;
-            qkv_clear_error();
-            qkv_debug_fail_alloc_at(n);
-            bool ok = op == 0 ? qkv_checkpoint_save(QKV_MODULE(m), opt, path, NULL)
-                              : qkv_checkpoint_load(QKV_MODULE(m), opt, path, NULL);
-            qkv_debug_fail_alloc_at(0);
-            assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-            assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-            if (ok) break;
-            assert_non_null(qkv_error());
-            assert_true(n < 20000);
-        }
-    }
+    assert_every_allocation_failure_is_clean(qkv_checkpoint_save(QKV_MODULE(m), opt, path, NULL));
+    assert_every_allocation_failure_is_clean(qkv_checkpoint_load(QKV_MODULE(m), opt, path, NULL));
     qkv_clear_error();
     qkv_optimizer_free(opt);
     qkv_module_free(QKV_MODULE(m));

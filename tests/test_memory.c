@@ -8,20 +8,12 @@
 #include <cmocka.h>
 
 #include "qkv.h"
+#include "harness.h"
 
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    assert_int_equal(qkv_scope_depth(), 0);
+/* close_scope, and no test here leaves an error behind. */
+static int close_scope_without_error(void **state) {
     assert_null(qkv_error());
-    return 0;
+    return close_scope(state);
 }
 
 static uint64_t live(void) {
@@ -273,7 +265,7 @@ static void freed_large_blocks_serve_other_sizes(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope_without_error)
         T(steady_loop_returns_to_start_and_reuses_cached_blocks),
         T(scope_end_releases_everything_made_inside),
         T(keep_moves_a_result_to_the_enclosing_scope),

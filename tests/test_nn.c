@@ -17,6 +17,7 @@
 #include "qkv.h"
 
 #include "fixtures/nn_fixtures.h"
+#include "harness.h"
 
 #define S(...) QKV_SHAPE(__VA_ARGS__)
 
@@ -27,22 +28,6 @@
 #define ATOL (-1.0)
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static uint64_t live_at_start;
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
-}
 
 /* A fixture as a tensor of dtype (BOOL: nonzero is true). */
 static qkv_tensor *fx(const nn_fixture *f, qkv_dtype dtype) {
@@ -1296,30 +1281,6 @@ static void encoder_layer_passes_gradcheck(void **state) {
 
 /* ---- Allocation failure ------------------------------------------------------------------ */
 
-/* Fails the 1st, 2nd, ... allocation of op in turn: each must end in an error and give back
- * everything taken, until op runs with no failure left to inject. */
-static void assert_every_allocation_failure_is_clean(bool (*op)(void)) {
-    for (uint64_t k = 1;; k++) {
-        size_t in_use = qkv_memory_stats_get().bytes_in_use;
-        uint64_t live = qkv_memory_stats_get().live_tensors;
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(k);
-        qkv_scope_begin();
-        bool ok = op();
-        qkv_scope_end();
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-        if (count < k) {
-            assert_true(ok);
-            break;
-        }
-        assert_false(ok);
-        assert_non_null(qkv_error());
-    }
-}
-
 /* Builds a two-layer encoder, lists its state, runs forward, a loss and backward, frees it. */
 static bool encoder_lifecycle(void) {
     qkv_generator g = gen(50);
@@ -1339,7 +1300,7 @@ static bool encoder_lifecycle(void) {
 
 static void modules_survive_every_allocation_failure(void **state) {
     (void)state;
-    assert_every_allocation_failure_is_clean(encoder_lifecycle);
+    assert_every_allocation_failure_is_clean_in_a_scope(encoder_lifecycle());
 }
 
 #define T(name) cmocka_unit_test_setup_teardown(name, open_scope, close_scope)
