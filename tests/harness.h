@@ -116,17 +116,9 @@ static inline void allocation_sweep_check(allocation_sweep *s, bool ok) {
 }
 
 /* ---- Reference fixtures ------------------------------------------------------------------ */
+/* For the suites that include a generated *_fixtures.h (which defines fx_tensor) first. */
 
-#ifndef QKV_FX_TENSOR_DEFINED
-#define QKV_FX_TENSOR_DEFINED
-/* A reference tensor: shape and row-major values (as doubles, whatever the dtype). */
-typedef struct fx_tensor {
-    int ndim;
-    int64_t shape[8];
-    int64_t numel;
-    const double *data;
-} fx_tensor;
-#endif
+#ifdef QKV_FX_TENSOR_DEFINED
 
 /* A tensor of the given dtype holding the reference's values, owned by the current scope. */
 static inline qkv_tensor *fx_make(const fx_tensor *f, qkv_dtype dtype) {
@@ -194,5 +186,7 @@ static inline void fx_assert_tensor(const qkv_tensor *t, qkv_dtype dtype, const 
                                     const char *what) {
     fx_assert_close(t, dtype, want, fx_rtol(dtype), fx_atol(dtype), what);
 }
+
+#endif /* QKV_FX_TENSOR_DEFINED */
 
 #endif
