@@ -79,9 +79,10 @@ void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *
  * requires grad). Returns t, or NULL on error (duplicate name, NULL t). */
 qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t);
 qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t);
-/* Registers child as a submodule; m now owns it and frees it. Returns child, or NULL on error
- * (duplicate name, NULL child), having freed child: a constructor can pass qkv_foo_new(...)
- * straight in and check once. Names are non-empty and contain no '.'. */
+/* Registers child as a submodule; m now owns it and frees it. Returns child (as a pointer to
+ * its concrete struct, for the caller's typed field), or NULL on error (duplicate name, NULL
+ * child), having freed child: a constructor can pass QKV_MODULE(qkv_foo_new(...)) straight in
+ * and check once. Names are non-empty and contain no '.'. */
 void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child);
 /* Registers a generator that lives inside the module struct (a dropout layer's), so that a
  * training checkpoint (qkv_checkpoint_save) saves and restores where it stands. */
