@@ -4,6 +4,7 @@
 
 #include "tensor/tensor.h"
 #include "autograd/autograd.h"
+#include "io/io.h"
 #include "nn/nn.h"
 #include "optim/optim.h"
 #include "data/data.h"

@@ -139,16 +139,16 @@ int main(int argc, char **argv) {
     classifier_config c = {VOCAB, CLASSES, SEQ_LEN, D_MODEL, HEADS, LAYERS, FFN, 0.1};
     classifier *m = classifier_new(&c, &g);
     qkv_optimizer *opt = qkv_adam_new();
-    qkv_named_list *params = m ? qkv_module_parameters(m) : NULL;
+    qkv_named_list *params = m ? qkv_module_parameters(QKV_MODULE(m)) : NULL;
     batch b = make_batch(&g);
     timing train = {0}, infer = {0};
     bool ok = m && opt && params && qkv_optimizer_add_group(opt, params, qkv_adam_config(1e-3));
     if (ok) {
-        qkv_module_train(m, true);
+        qkv_module_train(QKV_MODULE(m), true);
         ok = run_timed(true, m, opt, &b, warmup, steps, &train);
     }
     if (ok) {
-        qkv_module_train(m, false);
+        qkv_module_train(QKV_MODULE(m), false);
         ok = run_timed(false, m, opt, &b, warmup, steps, &infer);
     }
     struct rusage ru;
@@ -158,7 +158,7 @@ int main(int argc, char **argv) {
     timing checked = {0};
     if (ok) {
         bool was = qkv_is_debug();
-        qkv_module_train(m, true);
+        qkv_module_train(QKV_MODULE(m), true);
         qkv_debug(true);
         ok = run_timed(true, m, opt, &b, warmup, steps, &checked);
         qkv_debug(was);
@@ -169,7 +169,7 @@ int main(int argc, char **argv) {
     }
     double flops = 3 * forward_flops();
     printf("threads=%d\n", threads);
-    printf("params=%lld\n", (long long)qkv_module_num_parameters(m));
+    printf("params=%lld\n", (long long)qkv_module_num_parameters(QKV_MODULE(m)));
     printf("flops_per_step=%.0f\n", flops);
     printf("train_step_ms=%.2f\n", train.median_ms);
     printf("infer_batch_ms=%.2f\n", infer.median_ms);
@@ -187,6 +187,6 @@ int main(int argc, char **argv) {
     qkv_release(b.labels);
     qkv_named_list_free(params);
     qkv_optimizer_free(opt);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     return 0;
 }

@@ -26,11 +26,18 @@ qkv_tensor *qkv_activate(qkv_activation_kind kind, const qkv_tensor *x) {
     return qkv_set_error("qkv_activate: unknown activation %d", (int)kind);
 }
 
+/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *activation_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_activation_forward((qkv_activation *)m, x);
+}
+
 qkv_activation *qkv_activation_new(qkv_activation_kind kind) {
     const char *name = kind_name(kind);
     if (!name) return qkv_set_error("qkv_activation_new: unknown activation %d", (int)kind);
     qkv_activation *m = qkv_module_new(name, sizeof *m, NULL);
-    if (m) m->kind = kind;
+    if (!m) return NULL;
+    m->kind = kind;
+    m->base.forward = activation_module_forward;
     return m;
 }
 

@@ -41,11 +41,14 @@ qkv_multi_head_attention *qkv_multi_head_attention_new(int64_t embed_dim, int64_
     m->vdim = vdim ? vdim : embed_dim;
     m->dropout = dropout;
     qkv_module *b = &m->base;
-    m->q_proj = qkv_module_add_module(b, "q_proj", qkv_linear_new(embed_dim, embed_dim, bias, g));
-    m->k_proj = qkv_module_add_module(b, "k_proj", qkv_linear_new(m->kdim, embed_dim, bias, g));
-    m->v_proj = qkv_module_add_module(b, "v_proj", qkv_linear_new(m->vdim, embed_dim, bias, g));
+    m->q_proj = qkv_module_add_module(b, "q_proj",
+                                      QKV_MODULE(qkv_linear_new(embed_dim, embed_dim, bias, g)));
+    m->k_proj = qkv_module_add_module(b, "k_proj",
+                                      QKV_MODULE(qkv_linear_new(m->kdim, embed_dim, bias, g)));
+    m->v_proj = qkv_module_add_module(b, "v_proj",
+                                      QKV_MODULE(qkv_linear_new(m->vdim, embed_dim, bias, g)));
     m->out_proj = qkv_module_add_module(b, "out_proj",
-                                        qkv_linear_new(embed_dim, embed_dim, bias, g));
+                                        QKV_MODULE(qkv_linear_new(embed_dim, embed_dim, bias, g)));
     bool ok = m->q_proj && m->k_proj && m->v_proj && m->out_proj;
     if (ok) {
         qkv_scope_begin();
@@ -53,13 +56,13 @@ qkv_multi_head_attention *qkv_multi_head_attention_new(int64_t embed_dim, int64_
         qkv_scope_end();
     }
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     uint64_t seed = (uint64_t)qkv_generator_next_u32(g) << 32;
     qkv_generator_init(&m->generator, seed | qkv_generator_next_u32(g));
     if (!qkv_module_add_generator(b, "generator", &m->generator)) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

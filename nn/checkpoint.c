@@ -5,11 +5,12 @@
  */
 #include <string.h>
 
+#include "io/io_internal.h"
 #include "nn/nn.h"
-#include "nn/nn_internal.h"
 #include "tensor/tensor_internal.h"
 
-bool qkv_module_save(const void *m, const char *path, const qkv_checkpoint_contents *extras) {
+bool qkv_module_save(const qkv_module *m, const char *path,
+                     const qkv_checkpoint_contents *extras) {
     if (!m) return false;
     qkv_named_list *state = qkv_module_state(m);
     bool ok = state && qkv_safetensors_write(path, state, extras);
@@ -74,7 +75,7 @@ static bool check_unexpected(const qkv_safetensors *f, const qkv_named_list *sta
     return unexpected == 0;
 }
 
-bool qkv_module_load_safetensors(void *m, const qkv_safetensors *f,
+bool qkv_module_load_safetensors(qkv_module *m, const qkv_safetensors *f,
                                  const qkv_load_options *opts) {
     if (!m || !f) return false;
     bool partial = opts && opts->partial;
@@ -101,7 +102,7 @@ bool qkv_module_load_safetensors(void *m, const qkv_safetensors *f,
     return ok;
 }
 
-bool qkv_module_load(void *m, const char *path, const qkv_load_options *opts) {
+bool qkv_module_load(qkv_module *m, const char *path, const qkv_load_options *opts) {
     if (!m) return false;
     qkv_safetensors *f = qkv_safetensors_read(path);
     bool ok = f && qkv_module_load_safetensors(m, f, opts);

@@ -4,6 +4,11 @@
  */
 #include "nn/nn.h"
 
+/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *embedding_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_embedding_forward((qkv_embedding *)m, x);
+}
+
 qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
                                  int64_t padding_idx, qkv_generator *g) {
     if (num_embeddings <= 0 || embedding_dim <= 0)
@@ -15,6 +20,7 @@ qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
     if (!g) return qkv_set_error("qkv_embedding_new: no generator");
     qkv_embedding *m = qkv_module_new("embedding", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = embedding_module_forward;
     m->num_embeddings = num_embeddings;
     m->embedding_dim = embedding_dim;
     m->padding_idx = padding_idx;
@@ -25,7 +31,7 @@ qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
     if (ok && padding_idx >= 0) ok = qkv_fill_(qkv_select(m->weight, 0, padding_idx), 0.0);
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

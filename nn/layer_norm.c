@@ -8,6 +8,11 @@
 #include "autograd/autograd_internal.h"
 #include "nn/nn.h"
 
+/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *layer_norm_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_layer_norm_forward((qkv_layer_norm *)m, x);
+}
+
 qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, double eps,
                                    bool elementwise_affine) {
     if (ndim < 1 || ndim > QKV_MAX_DIMS || !normalized_shape)
@@ -19,6 +24,7 @@ qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, do
     if (!(eps >= 0)) return qkv_set_error("qkv_layer_norm_new: bad eps %g", eps);
     qkv_layer_norm *m = qkv_module_new("layer_norm", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = layer_norm_module_forward;
     m->ndim = ndim;
     memcpy(m->normalized_shape, normalized_shape, (size_t)ndim * sizeof *normalized_shape);
     m->eps = eps;
@@ -33,7 +39,7 @@ qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, do
         qkv_scope_end();
     }
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

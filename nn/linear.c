@@ -6,6 +6,11 @@
 
 #include "nn/nn.h"
 
+/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *linear_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_linear_forward((qkv_linear *)m, x);
+}
+
 qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
                            qkv_generator *g) {
     if (in_features <= 0 || out_features <= 0)
@@ -14,6 +19,7 @@ qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
     if (!g) return qkv_set_error("qkv_linear_new: no generator");
     qkv_linear *m = qkv_module_new("linear", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = linear_module_forward;
     m->in_features = in_features;
     m->out_features = out_features;
     qkv_scope_begin();
@@ -30,7 +36,7 @@ qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
     }
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

@@ -17,6 +17,7 @@ void qkv_module_init(qkv_module *m, const char *type, size_t size,
     m->cap_params = m->cap_buffers = m->cap_modules = m->cap_generators = 0;
     m->destroy = destroy;
     m->size = size;
+    m->forward = NULL;
 }
 
 void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m)) {
@@ -88,7 +89,7 @@ qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t
     return qkv__retain(t);
 }
 
-void *qkv_module_add_module(qkv_module *m, const char *name, void *child) {
+void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child) {
     if (!m || !child) {
         qkv_module_free(child);
         return NULL;
@@ -121,8 +122,7 @@ static void free_entries(qkv_module_entry *e, int n, int cap) {
     if (e) qkv__free(e, (size_t)cap * sizeof *e);
 }
 
-void qkv_module_free(void *mp) {
-    qkv_module *m = mp;
+void qkv_module_free(qkv_module *m) {
     if (!m) return;
     if (m->destroy) m->destroy(m);
     free_entries(m->params, m->n_params, m->cap_params);
@@ -132,11 +132,18 @@ void qkv_module_free(void *mp) {
     qkv__free(m, m->size);
 }
 
-void qkv_module_train(void *mp, bool training) {
-    qkv_module *m = mp;
+void qkv_module_train(qkv_module *m, bool training) {
     if (!m) return;
     m->training = training;
     for (int i = 0; i < m->n_modules; i++) qkv_module_train(m->modules[i].module, training);
+}
+
+qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x) {
+    if (!m || !x) return NULL;
+    if (!m->forward)
+        return qkv_set_error("qkv_module_forward: a %s module has no one-input forward",
+                             m->type);
+    return m->forward(m, x);
 }
 
 /* ---- Listing ----------------------------------------------------------------------------- */
@@ -226,11 +233,11 @@ static qkv_named_list *build_list(const qkv_module *m, bool buffers, bool unique
     return l;
 }
 
-qkv_named_list *qkv_module_parameters(const void *m) {
+qkv_named_list *qkv_module_parameters(const qkv_module *m) {
     return build_list(m, false, true);
 }
 
-qkv_named_list *qkv_module_state(const void *m) {
+qkv_named_list *qkv_module_state(const qkv_module *m) {
     return build_list(m, true, false);
 }
 
@@ -242,7 +249,7 @@ void qkv_named_list_free(qkv_named_list *l) {
     qkv__free(l, sizeof *l);
 }
 
-int64_t qkv_module_num_parameters(const void *m) {
+int64_t qkv_module_num_parameters(const qkv_module *m) {
     qkv_named_list *l = qkv_module_parameters(m);
     if (!l) return -1;
     int64_t n = 0;
@@ -275,7 +282,7 @@ static bool convert_in_place(qkv_tensor *t, qkv_dtype dtype) {
     return c != NULL;
 }
 
-bool qkv_module_to_dtype(void *m, qkv_dtype dtype) {
+bool qkv_module_to_dtype(qkv_module *m, qkv_dtype dtype) {
     if (!m) return false;
     if (!qkv__is_float(dtype)) {
         qkv_set_error("qkv_module_to_dtype: %s is not a floating dtype", qkv_dtype_name(dtype));
@@ -289,8 +296,7 @@ bool qkv_module_to_dtype(void *m, qkv_dtype dtype) {
     return ok;
 }
 
-void qkv_module_zero_grad(void *mp) {
-    qkv_module *m = mp;
+void qkv_module_zero_grad(qkv_module *m) {
     if (!m) return;
     for (int i = 0; i < m->n_params; i++) qkv_zero_grad(m->params[i].tensor);
     for (int i = 0; i < m->n_modules; i++) qkv_module_zero_grad(m->modules[i].module);
@@ -318,7 +324,7 @@ static bool collect_generators(qkv_generator_list *l, const qkv_module *m, const
     return true;
 }
 
-qkv_generator_list *qkv_module_generators(const void *m) {
+qkv_generator_list *qkv_module_generators(const qkv_module *m) {
     if (!m) return NULL;
     qkv_generator_list *l = qkv__calloc(sizeof *l);
     if (l && !collect_generators(l, m, "")) {

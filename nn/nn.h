@@ -1,10 +1,11 @@
 /*
  * qkv neural-network modules: named parameters, layers, losses.
  *
- * A module is a struct whose first member is a qkv_module. It owns its parameters (leaf
- * tensors that require grad, held outside every scope) and its submodules; qkv_module_free
- * releases all of it. Forward functions follow tensor.h's conventions: results belong to the
- * innermost scope, errors return NULL with qkv_error() set.
+ * A module is a struct whose first member is a qkv_module named base; the qkv_module_*
+ * functions take a qkv_module *, which QKV_MODULE(m) gives for any such struct. It owns its
+ * parameters (leaf tensors that require grad, held outside every scope) and its submodules;
+ * qkv_module_free releases all of it. Forward functions follow tensor.h's conventions: results
+ * belong to the innermost scope, errors return NULL with qkv_error() set.
  *
  * Parameters have PyTorch-style dotted names built from the submodule names
  * ("blocks.0.attn.q_proj.weight"), so checkpoints line up with PyTorch's state_dict.
@@ -19,6 +20,7 @@
 #define QKV_NN_H
 
 #include "autograd/autograd.h"
+#include "io/io.h"
 #include "tensor/tensor.h"
 
 #ifdef __cplusplus
@@ -28,6 +30,9 @@ extern "C" {
 /* ---- Modules ----------------------------------------------------------------------------- */
 
 typedef struct qkv_module qkv_module;
+
+/* A module's forward over one input: x -> y, following tensor.h's conventions. */
+typedef qkv_tensor *(*qkv_forward_fn)(qkv_module *m, const qkv_tensor *x);
 
 typedef struct qkv_module_entry {
     char *name;
@@ -47,6 +52,8 @@ struct qkv_module {
     int cap_params, cap_buffers, cap_modules, cap_generators;
     void (*destroy)(qkv_module *m); /* frees what the concrete struct adds; may be NULL */
     size_t size;                  /* sizeof the concrete struct, for freeing it */
+    qkv_forward_fn forward;       /* its one-input forward, set by its constructor; NULL for a
+                                     module whose forward takes more (attention) */
 };
 
 /* Initialises the base of a concrete module struct of `size` bytes (training mode on). The
@@ -57,29 +64,40 @@ void qkv_module_init(qkv_module *m, const char *type, size_t size,
 /* Allocates a zeroed concrete module struct of `size` bytes (its first member a qkv_module)
  * and initialises its base. NULL on allocation failure. */
 void *qkv_module_new(const char *type, size_t size, void (*destroy)(qkv_module *m));
+
+/* A concrete module (a pointer to a struct whose first member is `qkv_module base`) as the
+ * qkv_module * that the qkv_module_* functions take; NULL stays NULL. Anything without a
+ * qkv_module base, a tensor say, does not compile. */
+#ifdef __cplusplus
+#define QKV_MODULE(m) (&(m)->base)
+#else
+#define QKV_MODULE(m)                                                                         \
+    _Generic(&(m)->base, qkv_module *: (qkv_module *)(void *)(m),                             \
+             const qkv_module *: (const qkv_module *)(const void *)(m))
+#endif
 /* Registers t as a parameter named `name` (the module takes a reference and makes t a leaf that
  * requires grad). Returns t, or NULL on error (duplicate name, NULL t). */
 qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t);
 qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t);
-/* Registers child as a submodule; m now owns it and frees it. Returns child, or NULL on error
- * (duplicate name, NULL child), having freed child: a constructor can pass qkv_foo_new(...)
- * straight in and check once. Names are non-empty and contain no '.'. */
-void *qkv_module_add_module(qkv_module *m, const char *name, void *child);
+/* Registers child as a submodule; m now owns it and frees it. Returns child (as a pointer to
+ * its concrete struct, for the caller's typed field), or NULL on error (duplicate name, NULL
+ * child), having freed child: a constructor can pass QKV_MODULE(qkv_foo_new(...)) straight in
+ * and check once. Names are non-empty and contain no '.'. */
+void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child);
 /* Registers a generator that lives inside the module struct (a dropout layer's), so that a
  * training checkpoint (qkv_checkpoint_save) saves and restores where it stands. */
 bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g);
-void qkv_module_free(void *m);                 /* NULL is ignored */
-void qkv_module_train(void *m, bool training); /* reaches every submodule */
+void qkv_module_free(qkv_module *m);                 /* NULL is ignored */
+void qkv_module_train(qkv_module *m, bool training); /* reaches every submodule */
+/* m->forward(m, x): the module's one-input forward, whatever its type (qkv_sequential calls
+ * its entries so). An error when m has none; NULL m or x give NULL. */
+qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x);
 
 /* All parameters (or, with buffers, parameters then buffers) in depth-first registration
- * order with full dotted names. The list is malloc'd; free it with qkv_named_list_free. */
-typedef struct qkv_named_list {
-    int n;
-    char **names;
-    qkv_tensor **tensors;
-} qkv_named_list;
-qkv_named_list *qkv_module_parameters(const void *m);
-qkv_named_list *qkv_module_state(const void *m); /* parameters and buffers */
+ * order with full dotted names, as a qkv_named_list (io/io.h). The list is malloc'd; free it
+ * with qkv_named_list_free. */
+qkv_named_list *qkv_module_parameters(const qkv_module *m);
+qkv_named_list *qkv_module_state(const qkv_module *m); /* parameters and buffers */
 void qkv_named_list_free(qkv_named_list *list);
 /* Every registered generator with its dotted name ("encoder.layers.0.dropout1.generator"). */
 typedef struct qkv_named_generator {
@@ -90,12 +108,12 @@ typedef struct qkv_generator_list {
     int n, cap;
     qkv_named_generator *items;
 } qkv_generator_list;
-qkv_generator_list *qkv_module_generators(const void *m);
+qkv_generator_list *qkv_module_generators(const qkv_module *m);
 void qkv_generator_list_free(qkv_generator_list *list);
-int64_t qkv_module_num_parameters(const void *m); /* total elements */
+int64_t qkv_module_num_parameters(const qkv_module *m); /* total elements */
 /* Converts every parameter and buffer to dtype in place (e.g. F64 for gradient checks). */
-bool qkv_module_to_dtype(void *m, qkv_dtype dtype);
-void qkv_module_zero_grad(void *m);
+bool qkv_module_to_dtype(qkv_module *m, qkv_dtype dtype);
+void qkv_module_zero_grad(qkv_module *m);
 
 /* ---- Initialisation ---------------------------------------------------------------------- */
 /* In place on t (any float dtype), drawing from g in row-major order; nothing is recorded.
@@ -190,19 +208,17 @@ qkv_activation *qkv_activation_new(qkv_activation_kind kind);
 qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x);
 qkv_tensor *qkv_activate(qkv_activation_kind kind, const qkv_tensor *x);
 
-/* A chain of one-input modules, registered as "0", "1", ... Each entry holds the forward to
- * call; NULL selects the built-in one for linear, embedding, dropout, layer norm, activation
- * and sequential modules. A user's own module passes a function taking its struct as void *. */
-typedef qkv_tensor *(*qkv_forward_fn)(void *module, const qkv_tensor *x);
+/* A chain of one-input modules, registered as "0", "1", ..., each called through its forward
+ * (qkv_module_forward): the built-in layers set theirs, and so does a user's own module
+ * (m->base.forward = its function). A sequential is itself a one-input module. */
 typedef struct qkv_sequential {
     qkv_module base;
     int n;
-    qkv_forward_fn *forwards; /* one per submodule, in order */
-    int cap;
 } qkv_sequential;
 qkv_sequential *qkv_sequential_new(void);
-/* Appends module (owned from now on, freed on failure); returns it or NULL. */
-void *qkv_sequential_add(qkv_sequential *s, void *module, qkv_forward_fn forward);
+/* Appends module (owned from now on, freed on failure, an error when it has no one-input
+ * forward); returns it or NULL. */
+void *qkv_sequential_add(qkv_sequential *s, qkv_module *module);
 qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x);
 
 /* ---- Attention --------------------------------------------------------------------------- */
@@ -333,64 +349,13 @@ qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
                                                  const qkv_tensor *targets,
                                                  qkv_reduction reduction);
 
-/* ---- Checkpoints (safetensors) ----------------------------------------------------------- */
-/* Files are safetensors: an 8-byte little-endian header length, a JSON header of name ->
- * {dtype, shape, data_offsets} plus string "__metadata__", then raw little-endian data, so
- * PyTorch (safetensors, or plain json + struct) reads what qkv writes and the other way round.
- * A write goes to a temporary file beside the target, is synced, and is renamed over it: an
- * interrupted save leaves the previous file whole. qkv's files carry a CRC-32 of the data in
- * the metadata key "qkv.checksum", verified on read (files without one are accepted). Keys
- * starting with "qkv." are the library's own. */
+/* ---- Checkpoints ------------------------------------------------------------------------- */
+/* A module's checkpoint is a safetensors file (io/io.h, which says what the format holds and
+ * how a write stays atomic): its parameters and buffers under their dotted names. */
 
-typedef struct qkv_meta_pair {
-    const char *key, *value;     /* UTF-8 strings, saved in __metadata__ */
-} qkv_meta_pair;
-
-typedef struct qkv_named_bytes {
-    const char *name;            /* saved as a 1-D U8 tensor of that name */
-    const void *data;
-    size_t size;
-} qkv_named_bytes;
-
-/* What a checkpoint holds beside a module's state: extra tensors (optimizer moments, say),
- * byte blobs (a vocabulary), and metadata strings (a configuration). Any count may be 0. */
-typedef struct qkv_checkpoint_contents {
-    int n_tensors;
-    const char *const *tensor_names;
-    qkv_tensor *const *tensors;
-    int n_bytes;
-    const qkv_named_bytes *bytes;
-    int n_meta;
-    const qkv_meta_pair *meta;
-} qkv_checkpoint_contents;
-
-/* Writes tensors (in order; any dtype, any strides) and extras to path atomically. Names are
- * non-empty UTF-8 without control characters and unique. */
-bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
-                           const qkv_checkpoint_contents *extras);
 /* qkv_safetensors_write of the module's parameters and buffers (qkv_module_state) and extras. */
-bool qkv_module_save(const void *m, const char *path, const qkv_checkpoint_contents *extras);
-
-/* A safetensors file read and checked: the header length, the JSON (UTF-8, strings and
- * integers only where the format has them), dtypes, shapes whose sizes must agree with the
- * offsets, offsets that tile the data exactly, unique names, and the checksum. Any problem is
- * an error naming the file (and the header byte, for JSON). Dtypes read as qkv dtypes: F32,
- * F64, I64, BOOL as themselves; F16 and BF16 as F32; U8, I8, I16, U16, I32, U32 as I64. */
-typedef struct qkv_safetensors qkv_safetensors;
-qkv_safetensors *qkv_safetensors_read(const char *path);
-/* The same from a copy of size bytes in memory; name stands for the path in messages. */
-qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name);
-void qkv_safetensors_free(qkv_safetensors *f);              /* NULL is ignored */
-int qkv_safetensors_count(const qkv_safetensors *f);        /* tensors, in header order */
-const char *qkv_safetensors_name(const qkv_safetensors *f, int i);
-/* A new tensor (in the innermost scope) with the values of tensor `name`. */
-qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name);
-/* The bytes of the 1-D U8 tensor `name` (valid until the file is freed); NULL if none. */
-const void *qkv_safetensors_bytes(const qkv_safetensors *f, const char *name, size_t *size);
-/* The metadata value of key, or NULL (no error) when the file has none. */
-const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key);
-int qkv_safetensors_meta_count(const qkv_safetensors *f);
-const char *qkv_safetensors_meta_key(const qkv_safetensors *f, int i);
+bool qkv_module_save(const qkv_module *m, const char *path,
+                     const qkv_checkpoint_contents *extras);
 
 typedef struct qkv_load_options {
     bool partial;  /* load what matches by name; missing and unexpected names are no error */
@@ -400,13 +365,9 @@ typedef struct qkv_load_options {
  * (converting between float dtypes). Every name, shape and dtype is checked before anything
  * changes. Unless opts->partial, a module entry missing from the file, or a file tensor that
  * is neither the module's nor one of the extras saved with it, is an error naming it. */
-bool qkv_module_load(void *m, const char *path, const qkv_load_options *opts);
-bool qkv_module_load_safetensors(void *m, const qkv_safetensors *f,
+bool qkv_module_load(qkv_module *m, const char *path, const qkv_load_options *opts);
+bool qkv_module_load_safetensors(qkv_module *m, const qkv_safetensors *f,
                                  const qkv_load_options *opts);
-
-/* Test switch: checkpoint writes fail (as with a full disk) once nbytes have been written;
- * 0 turns it off. */
-void qkv_debug_fail_write_after(size_t nbytes);
 
 #ifdef __cplusplus
 }

@@ -14,6 +14,11 @@ static bool check_sizes(const char *op, int64_t max_len, int64_t d_model) {
     return false;
 }
 
+/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *positional_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_positional_encoding_forward((qkv_positional_encoding *)m, x);
+}
+
 qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, int64_t d_model,
                                                              qkv_generator *g) {
     if (!check_sizes("qkv_learned_positional_encoding_new", max_len, d_model)) return NULL;
@@ -21,6 +26,7 @@ qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, in
     qkv_positional_encoding *m =
         qkv_module_new("learned_positional_encoding", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = positional_module_forward;
     m->max_len = max_len;
     m->d_model = d_model;
     qkv_scope_begin();
@@ -29,7 +35,7 @@ qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, in
     bool ok = qkv_init_normal_(m->table, 0.0, 1.0, g);
     qkv_scope_end();
     if (!ok) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
@@ -54,6 +60,7 @@ qkv_positional_encoding *qkv_sinusoidal_positional_encoding_new(int64_t max_len,
     qkv_positional_encoding *m =
         qkv_module_new("sinusoidal_positional_encoding", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = positional_module_forward;
     m->max_len = max_len;
     m->d_model = d_model;
     qkv_scope_begin();
@@ -62,7 +69,7 @@ qkv_positional_encoding *qkv_sinusoidal_positional_encoding_new(int64_t max_len,
     if (m->table) fill_sinusoids(qkv_data(m->table), max_len, d_model);
     qkv_scope_end();
     if (!m->table) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

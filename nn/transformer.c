@@ -21,6 +21,11 @@ static bool check_config(const qkv_transformer_config *c) {
     return true;
 }
 
+/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *layer_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_transformer_encoder_layer_forward((qkv_transformer_encoder_layer *)m, x, NULL);
+}
+
 qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     const qkv_transformer_config *config, qkv_generator *g) {
     if (!check_config(config)) return NULL;
@@ -29,24 +34,30 @@ qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
     qkv_transformer_encoder_layer *m =
         qkv_module_new("transformer_encoder_layer", sizeof *m, NULL);
     if (!m) return NULL;
+    m->base.forward = layer_module_forward;
     m->config = c;
     qkv_module *b = &m->base;
     const int64_t *d = &c.d_model;
     m->self_attn = qkv_module_add_module(
         b, "self_attn",
-        qkv_multi_head_attention_new(c.d_model, c.nhead, c.dropout, true, 0, 0, g));
-    m->linear1 = qkv_module_add_module(b, "linear1",
-                                       qkv_linear_new(c.d_model, c.dim_feedforward, true, g));
-    m->dropout = qkv_module_add_module(b, "dropout", qkv_dropout_layer_new(c.dropout, g));
-    m->linear2 = qkv_module_add_module(b, "linear2",
-                                       qkv_linear_new(c.dim_feedforward, c.d_model, true, g));
-    m->norm1 = qkv_module_add_module(b, "norm1", qkv_layer_norm_new(1, d, c.layer_norm_eps, true));
-    m->norm2 = qkv_module_add_module(b, "norm2", qkv_layer_norm_new(1, d, c.layer_norm_eps, true));
-    m->dropout1 = qkv_module_add_module(b, "dropout1", qkv_dropout_layer_new(c.dropout, g));
-    m->dropout2 = qkv_module_add_module(b, "dropout2", qkv_dropout_layer_new(c.dropout, g));
+        QKV_MODULE(qkv_multi_head_attention_new(c.d_model, c.nhead, c.dropout, true, 0, 0, g)));
+    m->linear1 = qkv_module_add_module(
+        b, "linear1", QKV_MODULE(qkv_linear_new(c.d_model, c.dim_feedforward, true, g)));
+    m->dropout = qkv_module_add_module(b, "dropout",
+                                       QKV_MODULE(qkv_dropout_layer_new(c.dropout, g)));
+    m->linear2 = qkv_module_add_module(
+        b, "linear2", QKV_MODULE(qkv_linear_new(c.dim_feedforward, c.d_model, true, g)));
+    m->norm1 = qkv_module_add_module(b, "norm1",
+                                     QKV_MODULE(qkv_layer_norm_new(1, d, c.layer_norm_eps, true)));
+    m->norm2 = qkv_module_add_module(b, "norm2",
+                                     QKV_MODULE(qkv_layer_norm_new(1, d, c.layer_norm_eps, true)));
+    m->dropout1 = qkv_module_add_module(b, "dropout1",
+                                        QKV_MODULE(qkv_dropout_layer_new(c.dropout, g)));
+    m->dropout2 = qkv_module_add_module(b, "dropout2",
+                                        QKV_MODULE(qkv_dropout_layer_new(c.dropout, g)));
     if (!m->self_attn || !m->linear1 || !m->dropout || !m->linear2 || !m->norm1 || !m->norm2 ||
         !m->dropout1 || !m->dropout2) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
@@ -106,6 +117,11 @@ static void encoder_destroy(qkv_module *base) {
     if (m->layers) qkv__free(m->layers, (size_t)m->num_layers * sizeof *m->layers);
 }
 
+/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *encoder_module_forward(qkv_module *m, const qkv_tensor *x) {
+    return qkv_transformer_encoder_forward((qkv_transformer_encoder *)m, x, NULL);
+}
+
 /* The layers live in a plain container module named "layers" whose children are "0", "1", ...,
  * which gives PyTorch's names (layers.0.self_attn...); m->layers points at them directly. */
 qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_config *config,
@@ -117,6 +133,7 @@ qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_confi
     qkv_transformer_encoder *m =
         qkv_module_new("transformer_encoder", sizeof *m, encoder_destroy);
     if (!m) return NULL;
+    m->base.forward = encoder_module_forward;
     m->layers = qkv__calloc((size_t)num_layers * sizeof *m->layers);
     if (!m->layers) goto fail;
     m->num_layers = num_layers;
@@ -127,19 +144,19 @@ qkv_transformer_encoder *qkv_transformer_encoder_new(const qkv_transformer_confi
     for (int i = 0; i < num_layers; i++) {
         char name[24];
         snprintf(name, sizeof name, "%d", i);
-        m->layers[i] = qkv_module_add_module(list, name,
-                                             qkv_transformer_encoder_layer_new(config, g));
+        m->layers[i] = qkv_module_add_module(
+            list, name, QKV_MODULE(qkv_transformer_encoder_layer_new(config, g)));
         if (!m->layers[i]) goto fail;
     }
     if (final_norm) {
         double eps = config->layer_norm_eps ? config->layer_norm_eps : 1e-5;
-        m->norm = qkv_module_add_module(&m->base, "norm",
-                                        qkv_layer_norm_new(1, &config->d_model, eps, true));
+        m->norm = qkv_module_add_module(
+            &m->base, "norm", QKV_MODULE(qkv_layer_norm_new(1, &config->d_model, eps, true)));
         if (!m->norm) goto fail;
     }
     return m;
 fail:
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     return NULL;
 }
 

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "io/io.h"
 #include "optim/optim.h"
 #include "tensor/tensor_internal.h"
 
@@ -90,7 +91,7 @@ static bool check_reserved(const qkv_checkpoint_contents *x, const char *path) {
     return bad == NULL;
 }
 
-bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const char *path,
+bool qkv_checkpoint_save(const qkv_module *module, const qkv_optimizer *opt, const char *path,
                          const qkv_checkpoint_contents *contents) {
     if (!module) return false;
     const qkv_checkpoint_contents none = {0};
@@ -172,7 +173,7 @@ static void saved_generators_free(saved_generators *s) {
     qkv_generator_list_free(s->list);
 }
 
-static bool read_generators(void *module, const qkv_safetensors *f, saved_generators *s) {
+static bool read_generators(qkv_module *module, const qkv_safetensors *f, saved_generators *s) {
     s->list = qkv_module_generators(module);
     if (!s->list) return false;
     size_t n = (size_t)s->list->n + 1;
@@ -214,7 +215,7 @@ static void name_the_file(const char *path, bool had_error) {
     qkv__free(copy, n);
 }
 
-bool qkv_checkpoint_load(void *module, qkv_optimizer *opt, const char *path,
+bool qkv_checkpoint_load(qkv_module *module, qkv_optimizer *opt, const char *path,
                          const qkv_load_options *opts) {
     if (!module) return false;
     bool had_error = qkv_error() != NULL;

@@ -36,6 +36,7 @@
 #define QKV_OPTIM_H
 
 #include "autograd/autograd.h"
+#include "io/io.h"
 #include "nn/nn.h"
 #include "tensor/tensor.h"
 
@@ -195,7 +196,7 @@ void qkv_optim_state_free(qkv_optim_state *state); /* NULL is ignored */
  * steps, save, load, N more steps give the same bits as 2N steps. opt may be NULL (the module
  * and its generators). Names starting with "optim." or "rng." are the checkpoint's own: extras
  * that use them are refused. */
-bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const char *path,
+bool qkv_checkpoint_save(const qkv_module *module, const qkv_optimizer *opt, const char *path,
                          const qkv_checkpoint_contents *extras);
 /* Reads the file, checks the generators' states, imports the optimizer's state (opt may be
  * NULL; qkv_optimizer_state_import checks it all first), then loads the module
@@ -204,7 +205,7 @@ bool qkv_checkpoint_save(const void *module, const qkv_optimizer *opt, const cha
  * leaves module and optimizer as they were, except when the optimizer's state fits and the
  * module's load then fails (a partial-load mismatch): the optimizer then holds the file's
  * state. Errors name the file. */
-bool qkv_checkpoint_load(void *module, qkv_optimizer *opt, const char *path,
+bool qkv_checkpoint_load(qkv_module *module, qkv_optimizer *opt, const char *path,
                          const qkv_load_options *opts);
 
 /* ---- Learning-rate schedules ------------------------------------------------------------- */

@@ -201,6 +201,17 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
                                    const void *g, const void *w, const void *mean,
                                    const void *rstd, void *gx, void *gw, void *gb);
 
+/* Dropout (tensor/dropout.c), over F32 or F64: out = a * mask / (1 - p) (0 where p = 1), the
+ * mask drawn from g, which advances by a->numel draws whatever the thread count; in_place
+ * writes over a's values (a contiguous, held by nothing else). With mask_out, also the mask as
+ * bits: an I64 tensor of ceil(numel / 64) words, bit i of it for element i. NULL on failure. */
+qkv_tensor *qkv__dropout(const qkv_tensor *a, double p, qkv_generator *g, qkv_tensor **mask_out,
+                         bool in_place);
+/* g * (bit set ? scale : 0) for each element of g, from such a bit mask: the product the
+ * forward formed, for the backward and for a recomputed output. */
+qkv_tensor *qkv__dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mask, double scale,
+                                    bool in_place);
+
 /* Indexing (tensor/index.c). name is the op for messages; indices are I64 and checked. */
 /* a.shape[:axis] + index.shape + a.shape[axis+1:]: the slices of a at the indices. */
 qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *index,

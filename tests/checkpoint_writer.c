@@ -23,7 +23,7 @@ int main(int argc, char **argv) {
     qkv_tensor *len = qkv_from_array(QKV_I64, QKV_SHAPE(3, 1), (int64_t[]){8, 4, 1});
     qkv_tensor *pad = qkv_ge(pos, len);
     ids = qkv_masked_fill(ids, pad, 0);
-    if (m) qkv_module_train(m, false);
+    if (m) qkv_module_train(QKV_MODULE(m), false);
     qkv_tensor *logits = m ? classifier_forward(m, ids, pad) : NULL;
     const char *names[] = {"test.ids", "test.pad", "test.logits"};
     qkv_tensor *tensors[] = {ids, pad, logits};
@@ -31,9 +31,9 @@ int main(int argc, char **argv) {
                             {"dim", "16"}, {"heads", "2"}, {"layers", "2"}, {"ffn", "32"}};
     qkv_checkpoint_contents x = {.n_tensors = 3, .tensor_names = names, .tensors = tensors,
                                  .n_meta = 7, .meta = meta};
-    bool ok = logits && qkv_module_save(m, argv[1], &x);
+    bool ok = logits && qkv_module_save(QKV_MODULE(m), argv[1], &x);
     if (!ok) fprintf(stderr, "checkpoint_writer: %s\n", qkv_error());
     qkv_scope_end();
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     return ok ? 0 : 1;
 }

@@ -11,14 +11,9 @@
 #include <string.h>
 
 #include "qkv.h"
+#include "harness.h"
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static int clear_error(void **state) {
-    (void)state;
-    qkv_clear_error();
-    return 0;
-}
 
 /* An F64 leaf with the given values, requiring grad. */
 static qkv_tensor *param(int ndim, const int64_t *shape, const double *values) {
@@ -300,7 +295,7 @@ static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
     (void)state;
     qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){4}, 1e-5, true);
     assert_non_null(ln);
-    qkv_module_to_dtype(ln, QKV_F64);
+    qkv_module_to_dtype(QKV_MODULE(ln), QKV_F64);
     qkv_scope_begin();
     qkv_tensor *x = param(QKV_SHAPE(3, 4), CHAIN_X);
     qkv_tensor *w = param(QKV_SHAPE(4, 2), VALUES(0.5, -1, 2, 0.25, -0.75, 1.5, 0.1, -2));
@@ -310,7 +305,7 @@ static void layer_norm_output_is_recomputed_for_its_consumer(void **state) {
     assert_true(qkv_gradcheck(normed_product, (qkv_tensor *const[]){x, w}, 2, ln, 1e-6, 1e-8,
                               1e-6));
     qkv_scope_end();
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 /* The node of x W with W constant keeps no values of x; switching W on afterwards is an
@@ -1051,10 +1046,10 @@ static void converting_a_module_before_the_backward_is_an_error(void **state) {
     assert_non_null(l);
     qkv_scope_begin();
     qkv_tensor *x = param(QKV_SHAPE(1, 2), VALUES(1, 2));
-    qkv_module_to_dtype(l, QKV_F64);
+    qkv_module_to_dtype(QKV_MODULE(l), QKV_F64);
     qkv_tensor *loss = qkv_sum_all(qkv_linear_forward(l, x));
     uint64_t seen = qkv_version(l->weight); /* its initialisation and conversion wrote it */
-    assert_true(qkv_module_to_dtype(l, QKV_F32));
+    assert_true(qkv_module_to_dtype(QKV_MODULE(l), QKV_F32));
     assert_int_equal(qkv_version(l->weight), seen + 1);
     assert_false(qkv_backward(loss));
     char want[160];
@@ -1062,7 +1057,7 @@ static void converting_a_module_before_the_backward_is_an_error(void **state) {
              (unsigned long long)seen + 1, (unsigned long long)seen);
     assert_error_contains(want);
     qkv_scope_end();
-    qkv_module_free(l);
+    qkv_module_free(QKV_MODULE(l));
 }
 
 int main(void) {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "qkv.h"
+#include "harness.h"
 
 #define FFFD "\xEF\xBF\xBD"
 
@@ -30,12 +31,6 @@ static int remove_dir(void **state) {
     (void)state;
     for (int i = 0; i < n_tmp_paths; i++) unlink(tmp_paths[i]);
     return rmdir(tmp_dir);
-}
-
-static int clear_error(void **state) {
-    (void)state;
-    qkv_clear_error();
-    return 0;
 }
 
 /* Writes len bytes to a new file in the temporary directory; returns its path. */
@@ -685,28 +680,6 @@ static void shuffle_with_another_seed_gives_another_order(void **state) {
 
 /* ---- Allocation failure ------------------------------------------------------------------ */
 
-/* Fails the 1st, 2nd, ... allocation of op in turn: each must be reported as out of memory and
- * give back everything taken, until op runs with no failure left to inject. */
-static void assert_every_allocation_failure_is_clean(bool (*op)(void)) {
-    for (uint64_t k = 1;; k++) {
-        size_t in_use = qkv_memory_stats_get().bytes_in_use;
-        uint64_t live = qkv_memory_stats_get().live_tensors;
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(k);
-        bool ok = op();
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-        if (count < k) {
-            assert_true(ok);
-            break;
-        }
-        assert_false(ok);
-        assert_non_null(strstr(qkv_error(), "out of memory"));
-    }
-}
-
 static bool read_fixture(void) {
     qkv_tsv *d = qkv_tsv_read(QKV_FIXTURES "/data/reviews.tsv");
     qkv_tsv_free(d);
@@ -754,10 +727,10 @@ static bool serialize_round_trip(void) {
 
 static void every_allocation_failure_is_reported_and_leaks_nothing(void **state) {
     (void)state;
-    assert_every_allocation_failure_is_clean(read_fixture);
-    assert_every_allocation_failure_is_clean(tokenize_text);
-    assert_every_allocation_failure_is_clean(build_encode_and_batch);
-    assert_every_allocation_failure_is_clean(serialize_round_trip);
+    assert_every_allocation_failure_is_clean(read_fixture());
+    assert_every_allocation_failure_is_clean(tokenize_text());
+    assert_every_allocation_failure_is_clean(build_encode_and_batch());
+    assert_every_allocation_failure_is_clean(serialize_round_trip());
 }
 
 #define T(name) cmocka_unit_test_setup(name, clear_error)

@@ -13,23 +13,7 @@
 #include <string.h>
 
 #include "qkv.h"
-
-#define OOM_PREFIX "qkv: out of memory allocating "
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    qkv_clear_error();
-    assert_int_equal(qkv_scope_depth(), 0);
-    return 0;
-}
+#include "harness.h"
 
 /* ---- kinds of mistakes ------------------------------------------------------------------- */
 
@@ -405,7 +389,7 @@ static void every_allocation_failure_is_reported_and_leaks_nothing(void **state)
             assert_non_null(err);
             failed++;
         }
-        if (err && strncmp(err, OOM_PREFIX, strlen(OOM_PREFIX)) != 0)
+        if (err && strncmp(err, HARNESS_OOM, strlen(HARNESS_OOM)) != 0)
             fail_msg("allocation %llu: unexpected error: %s", (unsigned long long)n, err);
         qkv_scope_end();
         qkv_memory_stats now = qkv_memory_stats_get();
@@ -433,11 +417,13 @@ static tiny_attention_model *tiny_attention_model_new(qkv_generator *g) {
                                 .activation = QKV_ACT_GELU, .norm_first = true};
     tiny_attention_model *m = qkv_module_new("tiny_attention", sizeof *m, NULL);
     if (!m) return NULL;
-    m->embed = qkv_module_add_module(&m->base, "embed", qkv_embedding_new(10, 4, 0, g));
-    m->layer = qkv_module_add_module(&m->base, "layer", qkv_transformer_encoder_layer_new(&c, g));
-    m->head = qkv_module_add_module(&m->base, "head", qkv_linear_new(4, 3, true, g));
+    m->embed = qkv_module_add_module(&m->base, "embed",
+                                     QKV_MODULE(qkv_embedding_new(10, 4, 0, g)));
+    m->layer = qkv_module_add_module(&m->base, "layer",
+                                     QKV_MODULE(qkv_transformer_encoder_layer_new(&c, g)));
+    m->head = qkv_module_add_module(&m->base, "head", QKV_MODULE(qkv_linear_new(4, 3, true, g)));
     if (!m->embed || !m->layer || !m->head) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;
@@ -449,7 +435,7 @@ static bool attention_training_step(double *loss_out) {
     qkv_generator g;
     qkv_generator_init(&g, 7);
     tiny_attention_model *m = tiny_attention_model_new(&g);
-    qkv_named_list *params = m ? qkv_module_parameters(m) : NULL;
+    qkv_named_list *params = m ? qkv_module_parameters(QKV_MODULE(m)) : NULL;
     qkv_optimizer *opt = qkv_adam_new();
     bool ok = params && opt && qkv_optimizer_add_group(opt, params, qkv_adam_config(1e-2));
     if (ok) {
@@ -471,42 +457,19 @@ static bool attention_training_step(double *loss_out) {
     }
     qkv_optimizer_free(opt);
     qkv_named_list_free(params);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     return ok;
 }
 
 static void attention_training_step_survives_every_allocation_failure(void **state) {
     (void)state;
-    qkv_memory_stats start = qkv_memory_stats_get();
     double expected = 0, loss = 0;
     qkv_clear_error();
     if (!attention_training_step(&expected)) fail_msg("%s", qkv_error());
-    uint64_t failures = 0;
-    for (uint64_t n = 1;; n++) {
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(n);
-        bool ok = attention_training_step(&loss);
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        qkv_memory_stats now = qkv_memory_stats_get();
-        if (now.live_tensors != start.live_tensors || now.bytes_in_use != start.bytes_in_use)
-            fail_msg("allocation %llu failing leaks %lld tensors, %lld bytes",
-                     (unsigned long long)n,
-                     (long long)(now.live_tensors - start.live_tensors),
-                     (long long)(now.bytes_in_use - start.bytes_in_use));
-        if (count < n) { /* nothing was left to fail: this is a clean run */
-            assert_true(ok);
-            assert_null(qkv_error());
-            break;
-        }
-        if (ok) fail_msg("allocation %llu failed but the step succeeded", (unsigned long long)n);
-        const char *err = qkv_error();
-        if (!err || strncmp(err, OOM_PREFIX, strlen(OOM_PREFIX)) != 0)
-            fail_msg("allocation %llu: expected out of memory, got %s", (unsigned long long)n,
-                     err ? err : "no error");
-        failures++;
-    }
-    assert_true(failures > 100);
+    allocation_sweep sweep = {0};
+    while (allocation_sweep_arm(&sweep))
+        allocation_sweep_check(&sweep, attention_training_step(&loss));
+    assert_true(sweep.failures > 100);
     /* The step after the sweep is the undisturbed step, bit for bit. */
     assert_memory_equal(&loss, &expected, sizeof loss);
 }

@@ -14,6 +14,7 @@
 
 #include "qkv.h"
 #include "autograd/autograd_internal.h"
+#include "harness.h"
 
 #define EPS 1e-6
 #define ATOL 1e-7
@@ -21,22 +22,10 @@
 
 static qkv_generator gen;
 
-static uint64_t live_at_start;
-
+/* A scope of the test's own (open_scope) and the generator at its seed. */
 static int setup(void **state) {
-    (void)state;
-    qkv_clear_error();
     qkv_generator_init(&gen, 2024);
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-/* Fails the test when anything it made outlives its scope. */
-static int teardown(void **state) {
-    (void)state;
-    qkv_scope_end();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
+    return open_scope(state);
 }
 
 /* ---- Inputs ------------------------------------------------------------------------------ */
@@ -736,7 +725,7 @@ static void gradcheck_keeps_existing_gradients(void **state) {
     assert_true(qkv_get(x->grad, (const int64_t[]){1}) == 3);
 }
 
-#define TEST(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
+#define TEST(f) cmocka_unit_test_setup_teardown(f, setup, close_scope)
 
 int main(void) {
     const struct CMUnitTest tests[] = {

@@ -14,27 +14,12 @@
 #include "qkv.h"
 
 #include "fixtures/index_fixtures.h"
+#include "harness.h"
 
 #define S(...) QKV_SHAPE(__VA_ARGS__)
 #define N_OF(array) ((int64_t)(sizeof(array) / sizeof((array)[0])))
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static uint64_t live_at_start;
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
-}
 
 static qkv_tensor *f32(int ndim, const int64_t *shape, const float *data) {
     qkv_tensor *t = qkv_from_array(QKV_F32, ndim, shape, data);
@@ -637,30 +622,6 @@ static void concat_and_stack_pass_gradcheck(void **state) {
 
 /* ---- Allocation failure ------------------------------------------------------------------ */
 
-/* Fails the 1st, 2nd, ... allocation of op in turn: each must end in an error and give back
- * everything taken, until op runs with no failure left to inject. */
-static void assert_every_allocation_failure_is_clean(bool (*op)(void)) {
-    for (uint64_t k = 1;; k++) {
-        size_t in_use = qkv_memory_stats_get().bytes_in_use;
-        uint64_t live = qkv_memory_stats_get().live_tensors;
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(k);
-        qkv_scope_begin();
-        bool ok = op();
-        qkv_scope_end();
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-        if (count < k) {
-            assert_true(ok);
-            break;
-        }
-        assert_false(ok);
-        assert_non_null(qkv_error());
-    }
-}
-
 /* Forward and backward of every op of this suite on small inputs. */
 static bool index_ops_with_backward(void) {
     qkv_tensor *a = qkv_requires_grad_(qkv_ones(QKV_F32, S(4, 3)), true);
@@ -682,7 +643,7 @@ static bool index_ops_with_backward(void) {
 
 static void index_ops_survive_every_allocation_failure(void **state) {
     (void)state;
-    assert_every_allocation_failure_is_clean(index_ops_with_backward);
+    assert_every_allocation_failure_is_clean_in_a_scope(index_ops_with_backward());
 }
 
 #define T(name) cmocka_unit_test_setup_teardown(name, open_scope, close_scope)

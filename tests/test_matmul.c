@@ -14,27 +14,9 @@
 
 #include "qkv.h"
 #include "fixtures/matmul_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
-
-static uint64_t live_at_start;
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-/* Fails the test when anything it made outlives its scope. */
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    qkv_clear_error();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
-}
 
 /* Applies a fixture's operand view (recorded, so gradients reach the stored tensor). */
 static qkv_tensor *apply_view(qkv_tensor *t, const fx_view *v) {

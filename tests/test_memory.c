@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "qkv.h"
+#include "harness.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define UNDER_ASAN 1
@@ -27,19 +28,10 @@
 #include <sanitizer/asan_interface.h>
 #endif
 
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    assert_int_equal(qkv_scope_depth(), 0);
+/* close_scope, and no test here leaves an error behind. */
+static int close_scope_without_error(void **state) {
     assert_null(qkv_error());
-    return 0;
+    return close_scope(state);
 }
 
 static uint64_t live(void) {
@@ -538,7 +530,7 @@ static void exit_report_names_what_was_left(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope_without_error)
         T(scope_end_releases_everything_made_inside),
         T(keep_moves_a_result_to_the_enclosing_scope),
         T(scoped_keeps_only_the_result),

@@ -17,6 +17,7 @@
 #include "qkv.h"
 
 #include "fixtures/nn_fixtures.h"
+#include "harness.h"
 
 #define S(...) QKV_SHAPE(__VA_ARGS__)
 
@@ -27,22 +28,6 @@
 #define ATOL (-1.0)
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static uint64_t live_at_start;
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
-}
 
 /* A fixture as a tensor of dtype (BOOL: nonzero is true). */
 static qkv_tensor *fx(const nn_fixture *f, qkv_dtype dtype) {
@@ -169,10 +154,10 @@ static qkv_generator gen(uint64_t seed) {
 
 static qkv_sequential *small_mlp(qkv_generator *g) {
     qkv_sequential *s = qkv_sequential_new();
-    assert_non_null(qkv_sequential_add(s, qkv_linear_new(3, 4, true, g), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_activation_new(QKV_ACT_TANH), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_dropout_layer_new(0.5, g), NULL));
-    assert_non_null(qkv_sequential_add(s, qkv_linear_new(4, 2, false, g), NULL));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(3, 4, true, g))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_TANH))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_dropout_layer_new(0.5, g))));
+    assert_non_null(qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(4, 2, false, g))));
     return s;
 }
 
@@ -180,23 +165,23 @@ static void parameters_are_listed_depth_first_with_dotted_names(void **state) {
     (void)state;
     qkv_generator g = gen(1);
     qkv_sequential *s = small_mlp(&g);
-    qkv_named_list *l = qkv_module_parameters(s);
+    qkv_named_list *l = qkv_module_parameters(QKV_MODULE(s));
     assert_int_equal(l->n, 3);
     assert_string_equal(l->names[0], "0.weight");
     assert_string_equal(l->names[1], "0.bias");
     assert_string_equal(l->names[2], "3.weight");
     assert_ptr_equal(l->tensors[2], ((qkv_linear *)s->base.modules[3].module)->weight);
     qkv_named_list_free(l);
-    assert_int_equal(qkv_module_num_parameters(s), 3 * 4 + 4 + 4 * 2);
-    qkv_module_free(s);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(s)), 3 * 4 + 4 + 4 * 2);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 static void state_lists_buffers_after_each_modules_parameters(void **state) {
     (void)state;
     qkv_generator g = gen(2);
     qkv_module *m = qkv_module_new("model", sizeof(qkv_module), NULL);
-    qkv_module_add_module(m, "pos", qkv_sinusoidal_positional_encoding_new(4, 2));
-    qkv_module_add_module(m, "proj", qkv_linear_new(2, 2, true, &g));
+    qkv_module_add_module(m, "pos", QKV_MODULE(qkv_sinusoidal_positional_encoding_new(4, 2)));
+    qkv_module_add_module(m, "proj", QKV_MODULE(qkv_linear_new(2, 2, true, &g)));
     qkv_module_add_buffer(m, "step", qkv_zeros(QKV_I64, 0, NULL));
     qkv_named_list *l = qkv_module_state(m);
     assert_int_equal(l->n, 4);
@@ -241,7 +226,7 @@ static void registration_rejects_duplicate_and_dotted_names(void **state) {
                                      "no '.')");
     qkv_clear_error();
     /* a child that cannot be registered is freed, not leaked */
-    assert_null(qkv_module_add_module(m, "w", qkv_activation_new(QKV_ACT_RELU)));
+    assert_null(qkv_module_add_module(m, "w", QKV_MODULE(qkv_activation_new(QKV_ACT_RELU))));
     assert_null(qkv_module_add_parameter(m, "i", qkv_zeros(QKV_I64, S(2))));
     qkv_module_free(m);
 }
@@ -271,7 +256,7 @@ static void module_free_releases_every_tensor(void **state) {
     assert_non_null(enc);
     qkv_scope_end();
     assert_true(qkv_memory_stats_get().live_tensors > live);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
     assert_int_equal(qkv_memory_stats_get().live_tensors, live);
     assert_int_equal(qkv_memory_stats_get().bytes_in_use, bytes);
 }
@@ -284,14 +269,14 @@ static void train_and_eval_reach_every_submodule(void **state) {
                                   .activation = QKV_ACT_RELU},
         2, false, &g);
     assert_true(enc->layers[1]->dropout2->base.training);
-    qkv_module_train(enc, false);
+    qkv_module_train(QKV_MODULE(enc), false);
     assert_false(enc->base.training);
     assert_false(enc->layers[0]->self_attn->base.training);
     assert_false(enc->layers[1]->dropout2->base.training);
     assert_false(enc->layers[1]->self_attn->out_proj->base.training);
-    qkv_module_train(enc, true);
+    qkv_module_train(QKV_MODULE(enc), true);
     assert_true(enc->layers[1]->dropout->base.training);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 static void to_dtype_converts_parameters_in_place(void **state) {
@@ -303,7 +288,7 @@ static void to_dtype_converts_parameters_in_place(void **state) {
     assert_true(qkv_copy_out(w, QKV_F32, before));
     qkv_backward(qkv_sum_all(qkv_linear_forward(lin, qkv_ones(QKV_F32, S(1, 3)))));
     assert_non_null(w->grad);
-    assert_true(qkv_module_to_dtype(lin, QKV_F64));
+    assert_true(qkv_module_to_dtype(QKV_MODULE(lin), QKV_F64));
     assert_ptr_equal(lin->weight, w);
     assert_int_equal(w->dtype, QKV_F64);
     assert_int_equal(lin->bias->dtype, QKV_F64);
@@ -312,9 +297,9 @@ static void to_dtype_converts_parameters_in_place(void **state) {
     for (int i = 0; i < 6; i++) assert_true(((double *)qkv_data(w))[i] == (double)before[i]);
     qkv_tensor *y = qkv_linear_forward(lin, qkv_ones(QKV_F64, S(1, 3)));
     assert_int_equal(y->dtype, QKV_F64);
-    assert_false(qkv_module_to_dtype(lin, QKV_I64));
+    assert_false(qkv_module_to_dtype(QKV_MODULE(lin), QKV_I64));
     assert_string_equal(qkv_error(), "qkv_module_to_dtype: i64 is not a floating dtype");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void zero_grad_drops_every_gradient(void **state) {
@@ -325,10 +310,10 @@ static void zero_grad_drops_every_gradient(void **state) {
     qkv_tensor *w0 = find_param(s, "0.weight"), *w3 = find_param(s, "3.weight");
     assert_non_null(w0->grad);
     assert_non_null(w3->grad);
-    qkv_module_zero_grad(s);
+    qkv_module_zero_grad(QKV_MODULE(s));
     assert_null(w0->grad);
     assert_null(w3->grad);
-    qkv_module_free(s);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 /* ---- Init -------------------------------------------------------------------------------- */
@@ -397,14 +382,15 @@ static void same_seed_gives_the_same_model(void **state) {
     qkv_generator g1 = gen(10), g2 = gen(10);
     qkv_multi_head_attention *a = qkv_multi_head_attention_new(8, 2, 0.1, true, 0, 0, &g1);
     qkv_multi_head_attention *b = qkv_multi_head_attention_new(8, 2, 0.1, true, 0, 0, &g2);
-    qkv_named_list *la = qkv_module_parameters(a), *lb = qkv_module_parameters(b);
+    qkv_named_list *la = qkv_module_parameters(QKV_MODULE(a));
+    qkv_named_list *lb = qkv_module_parameters(QKV_MODULE(b));
     for (int i = 0; i < la->n; i++)
         assert_memory_equal(qkv_data(la->tensors[i]), qkv_data(lb->tensors[i]),
                             (size_t)la->tensors[i]->numel * sizeof(float));
     qkv_named_list_free(la);
     qkv_named_list_free(lb);
-    qkv_module_free(a);
-    qkv_module_free(b);
+    qkv_module_free(QKV_MODULE(a));
+    qkv_module_free(QKV_MODULE(b));
 }
 
 /* ---- Layers ------------------------------------------------------------------------------ */
@@ -421,7 +407,7 @@ static void linear_matches_torch_with_leading_dims(void **state) {
     assert_true(qkv_backward(weighted(y, &linear_w)));
     assert_fixture(x->grad, &linear_dx, RTOL, ATOL, "dx");
     assert_grads(lin, linear_grads);
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void linear_default_init_is_within_one_over_sqrt_in(void **state) {
@@ -435,9 +421,9 @@ static void linear_default_init_is_within_one_over_sqrt_in(void **state) {
     assert_true(lo >= -0.25 && hi < 0.25 && lo < -0.24 && hi > 0.24);
     qkv_linear *nob = qkv_linear_new(16, 3, false, &g);
     assert_null(nob->bias);
-    assert_int_equal(qkv_module_num_parameters(nob), 48);
-    qkv_module_free(lin);
-    qkv_module_free(nob);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(nob)), 48);
+    qkv_module_free(QKV_MODULE(lin));
+    qkv_module_free(QKV_MODULE(nob));
 }
 
 static void linear_names_the_bad_input_shape(void **state) {
@@ -451,7 +437,7 @@ static void linear_names_the_bad_input_shape(void **state) {
     assert_null(qkv_error());
     assert_null(qkv_linear_new(0, 3, true, &g));
     assert_string_equal(qkv_error(), "qkv_linear_new: bad sizes in 0, out 3");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void embedding_matches_torch_and_padding_row_gets_no_gradient(void **state) {
@@ -464,7 +450,7 @@ static void embedding_matches_torch_and_padding_row_gets_no_gradient(void **stat
     assert_true(qkv_backward(weighted(y, &embedding_w)));
     assert_grads(emb, embedding_grads);
     assert_values(qkv_select(emb->weight->grad, 0, 1), 3, (const double[]){0, 0, 0}, 0);
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void embedding_padding_row_starts_at_zero(void **state) {
@@ -477,7 +463,7 @@ static void embedding_padding_row_starts_at_zero(void **state) {
     assert_true(sd > 0);
     assert_null(qkv_embedding_new(5, 4, 5, &g));
     assert_string_equal(qkv_error(), "qkv_embedding_new: padding_idx 5 out of range for 5 rows");
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void embedding_names_an_id_out_of_range_and_ids_that_are_not_i64(void **state) {
@@ -491,7 +477,7 @@ static void embedding_names_an_id_out_of_range_and_ids_that_are_not_i64(void **s
     qkv_clear_error();
     assert_null(qkv_embedding_forward(emb, qkv_ones(QKV_F32, S(2))));
     assert_string_equal(qkv_error(), "qkv_embedding_forward: ids must be i64, not f32");
-    qkv_module_free(emb);
+    qkv_module_free(QKV_MODULE(emb));
 }
 
 static void dropout_layer_drops_in_training_only(void **state) {
@@ -502,10 +488,10 @@ static void dropout_layer_drops_in_training_only(void **state) {
     double lo, hi, mean, sd;
     range_of(qkv_dropout_layer_forward(d, x), &lo, &hi, &mean, &sd);
     assert_true(lo == 0 && hi == 2 && fabs(mean - 1) < 0.1);
-    qkv_module_train(d, false);
+    qkv_module_train(QKV_MODULE(d), false);
     range_of(qkv_dropout_layer_forward(d, x), &lo, &hi, &mean, &sd);
     assert_true(lo == 1 && hi == 1);
-    qkv_module_free(d);
+    qkv_module_free(QKV_MODULE(d));
 }
 
 static void layer_norm_matches_torch_over_two_dims(void **state) {
@@ -519,13 +505,13 @@ static void layer_norm_matches_torch_over_two_dims(void **state) {
     assert_true(qkv_backward(weighted(y, &layer_norm_w)));
     assert_fixture(x->grad, &layer_norm_dx, RTOL, ATOL, "dx");
     assert_grads(ln, layer_norm_grads);
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 static void layer_norm_without_affine_has_no_parameters(void **state) {
     (void)state;
     qkv_layer_norm *ln = qkv_layer_norm_new(1, (const int64_t[]){4}, 0.0, false);
-    assert_int_equal(qkv_module_num_parameters(ln), 0);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(ln)), 0);
     qkv_tensor *y = qkv_layer_norm_forward(ln, qkv_from_array(QKV_F32, S(1, 4),
                                                               (const float[]){1, 2, 3, 4}));
     double s = 1 / sqrt(1.25);
@@ -533,7 +519,7 @@ static void layer_norm_without_affine_has_no_parameters(void **state) {
     assert_null(qkv_layer_norm_forward(ln, qkv_ones(QKV_F32, S(4, 3))));
     assert_string_equal(qkv_error(), "qkv_layer_norm_forward: input [4,3] does not end with "
                                      "the normalized shape (1 dims, last 4)");
-    qkv_module_free(ln);
+    qkv_module_free(QKV_MODULE(ln));
 }
 
 static void activation_modules_apply_their_function(void **state) {
@@ -550,34 +536,39 @@ static void activation_modules_apply_their_function(void **state) {
         qkv_activation *a = qkv_activation_new(cases[i].kind);
         assert_string_equal(a->base.type, cases[i].type);
         assert_values(qkv_activation_forward(a, x), 3, cases[i].y, 1e-6);
-        qkv_module_free(a);
+        qkv_module_free(QKV_MODULE(a));
     }
 }
 
 /* A user's own module in a sequential chain: y = 2x. */
-static qkv_tensor *doubling_forward(void *m, const qkv_tensor *x) {
+static qkv_tensor *doubling_forward(qkv_module *m, const qkv_tensor *x) {
     (void)m;
     return qkv_mul_scalar(x, 2);
+}
+
+static qkv_module *doubling_new(void) {
+    qkv_module *m = qkv_module_new("doubling", sizeof(qkv_module), NULL);
+    if (m) m->forward = doubling_forward;
+    return m;
 }
 
 static void sequential_chains_builtin_and_user_modules(void **state) {
     (void)state;
     qkv_generator g = gen(17);
     qkv_sequential *s = qkv_sequential_new();
-    qkv_linear *lin = qkv_sequential_add(s, qkv_linear_new(2, 2, true, &g), NULL);
-    qkv_sequential_add(s, qkv_activation_new(QKV_ACT_RELU), NULL);
-    qkv_sequential_add(s, qkv_module_new("doubling", sizeof(qkv_module), NULL),
-                       doubling_forward);
+    qkv_linear *lin = qkv_sequential_add(s, QKV_MODULE(qkv_linear_new(2, 2, true, &g)));
+    qkv_sequential_add(s, QKV_MODULE(qkv_activation_new(QKV_ACT_RELU)));
+    qkv_sequential_add(s, doubling_new());
     assert_true(qkv_fill_(lin->weight, 0) && qkv_fill_(lin->bias, 0));
     qkv_fill_(qkv_select(lin->bias, 0, 0), 1.5);
     qkv_fill_(qkv_select(lin->bias, 0, 1), -1);
     qkv_tensor *y = qkv_sequential_forward(s, qkv_ones(QKV_F32, S(1, 2)));
     assert_values(y, 2, (const double[]){3, 0}, 0);
-    assert_null(qkv_sequential_add(s, qkv_module_new("mine", sizeof(qkv_module), NULL), NULL));
-    assert_string_equal(qkv_error(), "qkv_sequential_add: a mine module needs a forward "
-                                     "function");
+    assert_null(qkv_sequential_add(s, qkv_module_new("mine", sizeof(qkv_module), NULL)));
+    assert_string_equal(qkv_error(), "qkv_sequential_add: a mine module has no one-input "
+                                     "forward");
     assert_int_equal(s->n, 3);
-    qkv_module_free(s);
+    qkv_module_free(QKV_MODULE(s));
 }
 
 /* ---- Multi-head attention ---------------------------------------------------------------- */
@@ -616,7 +607,7 @@ static void check_mha(const mha_case *c) {
     if (c->dkey) assert_fixture(k->grad, c->dkey, RTOL, ATOL, "dkey");
     if (c->dvalue) assert_fixture(v->grad, c->dvalue, RTOL, ATOL, "dvalue");
     assert_grads(m, c->grads);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_self_with_key_padding_mask_matches_torch(void **state) {
@@ -684,7 +675,7 @@ static void attention_causal_flag_equals_the_explicit_mask(void **state) {
                                              .per_head_weights = true});
     assert_fixture(out, &mha_causal_out, RTOL, ATOL, "out");
     assert_fixture(w, &mha_causal_weights, RTOL, ATOL, "weights");
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_query_with_every_key_masked_outputs_the_out_proj_bias(void **state) {
@@ -708,7 +699,7 @@ static void attention_query_with_every_key_masked_outputs_the_out_proj_bias(void
     assert_true(qkv_copy_out(x->grad, QKV_F64, dx));
     for (int i = 0; i < 12; i++) assert_true(isfinite(dx[i]));
     for (int i = 12; i < 24; i++) assert_true(dx[i] == 0);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_init_is_xavier_with_zero_biases(void **state) {
@@ -724,7 +715,7 @@ static void attention_init_is_xavier_with_zero_biases(void **state) {
     assert_true(lo == 0 && hi == 0);
     range_of(m->out_proj->weight, &lo, &hi, &mean, &sd);
     assert_true(hi < 1 / sqrt(32.0) && hi > 0.95 / sqrt(32.0));
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 /* lo and hi lie in [-bound, bound) and come within 5% of both ends. */
@@ -768,10 +759,10 @@ static void layer_defaults_match_pytorch_init(void **state) {
     assert_fills_uniform(layer->linear2->weight, 1 / sqrt(128.0), "linear2.weight");
     assert_constant(layer->norm2->weight, 1, "norm2.weight");
     assert_constant(layer->norm2->bias, 0, "norm2.bias");
-    qkv_module_free(emb);
-    qkv_module_free(ln);
-    qkv_module_free(m);
-    qkv_module_free(layer);
+    qkv_module_free(QKV_MODULE(emb));
+    qkv_module_free(QKV_MODULE(ln));
+    qkv_module_free(QKV_MODULE(m));
+    qkv_module_free(QKV_MODULE(layer));
 }
 
 /* Copies every parameter of from into the parameter of the same name of to. */
@@ -795,6 +786,66 @@ static bool same_values(const qkv_tensor *a, const qkv_tensor *b) {
     return same;
 }
 
+/* qkv_module_forward calls the forward each one-input module's constructor sets in its base:
+ * the same values as the module's own forward function. */
+static void module_forward_calls_each_modules_own_forward(void **state) {
+    (void)state;
+    qkv_generator g = gen(18);
+    qkv_tensor *x = qkv_randn(QKV_F32, S(2, 3, 4), &g);
+    qkv_tensor *ids = qkv_from_array(QKV_I64, S(2, 3), (const int64_t[]){1, 3, 0, 2, 2, 4});
+    qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 8,
+                                .activation = QKV_ACT_RELU};
+    qkv_linear *lin = qkv_linear_new(4, 5, true, &g);
+    qkv_embedding *emb = qkv_embedding_new(6, 4, 0, &g);
+    qkv_dropout_layer *drop = qkv_dropout_layer_new(0.5, &g);
+    qkv_layer_norm *ln = qkv_layer_norm_new(S(4), 1e-5, true);
+    qkv_activation *act = qkv_activation_new(QKV_ACT_GELU);
+    qkv_positional_encoding *pe = qkv_sinusoidal_positional_encoding_new(8, 4);
+    qkv_transformer_encoder_layer *layer = qkv_transformer_encoder_layer_new(&c, &g);
+    qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
+    qkv_module_train(QKV_MODULE(drop), false);
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(lin), x), qkv_linear_forward(lin, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(emb), ids),
+                            qkv_embedding_forward(emb, ids)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(drop), x),
+                            qkv_dropout_layer_forward(drop, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(ln), x),
+                            qkv_layer_norm_forward(ln, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(act), x),
+                            qkv_activation_forward(act, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(pe), x),
+                            qkv_positional_encoding_forward(pe, x)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(layer), x),
+                            qkv_transformer_encoder_layer_forward(layer, x, NULL)));
+    assert_true(same_values(qkv_module_forward(QKV_MODULE(enc), x),
+                            qkv_transformer_encoder_forward(enc, x, NULL)));
+    qkv_module_free(QKV_MODULE(lin));
+    qkv_module_free(QKV_MODULE(emb));
+    qkv_module_free(QKV_MODULE(drop));
+    qkv_module_free(QKV_MODULE(ln));
+    qkv_module_free(QKV_MODULE(act));
+    qkv_module_free(QKV_MODULE(pe));
+    qkv_module_free(QKV_MODULE(layer));
+    qkv_module_free(QKV_MODULE(enc));
+}
+
+/* A module whose forward takes more than one input has none in its base: calling it through
+ * qkv_module_forward is an error naming its type, and a NULL module or input passes through. */
+static void module_forward_without_one_is_an_error(void **state) {
+    (void)state;
+    qkv_generator g = gen(19);
+    qkv_multi_head_attention *mha = qkv_multi_head_attention_new(4, 2, 0, true, 0, 0, &g);
+    qkv_tensor *x = qkv_zeros(QKV_F32, S(1, 2, 4));
+    assert_null(qkv_module_forward(QKV_MODULE(mha), x));
+    assert_string_equal(qkv_error(), "qkv_module_forward: a multi_head_attention module has no "
+                                     "one-input forward");
+    qkv_clear_error();
+    assert_null(qkv_module_forward(NULL, x));
+    assert_null(qkv_module_forward(QKV_MODULE(mha), NULL));
+    assert_null(qkv_error());
+    qkv_module_free(QKV_MODULE(mha));
+}
+
 /* In eval mode an encoder layer with dropout is the same function as one without; in
  * training mode it is not, and each forward draws new masks. */
 static void encoder_layer_dropout_acts_in_training_only(void **state) {
@@ -812,11 +863,11 @@ static void encoder_layer_dropout_acts_in_training_only(void **state) {
     qkv_tensor *second = qkv_transformer_encoder_layer_forward(dropping, x, NULL);
     assert_false(same_values(first, reference));
     assert_false(same_values(first, second));
-    qkv_module_train(dropping, false);
+    qkv_module_train(QKV_MODULE(dropping), false);
     assert_true(same_values(qkv_transformer_encoder_layer_forward(dropping, x, NULL),
                             reference));
-    qkv_module_free(dropping);
-    qkv_module_free(plain);
+    qkv_module_free(QKV_MODULE(dropping));
+    qkv_module_free(QKV_MODULE(plain));
 }
 
 /* Attention dropout acts on the weights, and the weights returned are those after dropout
@@ -829,7 +880,7 @@ static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
     qkv_tensor *dropped = NULL, *kept = NULL;
     qkv_attention_options o = {.weights = &dropped, .per_head_weights = true};
     assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
-    qkv_module_train(m, false);
+    qkv_module_train(QKV_MODULE(m), false);
     o.weights = &kept;
     assert_non_null(qkv_multi_head_attention_forward(m, x, x, x, &o));
     int64_t n = kept->numel, zeros = 0;
@@ -846,7 +897,7 @@ static void attention_dropout_zeroes_and_rescales_the_weights(void **state) {
     }
     free(v);
     assert_true(zeros > n / 4 && zeros < 3 * n / 4);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void attention_names_bad_shapes(void **state) {
@@ -867,7 +918,7 @@ static void attention_names_bad_shapes(void **state) {
     qkv_clear_error();
     assert_null(qkv_multi_head_attention_new(6, 4, 0.0, true, 0, 0, &g));
     assert_non_null(qkv_error());
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 /* ---- Transformer encoder ----------------------------------------------------------------- */
@@ -896,7 +947,7 @@ static void check_encoder(const encoder_case *c) {
     assert_true(qkv_backward(weighted(out, c->w)));
     assert_fixture(src->grad, c->dsrc, RTOL, ATOL, "dsrc");
     assert_grads(m, c->grads);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 static void encoder_layer_post_norm_relu_matches_torch(void **state) {
@@ -968,16 +1019,16 @@ static void encoder_layer_parameters_are_pytorch_state_dict_keys(void **state) {
                                 .activation = QKV_ACT_RELU};
     qkv_transformer_encoder_layer *m = qkv_transformer_encoder_layer_new(&c, &g);
     assert_names_match_torch(m, encoder_torch_keys);
-    assert_int_equal(qkv_module_num_parameters(m), encoder_torch_numel);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(m)), encoder_torch_numel);
     const char *subs[] = {"self_attn", "linear1", "dropout", "linear2", "norm1", "norm2",
                           "dropout1", "dropout2"};
     assert_int_equal(m->base.n_modules, 8);
     for (int i = 0; i < 8; i++) assert_string_equal(m->base.modules[i].name, subs[i]);
     qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
     assert_names_match_torch(enc, encoder_stack_torch_keys);
-    assert_int_equal(qkv_module_num_parameters(enc), 2 * encoder_torch_numel + 16);
-    qkv_module_free(m);
-    qkv_module_free(enc);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(enc)), 2 * encoder_torch_numel + 16);
+    qkv_module_free(QKV_MODULE(m));
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 static void encoder_layer_names_a_key_padding_mask_of_the_wrong_shape(void **state) {
@@ -991,7 +1042,7 @@ static void encoder_layer_names_a_key_padding_mask_of_the_wrong_shape(void **sta
                                                       &opts));
     assert_string_equal(qkv_error(), "qkv_multi_head_attention_forward: key_padding_mask "
                                      "[2,4]; expected [2,3]");
-    qkv_module_free(layer);
+    qkv_module_free(QKV_MODULE(layer));
 }
 
 static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state) {
@@ -1005,7 +1056,7 @@ static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state
     assert_null(y);
     assert_string_equal(qkv_error(), "qkv anomaly: affine produced a non-finite value in its "
                                      "forward");
-    qkv_module_free(lin);
+    qkv_module_free(QKV_MODULE(lin));
 }
 
 static void encoder_stack_applies_its_layers_then_the_final_norm(void **state) {
@@ -1023,7 +1074,7 @@ static void encoder_stack_applies_its_layers_then_the_final_norm(void **state) {
     double expected[80];
     assert_true(qkv_copy_out(by_hand, QKV_F64, expected));
     assert_values(y, 80, expected, 0);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
 }
 
 /* ---- Positional encodings ---------------------------------------------------------------- */
@@ -1032,21 +1083,21 @@ static void sinusoidal_encoding_is_the_tutorial_table(void **state) {
     (void)state;
     qkv_positional_encoding *pe = qkv_sinusoidal_positional_encoding_new(12, 6);
     assert_fixture(pe->table, &sinusoidal_pe, 0, 1e-6, "pe");
-    assert_int_equal(qkv_module_num_parameters(pe), 0);
+    assert_int_equal(qkv_module_num_parameters(QKV_MODULE(pe)), 0);
     qkv_tensor *y = qkv_positional_encoding_forward(pe, qkv_zeros(QKV_F32, S(2, 3, 6)));
     assert_fixture(qkv_select(y, 0, 1), &(nn_fixture){2, {3, 6}, sinusoidal_pe_data}, 0, 1e-6,
                    "first rows");
     assert_null(qkv_positional_encoding_forward(pe, qkv_zeros(QKV_F32, S(1, 13, 6))));
     assert_string_equal(qkv_error(), "qkv_positional_encoding_forward: input [1,13,6]; "
                                      "expected [B,T,6] with T <= 12");
-    qkv_module_free(pe);
+    qkv_module_free(QKV_MODULE(pe));
 }
 
 static void learned_encoding_adds_rows_and_trains_only_those_used(void **state) {
     (void)state;
     qkv_generator g = gen(33);
     qkv_positional_encoding *pe = qkv_learned_positional_encoding_new(8, 2, &g);
-    qkv_named_list *l = qkv_module_parameters(pe);
+    qkv_named_list *l = qkv_module_parameters(QKV_MODULE(pe));
     assert_string_equal(l->names[0], "weight");
     qkv_named_list_free(l);
     qkv_tensor *y = qkv_positional_encoding_forward(pe, qkv_ones(QKV_F32, S(3, 2, 2)));
@@ -1057,7 +1108,7 @@ static void learned_encoding_adds_rows_and_trains_only_those_used(void **state) 
     assert_true(qkv_backward(qkv_sum_all(y)));
     assert_values(pe->table->grad, 16, (const double[]){3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                         0, 0, 0}, 0);
-    qkv_module_free(pe);
+    qkv_module_free(QKV_MODULE(pe));
 }
 
 /* ---- Losses ------------------------------------------------------------------------------ */
@@ -1230,50 +1281,26 @@ static void encoder_layer_passes_gradcheck(void **state) {
 
 /* ---- Allocation failure ------------------------------------------------------------------ */
 
-/* Fails the 1st, 2nd, ... allocation of op in turn: each must end in an error and give back
- * everything taken, until op runs with no failure left to inject. */
-static void assert_every_allocation_failure_is_clean(bool (*op)(void)) {
-    for (uint64_t k = 1;; k++) {
-        size_t in_use = qkv_memory_stats_get().bytes_in_use;
-        uint64_t live = qkv_memory_stats_get().live_tensors;
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(k);
-        qkv_scope_begin();
-        bool ok = op();
-        qkv_scope_end();
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-        if (count < k) {
-            assert_true(ok);
-            break;
-        }
-        assert_false(ok);
-        assert_non_null(qkv_error());
-    }
-}
-
 /* Builds a two-layer encoder, lists its state, runs forward, a loss and backward, frees it. */
 static bool encoder_lifecycle(void) {
     qkv_generator g = gen(50);
     qkv_transformer_config c = {.d_model = 4, .nhead = 2, .dim_feedforward = 4, .dropout = 0.1,
                                 .activation = QKV_ACT_RELU};
     qkv_transformer_encoder *enc = qkv_transformer_encoder_new(&c, 2, true, &g);
-    qkv_named_list *l = qkv_module_state(enc);
+    qkv_named_list *l = qkv_module_state(QKV_MODULE(enc));
     qkv_tensor *x = qkv_randn(QKV_F32, S(2, 3, 4), &g);
     qkv_tensor *targets = qkv_from_array(QKV_I64, S(2), (const int64_t[]){1, 3});
     qkv_tensor *logits = qkv_select(qkv_transformer_encoder_forward(enc, x, NULL), 1, 0);
     qkv_tensor *loss = qkv_cross_entropy(logits, targets, QKV_REDUCTION_MEAN, -100, 0.1);
-    bool ok = enc && l && qkv_backward(loss) && qkv_module_to_dtype(enc, QKV_F64);
+    bool ok = enc && l && qkv_backward(loss) && qkv_module_to_dtype(QKV_MODULE(enc), QKV_F64);
     qkv_named_list_free(l);
-    qkv_module_free(enc);
+    qkv_module_free(QKV_MODULE(enc));
     return ok;
 }
 
 static void modules_survive_every_allocation_failure(void **state) {
     (void)state;
-    assert_every_allocation_failure_is_clean(encoder_lifecycle);
+    assert_every_allocation_failure_is_clean_in_a_scope(encoder_lifecycle());
 }
 
 #define T(name) cmocka_unit_test_setup_teardown(name, open_scope, close_scope)
@@ -1304,6 +1331,8 @@ int main(void) {
         T(layer_norm_without_affine_has_no_parameters),
         T(activation_modules_apply_their_function),
         T(sequential_chains_builtin_and_user_modules),
+        T(module_forward_calls_each_modules_own_forward),
+        T(module_forward_without_one_is_an_error),
         T(attention_self_with_key_padding_mask_matches_torch),
         T(attention_causal_mask_per_head_weights_match_torch),
         T(attention_cross_with_kdim_vdim_matches_torch),

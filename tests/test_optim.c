@@ -14,14 +14,9 @@
 #include "qkv.h"
 #include "optim/optim.h"
 #include "fixtures/optim_fixtures.h"
+#include "harness.h"
 
 /* ---- Helpers ----------------------------------------------------------------------------- */
-
-static int clear_error(void **state) {
-    (void)state;
-    qkv_clear_error();
-    return 0;
-}
 
 static void assert_close_f32(const qkv_tensor *t, const float *expected, int64_t n,
                              double rtol, double atol) {
@@ -696,14 +691,6 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
 
 /* ---- With nn modules --------------------------------------------------------------------- */
 
-static qkv_tensor *forward_linear(void *m, const qkv_tensor *x) {
-    return qkv_linear_forward(m, x);
-}
-
-static qkv_tensor *forward_layer_norm(void *m, const qkv_tensor *x) {
-    return qkv_layer_norm_forward(m, x);
-}
-
 /* A module's parameter list goes straight into decay groups: the linear weights ("0.weight",
  * "2.weight") decay; biases and the layer norm's 1-D gain do not. Training then lowers the loss
  * and, after the first step, allocates nothing in the optimizer. */
@@ -713,10 +700,10 @@ static void module_parameters_train_in_decay_groups(void **state) {
     qkv_generator gen;
     qkv_generator_init(&gen, 3);
     qkv_sequential *net = qkv_sequential_new();
-    qkv_sequential_add(net, qkv_linear_new(4, 6, true, &gen), forward_linear);
-    qkv_sequential_add(net, qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true), forward_layer_norm);
-    qkv_sequential_add(net, qkv_linear_new(6, 2, true, &gen), forward_linear);
-    qkv_named_list *params = qkv_module_parameters(net);
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(4, 6, true, &gen)));
+    qkv_sequential_add(net, QKV_MODULE(qkv_layer_norm_new(QKV_SHAPE(6), 1e-5, true)));
+    qkv_sequential_add(net, QKV_MODULE(qkv_linear_new(6, 2, true, &gen)));
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(net));
     assert_non_null(params);
     qkv_optimizer *opt = qkv_adamw_new();
     assert_true(qkv_optimizer_add_decay_groups(opt, params, qkv_adamw_config(0.05)));
@@ -744,7 +731,7 @@ static void module_parameters_train_in_decay_groups(void **state) {
     }
     assert_true(last < 0.8 * first);
     qkv_optimizer_free(opt);
-    qkv_module_free(net);
+    qkv_module_free(QKV_MODULE(net));
     qkv_release(x);
     qkv_release(y);
     assert_null(qkv_error());
@@ -752,28 +739,6 @@ static void module_parameters_train_in_decay_groups(void **state) {
 }
 
 /* ---- Allocation failures ----------------------------------------------------------------- */
-
-/* Fails the 1st, 2nd, ... allocation of op in turn: each must be reported as out of memory and
- * give back everything taken, until op runs with no failure left to inject. */
-static void assert_every_allocation_failure_is_clean(bool (*op)(mlp *m), mlp *m) {
-    for (uint64_t k = 1;; k++) {
-        size_t in_use = qkv_memory_stats_get().bytes_in_use;
-        uint64_t live = qkv_memory_stats_get().live_tensors;
-        qkv_clear_error();
-        qkv_debug_fail_alloc_at(k);
-        bool ok = op(m);
-        uint64_t count = qkv_debug_alloc_count();
-        qkv_debug_fail_alloc_at(0);
-        assert_int_equal(qkv_memory_stats_get().bytes_in_use, in_use);
-        assert_int_equal(qkv_memory_stats_get().live_tensors, live);
-        if (count < k) {
-            assert_true(ok);
-            break;
-        }
-        assert_false(ok);
-        assert_non_null(strstr(qkv_error(), "out of memory"));
-    }
-}
 
 /* Gives every parameter a grad of ones, the first one transposed (so that the step and the
  * clipping make a contiguous copy first); false when that fails. */
@@ -824,8 +789,8 @@ static void every_allocation_failure_is_reported_and_leaks_nothing(void **state)
     (void)state;
     mlp m;
     mlp_init(&m, QKV_F32);
-    assert_every_allocation_failure_is_clean(step_export_import, &m);
-    assert_every_allocation_failure_is_clean(clip, &m);
+    assert_every_allocation_failure_is_clean(step_export_import(&m));
+    assert_every_allocation_failure_is_clean(clip(&m));
     mlp_free(&m);
 }
 
@@ -952,7 +917,7 @@ static void linear_adam_step(qkv_linear *l, qkv_optimizer *opt, qkv_dtype dtype)
 }
 
 static qkv_optimizer *adam_over(qkv_linear *l) {
-    qkv_named_list *params = qkv_module_parameters(l);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(l));
     qkv_optimizer *opt = qkv_adam_new();
     assert_true(qkv_optimizer_add_group(opt, params, qkv_adam_config(0.1)));
     qkv_named_list_free(params);
@@ -969,11 +934,11 @@ static void state_follows_a_parameter_converted_to_another_dtype(void **state) {
     qkv_optimizer *opt = adam_over(l);
     linear_adam_step(l, opt, QKV_F32);
     qkv_optim_state *st = qkv_optimizer_state_export(opt);
-    assert_true(qkv_module_to_dtype(l, QKV_F64));
+    assert_true(qkv_module_to_dtype(QKV_MODULE(l), QKV_F64));
     assert_int_equal(qkv_optimizer_state(opt, 0, 0, "exp_avg")->dtype, QKV_F32);
 
     qkv_linear *ref = qkv_linear_new(2, 2, true, &g);
-    assert_true(qkv_module_to_dtype(ref, QKV_F64));
+    assert_true(qkv_module_to_dtype(QKV_MODULE(ref), QKV_F64));
     assert_true(qkv_copy_(ref->weight, l->weight) && qkv_copy_(ref->bias, l->bias));
     qkv_optimizer *ref_opt = adam_over(ref);
     assert_true(qkv_optimizer_state_import(ref_opt, st));
@@ -992,8 +957,8 @@ static void state_follows_a_parameter_converted_to_another_dtype(void **state) {
     assert_memory_equal(qkv_data(l->bias), qkv_data(ref->bias), 2 * sizeof(double));
     qkv_optimizer_free(opt);
     qkv_optimizer_free(ref_opt);
-    qkv_module_free(l);
-    qkv_module_free(ref);
+    qkv_module_free(QKV_MODULE(l));
+    qkv_module_free(QKV_MODULE(ref));
     assert_null(qkv_error());
 }
 

@@ -12,23 +12,9 @@
 
 #include "qkv.h"
 #include "fixtures/reduce_fixtures.h"
-#include "fixture_check.h"
+#include "harness.h"
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    assert_int_equal(qkv_scope_depth(), 0);
-    return 0;
-}
 
 static qkv_tensor *apply_view(qkv_tensor *t, char view) {
     if (view == 'p') return qkv_permute(t, (const int[]){2, 0, 1});

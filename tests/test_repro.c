@@ -46,7 +46,7 @@ static void make_batch(qkv_tensor **ids, qkv_tensor **pad, qkv_tensor **labels) 
 }
 
 static unsigned char *parameter_bytes(const classifier *m, size_t *size) {
-    qkv_named_list *params = qkv_module_parameters(m);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(m));
     assert_non_null(params);
     size_t total = 0;
     for (int i = 0; i < params->n; i++)
@@ -72,7 +72,7 @@ static run_result train(uint64_t seed, int threads) {
     qkv_generator_init(&g, seed);
     classifier *m = classifier_new(&config, &g);
     assert_non_null(m);
-    qkv_named_list *params = qkv_module_parameters(m);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(m));
     qkv_optimizer *opt = qkv_adamw_new();
     assert_true(qkv_optimizer_add_decay_groups(opt, params, qkv_adamw_config(1e-3)));
     qkv_tensor *ids, *pad, *labels;
@@ -93,7 +93,7 @@ static run_result train(uint64_t seed, int threads) {
     qkv_release(labels);
     qkv_optimizer_free(opt);
     qkv_named_list_free(params);
-    qkv_module_free(m);
+    qkv_module_free(QKV_MODULE(m));
     qkv_set_num_threads(threads_before);
     return r;
 }

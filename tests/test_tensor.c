@@ -13,21 +13,7 @@
 
 #include "qkv.h"
 #include "fixtures/tensor_fixtures.h"
-#include "fixture_check.h"
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    assert_int_equal(qkv_scope_depth(), 0);
-    return 0;
-}
+#include "harness.h"
 
 static void assert_all(const qkv_tensor *t, double value) {
     assert_non_null(t);

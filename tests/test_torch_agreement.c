@@ -14,28 +14,12 @@
 
 #include "qkv.h"
 #include "fixtures/agreement_fixtures.h"
+#include "harness.h"
 
 /* Tolerances relative to each value plus the same fraction of the tensor's largest magnitude,
  * so that entries which cancel to near zero are held to the tensor's scale. */
 #define RTOL_F32 1e-5
 #define RTOL_F64 1e-10
-
-static uint64_t live_at_start;
-
-static int setup(void **state) {
-    (void)state;
-    qkv_clear_error();
-    live_at_start = qkv_memory_stats_get().live_tensors;
-    qkv_scope_begin();
-    return 0;
-}
-
-/* Fails the test when anything it made outlives its scope. */
-static int teardown(void **state) {
-    (void)state;
-    qkv_scope_end();
-    return qkv_memory_stats_get().live_tensors == live_at_start ? 0 : -1;
-}
 
 /* A leaf parameter in dtype holding the fixture's values. */
 static qkv_tensor *param(qkv_dtype dtype, int ndim, const int64_t *shape, const double *data) {
@@ -205,7 +189,7 @@ static void mlp_cross_entropy_agrees_with_torch_in_f64(void **state) {
     check_mlp(QKV_F64, RTOL_F64);
 }
 
-#define TEST(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
+#define TEST(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
 
 int main(void) {
     const struct CMUnitTest tests[] = {

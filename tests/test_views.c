@@ -10,21 +10,7 @@
 
 #include "qkv.h"
 #include "fixtures/views_fixtures.h"
-#include "fixture_check.h"
-
-static int open_scope(void **state) {
-    (void)state;
-    qkv_clear_error();
-    qkv_scope_begin();
-    return 0;
-}
-
-static int close_scope(void **state) {
-    (void)state;
-    qkv_scope_end();
-    assert_int_equal(qkv_scope_depth(), 0);
-    return 0;
-}
+#include "harness.h"
 
 static qkv_tensor *arange_a(void) {
     return qkv_reshape(qkv_arange(QKV_F32, 0, 24, 1), QKV_SHAPE(2, 3, 4));

@@ -21,11 +21,11 @@ int main(void) {
     qkv_generator g;
     qkv_generator_init(&g, 7);
     mlp *model = mlp_new(2, 5, 3, &g);
-    if (!model || !qkv_module_to_dtype(model, QKV_F64))
+    if (!model || !qkv_module_to_dtype(QKV_MODULE(model), QKV_F64))
         return fprintf(stderr, "%s\n", qkv_error()), 1;
 
     qkv_scope_begin();
-    qkv_named_list *params = qkv_module_parameters(model);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(model));
     qkv_tensor *inputs[8];
     if (!params || params->n >= 8) return fprintf(stderr, "no parameter list\n"), 1;
     int n = params->n;
@@ -37,6 +37,6 @@ int main(void) {
     qkv_named_list_free(params);
     qkv_scope_end();
 
-    qkv_module_free(model);
+    qkv_module_free(QKV_MODULE(model));
     return ok ? 0 : 1;
 }

@@ -13,7 +13,7 @@ static void quadrant_batch(int64_t n, qkv_generator *g, qkv_tensor **x, qkv_tens
 }
 
 static double accuracy(mlp *m, qkv_generator *g) {
-    qkv_module_train(m, false);
+    qkv_module_train(QKV_MODULE(m), false);
     qkv_no_grad_begin();
     qkv_scope_begin();
     qkv_tensor *x, *labels;
@@ -22,7 +22,7 @@ static double accuracy(mlp *m, qkv_generator *g) {
     double right = qkv_item(qkv_sum_all(qkv_eq(predicted, labels)));
     qkv_scope_end();
     qkv_no_grad_end();
-    qkv_module_train(m, true);
+    qkv_module_train(QKV_MODULE(m), true);
     return right / 1000;
 }
 
@@ -30,7 +30,7 @@ int main(void) {
     qkv_generator g;
     qkv_generator_init(&g, 42);
     mlp *model = mlp_new(2, 16, 2, &g);
-    qkv_named_list *params = qkv_module_parameters(model);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(model));
     qkv_optimizer *opt = qkv_adam_new();
     if (!model || !params || !opt ||
         !qkv_optimizer_add_group(opt, params, qkv_adam_config(0.03)))
@@ -61,22 +61,22 @@ int main(void) {
     /* The weights, the optimizer's moments and a note of our own, in one file. */
     qkv_meta_pair note[] = {{"task", "quadrants"}};
     qkv_checkpoint_contents extras = {.n_meta = 1, .meta = note};
-    if (!qkv_checkpoint_save(model, opt, "guide-mlp.safetensors", &extras))
+    if (!qkv_checkpoint_save(QKV_MODULE(model), opt, "guide-mlp.safetensors", &extras))
         return fprintf(stderr, "%s\n", qkv_error()), 1;
 
     /* A fresh model of the same shape takes the saved weights and predicts the same. */
     mlp *copy = mlp_new(2, 16, 2, &g);
-    if (!copy || !qkv_module_load(copy, "guide-mlp.safetensors", NULL))
+    if (!copy || !qkv_module_load(QKV_MODULE(copy), "guide-mlp.safetensors", NULL))
         return fprintf(stderr, "%s\n", qkv_error()), 1;
     qkv_generator_init(&eval_points, 7);
     double copy_acc = accuracy(copy, &eval_points);
     printf("accuracy of the loaded copy: %.3f\n", copy_acc);
-    qkv_module_free(copy);
+    qkv_module_free(QKV_MODULE(copy));
     remove("guide-mlp.safetensors");
     if (copy_acc != acc) return fprintf(stderr, "the loaded copy predicts differently\n"), 1;
 
     qkv_optimizer_free(opt);
     qkv_named_list_free(params);
-    qkv_module_free(model);
+    qkv_module_free(QKV_MODULE(model));
     return acc >= 0.9 ? 0 : 1;
 }

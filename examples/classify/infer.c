@@ -9,7 +9,7 @@
 #define EVAL_BATCH 256
 
 void trained_free(trained *t) {
-    qkv_module_free(t->model);
+    qkv_module_free(QKV_MODULE(t->model));
     qkv_vocab_free(t->vocab);
     qkv_labels_free(t->labels);
     *t = (trained){0};
@@ -20,7 +20,7 @@ bool predict_all(classifier *m, const qkv_dataset *ds, int64_t max_len, int64_t 
     int64_t n = qkv_dataset_size(ds);
     int64_t idx[EVAL_BATCH];
     bool ok = true;
-    qkv_module_train(m, false);
+    qkv_module_train(QKV_MODULE(m), false);
     qkv_no_grad_begin();
     for (int64_t off = 0; off < n && ok; off += EVAL_BATCH) {
         int64_t count = n - off < EVAL_BATCH ? n - off : EVAL_BATCH;
@@ -67,7 +67,7 @@ bool save_trained(const trained *t, const char *path) {
     qkv_named_bytes bytes[2] = {{"vocab", vb, vn}, {"labels", lb, ln}};
     qkv_checkpoint_contents extras = {.n_bytes = 2, .bytes = bytes, .n_meta = N_CONFIG + 1,
                                       .meta = meta};
-    ok = ok && qkv_module_save(t->model, path, &extras);
+    ok = ok && qkv_module_save(QKV_MODULE(t->model), path, &extras);
     free(vb);
     free(lb);
     return ok;
@@ -111,7 +111,7 @@ bool load_trained(trained *t, const char *path) {
     qkv_generator g;
     qkv_generator_init(&g, 0);
     if (ok) t->model = classifier_new(&c, &g);
-    ok = ok && t->model && qkv_module_load(t->model, path, NULL);
+    ok = ok && t->model && qkv_module_load(QKV_MODULE(t->model), path, NULL);
     qkv_safetensors_free(f);
     if (!ok) trained_free(t);
     return ok;

@@ -13,18 +13,20 @@ classifier *classifier_new(const classifier_config *c, qkv_generator *g) {
         .activation = QKV_ACT_GELU,
         .norm_first = true,
     };
-    m->tok_embed = qkv_module_add_module(&m->base, "tok_embed",
-                                         qkv_embedding_new(c->vocab_size, c->dim, 0, g));
+    m->tok_embed = qkv_module_add_module(
+        &m->base, "tok_embed", QKV_MODULE(qkv_embedding_new(c->vocab_size, c->dim, 0, g)));
     m->pos_embed = qkv_module_add_module(
-        &m->base, "pos_embed", qkv_learned_positional_encoding_new(c->max_len, c->dim, g));
+        &m->base, "pos_embed",
+        QKV_MODULE(qkv_learned_positional_encoding_new(c->max_len, c->dim, g)));
     m->dropout = qkv_module_add_module(&m->base, "dropout",
-                                       qkv_dropout_layer_new(c->dropout, g));
+                                       QKV_MODULE(qkv_dropout_layer_new(c->dropout, g)));
     m->encoder = qkv_module_add_module(
-        &m->base, "encoder", qkv_transformer_encoder_new(&layer, (int)c->layers, true, g));
+        &m->base, "encoder",
+        QKV_MODULE(qkv_transformer_encoder_new(&layer, (int)c->layers, true, g)));
     m->head = qkv_module_add_module(&m->base, "head",
-                                    qkv_linear_new(c->dim, c->n_classes, true, g));
+                                    QKV_MODULE(qkv_linear_new(c->dim, c->n_classes, true, g)));
     if (!m->tok_embed || !m->pos_embed || !m->dropout || !m->encoder || !m->head) {
-        qkv_module_free(m);
+        qkv_module_free(QKV_MODULE(m));
         return NULL;
     }
     return m;

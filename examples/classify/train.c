@@ -104,7 +104,7 @@ static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *
     progress p = {.live = isatty(STDOUT_FILENO), .start = seconds_now()};
     double total = 0;
     qkv_shuffle(order, n, g);
-    qkv_module_train(m, true);
+    qkv_module_train(QKV_MODULE(m), true);
     for (int64_t k = 0; k < batches; k++) {
         int64_t off = k * o->batch, count = n - off < o->batch ? n - off : o->batch;
         qkv_scope_begin();
@@ -176,9 +176,10 @@ static bool prepare(const options *o, qkv_tsv *train, qkv_tsv *test, trained *t,
     };
     if (*dtrain && *dtest) t->model = classifier_new(&c, g);
     if (!t->model) return false;
+    int64_t n_params = qkv_module_num_parameters(QKV_MODULE(t->model));
     printf("train %lld examples, test %lld, %lld labels, vocabulary %lld, %lld parameters\n",
            (long long)train->n, (long long)test->n, (long long)c.n_classes,
-           (long long)c.vocab_size, (long long)qkv_module_num_parameters(t->model));
+           (long long)c.vocab_size, (long long)n_params);
     return true;
 }
 
@@ -188,7 +189,7 @@ static int train_and_report(const options *o, trained *t, qkv_dataset *dtrain,
     int64_t *order = malloc((size_t)ntrain * sizeof *order);
     int64_t *pred = malloc((size_t)ntest * sizeof *pred);
     qkv_optimizer *opt = qkv_adam_new();
-    qkv_named_list *params = qkv_module_parameters(t->model);
+    qkv_named_list *params = qkv_module_parameters(QKV_MODULE(t->model));
     int status = 1;
     if (!order || !pred || !opt || !params ||
         !qkv_optimizer_add_group(opt, params, qkv_adam_config(o->lr)))

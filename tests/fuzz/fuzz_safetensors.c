@@ -46,9 +46,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     read_everything(f);
     qkv_clear_error();
     qkv_load_options partial = {.partial = true};
-    if (!qkv_module_load_safetensors(model, f, &partial) && !qkv_error()) abort();
+    if (!qkv_module_load_safetensors(QKV_MODULE(model), f, &partial) && !qkv_error()) abort();
     qkv_clear_error();
-    if (!qkv_module_load_safetensors(model, f, NULL) && !qkv_error()) abort(); /* strict */
+    /* strict */
+    if (!qkv_module_load_safetensors(QKV_MODULE(model), f, NULL) && !qkv_error()) abort();
     qkv_safetensors_free(f);
     return 0;
 }

@@ -1,8 +1,9 @@
-/* Library-internal parts of the nn layer shared between its files. Never installed. */
-#ifndef QKV_NN_INTERNAL_H
-#define QKV_NN_INTERNAL_H
+/* Library-internal parts of the io layer, for the layers that read files through it. Never
+ * installed. */
+#ifndef QKV_IO_INTERNAL_H
+#define QKV_IO_INTERNAL_H
 
-#include "nn/nn.h"
+#include "io/io.h"
 
 /* CRC-32 as zlib computes it; start with crc = 0. */
 uint32_t qkv__crc32(uint32_t crc, const void *data, size_t n);

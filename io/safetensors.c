@@ -14,8 +14,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "nn/nn.h"
-#include "nn/nn_internal.h"
+#include "io/io.h"
+#include "io/io_internal.h"
 #include "tensor/tensor_internal.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__

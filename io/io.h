@@ -1,0 +1,87 @@
+/*
+ * qkv file formats: safetensors reading and writing, shared by every layer that saves (module
+ * checkpoints in nn.h, training checkpoints in optim.h, whatever a program saves beside them).
+ * Results and errors follow tensor.h's conventions: tensors read belong to the innermost scope,
+ * errors return NULL or false with qkv_error() set.
+ *
+ * Files are safetensors: an 8-byte little-endian header length, a JSON header of name ->
+ * {dtype, shape, data_offsets} plus string "__metadata__", then raw little-endian data, so
+ * PyTorch (safetensors, or plain json + struct) reads what qkv writes and the other way round.
+ * A write goes to a temporary file beside the target, is synced, and is renamed over it: an
+ * interrupted save leaves the previous file whole. qkv's files carry a CRC-32 of the data in
+ * the metadata key "qkv.checksum", verified on read (files without one are accepted). Keys
+ * starting with "qkv." are the library's own.
+ */
+#ifndef QKV_IO_H
+#define QKV_IO_H
+
+#include "tensor/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Named tensors in order, as a module lists its state (qkv_module_state, qkv_named_list_free
+ * in nn.h) and as qkv_safetensors_write takes them. */
+typedef struct qkv_named_list {
+    int n;
+    char **names;
+    qkv_tensor **tensors;
+} qkv_named_list;
+
+typedef struct qkv_meta_pair {
+    const char *key, *value;     /* UTF-8 strings, saved in __metadata__ */
+} qkv_meta_pair;
+
+typedef struct qkv_named_bytes {
+    const char *name;            /* saved as a 1-D U8 tensor of that name */
+    const void *data;
+    size_t size;
+} qkv_named_bytes;
+
+/* What a checkpoint holds beside a module's state: extra tensors (optimizer moments, say),
+ * byte blobs (a vocabulary), and metadata strings (a configuration). Any count may be 0. */
+typedef struct qkv_checkpoint_contents {
+    int n_tensors;
+    const char *const *tensor_names;
+    qkv_tensor *const *tensors;
+    int n_bytes;
+    const qkv_named_bytes *bytes;
+    int n_meta;
+    const qkv_meta_pair *meta;
+} qkv_checkpoint_contents;
+
+/* Writes tensors (in order; any dtype, any strides) and extras to path atomically. Names are
+ * non-empty UTF-8 without control characters and unique. */
+bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
+                           const qkv_checkpoint_contents *extras);
+
+/* A safetensors file read and checked: the header length, the JSON (UTF-8, strings and
+ * integers only where the format has them), dtypes, shapes whose sizes must agree with the
+ * offsets, offsets that tile the data exactly, unique names, and the checksum. Any problem is
+ * an error naming the file (and the header byte, for JSON). Dtypes read as qkv dtypes: F32,
+ * F64, I64, BOOL as themselves; F16 and BF16 as F32; U8, I8, I16, U16, I32, U32 as I64. */
+typedef struct qkv_safetensors qkv_safetensors;
+qkv_safetensors *qkv_safetensors_read(const char *path);
+/* The same from a copy of size bytes in memory; name stands for the path in messages. */
+qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name);
+void qkv_safetensors_free(qkv_safetensors *f);              /* NULL is ignored */
+int qkv_safetensors_count(const qkv_safetensors *f);        /* tensors, in header order */
+const char *qkv_safetensors_name(const qkv_safetensors *f, int i);
+/* A new tensor (in the innermost scope) with the values of tensor `name`. */
+qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name);
+/* The bytes of the 1-D U8 tensor `name` (valid until the file is freed); NULL if none. */
+const void *qkv_safetensors_bytes(const qkv_safetensors *f, const char *name, size_t *size);
+/* The metadata value of key, or NULL (no error) when the file has none. */
+const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key);
+int qkv_safetensors_meta_count(const qkv_safetensors *f);
+const char *qkv_safetensors_meta_key(const qkv_safetensors *f, int i);
+
+/* Test switch: checkpoint writes fail (as with a full disk) once nbytes have been written;
+ * 0 turns it off. */
+void qkv_debug_fail_write_after(size_t nbytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
