@@ -192,7 +192,8 @@ qkv_tensor *qkv_argmax(const qkv_tensor *a, int axis, bool keepdim); /* I64, fir
 qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
 
 /* Softmax along axis, computed stably (the row maximum is subtracted). A row that is all -inf
- * (every position masked) gives all zeros; log_softmax gives all -inf there. */
+ * (every position masked) gives all zeros; log_softmax gives all -inf there, and passes no
+ * gradient back through such a row. */
 qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis);
 qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
 
@@ -202,7 +203,8 @@ qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
  * dimension; batch dimensions broadcast. Transposed and strided operands are read in place. */
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b);
 /* x weight^T + bias over the last dimension of x, as torch.nn.functional.linear: weight is
- * [out, in], bias [out] or NULL. The bias is fused into the product. */
+ * [out, in], bias [out], one element ([1] or 0-d, broadcast as in torch) or NULL. The bias is
+ * fused into the product. */
 qkv_tensor *qkv_affine(const qkv_tensor *x, const qkv_tensor *weight, const qkv_tensor *bias);
 
 /* ---- Views and copies -------------------------------------------------------------------- */

@@ -58,6 +58,13 @@ qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index) {
     if (!a || !index) return NULL;
     int ax = qkv__norm_axis("qkv_gather", a, axis);
     if (ax < 0) return NULL;
+    if (a->ndim == 0 && index->ndim <= 1) {
+        /* A 0-d input is one element along axis 0, as in torch: a 0-d index gives a 0-d
+         * result, a vector of indices a vector. */
+        qkv_tensor *vector = qkv_gather(qkv_reshape(a, 1, (const int64_t[]){1}), 0,
+                                        qkv_reshape(index, 1, (const int64_t[]){index->numel}));
+        return index->ndim ? vector : qkv_reshape(vector, 0, NULL);
+    }
     return record_indexed(&gather_fn, a, ax, index, qkv__gather(a, ax, index, "qkv_gather"));
 }
 

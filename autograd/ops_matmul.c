@@ -42,9 +42,10 @@ static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
         qkv_scope_begin(); /* the views of A die with it */
         qkv_tensor *A = lifted(qkv_saved(ctx, 0), true), *gb;
         if (bnd == 2 && and > 2) {
-            int64_t k = ashape[and - 1], n = bshape[1];
-            qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){-1, k});
-            qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){-1, n});
+            /* rows counted, not inferred: -1 cannot infer them when k or n is 0 */
+            int64_t k = ashape[and - 1], n = bshape[1], rows = qkv__numel(and - 1, ashape);
+            qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){rows, k});
+            qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){rows, n});
             gb = qkv_matmul(qkv_transpose(a2, 0, 1), g2);
         } else {
             gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), bnd, bshape);
@@ -69,13 +70,14 @@ qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
 /* For y = x W^T + b: dx = g W, dW = g^T x summed over every row, db = g summed over rows. */
 static void affine_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *w = IN(1);
-    int64_t out_f = w->shape[0], in = w->shape[1];
-    qkv_tensor *g2 = qkv_reshape(g, 2, (const int64_t[]){-1, out_f});
+    /* rows counted from g's leading dims: with no features in or out, -1 cannot infer them */
+    int64_t out_f = w->shape[0], in = w->shape[1], rows = qkv__numel(g->ndim - 1, g->shape);
+    qkv_tensor *g2 = qkv_reshape(g, 2, (const int64_t[]){rows, out_f});
     /* dW first: x's values, when recomputed for this backward, are freed before dx is made. */
     if (NEEDS(1))
         gi[1] = QKV_SCOPED(qkv_matmul(qkv_transpose(g2, 0, 1),
                                       qkv_reshape(qkv_saved(ctx, 0), 2,
-                                                  (const int64_t[]){-1, in})));
+                                                  (const int64_t[]){rows, in})));
     qkv__saved_release(ctx, 0);
     if (NEEDS(0)) gi[0] = qkv_matmul(g, qkv_saved(ctx, 1));
     if (NEEDS(2)) gi[2] = qkv_sum(g2, 0, false);

@@ -1,4 +1,6 @@
 /* Reductions and softmax: forward with the tensor kernels, backward beside each. */
+#include <math.h>
+
 #include "autograd/autograd_internal.h"
 
 #define IN(i) qkv_ctx_input(ctx, i)
@@ -264,7 +266,14 @@ static void log_softmax_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor *
         gi[0] = qkv__softmax_backward(out, g, true, "log_softmax_backward");
         return;
     }
-    gi[0] = qkv_sub(g, qkv_mul(qkv_exp(out), qkv_sum(g, axis, true)));
+    if (out->numel == 0) {
+        gi[0] = (qkv_tensor *)g;
+        return;
+    }
+    /* a fully masked row is the constant -inf: no gradient flows through it */
+    qkv_tensor *masked = qkv_eq_scalar(qkv_max(out, axis, true), -INFINITY);
+    gi[0] = qkv_masked_fill(qkv_sub(g, qkv_mul(qkv_exp(out), qkv_sum(g, axis, true))), masked,
+                            0);
 }
 static const qkv_function log_softmax_fn = {.name = "log_softmax",
                                             .backward = log_softmax_backward,

@@ -233,7 +233,8 @@ qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t len
     if (!QKV__CHECK("qkv_narrow", a)) return NULL;
     int ax = qkv__norm_axis("qkv_narrow", a, axis);
     if (ax < 0) return NULL;
-    int64_t n = a->ndim ? a->shape[ax] : 1;
+    if (a->ndim == 0) return qkv_set_error("qkv_narrow: cannot narrow a 0-d tensor");
+    int64_t n = a->shape[ax];
     if (start < 0) start += n;
     if (start < 0 || start > n || length < 0 || length > n - start) {
         char s[128];

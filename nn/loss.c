@@ -2,6 +2,8 @@
  * Losses as torch.nn.functional defines them, composed from log_softmax, gather, where and
  * reductions, so their gradients come from those ops.
  */
+#include <string.h>
+
 #include "nn/nn.h"
 #include "tensor/tensor_internal.h"
 
@@ -114,8 +116,13 @@ qkv_tensor *qkv_mse_loss(const qkv_tensor *input, const qkv_tensor *target,
     return reduce(qkv_mul(d, d), reduction, (double)input->numel);
 }
 
-/* log sigmoid(x) and log(1 - sigmoid(x)) are the two entries of log_softmax([0, x]): stable
- * for any x, and smooth everywhere (no kink at 0 as max(x, 0) - ... forms have). */
+/* log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)): exact at both infinities (0 and -inf),
+ * and its gradient sigmoid(-z) has no kink at 0 (min's tie gives 1/2 there, abs's 0). */
+static qkv_tensor *log_sigmoid(const qkv_tensor *z) {
+    qkv_tensor *tail = qkv_log(qkv_add_scalar(qkv_exp(qkv_neg(qkv_abs(z))), 1.0));
+    return qkv_sub(qkv_minimum_scalar(z, 0.0), tail);
+}
+
 qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
                                                  const qkv_tensor *targets,
                                                  qkv_reduction reduction) {
@@ -125,16 +132,15 @@ qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
     if (!qkv__is_float(logits->dtype))
         return qkv_set_error("qkv_binary_cross_entropy_with_logits: logits must be float, "
                              "not %s", qkv_dtype_name(logits->dtype));
-    qkv_tensor *pair[2] = {qkv_zeros_like(logits), (qkv_tensor *)logits};
-    qkv_tensor *ls = qkv_log_softmax(qkv_stack(2, pair, -1), -1);
-    qkv_tensor *log_p = qkv_select(ls, -1, 1), *log_not_p = qkv_select(ls, -1, 0);
-    qkv_tensor *loss = qkv_neg(qkv_add(qkv_mul(targets, log_p),
-                                       qkv_mul(qkv_rsub_scalar(1.0, targets), log_not_p)));
-    if (loss && loss->numel != logits->numel) {
+    if (targets->ndim != logits->ndim ||
+        memcmp(targets->shape, logits->shape, (size_t)logits->ndim * sizeof(int64_t))) {
         char si[128], st[128];
-        return qkv_set_error("qkv_binary_cross_entropy_with_logits: targets %s do not "
-                             "broadcast to logits %s", qkv_shape_str(targets, st, sizeof st),
+        return qkv_set_error("qkv_binary_cross_entropy_with_logits: targets %s must have the "
+                             "shape of logits %s", qkv_shape_str(targets, st, sizeof st),
                              qkv_shape_str(logits, si, sizeof si));
     }
+    qkv_tensor *log_p = log_sigmoid(logits), *log_not_p = log_sigmoid(qkv_neg(logits));
+    qkv_tensor *loss = qkv_neg(qkv_add(qkv_mul(targets, log_p),
+                                       qkv_mul(qkv_rsub_scalar(1.0, targets), log_not_p)));
     return reduce(loss, reduction, (double)logits->numel);
 }

@@ -344,7 +344,9 @@ qkv_tensor *qkv_nll_loss(const qkv_tensor *log_probs, const qkv_tensor *targets,
 /* (input - target)^2; target broadcasts to input. */
 qkv_tensor *qkv_mse_loss(const qkv_tensor *input, const qkv_tensor *target,
                          qkv_reduction reduction);
-/* -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), computed without overflow for any x. */
+/* -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))), computed without overflow for any x;
+ * targets have the logits' shape, as torch requires. At an infinite logit the loss is its
+ * limit (inf where y and sigmoid(x) disagree), where torch's formula gives NaN. */
 qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
                                                  const qkv_tensor *targets,
                                                  qkv_reduction reduction);

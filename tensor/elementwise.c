@@ -12,6 +12,21 @@ qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b) {
     return QKV_BOOL;
 }
 
+static int category(qkv_dtype t) {
+    return t == QKV_BOOL ? 0 : t == QKV_I64 ? 1 : 2;
+}
+
+qkv_dtype qkv__result_type(const qkv_tensor *a, const qkv_tensor *b) {
+    /* As in PyTorch, a 0-d operand beside one with dimensions decides the dtype only when it
+     * is of a higher kind (bool < integer < float): f32 [n] + f64 [] is f32. */
+    if ((a->ndim == 0) != (b->ndim == 0)) {
+        const qkv_tensor *dim = a->ndim ? a : b, *zero = a->ndim ? b : a;
+        if (category(zero->dtype) <= category(dim->dtype)) return dim->dtype;
+        return zero->dtype;
+    }
+    return qkv__promote(a->dtype, b->dtype);
+}
+
 static bool is_compare(qkv_binary_op op) {
     return op >= QKV_OP_EQ;
 }
@@ -126,8 +141,8 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
 
 /* The dtype a binary op computes in: promotion, with true division and arithmetic on masks
  * lifted to a numeric type as in PyTorch. */
-static qkv_dtype compute_dtype(qkv_binary_op op, qkv_dtype a, qkv_dtype b) {
-    qkv_dtype ct = qkv__promote(a, b);
+static qkv_dtype compute_dtype(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b) {
+    qkv_dtype ct = qkv__result_type(a, b);
     if (op == QKV_OP_DIV && !qkv__is_float(ct)) return QKV_F32;
     if (ct == QKV_BOOL && !is_compare(op) && op != QKV_OP_MAXIMUM && op != QKV_OP_MINIMUM)
         return QKV_I64;
@@ -139,7 +154,7 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     if (!a || !b) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
-    qkv_dtype ct = compute_dtype(op, a->dtype, b->dtype);
+    qkv_dtype ct = compute_dtype(op, a, b);
     if (a->dtype != ct || b->dtype != ct) {
         qkv_scope_begin();
         qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);
@@ -387,7 +402,7 @@ qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_te
     if (cond->dtype != QKV_BOOL)
         return qkv_set_error("%s: condition must be bool, not %s", name,
                              qkv_dtype_name(cond->dtype));
-    qkv_dtype ct = qkv__promote(a->dtype, b->dtype);
+    qkv_dtype ct = qkv__result_type(a, b);
     if (a->dtype != ct || b->dtype != ct) {
         qkv_scope_begin();
         qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);

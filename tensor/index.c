@@ -319,6 +319,9 @@ qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     if (a->ndim == 0) return qkv_set_error("%s: cannot index a 0-d tensor", name);
+    /* An empty index picks nothing, whatever its shape (as in torch). */
+    if (index->numel == 0 && index->dtype == QKV_I64)
+        return qkv_empty(a->dtype, index->ndim, index->shape);
     if (!check_gather_shape(name, a, ax, index)) return NULL;
     qkv_scope_begin();
     qkv_tensor *out = NULL, *ci = checked_index(name, a, ax, index);
@@ -335,6 +338,7 @@ qkv_tensor *qkv__scatter_add(const qkv_tensor *src, int axis, const qkv_tensor *
     QKV__OP(name);
     if (!QKV__CHECK(name, src, index)) return NULL;
     if (axis < 0 || axis >= ndim) return qkv_set_error("%s: axis %d out of range", name, axis);
+    if (index->numel == 0 && src->numel == 0) return qkv_zeros(src->dtype, ndim, shape);
     qkv_scope_begin();
     qkv_tensor *out = qkv_zeros(src->dtype, ndim, shape), *ci = NULL;
     if (out && check_gather_shape(name, out, axis, index)) ci = checked_index(name, out, axis,
@@ -360,11 +364,6 @@ static bool check_concat(int n, const qkv_tensor *const *ts, int ax, const char 
     char s0[128], sk[128];
     for (int k = 1; k < n; k++) {
         const qkv_tensor *t = ts[k];
-        if (t->dtype != ts[0]->dtype) {
-            qkv_set_error("%s: tensor %d is %s but tensor 0 is %s", name, k,
-                          qkv_dtype_name(t->dtype), qkv_dtype_name(ts[0]->dtype));
-            return false;
-        }
         bool same = t->ndim == ts[0]->ndim;
         for (int d = 0; d < t->ndim && same; d++)
             same = d == ax || t->shape[d] == ts[0]->shape[d];
@@ -390,9 +389,14 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
     int64_t shape[QKV_MAX_DIMS];
     memcpy(shape, ts[0]->shape, sizeof shape);
     shape[ax] = 0;
-    for (int k = 0; k < n; k++) shape[ax] += ts[k]->shape[ax];
+    /* Mixed dtypes are promoted, as torch.cat does. */
+    qkv_dtype dtype = ts[0]->dtype;
+    for (int k = 0; k < n; k++) {
+        shape[ax] += ts[k]->shape[ax];
+        dtype = qkv__promote(dtype, ts[k]->dtype);
+    }
     qkv_scope_begin();
-    qkv_tensor *out = qkv_empty(ts[0]->dtype, ts[0]->ndim, shape);
+    qkv_tensor *out = qkv_empty(dtype, ts[0]->ndim, shape);
     int64_t start = 0;
     for (int k = 0; k < n && out; k++) {
         shape[ax] = ts[k]->shape[ax];

@@ -162,12 +162,17 @@ qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tens
     char sx[128], sw[128], sb[128];
     int64_t in = w->ndim == 2 ? w->shape[1] : -1, out_f = w->ndim == 2 ? w->shape[0] : -1;
     if (w->ndim != 2 || x->ndim < 1 || x->shape[x->ndim - 1] != in ||
-        (b && (b->ndim != 1 || b->shape[0] != out_f)))
+        (b && (b->ndim > 1 || (b->numel != out_f && b->numel != 1))))
         return qkv_set_error("%s: shapes do not fit x W^T + b: x %s, W %s, b %s", name,
                              qkv_shape_str(x, sx, sizeof sx), qkv_shape_str(w, sw, sizeof sw),
                              b ? qkv_shape_str(b, sb, sizeof sb) : "none");
     if (!qkv__is_float(x->dtype) || x->dtype != w->dtype || (b && b->dtype != x->dtype))
         return qkv_set_error("%s: x, W and b must share one float dtype", name);
+    /* A one-element bias ([1] or 0-d) broadcasts over the features, as in torch. */
+    if (b && (b->ndim == 0 || b->shape[0] != out_f)) {
+        b = qkv__view(b, 1, &out_f, (const int64_t[]){0}, b->offset);
+        if (!b) return NULL;
+    }
     operand X;
     int64_t rsx;
     lift(x, true, &X);

@@ -105,8 +105,9 @@ static int64_t kept_offset(const plan *p, int64_t o) {
             FOR_REDUCED(T, base, s += x);                                                       \
             double mean = s / (double)p->n_red;                                                 \
             FOR_REDUCED(T, base, q += ((double)x - mean) * ((double)x - mean));                 \
-            double dof = (double)p->n_red - p->correction;                                      \
-            ((T *)out)[o] = (T)(dof > 0 ? q / dof : NAN);                                       \
+            /* as torch: N - correction clamped at 0, so inf (or NaN for 0/0) past it */        \
+            double dof = fmax((double)p->n_red - p->correction, 0);                             \
+            ((T *)out)[o] = (T)(q / dof);                                                       \
             break;                                                                              \
         }                                                                                       \
         case QKV_RED_MAX:                                                                       \
@@ -230,8 +231,8 @@ static void reduce_rows(const plan *p, const float *data, float *out, int64_t b,
         if (p->op == QKV_RED_SUM) out[o] = (float)s;
         else if (p->op == QKV_RED_MEAN) out[o] = (float)(s / n);
         else {
-            double dof = n - p->correction;
-            out[o] = (float)(dof > 0 ? row_sum(x, p->n_red, s / n, true) / dof : NAN);
+            double dof = fmax(n - p->correction, 0);
+            out[o] = (float)(row_sum(x, p->n_red, s / n, true) / dof);
         }
     }
 }
@@ -457,8 +458,13 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
     static void softmax_grad_row_##T(const T *y, const T *g, T *out, int64_t n, bool take_log) { \
         double s = 0;                                                                           \
         if (take_log) {                                                                         \
-            for (int64_t j = 0; j < n; j++) s += g[j];                                          \
-            for (int64_t j = 0; j < n; j++) out[j] = g[j] - EXP(y[j]) * (T)s;                  \
+            /* a fully masked row is the constant -inf: no gradient flows through it */         \
+            bool masked = true;                                                                 \
+            for (int64_t j = 0; j < n; j++) {                                                   \
+                s += g[j];                                                                      \
+                masked = masked && y[j] == -INFINITY;                                           \
+            }                                                                                   \
+            for (int64_t j = 0; j < n; j++) out[j] = masked ? 0 : g[j] - EXP(y[j]) * (T)s;     \
         } else {                                                                                \
             for (int64_t j = 0; j < n; j++) s += (double)g[j] * y[j];                           \
             for (int64_t j = 0; j < n; j++) out[j] = y[j] * (g[j] - (T)s);                     \

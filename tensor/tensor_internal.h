@@ -169,6 +169,8 @@ typedef enum qkv_reduce_op {
 
 /* Result dtype of a binary op between a and b (PyTorch promotion among our four dtypes). */
 qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b);
+/* The dtype of a binary op of a and b, as PyTorch's result_type for two tensors. */
+qkv_dtype qkv__result_type(const qkv_tensor *a, const qkv_tensor *b);
 /* out = a op b with broadcasting; comparisons give BOOL. name is the op for messages. */
 qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b,
                         const char *name);

@@ -323,11 +323,24 @@ static void concat_rejects_mismatched_shapes(void **state) {
                                      "[2,3]; sizes must match except along axis 0");
 }
 
-static void concat_rejects_mixed_dtypes(void **state) {
+/* As torch.cat: f32 and f64 give f64, i64 and f32 give f32; each input's gradient comes
+ * back in its own dtype. */
+static void concat_promotes_mixed_dtypes(void **state) {
     (void)state;
-    qkv_tensor *ts[2] = {qkv_zeros(QKV_F32, S(2, 3)), qkv_zeros(QKV_F64, S(2, 3))};
-    assert_null(qkv_concat(2, ts, 1));
-    assert_string_equal(qkv_error(), "qkv_concat: tensor 1 is f64 but tensor 0 is f32");
+    qkv_tensor *a = qkv_requires_grad_(qkv_full(QKV_F32, S(1, 2), 0.5), true);
+    qkv_tensor *b = qkv_requires_grad_(qkv_full(QKV_F64, S(1, 2), 0.25), true);
+    qkv_tensor *c = qkv_concat(2, (qkv_tensor *[]){a, b}, 0);
+    assert_non_null(c);
+    assert_int_equal(c->dtype, QKV_F64);
+    assert_true(qkv_item(qkv_sum_all(c)) == 1.5);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(c, 3))));
+    assert_int_equal(a->grad->dtype, QKV_F32);
+    assert_int_equal(b->grad->dtype, QKV_F64);
+    assert_true(qkv_item(qkv_sum_all(a->grad)) == 6 && qkv_item(qkv_sum_all(b->grad)) == 6);
+    qkv_tensor *i = qkv_concat(2, (qkv_tensor *[]){qkv_ones(QKV_I64, S(2)),
+                                                   qkv_full(QKV_F32, S(1), 0.5)}, 0);
+    assert_int_equal(i->dtype, QKV_F32);
+    assert_true(qkv_item(qkv_sum_all(i)) == 2.5);
 }
 
 static void stack_rejects_mismatched_shapes(void **state) {
@@ -671,7 +684,7 @@ int main(void) {
         T(gather_rejects_index_past_the_end),
         T(gather_rejects_bool_index_and_wrong_rank),
         T(concat_rejects_mismatched_shapes),
-        T(concat_rejects_mixed_dtypes),
+        T(concat_promotes_mixed_dtypes),
         T(stack_rejects_mismatched_shapes),
         T(one_hot_rejects_index_out_of_range),
         T(null_inputs_give_null_without_error),

@@ -168,14 +168,18 @@ def max_all_first(x, is_max):
 
 
 def softmax_masked(x, axis, log):
-    s = torch.log_softmax(x, axis) if log else torch.softmax(x, axis)
     all_masked = (x.detach() == -math.inf).all(axis, keepdim=True) if x.dim() else \
         (x.detach() == -math.inf)
+    # Fully masked rows are computed from zeros, so their NaN never reaches the backward.
+    x = torch.where(all_masked, torch.zeros_like(x), x)
+    s = torch.log_softmax(x, axis) if log else torch.softmax(x, axis)
     fill = torch.full_like(s, -math.inf if log else 0.0)
     return torch.where(all_masked, fill, s)
 
 
 def index_select_nd(x, axis, idx):
+    if x.dim() == 0:
+        raise IndexError("qkv_index_select refuses a 0-d input")
     if idx.dim() == 1:
         return torch.index_select(x, axis, idx)
     nd = x.dim()
@@ -196,9 +200,35 @@ def var_none(x, corr):
     return torch.var(x.unsqueeze(-1), -1, correction=corr)
 
 
+def var_0d_as_1d(x, dims, correction, keepdim):
+    if x.dim() == 0 and all(d in (0, -1) for d in (dims if isinstance(dims, tuple) else (dims,))):
+        return torch.var(x.reshape(1), 0, correction=correction)
+    return torch.var(x, dims, correction=correction, keepdim=keepdim)
+
+
+def matmul_promoted(a, b):
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return torch.matmul(a.to(dt), b.to(dt))
+
+
+def linear_one_dtype(x, w, b=None):
+    if x.dtype != w.dtype or (b is not None and b.dtype != x.dtype):
+        raise RuntimeError("qkv_affine takes one float dtype, even for empty operands")
+    return F.linear(x, w, b)
+
+
+def bce_limit(x, t, reduction):
+    if x.shape != t.shape:
+        raise ValueError("Target size must be the same as input size")
+    loss = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
 HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
            "softmax_masked": softmax_masked, "index_select_nd": index_select_nd,
-           "var_none": var_none, "mse_loss_to_input": mse_loss_to_input}
+           "var_none": var_none, "mse_loss_to_input": mse_loss_to_input,
+           "var_0d_as_1d": var_0d_as_1d, "matmul_promoted": matmul_promoted,
+           "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype}
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
@@ -233,6 +263,8 @@ def py_expr(name, a, I, Fl, mirror):
     s = py_float(Fl[0]) if Fl else None
     if name in UNARY:
         return "torch.%s(%s)" % (name, a[0])
+    if name == "matmul" and "matmul_promotes" in mirror:
+        return "matmul_promoted(%s, %s)" % (a[0], a[1])
     if name in BINARY:
         return "%s(%s, %s)" % (BINARY[name], a[0], a[1])
     if name in SCALAR:
@@ -261,14 +293,15 @@ def py_expr(name, a, I, Fl, mirror):
         return "torch.%s(%s)" % (name[:3], a[0])
     if name in ("sum_all", "mean_all"):
         return "torch.%s(%s)" % (name[:-4], a[0])
+    var = "var_0d_as_1d" if "var_0d_no_dof" in mirror else "torch.var"
     if name == "var":
-        return "torch.var(%s, %d, correction=%d, keepdim=%s)" % (a[0], I[0], int(Fl[0]),
-                                                                 b(I[1]))
+        return "%s(%s, %d, correction=%d, keepdim=%s)" % (var, a[0], I[0], int(Fl[0]),
+                                                          b(I[1]))
     if name == "var_axes":
         if len(I) == 1 and "empty_axes" in mirror:
             return "var_none(%s, %d)" % (a[0], int(Fl[0]))
-        return "torch.var(%s, %r, correction=%d, keepdim=%s)" % (a[0], tuple(I[1:]),
-                                                                 int(Fl[0]), b(I[0]))
+        return "%s(%s, %r, correction=%d, keepdim=%s)" % (var, a[0], tuple(I[1:]),
+                                                          int(Fl[0]), b(I[0]))
     if name in ("softmax", "log_softmax"):
         if "softmax_all_masked" in mirror:
             return "softmax_masked(%s, %d, %s)" % (a[0], I[0], name == "log_softmax")
@@ -295,6 +328,8 @@ def py_expr(name, a, I, Fl, mirror):
     if name == "masked_fill":
         return "%s.masked_fill(%s, %s)" % (a[0], a[1], s)
     if name == "affine":
+        if "affine_one_dtype" in mirror:
+            return "linear_one_dtype(%s)" % ", ".join(a)
         return "F.linear(%s)" % ", ".join(a)
     if name == "index_select":
         if "index_select_nd" in mirror:
@@ -315,6 +350,8 @@ def py_expr(name, a, I, Fl, mirror):
         return "mse_loss_to_input(%s, %s, %r)" % (a[0], a[1], REDUCTIONS[I[0]])
     if name == "mse_loss":
         return "F.mse_loss(%s, %s, reduction=%r)" % (a[0], a[1], REDUCTIONS[I[0]])
+    if name == "bce_with_logits" and "bce_infinite_logits" in mirror:
+        return "bce_limit(%s, %s, %r)" % (a[0], a[1], REDUCTIONS[I[0]])
     if name == "bce_with_logits":
         return "F.binary_cross_entropy_with_logits(%s, %s, reduction=%r)" % (
             a[0], a[1], REDUCTIONS[I[0]])
@@ -392,8 +429,10 @@ def torch_result(g, mirror):
         return res
     seed = torch.tensor(g.seed_values, dtype=out.dtype).reshape(out.shape)
     try:
+        # A fresh seed per pass: torch may make a leaf's .grad a view of the seed it was
+        # given and add the next pass into it in place, changing the seed itself.
         for p in range(g.passes):
-            out.backward(seed, retain_graph=p + 1 < g.passes)
+            out.backward(seed.clone(), retain_graph=p + 1 < g.passes)
     except Exception as e:
         res["status"] = "bwd_refused"
         res["msg"] = "%s: %s" % (type(e).__name__, e)
@@ -1212,6 +1251,8 @@ class Builder:
             k, n = r.randint(1, 4), r.randint(1, 3)
             lead = [r.randint(1, 3)] + [1] * r.randint(0, 2)
             base = self.new_leaf(lead + [k, 1], None, self.dtype, rg=True)
+            if base is None:
+                return
             x = self.op("transpose", [base], [-1, -2])
             if x is None:
                 return
@@ -1444,7 +1485,7 @@ def py_program(g, mirror):
         body.append("seed = torch.tensor([%s], dtype=v%d.dtype).reshape(v%d.shape)" % (
             ", ".join(py_float(x) for x in g.seed_values), last, last))
         for p in range(g.passes):
-            body.append("v%d.backward(seed%s)" % (last, ", retain_graph=True"
+            body.append("v%d.backward(seed.clone()%s)" % (last, ", retain_graph=True"
                                                   if p + 1 < g.passes else ""))
         for i, name in grads:
             body.append("print('grad of leaf v%d', %s.grad)" % (i, name))
