@@ -211,6 +211,31 @@ def matmul_promoted(a, b):
     return torch.matmul(a.to(dt), b.to(dt))
 
 
+def max_dim(x, axis, keepdim, is_max):
+    torch.max(x.detach(), axis)  # refuses what torch.max refuses
+    idx = (x.detach().argmax if is_max else x.detach().argmin)(axis, keepdim=True)
+    v = torch.gather(x, axis, idx)
+    return v if keepdim or x.dim() == 0 else v.squeeze(axis)
+
+
+def cross_entropy_masked(x, t, reduction, ignore_index, label_smoothing):
+    """F.cross_entropy, with log_softmax's documented fully masked rows (all -inf)."""
+    if not (x.detach() == -math.inf).all(1).any():
+        return F.cross_entropy(x, t, reduction=reduction, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing)
+    logp = softmax_masked(x, 1, True)
+    nll = F.nll_loss(logp, t, reduction=reduction, ignore_index=ignore_index)
+    if not label_smoothing:
+        return nll
+    keep = t != ignore_index
+    smooth = torch.where(keep, -logp.sum(1), torch.zeros_like(logp[:, 0]))
+    if reduction == "mean":
+        smooth = smooth.sum() / keep.sum()
+    elif reduction == "sum":
+        smooth = smooth.sum()
+    return (1 - label_smoothing) * nll + smooth * (label_smoothing / x.shape[1])
+
+
 def linear_one_dtype(x, w, b=None):
     if x.dtype != w.dtype or (b is not None and b.dtype != x.dtype):
         raise RuntimeError("qkv_affine takes one float dtype, even for empty operands")
@@ -228,7 +253,8 @@ HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
            "softmax_masked": softmax_masked, "index_select_nd": index_select_nd,
            "var_none": var_none, "mse_loss_to_input": mse_loss_to_input,
            "var_0d_as_1d": var_0d_as_1d, "matmul_promoted": matmul_promoted,
-           "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype}
+           "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype,
+           "cross_entropy_masked": cross_entropy_masked, "max_dim": max_dim}
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
@@ -243,9 +269,11 @@ SCALAR = {"add_scalar": "({a} + {s})", "sub_scalar": "({a} - {s})",
           "ne_scalar": "torch.ne({a}, {s})", "lt_scalar": "torch.lt({a}, {s})",
           "le_scalar": "torch.le({a}, {s})", "gt_scalar": "torch.gt({a}, {s})",
           "ge_scalar": "torch.ge({a}, {s})"}
+# max/min over an axis go through gather at the arg index: torch 1.13's own max(dim)
+# backward can return uninitialised memory for a permuted input with a size-1 axis.
 AXIS_OPS = {"sum": "torch.sum({a}, {ax}, {kd})", "mean": "torch.mean({a}, {ax}, {kd})",
-            "max": "torch.max({a}, {ax}, {kd}).values",
-            "min": "torch.min({a}, {ax}, {kd}).values",
+            "max": "max_dim({a}, {ax}, {kd}, True)",
+            "min": "max_dim({a}, {ax}, {kd}, False)",
             "argmax": "torch.argmax({a}, {ax}, {kd})", "argmin": "torch.argmin({a}, {ax}, {kd})"}
 
 
@@ -341,8 +369,9 @@ def py_expr(name, a, I, Fl, mirror):
         return "torch.%s([%s], %d)" % ("cat" if name == "concat" else "stack", ", ".join(a),
                                        I[0])
     if name == "cross_entropy":
-        return "F.cross_entropy(%s, %s, reduction=%r, ignore_index=%d, label_smoothing=%s)" % (
-            a[0], a[1], REDUCTIONS[I[0]], I[1], s)
+        fn = "cross_entropy_masked" if "softmax_all_masked" in mirror else "F.cross_entropy"
+        return "%s(%s, %s, reduction=%r, ignore_index=%d, label_smoothing=%s)" % (
+            fn, a[0], a[1], REDUCTIONS[I[0]], I[1], s)
     if name == "nll_loss":
         return "F.nll_loss(%s, %s, reduction=%r, ignore_index=%d)" % (a[0], a[1],
                                                                      REDUCTIONS[I[0]], I[1])
@@ -429,10 +458,14 @@ def torch_result(g, mirror):
         return res
     seed = torch.tensor(g.seed_values, dtype=out.dtype).reshape(out.shape)
     try:
-        # A fresh seed per pass: torch may make a leaf's .grad a view of the seed it was
-        # given and add the next pass into it in place, changing the seed itself.
+        # A fresh seed per pass, and leaf gradients copied between passes: torch may make a
+        # leaf's .grad a view of a gradient it computed and add the next pass into it in
+        # place, changing the seed or another leaf's gradient with it.
         for p in range(g.passes):
             out.backward(seed.clone(), retain_graph=p + 1 < g.passes)
+            for t in grad_of.values():
+                if t.grad is not None:
+                    t.grad = t.grad.clone()
     except Exception as e:
         res["status"] = "bwd_refused"
         res["msg"] = "%s: %s" % (type(e).__name__, e)
@@ -802,6 +835,8 @@ class Builder:
         return len(self.values) - 1
 
     def op(self, name, ins, ints=(), floats=()):
+        if any(i is None for i in ins):
+            return None  # an input was refused: the graph already ended there
         return self.add(Op(name, ins, ints, floats))
 
     def new_leaf(self, shape, kind=None, dtype=None, rg=None, hi=None):
@@ -1487,6 +1522,9 @@ def py_program(g, mirror):
         for p in range(g.passes):
             body.append("v%d.backward(seed.clone()%s)" % (last, ", retain_graph=True"
                                                   if p + 1 < g.passes else ""))
+            if p + 1 < g.passes:
+                body += ["if %s.grad is not None: %s.grad = %s.grad.clone()" % (n, n, n)
+                         for _, n in grads]
         for i, name in grads:
             body.append("print('grad of leaf v%d', %s.grad)" % (i, name))
     if used:
