@@ -26,9 +26,11 @@ qkv_tensor *qkv_activate(qkv_activation_kind kind, const qkv_tensor *x) {
     return qkv_set_error("qkv_activate: unknown activation %d", (int)kind);
 }
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *activation_forward(qkv_activation *m, const qkv_tensor *x);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *activation_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_activation_forward((qkv_activation *)m, x);
+    return activation_forward((qkv_activation *)m, x);
 }
 
 qkv_activation *qkv_activation_new(qkv_activation_kind kind) {
@@ -41,7 +43,11 @@ qkv_activation *qkv_activation_new(qkv_activation_kind kind) {
     return m;
 }
 
-qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x) {
+static qkv_tensor *activation_forward(qkv_activation *m, const qkv_tensor *x) {
     if (!m || !x) return NULL;
     return qkv_activate(m->kind, x);
+}
+
+qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, activation_forward(m, x)) : NULL;
 }

@@ -161,6 +161,28 @@ static qkv_tensor *masked_scores(const qkv_multi_head_attention *m, qkv_tensor *
     return bias ? qkv_add(scores, bias) : scores;
 }
 
+/* softmax(q k^T / sqrt(d_head) + masks) v over the heads, then the output projection; q is
+ * scaled before the product, as PyTorch does: [B,H,T,Dh] is half the size of the scores. */
+static qkv_tensor *attention(qkv_multi_head_attention *m, const qkv_tensor *query,
+                             const qkv_tensor *key, const qkv_tensor *value,
+                             const qkv_attention_options *o) {
+    if (!check_inputs(m, query, key, value)) return NULL;
+    int64_t B = query->shape[0], T = query->shape[1], S = key->shape[1];
+    double scale = 1.0 / sqrt((double)m->head_dim);
+    qkv_tensor *q = qkv_mul_scalar(split_heads(m, qkv_linear_forward(m->q_proj, query)), scale);
+    qkv_tensor *k = split_heads(m, qkv_linear_forward(m->k_proj, key));     /* [B,H,S,Dh] */
+    qkv_tensor *v = split_heads(m, qkv_linear_forward(m->v_proj, value));   /* [B,H,S,Dh] */
+    qkv_tensor *scores = masked_scores(m, qkv_matmul(q, qkv_transpose(k, -2, -1)), o, B, T, S);
+    qkv_tensor *attn = qkv_dropout(qkv_softmax(scores, -1), m->dropout, m->base.training,
+                                   &m->generator);                          /* [B,H,T,S] */
+    qkv_tensor *ctx = qkv_permute(qkv_matmul(attn, v), (const int[]){0, 2, 1, 3}); /* [B,T,H,Dh] */
+    qkv_tensor *out = qkv_linear_forward(m->out_proj,
+                                         qkv_reshape(ctx, QKV_SHAPE(B, T, m->embed_dim)));
+    if (out && o->weights)
+        *o->weights = qkv_keep(o->per_head_weights ? attn : qkv_mean(attn, 1, false));
+    return out;
+}
+
 qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
                                              const qkv_tensor *query, const qkv_tensor *key,
                                              const qkv_tensor *value,
@@ -168,30 +190,6 @@ qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
     static const qkv_attention_options none = {0};
     const qkv_attention_options *o = opts ? opts : &none;
     if (o->weights) *o->weights = NULL;
-    if (!m || !query || !key || !value || !check_inputs(m, query, key, value)) return NULL;
-    int64_t B = query->shape[0], T = query->shape[1], S = key->shape[1];
-    /* Every intermediate is freed as soon as the next one is made from it, unless the backward
-     * reads it: the [B,H,T,S] scores never outlive the softmax. */
-    qkv_scope_begin();
-    /* q is scaled before the product, as PyTorch does: [B,H,T,Dh] is half the size of the
-     * scores. */
-    double scale = 1.0 / sqrt((double)m->head_dim);
-    qkv_tensor *q = QKV_SCOPED(                                             /* [B,H,T,Dh] */
-        qkv_mul_scalar(split_heads(m, qkv_linear_forward(m->q_proj, query)), scale));
-    qkv_tensor *k = split_heads(m, qkv_linear_forward(m->k_proj, key));     /* [B,H,S,Dh] */
-    qkv_tensor *v = split_heads(m, qkv_linear_forward(m->v_proj, value));   /* [B,H,S,Dh] */
-    qkv_tensor *probs = QKV_SCOPED(qkv_softmax(
-        QKV_SCOPED(masked_scores(m, qkv_matmul(q, qkv_transpose(k, -2, -1)), o, B, T, S)),
-        -1));                                                               /* [B,H,T,S] */
-    qkv_scope_begin();
-    qkv_tensor *attn = qkv_dropout(probs, m->dropout, m->base.training, &m->generator);
-    qkv_tensor *weights = o->weights ? qkv_keep(attn) : NULL;
-    qkv_tensor *ctx = qkv_permute(qkv_matmul(attn, v), (const int[]){0, 2, 1, 3}); /* [B,T,H,Dh] */
-    ctx = qkv_scope_end_keep(qkv_reshape(ctx, QKV_SHAPE(B, T, m->embed_dim)));
-    qkv_tensor *out = qkv_linear_forward(m->out_proj, ctx);
-    if (out && o->weights)
-        *o->weights = qkv_keep(o->per_head_weights ? weights : qkv_mean(weights, 1, false));
-    out = qkv_keep(out);
-    qkv_scope_end();
-    return out;
+    if (!m || !query || !key || !value) return NULL;
+    return QKV_CALL(m, attention(m, query, key, value, o));
 }

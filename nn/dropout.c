@@ -5,9 +5,11 @@
  */
 #include "nn/nn.h"
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *dropout_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_dropout_layer_forward((qkv_dropout_layer *)m, x);
+    return dropout_layer_forward((qkv_dropout_layer *)m, x);
 }
 
 qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g) {
@@ -27,7 +29,11 @@ qkv_dropout_layer *qkv_dropout_layer_new(double p, qkv_generator *g) {
     return m;
 }
 
-qkv_tensor *qkv_dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x) {
+static qkv_tensor *dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x) {
     if (!m || !x) return NULL;
     return qkv_dropout(x, m->p, m->base.training, &m->generator);
+}
+
+qkv_tensor *qkv_dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, dropout_layer_forward(m, x)) : NULL;
 }

@@ -4,9 +4,11 @@
  */
 #include "nn/nn.h"
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *embedding_forward(qkv_embedding *m, const qkv_tensor *ids);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *embedding_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_embedding_forward((qkv_embedding *)m, x);
+    return embedding_forward((qkv_embedding *)m, x);
 }
 
 qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
@@ -37,7 +39,7 @@ qkv_embedding *qkv_embedding_new(int64_t num_embeddings, int64_t embedding_dim,
     return m;
 }
 
-qkv_tensor *qkv_embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
+static qkv_tensor *embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
     if (!m || !ids) return NULL;
     if (ids->dtype != QKV_I64)
         return qkv_set_error("qkv_embedding_forward: ids must be i64, not %s",
@@ -48,4 +50,8 @@ qkv_tensor *qkv_embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
      * forward result is unchanged and that row's gradient is zero. */
     qkv_tensor *keep = qkv_unsqueeze(qkv_ne_scalar(ids, (double)m->padding_idx), -1);
     return qkv_where(keep, rows, qkv_detach(rows));
+}
+
+qkv_tensor *qkv_embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
+    return m ? QKV_CALL(m, embedding_forward(m, ids)) : NULL;
 }

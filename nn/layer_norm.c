@@ -8,9 +8,11 @@
 #include "autograd/autograd_internal.h"
 #include "nn/nn.h"
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *layer_norm_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_layer_norm_forward((qkv_layer_norm *)m, x);
+    return layer_norm_forward((qkv_layer_norm *)m, x);
 }
 
 qkv_layer_norm *qkv_layer_norm_new(int ndim, const int64_t *normalized_shape, double eps,
@@ -52,7 +54,7 @@ static bool shape_matches(const qkv_layer_norm *m, const qkv_tensor *x) {
     return true;
 }
 
-qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
+static qkv_tensor *layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
     if (!m || !x) return NULL;
     if (!shape_matches(m, x)) {
         char s[128];
@@ -74,4 +76,8 @@ qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
     qkv_tensor *y = qkv_mul(qkv_sub(x, mean), qkv_rsqrt(qkv_add_scalar(var, m->eps)));
     if (m->weight) y = qkv_add(qkv_mul(y, m->weight), m->bias);
     return y;
+}
+
+qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, layer_norm_forward(m, x)) : NULL;
 }

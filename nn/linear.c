@@ -6,9 +6,11 @@
 
 #include "nn/nn.h"
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *linear_forward(qkv_linear *m, const qkv_tensor *x);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *linear_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_linear_forward((qkv_linear *)m, x);
+    return linear_forward((qkv_linear *)m, x);
 }
 
 qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
@@ -42,7 +44,7 @@ qkv_linear *qkv_linear_new(int64_t in_features, int64_t out_features, bool bias,
     return m;
 }
 
-qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x) {
+static qkv_tensor *linear_forward(qkv_linear *m, const qkv_tensor *x) {
     if (!m || !x) return NULL;
     if (x->ndim < 1 || x->shape[x->ndim - 1] != m->in_features) {
         char s[128];
@@ -50,4 +52,8 @@ qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x) {
                              qkv_shape_str(x, s, sizeof s), (long long)m->in_features);
     }
     return qkv_affine(x, m->weight, m->bias);
+}
+
+qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, linear_forward(m, x)) : NULL;
 }

@@ -143,7 +143,32 @@ qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x) {
     if (!m->forward)
         return qkv_set_error("qkv_module_forward: a %s module has no one-input forward",
                              m->type);
-    return m->forward(m, x);
+    qkv_module_call_begin(m);
+    return qkv_module_call_end(m, m->forward(m, x));
+}
+
+/* ---- Calls ------------------------------------------------------------------------------- */
+
+/* The thread's running module calls, beside its scope stack; past QKV_CALL_DEPTH only
+ * counted. */
+static _Thread_local qkv_module *calls[QKV_CALL_DEPTH];
+static _Thread_local int n_calls;
+
+void qkv_module_call_begin(qkv_module *m) {
+    if (n_calls < QKV_CALL_DEPTH) calls[n_calls] = m;
+    n_calls++;
+    qkv_scope_begin();
+}
+
+qkv_tensor *qkv_module_call_end(qkv_module *m, qkv_tensor *out) {
+    (void)m;
+    if (n_calls > 0) n_calls--;
+    return qkv_scope_end_keep(out);
+}
+
+qkv_module *const *qkv_module_calls(int *n) {
+    if (n) *n = n_calls < QKV_CALL_DEPTH ? n_calls : QKV_CALL_DEPTH;
+    return calls;
 }
 
 /* ---- Listing ----------------------------------------------------------------------------- */

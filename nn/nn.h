@@ -90,8 +90,30 @@ bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g)
 void qkv_module_free(qkv_module *m);                 /* NULL is ignored */
 void qkv_module_train(qkv_module *m, bool training); /* reaches every submodule */
 /* m->forward(m, x): the module's one-input forward, whatever its type (qkv_sequential calls
- * its entries so). An error when m has none; NULL m or x give NULL. */
+ * its entries so), as one call (QKV_CALL). An error when m has none; NULL m or x give NULL. */
 qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x);
+
+/* A module's forward runs as one call: in a scope of its own, which keeps only what the
+ * forward returns (in the caller's scope), with the module on the thread's stack of running
+ * calls. So a forward is written as plain expressions: its intermediates that no backward
+ * reads are freed when it returns, and its own calls to submodules free theirs as they
+ * return. Every built-in module's forward is one; a module of one's own makes its public
+ * forward one the same way:
+ *
+ *     qkv_tensor *block_forward(block *m, const qkv_tensor *x) {
+ *         return QKV_CALL(m, qkv_add(x, qkv_linear_forward(m->proj, qkv_relu(x))));
+ *     }
+ *
+ * A second result leaves the call with qkv_keep (attention's weights do). begin and end must
+ * pair, on the same thread; QKV_CALL pairs them around one expression. */
+void qkv_module_call_begin(qkv_module *m);
+qkv_tensor *qkv_module_call_end(qkv_module *m, qkv_tensor *out);
+#define QKV_CALL(m, expr) \
+    (qkv_module_call_begin(QKV_MODULE(m)), qkv_module_call_end(QKV_MODULE(m), (expr)))
+/* The modules whose calls are running on this thread, outermost first: *n of them (at most
+ * QKV_CALL_DEPTH are listed). */
+#define QKV_CALL_DEPTH 64
+qkv_module *const *qkv_module_calls(int *n);
 
 /* All parameters (or, with buffers, parameters then buffers) in depth-first registration
  * order with full dotted names, as a qkv_named_list (io/io.h). The list is malloc'd; free it

@@ -14,9 +14,11 @@ static bool check_sizes(const char *op, int64_t max_len, int64_t d_model) {
     return false;
 }
 
-/* The one-input forward in the module base (qkv_module_forward). */
+static qkv_tensor *positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x);
+
+/* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *positional_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_positional_encoding_forward((qkv_positional_encoding *)m, x);
+    return positional_encoding_forward((qkv_positional_encoding *)m, x);
 }
 
 qkv_positional_encoding *qkv_learned_positional_encoding_new(int64_t max_len, int64_t d_model,
@@ -75,7 +77,7 @@ qkv_positional_encoding *qkv_sinusoidal_positional_encoding_new(int64_t max_len,
     return m;
 }
 
-qkv_tensor *qkv_positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x) {
+static qkv_tensor *positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x) {
     if (!m || !x) return NULL;
     if (x->ndim != 3 || x->shape[1] > m->max_len || x->shape[2] != m->d_model) {
         char s[128];
@@ -84,4 +86,8 @@ qkv_tensor *qkv_positional_encoding_forward(qkv_positional_encoding *m, const qk
                              (long long)m->d_model, (long long)m->max_len);
     }
     return qkv_add(x, qkv_narrow(m->table, 0, 0, x->shape[1]));
+}
+
+qkv_tensor *qkv_positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, positional_encoding_forward(m, x)) : NULL;
 }

@@ -6,8 +6,12 @@
 
 #include "nn/nn.h"
 
+/* Each entry through qkv_module_forward, so each is one call of its own. */
 static qkv_tensor *sequential_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_sequential_forward((qkv_sequential *)m, x);
+    qkv_sequential *s = (qkv_sequential *)m;
+    qkv_tensor *y = (qkv_tensor *)x;
+    for (int i = 0; i < s->n && y; i++) y = qkv_module_forward(s->base.modules[i].module, y);
+    return y;
 }
 
 qkv_sequential *qkv_sequential_new(void) {
@@ -34,8 +38,5 @@ void *qkv_sequential_add(qkv_sequential *s, qkv_module *module) {
 }
 
 qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x) {
-    if (!s || !x) return NULL;
-    qkv_tensor *y = (qkv_tensor *)x;
-    for (int i = 0; i < s->n && y; i++) y = qkv_module_forward(s->base.modules[i].module, y);
-    return y;
+    return qkv_module_forward(QKV_MODULE(s), x);
 }

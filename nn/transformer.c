@@ -21,9 +21,14 @@ static bool check_config(const qkv_transformer_config *c) {
     return true;
 }
 
-/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *encoder_layer(qkv_transformer_encoder_layer *m, const qkv_tensor *src,
+                                 const qkv_encoder_options *o);
+static const qkv_encoder_options no_options;
+
+/* The one-input forward in the module base, with no masks: qkv_module_forward makes it one
+ * call. */
 static qkv_tensor *layer_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_transformer_encoder_layer_forward((qkv_transformer_encoder_layer *)m, x, NULL);
+    return encoder_layer((qkv_transformer_encoder_layer *)m, x, &no_options);
 }
 
 qkv_transformer_encoder_layer *qkv_transformer_encoder_layer_new(
@@ -77,37 +82,31 @@ static qkv_tensor *self_attention_block(qkv_transformer_encoder_layer *m, const 
 }
 
 /* dropout2(linear2(dropout(activation(linear1(x))))). The dropout overwrites the activation's
- * output, which is freed as soon as linear2 has read it: the backward recomputes it from
+ * output, which nothing holds once linear2 has read it: the backward recomputes it from
  * linear1's output. */
 static qkv_tensor *feed_forward_block(qkv_transformer_encoder_layer *m, const qkv_tensor *x) {
-    qkv_tensor *h = qkv_linear_forward(m->linear1, x);
-    h = QKV_SCOPED(qkv_linear_forward(
-        m->linear2, dropout_over(m->dropout, qkv_activate(m->config.activation, h))));
-    return dropout_over(m->dropout2, h);
+    qkv_tensor *h = qkv_activate(m->config.activation, qkv_linear_forward(m->linear1, x));
+    return dropout_over(m->dropout2, qkv_linear_forward(m->linear2, dropout_over(m->dropout, h)));
 }
+
+static qkv_tensor *encoder_layer(qkv_transformer_encoder_layer *m, const qkv_tensor *src,
+                                 const qkv_encoder_options *o) {
+    qkv_tensor *x = (qkv_tensor *)src;
+    if (m->config.norm_first) {
+        x = qkv_add(x, self_attention_block(m, qkv_layer_norm_forward(m->norm1, x), o));
+        return qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x)));
+    }
+    x = qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o)));
+    return qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x)));
+}
+
+static const qkv_encoder_options no_options = {0};
 
 qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer *m,
                                                   const qkv_tensor *src,
                                                   const qkv_encoder_options *opts) {
-    static const qkv_encoder_options none = {0};
-    const qkv_encoder_options *o = opts ? opts : &none;
     if (!m || !src) return NULL;
-    /* The layer's intermediates belong to its own scope, so those its backward does not need
-     * are freed when the layer returns rather than when the caller's step ends. */
-    qkv_scope_begin();
-    qkv_tensor *x = (qkv_tensor *)src;
-    if (m->config.norm_first) {
-        x = QKV_SCOPED(
-            qkv_add(x, self_attention_block(m, qkv_layer_norm_forward(m->norm1, x), o)));
-        x = QKV_SCOPED(qkv_add(x, feed_forward_block(m, qkv_layer_norm_forward(m->norm2, x))));
-    } else {
-        x = QKV_SCOPED(
-            qkv_layer_norm_forward(m->norm1, qkv_add(x, self_attention_block(m, x, o))));
-        x = QKV_SCOPED(qkv_layer_norm_forward(m->norm2, qkv_add(x, feed_forward_block(m, x))));
-    }
-    x = qkv_keep(x);
-    qkv_scope_end();
-    return x;
+    return QKV_CALL(m, encoder_layer(m, src, opts ? opts : &no_options));
 }
 
 /* ---- The stack --------------------------------------------------------------------------- */
@@ -117,9 +116,13 @@ static void encoder_destroy(qkv_module *base) {
     if (m->layers) qkv__free(m->layers, (size_t)m->num_layers * sizeof *m->layers);
 }
 
-/* The one-input forward in the module base (qkv_module_forward), with no masks. */
+static qkv_tensor *encoder(qkv_transformer_encoder *m, const qkv_tensor *src,
+                           const qkv_encoder_options *opts);
+
+/* The one-input forward in the module base, with no masks: qkv_module_forward makes it one
+ * call. */
 static qkv_tensor *encoder_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return qkv_transformer_encoder_forward((qkv_transformer_encoder *)m, x, NULL);
+    return encoder((qkv_transformer_encoder *)m, x, NULL);
 }
 
 /* The layers live in a plain container module named "layers" whose children are "0", "1", ...,
@@ -160,11 +163,15 @@ fail:
     return NULL;
 }
 
-qkv_tensor *qkv_transformer_encoder_forward(qkv_transformer_encoder *m, const qkv_tensor *src,
-                                            const qkv_encoder_options *opts) {
-    if (!m || !src) return NULL;
+static qkv_tensor *encoder(qkv_transformer_encoder *m, const qkv_tensor *src,
+                           const qkv_encoder_options *opts) {
     qkv_tensor *x = (qkv_tensor *)src;
     for (int i = 0; i < m->num_layers; i++)
         x = qkv_transformer_encoder_layer_forward(m->layers[i], x, opts);
     return m->norm ? qkv_layer_norm_forward(m->norm, x) : x;
+}
+
+qkv_tensor *qkv_transformer_encoder_forward(qkv_transformer_encoder *m, const qkv_tensor *src,
+                                            const qkv_encoder_options *opts) {
+    return m && src ? QKV_CALL(m, encoder(m, src, opts)) : NULL;
 }

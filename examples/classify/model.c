@@ -32,10 +32,7 @@ classifier *classifier_new(const classifier_config *c, qkv_generator *g) {
     return m;
 }
 
-qkv_tensor *classifier_forward(classifier *m, const qkv_tensor *ids, const qkv_tensor *pad) {
-    /* Intermediates live in this scope, so the ones the backward does not read (the embedding
-     * sum, the final norm's output, the masked products) are freed on return. */
-    qkv_scope_begin();
+static qkv_tensor *classify(classifier *m, const qkv_tensor *ids, const qkv_tensor *pad) {
     qkv_tensor *x = qkv_embedding_forward(m->tok_embed, ids);
     x = qkv_dropout_layer_forward(m->dropout, qkv_positional_encoding_forward(m->pos_embed, x));
     qkv_encoder_options opts = {.src_key_padding_mask = pad};
@@ -44,7 +41,11 @@ qkv_tensor *classifier_forward(classifier *m, const qkv_tensor *ids, const qkv_t
     qkv_tensor *keep = qkv_to_dtype(qkv_eq_scalar(pad, 0), QKV_F32);
     qkv_tensor *count = qkv_sum(keep, 1, true);
     qkv_tensor *pooled = qkv_div(qkv_sum(qkv_mul(x, qkv_unsqueeze(keep, -1)), 1, false), count);
-    qkv_tensor *logits = qkv_keep(qkv_linear_forward(m->head, pooled));
-    qkv_scope_end();
-    return logits;
+    return qkv_linear_forward(m->head, pooled);
+}
+
+/* One module call: the intermediates the backward does not read (the embedding sum, the final
+ * norm's output, the masked products) are freed on return. */
+qkv_tensor *classifier_forward(classifier *m, const qkv_tensor *ids, const qkv_tensor *pad) {
+    return m ? QKV_CALL(m, classify(m, ids, pad)) : NULL;
 }
