@@ -1,10 +1,12 @@
 /* The guide's model: construction and forward pass (docs/guide.md, steps 1 and 2). */
 #include "mlp.h"
 
-/* mlp_forward as the module's one-input forward, which qkv_module_forward and qkv_sequential
- * call. */
+static qkv_tensor *mlp_body(mlp *m, const qkv_tensor *x);
+
+/* The forward as the module's one-input forward, which qkv_module_forward (and so
+ * qkv_sequential) runs as one call. */
 static qkv_tensor *mlp_module_forward(qkv_module *m, const qkv_tensor *x) {
-    return mlp_forward((mlp *)m, x);
+    return mlp_body((mlp *)m, x);
 }
 
 mlp *mlp_new(int64_t in, int64_t hidden, int64_t classes, qkv_generator *g) {
@@ -26,7 +28,12 @@ mlp *mlp_new(int64_t in, int64_t hidden, int64_t classes, qkv_generator *g) {
     return m;
 }
 
-qkv_tensor *mlp_forward(mlp *m, const qkv_tensor *x) {
+static qkv_tensor *mlp_body(mlp *m, const qkv_tensor *x) {
     qkv_tensor *h = qkv_gelu(qkv_linear_forward(m->hidden, x), false);
     return qkv_div(qkv_linear_forward(m->out, h), m->temperature);
+}
+
+/* One module call: what the body makes and no backward reads is freed when it returns. */
+qkv_tensor *mlp_forward(mlp *m, const qkv_tensor *x) {
+    return m ? QKV_CALL(m, mlp_body(m, x)) : NULL;
 }
