@@ -36,9 +36,11 @@ void qkv_no_grad_begin(void);
 void qkv_no_grad_end(void);
 bool qkv_is_grad_enabled(void);
 
-/* Anomaly mode: every recorded op checks its forward result, and backward checks each
- * gradient, for NaN or Inf; the first one found is an error naming the op, and backward
- * stops. Per thread. */
+/* Anomaly mode: every recorded op checks its forward result for NaN (an infinity is no error:
+ * masks put -inf there on purpose), and backward checks each gradient for NaN or an
+ * infinity; the first one found is an error naming the op and, when it ran inside a module
+ * call, the module's path (`in encoder.layers.0.linear2`), and backward stops. Per
+ * thread. */
 void qkv_set_detect_anomaly(bool on);
 bool qkv_is_anomaly_enabled(void);
 

@@ -58,6 +58,7 @@ struct qkv_node {
     bool no_recompute;                  /* a value recompute reads could not be had */
     bool recomputing;                   /* its recompute is running */
     const qkv_tensor *const *forward_inputs; /* the inputs as given, until the forward ends */
+    char *site;                         /* anomaly mode: the module path it was recorded in */
     int depth;                          /* recomputations needed to recompute the output
                                            (0: from held values), or -1 if it cannot be */
     /* engine state during one backward */
@@ -80,6 +81,13 @@ bool qkv__save_for_recompute(qkv_ctx *ctx, int slot, const qkv_tensor *t);
 void qkv__saved_release(qkv_ctx *ctx, int slot);
 /* recompute for ops that save their own output in slot 0 */
 qkv_tensor *qkv__saved_output(qkv_ctx *ctx);
+/* Anomaly mode's sites: the path of module calls running on this thread (nn/module.c pushes
+ * each call's name within its caller), so that an anomaly names where its op was recorded.
+ * A pushed name is copied; names past QKV_SITE_DEPTH levels are dropped. */
+#define QKV_SITE_DEPTH 32
+void qkv__site_push(const char *name);
+void qkv__site_pop(void);
+
 /* The inputs argument of qkv_function_begin: QKV_INPUTS(a, b). */
 #define QKV_INPUTS(...) ((const qkv_tensor *const[]){__VA_ARGS__})
 

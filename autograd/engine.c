@@ -40,6 +40,11 @@ static void detach_values(qkv_tensor *t) {
     t->storage = NULL;
 }
 
+static void free_site(qkv_node *n) {
+    if (n->site) qkv__free(n->site, strlen(n->site) + 1);
+    n->site = NULL;
+}
+
 static void free_saved(qkv_node *n) {
     for (int k = 0; k < QKV_SAVED_SLOTS; k++) {
         qkv__release(n->saved[k].t);
@@ -60,23 +65,59 @@ static void node_release(qkv_node *n, qkv_tensor *owner) {
     if (n->retained_out == owner) n->retained_out = NULL;
     if (--n->refcount > 0) return;
     free_graph_links(n);
+    free_site(n);
     qkv__release(n->grad);
     qkv__release(n->recomputed);
     qkv__free(n, node_bytes(n));
 }
 
-/* Anomaly mode: the first non-finite value in a float tensor. */
-static bool all_finite(const qkv_tensor *t) {
-    if (!t || !qkv__is_float(t->dtype) || t->numel == 0) return true;
-    qkv_tensor *bad = qkv__unary(QKV_OP_ABS, t, "anomaly");
-    if (!bad) return true;
-    qkv_tensor *m = qkv__reduce(QKV_RED_MAX, bad, ~0u, false, 0, "anomaly");
+/* Anomaly mode: whether a float tensor holds a NaN (the largest of |t| is then NaN, as max
+ * propagates it) or, with infinities, an infinity. */
+static bool anomalous(const qkv_tensor *t, bool infinities) {
+    if (!t || !qkv__is_float(t->dtype) || t->numel == 0) return false;
+    qkv_scope_begin();
+    qkv_tensor *m = qkv__reduce(QKV_RED_MAX, qkv__unary(QKV_OP_ABS, t, "anomaly"), ~0u, false, 0,
+                                "anomaly");
     double v = m ? qkv_item(m) : 0;
-    if (qkv_scope_depth() == 0) {
-        qkv__release(m);
-        qkv__release(bad);
+    qkv_scope_end();
+    return isnan(v) || (infinities && isinf(v));
+}
+
+/* ---- Anomaly sites ----------------------------------------------------------------------- */
+
+static _Thread_local char sites[QKV_SITE_DEPTH][64];
+static _Thread_local int n_sites;
+
+void qkv__site_push(const char *name) {
+    if (n_sites < QKV_SITE_DEPTH) snprintf(sites[n_sites], sizeof sites[0], "%s", name);
+    n_sites++;
+}
+
+void qkv__site_pop(void) {
+    if (n_sites > 0) n_sites--;
+}
+
+/* The current site's dotted path (empty names skipped), copied for a node; NULL if none. */
+static char *site_path(void) {
+    char path[256] = "";
+    size_t len = 0;
+    for (int i = 0; i < n_sites && i < QKV_SITE_DEPTH; i++) {
+        if (!sites[i][0]) continue;
+        int w = snprintf(path + len, sizeof path - len, len ? ".%s" : "%s", sites[i]);
+        if (w < 0 || (size_t)w >= sizeof path - len) break;
+        len += (size_t)w;
     }
-    return isfinite(v);
+    if (!len) return NULL;
+    char *copy = qkv__alloc(len + 1);
+    if (copy) memcpy(copy, path, len + 1);
+    return copy;
+}
+
+/* " (in encoder.layers.0.linear2)" for a node recorded inside a module call, else "". */
+static const char *site_of(const qkv_node *n, char *buf, size_t size) {
+    if (!n->site) return "";
+    snprintf(buf, size, " (in %s)", n->site);
+    return buf;
 }
 
 /* t's shape, dtype and graph link without its storage: what a node keeps of an input, and of
@@ -170,6 +211,7 @@ static void free_unlinked(qkv_node *n, int n_inputs_made) {
     for (int i = 0; i < n_inputs_made; i++) qkv__release(n->inputs[i]);
     qkv__free(n->inputs, (size_t)(n->n_inputs ? n->n_inputs : 1) * sizeof(qkv_tensor *));
     free_saved(n);
+    free_site(n);
     qkv__free(n, node_bytes(n));
 }
 
@@ -201,6 +243,7 @@ qkv_ctx *qkv_function_begin(const qkv_function *fn, int n_inputs,
         if (i < 32 && qkv__needs_grad(in)) n->needed_grad |= 1u << i;
     }
     if (args && fn->args_size) memcpy(n->args, args, fn->args_size);
+    if (anomaly) n->site = site_path();
     n->forward_inputs = inputs;
     n->base.release = node_release;
     n->refcount = 1;
@@ -240,9 +283,10 @@ qkv_tensor *qkv_function_end(qkv_ctx *n, qkv_tensor *out) {
     n->forward_inputs = NULL;
     if (!out || n->failed) goto fail;
     /* Ops called by a backward are checked as that backward's gradients, under its name. */
-    if (anomaly && backward_depth == 0 && !all_finite(out)) {
-        qkv_set_error("qkv anomaly: %s produced a non-finite value in its forward",
-                      n->fn->name);
+    if (anomaly && backward_depth == 0 && anomalous(out, false)) {
+        char site[300];
+        qkv_set_error("qkv anomaly: %s produced NaN in its forward%s", n->fn->name,
+                      site_of(n, site, sizeof site));
         goto fail;
     }
     /* A forward that returns a tensor already in the graph gets a view of it. */
@@ -502,9 +546,10 @@ static bool count_consumers(qkv_node *root, uint64_t gen, node_list *all) {
 
 static bool check_gradients(const qkv_node *n, qkv_tensor **grads) {
     for (int i = 0; i < n->n_inputs; i++)
-        if (grads[i] && !all_finite(grads[i])) {
+        if (grads[i] && anomalous(grads[i], true)) {
+            char site[300];
             qkv_set_error("qkv anomaly: the backward of %s produced a non-finite gradient for "
-                          "its input %d", n->fn->name, i);
+                          "its input %d%s", n->fn->name, i, site_of(n, site, sizeof site));
             return false;
         }
     return true;

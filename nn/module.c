@@ -5,6 +5,7 @@
  */
 #include <string.h>
 
+#include "autograd/autograd_internal.h"
 #include "nn/nn.h"
 #include "tensor/tensor_internal.h"
 
@@ -150,19 +151,49 @@ qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x) {
 /* ---- Calls ------------------------------------------------------------------------------- */
 
 /* The thread's running module calls, beside its scope stack; past QKV_CALL_DEPTH only
- * counted. */
+ * counted. In anomaly mode each call also names itself to autograd (sited). */
 static _Thread_local qkv_module *calls[QKV_CALL_DEPTH];
+static _Thread_local bool sited[QKV_CALL_DEPTH];
 static _Thread_local int n_calls;
 
+/* The dotted path of child under parent ("linear2", or "layers.0" through a container that
+ * is never called itself), found depth first; false if child is not there. */
+static bool path_below(const qkv_module *parent, const qkv_module *child, char *buf,
+                       size_t size, int depth) {
+    for (int i = 0; i < parent->n_modules; i++) {
+        const qkv_module *c = parent->modules[i].module;
+        const char *name = parent->modules[i].name;
+        if (c == child) return snprintf(buf, size, "%s", name) < (int)size;
+        if (depth > 0) {
+            int w = snprintf(buf, size, "%s.", name);
+            if (w > 0 && (size_t)w < size &&
+                path_below(c, child, buf + w, size - (size_t)w, depth - 1))
+                return true;
+        }
+    }
+    return false;
+}
+
 void qkv_module_call_begin(qkv_module *m) {
-    if (n_calls < QKV_CALL_DEPTH) calls[n_calls] = m;
+    bool site = qkv_is_anomaly_enabled() && n_calls < QKV_CALL_DEPTH;
+    if (site) {
+        char name[64] = "";
+        if (n_calls > 0 && calls[n_calls - 1] && m &&
+            !path_below(calls[n_calls - 1], m, name, sizeof name, 2))
+            snprintf(name, sizeof name, "(%s)", m->type);
+        qkv__site_push(name);
+    }
+    if (n_calls < QKV_CALL_DEPTH) {
+        calls[n_calls] = m;
+        sited[n_calls] = site;
+    }
     n_calls++;
     qkv_scope_begin();
 }
 
 qkv_tensor *qkv_module_call_end(qkv_module *m, qkv_tensor *out) {
     (void)m;
-    if (n_calls > 0) n_calls--;
+    if (n_calls > 0 && --n_calls < QKV_CALL_DEPTH && sited[n_calls]) qkv__site_pop();
     return qkv_scope_end_keep(out);
 }
 

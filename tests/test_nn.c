@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "qkv.h"
+#include "examples/classify/model.h"
 
 #include "fixtures/nn_fixtures.h"
 #include "harness.h"
@@ -1054,8 +1055,7 @@ static void anomaly_mode_names_the_layer_op_that_meets_a_nan_weight(void **state
     qkv_tensor *y = qkv_linear_forward(lin, qkv_ones(QKV_F32, S(2, 4)));
     qkv_set_detect_anomaly(false);
     assert_null(y);
-    assert_string_equal(qkv_error(), "qkv anomaly: affine produced a non-finite value in its "
-                                     "forward");
+    assert_string_equal(qkv_error(), "qkv anomaly: affine produced NaN in its forward");
     qkv_module_free(QKV_MODULE(lin));
 }
 
@@ -1305,8 +1305,45 @@ static void modules_survive_every_allocation_failure(void **state) {
 
 #define T(name) cmocka_unit_test_setup_teardown(name, open_scope, close_scope)
 
+/* ---- Anomaly mode ------------------------------------------------------------------------ */
+
+/* The example classifier's loss and backward on a batch whose second row is padded, so its
+ * attention scores hold the -inf of the key padding mask. */
+static bool classifier_step(classifier *m) {
+    int64_t ids[] = {3, 4, 5, 6, 7, 8, 9, 0, 0, 0}, labels[] = {1, 2};
+    bool pad[] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1};
+    qkv_tensor *logits = classifier_forward(m, qkv_from_array(QKV_I64, QKV_SHAPE(2, 5), ids),
+                                            qkv_from_array(QKV_BOOL, QKV_SHAPE(2, 5), pad));
+    return qkv_backward(qkv_cross_entropy(logits, qkv_from_array(QKV_I64, QKV_SHAPE(2), labels),
+                                          QKV_REDUCTION_MEAN, -100, 0));
+}
+
+/* No false alarm on a padded batch (an infinity in a forward is no error); a NaN planted in
+ * one layer's weight is named with that layer's path. */
+static void anomaly_mode_names_the_layer_of_a_planted_nan(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    classifier_config c = {.vocab_size = 12, .n_classes = 3, .max_len = 5, .dim = 8,
+                           .heads = 2, .layers = 2, .ffn = 16, .dropout = 0.1};
+    classifier *m = classifier_new(&c, &g);
+    assert_non_null(m);
+    qkv_set_detect_anomaly(true);
+    bool clean = classifier_step(m);
+    const char *e = qkv_error();
+    if (!clean) fail_msg("false alarm: %s", e ? e : "(no error)");
+    qkv_tensor *w = m->encoder->layers[1]->linear2->weight;
+    assert_true(qkv_fill_(qkv_narrow(qkv_narrow(w, 0, 2, 1), 1, 3, 1), NAN));
+    assert_false(classifier_step(m));
+    qkv_set_detect_anomaly(false);
+    assert_string_equal(qkv_error(), "qkv anomaly: affine produced NaN in its forward (in "
+                                     "encoder.layers.1.linear2)");
+    qkv_module_free(QKV_MODULE(m));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        T(anomaly_mode_names_the_layer_of_a_planted_nan),
         T(parameters_are_listed_depth_first_with_dotted_names),
         T(state_lists_buffers_after_each_modules_parameters),
         T(shared_parameter_is_listed_once),

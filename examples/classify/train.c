@@ -86,15 +86,17 @@ static double train_step(classifier *m, qkv_optimizer *opt, const qkv_batch *b) 
 }
 
 /* Replays a batch whose loss was not finite with anomaly detection on, so that the message
- * names the first op that produced a NaN or Inf. */
-static void explain_nonfinite(classifier *m, const qkv_batch *b) {
+ * names the first op that produced a NaN (or a non-finite gradient) and its layer, with the
+ * epoch and the step. */
+static void explain_nonfinite(classifier *m, const qkv_batch *b, int64_t epoch, int64_t step) {
     qkv_clear_error();
     qkv_set_detect_anomaly(true);
     qkv_tensor *logits = classifier_forward(m, b->ids, b->key_padding_mask);
     qkv_tensor *loss = qkv_cross_entropy(logits, b->labels, QKV_REDUCTION_MEAN, -100, 0);
     if (loss) qkv_backward(loss);
     qkv_set_detect_anomaly(false);
-    fprintf(stderr, "qkv-classify: training stopped, the loss is not finite: %s\n",
+    fprintf(stderr, "qkv-classify: training stopped at epoch %lld, step %lld: the loss is not "
+            "finite: %s\n", (long long)epoch, (long long)step,
             qkv_error() ? qkv_error() : "no op reported a non-finite value");
 }
 
@@ -110,7 +112,7 @@ static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *
         qkv_scope_begin();
         qkv_batch b = make_batch(ds, order + off, count, o->max_len);
         double loss = b.ids ? train_step(m, opt, &b) : NAN;
-        if (isnan(loss) && b.ids && !qkv_error()) explain_nonfinite(m, &b);
+        if (isnan(loss) && b.ids && !qkv_error()) explain_nonfinite(m, &b, epoch, k + 1);
         p.tokens += b.ids ? b.ids->numel : 0;
         qkv_scope_end();
         if (isnan(loss)) return NAN;
