@@ -58,7 +58,7 @@ static void add_row(char *dst, const char *src, int64_t n, qkv_dtype dtype) {
     case QKV_I64: {
         int64_t *restrict d = (int64_t *)dst;
         const int64_t *restrict s = (const int64_t *)src;
-        for (int64_t i = 0; i < n; i++) d[i] += s[i];
+        for (int64_t i = 0; i < n; i++) d[i] = qkv__wrap_add(d[i], s[i]);
         break;
     }
     case QKV_BOOL: {

@@ -183,7 +183,7 @@ bool qkv_fill_(qkv_tensor *t, double value) {
     switch (t->dtype) {
     case QKV_F32: v.f = (float)value; break;
     case QKV_F64: v.d = value; break;
-    case QKV_I64: v.i = (int64_t)value; break;
+    case QKV_I64: v.i = qkv__f64_to_i64(value); break;
     case QKV_BOOL: v.b = value != 0; break;
     }
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
