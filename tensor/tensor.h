@@ -208,7 +208,9 @@ double qkv_item(const qkv_tensor *t);
 double qkv_get(const qkv_tensor *t, const int64_t *index);
 /* Copies the elements in row-major order to dst, converted to dtype. Returns false on error. */
 bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst);
-/* Fills every element of t (through its strides) with value; in place, not recorded. */
+/* Fills every element of t (through its strides) with value; in place, not recorded. Both
+ * refuse a destination of which two elements share memory (an expanded view, with stride 0 on
+ * an axis longer than 1), as torch does: clone it first. */
 bool qkv_fill_(qkv_tensor *t, double value);
 /* Copies src into dst elementwise (same shape; src may broadcast); in place, not recorded. */
 bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src);

@@ -336,6 +336,35 @@ static void overflowing_creation_and_indexing_name_the_op(void **state) {
     assert_true(v[0] == INT64_MAX && v[1] == INT64_MAX);
 }
 
+/* A write into an expanded view would store into one element several times, in an order that
+ * decides the result: refused, as torch refuses it, with nothing written. */
+static void copy_and_fill_refuse_a_destination_whose_elements_share_memory(void **state) {
+    (void)state;
+    qkv_tensor *row = qkv_from_array(QKV_F32, QKV_SHAPE(1, 3), (const float[]){1, 2, 3});
+    qkv_tensor *wide = qkv_expand(row, QKV_SHAPE(2, 3));
+    uint64_t version = qkv_version(row);
+    assert_false(qkv_fill_(wide, 7));
+    assert_string_equal(qkv_error(), "qkv_fill_: more than one element of the written-to tensor "
+                                     "[2,3] refers to a single memory location (dimension 0 has "
+                                     "stride 0); write into a copy (qkv_clone) instead");
+    qkv_clear_error();
+    assert_false(qkv_copy_(wide, qkv_arange(QKV_F32, 0, 6, 1)));
+    assert_string_equal(qkv_error(), "qkv_copy_: more than one element of the written-to tensor "
+                                     "[2,3] refers to a single memory location (dimension 0 has "
+                                     "stride 0); write into a copy (qkv_clone) instead");
+    qkv_clear_error();
+    assert_int_equal(qkv_version(row), version);
+    assert_true(qkv_get(row, (const int64_t[]){0, 0}) == 1);
+    /* stride 0 on an axis of size 1, or on an empty view, shares nothing */
+    assert_true(qkv_fill_(qkv_expand(row, QKV_SHAPE(1, 3)), 5));
+    assert_true(qkv_fill_(qkv_expand(qkv_zeros(QKV_F32, QKV_SHAPE(1, 0)), QKV_SHAPE(4, 0)), 5));
+    /* the source may broadcast; the copy of an expanded view is writable */
+    qkv_tensor *copy = qkv_clone(wide);
+    assert_true(qkv_copy_(copy, row));
+    assert_true(qkv_fill_(copy, 2));
+    assert_true(qkv_item(qkv_sum_all(copy)) == 12);
+}
+
 static qkv_tensor *sum_of_first(qkv_tensor *const *in, int n, void *ctx) {
     (void)n;
     (void)ctx;
@@ -648,6 +677,7 @@ int main(void) {
         T(every_view_and_creation_op_refuses_overflowing_sizes),
         T(overflowing_views_name_the_op),
         T(overflowing_creation_and_indexing_name_the_op),
+        T(copy_and_fill_refuse_a_destination_whose_elements_share_memory),
         T(missing_pointer_arguments_are_errors_not_crashes),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),
