@@ -216,7 +216,8 @@ static bool read_groups(const qkv_optimizer *opt, const qkv_optim_state *st,
     if (!meta_value(st, "optim.groups", false, &n_groups) ||
         !meta_value(st, "optim.steps", false, steps))
         return false;
-    if (!(*steps >= 0 && *steps == (double)(int64_t)*steps))
+    /* range first: casting a double past INT64_MAX (a hostile file's 1e300) is undefined */
+    if (!(*steps >= 0 && *steps < 0x1p63 && *steps == (double)(int64_t)*steps))
         return qkv_set_error(IMPORT ": optim.steps is not a step count"), false;
     if (n_groups != opt->n_groups)
         return qkv_set_error(IMPORT ": state has %g groups, optimizer %d", n_groups,

@@ -156,6 +156,11 @@ static void unlink_live(qkv_tensor *t) {
  * released. */
 void qkv__debug_quarantine(qkv_tensor *t) {
     struct qkv__tensor_debug *d = t->debug;
+    /* Out of the live list before the pattern goes in: another thread that links a tensor of
+     * its own reads its neighbour's record through the neighbour's debug field. */
+    lock_acquire();
+    unlink_live(t);
+    lock_release();
     d->freed_by = releasing_by;
     d->scope_file = releasing_file;
     d->scope_line = releasing_line;
@@ -177,7 +182,6 @@ void qkv__debug_quarantine(qkv_tensor *t) {
     qkv__forget(t, sizeof *t);
     qkv_tensor *evicted = NULL;
     lock_acquire();
-    unlink_live(t);
     if (!quarantine) quarantine = calloc(QUARANTINE, sizeof *quarantine);
     if (quarantine) {
         evicted = quarantine[next_slot];

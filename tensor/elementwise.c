@@ -83,11 +83,16 @@ static void operand_strides(const qkv_tensor *out, const qkv_tensor *const *ins,
 #define MAXIMUM(x, y) ((x) > (y) || (x) != (x) ? (x) : (y))
 #define MINIMUM(x, y) ((x) < (y) || (x) != (x) ? (x) : (y))
 
-#define BINARY_FOR_TYPE(T, POW)                                                                 \
+#define PLUS(x, y) ((x) + (y))
+#define MINUS(x, y) ((x) - (y))
+#define TIMES(x, y) ((x) * (y))
+
+/* ADD, SUB and MUL are the operators for floats, the wrapping helpers for I64. */
+#define BINARY_FOR_TYPE(T, POW, ADD, SUB, MUL)                                                  \
     switch (op) {                                                                               \
-    case QKV_OP_ADD: RUN2(T, T, x + y); break;                                                  \
-    case QKV_OP_SUB: RUN2(T, T, x - y); break;                                                  \
-    case QKV_OP_MUL: RUN2(T, T, x * y); break;                                                  \
+    case QKV_OP_ADD: RUN2(T, T, ADD(x, y)); break;                                              \
+    case QKV_OP_SUB: RUN2(T, T, SUB(x, y)); break;                                              \
+    case QKV_OP_MUL: RUN2(T, T, MUL(x, y)); break;                                              \
     case QKV_OP_DIV: RUN2(T, T, x / y); break;                                                  \
     case QKV_OP_POW: RUN2(T, T, (T)POW(x, y)); break;                                           \
     case QKV_OP_MAXIMUM: RUN2(T, T, MAXIMUM(x, y)); break;                                      \
@@ -100,12 +105,13 @@ static void operand_strides(const qkv_tensor *out, const qkv_tensor *const *ins,
     case QKV_OP_GE: RUN2(bool, T, x >= y); break;                                               \
     }
 
+/* x^y for integers, wrapping as repeated I64 multiplication does. */
 static int64_t ipow(int64_t x, int64_t y) {
     if (y < 0) return x == 1 ? 1 : x == -1 ? (y % 2 ? -1 : 1) : 0;
     int64_t r = 1;
     while (y) {
-        if (y & 1) r *= x;
-        x *= x;
+        if (y & 1) r = qkv__wrap_mul(r, x);
+        x = qkv__wrap_mul(x, x);
         y >>= 1;
     }
     return r;
@@ -120,9 +126,11 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const bin_ctx *c = vctx;
     qkv_binary_op op = c->op;
     switch (c->dtype) {
-    case QKV_F32: BINARY_FOR_TYPE(float, powf); break;
-    case QKV_F64: BINARY_FOR_TYPE(double, pow); break;
-    case QKV_I64: BINARY_FOR_TYPE(int64_t, ipow); break;
+    case QKV_F32: BINARY_FOR_TYPE(float, powf, PLUS, MINUS, TIMES); break;
+    case QKV_F64: BINARY_FOR_TYPE(double, pow, PLUS, MINUS, TIMES); break;
+    case QKV_I64:
+        BINARY_FOR_TYPE(int64_t, ipow, qkv__wrap_add, qkv__wrap_sub, qkv__wrap_mul);
+        break;
     case QKV_BOOL: /* only comparisons and maximum/minimum compute in bool */
         switch (op) {
         case QKV_OP_MAXIMUM: RUN2(bool, bool, x || y); break;
@@ -293,8 +301,8 @@ static void unary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
         UNARY_FLOAT(double, exp, log, sqrt, fabs, tanh, erf);
     } else {
         switch (op) {
-        case QKV_OP_NEG: RUN1(int64_t, -x); break;
-        case QKV_OP_ABS: RUN1(int64_t, x < 0 ? -x : x); break;
+        case QKV_OP_NEG: RUN1(int64_t, qkv__wrap_neg(x)); break;
+        case QKV_OP_ABS: RUN1(int64_t, x < 0 ? qkv__wrap_neg(x) : x); break; /* INT64_MIN stays */
         case QKV_OP_RELU: RUN1(int64_t, x > 0 ? x : 0); break;
         case QKV_OP_SIGN: RUN1(int64_t, (x > 0) - (x < 0)); break;
         default: RUN1(int64_t, x > 0 ? 1 : 0); break;

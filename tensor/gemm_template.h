@@ -345,7 +345,10 @@ typedef struct F(buffers) {
 } F(buffers);
 static _Thread_local F(buffers) F(bufs);
 static tss_t F(bufs_key);
-static bool F(bufs_key_ok);
+/* Set once, read by every thread. call_once already orders the two, but glibc's call_once
+ * goes around the pthread_once that ThreadSanitizer watches; the atomic states the order
+ * where it can see it. */
+static atomic_bool F(bufs_key_ok);
 static once_flag F(bufs_once) = ONCE_FLAG_INIT;
 
 static void F(bufs_free)(void *p) {
@@ -356,14 +359,16 @@ static void F(bufs_free)(void *p) {
 }
 
 static void F(bufs_key_make)(void) {
-    F(bufs_key_ok) = tss_create(&F(bufs_key), F(bufs_free)) == thrd_success;
+    atomic_store_explicit(&F(bufs_key_ok), tss_create(&F(bufs_key), F(bufs_free)) ==
+                          thrd_success, memory_order_release);
 }
 
 static T *F(grow)(T **buf, size_t *cap, size_t need) {
     if (*cap >= need) return *buf;
     if (!F(bufs).a && !F(bufs).b) {
         call_once(&F(bufs_once), F(bufs_key_make));
-        if (F(bufs_key_ok)) tss_set(F(bufs_key), &F(bufs));
+        if (atomic_load_explicit(&F(bufs_key_ok), memory_order_acquire))
+            tss_set(F(bufs_key), &F(bufs));
     }
     size_t bytes = (need * sizeof(T) + 63) & ~(size_t)63;
     T *p = aligned_alloc(64, bytes);

@@ -58,7 +58,7 @@ static void add_row(char *dst, const char *src, int64_t n, qkv_dtype dtype) {
     case QKV_I64: {
         int64_t *restrict d = (int64_t *)dst;
         const int64_t *restrict s = (const int64_t *)src;
-        for (int64_t i = 0; i < n; i++) d[i] += s[i];
+        for (int64_t i = 0; i < n; i++) d[i] = qkv__wrap_add(d[i], s[i]);
         break;
     }
     case QKV_BOOL: {
@@ -182,6 +182,7 @@ qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *i
         return qkv_set_error("%s: result of input %s and index %s has more than %d dimensions",
                              name, qkv_shape_str(a, sa, sizeof sa),
                              qkv_shape_str(index, si, sizeof si), QKV_MAX_DIMS);
+    if (!qkv__check_shape(name, ndim, shape)) return NULL;
     qkv_scope_begin();
     qkv_tensor *out = NULL, *ci = checked_index(name, a, ax, index);
     if (ci) out = qkv_empty(a->dtype, ndim, shape);
@@ -392,9 +393,11 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
     /* Mixed dtypes are promoted, as torch.cat does. */
     qkv_dtype dtype = ts[0]->dtype;
     for (int k = 0; k < n; k++) {
-        shape[ax] += ts[k]->shape[ax];
+        /* empty tensors can be long along axis: their sum may overflow */
+        if (!qkv__add_i64(name, shape[ax], ts[k]->shape[ax], &shape[ax])) return NULL;
         dtype = qkv__promote(dtype, ts[k]->dtype);
     }
+    if (!qkv__check_shape(name, ts[0]->ndim, shape)) return NULL;
     qkv_scope_begin();
     qkv_tensor *out = qkv_empty(dtype, ts[0]->ndim, shape);
     int64_t start = 0;
@@ -429,6 +432,7 @@ qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char 
     int64_t shape[QKV_MAX_DIMS];
     memcpy(shape, index->shape, (size_t)index->ndim * sizeof(int64_t));
     shape[index->ndim] = n_classes;
+    if (!qkv__check_shape(name, index->ndim + 1, shape)) return NULL;
     qkv_scope_begin();
     qkv_tensor *ci = qkv__contiguous(index), *out = ci ? qkv_zeros(QKV_I64, index->ndim + 1,
                                                                    shape) : NULL;

@@ -145,7 +145,7 @@ REDUCE_FLOAT(double)
         int64_t best = 0, bi = 0, s = 0;                                                        \
         switch (p->op) {                                                                        \
         case QKV_RED_SUM:                                                                       \
-            FOR_REDUCED(T, base, s += (int64_t)x);                                              \
+            FOR_REDUCED(T, base, s = qkv__wrap_add(s, (int64_t)x));                             \
             ((int64_t *)out)[o] = s;                                                            \
             break;                                                                              \
         case QKV_RED_MAX:                                                                       \

@@ -149,14 +149,39 @@ static void copy_run(int64_t n, char **p, const int64_t *st, void *vctx) {
         qkv__store(p[0] + i * st[0], c->dst, 0, qkv__load(p[1] + i * st[1], c->src, 0));
 }
 
+/* False with an error naming op when two elements of t share memory (a stride 0 on an axis
+ * of size above 1, as an expanded view has): a write would store into them several times, in
+ * an order that decides the result. torch refuses the same; qkv's views can overlap no other
+ * way, so no general overlap check is needed. An empty tensor has no elements to share. */
+static bool writable(const char *op, const qkv_tensor *t) {
+    for (int i = 0; i < t->ndim && t->numel > 0; i++) {
+        if (t->strides[i] != 0 || t->shape[i] <= 1) continue;
+        char s[128];
+        qkv_set_error("%s: more than one element of the written-to tensor %s refers to a "
+                      "single memory location (dimension %d has stride 0); write into a copy "
+                      "(qkv_clone) instead", op, qkv_shape_str(t, s, sizeof s), i);
+        return false;
+    }
+    return true;
+}
+
+/* Whether src broadcasts to dst's shape without growing it; dimension by dimension, as the
+ * product of the broadcast shape could overflow. */
+static bool broadcasts_to(const qkv_tensor *src, const qkv_tensor *dst) {
+    if (src->ndim > dst->ndim) return false;
+    for (int i = 0; i < src->ndim; i++) {
+        int64_t s = src->shape[i], d = dst->shape[dst->ndim - src->ndim + i];
+        if (s != d && s != 1) return false;
+    }
+    return true;
+}
+
 bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src) {
     if (!dst || !src) return false;
     if (!QKV__CHECK("qkv_copy_", dst, src)) return false;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
-    int nout;
-    int64_t bshape[QKV_MAX_DIMS];
-    if (!qkv__broadcast_shape(dst->ndim, dst->shape, src->ndim, src->shape, &nout, bshape) ||
-        nout != dst->ndim || qkv__numel(nout, bshape) != dst->numel) {
+    if (!writable("qkv_copy_", dst)) return false;
+    if (!broadcasts_to(src, dst)) {
         char a[128], b[128];
         qkv_set_error("qkv_copy_: cannot copy %s into %s", qkv_shape_str(src, b, sizeof b),
                       qkv_shape_str(dst, a, sizeof a));
@@ -179,11 +204,12 @@ bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src) {
 bool qkv_fill_(qkv_tensor *t, double value) {
     if (!t) return false;
     if (!QKV__CHECK("qkv_fill_", t)) return false;
+    if (!writable("qkv_fill_", t)) return false;
     union { float f; double d; int64_t i; bool b; } v;
     switch (t->dtype) {
     case QKV_F32: v.f = (float)value; break;
     case QKV_F64: v.d = value; break;
-    case QKV_I64: v.i = (int64_t)value; break;
+    case QKV_I64: v.i = qkv__f64_to_i64(value); break;
     case QKV_BOOL: v.b = value != 0; break;
     }
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];

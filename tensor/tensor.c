@@ -283,7 +283,7 @@ void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v) {
     switch (dtype) {
     case QKV_F32: ((float *)base)[i] = (float)v; break;
     case QKV_F64: ((double *)base)[i] = v; break;
-    case QKV_I64: ((int64_t *)base)[i] = isfinite(v) ? (int64_t)v : 0; break;
+    case QKV_I64: ((int64_t *)base)[i] = qkv__f64_to_i64(v); break;
     case QKV_BOOL: ((bool *)base)[i] = v != 0; break;
     }
 }

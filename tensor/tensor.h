@@ -16,6 +16,12 @@
  *    qkv_copy_out, while none changes it), and so is a qkv_generator. The caching allocator and
  *    its statistics are shared and locked. qkv_set_num_threads and qkv_debug_fail_alloc_at act
  *    on the whole process. docs/threads.md has the details.
+ *  - Integers. I64 arithmetic (add, sub, mul, neg, abs, pow, sum) wraps modulo 2^64 as in
+ *    PyTorch: INT64_MAX + 1 is INT64_MIN, and -INT64_MIN and abs(INT64_MIN) are INT64_MIN.
+ *    Division of integers is true division in f32, as torch's `/`. A float becomes an I64
+ *    (qkv_to_dtype, qkv_copy_, qkv_copy_out, qkv_fill_, qkv_full) truncated toward zero, with
+ *    NaN giving 0 and the ends saturating: +inf and values from 2^63 up give INT64_MAX, -inf
+ *    and values below -2^63 give INT64_MIN. Any non-zero value, NaN too, becomes true as BOOL.
  *  - Shapes are given as (ndim, const int64_t *shape); QKV_SHAPE(2, 3) expands to both.
  *    Strides and offsets count elements, not bytes.
  *
@@ -202,7 +208,9 @@ double qkv_item(const qkv_tensor *t);
 double qkv_get(const qkv_tensor *t, const int64_t *index);
 /* Copies the elements in row-major order to dst, converted to dtype. Returns false on error. */
 bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst);
-/* Fills every element of t (through its strides) with value; in place, not recorded. */
+/* Fills every element of t (through its strides) with value; in place, not recorded. Both
+ * refuse a destination of which two elements share memory (an expanded view, with stride 0 on
+ * an axis longer than 1), as torch does: clone it first. */
 bool qkv_fill_(qkv_tensor *t, double value);
 /* Copies src into dst elementwise (same shape; src may broadcast); in place, not recorded. */
 bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src);

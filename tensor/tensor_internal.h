@@ -115,6 +115,35 @@ size_t qkv__scope_report(FILE *f);
 /* g as it would be after n calls of qkv_generator_next_u32. */
 void qkv__generator_advance(qkv_generator *g, uint64_t n);
 
+/* ---- Integer arithmetic and conversion -------------------------------------------------- */
+
+/* I64 arithmetic wraps modulo 2^64, as PyTorch's does: INT64_MAX + 1 is INT64_MIN. Signed
+ * overflow is undefined in C, so the kernels add, subtract and multiply in uint64_t, whose
+ * overflow is defined, and convert back (GCC and Clang define that as the two's complement). */
+static inline int64_t qkv__wrap_add(int64_t a, int64_t b) {
+    return (int64_t)((uint64_t)a + (uint64_t)b);
+}
+static inline int64_t qkv__wrap_sub(int64_t a, int64_t b) {
+    return (int64_t)((uint64_t)a - (uint64_t)b);
+}
+static inline int64_t qkv__wrap_mul(int64_t a, int64_t b) {
+    return (int64_t)((uint64_t)a * (uint64_t)b);
+}
+static inline int64_t qkv__wrap_neg(int64_t a) {
+    return (int64_t)(0 - (uint64_t)a);
+}
+
+/* A float as an I64: truncated toward zero, saturating at the ends (+inf and values from 2^63
+ * up give INT64_MAX, -inf and values below -2^63 give INT64_MIN) and 0 for NaN. The C cast is
+ * undefined outside the range; this is what AArch64's conversion and Rust's `as` give, so the
+ * result is the same on every machine. */
+static inline int64_t qkv__f64_to_i64(double v) {
+    if (v != v) return 0;
+    if (v >= 0x1p63) return INT64_MAX;
+    if (v < -0x1p63) return INT64_MIN;
+    return (int64_t)v;
+}
+
 /* Element load/store by dtype, for slow paths. */
 double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
 void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v);

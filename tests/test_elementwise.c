@@ -219,6 +219,65 @@ static void integer_inputs_of_float_ops_compute_in_f32(void **state) {
     assert_int_equal(qkv_abs(x)->dtype, QKV_I64);
 }
 
+/* ---- integer overflow -------------------------------------------------------------------- */
+
+/* Asserts the n I64 values of t (read as integers: a double cannot hold them all). */
+static void assert_i64s(const qkv_tensor *t, int n, const int64_t *want) {
+    assert_non_null(t);
+    assert_int_equal(t->dtype, QKV_I64);
+    assert_int_equal(t->numel, n);
+    int64_t got[8];
+    assert_true(qkv_copy_out(t, QKV_I64, got));
+    for (int i = 0; i < n; i++)
+        if (got[i] != want[i])
+            fail_msg("element %d: %lld, expected %lld", i, (long long)got[i], (long long)want[i]);
+}
+#define ASSERT_I64S(t, ...)                                                                     \
+    assert_i64s(t, (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),                   \
+                (const int64_t[]){__VA_ARGS__})
+
+/* As torch's int64 arithmetic: modulo 2^64, never undefined behaviour (UBSan checks it in the
+ * sanitizer build). Contiguous, broadcast-scalar and strided operands take different loops. */
+static void integer_arithmetic_wraps_as_twos_complement(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_from_array(QKV_I64, QKV_SHAPE(3),
+                                   (const int64_t[]){INT64_MAX, INT64_MIN, INT64_MAX});
+    qkv_tensor *b = qkv_from_array(QKV_I64, QKV_SHAPE(3), (const int64_t[]){1, -1, 2});
+    ASSERT_I64S(qkv_add(a, b), INT64_MIN, INT64_MAX, INT64_MIN + 1);
+    ASSERT_I64S(qkv_sub(a, b), INT64_MAX - 1, INT64_MIN + 1, INT64_MAX - 2);
+    ASSERT_I64S(qkv_sub(b, a), INT64_MIN + 2, INT64_MAX, INT64_MIN + 3);
+    ASSERT_I64S(qkv_mul(a, b), INT64_MAX, INT64_MIN, -2);
+    ASSERT_I64S(qkv_add_scalar(a, 1), INT64_MIN, INT64_MIN + 1, INT64_MIN);
+    ASSERT_I64S(qkv_mul_scalar(a, 2), -2, 0, -2);
+    qkv_tensor *one = qkv_scalar(QKV_I64, 1);
+    ASSERT_I64S(qkv_add(one, a), INT64_MIN, INT64_MIN + 1, INT64_MIN);
+    qkv_tensor *pair = qkv_from_array(QKV_I64, QKV_SHAPE(2, 2),
+                                      (const int64_t[]){INT64_MAX, 0, INT64_MIN, 0});
+    qkv_tensor *column = qkv_select(pair, 1, 0); /* stride 2 */
+    ASSERT_I64S(qkv_add(column, column), -2, 0);
+    ASSERT_I64S(qkv_neg(a), INT64_MIN + 1, INT64_MIN, INT64_MIN + 1);
+    ASSERT_I64S(qkv_neg(column), INT64_MIN + 1, INT64_MIN);
+    ASSERT_I64S(qkv_abs(a), INT64_MAX, INT64_MIN, INT64_MAX);
+    qkv_tensor *base = qkv_from_array(QKV_I64, QKV_SHAPE(4), (const int64_t[]){2, 2, 3, -2});
+    qkv_tensor *exps = qkv_from_array(QKV_I64, QKV_SHAPE(4), (const int64_t[]){63, 64, 40, 63});
+    ASSERT_I64S(qkv_pow(base, exps), INT64_MIN, 0, -6289078614652622815, INT64_MIN);
+}
+
+static void integer_sums_wrap_as_twos_complement(void **state) {
+    (void)state;
+    ASSERT_I64S(qkv_sum_all(qkv_from_array(QKV_I64, QKV_SHAPE(2),
+                                           (const int64_t[]){INT64_MAX, 1})),
+                INT64_MIN);
+    ASSERT_I64S(qkv_sum_all(qkv_from_array(QKV_I64, QKV_SHAPE(2),
+                                           (const int64_t[]){INT64_MIN, -1})),
+                INT64_MAX);
+    qkv_tensor *m = qkv_from_array(QKV_I64, QKV_SHAPE(2, 2),
+                                   (const int64_t[]){INT64_MAX, INT64_MIN, 1, -1});
+    ASSERT_I64S(qkv_sum(m, 0, false), INT64_MIN, INT64_MAX);
+    ASSERT_I64S(qkv_sum(m, 1, false), -1, 0);
+    ASSERT_I64S(qkv_sum(qkv_transpose(m, 0, 1), 1, false), INT64_MIN, INT64_MAX);
+}
+
 /* ---- where, masked_fill ------------------------------------------------------------------ */
 
 static void where_broadcasts_all_three_operands(void **state) {
@@ -291,6 +350,8 @@ int main(void) {
         T(gelu_tanh_matches_torch),
         T(sigmoid_is_stable_at_large_magnitudes),
         T(integer_inputs_of_float_ops_compute_in_f32),
+        T(integer_arithmetic_wraps_as_twos_complement),
+        T(integer_sums_wrap_as_twos_complement),
         T(where_broadcasts_all_three_operands),
         T(masked_fill_broadcasts_the_mask),
         T(where_needs_a_bool_condition),

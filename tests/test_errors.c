@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <string.h>
@@ -176,6 +177,108 @@ static void views_and_creation_refuse_overflowing_sizes(void **state) {
     }
 }
 
+/* A made tensor either fails with an error, or has sizes >= 0 and at most max elements. */
+static void assert_refused_or_small(qkv_tensor *t, int64_t max) {
+    if (!t) {
+        assert_non_null(qkv_error());
+        qkv_clear_error();
+        return;
+    }
+    assert_null(qkv_error());
+    for (int i = 0; i < t->ndim; i++) assert_true(t->shape[i] >= 0);
+    char shape[128];
+    if (t->numel > max)
+        fail_msg("%s has more than %lld elements", qkv_shape_str(t, shape, sizeof shape),
+                 (long long)max);
+}
+
+/* Axes far out of range, for every op that takes one. */
+static void ops_taking_an_axis_refuse_any_int(void) {
+    const int axes[] = {INT_MAX, INT_MIN, INT_MAX - 1, INT_MIN + 1, -4, -3, -1, 0, 1, 2, 3, 8};
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    qkv_tensor *pair[] = {a, a};
+    qkv_tensor *ix = qkv_zeros(QKV_I64, QKV_SHAPE(1));
+    qkv_tensor *ix2 = qkv_zeros(QKV_I64, QKV_SHAPE(1, 1));
+    for (size_t i = 0; i < sizeof axes / sizeof *axes; i++) {
+        int x = axes[i];
+        assert_refused_or_sound(qkv_select(a, x, 1));
+        assert_refused_or_sound(qkv_permute(a, (const int[]){x, 0}));
+        assert_refused_or_sound(qkv_permute(a, (const int[]){1, x}));
+        assert_refused_or_sound(qkv_transpose(a, x, 0));
+        assert_refused_or_sound(qkv_transpose(a, 1, x));
+        assert_refused_or_sound(qkv_squeeze(a, x));
+        assert_refused_or_sound(qkv_unsqueeze(a, x));
+        assert_refused_or_sound(qkv_flatten(a, x, -1));
+        assert_refused_or_sound(qkv_flatten(a, 0, x));
+        assert_refused_or_sound(qkv_narrow(a, x, 0, 1));
+        assert_refused_or_sound(qkv_slice(a, x, 0, 1, 1));
+        assert_refused_or_small(qkv_concat(2, pair, x), 12);
+        assert_refused_or_small(qkv_stack(2, pair, x), 12);
+        assert_refused_or_small(qkv_index_select(a, x, ix), 3);
+        assert_refused_or_small(qkv_gather(a, x, ix2), 1);
+        assert_refused_or_small(qkv_sum(a, x, false), 3);
+        assert_refused_or_small(qkv_softmax(a, x), 6);
+    }
+}
+
+/* Every view and creation op, with sizes, indices and ranges at and past the ends of int64:
+ * each is refused with an error or makes a small, sound tensor, and none overflows (UBSan
+ * checks the arithmetic in the sanitizer build). Accepted shapes stay tiny: a size of 2^57
+ * appears only beside a 0, so that nothing huge is allocated. */
+static void every_view_and_creation_op_refuses_overflowing_sizes(void **state) {
+    (void)state;
+    ops_taking_an_axis_refuse_any_int();
+    const int64_t sizes[] = {INT64_MAX, INT64_MIN, INT64_MAX - 1, INT64_MIN + 1, -1, -2,
+                             INT64_C(1) << 62, (INT64_C(1) << 58) + 1, 0, 1, 3};
+    const float buf[16] = {0};
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        int64_t x = sizes[i];
+        qkv_tensor *at_x = qkv_from_array(QKV_I64, QKV_SHAPE(1), &x);
+        assert_refused_or_sound(qkv_select(a, 0, x));
+        assert_refused_or_small(qkv_index_select(a, 1, at_x), 2);
+        assert_refused_or_small(qkv_gather(a, 1, qkv_reshape(at_x, QKV_SHAPE(1, 1))), 1);
+        assert_refused_or_small(qkv_one_hot(at_x, 3), 3);
+        assert_refused_or_small(qkv_one_hot(qkv_zeros(QKV_I64, QKV_SHAPE(1)), x), 3);
+        assert_refused_or_small(qkv_one_hot(qkv_zeros(QKV_I64, QKV_SHAPE(0)), x), 0);
+        for (size_t j = 0; j < sizeof sizes / sizeof *sizes; j++) {
+            int64_t y = sizes[j];
+            assert_refused_or_small(qkv_ones(QKV_F32, QKV_SHAPE(x, y)), 9);
+            assert_refused_or_small(qkv_rand(QKV_F32, QKV_SHAPE(y, x), &g), 9);
+            assert_refused_or_small(qkv_randn(QKV_F64, QKV_SHAPE(x, 1, y), &g), 9);
+            assert_refused_or_small(qkv_randint(0, 5, QKV_SHAPE(x, y), &g), 9);
+            assert_refused_or_small(qkv_randint(x, y, QKV_SHAPE(2), &g), 2);
+            assert_refused_or_small(qkv_from_array(QKV_F32, QKV_SHAPE(x, y), buf), 9);
+            assert_refused_or_small(qkv_empty_like(qkv_zeros(QKV_BOOL, QKV_SHAPE(x, y))), 9);
+            assert_refused_or_small(qkv_arange(QKV_I64, (double)x, (double)y, 1), 5);
+            /* 2^63 by steps of 2^58 + 1 is 32 elements */
+            assert_refused_or_small(qkv_arange(QKV_F32, 0, (double)x, (double)y), 32);
+        }
+    }
+    /* Empty tensors may be long: their lengths along the axis of a concat add up past int64,
+     * and a stack of them is too large. */
+    qkv_tensor *longs[64];
+    for (int k = 0; k < 64; k++) longs[k] = qkv_zeros(QKV_F32, QKV_SHAPE(0, INT64_C(1) << 57));
+    assert_refused_or_small(qkv_concat(2, longs, 1), 0);
+    assert_refused_or_small(qkv_concat(4, longs, 1), 0);
+    assert_refused_or_small(qkv_concat(64, longs, 1), 0);
+    assert_refused_or_small(qkv_stack(64, longs, 0), 0);
+    assert_refused_or_small(qkv_stack(2, longs, 2), 0);
+    /* An index that would make a result too large, on an empty source. */
+    qkv_tensor *e = qkv_zeros(QKV_F32, QKV_SHAPE(2, 0, INT64_C(1) << 56));
+    assert_refused_or_small(qkv_index_select(e, 0, qkv_zeros(QKV_I64, QKV_SHAPE(64))), 0);
+    /* Ranges whose length does not fit, or whose values do not fit an I64. */
+    const double ranges[][3] = {{0, 1e30, 1}, {-1e30, 1e30, 1}, {0, 0x1p63, 1},
+                                {-0x1p63, 0x1p63, 1e3}, {-1e308, 1e308, 1}, {0, 1, 1e-320},
+                                {1e30, 2e30, 5e29}, {-2e30, -1e30, 5e29}, {0, 1, NAN}};
+    for (size_t i = 0; i < sizeof ranges / sizeof *ranges; i++)
+        for (qkv_dtype dt = QKV_F32; dt <= QKV_I64; dt++)
+            assert_refused_or_small(qkv_arange(dt, ranges[i][0], ranges[i][1], ranges[i][2]),
+                                    2);
+}
+
 static void overflowing_views_name_the_op(void **state) {
     (void)state;
     qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
@@ -194,6 +297,72 @@ static void overflowing_views_name_the_op(void **state) {
     assert_null(qkv_reshape(qkv_zeros(QKV_F32, QKV_SHAPE(0, 3)),
                             QKV_SHAPE(0, INT64_C(1) << 62, INT64_C(1) << 62)));
     assert_string_equal(qkv_error(), "qkv_reshape: shape too large (dimension 1)");
+}
+
+/* The call gave NULL with exactly this message; the error is then cleared. */
+static void assert_refused_with(const qkv_tensor *t, const char *message) {
+    assert_null(t);
+    assert_string_equal(qkv_error(), message);
+    qkv_clear_error();
+}
+
+static void overflowing_creation_and_indexing_name_the_op(void **state) {
+    (void)state;
+    qkv_tensor *longs[64];
+    for (int k = 0; k < 64; k++) longs[k] = qkv_zeros(QKV_F32, QKV_SHAPE(0, INT64_C(1) << 57));
+    assert_refused_with(qkv_concat(64, longs, 1),
+                        "qkv_concat: 9079256848778919936 + 144115188075855872 overflows");
+    assert_refused_with(qkv_concat(4, longs, 1), "qkv_concat: shape too large (dimension 1)");
+    assert_refused_with(qkv_stack(64, longs, 0), "qkv_stack: shape too large (dimension 2)");
+    qkv_tensor *e = qkv_zeros(QKV_F32, QKV_SHAPE(2, 0, INT64_C(1) << 56));
+    assert_refused_with(qkv_index_select(e, 0, qkv_zeros(QKV_I64, QKV_SHAPE(64))),
+                        "qkv_index_select: shape too large (dimension 2)");
+    assert_refused_with(qkv_one_hot(qkv_zeros(QKV_I64, QKV_SHAPE(2)), INT64_MAX),
+                        "qkv_one_hot: shape too large (dimension 1)");
+    int64_t big = INT64_MAX;
+    qkv_tensor *at_big = qkv_from_array(QKV_I64, QKV_SHAPE(1), &big);
+    assert_refused_with(qkv_one_hot(at_big, 3),
+                        "qkv_one_hot: index 9223372036854775807 out of range [0, 3) (index [1])");
+    assert_refused_with(qkv_arange(QKV_F32, -1e308, 1e308, 1), "qkv_arange: range too long");
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    assert_refused_with(qkv_randint(0, 5, QKV_SHAPE(INT64_C(1) << 62, 4), &g),
+                        "qkv_randint: shape too large (dimension 0)");
+    assert_refused_with(qkv_unsqueeze(qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)), INT_MIN),
+                        "qkv_unsqueeze: axis -2147483648 out of range for [2,3]");
+    /* values past int64 saturate (tensor.h) */
+    int64_t v[2];
+    assert_true(qkv_copy_out(qkv_arange(QKV_I64, 1e30, 2e30, 5e29), QKV_I64, v));
+    assert_true(v[0] == INT64_MAX && v[1] == INT64_MAX);
+}
+
+/* A write into an expanded view would store into one element several times, in an order that
+ * decides the result: refused, as torch refuses it, with nothing written. */
+static void copy_and_fill_refuse_a_destination_whose_elements_share_memory(void **state) {
+    (void)state;
+    qkv_tensor *row = qkv_from_array(QKV_F32, QKV_SHAPE(1, 3), (const float[]){1, 2, 3});
+    qkv_tensor *wide = qkv_expand(row, QKV_SHAPE(2, 3));
+    uint64_t version = qkv_version(row);
+    assert_false(qkv_fill_(wide, 7));
+    assert_string_equal(qkv_error(), "qkv_fill_: more than one element of the written-to tensor "
+                                     "[2,3] refers to a single memory location (dimension 0 has "
+                                     "stride 0); write into a copy (qkv_clone) instead");
+    qkv_clear_error();
+    assert_false(qkv_copy_(wide, qkv_arange(QKV_F32, 0, 6, 1)));
+    assert_string_equal(qkv_error(), "qkv_copy_: more than one element of the written-to tensor "
+                                     "[2,3] refers to a single memory location (dimension 0 has "
+                                     "stride 0); write into a copy (qkv_clone) instead");
+    qkv_clear_error();
+    assert_int_equal(qkv_version(row), version);
+    assert_true(qkv_get(row, (const int64_t[]){0, 0}) == 1);
+    /* stride 0 on an axis of size 1, or on an empty view, shares nothing */
+    assert_true(qkv_fill_(qkv_expand(row, QKV_SHAPE(1, 3)), 5));
+    assert_true(qkv_fill_(qkv_expand(qkv_zeros(QKV_F32, QKV_SHAPE(1, 0)), QKV_SHAPE(4, 0)), 5));
+    /* the source may broadcast; the copy of an expanded view is writable */
+    qkv_tensor *copy = qkv_clone(wide);
+    assert_true(qkv_copy_(copy, row));
+    assert_true(qkv_fill_(copy, 2));
+    assert_true(qkv_item(qkv_sum_all(copy)) == 12);
 }
 
 static qkv_tensor *sum_of_first(qkv_tensor *const *in, int n, void *ctx) {
@@ -505,7 +674,10 @@ int main(void) {
         T(index_out_of_range_names_index_and_shape),
         T(bad_sizes_and_arguments_name_the_op),
         T(views_and_creation_refuse_overflowing_sizes),
+        T(every_view_and_creation_op_refuses_overflowing_sizes),
         T(overflowing_views_name_the_op),
+        T(overflowing_creation_and_indexing_name_the_op),
+        T(copy_and_fill_refuse_a_destination_whose_elements_share_memory),
         T(missing_pointer_arguments_are_errors_not_crashes),
         T(null_inputs_give_null_without_a_new_error),
         T(a_chain_reports_its_first_failing_op),

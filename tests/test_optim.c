@@ -642,6 +642,17 @@ static void import_checks_type_groups_names_and_shapes_before_changing_anything(
     qkv_clear_error();
     qkv_optimizer_free(one_group);
 
+    /* a step count past int64 (a hostile file's) is refused, never cast */
+    for (int i = 0; i < st->n_meta; i++) {
+        if (strcmp(st->meta_keys[i], "optim.steps")) continue;
+        char *steps = st->meta_values[i];
+        st->meta_values[i] = (char *)"1e300";
+        assert_false(qkv_optimizer_state_import(opt, st));
+        assert_string_equal(qkv_error(), "qkv_optimizer_state_import: optim.steps is not a "
+                                         "step count");
+        qkv_clear_error();
+        st->meta_values[i] = steps;
+    }
     replace_tensor(st, "optim.state.fc1.weight.exp_avg", qkv_zeros(QKV_F32, QKV_SHAPE(8, 5)));
     assert_false(qkv_optimizer_state_import(opt, st));
     assert_string_equal(qkv_error(), "qkv_optimizer_state_import: "

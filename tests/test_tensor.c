@@ -222,6 +222,58 @@ static void copy_out_converts_in_row_major_order(void **state) {
 
 /* ---- random numbers ---------------------------------------------------------------------- */
 
+/* Float to I64 is defined for every value (the C cast is not): truncation toward zero, NaN to
+ * 0, and the ends saturate, through every path that converts: to_dtype, copy_, copy_out,
+ * full and scalar. */
+static void float_to_integer_conversion_saturates_and_maps_nan_to_zero(void **state) {
+    (void)state;
+    enum { N = 11 };
+    const double in[N] = {NAN, INFINITY, -INFINITY, 1e30, -1e30, 0x1p63, -0x1p63,
+                          0x1.fffffffffffffp62, 2.9, -2.9, -0.0};
+    const int64_t want[N] = {0, INT64_MAX, INT64_MIN, INT64_MAX, INT64_MIN, INT64_MAX,
+                             INT64_MIN, INT64_C(9223372036854774784), 2, -2, 0};
+    float in32[N];
+    for (int i = 0; i < N; i++) in32[i] = (float)in[i]; /* all within float's range */
+    qkv_tensor *srcs[] = {qkv_from_array(QKV_F64, QKV_SHAPE(N), in),
+                          qkv_from_array(QKV_F32, QKV_SHAPE(N), in32)};
+    for (int k = 0; k < 2; k++) {
+        int64_t got[N];
+        assert_true(qkv_copy_out(qkv_to_dtype(srcs[k], QKV_I64), QKV_I64, got));
+        qkv_tensor *dst = qkv_zeros(QKV_I64, QKV_SHAPE(N));
+        assert_true(qkv_copy_(dst, srcs[k]));
+        int64_t copied[N], out[N];
+        assert_true(qkv_copy_out(dst, QKV_I64, copied));
+        assert_true(qkv_copy_out(srcs[k], QKV_I64, out));
+        for (int i = 0; i < N; i++) {
+            /* float rounds 0x1.fffffffffffffp62 up to 2^63 */
+            int64_t w = k == 1 && i == 7 ? INT64_MAX : want[i];
+            if (got[i] != w || copied[i] != w || out[i] != w)
+                fail_msg("%s %g: %lld, %lld, %lld; expected %lld", k ? "f32" : "f64", in[i],
+                         (long long)got[i], (long long)copied[i], (long long)out[i],
+                         (long long)w);
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        int64_t full, scalar;
+        assert_true(qkv_copy_out(qkv_full(QKV_I64, QKV_SHAPE(1), in[i]), QKV_I64, &full));
+        assert_true(qkv_copy_out(qkv_scalar(QKV_I64, in[i]), QKV_I64, &scalar));
+        assert_true(full == want[i] && scalar == want[i]);
+    }
+}
+
+/* As torch: any non-zero value is true, NaN included; -0.0 is false. */
+static void conversion_to_bool_is_nonzero(void **state) {
+    (void)state;
+    bool got[5];
+    qkv_tensor *f = qkv_from_array(QKV_F64, QKV_SHAPE(5),
+                                   (const double[]){NAN, -0.0, INFINITY, 1e-300, 0});
+    assert_true(qkv_copy_out(qkv_to_dtype(f, QKV_BOOL), QKV_BOOL, got));
+    assert_true(got[0] && !got[1] && got[2] && got[3] && !got[4]);
+    qkv_tensor *i = qkv_from_array(QKV_I64, QKV_SHAPE(3), (const int64_t[]){INT64_MIN, 0, 1});
+    assert_true(qkv_copy_out(qkv_to_dtype(i, QKV_BOOL), QKV_BOOL, got));
+    assert_true(got[0] && !got[1] && got[2]);
+}
+
 static void generator_first_outputs_follow_pcg32_seeded_by_splitmix64(void **state) {
     (void)state;
     const uint64_t seeds[3] = {0, 42, UINT64_MAX};
@@ -409,6 +461,8 @@ int main(void) {
         T(item_of_one_element_tensor),
         T(get_reads_through_strides_and_checks_range),
         T(copy_out_converts_in_row_major_order),
+        T(float_to_integer_conversion_saturates_and_maps_nan_to_zero),
+        T(conversion_to_bool_is_nonzero),
         T(generator_first_outputs_follow_pcg32_seeded_by_splitmix64),
         T(generator_uniform_takes_53_bits_from_two_draws),
         T(rand_f32_takes_24_bits_per_element),
