@@ -64,8 +64,8 @@ qkv_transformer_decoder_layer *qkv_transformer_decoder_layer_new(
                           b, "linear2", QKV_MODULE(qkv_linear_new(c.dim_feedforward, c.d_model,
                                                                   true, g)))
                     : NULL;
-    ok = m->linear2 && add_norm(b, "norm1", &m->norm1, &c) && add_norm(b, "norm2", &m->norm2, &c) &&
-         add_norm(b, "norm3", &m->norm3, &c) &&
+    ok = m->linear2 && add_norm(b, "norm1", &m->norm1, &c) &&
+         add_norm(b, "norm2", &m->norm2, &c) && add_norm(b, "norm3", &m->norm3, &c) &&
          add_dropout(b, "dropout1", &m->dropout1, c.dropout, g) &&
          add_dropout(b, "dropout2", &m->dropout2, c.dropout, g) &&
          add_dropout(b, "dropout3", &m->dropout3, c.dropout, g);
