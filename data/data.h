@@ -4,14 +4,15 @@
  *
  * The conventions of tensor/tensor.h hold here: errors return NULL (or -1 / 0 / false where
  * stated) and record a message read with qkv_error(); batch tensors belong to the innermost open
- * scope. The objects of this header (qkv_tsv, qkv_tokens, qkv_vocab, qkv_labels, qkv_dataset)
- * are not tensors: the caller owns each one and frees it with its _free function (NULL is
- * ignored). Once built they are never modified, so several threads may read them at once.
+ * scope. The objects of this header (qkv_tsv, qkv_tokens, qkv_vocab, qkv_labels, qkv_dataset,
+ * qkv_bpe, qkv_lm_dataset) are not tensors: the caller owns each one and frees it with its
+ * _free function (NULL is ignored). Once built they are never modified, so several threads
+ * may read them at once.
  *
- * Text is UTF-8. Wherever text enters (qkv_tsv_read, the tokenizers), each byte that does not
- * start a valid UTF-8 sequence (overlong forms, surrogates, code points beyond U+10FFFF,
- * truncated sequences, stray continuation bytes) is replaced by U+FFFD, one per byte; so is a
- * NUL byte, which a C string cannot hold.
+ * Text is UTF-8. Wherever text enters (qkv_tsv_read, the word and char tokenizers), each byte
+ * that does not start a valid UTF-8 sequence (overlong forms, surrogates, code points beyond
+ * U+10FFFF, truncated sequences, stray continuation bytes) is replaced by U+FFFD, one per byte;
+ * so is a NUL byte, which a C string cannot hold. The BPE tokenizer takes raw bytes instead.
  */
 #ifndef QKV_DATA_H
 #define QKV_DATA_H
@@ -142,6 +143,67 @@ qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n
 /* Shuffles idx[0..n) in place by Fisher-Yates: for i from n-1 down to 1, swap idx[i] with
  * idx[qkv_generator_below(g, i + 1)]. One seed gives one order on every platform. */
 void qkv_shuffle(int64_t *idx, int64_t n, qkv_generator *g);
+
+/* ---- Byte-level and BPE tokenizers ------------------------------------------------------- */
+
+/* Byte-pair encoding over raw bytes (not text: no UTF-8 replacement here): ids 0..255 are the
+ * bytes, id 256 + i is merge i, the concatenation of two earlier tokens. Every byte string,
+ * invalid UTF-8, NUL bytes and the empty string included, encodes and decodes back to itself.
+ * Special ids (an end-of-text, say) are the caller's, from qkv_bpe_vocab_size up; decode
+ * refuses them. */
+typedef struct qkv_bpe qkv_bpe;
+
+/* The byte-level tokenizer: no merges, one id per byte. */
+qkv_bpe *qkv_bpe_new(void);
+/* Learns up to n_merges merges from size bytes of corpus: each merges every occurrence (left
+ * to right) of the most frequent adjacent pair, ties to the lowest (left, right) ids; training
+ * stops early when no pair occurs twice. One corpus gives one tokenizer. An empty corpus is an
+ * error. */
+qkv_bpe *qkv_bpe_train(const void *corpus, size_t size, int64_t n_merges);
+void qkv_bpe_free(qkv_bpe *bpe);
+int64_t qkv_bpe_vocab_size(const qkv_bpe *bpe); /* 256 + merges */
+/* The bytes of token id (valid while bpe lives) and their count in *size; NULL out of range. */
+const void *qkv_bpe_token(const qkv_bpe *bpe, int64_t id, size_t *size);
+/* Encodes size bytes, applying the merges earliest first, and writes the first cap ids to ids.
+ * Returns the number of ids of the whole text, which may exceed cap, or -1 on error. */
+int64_t qkv_bpe_encode(const qkv_bpe *bpe, const void *text, size_t size, int64_t *ids,
+                       int64_t cap);
+/* Writes the bytes of n ids to buf when they fit in cap; returns their count (which may exceed
+ * cap), or -1 for an id outside the vocabulary. */
+int64_t qkv_bpe_decode(const qkv_bpe *bpe, const int64_t *ids, int64_t n, void *buf, size_t cap);
+/* Byte format, little-endian: 8 bytes magic "qkvbpe\0\0", u32 version (1), u32 0, u64 merge
+ * count, then per merge u32 left id, u32 right id; saved in a checkpoint as a byte extra
+ * (qkv_named_bytes). Writer and reader follow the vocabulary's conventions above; the reader
+ * rejects a merge of ids not below its own, a repeated pair, and any size mismatch. */
+size_t qkv_bpe_to_bytes(const qkv_bpe *bpe, void *buf, size_t cap);
+qkv_bpe *qkv_bpe_from_bytes(const void *buf, size_t size);
+
+/* ---- Language-model dataset -------------------------------------------------------------- */
+
+/* One token stream cut into (n - 1) / context windows of context + 1 tokens that do not
+ * overlap; window w gives inputs tokens[w*context ..][0..context) and targets the same shifted
+ * by one (the next token at each position). The last round(windows * valid_fraction) windows
+ * are the validation split, the rest the training split; a split fraction that leaves either
+ * empty (with valid_fraction > 0) is an error, as is a stream shorter than one window. */
+typedef struct qkv_lm_dataset qkv_lm_dataset;
+typedef enum qkv_split { QKV_SPLIT_TRAIN = 0, QKV_SPLIT_VALID = 1 } qkv_split;
+typedef struct qkv_lm_batch {
+    qkv_tensor *inputs;  /* I64 [n, context] */
+    qkv_tensor *targets; /* I64 [n, context]: inputs shifted left by one token */
+} qkv_lm_batch;
+
+qkv_lm_dataset *qkv_lm_dataset_new(const int64_t *tokens, int64_t n, int64_t context,
+                                   double valid_fraction);
+void qkv_lm_dataset_free(qkv_lm_dataset *ds);
+int64_t qkv_lm_dataset_size(const qkv_lm_dataset *ds, qkv_split split); /* windows */
+int64_t qkv_lm_dataset_context(const qkv_lm_dataset *ds);
+/* Fills idx[0..size) with the split's window indices, shuffled by g (qkv_shuffle) unless g is
+ * NULL: one seed gives one epoch order. */
+bool qkv_lm_dataset_order(const qkv_lm_dataset *ds, qkv_split split, int64_t *idx,
+                          qkv_generator *g);
+/* The windows idx[0..n) of split as a batch (in the innermost scope); on error both NULL. */
+qkv_lm_batch qkv_lm_dataset_batch(const qkv_lm_dataset *ds, qkv_split split,
+                                  const int64_t *idx, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -253,6 +253,7 @@ qkv_tensor *qkv_sequential_forward(qkv_sequential *s, const qkv_tensor *x);
 typedef struct qkv_multi_head_attention {
     qkv_module base;
     int64_t embed_dim, num_heads, head_dim, kdim, vdim;
+    int64_t num_kv_heads; /* num_heads, or fewer for grouped-query attention */
     double dropout; /* on the attention weights, training mode only */
     qkv_linear *q_proj, *k_proj, *v_proj, *out_proj;
     qkv_generator generator; /* for dropout */
@@ -262,10 +263,26 @@ qkv_multi_head_attention *qkv_multi_head_attention_new(int64_t embed_dim, int64_
                                                        double dropout, bool bias, int64_t kdim,
                                                        int64_t vdim, qkv_generator *g);
 
+/* Grouped-query attention (as LLaMA 2/3): num_kv_heads (dividing num_heads) key and value
+ * heads, each shared by num_heads / num_kv_heads query heads. k_proj and v_proj are [num_kv_heads
+ * * head_dim, E]; the forward repeats each key/value head over its group. Self-attention
+ * shapes only (kdim = vdim = E); every projection xavier uniform on its own. The forward is
+ * qkv_multi_head_attention_forward. */
+qkv_multi_head_attention *qkv_grouped_query_attention_new(int64_t embed_dim, int64_t num_heads,
+                                                          int64_t num_kv_heads, double dropout,
+                                                          bool bias, qkv_generator *g);
+
+typedef struct qkv_kv_cache qkv_kv_cache;                 /* below, "Models of one's own" */
+typedef struct qkv_rotary_embedding qkv_rotary_embedding; /* below, "Models of one's own" */
+
 /* Forward arguments; a zeroed struct (or NULL) means no masks and no weights. Masks are BOOL
  * (true = not allowed) or float (added to the scores, -INFINITY to forbid). A query whose keys
  * are all masked gets all-zero attention weights, so its output is out_proj's bias (PyTorch
- * gives NaN there). */
+ * gives NaN there). The scores are computed by qkv_scaled_dot_product_attention.
+ * With a cache, the keys and values of earlier calls come first: S counts them too (masks are
+ * [T, past + S_new]), and is_causal lets query i see the keys up to position past + i, so
+ * feeding tokens one at a time gives the outputs of the whole sequence under a causal mask.
+ * With rope, q and k are rotated per head at positions past, past + 1, ... (before caching). */
 typedef struct qkv_attention_options {
     const qkv_tensor *key_padding_mask; /* [B,S]: true = ignore that key */
     const qkv_tensor *attn_mask;        /* [T,S], [B*H,T,S] or [B,H,T,S] */
@@ -273,6 +290,8 @@ typedef struct qkv_attention_options {
     qkv_tensor **weights;       /* when non-NULL, receives the attention weights (after dropout,
                                    as PyTorch): [B,T,S] averaged over heads, or [B,H,T,S] */
     bool per_head_weights;
+    qkv_kv_cache *cache;          /* this module's cache for incremental decoding, or NULL */
+    qkv_rotary_embedding *rope;   /* rotary position embedding of q and k, or NULL */
 } qkv_attention_options;
 qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
                                              const qkv_tensor *query, const qkv_tensor *key,
@@ -381,17 +400,156 @@ qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
 bool qkv_module_save(const qkv_module *m, const char *path,
                      const qkv_checkpoint_contents *extras);
 
+/* What a load found: the module's entries the file lacks and the file's tensors the module
+ * has no place for (extras saved with qkv_module_save are not counted), as PyTorch's
+ * load_state_dict returns them. Names are malloc'd; qkv_load_report_free frees them. */
+typedef struct qkv_load_report {
+    int n_missing, n_unexpected;
+    char **missing, **unexpected;
+} qkv_load_report;
+void qkv_load_report_free(qkv_load_report *report); /* frees the lists, zeroes the counts */
+
 typedef struct qkv_load_options {
     bool partial;  /* load what matches by name; missing and unexpected names are no error */
+    /* PyTorch's nn.MultiheadAttention packs q, k and v: "P.in_proj_weight" [3E, E] and
+     * "P.in_proj_bias" [3E] in the file fill the module's P.q_proj, P.k_proj and P.v_proj
+     * (rows [0,E), [E,2E), [2E,3E)), and "P.{q,k,v}_proj_weight" (kdim or vdim != E) fill
+     * P.{q,k,v}_proj.weight, so a torch state_dict saved as safetensors loads as it is. */
+    bool split_in_proj;
+    /* When non-NULL, receives the missing and unexpected names, in partial mode and also when
+     * a strict load fails for them (the caller frees it, and an earlier report first). */
+    qkv_load_report *report;
 } qkv_load_options;
 
 /* Copies the file's tensors into the module's parameters and buffers of the same names
  * (converting between float dtypes). Every name, shape and dtype is checked before anything
  * changes. Unless opts->partial, a module entry missing from the file, or a file tensor that
- * is neither the module's nor one of the extras saved with it, is an error naming it. */
+ * is neither the module's nor one of the extras saved with it, is an error naming every one
+ * of them at once (as many as the message holds; opts->report lists them all). */
 bool qkv_module_load(qkv_module *m, const char *path, const qkv_load_options *opts);
 bool qkv_module_load_safetensors(qkv_module *m, const qkv_safetensors *f,
                                  const qkv_load_options *opts);
+
+/* ---- Models of one's own ----------------------------------------------------------------- */
+
+/* Containers, as torch.nn.ModuleList and ModuleDict: they hold submodules under their index
+ * ("0", "1", ...) or name, so a loop builds a stack named "blocks.0", "blocks.1", ... They have
+ * no forward: the model holding them calls the children. */
+typedef struct qkv_module_list {
+    qkv_module base;
+    int n;
+} qkv_module_list;
+qkv_module_list *qkv_module_list_new(void);
+/* Appends module (owned from now on; freed on failure) as child "n"; returns it or NULL. */
+void *qkv_module_list_append(qkv_module_list *l, qkv_module *module);
+/* Child i (negative counts from the end, as Python), or NULL with an error out of range. */
+qkv_module *qkv_module_list_get(const qkv_module_list *l, int index);
+
+typedef struct qkv_module_dict {
+    qkv_module base;
+} qkv_module_dict;
+qkv_module_dict *qkv_module_dict_new(void);
+/* Adds module under name (non-empty, no '.', not taken; owned, freed on failure). */
+void *qkv_module_dict_set(qkv_module_dict *d, const char *name, qkv_module *module);
+qkv_module *qkv_module_dict_get(const qkv_module_dict *d, const char *name); /* NULL + error */
+int qkv_module_dict_size(const qkv_module_dict *d);
+
+/* torch.nn.functional.scaled_dot_product_attention (PyTorch 2.x), composed from matmul,
+ * an added mask, softmax and dropout: softmax(q k^T * scale + mask) v for q [..., L, E],
+ * k [..., S, E], v [..., S, Ev] -> [..., L, Ev] (leading dims broadcast). A zeroed struct or
+ * NULL: no mask, scale 1/sqrt(E), no dropout. */
+typedef struct qkv_sdpa_options {
+    /* Broadcasts to [..., L, S]. BOOL: true = the key TAKES PART (torch's sdpa convention,
+     * the opposite of nn.MultiheadAttention's and qkv_attention_options'); float: added. */
+    const qkv_tensor *attn_mask;
+    bool is_causal;          /* query i sees keys j <= i (top-left aligned); not with attn_mask */
+    double scale;            /* 0 means 1/sqrt(E) */
+    double dropout_p;        /* on the attention weights, only when training is true */
+    bool training;
+    qkv_generator *generator; /* the dropout's draws; required when it drops anything */
+    qkv_tensor **weights;     /* when non-NULL, receives the weights [..., L, S] after dropout */
+} qkv_sdpa_options;
+/* A query whose keys are all masked gets zero weights and a zero output (torch gives NaN). */
+qkv_tensor *qkv_scaled_dot_product_attention(const qkv_tensor *q, const qkv_tensor *k,
+                                             const qkv_tensor *v, const qkv_sdpa_options *o);
+
+/* RMSNorm, as torch.nn.RMSNorm (2.4) and LLaMA: x * rsqrt(mean(x^2) + eps) * weight over the
+ * last dim (size dim); weight starts at ones. eps 0 means torch's default, the epsilon of x's
+ * dtype. */
+typedef struct qkv_rms_norm {
+    qkv_module base;
+    int64_t dim;
+    double eps;
+    qkv_tensor *weight;
+} qkv_rms_norm;
+qkv_rms_norm *qkv_rms_norm_new(int64_t dim, double eps);
+qkv_tensor *qkv_rms_norm_forward(qkv_rms_norm *m, const qkv_tensor *x);
+
+/* LLaMA's feed-forward block: w2(silu(w1 x) * w3 x), silu(x) = x * sigmoid(x); w1 and w3 are
+ * [hidden_dim, dim], w2 [dim, hidden_dim], without biases, initialised as torch.nn.Linear. */
+typedef struct qkv_swiglu {
+    qkv_module base;
+    int64_t dim, hidden_dim;
+    qkv_linear *w1, *w2, *w3;
+} qkv_swiglu;
+qkv_swiglu *qkv_swiglu_new(int64_t dim, int64_t hidden_dim, qkv_generator *g);
+qkv_tensor *qkv_swiglu_forward(qkv_swiglu *m, const qkv_tensor *x);
+
+/* Rotary position embedding in the GPT-NeoX / LLaMA (Hugging Face) layout: the head dim is
+ * split in halves, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], angle
+ * pos * base^(-2i/dim) for pair i. The cos and sin tables [max_len, dim] are computed, not
+ * parameters or buffers (as HF's non-persistent ones), so checkpoints hold nothing of it. */
+struct qkv_rotary_embedding {
+    qkv_module base;
+    int64_t dim, max_len;
+    double theta;             /* the base, 10000 in LLaMA */
+    qkv_tensor *cos, *sin;    /* F64 [max_len, dim], converted to x's dtype when applied */
+};
+/* dim even and positive; base 0 means 10000. */
+qkv_rotary_embedding *qkv_rotary_embedding_new(int64_t dim, int64_t max_len, double base);
+/* x [..., T, dim] rotated at positions offset .. offset + T - 1 (all below max_len). */
+qkv_tensor *qkv_rotary_embedding_forward(qkv_rotary_embedding *m, const qkv_tensor *x,
+                                         int64_t offset);
+
+/* Keys and values of one attention module kept across calls for incremental decoding (see
+ * qkv_attention_options): up to max_len positions of [B, num_kv_heads, ., head_dim], held
+ * detached (no gradient reaches earlier calls). A call that would go past max_len, or with
+ * another batch or head shape, is an error and leaves the cache as it was. */
+qkv_kv_cache *qkv_kv_cache_new(int64_t max_len);
+void qkv_kv_cache_free(qkv_kv_cache *c);             /* NULL is ignored */
+void qkv_kv_cache_reset(qkv_kv_cache *c);             /* empty again, for a new sequence */
+int64_t qkv_kv_cache_length(const qkv_kv_cache *c);   /* positions held */
+
+/* torch.nn.TransformerDecoderLayer (batch first): masked self-attention, cross-attention over
+ * a memory, a feed-forward block, each with a residual, dropout and layer norm (norm1..3),
+ * pre-LN with config->norm_first. Names are PyTorch's (self_attn, multihead_attn, linear1,
+ * linear2, norm1, norm2, norm3) with in_proj split into q/k/v_proj; the one-input forward
+ * (qkv_module_forward) is not defined, as it needs a memory. */
+typedef struct qkv_transformer_decoder_layer {
+    qkv_module base;
+    qkv_transformer_config config;
+    qkv_multi_head_attention *self_attn, *multihead_attn;
+    qkv_linear *linear1, *linear2;
+    qkv_dropout_layer *dropout, *dropout1, *dropout2, *dropout3;
+    qkv_layer_norm *norm1, *norm2, *norm3;
+} qkv_transformer_decoder_layer;
+
+/* The masks of PyTorch's forward (shapes and meaning as qkv_attention_options: BOOL true =
+ * not allowed, or float added). A zeroed struct or NULL: none. */
+typedef struct qkv_decoder_options {
+    const qkv_tensor *tgt_mask;                /* [T,T] */
+    const qkv_tensor *memory_mask;             /* [T,S] */
+    const qkv_tensor *tgt_key_padding_mask;    /* [B,T] */
+    const qkv_tensor *memory_key_padding_mask; /* [B,S] */
+    bool tgt_is_causal;
+} qkv_decoder_options;
+qkv_transformer_decoder_layer *qkv_transformer_decoder_layer_new(
+    const qkv_transformer_config *config, qkv_generator *g);
+/* tgt [B,T,d_model], memory [B,S,d_model] -> [B,T,d_model]. */
+qkv_tensor *qkv_transformer_decoder_layer_forward(qkv_transformer_decoder_layer *m,
+                                                  const qkv_tensor *tgt,
+                                                  const qkv_tensor *memory,
+                                                  const qkv_decoder_options *opts);
 
 #ifdef __cplusplus
 }
