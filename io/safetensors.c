@@ -26,6 +26,15 @@
 #define MAX_HEADER 100000000u
 #define CHECKSUM_KEY "qkv.checksum"
 #define EXTRAS_KEY "qkv.extras"
+/* Present in files whose checksum covers the whole file (format 2). Files of format 1 carry a
+ * checksum of the data alone and no such key. The two keys guard each other: a damaged
+ * checksum key leaves this one asking for a checksum, and a damaged one of these makes the
+ * file's own checksum disagree. */
+#define FORMAT_KEY "qkv.format"
+#define FORMAT_VALUE "2"
+/* "crc32:" and 8 lowercase hex digits */
+#define CHECKSUM_PREFIX "crc32:"
+#define CHECKSUM_LEN 14
 
 /* ---- Dtypes ------------------------------------------------------------------------------ */
 
@@ -97,6 +106,10 @@ static void put(buffer *b, const void *s, size_t n) {
     b->data[b->n] = '\0';
 }
 
+static void put_text(buffer *b, const char *s) {
+    put(b, s, strlen(s));
+}
+
 static void putf(buffer *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void putf(buffer *b, const char *fmt, ...) {
     char tmp[64];
@@ -160,8 +173,10 @@ static size_t entry_bytes(const out_entry *e) {
     return e->tensor ? (size_t)e->tensor->numel * qkv_dtype_size(e->tensor->dtype) : e->nbytes;
 }
 
+/* The header, with the checksum's 8 hex digits left as zeros at *digits (an offset in h): the
+ * checksum covers every byte of the file but those, so it is computed once the header is. */
 static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
-                         const qkv_checkpoint_contents *x, uint32_t crc) {
+                         const qkv_checkpoint_contents *x, size_t *digits) {
     put(h, "{", 1);
     size_t offset = 0;
     for (int i = 0; i < n; i++) {
@@ -184,12 +199,14 @@ static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
         offset += size;
     }
     put(h, "\"__metadata__\":{", 16);
-    putf(h, "\"" CHECKSUM_KEY "\":\"crc32:%08x\"", crc);
+    put_text(h, "\"" CHECKSUM_KEY "\":\"" CHECKSUM_PREFIX);
+    *digits = h->n;
+    put_text(h, "00000000\",\"" FORMAT_KEY "\":\"" FORMAT_VALUE "\"");
     for (int i = 0; x && i < x->n_meta; i++) {
         const char *k = x->meta[i].key, *v = x->meta[i].value;
         bool repeated = false;
         for (int j = 0; k && j < i; j++) repeated |= x->meta[j].key && !strcmp(x->meta[j].key, k);
-        if (!k || !v || repeated || !strcmp(k, CHECKSUM_KEY) || !strcmp(k, EXTRAS_KEY) ||
+        if (!k || !v || repeated || !strncmp(k, "qkv.", 4) ||
             !valid_utf8((const unsigned char *)k, strlen(k)) ||
             !valid_utf8((const unsigned char *)v, strlen(v))) {
             qkv_set_error("qkv_safetensors_write: %s: bad metadata key \"%s\"", path,
@@ -311,7 +328,7 @@ static bool write_entries(const char *path, const out_entry *e, int n,
     buffer h = {0};
     const void **data = qkv__calloc((size_t)(n ? n : 1) * sizeof *data);
     bool ok = data != NULL;
-    uint32_t crc = 0;
+    size_t digits = 0;
     qkv_scope_begin();
     for (int i = 0; ok && i < n; i++) {
         if (e[i].tensor) {
@@ -321,9 +338,21 @@ static bool write_entries(const char *path, const out_entry *e, int n,
         } else {
             data[i] = e[i].bytes;
         }
-        if (ok) crc = qkv__crc32(crc, data[i], entry_bytes(&e[i]));
     }
-    ok = ok && build_header(&h, path, e, n, x, crc) && write_file(path, &h, e, n, data);
+    ok = ok && build_header(&h, path, e, n, x, &digits);
+    if (ok) {
+        /* Every byte of the file but the digits themselves, in file order. */
+        unsigned char len[8];
+        for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)h.n >> (8 * i));
+        uint32_t crc = qkv__crc32(0, len, 8);
+        crc = qkv__crc32(crc, h.data, digits);
+        crc = qkv__crc32(crc, h.data + digits + 8, h.n - digits - 8);
+        for (int i = 0; i < n; i++) crc = qkv__crc32(crc, data[i], entry_bytes(&e[i]));
+        char hex[9];
+        snprintf(hex, sizeof hex, "%08x", (unsigned)crc);
+        memcpy(h.data + digits, hex, 8);
+    }
+    ok = ok && write_file(path, &h, e, n, data);
     qkv_scope_end();
     buffer_free(&h);
     if (data) qkv__free(data, (size_t)(n ? n : 1) * sizeof *data);
@@ -539,6 +568,7 @@ typedef struct st_entry {
 typedef struct st_meta {
     char *key, *value;
     size_t key_size, value_size;
+    size_t raw, raw_len;             /* the value as written: its bytes in the header */
 } st_meta;
 
 struct qkv_safetensors {
@@ -584,12 +614,13 @@ static bool parse_metadata(qkv_safetensors *f, json *j) {
         skip_ws(j);
         if (colon && (j->i >= j->n || j->s[j->i] != '"'))
             jfail(j, "__metadata__ values must be strings");
+        size_t raw = j->i + 1; /* after the opening quote */
         char *value = j->failed ? NULL : parse_string(j, &vs);
         if (!value) {
             qkv__free(key, ks);
             return false;
         }
-        if (!meta_add(f, j, (st_meta){key, value, ks, vs})) return false;
+        if (!meta_add(f, j, (st_meta){key, value, ks, vs, raw, j->i - 1 - raw})) return false;
     } while (next_is(j, ','));
     return expect(j, '}');
 }
@@ -782,20 +813,40 @@ static bool check_metadata(qkv_safetensors *f) {
     return true;
 }
 
+static const st_meta *find_meta(const qkv_safetensors *f, const char *key);
+
+/* Format 2 (qkv.format "2"): a CRC-32 of every byte of the file but the checksum's 8 digits,
+ * so that no damage to the header (a key, a shape, the checksum's own name) goes unseen.
+ * Format 1 (no qkv.format, qkv's files before it): a CRC-32 of the data alone. */
 static bool check_checksum(const qkv_safetensors *f) {
-    const char *v = qkv_safetensors_meta(f, CHECKSUM_KEY);
-    if (!v) return true; /* files from other writers carry none */
+    const st_meta *sum = find_meta(f, CHECKSUM_KEY);
+    const char *format = qkv_safetensors_meta(f, FORMAT_KEY);
+    if (!sum && format)
+        return bad_file(f, "%s", FORMAT_KEY " without " CHECKSUM_KEY ": the file is damaged");
+    if (!sum) return true; /* files from other writers carry none */
+    if (format && strcmp(format, FORMAT_VALUE)) /* a later scheme, or a damaged digit */
+        return bad_file(f, "unsupported " FORMAT_KEY " \"%s\"", format);
+    const char *v = sum->value;
     uint32_t want = 0;
-    bool ok = strncmp(v, "crc32:", 6) == 0 && strlen(v) == 14;
-    for (int i = 6; ok && i < 14; i++) {
+    /* As written, with no escapes: the digits are then the raw bytes the checksum skips. */
+    bool ok = sum->raw_len == CHECKSUM_LEN && strlen(v) == CHECKSUM_LEN &&
+              strncmp(v, CHECKSUM_PREFIX, 6) == 0;
+    for (int i = 6; ok && i < CHECKSUM_LEN; i++) {
         char c = v[i];
         int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
         ok = d >= 0;
         want = want << 4 | (uint32_t)(ok ? d : 0);
     }
     if (!ok) return bad_file(f, "%s", "malformed " CHECKSUM_KEY);
-    if (qkv__crc32(0, f->data, f->data_size) != want)
-        return bad_file(f, "%s", "checksum mismatch: the file is damaged");
+    uint32_t got;
+    if (format) {
+        size_t digits = 8 + sum->raw + 6;
+        got = qkv__crc32(0, f->file, digits);
+        got = qkv__crc32(got, f->file + digits + 8, f->file_size - digits - 8);
+    } else {
+        got = qkv__crc32(0, f->data, f->data_size);
+    }
+    if (got != want) return bad_file(f, "%s", "checksum mismatch: the file is damaged");
     return true;
 }
 
@@ -929,16 +980,21 @@ static int cmp_key_entry(const void *key, const void *e) {
     return strcmp(key, (*(const st_entry *const *)e)->name);
 }
 
-const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
+static const st_meta *find_meta(const qkv_safetensors *f, const char *key) {
     if (!f || !key) return NULL;
     if (!f->meta_by_key) { /* while the file is being checked */
         for (int i = 0; i < f->n_meta; i++)
-            if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+            if (strcmp(f->meta[i].key, key) == 0) return &f->meta[i];
         return NULL;
     }
     const st_meta *const *m =
         bsearch(key, f->meta_by_key, (size_t)f->n_meta, sizeof *f->meta_by_key, cmp_key_meta);
-    return m ? (*m)->value : NULL;
+    return m ? *m : NULL;
+}
+
+const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
+    const st_meta *m = find_meta(f, key);
+    return m ? m->value : NULL;
 }
 
 static const st_entry *find(const qkv_safetensors *f, const char *name) {

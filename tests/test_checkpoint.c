@@ -283,6 +283,10 @@ static void save_refuses_bad_and_duplicate_names(void **state) {
     qkv_checkpoint_contents meta = {.n_meta = 1, .meta = reserved};
     assert_false(qkv_module_save(QKV_MODULE(m), path, &meta));
     assert_error_contains("bad metadata key \"qkv.checksum\"");
+    qkv_meta_pair format[] = {{"qkv.format", "1"}};
+    qkv_checkpoint_contents meta2 = {.n_meta = 1, .meta = format};
+    assert_false(qkv_module_save(QKV_MODULE(m), path, &meta2));
+    assert_error_contains("bad metadata key \"qkv.format\"");
     assert_int_equal(access(path, F_OK), -1); /* nothing was written */
     qkv_module_free(QKV_MODULE(m));
 }
@@ -522,6 +526,12 @@ static void hostile_headers_are_refused_with_a_message(void **state) {
          "malformed qkv.checksum"},
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}\x01}", 4,
          "expected '}'"},
+        {"{\"__metadata__\":{\"qkv.format\":\"2\"}}", 0,
+         "qkv.format without qkv.checksum: the file is damaged"},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:00000000\",\"qkv.format\":\"3\"}}", 0,
+         "unsupported qkv.format \"3\""},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:0000000\\u0030\"}}", 0,
+         "malformed qkv.checksum"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         write_raw(cases[i].header, cases[i].n_data, data);
@@ -565,6 +575,113 @@ static void a_flipped_data_byte_fails_the_checksum(void **state) {
     assert_false(qkv_module_load(QKV_MODULE(m), path, NULL));
     assert_error_contains("checksum mismatch: the file is damaged");
     qkv_module_free(QKV_MODULE(m));
+}
+
+static unsigned char *read_bytes(const char *p, size_t *n) {
+    FILE *f = fopen(p, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    rewind(f);
+    unsigned char *buf = malloc(*n + 1);
+    assert_int_equal(fread(buf, 1, *n, f), *n);
+    fclose(f);
+    return buf;
+}
+
+/* The file's every tensor (as raw bytes) and metadata value equal the reference's. */
+static void assert_same_file(const qkv_safetensors *f, const qkv_safetensors *ref) {
+    assert_int_equal(qkv_safetensors_count(f), qkv_safetensors_count(ref));
+    for (int i = 0; i < qkv_safetensors_count(ref); i++) {
+        const char *name = qkv_safetensors_name(ref, i);
+        assert_string_equal(qkv_safetensors_name(f, i), name);
+        assert_same_values(qkv_safetensors_tensor(f, name), qkv_safetensors_tensor(ref, name));
+    }
+    assert_int_equal(qkv_safetensors_meta_count(f), qkv_safetensors_meta_count(ref));
+    for (int i = 0; i < qkv_safetensors_meta_count(ref); i++) {
+        const char *key = qkv_safetensors_meta_key(ref, i);
+        assert_string_equal(qkv_safetensors_meta(f, key), qkv_safetensors_meta(ref, key));
+    }
+}
+
+/* The checksum covers the header as well as the data: whichever bit of a file qkv wrote is
+ * flipped (the checksum's own key name included), the file is refused or reads the same. */
+static void every_single_bit_flip_is_refused_or_reads_the_same(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_named_bytes bytes[] = {{"vocab", "abc", 3}};
+    qkv_meta_pair meta[] = {{"dim", "3"}};
+    qkv_checkpoint_contents x = {.n_bytes = 1, .bytes = bytes, .n_meta = 1, .meta = meta};
+    assert_true(qkv_module_save(QKV_MODULE(m), path, &x));
+    size_t n;
+    unsigned char *good = read_bytes(path, &n);
+    qkv_safetensors *ref = qkv_safetensors_from_bytes(good, n, "ref");
+    assert_non_null(ref);
+    int refused = 0;
+    for (size_t bit = 0; bit < 8 * n; bit++) {
+        good[bit / 8] ^= (unsigned char)(1u << bit % 8);
+        write_bytes(path, good, n);
+        good[bit / 8] ^= (unsigned char)(1u << bit % 8);
+        qkv_scope_begin();
+        qkv_safetensors *f = qkv_safetensors_read(path);
+        if (!f) {
+            const char *e = qkv_error();
+            if (!e || !strstr(e, path)) fail_msg("bit %zu: refused with \"%s\"", bit, e);
+            qkv_clear_error();
+            refused++;
+        } else {
+            assert_same_file(f, ref);
+            qkv_safetensors_free(f);
+        }
+        qkv_scope_end();
+    }
+    /* A CRC-32 sees every single-bit error, so in fact no flip gets through. */
+    assert_int_equal(refused, 8 * n);
+    qkv_safetensors_free(ref);
+    free(good);
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* A flip that turns "qkv.checksum" into another key would turn verification off, but the
+ * file's qkv.format asks for the checksum. */
+static void a_damaged_checksum_key_is_refused(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    size_t n;
+    unsigned char *buf = read_bytes(path, &n);
+    unsigned char *key = NULL;
+    for (size_t i = 0; !key && i + 12 <= n; i++)
+        if (!memcmp(buf + i, "qkv.checksum", 12)) key = buf + i;
+    assert_non_null(key);
+    key[4] ^= 0x01; /* "qkv.bhecksum" */
+    write_bytes(path, buf, n);
+    assert_false(qkv_module_load(QKV_MODULE(m), path, NULL));
+    char want[256];
+    snprintf(want, sizeof want,
+             "qkv_safetensors_read: %s: qkv.format without qkv.checksum: the file is damaged",
+             path);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    free(buf);
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* Files written before the checksum covered the header (no qkv.format) still load, their
+ * data checked as before. */
+static void files_of_the_data_only_checksum_still_load(void **state) {
+    (void)state;
+    const char *header = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                         "\"__metadata__\":{\"qkv.checksum\":\"crc32:aca16a6a\"}}";
+    float one = 1.0f, two = 2.0f;
+    write_raw(header, 4, &one);
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    assert_true(qkv_item(qkv_safetensors_tensor(f, "w")) == 1.0);
+    qkv_safetensors_free(f);
+    write_raw(header, 4, &two);
+    assert_null(qkv_safetensors_read(path));
+    assert_error_contains("checksum mismatch: the file is damaged");
 }
 
 static void bool_bytes_other_than_0_or_1_are_refused(void **state) {
@@ -763,6 +880,9 @@ int main(void) {
         T(hostile_headers_are_refused_with_a_message),
         T(short_files_and_lengths_past_the_end_are_refused),
         T(a_flipped_data_byte_fails_the_checksum),
+        T(every_single_bit_flip_is_refused_or_reads_the_same),
+        T(a_damaged_checksum_key_is_refused),
+        T(files_of_the_data_only_checksum_still_load),
         T(bool_bytes_other_than_0_or_1_are_refused),
         T(other_writers_dtypes_read_as_qkv_dtypes),
         T(a_failing_write_keeps_the_previous_checkpoint),
