@@ -71,6 +71,10 @@ qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const
 void qkv_safetensors_free(qkv_safetensors *f);              /* NULL is ignored */
 int qkv_safetensors_count(const qkv_safetensors *f);        /* tensors, in header order */
 const char *qkv_safetensors_name(const qkv_safetensors *f, int i);
+/* The dimensions of tensor `name` (its shape into shape), or -1 (no error) when the file has
+ * none; nothing is allocated, so a loader checks a file's shapes before it builds by them. */
+int qkv_safetensors_shape(const qkv_safetensors *f, const char *name,
+                          int64_t shape[QKV_MAX_DIMS]);
 /* A new tensor (in the innermost scope) with the values of tensor `name`. */
 qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name);
 /* The bytes of the 1-D U8 tensor `name` (valid until the file is freed); NULL if none. */

@@ -1014,6 +1014,14 @@ bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim
     return true;
 }
 
+int qkv_safetensors_shape(const qkv_safetensors *f, const char *name,
+                          int64_t shape[QKV_MAX_DIMS]) {
+    const st_entry *e = find(f, name);
+    if (!e) return -1;
+    memcpy(shape, e->shape, (size_t)e->ndim * sizeof *shape);
+    return e->ndim;
+}
+
 bool qkv__safetensors_is_extra(const qkv_safetensors *f, const char *name) {
     return f->n_extras && bsearch(&name, f->extras_sorted, (size_t)f->n_extras,
                                   sizeof *f->extras_sorted, cmp_string);

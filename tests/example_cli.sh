@@ -1,9 +1,10 @@
 #!/bin/sh
 # qkv-classify as a user runs it: train on a small TSV, save, eval and predict from the
 # checkpoint, and bad input refused with a message and exit status 2.
-# Usage: example_cli.sh QKV_CLASSIFY
+# Usage: example_cli.sh QKV_CLASSIFY SET_METADATA
 set -u
 bin=$1
+set_metadata=$2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 failures=0
@@ -72,6 +73,17 @@ expect_refusal "another program's safetensors" "not a qkv-classify checkpoint" \
 head -c 300 "$work/m.safetensors" >"$work/truncated.safetensors"
 expect_refusal "truncated checkpoint" "runs past the end of the file" \
     "$bin" eval --load "$work/truncated.safetensors" --test "$work/test.tsv"
+# A checkpoint whose settings lie about its tensors is refused before the model is built:
+# ffn=8388608 would cost 3 GB. Address space is limited to 600 MB (the allocator reserves
+# 256 MB arenas), unless the binary cannot start so limited (AddressSanitizer's shadow).
+"$set_metadata" "$work/m.safetensors" "$work/amplifying.safetensors" ffn=8388608
+limit=
+if (ulimit -v 600000 && "$bin" --help) >/dev/null 2>&1; then limit="ulimit -v 600000 &&"; fi
+message="qkv-classify: $work/amplifying.safetensors: setting ffn=8388608 disagrees with"
+message="$message \"encoder.layers.0.linear1.weight\", [32,16] in the file"
+expect_refusal "settings that disagree with the tensors" "$message" \
+    sh -c "$limit \"\$0\" \"\$@\"" "$bin" eval --load "$work/amplifying.safetensors" \
+    --test "$work/test.tsv"
 expect_refusal "bad option value" "--epochs takes a whole number" \
     "$bin" train --train "$work/train.tsv" --test "$work/test.tsv" --epochs many
 expect_refusal "unknown option" "unknown option --colour" \

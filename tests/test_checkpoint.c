@@ -792,6 +792,76 @@ static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **stat
     qkv_module_free(QKV_MODULE(probe));
 }
 
+/* ---- Settings checked against the tensors ------------------------------------------------ */
+
+static void parameter_count_is_that_of_the_model_built(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    classifier *m = classifier_new(&small, &g);
+    assert_int_equal(classifier_parameter_count(&small),
+                     qkv_module_num_parameters(QKV_MODULE(m)));
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* The message for the file at path when the field at offset `field` of small is value. */
+static void assert_config_refused(const qkv_safetensors *f, size_t field, int64_t value,
+                                  const char *message) {
+    classifier_config c = small;
+    memcpy((char *)&c + field, &value, sizeof value);
+    assert_false(classifier_config_fits(&c, f, path));
+    char want[512];
+    snprintf(want, sizeof want, "%s: %s", path, message);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+}
+
+/* A checkpoint's settings are checked against its tensors' shapes before a model is built by
+ * them, so that a small file cannot make a loader allocate gigabytes. */
+static void settings_that_disagree_with_the_tensors_are_refused(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    classifier *m = classifier_new(&small, &g);
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_true(classifier_config_fits(&small, f, path));
+#define AT(field) offsetof(classifier_config, field)
+    assert_config_refused(f, AT(ffn), 8388608, "setting ffn=8388608 disagrees with "
+                          "\"encoder.layers.0.linear1.weight\", [16,8] in the file");
+    assert_config_refused(f, AT(dim), 16, "setting dim=16 disagrees with "
+                          "\"tok_embed.weight\", [20,8] in the file");
+    assert_config_refused(f, AT(vocab_size), 1 << 30, "setting vocab_size=1073741824 "
+                          "disagrees with \"tok_embed.weight\", [20,8] in the file");
+    assert_config_refused(f, AT(max_len), 7, "setting max_len=7 disagrees with "
+                          "\"pos_embed.weight\", [6,8] in the file");
+    assert_config_refused(f, AT(n_classes), 4, "setting n_classes=4 disagrees with "
+                          "\"head.weight\", [3,8] in the file");
+    assert_config_refused(f, AT(layers), 1000000, "setting layers=1000000 disagrees with the "
+                          "1 encoder layers in the file");
+    assert_config_refused(f, AT(heads), 3, "setting heads=3 does not divide dim=8");
+#undef AT
+    qkv_safetensors_free(f);
+
+    /* Only the tensors the sizes are read from: the settings ask for far more parameters. */
+    char *keep[] = {"tok_embed.weight", "pos_embed.weight", "head.weight",
+                    "encoder.layers.0.linear1.weight"};
+    qkv_tensor *kept[] = {m->tok_embed->weight, m->pos_embed->table, m->head->weight,
+                          m->encoder->layers[0]->linear1->weight};
+    qkv_named_list few = {4, keep, kept};
+    assert_true(qkv_safetensors_write(path, &few, NULL));
+    f = qkv_safetensors_read(path);
+    assert_false(classifier_config_fits(&small, f, path));
+    char want[256];
+    snprintf(want, sizeof want, "%s: the settings describe a model of %lld parameters, more "
+             "than the 360 values in the file", path,
+             (long long)classifier_parameter_count(&small));
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    qkv_safetensors_free(f);
+    qkv_module_free(QKV_MODULE(m));
+}
+
 /* ---- Allocation failures ------------------------------------------------------------------ */
 
 static void save_and_load_survive_every_allocation_failure(void **state) {
@@ -887,6 +957,8 @@ int main(void) {
         T(other_writers_dtypes_read_as_qkv_dtypes),
         T(a_failing_write_keeps_the_previous_checkpoint),
         T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
+        T(parameter_count_is_that_of_the_model_built),
+        T(settings_that_disagree_with_the_tensors_are_refused),
         T(save_and_load_survive_every_allocation_failure),
         T(training_checkpoints_survive_every_allocation_failure),
         T(pytorch_checkpoint_gives_pytorch_logits),

@@ -96,7 +96,7 @@ bool load_trained(trained *t, const char *path) {
     qkv_safetensors *f = qkv_safetensors_read(path);
     classifier_config c = {0};
     size_t vn = 0, ln = 0;
-    bool ok = f && read_config(f, path, &c);
+    bool ok = f && read_config(f, path, &c) && classifier_config_fits(&c, f, path);
     const void *vb = ok ? qkv_safetensors_bytes(f, "vocab", &vn) : NULL;
     const void *lb = vb ? qkv_safetensors_bytes(f, "labels", &ln) : NULL;
     ok = ok && vb && lb;
