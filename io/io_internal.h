@@ -8,6 +8,11 @@
 /* CRC-32 as zlib computes it; start with crc = 0. */
 uint32_t qkv__crc32(uint32_t crc, const void *data, size_t n);
 
+/* Puts "<op>: <path>: " before the thread's error if it was recorded since had_error (whether
+ * one was pending) was taken and does not name path yet, such as an allocation failure while
+ * the file was read: a message about a user's file always says which file. */
+void qkv__name_file_in_error(const char *op, const char *path, bool had_error);
+
 /* The file's path, as given to qkv_safetensors_read. */
 const char *qkv__safetensors_path(const qkv_safetensors *f);
 /* The shape and the qkv dtype of tensor `name` as read; false when the file has none. */

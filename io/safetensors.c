@@ -913,12 +913,15 @@ static qkv_safetensors *parse_file(qkv_safetensors *f) {
 
 qkv_safetensors *qkv_safetensors_read(const char *path) {
     if (!path) return qkv_set_error("qkv_safetensors_read: no path");
+    bool had_error = qkv_error() != NULL;
     qkv_safetensors *f = file_new(path);
     if (f && !read_whole(f)) {
         qkv_safetensors_free(f);
-        return NULL;
+        f = NULL;
     }
-    return f ? parse_file(f) : NULL;
+    f = f ? parse_file(f) : NULL;
+    if (!f) qkv__name_file_in_error("qkv_safetensors_read", path, had_error);
+    return f;
 }
 
 qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name) {

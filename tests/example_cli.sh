@@ -84,6 +84,17 @@ message="$message \"encoder.layers.0.linear1.weight\", [32,16] in the file"
 expect_refusal "settings that disagree with the tensors" "$message" \
     sh -c "$limit \"\$0\" \"\$@\"" "$bin" eval --load "$work/amplifying.safetensors" \
     --test "$work/test.tsv"
+# Files that never end: a device is refused, a pipe is read up to 256 MiB.
+expect_refusal "a device as training data" \
+    "qkv-classify: qkv_tsv_read: /dev/zero: not a regular file or a pipe" \
+    "$bin" train --train /dev/zero --test "$work/test.tsv"
+cat /dev/zero 2>/dev/null | "$bin" train --train /dev/stdin --test "$work/test.tsv" \
+    >"$work/bad.out" 2>&1
+status=$?
+check "an endless pipe: exit status 2" '[ $status -eq 2 ]'
+message="qkv-classify: qkv_tsv_read: /dev/stdin: a pipe is read up to 256 MiB, and this one"
+message="$message gave more (save it to a file)"
+check "an endless pipe: says \"$message\"" '[ "$(cat "$work/bad.out")" = "$message" ]'
 expect_refusal "bad option value" "--epochs takes a whole number" \
     "$bin" train --train "$work/train.tsv" --test "$work/test.tsv" --epochs many
 expect_refusal "unknown option" "unknown option --colour" \

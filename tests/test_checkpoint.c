@@ -792,6 +792,32 @@ static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **stat
     qkv_module_free(QKV_MODULE(probe));
 }
 
+/* Whichever allocation fails while a checkpoint is read, the message says which file. */
+static void a_failed_allocation_while_reading_names_the_file(void **state) {
+    (void)state;
+    qkv_transformer_encoder_layer *m = encoder_layer(1);
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    char want[256];
+    snprintf(want, sizeof want, "qkv_safetensors_read: %s: qkv: out of memory allocating ",
+             path);
+    for (uint64_t n = 1;; n++) {
+        qkv_clear_error();
+        qkv_debug_fail_alloc_at(n);
+        qkv_safetensors *f = qkv_safetensors_read(path);
+        bool failed = qkv_debug_alloc_count() >= n;
+        qkv_debug_fail_alloc_at(0);
+        if (!failed) {
+            assert_non_null(f);
+            qkv_safetensors_free(f);
+            break;
+        }
+        assert_null(f);
+        if (strncmp(qkv_error(), want, strlen(want)))
+            fail_msg("allocation %llu: \"%s\"", (unsigned long long)n, qkv_error());
+    }
+    qkv_module_free(QKV_MODULE(m));
+}
+
 /* ---- Settings checked against the tensors ------------------------------------------------ */
 
 static void parameter_count_is_that_of_the_model_built(void **state) {
@@ -957,6 +983,7 @@ int main(void) {
         T(other_writers_dtypes_read_as_qkv_dtypes),
         T(a_failing_write_keeps_the_previous_checkpoint),
         T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
+        T(a_failed_allocation_while_reading_names_the_file),
         T(parameter_count_is_that_of_the_model_built),
         T(settings_that_disagree_with_the_tensors_are_refused),
         T(save_and_load_survive_every_allocation_failure),
