@@ -259,41 +259,21 @@ static bool write_all(int fd, const void *data, size_t n, size_t *written) {
     return true;
 }
 
-/* Creates "<path>.tmp-<pid>-<n>" for writing, or "<dir>/.qkv-<pid>-<n>.tmp" when that name
- * would be too long. It gets the mode of the file it will replace, or that of any new file
- * (0666 less the umask) when there is none. */
-static int open_temporary(const char *path, char *tmp, size_t size) {
-    static unsigned counter;
-    struct stat old;
-    bool replaces = stat(path, &old) == 0 && S_ISREG(old.st_mode);
-    const char *slash = strrchr(path, '/');
-    int dir_len = slash ? (int)(slash - path) + 1 : 0;
-    bool short_name = false;
-    for (int attempt = 0; attempt < 100; attempt++) {
-        unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-        if (short_name)
-            snprintf(tmp, size, "%.*s.qkv-%ld-%u.tmp", dir_len, path, (long)getpid(), n);
-        else
-            snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
-        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0) {
-            if (replaces) fchmod(fd, old.st_mode & 07777);
-            return fd;
-        }
-        if (errno == ENAMETOOLONG && !short_name) short_name = true;
-        else if (errno != EEXIST) return -1;
-    }
-    return -1;
-}
-
 /* Writes the header and data to a new temporary file beside path, syncs it, and renames it
  * over path, so that a reader sees either the old file or the whole new one. */
 static bool write_file(const char *path, const buffer *h, const out_entry *e, int n,
                        const void *const *data) {
-    size_t len = strlen(path) + 48;
+    size_t target_size;
+    char *target = qkv__resolve_links("qkv_safetensors_write", path, &target_size);
+    if (!target) return false;
+    size_t len = strlen(target) + 48;
     char *tmp = qkv__alloc(len);
-    if (!tmp) return false;
-    int fd = open_temporary(path, tmp, len);
+    if (!tmp) {
+        qkv__free(target, target_size);
+        return false;
+    }
+    qkv__remove_stale_temporaries(target);
+    int fd = qkv__open_temporary(target, tmp, len);
     int err = fd < 0 ? errno : 0; /* the first failure's errno */
     size_t written = 0;
     unsigned char head[8];
@@ -304,7 +284,7 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
     ok = ok && fsync(fd) == 0;
     if (!ok && !err) err = errno;
     if (fd >= 0 && close(fd) != 0 && ok) err = errno, ok = false;
-    if (ok && rename(tmp, path) != 0) err = errno, ok = false;
+    if (ok && rename(tmp, target) != 0) err = errno, ok = false;
     if (!ok) {
         qkv_set_error("qkv_safetensors_write: %s: %s", path, strerror(err ? err : EIO));
         if (fd >= 0) unlink(tmp);
@@ -320,7 +300,37 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
         }
     }
     qkv__free(tmp, len);
+    qkv__free(target, target_size);
     return ok;
+}
+
+bool qkv_safetensors_writable(const char *path, size_t size) {
+    if (!path) return qkv_set_error("qkv_safetensors_writable: no path"), false;
+    size_t target_size, len = 0;
+    char *target = qkv__resolve_links("qkv_safetensors_writable", path, &target_size);
+    char *tmp = target ? qkv__alloc(len = strlen(target) + 48) : NULL;
+    if (!tmp) {
+        if (target) qkv__free(target, target_size);
+        return false;
+    }
+    struct stat st;
+    int err = stat(target, &st) == 0 && S_ISDIR(st.st_mode) ? EISDIR : 0, fd = -1;
+    if (!err) {
+        qkv__remove_stale_temporaries(target);
+        fd = qkv__open_temporary(target, tmp, len);
+        if (fd < 0) err = errno;
+    }
+    if (fd >= 0) {
+        /* Room for the file, taken for real: a full disk says so now, not after the work. */
+        if (size >= fail_write_after) err = ENOSPC;
+        else if (size && (err = posix_fallocate(fd, 0, (off_t)size)) == EOPNOTSUPP) err = 0;
+        close(fd);
+        unlink(tmp);
+    }
+    if (err) qkv_set_error("qkv_safetensors_writable: %s: %s", path, strerror(err));
+    qkv__free(tmp, len);
+    qkv__free(target, target_size);
+    return !err;
 }
 
 static bool write_entries(const char *path, const out_entry *e, int n,

@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -748,6 +749,132 @@ static void a_failing_write_keeps_the_previous_checkpoint(void **state) {
     qkv_module_free(QKV_MODULE(probe));
 }
 
+/* Sets the modification time of every file in dir other than model.safetensors to `age`
+ * seconds ago (0: leaves it); returns how many there are. */
+static int age_temporaries(int age) {
+    int n = 0;
+    DIR *d = opendir(dir);
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
+            !strcmp(e->d_name, "model.safetensors"))
+            continue;
+        char p[400];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        struct timespec t[2] = {{time(NULL) - age, 0}, {time(NULL) - age, 0}};
+        if (age) utimensat(AT_FDCWD, p, t, AT_SYMLINK_NOFOLLOW);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* An empty file in dir named name, modified `age` seconds ago. */
+static void make_file(const char *name, int age) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    write_bytes(p, "", 0);
+    struct timespec t[2] = {{time(NULL) - age, 0}, {time(NULL) - age, 0}};
+    assert_int_equal(utimensat(AT_FDCWD, p, t, 0), 0);
+}
+
+static bool exists(const char *name) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return access(p, F_OK) == 0;
+}
+
+static void remove_file(const char *name) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    assert_int_equal(unlink(p), 0);
+}
+
+/* Temporary files of writers that were killed go at the next save into the directory; those
+ * of a process still running, or changed in the last minute, stay. */
+static void a_save_removes_only_the_temporary_files_of_killed_writers(void **state) {
+    (void)state;
+    pid_t dead = fork();
+    if (dead == 0) _exit(0);
+    waitpid(dead, NULL, 0);
+    char stale1[64], stale2[64], stale3[64], fresh[64], live[64], mine[64];
+    snprintf(stale1, sizeof stale1, "model.safetensors.tmp-%d-0", (int)dead);
+    snprintf(stale2, sizeof stale2, "other.safetensors.tmp-%d-7", (int)dead);
+    snprintf(stale3, sizeof stale3, ".qkv-%d-2.tmp", (int)dead);
+    snprintf(fresh, sizeof fresh, "model.safetensors.tmp-%d-1", (int)dead);
+    snprintf(live, sizeof live, "model.safetensors.tmp-%d-0", (int)getppid());
+    snprintf(mine, sizeof mine, "model.safetensors.tmp-%d-0", (int)getpid());
+    make_file(stale1, 120);
+    make_file(stale2, 3600);
+    make_file(stale3, 120);
+    make_file(fresh, 10);
+    make_file(live, 3600);
+    make_file(mine, 3600);
+    make_file("notes.tmp-x-1", 3600); /* not a name qkv gives */
+    qkv_linear *m = qkv_linear_new(2, 1, false, &(qkv_generator){0});
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    assert_false(exists(stale1) || exists(stale2) || exists(stale3));
+    assert_true(exists(fresh) && exists(live) && exists(mine) && exists("notes.tmp-x-1"));
+    remove_file(fresh);
+    remove_file(live);
+    remove_file(mine);
+    remove_file("notes.tmp-x-1");
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* A save to a symbolic link replaces its target and keeps the link, whether the target
+ * exists or not yet. */
+static void a_save_writes_through_a_symbolic_link(void **state) {
+    (void)state;
+    char link[400];
+    snprintf(link, sizeof link, "%s/link.safetensors", dir);
+    assert_int_equal(symlink("model.safetensors", link), 0);
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_linear *a = qkv_linear_new(2, 1, false, &g), *b = qkv_linear_new(2, 1, false, &g);
+    for (int round = 0; round < 2; round++) { /* a dangling link, then one to a file */
+        qkv_linear *m = round ? b : a;
+        assert_true(qkv_module_save(QKV_MODULE(m), link, NULL));
+        struct stat st;
+        assert_int_equal(lstat(link, &st), 0);
+        assert_true(S_ISLNK(st.st_mode));
+        assert_int_equal(lstat(path, &st), 0);
+        assert_true(S_ISREG(st.st_mode));
+        qkv_linear *probe = qkv_linear_new(2, 1, false, &g);
+        assert_true(qkv_module_load(QKV_MODULE(probe), path, NULL));
+        assert_same_state(probe, m);
+        qkv_module_free(QKV_MODULE(probe));
+    }
+    unlink(link);
+    qkv_module_free(QKV_MODULE(a));
+    qkv_module_free(QKV_MODULE(b));
+}
+
+/* A program checks its destination before the work whose result it saves. */
+static void writable_names_a_missing_directory_a_directory_and_a_full_disk(void **state) {
+    (void)state;
+    assert_true(qkv_safetensors_writable(path, 4096));
+    assert_int_equal(age_temporaries(0), 0); /* the probe is gone, and no file was made */
+    assert_false(exists("model.safetensors"));
+    char p[400], want[600];
+    snprintf(p, sizeof p, "%s/missing/model.safetensors", dir);
+    assert_false(qkv_safetensors_writable(p, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: No such file or directory", p);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    assert_false(qkv_safetensors_writable(dir, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: Is a directory", dir);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    qkv_debug_fail_write_after(1000); /* a disk with 1000 bytes left */
+    assert_false(qkv_safetensors_writable(path, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: No space left on device", path);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    assert_true(qkv_safetensors_writable(path, 100));
+    qkv_debug_fail_write_after(0);
+    assert_int_equal(age_temporaries(0), 0);
+}
+
 static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **state) {
     (void)state;
     qkv_linear *a = qkv_linear_new(512, 512, true, &(qkv_generator){0});
@@ -777,16 +904,11 @@ static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **stat
         double first = qkv_get(probe->weight, (int64_t[]){0, 0});
         double last = qkv_get(probe->weight, (int64_t[]){511, 511});
         assert_true(first == last);
-        /* the killed child leaves its temporary file; it never replaces the checkpoint */
-        DIR *d = opendir(dir);
-        for (struct dirent *e; (e = readdir(d));) {
-            if (strncmp(e->d_name, "model.safetensors.tmp-", 22) == 0) {
-                char p[400];
-                snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-                unlink(p);
-            }
-        }
-        closedir(d);
+        /* The killed child may leave its temporary file (it never replaces the checkpoint);
+         * the next save removes it once it is a minute old. */
+        age_temporaries(120);
+        assert_true(qkv_module_save(QKV_MODULE(probe), path, NULL));
+        assert_int_equal(age_temporaries(0), 0);
     }
     qkv_module_free(QKV_MODULE(a));
     qkv_module_free(QKV_MODULE(probe));
@@ -983,6 +1105,9 @@ int main(void) {
         T(other_writers_dtypes_read_as_qkv_dtypes),
         T(a_failing_write_keeps_the_previous_checkpoint),
         T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
+        T(a_save_removes_only_the_temporary_files_of_killed_writers),
+        T(a_save_writes_through_a_symbolic_link),
+        T(writable_names_a_missing_directory_a_directory_and_a_full_disk),
         T(a_failed_allocation_while_reading_names_the_file),
         T(parameter_count_is_that_of_the_model_built),
         T(settings_that_disagree_with_the_tensors_are_refused),
