@@ -109,9 +109,8 @@ qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
     return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_fn, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
-    return QKV__NULL_ARGS("qkv_mean_all", a) ? NULL
-                                 : reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false,
-                         "qkv_mean_all");
+    if (QKV__NULL_ARGS("qkv_mean_all", a)) return NULL;
+    return reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false, "qkv_mean_all");
 }
 
 /* d var = g * 2 (a - mean) / (N - correction) */

@@ -10,12 +10,13 @@
  * A write goes to a temporary file beside the target, is synced, and is renamed over it: an
  * interrupted save leaves the previous file whole. A symbolic link is written through: its
  * target is replaced and the link stays. Each write first removes the temporary files that
- * killed writers left in the directory (their pid gone, unchanged for a minute). qkv's files carry a CRC-32 of every byte of
- * the file but its own 8 hex digits (header and data) in the metadata key "qkv.checksum", and
- * "qkv.format": "2", which makes the checksum required; both are verified on read. Files of
- * other writers carry neither and are accepted; qkv's files from before format 2 have a CRC-32
- * of the data alone and no qkv.format, and load with that checked. Keys starting with "qkv."
- * are the library's own.
+ * killed writers left in the directory (their pid gone, unchanged for a minute).
+ *
+ * qkv's files carry a CRC-32 of every byte of the file but its own 8 hex digits (header and
+ * data) in the metadata key "qkv.checksum", and "qkv.format": "2", which makes the checksum
+ * required; both are verified on read. Files of other writers carry neither and are
+ * accepted; qkv's files from before format 2 have a CRC-32 of the data alone and no
+ * qkv.format, and load with that checked. Keys starting with "qkv." are the library's own.
  */
 #ifndef QKV_IO_H
 #define QKV_IO_H
