@@ -334,7 +334,7 @@ static void hold_input_itself(qkv_node *n, const qkv_tensor *t) {
 }
 
 bool qkv_save(qkv_ctx *n, int slot, const qkv_tensor *t) {
-    if (!n || !t) return true;
+    if (!n || !t) return true; /* an op whose input failed: its error is recorded */
     if (!QKV__CHECK("qkv_save", t)) {
         n->failed = true;
         return false;
@@ -425,7 +425,8 @@ const qkv_tensor *qkv_ctx_input(const qkv_ctx *n, int input) {
 /* ---- Leaves ------------------------------------------------------------------------------ */
 
 qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
-    if (!t || !QKV__CHECK("qkv_requires_grad_", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_requires_grad_", t) ||
+        !QKV__CHECK("qkv_requires_grad_", t)) return NULL;
     if (t->grad_fn) {
         qkv_set_error("qkv_requires_grad_: only a leaf can be set; %s made this tensor",
                       t->grad_fn->fn->name);
@@ -441,19 +442,19 @@ qkv_tensor *qkv_requires_grad_(qkv_tensor *t, bool requires_grad) {
 }
 
 void qkv_zero_grad(qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_zero_grad", t)) return;
+    if (QKV__NULL_ARGS("qkv_zero_grad", t) || !QKV__CHECK("qkv_zero_grad", t)) return;
     qkv__release(t->grad);
     t->grad = NULL;
 }
 
 void qkv_retain_grad(qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_retain_grad", t)) return;
+    if (QKV__NULL_ARGS("qkv_retain_grad", t) || !QKV__CHECK("qkv_retain_grad", t)) return;
     t->retains_grad = true;
     if (t->grad_fn) t->grad_fn->retained_out = t;
 }
 
 qkv_tensor *qkv_detach(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_detach", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_detach", t) || !QKV__CHECK("qkv_detach", t)) return NULL;
     QKV__OP("qkv_detach");
     return qkv__view(t, t->ndim, t->shape, t->strides, t->offset);
 }
@@ -612,7 +613,8 @@ static bool run_node(qkv_node *n, node_list *ready) {
 }
 
 bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_graph) {
-    if (!out || !grad || !QKV__CHECK("qkv_backward_with", out, grad)) return false;
+    if (QKV__NULL_ARGS("qkv_backward_with", out, grad) ||
+        !QKV__CHECK("qkv_backward_with", out, grad)) return false;
     char a[128], b[128];
     if (!out->requires_grad) {
         qkv_set_error("qkv_backward: the tensor %s does not require grad (no input of its "
@@ -665,7 +667,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
 }
 
 bool qkv_backward(qkv_tensor *loss) {
-    if (!loss || !QKV__CHECK("qkv_backward", loss)) return false;
+    if (QKV__NULL_ARGS("qkv_backward", loss) || !QKV__CHECK("qkv_backward", loss)) return false;
     if (loss->numel != 1) {
         char a[128];
         qkv_set_error("qkv_backward: the loss must have one element, not %s; use "

@@ -394,7 +394,7 @@ static void masked_fill_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor *
 static const qkv_function masked_fill_fn = {.name = "masked_fill",
                                             .backward = masked_fill_backward};
 qkv_tensor *qkv_masked_fill(const qkv_tensor *a, const qkv_tensor *mask, double value) {
-    if (!a || !mask) return NULL;
+    if (QKV__NULL_ARGS("qkv_masked_fill", a, mask)) return NULL;
     union { float f; double d; int64_t i; bool b; } v;
     qkv_storage storage = {.data = &v, .nbytes = sizeof v, .refcount = 1};
     qkv_tensor fill = {0};

@@ -39,7 +39,7 @@ static qkv_tensor *record_indexed(const qkv_function *fn, const qkv_tensor *a, i
 }
 
 qkv_tensor *qkv_index_select(const qkv_tensor *a, int axis, const qkv_tensor *index) {
-    if (!a || !index) return NULL;
+    if (QKV__NULL_ARGS("qkv_index_select", a, index)) return NULL;
     int ax = qkv__norm_axis("qkv_index_select", a, axis);
     if (ax < 0) return NULL;
     return record_indexed(&index_select_fn, a, ax, index,
@@ -55,7 +55,7 @@ static const qkv_function gather_fn = {.name = "gather", .backward = gather_back
                                        .args_size = sizeof(axis_args)};
 
 qkv_tensor *qkv_gather(const qkv_tensor *a, int axis, const qkv_tensor *index) {
-    if (!a || !index) return NULL;
+    if (QKV__NULL_ARGS("qkv_gather", a, index)) return NULL;
     int ax = qkv__norm_axis("qkv_gather", a, axis);
     if (ax < 0) return NULL;
     if (a->ndim == 0 && index->ndim <= 1) {
@@ -121,7 +121,7 @@ static bool check_stack(int n, qkv_tensor *const *ts) {
 qkv_tensor *qkv_stack(int n, qkv_tensor *const *tensors, int axis) {
     if (n <= 0 || !tensors) return qkv_set_error("qkv_stack: no tensors to stack");
     for (int k = 0; k < n; k++)
-        if (!tensors[k]) return NULL;
+        if (!tensors[k]) return qkv_set_error("qkv_stack: tensors[%d] is NULL", k);
     const qkv_tensor *t0 = tensors[0];
     int ax = axis < 0 ? axis + t0->ndim + 1 : axis;
     if (ax < 0 || ax > t0->ndim || t0->ndim >= QKV_MAX_DIMS) {

@@ -78,7 +78,7 @@ static const qkv_function layer_norm_fn = {.name = "layer_norm", .backward = lay
 
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name) {
-    if (!x) return NULL;
+    if (QKV__NULL_ARGS(name, x)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, x, weight, bias)) return NULL;
     int64_t d = 1;

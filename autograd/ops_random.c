@@ -47,7 +47,7 @@ static const qkv_function dropout_fn = {.name = "dropout", .backward = dropout_b
 
 static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_generator *g,
                            bool in_place, const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
     char s[128];

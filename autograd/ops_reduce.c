@@ -79,7 +79,7 @@ static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
                                const int *axes, bool keepdim, double correction,
                                const qkv_function *fn, const char *name) {
     uint32_t mask;
-    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    if (QKV__NULL_ARGS(name, a) || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
     return reduce_op(op, a, mask, keepdim, correction, fn, op == QKV_RED_VAR, name);
 }
 
@@ -90,8 +90,8 @@ qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
     return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_fn, "qkv_sum");
 }
 qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
-    return a ? reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_fn, false, "qkv_sum_all")
-             : NULL;
+    if (QKV__NULL_ARGS("qkv_sum_all", a)) return NULL;
+    return reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_fn, false, "qkv_sum_all");
 }
 
 /* d mean = g/N broadcast */
@@ -109,9 +109,8 @@ qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
     return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_fn, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
-    return a ? reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false,
-                         "qkv_mean_all")
-             : NULL;
+    if (QKV__NULL_ARGS("qkv_mean_all", a)) return NULL;
+    return reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false, "qkv_mean_all");
 }
 
 /* d var = g * 2 (a - mean) / (N - correction) */
@@ -164,7 +163,7 @@ static const qkv_function min_fn = {.name = "min", .backward = extremum_backward
 
 static qkv_tensor *extremum(const qkv_tensor *a, int axis, bool keepdim, bool all, bool is_max,
                             const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     int ax = all ? -1 : qkv__norm_axis(name, a, axis);
     if (!all && ax < 0) return NULL;
     /* Axis 0 of a 0-d tensor is its one element: a full reduction. */
@@ -203,7 +202,7 @@ qkv_tensor *qkv_min_all(const qkv_tensor *a) {
 static qkv_tensor *extremum_axes(const qkv_tensor *a, int naxes, const int *axes, bool keepdim,
                                  bool is_max, const char *name) {
     uint32_t mask;
-    if (!a || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    if (QKV__NULL_ARGS(name, a) || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
     qkv_tensor *out = (qkv_tensor *)a;
     int64_t shape[QKV_MAX_DIMS];
     int ndim = 0;
@@ -223,7 +222,7 @@ qkv_tensor *qkv_min_axes(const qkv_tensor *a, int naxes, const int *axes, bool k
 
 static qkv_tensor *arg_extremum(const qkv_tensor *a, int axis, bool keepdim, qkv_reduce_op op,
                                 const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     return qkv__reduce(op, a, a->ndim ? 1u << ax : 0, keepdim, 0, name);
@@ -281,7 +280,7 @@ static const qkv_function log_softmax_fn = {.name = "log_softmax",
                                             .args_size = sizeof(softmax_args)};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     qkv_ctx *ctx = qkv_function_begin(log ? &log_softmax_fn : &softmax_fn, 1, QKV_INPUTS(a),

@@ -54,7 +54,7 @@ static void reshape_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi)
 static const qkv_function reshape_fn = {.name = "reshape", .backward = reshape_backward};
 
 qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_reshape", a)) return NULL;
     QKV__OP("qkv_reshape");
     if (!QKV__CHECK("qkv_reshape", a)) return NULL;
     if (ndim < 0 || ndim > QKV_MAX_DIMS || (ndim && !shape))
@@ -94,7 +94,7 @@ qkv_tensor *qkv_reshape(const qkv_tensor *a, int ndim, const int64_t *shape) {
 }
 
 qkv_tensor *qkv_flatten(const qkv_tensor *a, int start_axis, int end_axis) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_flatten", a)) return NULL;
     QKV__OP("qkv_flatten");
     if (!QKV__CHECK("qkv_flatten", a)) return NULL;
     if (a->ndim == 0) return qkv_reshape(a, 1, (const int64_t[]){1});
@@ -128,7 +128,7 @@ static const qkv_function permute_fn = {.name = "permute", .backward = permute_b
                                         .args_size = sizeof(permute_args)};
 
 qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_permute", a)) return NULL;
     QKV__OP("qkv_permute");
     if (!QKV__CHECK("qkv_permute", a)) return NULL;
     if (!axes) return qkv_set_error("qkv_permute: axes is NULL");
@@ -148,7 +148,7 @@ qkv_tensor *qkv_permute(const qkv_tensor *a, const int *axes) {
 }
 
 qkv_tensor *qkv_transpose(const qkv_tensor *a, int axis0, int axis1) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_transpose", a)) return NULL;
     QKV__OP("qkv_transpose");
     if (!QKV__CHECK("qkv_transpose", a)) return NULL;
     int d0 = qkv__norm_axis("qkv_transpose", a, axis0);
@@ -210,7 +210,7 @@ static qkv_tensor *slice_view(const qkv_tensor *a, int axis, int64_t start, int6
 }
 
 qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end, int64_t step) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_slice", a)) return NULL;
     QKV__OP("qkv_slice");
     if (!QKV__CHECK("qkv_slice", a)) return NULL;
     int ax = qkv__norm_axis("qkv_slice", a, axis);
@@ -228,7 +228,7 @@ qkv_tensor *qkv_slice(const qkv_tensor *a, int axis, int64_t start, int64_t end,
 }
 
 qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t length) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_narrow", a)) return NULL;
     QKV__OP("qkv_narrow");
     if (!QKV__CHECK("qkv_narrow", a)) return NULL;
     int ax = qkv__norm_axis("qkv_narrow", a, axis);
@@ -246,7 +246,7 @@ qkv_tensor *qkv_narrow(const qkv_tensor *a, int axis, int64_t start, int64_t len
 }
 
 qkv_tensor *qkv_select(const qkv_tensor *a, int axis, int64_t index) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_select", a)) return NULL;
     QKV__OP("qkv_select");
     if (!QKV__CHECK("qkv_select", a)) return NULL;
     int ax = qkv__norm_axis("qkv_select", a, axis);
@@ -264,7 +264,7 @@ qkv_tensor *qkv_select(const qkv_tensor *a, int axis, int64_t index) {
 /* ---- squeeze, unsqueeze, expand ---------------------------------------------------------- */
 
 qkv_tensor *qkv_squeeze(const qkv_tensor *a, int axis) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_squeeze", a)) return NULL;
     QKV__OP("qkv_squeeze");
     if (!QKV__CHECK("qkv_squeeze", a)) return NULL;
     int ax = qkv__norm_axis("qkv_squeeze", a, axis);
@@ -278,7 +278,7 @@ qkv_tensor *qkv_squeeze(const qkv_tensor *a, int axis) {
 }
 
 qkv_tensor *qkv_squeeze_all(const qkv_tensor *a) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_squeeze_all", a)) return NULL;
     QKV__OP("qkv_squeeze_all");
     if (!QKV__CHECK("qkv_squeeze_all", a)) return NULL;
     int64_t shape[QKV_MAX_DIMS];
@@ -289,7 +289,7 @@ qkv_tensor *qkv_squeeze_all(const qkv_tensor *a) {
 }
 
 qkv_tensor *qkv_unsqueeze(const qkv_tensor *a, int axis) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_unsqueeze", a)) return NULL;
     QKV__OP("qkv_unsqueeze");
     if (!QKV__CHECK("qkv_unsqueeze", a)) return NULL;
     int ax = axis < 0 ? axis + a->ndim + 1 : axis;
@@ -312,7 +312,7 @@ static void expand_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
 static const qkv_function expand_fn = {.name = "expand", .backward = expand_backward};
 
 qkv_tensor *qkv_expand(const qkv_tensor *a, int ndim, const int64_t *shape) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_expand", a)) return NULL;
     QKV__OP("qkv_expand");
     if (!QKV__CHECK("qkv_expand", a)) return NULL;
     char sa[128];
@@ -345,12 +345,12 @@ static const qkv_function to_dtype_fn = {.name = "to_dtype", .backward = expand_
 
 qkv_tensor *qkv_contiguous(const qkv_tensor *a) {
     QKV__OP("qkv_contiguous");
-    if (!QKV__CHECK("qkv_contiguous", a)) return NULL;
+    if (QKV__NULL_ARGS("qkv_contiguous", a) || !QKV__CHECK("qkv_contiguous", a)) return NULL;
     return REC1(qkv__contiguous(a), &contiguous_fn, a);
 }
 
 qkv_tensor *qkv_clone(const qkv_tensor *a) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_clone", a)) return NULL;
     QKV__OP("qkv_clone");
     if (!QKV__CHECK("qkv_clone", a)) return NULL;
     qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
@@ -359,7 +359,7 @@ qkv_tensor *qkv_clone(const qkv_tensor *a) {
 }
 
 qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS("qkv_to_dtype", a)) return NULL;
     QKV__OP("qkv_to_dtype");
     if (!QKV__CHECK("qkv_to_dtype", a)) return NULL;
     if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("qkv_to_dtype: unknown dtype %d", dtype);

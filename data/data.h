@@ -62,7 +62,9 @@ typedef struct qkv_batch {
 /* Reads lines `label<TAB>text`. The first tab separates; later tabs in the text become spaces.
  * A "\r" before "\n" is dropped, empty lines are skipped, a final newline is optional, a UTF-8
  * byte order mark at the start is skipped. A line without a tab or with an empty label is an
- * error naming the file and line: "qkv_tsv_read: x.tsv:17: no tab between label and text". */
+ * error naming the file and line: "qkv_tsv_read: x.tsv:17: no tab between label and text".
+ * Regular files and pipes are read (a pipe up to 256 MiB); devices and sockets are refused,
+ * since nothing says they end. Every error, running out of memory too, names the file. */
 qkv_tsv *qkv_tsv_read(const char *path);
 void qkv_tsv_free(qkv_tsv *tsv);
 

@@ -3,6 +3,9 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
+
+#include "io/io_internal.h"
 
 typedef struct tsv_impl {
     qkv_tsv pub;
@@ -21,16 +24,54 @@ void qkv_tsv_free(qkv_tsv *tsv) {
     qkv__free(t, sizeof *t);
 }
 
-static bool read_file(const char *path, qkv__buf *out) {
+/* What a pipe may give: /dev/stdin fed by /dev/zero, or an endless generator, would otherwise
+ * grow the buffer until memory runs out. A regular file may give its size, or this much if it
+ * grows while it is read. */
+#define PIPE_LIMIT ((size_t)256 << 20)
+
+/* Which files are read: regular files and pipes (`--train <(zcat x.tsv.gz)` works). Devices
+ * and sockets are refused: nothing says they end. *limit is what may be read. */
+static bool open_checked(const char *path, FILE **out, size_t *limit, bool *regular) {
     FILE *f = fopen(path, "rb");
-    if (!f) {
-        qkv_set_error("qkv_tsv_read: %s: %s", path, strerror(errno));
+    struct stat st;
+    int err = !f ? errno : fstat(fileno(f), &st) ? errno : 0;
+    if (!err && S_ISDIR(st.st_mode)) err = EISDIR;
+    if (err) {
+        qkv_set_error("qkv_tsv_read: %s: %s", path, strerror(err));
+    } else if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
+        qkv_set_error("qkv_tsv_read: %s: not a regular file or a pipe", path);
+        err = EINVAL;
+    }
+    if (err) {
+        if (f) fclose(f);
         return false;
     }
-    bool ok = false;
+    *regular = S_ISREG(st.st_mode);
+    *limit = *regular && (uint64_t)st.st_size >= PIPE_LIMIT ? (size_t)st.st_size + 1
+                                                             : PIPE_LIMIT;
+    *out = f;
+    return true;
+}
+
+static bool read_file(const char *path, qkv__buf *out) {
+    FILE *f;
+    size_t limit;
+    bool regular, ok = false;
+    if (!open_checked(path, &f, &limit, &regular)) return false;
     for (;;) {
-        if (!qkv__reserve((void **)&out->data, &out->cap, out->len + 65536, 1)) goto done;
-        size_t got = fread(out->data + out->len, 1, out->cap - out->len, f);
+        size_t want = out->len + 65536 < limit ? out->len + 65536 : limit;
+        if (want == out->len) {
+            if (regular)
+                qkv_set_error("qkv_tsv_read: %s: the file grew past %zu bytes while it was "
+                              "read", path, limit);
+            else
+                qkv_set_error("qkv_tsv_read: %s: a pipe is read up to %zu MiB, and this one "
+                              "gave more (save it to a file)", path, PIPE_LIMIT >> 20);
+            goto done;
+        }
+        if (!qkv__reserve((void **)&out->data, &out->cap, want, 1)) goto done;
+        size_t room = (out->cap < limit ? out->cap : limit) - out->len;
+        size_t got = fread(out->data + out->len, 1, room, f);
         out->len += got;
         if (got == 0) break;
     }
@@ -96,6 +137,7 @@ static int64_t parse(const char *path, const unsigned char *p, const unsigned ch
 
 qkv_tsv *qkv_tsv_read(const char *path) {
     if (!path) return qkv_set_error("qkv_tsv_read: path is NULL");
+    bool had_error = qkv_error() != NULL;
     qkv__buf file = {0};
     tsv_impl *t = qkv__calloc(sizeof *t);
     if (!t || !read_file(path, &file)) goto fail;
@@ -117,6 +159,7 @@ qkv_tsv *qkv_tsv_read(const char *path) {
     t->pub = (qkv_tsv){n, t->labels, t->texts};
     return &t->pub;
 fail:
+    qkv__name_file_in_error("qkv_tsv_read", path, had_error);
     qkv__buf_free(&file);
     qkv_tsv_free(t ? &t->pub : NULL);
     return NULL;

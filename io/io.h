@@ -8,9 +8,15 @@
  * {dtype, shape, data_offsets} plus string "__metadata__", then raw little-endian data, so
  * PyTorch (safetensors, or plain json + struct) reads what qkv writes and the other way round.
  * A write goes to a temporary file beside the target, is synced, and is renamed over it: an
- * interrupted save leaves the previous file whole. qkv's files carry a CRC-32 of the data in
- * the metadata key "qkv.checksum", verified on read (files without one are accepted). Keys
- * starting with "qkv." are the library's own.
+ * interrupted save leaves the previous file whole. A symbolic link is written through: its
+ * target is replaced and the link stays. Each write first removes the temporary files that
+ * killed writers left in the directory (their pid gone, unchanged for a minute).
+ *
+ * qkv's files carry a CRC-32 of every byte of the file but its own 8 hex digits (header and
+ * data) in the metadata key "qkv.checksum", and "qkv.format": "2", which makes the checksum
+ * required; both are verified on read. Files of other writers carry neither and are
+ * accepted; qkv's files from before format 2 have a CRC-32 of the data alone and no
+ * qkv.format, and load with that checked. Keys starting with "qkv." are the library's own.
  */
 #ifndef QKV_IO_H
 #define QKV_IO_H
@@ -56,6 +62,13 @@ typedef struct qkv_checkpoint_contents {
 bool qkv_safetensors_write(const char *path, const qkv_named_list *tensors,
                            const qkv_checkpoint_contents *extras);
 
+/* Whether a write of about size bytes to path can succeed, as far as can be told before it:
+ * path is no directory, and its directory takes a new file of that size (made, given its
+ * room, and removed again). Links are followed as a write follows them. For a program that
+ * saves after hours of work, to check before the work. False with an error naming path
+ * otherwise ("No such file or directory", "Permission denied", "No space left on device"). */
+bool qkv_safetensors_writable(const char *path, size_t size);
+
 /* A safetensors file read and checked: the header length, the JSON (UTF-8, strings and
  * integers only where the format has them), dtypes, shapes whose sizes must agree with the
  * offsets, offsets that tile the data exactly, unique names, and the checksum. Any problem is
@@ -68,6 +81,10 @@ qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const
 void qkv_safetensors_free(qkv_safetensors *f);              /* NULL is ignored */
 int qkv_safetensors_count(const qkv_safetensors *f);        /* tensors, in header order */
 const char *qkv_safetensors_name(const qkv_safetensors *f, int i);
+/* The dimensions of tensor `name` (its shape into shape), or -1 (no error) when the file has
+ * none; nothing is allocated, so a loader checks a file's shapes before it builds by them. */
+int qkv_safetensors_shape(const qkv_safetensors *f, const char *name,
+                          int64_t shape[QKV_MAX_DIMS]);
 /* A new tensor (in the innermost scope) with the values of tensor `name`. */
 qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name);
 /* The bytes of the 1-D U8 tensor `name` (valid until the file is freed); NULL if none. */

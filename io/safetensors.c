@@ -26,6 +26,15 @@
 #define MAX_HEADER 100000000u
 #define CHECKSUM_KEY "qkv.checksum"
 #define EXTRAS_KEY "qkv.extras"
+/* Present in files whose checksum covers the whole file (format 2). Files of format 1 carry a
+ * checksum of the data alone and no such key. The two keys guard each other: a damaged
+ * checksum key leaves this one asking for a checksum, and a damaged one of these makes the
+ * file's own checksum disagree. */
+#define FORMAT_KEY "qkv.format"
+#define FORMAT_VALUE "2"
+/* "crc32:" and 8 lowercase hex digits */
+#define CHECKSUM_PREFIX "crc32:"
+#define CHECKSUM_LEN 14
 
 /* ---- Dtypes ------------------------------------------------------------------------------ */
 
@@ -97,6 +106,10 @@ static void put(buffer *b, const void *s, size_t n) {
     b->data[b->n] = '\0';
 }
 
+static void put_text(buffer *b, const char *s) {
+    put(b, s, strlen(s));
+}
+
 static void putf(buffer *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void putf(buffer *b, const char *fmt, ...) {
     char tmp[64];
@@ -160,8 +173,10 @@ static size_t entry_bytes(const out_entry *e) {
     return e->tensor ? (size_t)e->tensor->numel * qkv_dtype_size(e->tensor->dtype) : e->nbytes;
 }
 
+/* The header, with the checksum's 8 hex digits left as zeros at *digits (an offset in h): the
+ * checksum covers every byte of the file but those, so it is computed once the header is. */
 static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
-                         const qkv_checkpoint_contents *x, uint32_t crc) {
+                         const qkv_checkpoint_contents *x, size_t *digits) {
     put(h, "{", 1);
     size_t offset = 0;
     for (int i = 0; i < n; i++) {
@@ -184,12 +199,14 @@ static bool build_header(buffer *h, const char *path, const out_entry *e, int n,
         offset += size;
     }
     put(h, "\"__metadata__\":{", 16);
-    putf(h, "\"" CHECKSUM_KEY "\":\"crc32:%08x\"", crc);
+    put_text(h, "\"" CHECKSUM_KEY "\":\"" CHECKSUM_PREFIX);
+    *digits = h->n;
+    put_text(h, "00000000\",\"" FORMAT_KEY "\":\"" FORMAT_VALUE "\"");
     for (int i = 0; x && i < x->n_meta; i++) {
         const char *k = x->meta[i].key, *v = x->meta[i].value;
         bool repeated = false;
         for (int j = 0; k && j < i; j++) repeated |= x->meta[j].key && !strcmp(x->meta[j].key, k);
-        if (!k || !v || repeated || !strcmp(k, CHECKSUM_KEY) || !strcmp(k, EXTRAS_KEY) ||
+        if (!k || !v || repeated || !strncmp(k, "qkv.", 4) ||
             !valid_utf8((const unsigned char *)k, strlen(k)) ||
             !valid_utf8((const unsigned char *)v, strlen(v))) {
             qkv_set_error("qkv_safetensors_write: %s: bad metadata key \"%s\"", path,
@@ -242,41 +259,21 @@ static bool write_all(int fd, const void *data, size_t n, size_t *written) {
     return true;
 }
 
-/* Creates "<path>.tmp-<pid>-<n>" for writing, or "<dir>/.qkv-<pid>-<n>.tmp" when that name
- * would be too long. It gets the mode of the file it will replace, or that of any new file
- * (0666 less the umask) when there is none. */
-static int open_temporary(const char *path, char *tmp, size_t size) {
-    static unsigned counter;
-    struct stat old;
-    bool replaces = stat(path, &old) == 0 && S_ISREG(old.st_mode);
-    const char *slash = strrchr(path, '/');
-    int dir_len = slash ? (int)(slash - path) + 1 : 0;
-    bool short_name = false;
-    for (int attempt = 0; attempt < 100; attempt++) {
-        unsigned n = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-        if (short_name)
-            snprintf(tmp, size, "%.*s.qkv-%ld-%u.tmp", dir_len, path, (long)getpid(), n);
-        else
-            snprintf(tmp, size, "%s.tmp-%ld-%u", path, (long)getpid(), n);
-        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd >= 0) {
-            if (replaces) fchmod(fd, old.st_mode & 07777);
-            return fd;
-        }
-        if (errno == ENAMETOOLONG && !short_name) short_name = true;
-        else if (errno != EEXIST) return -1;
-    }
-    return -1;
-}
-
 /* Writes the header and data to a new temporary file beside path, syncs it, and renames it
  * over path, so that a reader sees either the old file or the whole new one. */
 static bool write_file(const char *path, const buffer *h, const out_entry *e, int n,
                        const void *const *data) {
-    size_t len = strlen(path) + 48;
+    size_t target_size;
+    char *target = qkv__resolve_links("qkv_safetensors_write", path, &target_size);
+    if (!target) return false;
+    size_t len = strlen(target) + 48;
     char *tmp = qkv__alloc(len);
-    if (!tmp) return false;
-    int fd = open_temporary(path, tmp, len);
+    if (!tmp) {
+        qkv__free(target, target_size);
+        return false;
+    }
+    qkv__remove_stale_temporaries(target);
+    int fd = qkv__open_temporary(target, tmp, len);
     int err = fd < 0 ? errno : 0; /* the first failure's errno */
     size_t written = 0;
     unsigned char head[8];
@@ -287,7 +284,7 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
     ok = ok && fsync(fd) == 0;
     if (!ok && !err) err = errno;
     if (fd >= 0 && close(fd) != 0 && ok) err = errno, ok = false;
-    if (ok && rename(tmp, path) != 0) err = errno, ok = false;
+    if (ok && rename(tmp, target) != 0) err = errno, ok = false;
     if (!ok) {
         qkv_set_error("qkv_safetensors_write: %s: %s", path, strerror(err ? err : EIO));
         if (fd >= 0) unlink(tmp);
@@ -303,7 +300,37 @@ static bool write_file(const char *path, const buffer *h, const out_entry *e, in
         }
     }
     qkv__free(tmp, len);
+    qkv__free(target, target_size);
     return ok;
+}
+
+bool qkv_safetensors_writable(const char *path, size_t size) {
+    if (!path) return qkv_set_error("qkv_safetensors_writable: no path"), false;
+    size_t target_size, len = 0;
+    char *target = qkv__resolve_links("qkv_safetensors_writable", path, &target_size);
+    char *tmp = target ? qkv__alloc(len = strlen(target) + 48) : NULL;
+    if (!tmp) {
+        if (target) qkv__free(target, target_size);
+        return false;
+    }
+    struct stat st;
+    int err = stat(target, &st) == 0 && S_ISDIR(st.st_mode) ? EISDIR : 0, fd = -1;
+    if (!err) {
+        qkv__remove_stale_temporaries(target);
+        fd = qkv__open_temporary(target, tmp, len);
+        if (fd < 0) err = errno;
+    }
+    if (fd >= 0) {
+        /* Room for the file, taken for real: a full disk says so now, not after the work. */
+        if (size >= fail_write_after) err = ENOSPC;
+        else if (size && (err = posix_fallocate(fd, 0, (off_t)size)) == EOPNOTSUPP) err = 0;
+        close(fd);
+        unlink(tmp);
+    }
+    if (err) qkv_set_error("qkv_safetensors_writable: %s: %s", path, strerror(err));
+    qkv__free(tmp, len);
+    qkv__free(target, target_size);
+    return !err;
 }
 
 static bool write_entries(const char *path, const out_entry *e, int n,
@@ -311,7 +338,7 @@ static bool write_entries(const char *path, const out_entry *e, int n,
     buffer h = {0};
     const void **data = qkv__calloc((size_t)(n ? n : 1) * sizeof *data);
     bool ok = data != NULL;
-    uint32_t crc = 0;
+    size_t digits = 0;
     qkv_scope_begin();
     for (int i = 0; ok && i < n; i++) {
         if (e[i].tensor) {
@@ -321,9 +348,21 @@ static bool write_entries(const char *path, const out_entry *e, int n,
         } else {
             data[i] = e[i].bytes;
         }
-        if (ok) crc = qkv__crc32(crc, data[i], entry_bytes(&e[i]));
     }
-    ok = ok && build_header(&h, path, e, n, x, crc) && write_file(path, &h, e, n, data);
+    ok = ok && build_header(&h, path, e, n, x, &digits);
+    if (ok) {
+        /* Every byte of the file but the digits themselves, in file order. */
+        unsigned char len[8];
+        for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)h.n >> (8 * i));
+        uint32_t crc = qkv__crc32(0, len, 8);
+        crc = qkv__crc32(crc, h.data, digits);
+        crc = qkv__crc32(crc, h.data + digits + 8, h.n - digits - 8);
+        for (int i = 0; i < n; i++) crc = qkv__crc32(crc, data[i], entry_bytes(&e[i]));
+        char hex[9];
+        snprintf(hex, sizeof hex, "%08x", (unsigned)crc);
+        memcpy(h.data + digits, hex, 8);
+    }
+    ok = ok && write_file(path, &h, e, n, data);
     qkv_scope_end();
     buffer_free(&h);
     if (data) qkv__free(data, (size_t)(n ? n : 1) * sizeof *data);
@@ -539,6 +578,7 @@ typedef struct st_entry {
 typedef struct st_meta {
     char *key, *value;
     size_t key_size, value_size;
+    size_t raw, raw_len;             /* the value as written: its bytes in the header */
 } st_meta;
 
 struct qkv_safetensors {
@@ -584,12 +624,13 @@ static bool parse_metadata(qkv_safetensors *f, json *j) {
         skip_ws(j);
         if (colon && (j->i >= j->n || j->s[j->i] != '"'))
             jfail(j, "__metadata__ values must be strings");
+        size_t raw = j->i + 1; /* after the opening quote */
         char *value = j->failed ? NULL : parse_string(j, &vs);
         if (!value) {
             qkv__free(key, ks);
             return false;
         }
-        if (!meta_add(f, j, (st_meta){key, value, ks, vs})) return false;
+        if (!meta_add(f, j, (st_meta){key, value, ks, vs, raw, j->i - 1 - raw})) return false;
     } while (next_is(j, ','));
     return expect(j, '}');
 }
@@ -782,20 +823,40 @@ static bool check_metadata(qkv_safetensors *f) {
     return true;
 }
 
+static const st_meta *find_meta(const qkv_safetensors *f, const char *key);
+
+/* Format 2 (qkv.format "2"): a CRC-32 of every byte of the file but the checksum's 8 digits,
+ * so that no damage to the header (a key, a shape, the checksum's own name) goes unseen.
+ * Format 1 (no qkv.format, qkv's files before it): a CRC-32 of the data alone. */
 static bool check_checksum(const qkv_safetensors *f) {
-    const char *v = qkv_safetensors_meta(f, CHECKSUM_KEY);
-    if (!v) return true; /* files from other writers carry none */
+    const st_meta *sum = find_meta(f, CHECKSUM_KEY);
+    const char *format = qkv_safetensors_meta(f, FORMAT_KEY);
+    if (!sum && format)
+        return bad_file(f, "%s", FORMAT_KEY " without " CHECKSUM_KEY ": the file is damaged");
+    if (!sum) return true; /* files from other writers carry none */
+    if (format && strcmp(format, FORMAT_VALUE)) /* a later scheme, or a damaged digit */
+        return bad_file(f, "unsupported " FORMAT_KEY " \"%s\"", format);
+    const char *v = sum->value;
     uint32_t want = 0;
-    bool ok = strncmp(v, "crc32:", 6) == 0 && strlen(v) == 14;
-    for (int i = 6; ok && i < 14; i++) {
+    /* As written, with no escapes: the digits are then the raw bytes the checksum skips. */
+    bool ok = sum->raw_len == CHECKSUM_LEN && strlen(v) == CHECKSUM_LEN &&
+              strncmp(v, CHECKSUM_PREFIX, 6) == 0;
+    for (int i = 6; ok && i < CHECKSUM_LEN; i++) {
         char c = v[i];
         int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
         ok = d >= 0;
         want = want << 4 | (uint32_t)(ok ? d : 0);
     }
     if (!ok) return bad_file(f, "%s", "malformed " CHECKSUM_KEY);
-    if (qkv__crc32(0, f->data, f->data_size) != want)
-        return bad_file(f, "%s", "checksum mismatch: the file is damaged");
+    uint32_t got;
+    if (format) {
+        size_t digits = 8 + sum->raw + 6;
+        got = qkv__crc32(0, f->file, digits);
+        got = qkv__crc32(got, f->file + digits + 8, f->file_size - digits - 8);
+    } else {
+        got = qkv__crc32(0, f->data, f->data_size);
+    }
+    if (got != want) return bad_file(f, "%s", "checksum mismatch: the file is damaged");
     return true;
 }
 
@@ -862,12 +923,15 @@ static qkv_safetensors *parse_file(qkv_safetensors *f) {
 
 qkv_safetensors *qkv_safetensors_read(const char *path) {
     if (!path) return qkv_set_error("qkv_safetensors_read: no path");
+    bool had_error = qkv_error() != NULL;
     qkv_safetensors *f = file_new(path);
     if (f && !read_whole(f)) {
         qkv_safetensors_free(f);
-        return NULL;
+        f = NULL;
     }
-    return f ? parse_file(f) : NULL;
+    f = f ? parse_file(f) : NULL;
+    if (!f) qkv__name_file_in_error("qkv_safetensors_read", path, had_error);
+    return f;
 }
 
 qkv_safetensors *qkv_safetensors_from_bytes(const void *data, size_t size, const char *name) {
@@ -929,16 +993,21 @@ static int cmp_key_entry(const void *key, const void *e) {
     return strcmp(key, (*(const st_entry *const *)e)->name);
 }
 
-const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
+static const st_meta *find_meta(const qkv_safetensors *f, const char *key) {
     if (!f || !key) return NULL;
     if (!f->meta_by_key) { /* while the file is being checked */
         for (int i = 0; i < f->n_meta; i++)
-            if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+            if (strcmp(f->meta[i].key, key) == 0) return &f->meta[i];
         return NULL;
     }
     const st_meta *const *m =
         bsearch(key, f->meta_by_key, (size_t)f->n_meta, sizeof *f->meta_by_key, cmp_key_meta);
-    return m ? (*m)->value : NULL;
+    return m ? *m : NULL;
+}
+
+const char *qkv_safetensors_meta(const qkv_safetensors *f, const char *key) {
+    const st_meta *m = find_meta(f, key);
+    return m ? m->value : NULL;
 }
 
 static const st_entry *find(const qkv_safetensors *f, const char *name) {
@@ -956,6 +1025,14 @@ bool qkv__safetensors_info(const qkv_safetensors *f, const char *name, int *ndim
     memcpy(shape, e->shape, (size_t)e->ndim * sizeof *shape);
     *dtype = file_dtypes[e->dtype].as;
     return true;
+}
+
+int qkv_safetensors_shape(const qkv_safetensors *f, const char *name,
+                          int64_t shape[QKV_MAX_DIMS]) {
+    const st_entry *e = find(f, name);
+    if (!e) return -1;
+    memcpy(shape, e->shape, (size_t)e->ndim * sizeof *shape);
+    return e->ndim;
 }
 
 bool qkv__safetensors_is_extra(const qkv_safetensors *f, const char *name) {

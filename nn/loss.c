@@ -84,7 +84,8 @@ qkv_tensor *qkv_cross_entropy(const qkv_tensor *logits, const qkv_tensor *target
                               qkv_reduction reduction, int64_t ignore_index,
                               double label_smoothing) {
     int64_t n_valid;
-    if (!logits || !targets || !check_reduction("qkv_cross_entropy", reduction) ||
+    if (QKV__NULL_ARGS("qkv_cross_entropy", logits, targets) ||
+        !check_reduction("qkv_cross_entropy", reduction) ||
         !check_classification("qkv_cross_entropy", logits, targets, ignore_index, &n_valid))
         return NULL;
     if (!(label_smoothing >= 0 && label_smoothing <= 1))
@@ -105,7 +106,9 @@ qkv_tensor *qkv_cross_entropy(const qkv_tensor *logits, const qkv_tensor *target
 
 qkv_tensor *qkv_mse_loss(const qkv_tensor *input, const qkv_tensor *target,
                          qkv_reduction reduction) {
-    if (!input || !target || !check_reduction("qkv_mse_loss", reduction)) return NULL;
+    if (QKV__NULL_ARGS("qkv_mse_loss", input, target) ||
+        !check_reduction("qkv_mse_loss", reduction))
+        return NULL;
     qkv_tensor *d = qkv_sub(input, target);
     if (d && d->numel != input->numel) {
         char si[128], st[128];

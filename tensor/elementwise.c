@@ -159,7 +159,7 @@ static qkv_dtype compute_dtype(qkv_binary_op op, const qkv_tensor *a, const qkv_
 
 qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor *b,
                         const char *name) {
-    if (!a || !b) return NULL;
+    if (QKV__NULL_ARGS(name, a, b)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
     qkv_dtype ct = compute_dtype(op, a, b);
@@ -185,7 +185,7 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
 
 qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
                                const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
     qkv_dtype dt = a->dtype;
@@ -316,7 +316,7 @@ static bool keeps_integers(qkv_unary_op op) {
 }
 
 qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
     qkv_dtype ct = a->dtype;
@@ -345,7 +345,7 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
  * computes with libm, takes the two ops). */
 qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tensor *g,
                              const char *name) {
-    if (!x || !g) return NULL;
+    if (QKV__NULL_ARGS(name, x, g)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, x, g)) return NULL;
     bool fused = x->dtype == QKV_F32 && g->dtype == QKV_F32 && x->ndim == g->ndim &&
@@ -404,7 +404,7 @@ static void where_run(int64_t n, char **p, const int64_t *st, void *vctx) {
 
 qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_tensor *b,
                        const char *name) {
-    if (!cond || !a || !b) return NULL;
+    if (QKV__NULL_ARGS(name, cond, a, b)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, cond, a, b)) return NULL;
     if (cond->dtype != QKV_BOOL)

@@ -27,6 +27,15 @@ void *qkv_set_error(const char *fmt, ...) {
     return NULL;
 }
 
+bool qkv__null_args(const char *op, int n, const void *const *args) {
+    for (int i = 0; i < n; i++)
+        if (!args[i]) {
+            qkv_set_error("%s: tensor argument %d is NULL", op, i + 1); /* kept if first */
+            return true;
+        }
+    return false;
+}
+
 char *qkv_shape_str(const qkv_tensor *t, char *buf, size_t size) {
     size_t used = 0;
     if (size == 0) return buf;

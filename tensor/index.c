@@ -169,7 +169,7 @@ static int select_shape(int ndim, const int64_t *shape, int ax, const qkv_tensor
 
 qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *index,
                               const char *name) {
-    if (!a || !index) return NULL;
+    if (QKV__NULL_ARGS(name, a, index)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, index)) return NULL;
     char sa[128], si[128];
@@ -216,7 +216,7 @@ static void add_rows(char *out, const char *src, const int64_t *ix, int64_t n, i
 
 qkv_tensor *qkv__index_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
                            const int64_t *shape, const char *name) {
-    if (!src || !index) return NULL;
+    if (QKV__NULL_ARGS(name, src, index)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, src, index)) return NULL;
     int64_t want[QKV_MAX_DIMS];
@@ -314,7 +314,7 @@ static void index_loop(qkv_tensor *dst, const qkv_tensor *src, const qkv_tensor 
 
 qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
                         const char *name) {
-    if (!a || !index) return NULL;
+    if (QKV__NULL_ARGS(name, a, index)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, index)) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
@@ -335,7 +335,7 @@ qkv_tensor *qkv__gather(const qkv_tensor *a, int axis, const qkv_tensor *index,
 
 qkv_tensor *qkv__scatter_add(const qkv_tensor *src, int axis, const qkv_tensor *index, int ndim,
                              const int64_t *shape, const char *name) {
-    if (!src || !index) return NULL;
+    if (QKV__NULL_ARGS(name, src, index)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, src, index)) return NULL;
     if (axis < 0 || axis >= ndim) return qkv_set_error("%s: axis %d out of range", name, axis);
@@ -381,7 +381,7 @@ static bool check_concat(int n, const qkv_tensor *const *ts, int ax, const char 
 qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char *name) {
     if (n <= 0 || !ts) return qkv_set_error("%s: no tensors to concatenate", name);
     for (int k = 0; k < n; k++)
-        if (!ts[k]) return NULL;
+        if (!ts[k]) return qkv_set_error("%s: tensors[%d] is NULL", name, k);
     QKV__OP(name);
     if (qkv__checking() && !qkv__check_args(name, n, ts)) return NULL;
     if (ts[0]->ndim == 0) return qkv_set_error("%s: cannot concatenate 0-d tensors", name);
@@ -416,7 +416,7 @@ qkv_tensor *qkv__concat(int n, const qkv_tensor *const *ts, int axis, const char
 /* ---- one_hot ----------------------------------------------------------------------------- */
 
 qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char *name) {
-    if (!index) return NULL;
+    if (QKV__NULL_ARGS(name, index)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, index)) return NULL;
     char si[128];

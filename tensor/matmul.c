@@ -71,7 +71,7 @@ static qkv_tensor *matmul_error(const char *name, const qkv_tensor *a, const qkv
 }
 
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
-    if (!a || !b) return NULL;
+    if (QKV__NULL_ARGS(name, a, b)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
     if (a->ndim == 0 || b->ndim == 0) return matmul_error(name, a, b, "both operands need a dimension");
@@ -156,7 +156,7 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
  * read through W's strides. */
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
                         const char *name) {
-    if (!x || !w) return NULL;
+    if (QKV__NULL_ARGS(name, x, w)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, x, w, b)) return NULL;
     char sx[128], sw[128], sb[128];

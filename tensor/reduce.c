@@ -264,7 +264,7 @@ static const char *const reduce_names[] = {"sum", "mean", "var", "max", "min", "
 
 qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
                         double correction, const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
     if (!qkv__is_float(a->dtype) && (op == QKV_RED_MEAN || op == QKV_RED_VAR)) {
@@ -408,7 +408,7 @@ static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_lo
 }
 
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name) {
-    if (!a) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
     if (!qkv__is_float(a->dtype)) {
@@ -476,7 +476,7 @@ SOFTMAX_GRAD_ROW(double, exp)
 
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name) {
-    if (!y || !g) return NULL;
+    if (QKV__NULL_ARGS(name, y, g)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, y, g)) return NULL;
     if (y->ndim == 0 || g->dtype != y->dtype || g->ndim != y->ndim || g->numel != y->numel)

@@ -177,7 +177,7 @@ static bool broadcasts_to(const qkv_tensor *src, const qkv_tensor *dst) {
 }
 
 bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src) {
-    if (!dst || !src) return false;
+    if (QKV__NULL_ARGS("qkv_copy_", dst, src)) return false;
     if (!QKV__CHECK("qkv_copy_", dst, src)) return false;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
     if (!writable("qkv_copy_", dst)) return false;
@@ -202,7 +202,7 @@ bool qkv_copy_(qkv_tensor *dst, const qkv_tensor *src) {
 }
 
 bool qkv_fill_(qkv_tensor *t, double value) {
-    if (!t) return false;
+    if (QKV__NULL_ARGS("qkv_fill_", t)) return false;
     if (!QKV__CHECK("qkv_fill_", t)) return false;
     if (!writable("qkv_fill_", t)) return false;
     union { float f; double d; int64_t i; bool b; } v;
@@ -244,7 +244,7 @@ qkv_tensor *qkv__to_dtype(const qkv_tensor *t, qkv_dtype dtype) {
 }
 
 bool qkv_copy_out(const qkv_tensor *t, qkv_dtype dtype, void *dst) {
-    if (!t) return false;
+    if (QKV__NULL_ARGS("qkv_copy_out", t)) return false;
     if (!QKV__CHECK("qkv_copy_out", t)) return false;
     if (!dst) return qkv_set_error("qkv_copy_out: dst is NULL"), false;
     int64_t strides[QKV_MAX_DIMS];

@@ -236,22 +236,23 @@ qkv_tensor *qkv_from_array(qkv_dtype dtype, int ndim, const int64_t *shape, cons
 }
 
 qkv_tensor *qkv_empty_like(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_empty_like", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_empty_like", t) || !QKV__CHECK("qkv_empty_like", t)) return NULL;
     return qkv_empty(t->dtype, t->ndim, t->shape);
 }
 
 qkv_tensor *qkv_zeros_like(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_zeros_like", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_zeros_like", t) || !QKV__CHECK("qkv_zeros_like", t)) return NULL;
     return qkv_zeros(t->dtype, t->ndim, t->shape);
 }
 
 qkv_tensor *qkv_ones_like(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_ones_like", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_ones_like", t) || !QKV__CHECK("qkv_ones_like", t)) return NULL;
     return qkv_ones(t->dtype, t->ndim, t->shape);
 }
 
 bool qkv_is_contiguous(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_is_contiguous", t)) return false;
+    if (QKV__NULL_ARGS("qkv_is_contiguous", t) ||
+        !QKV__CHECK("qkv_is_contiguous", t)) return false;
     int64_t expect = 1;
     for (int i = t->ndim - 1; i >= 0; i--) {
         if (t->shape[i] != 1 && t->strides[i] != expect) return false;
@@ -265,7 +266,7 @@ uint64_t qkv_version(const qkv_tensor *t) {
 }
 
 void *qkv_data(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_data", t)) return NULL;
+    if (QKV__NULL_ARGS("qkv_data", t) || !QKV__CHECK("qkv_data", t)) return NULL;
     return (char *)t->storage->data + (size_t)t->offset * qkv_dtype_size(t->dtype);
 }
 
@@ -289,7 +290,7 @@ void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v) {
 }
 
 double qkv_item(const qkv_tensor *t) {
-    if (!t || !QKV__CHECK("qkv_item", t)) return NAN;
+    if (QKV__NULL_ARGS("qkv_item", t) || !QKV__CHECK("qkv_item", t)) return NAN;
     if (t->numel != 1) {
         char s[128];
         qkv_set_error("qkv_item: tensor has %lld elements, not 1: %s", (long long)t->numel,
@@ -301,7 +302,7 @@ double qkv_item(const qkv_tensor *t) {
 }
 
 double qkv_get(const qkv_tensor *t, const int64_t *index) {
-    if (!t || !QKV__CHECK("qkv_get", t)) return NAN;
+    if (QKV__NULL_ARGS("qkv_get", t) || !QKV__CHECK("qkv_get", t)) return NAN;
     if (!index && t->ndim > 0) return qkv_set_error("qkv_get: index is NULL"), NAN;
     int64_t off = 0;
     for (int i = 0; i < t->ndim; i++) {

@@ -9,7 +9,9 @@
  *  - Errors. A user mistake or an allocation failure never aborts: the function returns NULL
  *    (or false / -1) and records a message naming the op and the shapes; qkv_error() returns the
  *    first message recorded since the last qkv_clear_error(). Every op accepts NULL inputs and
- *    returns NULL, so a chain of ops is checked once, at its end. The error state is per thread.
+ *    returns NULL, so a chain of ops is checked once, at its end: a NULL records "qkv_add:
+ *    tensor argument 1 is NULL" only when no error is pending, so the chain reports its first
+ *    real failure and a NULL from nowhere is still named. The error state is per thread.
  *  - Threads. The error state and the scope stack are per thread. Reference counts are not
  *    atomic: a tensor, its views and its graph are used by one thread at a time (several
  *    threads may only read its elements at once, with qkv_data, qkv_get, qkv_item or

@@ -85,6 +85,16 @@ bool qkv__check_args(const char *op, int n, const qkv_tensor *const *ts);
                                sizeof(const qkv_tensor *)),                                 \
                      (const qkv_tensor *const[]){__VA_ARGS__}))
 
+/* At the entry of a public function: true when one of the tensors given (its tensor
+ * arguments, in order) is NULL, after recording "<op>: tensor argument <i> is NULL" unless an
+ * error is pending. A NULL usually means an earlier op failed and said why; that first error
+ * stays, so a chain still reports its first failure, and a NULL passed with no error pending
+ * is named instead of failing silently. */
+bool qkv__null_args(const char *op, int n, const void *const *args);
+#define QKV__NULL_ARGS(op, ...)                                                             \
+    qkv__null_args(op, (int)(sizeof((const void *[]){__VA_ARGS__}) / sizeof(const void *)), \
+                   (const void *const[]){__VA_ARGS__})
+
 /* QKV__OP("qkv_add"); at the top of an op names it, in checked mode, as the maker of every
  * tensor made until it returns, unless an op that called it already named itself: a tensor
  * is known by the outermost op of the library the caller called. */

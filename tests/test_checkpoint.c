@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -283,6 +284,10 @@ static void save_refuses_bad_and_duplicate_names(void **state) {
     qkv_checkpoint_contents meta = {.n_meta = 1, .meta = reserved};
     assert_false(qkv_module_save(QKV_MODULE(m), path, &meta));
     assert_error_contains("bad metadata key \"qkv.checksum\"");
+    qkv_meta_pair format[] = {{"qkv.format", "1"}};
+    qkv_checkpoint_contents meta2 = {.n_meta = 1, .meta = format};
+    assert_false(qkv_module_save(QKV_MODULE(m), path, &meta2));
+    assert_error_contains("bad metadata key \"qkv.format\"");
     assert_int_equal(access(path, F_OK), -1); /* nothing was written */
     qkv_module_free(QKV_MODULE(m));
 }
@@ -522,6 +527,12 @@ static void hostile_headers_are_refused_with_a_message(void **state) {
          "malformed qkv.checksum"},
         {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}\x01}", 4,
          "expected '}'"},
+        {"{\"__metadata__\":{\"qkv.format\":\"2\"}}", 0,
+         "qkv.format without qkv.checksum: the file is damaged"},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:00000000\",\"qkv.format\":\"3\"}}", 0,
+         "unsupported qkv.format \"3\""},
+        {"{\"__metadata__\":{\"qkv.checksum\":\"crc32:0000000\\u0030\"}}", 0,
+         "malformed qkv.checksum"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         write_raw(cases[i].header, cases[i].n_data, data);
@@ -565,6 +576,113 @@ static void a_flipped_data_byte_fails_the_checksum(void **state) {
     assert_false(qkv_module_load(QKV_MODULE(m), path, NULL));
     assert_error_contains("checksum mismatch: the file is damaged");
     qkv_module_free(QKV_MODULE(m));
+}
+
+static unsigned char *read_bytes(const char *p, size_t *n) {
+    FILE *f = fopen(p, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    rewind(f);
+    unsigned char *buf = malloc(*n + 1);
+    assert_int_equal(fread(buf, 1, *n, f), *n);
+    fclose(f);
+    return buf;
+}
+
+/* The file's every tensor (as raw bytes) and metadata value equal the reference's. */
+static void assert_same_file(const qkv_safetensors *f, const qkv_safetensors *ref) {
+    assert_int_equal(qkv_safetensors_count(f), qkv_safetensors_count(ref));
+    for (int i = 0; i < qkv_safetensors_count(ref); i++) {
+        const char *name = qkv_safetensors_name(ref, i);
+        assert_string_equal(qkv_safetensors_name(f, i), name);
+        assert_same_values(qkv_safetensors_tensor(f, name), qkv_safetensors_tensor(ref, name));
+    }
+    assert_int_equal(qkv_safetensors_meta_count(f), qkv_safetensors_meta_count(ref));
+    for (int i = 0; i < qkv_safetensors_meta_count(ref); i++) {
+        const char *key = qkv_safetensors_meta_key(ref, i);
+        assert_string_equal(qkv_safetensors_meta(f, key), qkv_safetensors_meta(ref, key));
+    }
+}
+
+/* The checksum covers the header as well as the data: whichever bit of a file qkv wrote is
+ * flipped (the checksum's own key name included), the file is refused or reads the same. */
+static void every_single_bit_flip_is_refused_or_reads_the_same(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    qkv_named_bytes bytes[] = {{"vocab", "abc", 3}};
+    qkv_meta_pair meta[] = {{"dim", "3"}};
+    qkv_checkpoint_contents x = {.n_bytes = 1, .bytes = bytes, .n_meta = 1, .meta = meta};
+    assert_true(qkv_module_save(QKV_MODULE(m), path, &x));
+    size_t n;
+    unsigned char *good = read_bytes(path, &n);
+    qkv_safetensors *ref = qkv_safetensors_from_bytes(good, n, "ref");
+    assert_non_null(ref);
+    int refused = 0;
+    for (size_t bit = 0; bit < 8 * n; bit++) {
+        good[bit / 8] ^= (unsigned char)(1u << bit % 8);
+        write_bytes(path, good, n);
+        good[bit / 8] ^= (unsigned char)(1u << bit % 8);
+        qkv_scope_begin();
+        qkv_safetensors *f = qkv_safetensors_read(path);
+        if (!f) {
+            const char *e = qkv_error();
+            if (!e || !strstr(e, path)) fail_msg("bit %zu: refused with \"%s\"", bit, e);
+            qkv_clear_error();
+            refused++;
+        } else {
+            assert_same_file(f, ref);
+            qkv_safetensors_free(f);
+        }
+        qkv_scope_end();
+    }
+    /* A CRC-32 sees every single-bit error, so in fact no flip gets through. */
+    assert_int_equal(refused, 8 * n);
+    qkv_safetensors_free(ref);
+    free(good);
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* A flip that turns "qkv.checksum" into another key would turn verification off, but the
+ * file's qkv.format asks for the checksum. */
+static void a_damaged_checksum_key_is_refused(void **state) {
+    (void)state;
+    qkv_linear *m = qkv_linear_new(3, 2, true, &(qkv_generator){0});
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    size_t n;
+    unsigned char *buf = read_bytes(path, &n);
+    unsigned char *key = NULL;
+    for (size_t i = 0; !key && i + 12 <= n; i++)
+        if (!memcmp(buf + i, "qkv.checksum", 12)) key = buf + i;
+    assert_non_null(key);
+    key[4] ^= 0x01; /* "qkv.bhecksum" */
+    write_bytes(path, buf, n);
+    assert_false(qkv_module_load(QKV_MODULE(m), path, NULL));
+    char want[256];
+    snprintf(want, sizeof want,
+             "qkv_safetensors_read: %s: qkv.format without qkv.checksum: the file is damaged",
+             path);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    free(buf);
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* Files written before the checksum covered the header (no qkv.format) still load, their
+ * data checked as before. */
+static void files_of_the_data_only_checksum_still_load(void **state) {
+    (void)state;
+    const char *header = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                         "\"__metadata__\":{\"qkv.checksum\":\"crc32:aca16a6a\"}}";
+    float one = 1.0f, two = 2.0f;
+    write_raw(header, 4, &one);
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    assert_true(qkv_item(qkv_safetensors_tensor(f, "w")) == 1.0);
+    qkv_safetensors_free(f);
+    write_raw(header, 4, &two);
+    assert_null(qkv_safetensors_read(path));
+    assert_error_contains("checksum mismatch: the file is damaged");
 }
 
 static void bool_bytes_other_than_0_or_1_are_refused(void **state) {
@@ -631,6 +749,132 @@ static void a_failing_write_keeps_the_previous_checkpoint(void **state) {
     qkv_module_free(QKV_MODULE(probe));
 }
 
+/* Sets the modification time of every file in dir other than model.safetensors to `age`
+ * seconds ago (0: leaves it); returns how many there are. */
+static int age_temporaries(int age) {
+    int n = 0;
+    DIR *d = opendir(dir);
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
+            !strcmp(e->d_name, "model.safetensors"))
+            continue;
+        char p[400];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        struct timespec t[2] = {{time(NULL) - age, 0}, {time(NULL) - age, 0}};
+        if (age) utimensat(AT_FDCWD, p, t, AT_SYMLINK_NOFOLLOW);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* An empty file in dir named name, modified `age` seconds ago. */
+static void make_file(const char *name, int age) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    write_bytes(p, "", 0);
+    struct timespec t[2] = {{time(NULL) - age, 0}, {time(NULL) - age, 0}};
+    assert_int_equal(utimensat(AT_FDCWD, p, t, 0), 0);
+}
+
+static bool exists(const char *name) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return access(p, F_OK) == 0;
+}
+
+static void remove_file(const char *name) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    assert_int_equal(unlink(p), 0);
+}
+
+/* Temporary files of writers that were killed go at the next save into the directory; those
+ * of a process still running, or changed in the last minute, stay. */
+static void a_save_removes_only_the_temporary_files_of_killed_writers(void **state) {
+    (void)state;
+    pid_t dead = fork();
+    if (dead == 0) _exit(0);
+    waitpid(dead, NULL, 0);
+    char stale1[64], stale2[64], stale3[64], fresh[64], live[64], mine[64];
+    snprintf(stale1, sizeof stale1, "model.safetensors.tmp-%d-0", (int)dead);
+    snprintf(stale2, sizeof stale2, "other.safetensors.tmp-%d-7", (int)dead);
+    snprintf(stale3, sizeof stale3, ".qkv-%d-2.tmp", (int)dead);
+    snprintf(fresh, sizeof fresh, "model.safetensors.tmp-%d-1", (int)dead);
+    snprintf(live, sizeof live, "model.safetensors.tmp-%d-0", (int)getppid());
+    snprintf(mine, sizeof mine, "model.safetensors.tmp-%d-0", (int)getpid());
+    make_file(stale1, 120);
+    make_file(stale2, 3600);
+    make_file(stale3, 120);
+    make_file(fresh, 10);
+    make_file(live, 3600);
+    make_file(mine, 3600);
+    make_file("notes.tmp-x-1", 3600); /* not a name qkv gives */
+    qkv_linear *m = qkv_linear_new(2, 1, false, &(qkv_generator){0});
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    assert_false(exists(stale1) || exists(stale2) || exists(stale3));
+    assert_true(exists(fresh) && exists(live) && exists(mine) && exists("notes.tmp-x-1"));
+    remove_file(fresh);
+    remove_file(live);
+    remove_file(mine);
+    remove_file("notes.tmp-x-1");
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* A save to a symbolic link replaces its target and keeps the link, whether the target
+ * exists or not yet. */
+static void a_save_writes_through_a_symbolic_link(void **state) {
+    (void)state;
+    char link[400];
+    snprintf(link, sizeof link, "%s/link.safetensors", dir);
+    assert_int_equal(symlink("model.safetensors", link), 0);
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_linear *a = qkv_linear_new(2, 1, false, &g), *b = qkv_linear_new(2, 1, false, &g);
+    for (int round = 0; round < 2; round++) { /* a dangling link, then one to a file */
+        qkv_linear *m = round ? b : a;
+        assert_true(qkv_module_save(QKV_MODULE(m), link, NULL));
+        struct stat st;
+        assert_int_equal(lstat(link, &st), 0);
+        assert_true(S_ISLNK(st.st_mode));
+        assert_int_equal(lstat(path, &st), 0);
+        assert_true(S_ISREG(st.st_mode));
+        qkv_linear *probe = qkv_linear_new(2, 1, false, &g);
+        assert_true(qkv_module_load(QKV_MODULE(probe), path, NULL));
+        assert_same_state(probe, m);
+        qkv_module_free(QKV_MODULE(probe));
+    }
+    unlink(link);
+    qkv_module_free(QKV_MODULE(a));
+    qkv_module_free(QKV_MODULE(b));
+}
+
+/* A program checks its destination before the work whose result it saves. */
+static void writable_names_a_missing_directory_a_directory_and_a_full_disk(void **state) {
+    (void)state;
+    assert_true(qkv_safetensors_writable(path, 4096));
+    assert_int_equal(age_temporaries(0), 0); /* the probe is gone, and no file was made */
+    assert_false(exists("model.safetensors"));
+    char p[400], want[600];
+    snprintf(p, sizeof p, "%s/missing/model.safetensors", dir);
+    assert_false(qkv_safetensors_writable(p, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: No such file or directory", p);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    assert_false(qkv_safetensors_writable(dir, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: Is a directory", dir);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    qkv_debug_fail_write_after(1000); /* a disk with 1000 bytes left */
+    assert_false(qkv_safetensors_writable(path, 4096));
+    snprintf(want, sizeof want, "qkv_safetensors_writable: %s: No space left on device", path);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    assert_true(qkv_safetensors_writable(path, 100));
+    qkv_debug_fail_write_after(0);
+    assert_int_equal(age_temporaries(0), 0);
+}
+
 static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **state) {
     (void)state;
     qkv_linear *a = qkv_linear_new(512, 512, true, &(qkv_generator){0});
@@ -660,19 +904,110 @@ static void a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(void **stat
         double first = qkv_get(probe->weight, (int64_t[]){0, 0});
         double last = qkv_get(probe->weight, (int64_t[]){511, 511});
         assert_true(first == last);
-        /* the killed child leaves its temporary file; it never replaces the checkpoint */
-        DIR *d = opendir(dir);
-        for (struct dirent *e; (e = readdir(d));) {
-            if (strncmp(e->d_name, "model.safetensors.tmp-", 22) == 0) {
-                char p[400];
-                snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-                unlink(p);
-            }
-        }
-        closedir(d);
+        /* The killed child may leave its temporary file (it never replaces the checkpoint);
+         * the next save removes it once it is a minute old. */
+        age_temporaries(120);
+        assert_true(qkv_module_save(QKV_MODULE(probe), path, NULL));
+        assert_int_equal(age_temporaries(0), 0);
     }
     qkv_module_free(QKV_MODULE(a));
     qkv_module_free(QKV_MODULE(probe));
+}
+
+/* Whichever allocation fails while a checkpoint is read, the message says which file. */
+static void a_failed_allocation_while_reading_names_the_file(void **state) {
+    (void)state;
+    qkv_transformer_encoder_layer *m = encoder_layer(1);
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    char want[256];
+    snprintf(want, sizeof want, "qkv_safetensors_read: %s: qkv: out of memory allocating ",
+             path);
+    for (uint64_t n = 1;; n++) {
+        qkv_clear_error();
+        qkv_debug_fail_alloc_at(n);
+        qkv_safetensors *f = qkv_safetensors_read(path);
+        bool failed = qkv_debug_alloc_count() >= n;
+        qkv_debug_fail_alloc_at(0);
+        if (!failed) {
+            assert_non_null(f);
+            qkv_safetensors_free(f);
+            break;
+        }
+        assert_null(f);
+        if (strncmp(qkv_error(), want, strlen(want)))
+            fail_msg("allocation %llu: \"%s\"", (unsigned long long)n, qkv_error());
+    }
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* ---- Settings checked against the tensors ------------------------------------------------ */
+
+static void parameter_count_is_that_of_the_model_built(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    classifier *m = classifier_new(&small, &g);
+    assert_int_equal(classifier_parameter_count(&small),
+                     qkv_module_num_parameters(QKV_MODULE(m)));
+    qkv_module_free(QKV_MODULE(m));
+}
+
+/* The message for the file at path when the field at offset `field` of small is value. */
+static void assert_config_refused(const qkv_safetensors *f, size_t field, int64_t value,
+                                  const char *message) {
+    classifier_config c = small;
+    memcpy((char *)&c + field, &value, sizeof value);
+    assert_false(classifier_config_fits(&c, f, path));
+    char want[512];
+    snprintf(want, sizeof want, "%s: %s", path, message);
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+}
+
+/* A checkpoint's settings are checked against its tensors' shapes before a model is built by
+ * them, so that a small file cannot make a loader allocate gigabytes. */
+static void settings_that_disagree_with_the_tensors_are_refused(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    classifier *m = classifier_new(&small, &g);
+    assert_true(qkv_module_save(QKV_MODULE(m), path, NULL));
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_true(classifier_config_fits(&small, f, path));
+#define AT(field) offsetof(classifier_config, field)
+    assert_config_refused(f, AT(ffn), 8388608, "setting ffn=8388608 disagrees with "
+                          "\"encoder.layers.0.linear1.weight\", [16,8] in the file");
+    assert_config_refused(f, AT(dim), 16, "setting dim=16 disagrees with "
+                          "\"tok_embed.weight\", [20,8] in the file");
+    assert_config_refused(f, AT(vocab_size), 1 << 30, "setting vocab_size=1073741824 "
+                          "disagrees with \"tok_embed.weight\", [20,8] in the file");
+    assert_config_refused(f, AT(max_len), 7, "setting max_len=7 disagrees with "
+                          "\"pos_embed.weight\", [6,8] in the file");
+    assert_config_refused(f, AT(n_classes), 4, "setting n_classes=4 disagrees with "
+                          "\"head.weight\", [3,8] in the file");
+    assert_config_refused(f, AT(layers), 1000000, "setting layers=1000000 disagrees with the "
+                          "1 encoder layers in the file");
+    assert_config_refused(f, AT(heads), 3, "setting heads=3 does not divide dim=8");
+#undef AT
+    qkv_safetensors_free(f);
+
+    /* Only the tensors the sizes are read from: the settings ask for far more parameters. */
+    char *keep[] = {"tok_embed.weight", "pos_embed.weight", "head.weight",
+                    "encoder.layers.0.linear1.weight"};
+    qkv_tensor *kept[] = {m->tok_embed->weight, m->pos_embed->table, m->head->weight,
+                          m->encoder->layers[0]->linear1->weight};
+    qkv_named_list few = {4, keep, kept};
+    assert_true(qkv_safetensors_write(path, &few, NULL));
+    f = qkv_safetensors_read(path);
+    assert_false(classifier_config_fits(&small, f, path));
+    char want[256];
+    snprintf(want, sizeof want, "%s: the settings describe a model of %lld parameters, more "
+             "than the 360 values in the file", path,
+             (long long)classifier_parameter_count(&small));
+    assert_string_equal(qkv_error(), want);
+    qkv_clear_error();
+    qkv_safetensors_free(f);
+    qkv_module_free(QKV_MODULE(m));
 }
 
 /* ---- Allocation failures ------------------------------------------------------------------ */
@@ -763,10 +1098,19 @@ int main(void) {
         T(hostile_headers_are_refused_with_a_message),
         T(short_files_and_lengths_past_the_end_are_refused),
         T(a_flipped_data_byte_fails_the_checksum),
+        T(every_single_bit_flip_is_refused_or_reads_the_same),
+        T(a_damaged_checksum_key_is_refused),
+        T(files_of_the_data_only_checksum_still_load),
         T(bool_bytes_other_than_0_or_1_are_refused),
         T(other_writers_dtypes_read_as_qkv_dtypes),
         T(a_failing_write_keeps_the_previous_checkpoint),
         T(a_save_killed_at_any_moment_leaves_a_loadable_checkpoint),
+        T(a_save_removes_only_the_temporary_files_of_killed_writers),
+        T(a_save_writes_through_a_symbolic_link),
+        T(writable_names_a_missing_directory_a_directory_and_a_full_disk),
+        T(a_failed_allocation_while_reading_names_the_file),
+        T(parameter_count_is_that_of_the_model_built),
+        T(settings_that_disagree_with_the_tensors_are_refused),
         T(save_and_load_survive_every_allocation_failure),
         T(training_checkpoints_survive_every_allocation_failure),
         T(pytorch_checkpoint_gives_pytorch_logits),

@@ -149,6 +149,61 @@ static void tsv_read_reports_directory(void **state) {
     assert_string_equal(qkv_error(), expected);
 }
 
+/* /dev/zero never ends: it is refused, not read until memory runs out. */
+static void tsv_read_refuses_a_device(void **state) {
+    (void)state;
+    assert_null(qkv_tsv_read("/dev/zero"));
+    assert_string_equal(qkv_error(), "qkv_tsv_read: /dev/zero: not a regular file or a pipe");
+}
+
+/* A pipe is read (up to 256 MiB: example_cli feeds one /dev/zero). */
+static void tsv_read_reads_a_pipe(void **state) {
+    (void)state;
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    const char text[] = "pos\tgood\nneg\tbad\n";
+    assert_int_equal(write(fds[1], text, sizeof text - 1), (ssize_t)(sizeof text - 1));
+    close(fds[1]);
+    char p[64];
+    snprintf(p, sizeof p, "/dev/fd/%d", fds[0]);
+    qkv_tsv *d = qkv_tsv_read(p);
+    close(fds[0]);
+    assert_non_null(d);
+    assert_int_equal(d->n, 2);
+    assert_string_equal(d->texts[1], "bad");
+    qkv_tsv_free(d);
+}
+
+/* Whichever allocation fails while a file is read, the message says which file. */
+static void tsv_read_names_the_file_when_memory_runs_out(void **state) {
+    (void)state;
+    const char *p = WRITE_TSV("oom.tsv", "pos\tgood\nneg\tbad\n");
+    char want[600];
+    snprintf(want, sizeof want, "qkv_tsv_read: %s: qkv: out of memory allocating ", p);
+    for (uint64_t n = 1;; n++) {
+        qkv_clear_error();
+        qkv_debug_fail_alloc_at(n);
+        qkv_tsv *d = qkv_tsv_read(p);
+        bool failed = qkv_debug_alloc_count() >= n;
+        qkv_debug_fail_alloc_at(0);
+        if (!failed) {
+            assert_non_null(d);
+            qkv_tsv_free(d);
+            break;
+        }
+        assert_null(d);
+        if (strncmp(qkv_error(), want, strlen(want)))
+            fail_msg("allocation %llu: \"%s\"", (unsigned long long)n, qkv_error());
+    }
+    /* With an error already pending, that one stays first. */
+    qkv_clear_error();
+    qkv_set_error("earlier");
+    qkv_debug_fail_alloc_at(1);
+    assert_null(qkv_tsv_read(p));
+    qkv_debug_fail_alloc_at(0);
+    assert_string_equal(qkv_error(), "earlier");
+}
+
 static void tsv_read_replaces_each_invalid_byte_with_fffd(void **state) {
     (void)state;
     /* a bad byte in a label, a truncated sequence at the end of a text, an overlong '/', a
@@ -746,6 +801,9 @@ int main(void) {
         T(tsv_read_reports_empty_label),
         T(tsv_read_reports_missing_file),
         T(tsv_read_reports_directory),
+        T(tsv_read_refuses_a_device),
+        T(tsv_read_reads_a_pipe),
+        T(tsv_read_names_the_file_when_memory_runs_out),
         T(tsv_read_replaces_each_invalid_byte_with_fffd),
         T(tsv_read_skips_byte_order_mark),
         T(tsv_read_handles_a_line_of_three_megabytes),

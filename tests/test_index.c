@@ -361,16 +361,25 @@ static void one_hot_rejects_index_out_of_range(void **state) {
     assert_string_equal(qkv_error(), "qkv_one_hot: index must be i64, not f32");
 }
 
-static void null_inputs_give_null_without_error(void **state) {
+/* NULL gives NULL, naming the op when no error is pending (then the first stays). */
+static void null_inputs_give_null_naming_the_op(void **state) {
     (void)state;
     qkv_tensor *idx = i64(S(1), ((const int64_t[]){0}));
     assert_null(qkv_index_select(NULL, 0, idx));
+    assert_string_equal(qkv_error(), "qkv_index_select: tensor argument 1 is NULL");
+    qkv_clear_error();
     assert_null(qkv_gather(NULL, 0, idx));
+    assert_string_equal(qkv_error(), "qkv_gather: tensor argument 1 is NULL");
+    qkv_clear_error();
     assert_null(qkv_concat(2, (qkv_tensor *[]){idx, NULL}, 0));
+    assert_string_equal(qkv_error(), "qkv_concat: tensors[1] is NULL");
+    qkv_clear_error();
     assert_null(qkv_stack(2, (qkv_tensor *[]){NULL, idx}, 0));
+    assert_string_equal(qkv_error(), "qkv_stack: tensors[0] is NULL");
     assert_null(qkv_one_hot(NULL, 3));
     assert_null(qkv_dropout(NULL, 0.5, true, NULL));
-    assert_null(qkv_error());
+    assert_string_equal(qkv_error(), "qkv_stack: tensors[0] is NULL");
+    qkv_clear_error();
 }
 
 /* ---- Dropout ----------------------------------------------------------------------------- */
@@ -687,7 +696,7 @@ int main(void) {
         T(concat_promotes_mixed_dtypes),
         T(stack_rejects_mismatched_shapes),
         T(one_hot_rejects_index_out_of_range),
-        T(null_inputs_give_null_without_error),
+        T(null_inputs_give_null_naming_the_op),
         T(dropout_p0_is_an_identity_view),
         T(dropout_in_evaluation_is_the_identity),
         T(dropout_drops_a_fraction_near_p),

@@ -156,13 +156,18 @@ static void matmul_needs_float_operands_with_a_dimension(void **state) {
     assert_string_equal(qkv_error(), "qkv_matmul: both operands need a dimension: [] @ [2,2]");
 }
 
-static void matmul_of_null_is_null_without_an_error(void **state) {
+static void matmul_of_null_is_null_naming_the_argument(void **state) {
     (void)state;
     qkv_tensor *m = qkv_zeros(QKV_F32, QKV_SHAPE(2, 2));
     assert_null(qkv_matmul(NULL, m));
+    assert_string_equal(qkv_error(), "qkv_matmul: tensor argument 1 is NULL");
+    qkv_clear_error();
     assert_null(qkv_matmul(m, NULL));
+    assert_string_equal(qkv_error(), "qkv_matmul: tensor argument 2 is NULL");
+    qkv_clear_error();
     assert_null(qkv_affine(NULL, m, NULL));
-    assert_null(qkv_error());
+    assert_string_equal(qkv_error(), "qkv_affine: tensor argument 1 is NULL");
+    qkv_clear_error();
 }
 
 /* Asserts t's shape and exact values (row-major). */
@@ -221,7 +226,7 @@ int main(void) {
         T(matmul_inner_dimensions_must_agree),
         T(matmul_batch_dimensions_must_broadcast),
         T(matmul_needs_float_operands_with_a_dimension),
-        T(matmul_of_null_is_null_without_an_error),
+        T(matmul_of_null_is_null_naming_the_argument),
         T(rows_behind_size_one_axes_with_odd_strides_are_read_in_place),
         T(affine_of_a_contiguous_view_with_an_odd_size_one_stride),
     };

@@ -116,6 +116,8 @@ static void scoped_keeps_only_the_result(void **state) {
     assert_int_equal(r->refcount, 1);     /* owned by the test's scope */
     assert_true(qkv_get(r, (const int64_t[]){1}) == 12);
     assert_null(QKV_SCOPED(qkv_mul(a, NULL)));
+    assert_string_equal(qkv_error(), "qkv_mul: tensor argument 2 is NULL");
+    qkv_clear_error();
     assert_int_equal(qkv_scope_depth(), depth);
     assert_int_equal(live(), before + 2);
 }

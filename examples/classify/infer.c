@@ -96,7 +96,7 @@ bool load_trained(trained *t, const char *path) {
     qkv_safetensors *f = qkv_safetensors_read(path);
     classifier_config c = {0};
     size_t vn = 0, ln = 0;
-    bool ok = f && read_config(f, path, &c);
+    bool ok = f && read_config(f, path, &c) && classifier_config_fits(&c, f, path);
     const void *vb = ok ? qkv_safetensors_bytes(f, "vocab", &vn) : NULL;
     const void *lb = vb ? qkv_safetensors_bytes(f, "labels", &ln) : NULL;
     ok = ok && vb && lb;
@@ -133,6 +133,10 @@ int run_eval(const options *o) {
     int64_t *pred = NULL;
     int status = 2;
     if (!test) goto done;
+    if (test->n == 0) { /* an accuracy of nothing is no result */
+        qkv_set_error("%s has no examples", o->test_path);
+        goto done;
+    }
     for (int64_t i = 0; i < test->n; i++) unseen += qkv_labels_id(t.labels, test->labels[i]) < 0;
     if (unseen) {
         qkv_set_error("%s: %lld examples have labels the model does not know", o->test_path,
@@ -144,7 +148,7 @@ int run_eval(const options *o) {
     if (!ds || !pred || !predict_all(t.model, ds, t.model->config.max_len, pred, NULL))
         goto done;
     for (int64_t i = 0; i < test->n; i++) right += pred[i] == qkv_dataset_label(ds, i);
-    printf("test_acc=%.3f\n", test->n ? (double)right / (double)test->n : 0.0);
+    printf("test_acc=%.3f\n", (double)right / (double)test->n);
     status = 0;
 done:
     if (status) fail(qkv_error());

@@ -6,8 +6,9 @@
  *   qkv-classify eval --load FILE --test FILE
  *   qkv-classify predict --load FILE < texts
  *
- * Exit status: 0 on success, 2 on bad input (arguments, files, checkpoints), 1 when training
- * fails (a non-finite loss stops it before anything is saved).
+ * Exit status: 0 on success, 2 on bad input (arguments, files, checkpoints, a destination that
+ * cannot be saved to), 1 when training fails (a non-finite loss stops it before anything is
+ * saved). `qkv-classify COMMAND --help` prints that command's usage.
  */
 #include <errno.h>
 #include <math.h>
@@ -17,15 +18,29 @@
 
 #include "classify.h"
 
-static void usage(FILE *f) {
-    fputs("usage:\n"
-          "  qkv-classify train --train FILE --test FILE [--level word|char] [--epochs 8]\n"
-          "      [--batch 32] [--max-len 64] [--dim 64] [--heads 4] [--layers 1] [--ffn 256]\n"
-          "      [--dropout 0.1] [--lr 1e-3] [--min-count 2] [--seed 0] [--threads N]\n"
-          "      [--save FILE]\n"
-          "  qkv-classify eval --load FILE --test FILE [--threads N]\n"
-          "  qkv-classify predict --load FILE [--threads N] < texts\n",
-          f);
+/* Each command's usage, in the order `qkv-classify --help` lists them. */
+static const char *const usages[][2] = {
+    {"train", "  qkv-classify train --train FILE --test FILE [--level word|char] [--epochs 8]\n"
+              "      [--batch 32] [--max-len 64] [--dim 64] [--heads 4] [--layers 1]\n"
+              "      [--ffn 256] [--dropout 0.1] [--lr 1e-3] [--min-count 2] [--seed 0]\n"
+              "      [--threads N] [--save FILE]\n"},
+    {"eval", "  qkv-classify eval --load FILE --test FILE [--threads N]\n"},
+    {"predict", "  qkv-classify predict --load FILE [--threads N] < texts\n"},
+};
+#define N_COMMANDS 3
+
+/* The usage of command, or of every command when it is NULL or unknown. */
+static void usage(FILE *f, const char *command) {
+    int only = -1;
+    for (int i = 0; command && i < N_COMMANDS; i++)
+        if (!strcmp(command, usages[i][0])) only = i;
+    fputs("usage:\n", f);
+    for (int i = 0; i < N_COMMANDS; i++)
+        if (only < 0 || only == i) fputs(usages[i][1], f);
+}
+
+static bool is_help(const char *arg) {
+    return !strcmp(arg, "-h") || !strcmp(arg, "--help");
 }
 
 static bool parse_int(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out) {
@@ -90,36 +105,50 @@ static bool parse_flag(options *o, const char *flag, const char *value) {
     return true;
 }
 
-static bool parse_args(int argc, char **argv, options *o) {
+/* -1 when the arguments were read into o, else the exit status to end with (0 after
+ * --help, which prints the command's usage). */
+static int parse_args(int argc, char **argv, options *o) {
     *o = (options){
         .level = QKV_TOKENIZE_WORDS, .epochs = 8, .batch = 32, .max_len = 64, .dim = 64,
         .heads = 4, .layers = 1, .ffn = 256, .dropout = 0.1, .lr = 1e-3, .min_count = 2,
         .seed = 0, .threads = 0,
     };
-    for (int i = 2; i < argc; i += 2)
-        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL)) return false;
+    for (int i = 2; i < argc; i++)
+        if (is_help(argv[i])) {
+            usage(stdout, argv[1]);
+            return 0;
+        }
+    for (int i = 2; i < argc; i += 2) {
+        if (strncmp(argv[i], "--", 2)) {
+            fprintf(stderr, "qkv-classify: unexpected argument '%s' (flags are --name value)\n",
+                    argv[i]);
+            return 2;
+        }
+        if (!parse_flag(o, argv[i], i + 1 < argc ? argv[i + 1] : NULL)) return 2;
+    }
     if (o->dim % o->heads) {
         fprintf(stderr, "qkv-classify: --dim %lld is not divisible by --heads %lld\n",
                 (long long)o->dim, (long long)o->heads);
-        return false;
+        return 2;
     }
-    return true;
+    return -1;
 }
 
 static bool require(const char *what, const char *value, const char *command) {
     if (value) return true;
     fprintf(stderr, "qkv-classify %s: %s is required\n", command, what);
-    usage(stderr);
+    usage(stderr, command);
     return false;
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
-        usage(argc < 2 ? stderr : stdout);
+    if (argc < 2 || is_help(argv[1])) {
+        usage(argc < 2 ? stderr : stdout, NULL);
         return argc < 2 ? 2 : 0;
     }
     options o;
-    if (!parse_args(argc, argv, &o)) return 2;
+    int status = parse_args(argc, argv, &o);
+    if (status >= 0) return status;
     if (o.threads > 0) qkv_set_num_threads((int)o.threads);
     const char *cmd = argv[1];
     if (!strcmp(cmd, "train")) {
@@ -137,6 +166,6 @@ int main(int argc, char **argv) {
         return run_predict(&o);
     }
     fprintf(stderr, "qkv-classify: unknown command '%s'\n", cmd);
-    usage(stderr);
+    usage(stderr, NULL);
     return 2;
 }

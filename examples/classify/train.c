@@ -100,8 +100,11 @@ static void explain_nonfinite(classifier *m, const qkv_batch *b, int64_t epoch, 
             qkv_error() ? qkv_error() : "no op reported a non-finite value");
 }
 
+/* The mean loss of an epoch; NAN on error, with *nonfinite set when the cause was a loss
+ * that stopped being finite (no op failed). */
 static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *ds,
-                          const options *o, int64_t epoch, int64_t *order, qkv_generator *g) {
+                          const options *o, int64_t epoch, int64_t *order, qkv_generator *g,
+                          bool *nonfinite) {
     int64_t n = qkv_dataset_size(ds), batches = (n + o->batch - 1) / o->batch;
     progress p = {.live = isatty(STDOUT_FILENO), .start = seconds_now()};
     double total = 0;
@@ -112,7 +115,10 @@ static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *
         qkv_scope_begin();
         qkv_batch b = make_batch(ds, order + off, count, o->max_len);
         double loss = b.ids ? train_step(m, opt, &b) : NAN;
-        if (isnan(loss) && b.ids && !qkv_error()) explain_nonfinite(m, &b, epoch, k + 1);
+        if (isnan(loss) && b.ids && !qkv_error()) {
+            *nonfinite = true;
+            explain_nonfinite(m, &b, epoch, k + 1);
+        }
         p.tokens += b.ids ? b.ids->numel : 0;
         qkv_scope_end();
         if (isnan(loss)) return NAN;
@@ -179,6 +185,9 @@ static bool prepare(const options *o, qkv_tsv *train, qkv_tsv *test, trained *t,
     if (*dtrain && *dtest) t->model = classifier_new(&c, g);
     if (!t->model) return false;
     int64_t n_params = qkv_module_num_parameters(QKV_MODULE(t->model));
+    /* A destination that cannot take the checkpoint is found now, not after the training. */
+    if (o->save_path && !qkv_safetensors_writable(o->save_path, (size_t)n_params * 4))
+        return false;
     printf("train %lld examples, test %lld, %lld labels, vocabulary %lld, %lld parameters\n",
            (long long)train->n, (long long)test->n, (long long)c.n_classes,
            (long long)c.vocab_size, (long long)n_params);
@@ -192,15 +201,19 @@ static int train_and_report(const options *o, trained *t, qkv_dataset *dtrain,
     int64_t *pred = malloc((size_t)ntest * sizeof *pred);
     qkv_optimizer *opt = qkv_adam_new();
     qkv_named_list *params = qkv_module_parameters(QKV_MODULE(t->model));
-    int status = 1;
+    int status = 2; /* a refusal; 1 is kept for a loss that stopped being finite */
     if (!order || !pred || !opt || !params ||
         !qkv_optimizer_add_group(opt, params, qkv_adam_config(o->lr)))
         goto done;
     for (int64_t i = 0; i < ntrain; i++) order[i] = i;
     double acc = NAN, start = seconds_now();
     for (int64_t e = 1; e <= o->epochs; e++) {
-        double loss = train_epoch(t->model, opt, dtrain, o, e, order, g);
-        if (isnan(loss)) goto done;
+        bool nonfinite = false;
+        double loss = train_epoch(t->model, opt, dtrain, o, e, order, g, &nonfinite);
+        if (isnan(loss)) {
+            if (nonfinite) status = 1;
+            goto done;
+        }
         acc = accuracy(t->model, dtest, o, pred);
         printf("epoch %lld train_loss=%.4f test_acc=%.4f seconds=%.1f\n", (long long)e, loss,
                acc, seconds_now() - start);
@@ -214,7 +227,8 @@ static int train_and_report(const options *o, trained *t, qkv_dataset *dtrain,
     printf("test_acc=%.3f\n", acc);
     status = 0;
 done:
-    if (status && qkv_error()) fprintf(stderr, "qkv-classify: %s\n", qkv_error());
+    if (status == 2)
+        fprintf(stderr, "qkv-classify: %s\n", qkv_error() ? qkv_error() : "out of memory");
     qkv_named_list_free(params);
     qkv_optimizer_free(opt);
     free(order);
