@@ -158,6 +158,7 @@ qkv_tensor *qkv__sort_indices(const qkv_tensor *a, int axis, bool descending, in
     int64_t shape[QKV_MAX_DIMS];
     memcpy(shape, a->shape, sizeof shape);
     if (a->ndim) shape[axis] = k;
+    else k = 1; /* a 0-d result holds its one element whatever k is, as in torch */
     rows ra = rows_of(a, axis);
     size_t key_size = sizeof(fkey) > sizeof(ikey) ? sizeof(fkey) : sizeof(ikey);
     size_t nbytes = (size_t)ra.len * key_size;

@@ -382,9 +382,14 @@ static void topk_takes_the_lower_index_among_equal_values(void **state) {
     ASSERT_VALUES(idx, 1, 2);
     ASSERT_VALUES(qkv_topk(x, 3, -1, false, &idx), 1, 1, 2);
     ASSERT_VALUES(idx, 0, 5, 3);
-    ASSERT_VALUES(qkv_topk(x, 0, 0, true, &idx)); /* k = 0: empty, not an error */
+    qkv_tensor *none = qkv_topk(x, 0, 0, true, &idx); /* k = 0: empty, not an error */
+    assert_int_equal(none->numel, 0);
+    assert_int_equal(idx->numel, 0);
     assert_int_equal(idx->ndim, 1);
     assert_int_equal(idx->dtype, QKV_I64);
+    /* a 0-d input keeps its element for k = 0 too, as torch.topk does */
+    ASSERT_VALUES(qkv_topk(qkv_scalar(QKV_F64, 3), 0, 0, true, &idx), 3);
+    ASSERT_VALUES(idx, 0);
     assert_null(qkv_error());
 }
 
