@@ -249,10 +249,6 @@ typedef struct letters {
     char s[EINSUM_MAX_OPERANDS * QKV_MAX_DIMS + QKV_MAX_DIMS + 1];
 } letters;
 
-static void append(char *dst, const char *src) {
-    strcat(dst, src);
-}
-
 /* t summed over its letters (in *tt) that keep lacks; *tt loses them. */
 static qkv_tensor *sum_out(qkv_tensor *t, term *tt, const char *keep) {
     int axes[QKV_MAX_DIMS], n = 0, len = 0;
@@ -309,41 +305,58 @@ static qkv_tensor *fold(qkv_tensor *t, int nb, int n1, int n2) {
     return qkv_reshape(t, nb + 2, shape);
 }
 
+/* The letters of a pair of operands by role: shared and needed later (batch), shared and not
+ * (summed by the product), a's own (left) and b's own (right). */
+typedef struct roles {
+    char batch[QKV_MAX_DIMS + 1], sum[QKV_MAX_DIMS + 1];
+    char left[QKV_MAX_DIMS + 1], right[QKV_MAX_DIMS + 1];
+} roles;
+
+static void add_letter(char *s, char c) {
+    size_t n = strlen(s);
+    s[n] = c;
+    s[n + 1] = '\0';
+}
+
+static roles split(const term *ta, const term *tb, const char *need) {
+    roles r = {"", "", "", ""};
+    for (int i = 0; ta->s[i]; i++) {
+        char c = ta->s[i];
+        add_letter(!has(tb->s, c) ? r.left : has(need, c) ? r.batch : r.sum, c);
+    }
+    for (int i = 0; tb->s[i]; i++)
+        if (!has(ta->s, tb->s[i])) add_letter(r.right, tb->s[i]);
+    return r;
+}
+
 /* a (letters ta) contracted with b (letters tb) as one batched matrix product, keeping the
  * letters need holds; *tr gets the result's letters: batch, then a's own, then b's own. */
 static qkv_tensor *contract(qkv_tensor *a, term ta, qkv_tensor *b, term tb, const char *need,
                             term *tr) {
-    letters keep_a = {""}, keep_b = {""};
-    append(keep_a.s, tb.s), append(keep_a.s, need);
-    append(keep_b.s, ta.s), append(keep_b.s, need);
+    letters keep_a, keep_b, order_a, order_b;
+    snprintf(keep_a.s, sizeof keep_a.s, "%s%s", tb.s, need);
+    snprintf(keep_b.s, sizeof keep_b.s, "%s%s", ta.s, need);
     a = sum_out(a, &ta, keep_a.s);
     b = sum_out(b, &tb, keep_b.s);
     a = broadcast_shared(a, &ta, b, &tb);
     b = broadcast_shared(b, &tb, a, &ta);
     if (!a || !b) return NULL;
-    char batch[QKV_MAX_DIMS + 1] = "", left[QKV_MAX_DIMS + 1] = "", sum[QKV_MAX_DIMS + 1] = "",
-         right[QKV_MAX_DIMS + 1] = "";
-    for (int i = 0; ta.s[i]; i++) {
-        char c[2] = {ta.s[i], '\0'};
-        append(!has(tb.s, c[0]) ? left : has(need, c[0]) ? batch : sum, c);
-    }
-    for (int i = 0; tb.s[i]; i++)
-        if (!has(ta.s, tb.s[i])) append(right, (char[2]){tb.s[i], '\0'});
-    int nb = (int)strlen(batch), nl = (int)strlen(left), nk = (int)strlen(sum),
-        nr = (int)strlen(right);
-    letters order_a = {""}, order_b = {""};
-    append(order_a.s, batch), append(order_a.s, left), append(order_a.s, sum);
-    append(order_b.s, batch), append(order_b.s, sum), append(order_b.s, right);
+    roles r = split(&ta, &tb, need);
+    int nb = (int)strlen(r.batch), nl = (int)strlen(r.left), nk = (int)strlen(r.sum),
+        nr = (int)strlen(r.right);
+    if (nb + nl + nr > QKV_MAX_DIMS || nb + 2 > QKV_MAX_DIMS)
+        return qkv_set_error("qkv_einsum: an intermediate result would have more than %d "
+                             "dimensions", QKV_MAX_DIMS);
+    snprintf(order_a.s, sizeof order_a.s, "%s%s%s", r.batch, r.left, r.sum);
+    snprintf(order_b.s, sizeof order_b.s, "%s%s%s", r.batch, r.sum, r.right);
     a = arrange(a, &ta, order_a.s);
     b = arrange(b, &tb, order_b.s);
-    if (!a || !b || nb + nl + nr > QKV_MAX_DIMS)
-        return a && b ? qkv_set_error("qkv_einsum: an intermediate result would have more "
-                                      "than %d dimensions", QKV_MAX_DIMS) : NULL;
+    if (!a || !b) return NULL;
     int64_t shape[QKV_MAX_DIMS];
     memcpy(shape, a->shape, (size_t)(nb + nl) * sizeof *shape);
     memcpy(shape + nb + nl, b->shape + nb + nk, (size_t)nr * sizeof *shape);
     qkv_tensor *out = qkv_matmul(fold(a, nb, nl, nk), fold(b, nb, nk, nr));
-    snprintf(tr->s, sizeof tr->s, "%s%s%s", batch, left, right);
+    snprintf(tr->s, sizeof tr->s, "%s%s%s", r.batch, r.left, r.right);
     return qkv_reshape(out, nb + nl + nr, shape);
 }
 
@@ -359,8 +372,8 @@ qkv_tensor *qkv_einsum(const char *subscripts, int n, qkv_tensor *const *operand
     term tc = sp.in[0];
     for (int k = 1; k < sp.n && cur; k++) {
         letters need = {""};
-        append(need.s, sp.out.s);
-        for (int j = k + 1; j < sp.n; j++) append(need.s, sp.in[j].s);
+        strcat(need.s, sp.out.s);
+        for (int j = k + 1; j < sp.n; j++) strcat(need.s, sp.in[j].s);
         cur = contract(cur, tc, operands[k], sp.in[k], need.s, &tc);
     }
     cur = cur ? arrange(sum_out(cur, &tc, sp.out.s), &tc, sp.out.s) : NULL;

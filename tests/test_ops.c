@@ -199,7 +199,7 @@ static qkv_tensor *filled(int ndim, const int64_t *shape, values v) {
  * then marked as a leaf, as test_gradcheck.c does). */
 static qkv_tensor *input(int ndim, const int64_t *shape, values v, layout l) {
     int64_t base[QKV_MAX_DIMS];
-    memcpy(base, shape, (size_t)ndim * sizeof *shape);
+    if (ndim > 0) memcpy(base, shape, (size_t)ndim * sizeof *shape);
     qkv_tensor *t;
     qkv_no_grad_begin();
     if (l == TRANSPOSED && ndim >= 2) {
