@@ -171,36 +171,36 @@ static bool read_term(const einsum_spec *sp, const char **p, const char *stops, 
 }
 
 /* torch's implicit output: the letters used once, in alphabetical (ASCII) order. */
-static void implicit_output(einsum_spec *sp) {
+static bool implicit_output(einsum_spec *sp) {
     int len = 0;
     for (int c = 'A'; c <= 'z'; c++) {
         int uses = 0;
         for (int k = 0; k < sp->n; k++) uses += has(sp->in[k].s, (char)c);
-        if (uses == 1 && len < QKV_MAX_DIMS) sp->out.s[len++] = (char)c;
+        if (uses != 1) continue;
+        if (len == QKV_MAX_DIMS)
+            return qkv_set_error("qkv_einsum: the output of \"%s\" would have more than %d "
+                                 "dimensions", sp->text, QKV_MAX_DIMS), false;
+        sp->out.s[len++] = (char)c;
     }
     sp->out.s[len] = '\0';
+    return true;
 }
 
 static bool parse(einsum_spec *sp, int n_given) {
     const char *p = sp->text;
     char what[32];
-    for (sp->n = 0; sp->n < EINSUM_MAX_OPERANDS; sp->n++) {
+    for (sp->n = 0;; p++) {
+        if (sp->n == EINSUM_MAX_OPERANDS)
+            return qkv_set_error("qkv_einsum: more than %d operands in \"%s\"",
+                                 EINSUM_MAX_OPERANDS, sp->text), false;
         snprintf(what, sizeof what, "operand %d", sp->n);
-        if (!read_term(sp, &p, ",-", &sp->in[sp->n], what)) return false;
+        if (!read_term(sp, &p, ",-", &sp->in[sp->n++], what)) return false;
         if (*p != ',') break;
-        p++;
     }
-    if (*p == ',')
-        return qkv_set_error("qkv_einsum: more than %d operands in \"%s\"",
-                             EINSUM_MAX_OPERANDS, sp->text), false;
-    sp->n++;
     if (sp->n != n_given)
         return qkv_set_error("qkv_einsum: \"%s\" names %d operands but %d were given",
                              sp->text, sp->n, n_given), false;
-    if (!*p) {
-        implicit_output(sp);
-        return true;
-    }
+    if (!*p) return implicit_output(sp);
     if (p[1] != '>')
         return qkv_set_error("qkv_einsum: bad character '-' in \"%s\"", sp->text), false;
     p += 2;

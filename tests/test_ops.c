@@ -667,6 +667,17 @@ static void bad_einsum_subscripts_are_errors(void **state) {
     ASSERT_REFUSED(qkv_einsum("ij,jk->ii", 2, ab),
                    "qkv_einsum: subscript 'i' repeats in the output of \"ij,jk->ii\": "
                    "diagonals are not supported");
+    qkv_tensor *v[17], *five = qkv_zeros(QKV_F64, QKV_SHAPE(1, 1, 1, 1, 1));
+    for (int k = 0; k < 17; k++) v[k] = qkv_zeros(QKV_F64, QKV_SHAPE(2));
+    ASSERT_REFUSED(qkv_einsum("a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a->a", 17, v),
+                   "qkv_einsum: more than 16 operands in "
+                   "\"a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a,a->a\"");
+    ASSERT_REFUSED(qkv_einsum("abcde,fghij", 2, (qkv_tensor *[]){five, five}),
+                   "qkv_einsum: the output of \"abcde,fghij\" would have more than 8 "
+                   "dimensions");
+    qkv_tensor *eight = qkv_zeros(QKV_F64, QKV_SHAPE(1, 1, 1, 1, 1, 1, 1, 1));
+    ASSERT_REFUSED(qkv_einsum("abcdefgh,abcdefgh->abcdefgh", 2, (qkv_tensor *[]){eight, eight}),
+                   "qkv_einsum: an intermediate result would have more than 8 dimensions");
     ASSERT_REFUSED(qkv_einsum(NULL, 2, ab), "qkv_einsum: subscripts is NULL");
     ASSERT_REFUSED(qkv_einsum("ij", 0, ab), "qkv_einsum: no operands");
 }
