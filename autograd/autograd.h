@@ -255,6 +255,69 @@ qkv_tensor *qkv_dropout(const qkv_tensor *a, double p, bool training, qkv_genera
  * nobody reads again, this saves a buffer of its size. */
 qkv_tensor *qkv_dropout_(qkv_tensor *a, double p, bool training, qkv_generator *g);
 
+/* ---- Activations and more math ---------------------------------------------------------- */
+/* Element-wise, with torch's formulas and gradients. Integer inputs compute in F32, except in
+ * floor, ceil, round, sign, square and a clamp with whole-number bounds, which keep I64. */
+
+qkv_tensor *qkv_silu(const qkv_tensor *a);                /* x * sigmoid(x) */
+/* log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (torch: 1, 20). */
+qkv_tensor *qkv_softplus(const qkv_tensor *a, double beta, double threshold);
+qkv_tensor *qkv_leaky_relu(const qkv_tensor *a, double negative_slope); /* grad slope at 0 */
+qkv_tensor *qkv_elu(const qkv_tensor *a, double alpha);   /* alpha (exp(x) - 1) for x <= 0 */
+qkv_tensor *qkv_sin(const qkv_tensor *a);
+qkv_tensor *qkv_cos(const qkv_tensor *a);
+qkv_tensor *qkv_erf(const qkv_tensor *a);
+qkv_tensor *qkv_log1p(const qkv_tensor *a);               /* log(1 + x), exact near 0 */
+qkv_tensor *qkv_expm1(const qkv_tensor *a);               /* exp(x) - 1, exact near 0 */
+qkv_tensor *qkv_square(const qkv_tensor *a);
+/* min(max(x, min), max); NAN for a bound means none (torch's None), and NAN for both is an
+ * error. min > max gives max everywhere; NaN stays NaN. The gradient passes (selected, not
+ * multiplied) where min <= x <= max, ends included, as in torch. */
+qkv_tensor *qkv_clamp(const qkv_tensor *a, double min, double max);
+/* Piecewise constant, with a zero gradient as in torch. round is half to even (2.5 -> 2);
+ * sign is -1, 0 or 1, and 0 at NaN (as torch 1.13). */
+qkv_tensor *qkv_floor(const qkv_tensor *a);
+qkv_tensor *qkv_ceil(const qkv_tensor *a);
+qkv_tensor *qkv_round(const qkv_tensor *a);
+qkv_tensor *qkv_sign(const qkv_tensor *a);
+
+/* ---- Along an axis ----------------------------------------------------------------------- */
+
+/* Inclusive running sum along axis; BOOL and I64 give I64 (wrapping). Grad: reverse cumsum. */
+qkv_tensor *qkv_cumsum(const qkv_tensor *a, int axis);
+/* Sorted values along axis, stable (equal values keep their order; NaN counts as larger than
+ * everything, so it comes last ascending and first descending, as in torch). *indices, when
+ * indices is not NULL, gets the I64 positions (NULL on error). The gradient goes back to
+ * each value's position. argsort gives the positions alone. */
+qkv_tensor *qkv_sort(const qkv_tensor *a, int axis, bool descending, qkv_tensor **indices);
+qkv_tensor *qkv_argsort(const qkv_tensor *a, int axis, bool descending);
+/* The k largest (or smallest) values along axis in sorted order, as qkv_sort's first k:
+ * among equal values the lower index comes first. 0 <= k <= the axis's size. */
+qkv_tensor *qkv_topk(const qkv_tensor *a, int64_t k, int axis, bool largest,
+                     qkv_tensor **indices);
+/* n_samples I64 category indices per row of probs (1-D [n] or 2-D [rows, n]; F32 or F64;
+ * entries finite and >= 0, each row with a positive sum, not necessarily 1). Without
+ * replacement, n_samples may not exceed a row's nonzero entries. One uniform is drawn from g
+ * per sample, in row-major order; nothing is drawn if an argument is refused. Records
+ * nothing. */
+qkv_tensor *qkv_multinomial(const qkv_tensor *probs, int64_t n_samples, bool replacement,
+                            qkv_generator *g);
+
+/* ---- Triangles and products -------------------------------------------------------------- */
+
+/* a with the elements above (tril) or below (triu) the diagonal-th diagonal of its last two
+ * dims set to 0 (0: the main diagonal, > 0 above it, < 0 below). a has >= 2 dims. */
+qkv_tensor *qkv_tril(const qkv_tensor *a, int64_t diagonal);
+qkv_tensor *qkv_triu(const qkv_tensor *a, int64_t diagonal);
+qkv_tensor *qkv_outer(const qkv_tensor *a, const qkv_tensor *b); /* 1-D a, b -> [na, nb] */
+/* torch.einsum over n float operands: "bhtd,bhsd->bhts", "ij,jk,kl->il", "ij->ji", "ij->",
+ * and the implicit form without "->" (the output is the letters used once, sorted). Letters
+ * are a-z and A-Z; a size-1 dimension broadcasts against its letter's size elsewhere.
+ * Operands are contracted left to right, each pair as one batched qkv_matmul (with permutes,
+ * reshapes and sums, which give the gradients). Not supported, with an error naming the
+ * subscripts: ellipsis ("..."), and a letter repeated within one operand (diagonals). */
+qkv_tensor *qkv_einsum(const char *subscripts, int n, qkv_tensor *const *operands);
+
 #ifdef __cplusplus
 }
 #endif

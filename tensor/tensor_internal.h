@@ -300,4 +300,37 @@ void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_
                         int64_t csa, const double *b, int64_t rsb, int64_t csb,
                         const double *bias, double *c, int64_t rsc);
 
+/* ---- More element-wise math, and ops along an axis (tensor/math.c, tensor/sort.c) -------- */
+
+typedef enum qkv_math_op {
+    QKV_MATH_SILU, QKV_MATH_SOFTPLUS, QKV_MATH_LEAKY_RELU, QKV_MATH_ELU, QKV_MATH_SIN,
+    QKV_MATH_COS, QKV_MATH_ERF, QKV_MATH_LOG1P, QKV_MATH_EXPM1, QKV_MATH_SQUARE, QKV_MATH_CLAMP,
+    QKV_MATH_FLOOR, QKV_MATH_CEIL, QKV_MATH_ROUND, QKV_MATH_SIGN,
+} qkv_math_op;
+
+/* op(a) elementwise with its parameters p0, p1: softplus's beta and threshold, leaky ReLU's
+ * slope, ELU's alpha, clamp's bounds (-inf and inf for none). Floats keep their dtype;
+ * integers stay I64 through the ops that map integers to integers, and compute in F32
+ * otherwise. */
+qkv_tensor *qkv__math(qkv_math_op op, const qkv_tensor *a, double p0, double p1,
+                      const char *name);
+/* g * op'(x) in one pass (x float, g broadcast to it): the backward of op, selected where
+ * torch selects; expm1's takes its output as x; the rounding family's is 0. */
+qkv_tensor *qkv__math_backward(qkv_math_op op, const qkv_tensor *x, const qkv_tensor *g,
+                               double p0, double p1, const char *name);
+
+/* Inclusive cumulative sum along axis (reverse: from the end, the backward's sum). F32
+ * accumulates in double as torch's CPU kernel does; integer sums wrap; BOOL counts as I64. */
+qkv_tensor *qkv__cumsum(const qkv_tensor *a, int axis, bool reverse, const char *name);
+/* I64 positions along axis of the first k elements of each row in sorted order (the axis
+ * becomes size k): stable, equal elements in their order, NaN above everything. */
+qkv_tensor *qkv__sort_indices(const qkv_tensor *a, int axis, bool descending, int64_t k,
+                              const char *name);
+/* torch.multinomial over a 1-D or 2-D float probs, drawing one uniform per sample from g in
+ * row-major order; every argument and row is checked before the first draw. */
+qkv_tensor *qkv__multinomial(const qkv_tensor *probs, int64_t n, bool replacement,
+                             qkv_generator *g, const char *name);
+/* BOOL [n_rows, n_cols], true where j - i <= diagonal (upper: j - i >= diagonal). */
+qkv_tensor *qkv__tri_mask(int64_t n_rows, int64_t n_cols, int64_t diagonal, bool upper);
+
 #endif

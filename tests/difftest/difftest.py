@@ -258,6 +258,15 @@ HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
+# The activations and math of autograd.h's "Activations and more math": one argument, or a
+# tensor and the op's doubles (clamp's NaN bound is None, as the C API defines it).
+MATH_UNARY = {"silu": "F.silu({a})", "sin": "torch.sin({a})", "cos": "torch.cos({a})",
+              "erf": "torch.erf({a})", "log1p": "torch.log1p({a})",
+              "expm1": "torch.expm1({a})", "square": "torch.square({a})",
+              "floor": "torch.floor({a})", "ceil": "torch.ceil({a})",
+              "round": "torch.round({a})", "sign": "torch.sign({a})"}
+MATH_PARAM = {"softplus": "F.softplus({a}, {f0}, {f1})", "leaky_relu": "F.leaky_relu({a}, {f0})",
+              "elu": "F.elu({a}, {f0})", "clamp": "torch.clamp({a}, {b0}, {b1})"}
 BINARY = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div",
           "pow": "torch.pow", "maximum": "torch.maximum", "minimum": "torch.minimum",
           "eq": "torch.eq", "ne": "torch.ne", "lt": "torch.lt", "le": "torch.le",
@@ -291,6 +300,13 @@ def py_expr(name, a, I, Fl, mirror):
     s = py_float(Fl[0]) if Fl else None
     if name in UNARY:
         return "torch.%s(%s)" % (name, a[0])
+    if name in MATH_UNARY:
+        return MATH_UNARY[name].format(a=a[0])
+    if name in MATH_PARAM:
+        f = list(Fl) + [0.0, 0.0]
+        bound = lambda x: "None" if math.isnan(x) else py_float(x)
+        return MATH_PARAM[name].format(a=a[0], f0=py_float(f[0]), f1=py_float(f[1]),
+                                       b0=bound(f[0]), b1=bound(f[1]))
     if name == "matmul" and "matmul_promotes" in mirror:
         return "matmul_promoted(%s, %s)" % (a[0], a[1])
     if name in BINARY:
@@ -914,9 +930,31 @@ class Builder:
                  "view", "matmul", "where", "index", "join", "loss", "edge", "softmax"]
         getattr(self, "gen_" + r.choice(kinds))()
 
+    def gen_math(self, i):
+        r = self.r
+        name = r.choice(list(MATH_UNARY) + list(MATH_PARAM))
+        if name == "log1p":
+            self.op(name, [self.positive(i)])
+        elif name in ("expm1", "square"):
+            self.op(name, [self.bounded(i)])
+        elif name == "softplus":
+            self.op(name, [i], [], [r.choice([1.0, 2.0, 0.5, -1.0]), r.choice([20.0, 1.0, 0.0])])
+        elif name == "leaky_relu":
+            self.op(name, [i], [], [r.choice([0.01, 0.2, -0.5])])
+        elif name == "elu":
+            self.op(name, [i], [], [r.choice([1.0, 0.5, 2.0])])
+        elif name == "clamp":
+            nan = float("nan")
+            self.op(name, [i], [], list(r.choice([(-0.5, 1.0), (0.0, nan), (nan, 0.25),
+                                                  (1.0, -1.0)])))
+        else:
+            self.op(name, [i])
+
     def gen_unary(self):
         r = self.r
         i = self.cur()
+        if r.random() < 0.35:
+            return self.gen_math(i)
         name = r.choice(UNARY + ["gelu", "relu", "abs"])
         if name == "gelu":
             self.op("gelu", [i], [r.randint(0, 1)])
@@ -1379,9 +1417,12 @@ def c_expr(v, a):
     name, I, Fl = v.name, v.ints, v.floats
     b = lambda x: "true" if x else "false"
     s = c_float(Fl[0], "f64") if Fl else None
-    if name in UNARY or name in ("sum_all", "mean_all", "max_all", "min_all", "squeeze_all",
-                                 "contiguous", "clone"):
+    if name in UNARY or name in MATH_UNARY or name in (
+            "sum_all", "mean_all", "max_all", "min_all", "squeeze_all", "contiguous", "clone"):
         return "qkv_%s(%s)" % (name, a[0])
+    if name in MATH_PARAM:
+        f = [c_float(x, "f64") for x in list(Fl) + [0.0]]
+        return "qkv_%s(%s, %s)" % (name, a[0], ", ".join(f[:max(len(Fl), 1)]))
     if name in BINARY:
         return "qkv_%s(%s, %s)" % (name, a[0], a[1])
     if name in ("rsub_scalar", "rdiv_scalar"):

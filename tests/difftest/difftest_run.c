@@ -230,6 +230,9 @@ static const struct { const char *name; unary_fn fn; } unary_ops[] = {
     {"relu", qkv_relu}, {"sum_all", qkv_sum_all}, {"mean_all", qkv_mean_all},
     {"max_all", qkv_max_all}, {"min_all", qkv_min_all}, {"squeeze_all", qkv_squeeze_all},
     {"contiguous", qkv_contiguous}, {"clone", qkv_clone},
+    {"silu", qkv_silu}, {"sin", qkv_sin}, {"cos", qkv_cos}, {"erf", qkv_erf},
+    {"log1p", qkv_log1p}, {"expm1", qkv_expm1}, {"square", qkv_square}, {"floor", qkv_floor},
+    {"ceil", qkv_ceil}, {"round", qkv_round}, {"sign", qkv_sign},
 };
 
 static const struct { const char *name; binary_fn fn; } binary_ops[] = {
@@ -313,6 +316,10 @@ static qkv_tensor *other_op(const op_args *o, bool *found) {
     qkv_tensor *const *in = o->in;
     *found = true;
     if (!strcmp(o->name, "where")) return qkv_where(in[0], in[1], in[2]);
+    if (!strcmp(o->name, "softplus")) return qkv_softplus(in[0], o->f[0], o->f[1]);
+    if (!strcmp(o->name, "leaky_relu")) return qkv_leaky_relu(in[0], o->f[0]);
+    if (!strcmp(o->name, "elu")) return qkv_elu(in[0], o->f[0]);
+    if (!strcmp(o->name, "clamp")) return qkv_clamp(in[0], o->f[0], o->f[1]);
     if (!strcmp(o->name, "masked_fill")) return qkv_masked_fill(in[0], in[1], o->f[0]);
     if (!strcmp(o->name, "affine")) return qkv_affine(in[0], in[1], o->nin > 2 ? in[2] : NULL);
     if (!strcmp(o->name, "index_select")) return qkv_index_select(in[0], (int)o->i[0], in[1]);

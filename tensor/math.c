@@ -1,0 +1,207 @@
+/*
+ * Element-wise math beyond elementwise.c's core set: the activations SiLU, softplus, leaky
+ * ReLU and ELU, sin, cos, erf, log1p, expm1, square, clamp and the rounding family; and for
+ * each differentiable one, its backward's product g * f'(x) in one pass over x and g. The
+ * formulas are PyTorch's CPU ones, branch for branch, so that the values and gradients agree
+ * at the edges (thresholds, kinks, NaN). These are scalar libm loops over the strided driver:
+ * none of them is on the hot path the vectorised kernels serve.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "tensor/tensor_internal.h"
+
+/* The loop's context: the op, its parameters and the dtype it computes in. */
+typedef struct math_loop {
+    qkv_math_op op;
+    double p0, p1;
+    qkv_dtype dtype;
+} math_loop;
+
+/* f(x) in the precision T, with libm's function for T (F: the float name's suffix). The
+ * parameters are cast to T first, as torch casts a Scalar to the tensor's dtype. */
+#define DEFINE_FORWARD(T, NAME, F)                                                           \
+    static inline T NAME(qkv_math_op op, T x, T p0, T p1) {                                  \
+        switch (op) {                                                                        \
+        case QKV_MATH_SILU: return x / ((T)1 + exp##F(-x));                                  \
+        case QKV_MATH_SOFTPLUS: return x * p0 > p1 ? x : log1p##F(exp##F(x * p0)) / p0;      \
+        case QKV_MATH_LEAKY_RELU: return x > 0 ? x : x * p0;                                 \
+        case QKV_MATH_ELU: return x > 0 ? x : p0 * expm1##F(x);                              \
+        case QKV_MATH_SIN: return sin##F(x);                                                 \
+        case QKV_MATH_COS: return cos##F(x);                                                 \
+        case QKV_MATH_ERF: return erf##F(x);                                                 \
+        case QKV_MATH_LOG1P: return log1p##F(x);                                             \
+        case QKV_MATH_EXPM1: return expm1##F(x);                                             \
+        case QKV_MATH_SQUARE: return x * x;                                                  \
+        case QKV_MATH_CLAMP: return x != x ? x : fmin##F(fmax##F(x, p0), p1);                \
+        case QKV_MATH_FLOOR: return floor##F(x);                                             \
+        case QKV_MATH_CEIL: return ceil##F(x);                                               \
+        case QKV_MATH_ROUND: return nearbyint##F(x); /* half to even, as torch.round */      \
+        case QKV_MATH_SIGN: return (T)((x > 0) - (x < 0)); /* 0 at NaN, as torch 1.13 */     \
+        }                                                                                    \
+        return x;                                                                            \
+    }
+
+/* g * f'(x) for the forward op f, selected rather than multiplied where torch selects (a kink
+ * or a threshold), so an infinite g on the flat side gives 0, not NaN. For expm1, x is the
+ * output. */
+#define DEFINE_BACKWARD(T, NAME, F)                                                          \
+    static inline T NAME(qkv_math_op op, T x, T g, T p0, T p1) {                             \
+        switch (op) {                                                                        \
+        case QKV_MATH_SILU: { /* s (1 + x (1 - s)), s = sigmoid(x) */                        \
+            T s = (T)1 / ((T)1 + exp##F(-x));                                                \
+            return g * s * ((T)1 + x * ((T)1 - s));                                          \
+        }                                                                                    \
+        case QKV_MATH_SOFTPLUS: { /* z / (z + 1), z = exp(beta x); 1 past the threshold */   \
+            T z = exp##F(x * p0);                                                            \
+            return x * p0 > p1 ? g : g * z / (z + (T)1);                                     \
+        }                                                                                    \
+        case QKV_MATH_LEAKY_RELU: return x > 0 ? g : g * p0;                                 \
+        case QKV_MATH_ELU: return x <= 0 ? g * p0 * exp##F(x) : g;                           \
+        case QKV_MATH_SIN: return g * cos##F(x);                                             \
+        case QKV_MATH_COS: return g * -sin##F(x);                                            \
+        case QKV_MATH_ERF: return g * (T)M_2_SQRTPI * exp##F(-x * x);                        \
+        case QKV_MATH_LOG1P: return g / (x + (T)1);                                          \
+        case QKV_MATH_EXPM1: return g * (x + (T)1);                                          \
+        case QKV_MATH_SQUARE: return g * ((T)2 * x);                                         \
+        case QKV_MATH_CLAMP: return x >= p0 && x <= p1 ? g : (T)0;                           \
+        default: return (T)0; /* the rounding family */                                     \
+        }                                                                                    \
+    }
+
+DEFINE_FORWARD(float, forward_f32, f)
+DEFINE_FORWARD(double, forward_f64, )
+DEFINE_BACKWARD(float, backward_f32, f)
+DEFINE_BACKWARD(double, backward_f64, )
+
+/* Integers keep their dtype through the ops that map integers to integers. Products wrap
+ * (two's complement), as torch's do; bounds are whole numbers here (keeps_integers). */
+static inline int64_t forward_i64(qkv_math_op op, int64_t x, int64_t lo, int64_t hi) {
+    switch (op) {
+    case QKV_MATH_SQUARE: return (int64_t)((uint64_t)x * (uint64_t)x);
+    case QKV_MATH_SIGN: return (x > 0) - (x < 0);
+    case QKV_MATH_CLAMP: {
+        int64_t y = x < lo ? lo : x;
+        return y > hi ? hi : y;
+    }
+    default: return x; /* floor, ceil, round */
+    }
+}
+
+#define RUN_FORWARD(T, FN, P0, P1)                                                           \
+    do {                                                                                     \
+        T p0_ = (P0), p1_ = (P1);                                                            \
+        for (int64_t i = 0; i < n; i++)                                                      \
+            *(T *)(p[0] + i * st[0]) = FN(c->op, *(const T *)(p[1] + i * st[1]), p0_, p1_);  \
+    } while (0)
+
+/* A clamp bound as an integer: -inf and +inf are no bound. */
+static int64_t int_bound(double v) {
+    return v == -INFINITY ? INT64_MIN : v == INFINITY ? INT64_MAX : (int64_t)v;
+}
+
+static void forward_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    const math_loop *c = vctx;
+    qkv_dtype dtype = c->dtype;
+    if (dtype == QKV_F32) RUN_FORWARD(float, forward_f32, (float)c->p0, (float)c->p1);
+    else if (dtype == QKV_F64) RUN_FORWARD(double, forward_f64, c->p0, c->p1);
+    else RUN_FORWARD(int64_t, forward_i64, int_bound(c->p0), int_bound(c->p1));
+}
+
+#define RUN_BACKWARD(T, FN)                                                                  \
+    do {                                                                                     \
+        T p0_ = (T)c->p0, p1_ = (T)c->p1;                                                    \
+        for (int64_t i = 0; i < n; i++)                                                      \
+            *(T *)(p[0] + i * st[0]) = FN(c->op, *(const T *)(p[1] + i * st[1]),             \
+                                          *(const T *)(p[2] + i * st[2]), p0_, p1_);         \
+    } while (0)
+
+static void backward_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    const math_loop *c = vctx;
+    qkv_dtype dtype = c->dtype;
+    if (dtype == QKV_F32) RUN_BACKWARD(float, backward_f32);
+    else RUN_BACKWARD(double, backward_f64);
+}
+
+/* The ops an integer input goes through as integers; the rest compute in F32, as torch
+ * promotes integers for them. A clamp stays integral when its bounds are whole numbers. */
+static bool keeps_integers(qkv_math_op op, double p0, double p1) {
+    switch (op) {
+    case QKV_MATH_FLOOR: case QKV_MATH_CEIL: case QKV_MATH_ROUND: case QKV_MATH_SIGN:
+    case QKV_MATH_SQUARE:
+        return true;
+    case QKV_MATH_CLAMP:
+        for (int k = 0; k < 2; k++) {
+            double v = k ? p1 : p0;
+            if (!isinf(v) && (v != floor(v) || fabs(v) >= 9.2e18)) return false;
+        }
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Byte strides of t seen through shape (0 along broadcast dims). */
+static void byte_strides(const qkv_tensor *t, int ndim, const int64_t *shape, int64_t *st) {
+    qkv__broadcast_strides(t, ndim, shape, st);
+    for (int i = 0; i < ndim; i++) st[i] *= (int64_t)qkv_dtype_size(t->dtype);
+}
+
+qkv_tensor *qkv__math(qkv_math_op op, const qkv_tensor *a, double p0, double p1,
+                      const char *name) {
+    if (!a) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
+    qkv_dtype ct = a->dtype;
+    if (!qkv__is_float(ct)) ct = keeps_integers(op, p0, p1) ? QKV_I64 : QKV_F32;
+    if (ct != a->dtype) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__math(op, qkv__to_dtype(a, ct), p0, p1, name));
+        qkv_scope_end();
+        return out;
+    }
+    qkv_tensor *out = qkv_empty(ct, a->ndim, a->shape);
+    if (!out) return NULL;
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    byte_strides(out, out->ndim, out->shape, st[0]);
+    byte_strides(a, out->ndim, out->shape, st[1]);
+    char *bases[2] = {qkv_data(out), qkv_data(a)};
+    math_loop l = {op, p0, p1, ct};
+    qkv__foreach(2, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st,
+                 forward_run, &l, true);
+    return out;
+}
+
+qkv_tensor *qkv__math_backward(qkv_math_op op, const qkv_tensor *x, const qkv_tensor *g,
+                               double p0, double p1, const char *name) {
+    if (!x || !g) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, x, g)) return NULL;
+    if (!qkv__is_float(x->dtype))
+        return qkv_set_error("%s: no gradient for %s values", name, qkv_dtype_name(x->dtype));
+    if (g->dtype != x->dtype) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__math_backward(op, x, qkv__to_dtype(g, x->dtype), p0,
+                                                      p1, name));
+        qkv_scope_end();
+        return out;
+    }
+    int ndim;
+    int64_t shape[QKV_MAX_DIMS];
+    if (!qkv__broadcast_shape(x->ndim, x->shape, g->ndim, g->shape, &ndim, shape)) {
+        char sx[128], sg[128];
+        return qkv_set_error("%s: gradient %s does not broadcast with %s", name,
+                             qkv_shape_str(g, sg, sizeof sg), qkv_shape_str(x, sx, sizeof sx));
+    }
+    qkv_tensor *out = qkv_empty(x->dtype, ndim, shape);
+    if (!out) return NULL;
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    byte_strides(out, ndim, shape, st[0]);
+    byte_strides(x, ndim, shape, st[1]);
+    byte_strides(g, ndim, shape, st[2]);
+    char *bases[3] = {qkv_data(out), qkv_data(x), qkv_data(g)};
+    math_loop l = {op, p0, p1, x->dtype};
+    qkv__foreach(3, bases, ndim, shape, (const int64_t(*)[QKV_MAX_DIMS])st, backward_run, &l,
+                 true);
+    return out;
+}
