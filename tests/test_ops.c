@@ -169,56 +169,7 @@ static void einsum_matches_torch(void **state) {
 #define ATOL 1e-7
 #define RTOL 1e-6
 
-typedef enum values {
-    ANY,      /* uniform in [-2, 2) */
-    POSITIVE, /* uniform in [0.5, 2) */
-    NONZERO,  /* +-[0.2, 2): away from the kinks at 0 */
-} values;
-
-typedef enum layout { CONTIGUOUS, TRANSPOSED, STRIDED, EXPANDED, N_LAYOUTS } layout;
-
-static double sample(values v) {
-    double u = qkv_generator_uniform(&gen);
-    if (v == POSITIVE) return 0.5 + 1.5 * u;
-    if (v == NONZERO) {
-        double m = 0.2 + 1.8 * qkv_generator_uniform(&gen);
-        return u < 0.5 ? -m : m;
-    }
-    return -2 + 4 * u;
-}
-
-static qkv_tensor *filled(int ndim, const int64_t *shape, values v) {
-    qkv_tensor *t = qkv_empty(QKV_F64, ndim, shape);
-    assert_non_null(t);
-    double *d = qkv_data(t);
-    for (int64_t i = 0; i < t->numel; i++) d[i] = sample(v);
-    return t;
-}
-
-/* A leaf of the given shape laid out in memory as asked (a view made without recording and
- * then marked as a leaf, as test_gradcheck.c does). */
-static qkv_tensor *input(int ndim, const int64_t *shape, values v, layout l) {
-    int64_t base[QKV_MAX_DIMS];
-    if (ndim > 0) memcpy(base, shape, (size_t)ndim * sizeof *shape);
-    qkv_tensor *t;
-    qkv_no_grad_begin();
-    if (l == TRANSPOSED && ndim >= 2) {
-        base[ndim - 1] = shape[ndim - 2];
-        base[ndim - 2] = shape[ndim - 1];
-        t = qkv_transpose(filled(ndim, base, v), -1, -2);
-    } else if (l == STRIDED && ndim >= 1) {
-        base[ndim - 1] = 2 * shape[ndim - 1] + 1;
-        t = qkv_slice(filled(ndim, base, v), -1, 1, base[ndim - 1], 2);
-    } else if (l == EXPANDED && ndim >= 1 && shape[0] > 1) {
-        base[0] = 1;
-        t = qkv_expand(filled(ndim, base, v), ndim, shape);
-    } else {
-        t = filled(ndim, shape, v);
-    }
-    qkv_no_grad_end();
-    assert_non_null(t);
-    return qkv_requires_grad_(t, true);
-}
+#include "leaf_inputs.h"
 
 static void check(qkv_gradcheck_fn fn, qkv_tensor *const *inputs, int n, void *ctx,
                   const char *what) {
