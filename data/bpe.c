@@ -116,7 +116,7 @@ int64_t qkv_bpe_vocab_size(const qkv_bpe *b) {
 }
 
 const void *qkv_bpe_token(const qkv_bpe *b, int64_t id, size_t *size) {
-    if (!b) return NULL;
+    if (qkv__null_object("qkv_bpe_token", "tokenizer", b)) return NULL;
     if (id < 0 || id >= 256 + b->n_merges)
         return qkv_set_error("qkv_bpe_token: id %lld not in [0, %lld)", (long long)id,
                              (long long)(256 + b->n_merges));
@@ -247,7 +247,7 @@ static void encode_seq(const qkv_bpe *b, uint32_t *seq, int64_t *n) {
 
 int64_t qkv_bpe_encode(const qkv_bpe *b, const void *text, size_t size, int64_t *ids,
                        int64_t cap) {
-    if (!b) return -1;
+    if (qkv__null_object("qkv_bpe_encode", "tokenizer", b)) return -1;
     if ((!text && size) || cap < 0 || (cap > 0 && !ids)) {
         qkv_set_error("qkv_bpe_encode: %zu bytes at %p, room for %lld ids at %p", size, text,
                       (long long)cap, (void *)ids);
@@ -266,7 +266,7 @@ int64_t qkv_bpe_encode(const qkv_bpe *b, const void *text, size_t size, int64_t 
 }
 
 int64_t qkv_bpe_decode(const qkv_bpe *b, const int64_t *ids, int64_t n, void *buf, size_t cap) {
-    if (!b) return -1;
+    if (qkv__null_object("qkv_bpe_decode", "tokenizer", b)) return -1;
     if (n < 0 || (n > 0 && !ids) || (cap > 0 && !buf)) {
         qkv_set_error("qkv_bpe_decode: %lld ids at %p, room for %zu bytes at %p", (long long)n,
                       (const void *)ids, cap, buf);
@@ -303,7 +303,7 @@ static uint32_t get_u32(const unsigned char *p) {
 }
 
 size_t qkv_bpe_to_bytes(const qkv_bpe *b, void *buf, size_t cap) {
-    if (!b) return 0;
+    if (qkv__null_object("qkv_bpe_to_bytes", "tokenizer", b)) return 0;
     size_t need = HEADER + (size_t)b->n_merges * 8;
     if (cap < need) return need;
     if (!buf) return qkv_set_error("qkv_bpe_to_bytes: no buffer"), 0;

@@ -65,7 +65,7 @@ qkv_lm_dataset *qkv_lm_dataset_new(const int64_t *tokens, int64_t n, int64_t con
 }
 
 int64_t qkv_lm_dataset_size(const qkv_lm_dataset *ds, qkv_split split) {
-    if (!ds) return -1;
+    if (qkv__null_object("qkv_lm_dataset_size", "dataset", ds)) return -1;
     return split == QKV_SPLIT_VALID ? ds->n_valid : ds->n_train;
 }
 

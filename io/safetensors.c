@@ -1086,7 +1086,7 @@ static void convert(const st_entry *e, const unsigned char *src, void *dst, int6
 }
 
 qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name) {
-    if (!f) return NULL;
+    if (qkv__null_object("qkv_safetensors_tensor", "file", f)) return NULL;
     const st_entry *e = find(f, name);
     if (!e)
         return qkv_set_error("qkv_safetensors_tensor: %s: no tensor named \"%s\"", f->path,
@@ -1108,7 +1108,7 @@ qkv_tensor *qkv_safetensors_tensor(const qkv_safetensors *f, const char *name) {
 }
 
 const void *qkv_safetensors_bytes(const qkv_safetensors *f, const char *name, size_t *size) {
-    if (!f) return NULL;
+    if (qkv__null_object("qkv_safetensors_bytes", "file", f)) return NULL;
     const st_entry *e = find(f, name);
     if (!e || e->dtype != DT_U8 || e->ndim != 1)
         return qkv_set_error("qkv_safetensors_bytes: %s: no 1-D U8 tensor named \"%s\"",

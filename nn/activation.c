@@ -3,6 +3,7 @@
  * chain or be chosen by a configuration value.
  */
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static const char *kind_name(qkv_activation_kind kind) {
     switch (kind) {
@@ -49,5 +50,8 @@ static qkv_tensor *activation_forward(qkv_activation *m, const qkv_tensor *x) {
 }
 
 qkv_tensor *qkv_activation_forward(qkv_activation *m, const qkv_tensor *x) {
-    return m ? QKV_CALL(m, activation_forward(m, x)) : NULL;
+    if (qkv__null_object("qkv_activation_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_activation_forward", x))
+        return NULL;
+    return QKV_CALL(m, activation_forward(m, x));
 }

@@ -310,6 +310,8 @@ qkv_tensor *qkv_multi_head_attention_forward(qkv_multi_head_attention *m,
     static const qkv_attention_options none = {0};
     const qkv_attention_options *o = opts ? opts : &none;
     if (o->weights) *o->weights = NULL;
-    if (!m || !query || !key || !value) return NULL;
+    if (qkv__null_object("qkv_multi_head_attention_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_multi_head_attention_forward", query, key, value))
+        return NULL;
     return QKV_CALL(m, attention(m, query, key, value, o));
 }

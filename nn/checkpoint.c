@@ -11,7 +11,7 @@
 
 bool qkv_module_save(const qkv_module *m, const char *path,
                      const qkv_checkpoint_contents *extras) {
-    if (!m) return false;
+    if (qkv__null_object("qkv_module_save", "module", m)) return false;
     qkv_named_list *state = qkv_module_state(m);
     bool ok = state && qkv_safetensors_write(path, state, extras);
     qkv_named_list_free(state);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 qkv_module_list *qkv_module_list_new(void) {
     return qkv_module_new("module_list", sizeof(qkv_module_list), NULL);
@@ -27,7 +28,7 @@ void *qkv_module_list_append(qkv_module_list *l, qkv_module *module) {
 
 /* Negative indices count from the end, as in Python. */
 qkv_module *qkv_module_list_get(const qkv_module_list *l, int index) {
-    if (!l) return NULL;
+    if (qkv__null_object("qkv_module_list_get", "module list", l)) return NULL;
     int i = index < 0 ? index + l->n : index;
     if (i < 0 || i >= l->n)
         return qkv_set_error("qkv_module_list_get: index %d out of range for a list of %d",
@@ -48,7 +49,9 @@ void *qkv_module_dict_set(qkv_module_dict *d, const char *name, qkv_module *modu
 }
 
 qkv_module *qkv_module_dict_get(const qkv_module_dict *d, const char *name) {
-    if (!d || !name) return NULL;
+    if (qkv__null_object("qkv_module_dict_get", "module dict", d) ||
+        qkv__null_object("qkv_module_dict_get", "name", name))
+        return NULL;
     for (int i = 0; i < d->base.n_modules; i++)
         if (strcmp(d->base.modules[i].name, name) == 0) return d->base.modules[i].module;
     return qkv_set_error("qkv_module_dict_get: no module named \"%s\"", name);

@@ -5,6 +5,7 @@
  * names, so parameter lists line up with its state_dict.
  */
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static const char *const new_op = "qkv_transformer_decoder_layer_new";
 
@@ -124,6 +125,8 @@ qkv_tensor *qkv_transformer_decoder_layer_forward(qkv_transformer_decoder_layer 
                                                   const qkv_tensor *memory,
                                                   const qkv_decoder_options *opts) {
     static const qkv_decoder_options none = {0};
-    if (!m || !tgt || !memory) return NULL;
+    if (qkv__null_object("qkv_transformer_decoder_layer_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_transformer_decoder_layer_forward", tgt, memory))
+        return NULL;
     return QKV_CALL(m, decoder_layer(m, tgt, memory, opts ? opts : &none));
 }

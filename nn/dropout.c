@@ -4,6 +4,7 @@
  * what else draws random numbers.
  */
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static qkv_tensor *dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x);
 
@@ -35,5 +36,8 @@ static qkv_tensor *dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor 
 }
 
 qkv_tensor *qkv_dropout_layer_forward(qkv_dropout_layer *m, const qkv_tensor *x) {
-    return m ? QKV_CALL(m, dropout_layer_forward(m, x)) : NULL;
+    if (qkv__null_object("qkv_dropout_layer_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_dropout_layer_forward", x))
+        return NULL;
+    return QKV_CALL(m, dropout_layer_forward(m, x));
 }

@@ -3,6 +3,7 @@
  * like any other but receives no gradient, so training never moves it.
  */
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static qkv_tensor *embedding_forward(qkv_embedding *m, const qkv_tensor *ids);
 
@@ -53,5 +54,8 @@ static qkv_tensor *embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
 }
 
 qkv_tensor *qkv_embedding_forward(qkv_embedding *m, const qkv_tensor *ids) {
-    return m ? QKV_CALL(m, embedding_forward(m, ids)) : NULL;
+    if (qkv__null_object("qkv_embedding_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_embedding_forward", ids))
+        return NULL;
+    return QKV_CALL(m, embedding_forward(m, ids));
 }

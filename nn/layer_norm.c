@@ -7,6 +7,7 @@
 
 #include "autograd/autograd_internal.h"
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static qkv_tensor *layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x);
 
@@ -79,5 +80,8 @@ static qkv_tensor *layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
 }
 
 qkv_tensor *qkv_layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
-    return m ? QKV_CALL(m, layer_norm_forward(m, x)) : NULL;
+    if (qkv__null_object("qkv_layer_norm_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_layer_norm_forward", x))
+        return NULL;
+    return QKV_CALL(m, layer_norm_forward(m, x));
 }

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static qkv_tensor *linear_forward(qkv_linear *m, const qkv_tensor *x);
 
@@ -55,5 +56,8 @@ static qkv_tensor *linear_forward(qkv_linear *m, const qkv_tensor *x) {
 }
 
 qkv_tensor *qkv_linear_forward(qkv_linear *m, const qkv_tensor *x) {
-    return m ? QKV_CALL(m, linear_forward(m, x)) : NULL;
+    if (qkv__null_object("qkv_linear_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_linear_forward", x))
+        return NULL;
+    return QKV_CALL(m, linear_forward(m, x));
 }

@@ -75,7 +75,9 @@ static bool append(qkv_module_entry **list, int *n, int *cap, const char *name,
 }
 
 qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor *t) {
-    if (!m || !t) return NULL;
+    if (qkv__null_object("qkv_module_add_parameter", "module", m) ||
+        QKV__NULL_ARGS("qkv_module_add_parameter", t))
+        return NULL;
     if (!check_name(m, "qkv_module_add_parameter", name)) return NULL;
     if (!qkv_requires_grad_(t, true)) return NULL;
     if (!append(&m->params, &m->n_params, &m->cap_params, name, t, NULL)) return NULL;
@@ -83,7 +85,9 @@ qkv_tensor *qkv_module_add_parameter(qkv_module *m, const char *name, qkv_tensor
 }
 
 qkv_tensor *qkv_module_add_buffer(qkv_module *m, const char *name, qkv_tensor *t) {
-    if (!m || !t) return NULL;
+    if (qkv__null_object("qkv_module_add_buffer", "module", m) ||
+        QKV__NULL_ARGS("qkv_module_add_buffer", t))
+        return NULL;
     if (!check_name(m, "qkv_module_add_buffer", name)) return NULL;
     if (t->grad_fn) return qkv_set_error("qkv_module_add_buffer: \"%s\" is not a leaf", name);
     if (!append(&m->buffers, &m->n_buffers, &m->cap_buffers, name, t, NULL)) return NULL;
@@ -104,7 +108,9 @@ void *qkv_module_add_module(qkv_module *m, const char *name, qkv_module *child) 
 }
 
 bool qkv_module_add_generator(qkv_module *m, const char *name, qkv_generator *g) {
-    if (!m || !g) return false;
+    if (qkv__null_object("qkv_module_add_generator", "module", m) ||
+        qkv__null_object("qkv_module_add_generator", "generator", g))
+        return false;
     if (!check_name(m, "qkv_module_add_generator", name) ||
         !append(&m->generators, &m->n_generators, &m->cap_generators, name, NULL, NULL))
         return false;
@@ -134,13 +140,15 @@ void qkv_module_free(qkv_module *m) {
 }
 
 void qkv_module_train(qkv_module *m, bool training) {
-    if (!m) return;
+    if (qkv__null_object("qkv_module_train", "module", m)) return;
     m->training = training;
     for (int i = 0; i < m->n_modules; i++) qkv_module_train(m->modules[i].module, training);
 }
 
 qkv_tensor *qkv_module_forward(qkv_module *m, const qkv_tensor *x) {
-    if (!m || !x) return NULL;
+    if (qkv__null_object("qkv_module_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_module_forward", x))
+        return NULL;
     if (!m->forward)
         return qkv_set_error("qkv_module_forward: a %s module has no one-input forward",
                              m->type);
@@ -339,7 +347,7 @@ static bool convert_in_place(qkv_tensor *t, qkv_dtype dtype) {
 }
 
 bool qkv_module_to_dtype(qkv_module *m, qkv_dtype dtype) {
-    if (!m) return false;
+    if (qkv__null_object("qkv_module_to_dtype", "module", m)) return false;
     if (!qkv__is_float(dtype)) {
         qkv_set_error("qkv_module_to_dtype: %s is not a floating dtype", qkv_dtype_name(dtype));
         return false;
@@ -353,7 +361,7 @@ bool qkv_module_to_dtype(qkv_module *m, qkv_dtype dtype) {
 }
 
 void qkv_module_zero_grad(qkv_module *m) {
-    if (!m) return;
+    if (qkv__null_object("qkv_module_zero_grad", "module", m)) return;
     for (int i = 0; i < m->n_params; i++) qkv_zero_grad(m->params[i].tensor);
     for (int i = 0; i < m->n_modules; i++) qkv_module_zero_grad(m->modules[i].module);
 }
@@ -381,7 +389,7 @@ static bool collect_generators(qkv_generator_list *l, const qkv_module *m, const
 }
 
 qkv_generator_list *qkv_module_generators(const qkv_module *m) {
-    if (!m) return NULL;
+    if (qkv__null_object("qkv_module_generators", "module", m)) return NULL;
     qkv_generator_list *l = qkv__calloc(sizeof *l);
     if (l && !collect_generators(l, m, "")) {
         qkv_generator_list_free(l);

@@ -6,6 +6,7 @@
 #include <math.h>
 
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 static bool check_sizes(const char *op, int64_t max_len, int64_t d_model) {
     if (max_len > 0 && d_model > 0) return true;
@@ -89,5 +90,8 @@ static qkv_tensor *positional_encoding_forward(qkv_positional_encoding *m, const
 }
 
 qkv_tensor *qkv_positional_encoding_forward(qkv_positional_encoding *m, const qkv_tensor *x) {
-    return m ? QKV_CALL(m, positional_encoding_forward(m, x)) : NULL;
+    if (qkv__null_object("qkv_positional_encoding_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_positional_encoding_forward", x))
+        return NULL;
+    return QKV_CALL(m, positional_encoding_forward(m, x));
 }

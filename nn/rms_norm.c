@@ -5,6 +5,7 @@
 #include <float.h>
 
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 /* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *rms_norm_module_forward(qkv_module *m, const qkv_tensor *x) {
@@ -37,7 +38,9 @@ static qkv_tensor *rms_norm(qkv_rms_norm *m, const qkv_tensor *x) {
 }
 
 qkv_tensor *qkv_rms_norm_forward(qkv_rms_norm *m, const qkv_tensor *x) {
-    if (!m || !x) return NULL;
+    if (qkv__null_object("qkv_rms_norm_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_rms_norm_forward", x))
+        return NULL;
     if (x->ndim < 1 || x->shape[x->ndim - 1] != m->dim) {
         char s[128];
         return qkv_set_error("qkv_rms_norm_forward: x %s; expected [..., %lld]",

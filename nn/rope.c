@@ -79,7 +79,9 @@ static qkv_tensor *rope(qkv_rotary_embedding *m, const qkv_tensor *x, int64_t of
 
 qkv_tensor *qkv_rotary_embedding_forward(qkv_rotary_embedding *m, const qkv_tensor *x,
                                          int64_t offset) {
-    if (!m || !x) return NULL;
+    if (qkv__null_object("qkv_rotary_embedding_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_rotary_embedding_forward", x))
+        return NULL;
     char s[128];
     if (x->ndim < 2 || x->shape[x->ndim - 1] != m->dim || !qkv__is_float(x->dtype))
         return qkv_set_error("qkv_rotary_embedding_forward: x %s %s; expected a float "

@@ -3,6 +3,7 @@
  * linear layers and silu(x) = x * sigmoid(x).
  */
 #include "nn/nn.h"
+#include "tensor/tensor_internal.h"
 
 /* The one-input forward in the module base: qkv_module_forward makes it one call. */
 static qkv_tensor *swiglu_module_forward(qkv_module *m, const qkv_tensor *x) {
@@ -41,5 +42,8 @@ static qkv_tensor *swiglu(qkv_swiglu *m, const qkv_tensor *x) {
 }
 
 qkv_tensor *qkv_swiglu_forward(qkv_swiglu *m, const qkv_tensor *x) {
-    return m && x ? QKV_CALL(m, swiglu(m, x)) : NULL;
+    if (qkv__null_object("qkv_swiglu_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_swiglu_forward", x))
+        return NULL;
+    return QKV_CALL(m, swiglu(m, x));
 }

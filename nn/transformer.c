@@ -105,7 +105,9 @@ static const qkv_encoder_options no_options = {0};
 qkv_tensor *qkv_transformer_encoder_layer_forward(qkv_transformer_encoder_layer *m,
                                                   const qkv_tensor *src,
                                                   const qkv_encoder_options *opts) {
-    if (!m || !src) return NULL;
+    if (qkv__null_object("qkv_transformer_encoder_layer_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_transformer_encoder_layer_forward", src))
+        return NULL;
     return QKV_CALL(m, encoder_layer(m, src, opts ? opts : &no_options));
 }
 
@@ -173,5 +175,8 @@ static qkv_tensor *encoder(qkv_transformer_encoder *m, const qkv_tensor *src,
 
 qkv_tensor *qkv_transformer_encoder_forward(qkv_transformer_encoder *m, const qkv_tensor *src,
                                             const qkv_encoder_options *opts) {
-    return m && src ? QKV_CALL(m, encoder(m, src, opts)) : NULL;
+    if (qkv__null_object("qkv_transformer_encoder_forward", "module", m) ||
+        QKV__NULL_ARGS("qkv_transformer_encoder_forward", src))
+        return NULL;
+    return QKV_CALL(m, encoder(m, src, opts));
 }

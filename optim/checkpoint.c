@@ -93,7 +93,7 @@ static bool check_reserved(const qkv_checkpoint_contents *x, const char *path) {
 
 bool qkv_checkpoint_save(const qkv_module *module, const qkv_optimizer *opt, const char *path,
                          const qkv_checkpoint_contents *contents) {
-    if (!module) return false;
+    if (qkv__null_object("qkv_checkpoint_save", "module", module)) return false;
     const qkv_checkpoint_contents none = {0};
     const qkv_checkpoint_contents *x = contents ? contents : &none;
     if (!check_reserved(x, path)) return false;
@@ -217,7 +217,7 @@ static void name_the_file(const char *path, bool had_error) {
 
 bool qkv_checkpoint_load(qkv_module *module, qkv_optimizer *opt, const char *path,
                          const qkv_load_options *opts) {
-    if (!module) return false;
+    if (qkv__null_object("qkv_checkpoint_load", "module", module)) return false;
     bool had_error = qkv_error() != NULL;
     qkv_safetensors *f = qkv_safetensors_read(path);
     qkv_optim_state st = {0};

@@ -257,7 +257,7 @@ bool qkv_optimizer_add_decay_groups(qkv_optimizer *opt, const qkv_named_list *pa
 /* ---- Step, zero_grad --------------------------------------------------------------------- */
 
 void qkv_optimizer_zero_grad(qkv_optimizer *opt) {
-    if (!opt) return;
+    if (qkv__null_object("qkv_optimizer_zero_grad", "optimizer", opt)) return;
     for (int g = 0; g < opt->n_groups; g++)
         for (int i = 0; i < opt->groups[g].n; i++) qkv_zero_grad(opt->groups[g].params[i]);
 }

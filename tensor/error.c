@@ -27,6 +27,12 @@ void *qkv_set_error(const char *fmt, ...) {
     return NULL;
 }
 
+bool qkv__null_object(const char *op, const char *what, const void *p) {
+    if (p) return false;
+    qkv_set_error("%s: %s is NULL", op, what); /* kept if first */
+    return true;
+}
+
 bool qkv__null_args(const char *op, int n, const void *const *args) {
     for (int i = 0; i < n; i++)
         if (!args[i]) {

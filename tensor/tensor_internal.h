@@ -91,6 +91,8 @@ bool qkv__check_args(const char *op, int n, const qkv_tensor *const *ts);
  * stays, so a chain still reports its first failure, and a NULL passed with no error pending
  * is named instead of failing silently. */
 bool qkv__null_args(const char *op, int n, const void *const *args);
+/* The same for another object (a module, an optimizer, a file): "op: what is NULL". */
+bool qkv__null_object(const char *op, const char *what, const void *p);
 #define QKV__NULL_ARGS(op, ...)                                                             \
     qkv__null_args(op, (int)(sizeof((const void *[]){__VA_ARGS__}) / sizeof(const void *)), \
                    (const void *const[]){__VA_ARGS__})

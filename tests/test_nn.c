@@ -305,7 +305,8 @@ static void linear_names_the_bad_input_shape(void **state) {
     assert_string_equal(qkv_error(), "qkv_linear_forward: input [2,5], expected last dim 4");
     qkv_clear_error();
     assert_null(qkv_linear_forward(lin, NULL));
-    assert_null(qkv_error());
+    assert_string_equal(qkv_error(), "qkv_linear_forward: tensor argument 1 is NULL");
+    qkv_clear_error();
     assert_null(qkv_linear_new(0, 3, true, &g));
     assert_string_equal(qkv_error(), "qkv_linear_new: bad sizes in 0, out 3");
     qkv_module_free(QKV_MODULE(lin));
@@ -712,8 +713,11 @@ static void module_forward_without_one_is_an_error(void **state) {
                                      "one-input forward");
     qkv_clear_error();
     assert_null(qkv_module_forward(NULL, x));
+    assert_string_equal(qkv_error(), "qkv_module_forward: module is NULL");
+    qkv_clear_error();
     assert_null(qkv_module_forward(QKV_MODULE(mha), NULL));
-    assert_null(qkv_error());
+    assert_string_equal(qkv_error(), "qkv_module_forward: tensor argument 1 is NULL");
+    qkv_clear_error();
     qkv_module_free(QKV_MODULE(mha));
 }
 
