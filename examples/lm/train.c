@@ -266,7 +266,7 @@ static bool export_init(const trainer *t) {
     const lm_options *o = t->o;
     qkv_tensor *tokens = qkv_from_array(QKV_I64, 1, (int64_t[]){t->c->n_tokens}, t->c->tokens);
     qkv_tensor *order = qkv_from_array(QKV_I64, 2, (int64_t[]){o->steps, o->batch}, t->order);
-    char values[8][32];
+    char values[10][32];
     snprintf(values[0], 32, "%lld", (long long)qkv_lm_dataset_size(t->c->data, QKV_SPLIT_TRAIN));
     snprintf(values[1], 32, "%lld", (long long)qkv_lm_dataset_size(t->c->data, QKV_SPLIT_VALID));
     snprintf(values[2], 32, "%.17g", o->lr);
@@ -275,13 +275,15 @@ static bool export_init(const trainer *t) {
     snprintf(values[5], 32, "%.17g", o->weight_decay);
     snprintf(values[6], 32, "%lld", (long long)o->context);
     snprintf(values[7], 32, "%lld", (long long)o->ffn);
-    const char *keys[8] = {"train_windows", "valid_windows", "lr", "min_lr", "warmup",
-                           "weight_decay", "context", "ffn"};
-    qkv_meta_pair meta[8];
-    for (int i = 0; i < 8; i++) meta[i] = (qkv_meta_pair){keys[i], values[i]};
+    snprintf(values[8], 32, "%lld", (long long)o->heads);
+    snprintf(values[9], 32, "%lld", (long long)o->kv_heads);
+    const char *keys[10] = {"train_windows", "valid_windows", "lr", "min_lr", "warmup",
+                            "weight_decay", "context", "ffn", "heads", "kv_heads"};
+    qkv_meta_pair meta[10];
+    for (int i = 0; i < 10; i++) meta[i] = (qkv_meta_pair){keys[i], values[i]};
     qkv_checkpoint_contents extras = {
         .n_tensors = 2, .tensor_names = (const char *const[]){"data.tokens", "data.order"},
-        .tensors = (qkv_tensor *const[]){tokens, order}, .n_meta = 8, .meta = meta};
+        .tensors = (qkv_tensor *const[]){tokens, order}, .n_meta = 10, .meta = meta};
     bool ok = tokens && order && qkv_module_save(QKV_MODULE(t->model), o->export_path, &extras);
     qkv_release(tokens);
     qkv_release(order);
