@@ -41,7 +41,9 @@ check "the loss curve is written" \
     '[ "$(head -1 "$work/m.safetensors.loss.csv")" = "step,train_loss,val_loss" ] &&
      grep -q "<polyline" "$work/m.safetensors.loss.svg"'
 
-gen() { "$bin" generate --load "$work/m.safetensors" --prompt "the cat" --tokens 24 "$@" 2>/dev/null; }
+gen() {
+    "$bin" generate --load "$work/m.safetensors" --prompt "the cat" --tokens 24 "$@" 2>/dev/null
+}
 check "generate exits 0" 'gen --seed 1 >"$work/a.out"'
 gen --seed 1 >"$work/b.out"
 check "one seed gives one text" 'cmp -s "$work/a.out" "$work/b.out"'

@@ -20,7 +20,8 @@ static const char *const usages[][2] = {
               "      [--dim 128] [--heads 4] [--kv-heads HEADS] [--ffn 4*dim*2/3] [--ctx 128]\n"
               "      [--batch 16] [--lr 3e-3] [--min-lr lr/10] [--warmup steps/10]\n"
               "      [--weight-decay 0.1] [--dropout 0] [--eval-every steps/10]\n"
-              "      [--eval-windows 64] [--curve FILE] [--seed 0] [--threads N]\n"},
+              "      [--eval-windows 64] [--curve BASE] [--export-init FILE] [--seed 0]\n"
+              "      [--threads N]\n"},
     {"generate", "  qkv-lm generate --load FILE --prompt TEXT [--tokens 200]\n"
                  "      [--temperature 0.8] [--top-k 0] [--top-p 1] [--seed 0] [--no-cache 1]\n"
                  "      [--threads N]\n"},

@@ -77,7 +77,10 @@ static int load_corpus(const lm_options *o, corpus *c) {
     }
     bool ok = tokenize(c, text, size, o->bpe_merges);
     free(text);
-    if (!ok) return fprintf(stderr, "qkv-lm: %s\n", qkv_error() ? qkv_error() : "out of memory"), 2;
+    if (!ok) {
+        fprintf(stderr, "qkv-lm: %s\n", qkv_error() ? qkv_error() : "out of memory");
+        return 2;
+    }
     int64_t windows = c->n_tokens > 0 ? (c->n_tokens - 1) / o->context : 0;
     if (windows < 2) {
         fprintf(stderr, "qkv-lm: the corpus gives %lld tokens, %lld windows of --ctx %lld + 1; "
