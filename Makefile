@@ -1,4 +1,5 @@
-# Front door: `make demo` trains the example classifier, `make test` runs every test suite.
+# Front door: `make demo` trains the example classifier, `make demo-lm` the language model,
+# `make test` runs every test suite.
 # Both install missing build dependencies first (Debian/Ubuntu). `make difftest` runs the
 # differential tester against PyTorch for longer than the test suite does (tests/difftest/).
 
@@ -6,7 +7,7 @@ BUILD ?= build
 MESON_OPTS ?=
 THREADS ?= 2
 
-.PHONY: all deps configure build test difftest demo bench bench-classify clean
+.PHONY: all deps configure build test difftest demo demo-lm bench bench-classify bench-lm clean
 
 all: build
 
@@ -36,6 +37,9 @@ difftest: deps
 demo: build
 	@sh tools/demo.sh $(BUILD)
 
+demo-lm: build
+	@sh tools/demo-lm.sh $(BUILD)
+
 bench: deps
 	@sh tools/install-deps.sh python3-torch libopenblas-dev
 	@$(MAKE) --no-print-directory build
@@ -45,6 +49,11 @@ bench-classify: deps
 	@sh tools/install-deps.sh python3 python3-torch
 	@$(MAKE) --no-print-directory build
 	@sh bench/classify.sh $(BUILD)
+
+bench-lm: deps
+	@sh tools/install-deps.sh python3 python3-torch
+	@$(MAKE) --no-print-directory build
+	@sh bench/lm.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD)
