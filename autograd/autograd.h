@@ -62,7 +62,10 @@ const char *qkv_grad_fn_name(const qkv_tensor *t);
  * Otherwise grad mode is off until end, which links the output to a graph node (the ctx).
  * The node holds nothing but what was saved: whether a saved value is kept or, when its
  * maker is a cheap op, dropped and recomputed for the backward is decided by the engine.
- * A backward that reads a saved value changed in place since the forward fails. */
+ * A backward that reads a saved value changed in place since the forward fails. One output
+ * is linked; other results a function hands back (indices, masks, as qkv_sort and qkv_topk
+ * do) are made while grad mode is off, so they carry no graph: non-differentiable, as
+ * torch's ctx.mark_non_differentiable makes them. */
 typedef struct qkv_node qkv_ctx;
 
 typedef struct qkv_function {
