@@ -95,7 +95,7 @@ bool qkv_save(qkv_ctx *ctx, int slot, const qkv_tensor *t);
 /* In the backward: the values saved in slot (recomputed if the engine dropped them), or NULL
  * with an error if they were changed in place since the forward. */
 qkv_tensor *qkv_saved(qkv_ctx *ctx, int slot);
-void *qkv_ctx_args(qkv_ctx *ctx);
+void *qkv_ctx_args(qkv_ctx *ctx); /* NULL for a NULL ctx or one whose node could not be made */
 bool qkv_ctx_needs_grad(const qkv_ctx *ctx, int input); /* whether input i wants a gradient */
 /* Input i's shape, dtype and requires_grad (no values: save what the backward reads). */
 const qkv_tensor *qkv_ctx_input(const qkv_ctx *ctx, int input);

@@ -409,7 +409,8 @@ void qkv__saved_release(qkv_ctx *n, int slot) {
 }
 
 void *qkv_ctx_args(qkv_ctx *n) {
-    return n ? n->args : NULL;
+    /* The failed node has no room for arguments: nothing may be written there. */
+    return n && n != &failed_node ? n->args : NULL;
 }
 
 bool qkv_ctx_needs_grad(const qkv_ctx *n, int input) {
