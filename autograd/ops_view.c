@@ -362,7 +362,7 @@ qkv_tensor *qkv_to_dtype(const qkv_tensor *a, qkv_dtype dtype) {
     if (QKV__NULL_ARGS("qkv_to_dtype", a)) return NULL;
     QKV__OP("qkv_to_dtype");
     if (!QKV__CHECK("qkv_to_dtype", a)) return NULL;
-    if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("qkv_to_dtype: unknown dtype %d", dtype);
+    if (!qkv__dtype_valid(dtype)) return qkv_set_error("qkv_to_dtype: unknown dtype %d", dtype);
     qkv_tensor *out = qkv__to_dtype(a, dtype);
     if (!qkv__is_float(dtype)) return out; /* integers and masks carry no gradient */
     return REC1(out, &to_dtype_fn, a);

@@ -8,6 +8,7 @@
 qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b) {
     if (a == QKV_F64 || b == QKV_F64) return QKV_F64;
     if (a == QKV_F32 || b == QKV_F32) return QKV_F32;
+    if (a == QKV_BF16 || b == QKV_BF16) return QKV_BF16;
     if (a == QKV_I64 || b == QKV_I64) return QKV_I64;
     return QKV_BOOL;
 }
@@ -144,6 +145,7 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
         default: break;
         }
         break;
+    case QKV_BF16: break; /* qkv__binary computes it in f32 */
     }
 }
 
@@ -397,6 +399,7 @@ qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tens
 static void where_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     switch (qkv_dtype_size(*(const qkv_dtype *)vctx)) {
     case 1: RUN_WHERE(uint8_t); break;
+    case 2: RUN_WHERE(uint16_t); break;
     case 4: RUN_WHERE(uint32_t); break;
     default: RUN_WHERE(uint64_t); break;
     }

@@ -67,12 +67,20 @@ static void add_row(char *dst, const char *src, int64_t n, qkv_dtype dtype) {
         for (int64_t i = 0; i < n; i++) d[i] = d[i] || s[i];
         break;
     }
+    case QKV_BF16: { /* in f32, rounded on store, as torch's index_add */
+        uint16_t *restrict d = (uint16_t *)dst;
+        const uint16_t *restrict s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++)
+            d[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(d[i]) + qkv__bf16_to_f32(s[i]));
+        break;
+    }
     }
 }
 
 static void copy_elem(char *dst, const char *src, size_t es) {
     switch (es) {
     case 1: *(uint8_t *)dst = *(const uint8_t *)src; break;
+    case 2: *(uint16_t *)dst = *(const uint16_t *)src; break;
     case 4: *(uint32_t *)dst = *(const uint32_t *)src; break;
     default: *(uint64_t *)dst = *(const uint64_t *)src; break;
     }

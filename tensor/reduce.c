@@ -255,6 +255,7 @@ static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t 
         case QKV_F64: reduce_one_double(p, (const double *)data + off, out, o); break;
         case QKV_I64: reduce_one_int64_t(p, (const int64_t *)data + off, out, o); break;
         case QKV_BOOL: reduce_one_bool(p, (const bool *)data + off, out, o); break;
+        case QKV_BF16: break; /* qkv__reduce computes it in f32 */
         }
     }
 }
@@ -267,6 +268,8 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
     if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
+    if (a->dtype == QKV_BF16)
+        return QKV__IN_F32(qkv__reduce(op, QKV__F32(a), mask, keepdim, correction, name));
     if (!qkv__is_float(a->dtype) && (op == QKV_RED_MEAN || op == QKV_RED_VAR)) {
         qkv_scope_begin();
         qkv_tensor *out = qkv_keep(qkv__reduce(op, qkv__to_dtype(a, QKV_F32), mask, keepdim,

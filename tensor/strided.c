@@ -124,6 +124,19 @@ typedef struct copy_ctx {
         }                                                                                      \
     } while (0)
 
+/* The same with a conversion function (bf16 to and from f32). */
+#define COPY_CONVERT(TD, TS, F)                                                                \
+    do {                                                                                       \
+        if (st[0] == sizeof(TD) && st[1] == sizeof(TS)) {                                     \
+            TD *restrict d = (TD *)p[0];                                                       \
+            const TS *restrict s = (const TS *)p[1];                                           \
+            for (int64_t i = 0; i < n; i++) d[i] = F(s[i]);                                    \
+        } else {                                                                               \
+            for (int64_t i = 0; i < n; i++)                                                    \
+                *(TD *)(p[0] + i * st[0]) = F(*(const TS *)(p[1] + i * st[1]));               \
+        }                                                                                      \
+    } while (0)
+
 static void copy_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     copy_ctx *c = vctx;
     if (c->dst == c->src) {
@@ -134,6 +147,7 @@ static void copy_run(int64_t n, char **p, const int64_t *st, void *vctx) {
         }
         switch (es) {
         case 1: COPY_RUN(uint8_t, uint8_t); return;
+        case 2: COPY_RUN(uint16_t, uint16_t); return;
         case 4: COPY_RUN(uint32_t, uint32_t); return;
         default: COPY_RUN(uint64_t, uint64_t); return;
         }
@@ -145,6 +159,10 @@ static void copy_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     }
     if (c->dst == QKV_F32 && c->src == QKV_F64) { COPY_RUN(float, double); return; }
     if (c->dst == QKV_F64 && c->src == QKV_F32) { COPY_RUN(double, float); return; }
+    if (c->dst == QKV_BF16 && c->src == QKV_F32) { COPY_CONVERT(uint16_t, float, qkv__f32_to_bf16);
+        return; }
+    if (c->dst == QKV_F32 && c->src == QKV_BF16) { COPY_CONVERT(float, uint16_t, qkv__bf16_to_f32);
+        return; }
     for (int64_t i = 0; i < n; i++)
         qkv__store(p[0] + i * st[0], c->dst, 0, qkv__load(p[1] + i * st[1], c->src, 0));
 }
@@ -205,12 +223,13 @@ bool qkv_fill_(qkv_tensor *t, double value) {
     if (QKV__NULL_ARGS("qkv_fill_", t)) return false;
     if (!QKV__CHECK("qkv_fill_", t)) return false;
     if (!writable("qkv_fill_", t)) return false;
-    union { float f; double d; int64_t i; bool b; } v;
+    union { float f; double d; int64_t i; bool b; uint16_t h; } v;
     switch (t->dtype) {
     case QKV_F32: v.f = (float)value; break;
     case QKV_F64: v.d = value; break;
     case QKV_I64: v.i = qkv__f64_to_i64(value); break;
     case QKV_BOOL: v.b = value != 0; break;
+    case QKV_BF16: v.h = qkv__f32_to_bf16((float)value); break;
     }
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
     for (int i = 0; i < t->ndim; i++) {

@@ -4,19 +4,27 @@
 
 #include "tensor/tensor_internal.h"
 
-static const char *const dtype_names[] = {"f32", "f64", "i64", "bool"};
-static const size_t dtype_sizes[] = {4, 8, 8, 1};
+static const char *const dtype_names[] = {"f32", "f64", "i64", "bool", "bf16"};
+static const size_t dtype_sizes[] = {4, 8, 8, 1, 2};
 
 const char *qkv_dtype_name(qkv_dtype dtype) {
-    return (unsigned)dtype <= QKV_BOOL ? dtype_names[dtype] : "?";
+    return qkv__dtype_valid(dtype) ? dtype_names[dtype] : "?";
 }
 
 size_t qkv_dtype_size(qkv_dtype dtype) {
-    return (unsigned)dtype <= QKV_BOOL ? dtype_sizes[dtype] : 0;
+    return qkv__dtype_valid(dtype) ? dtype_sizes[dtype] : 0;
+}
+
+uint16_t qkv_f32_to_bf16(float value) {
+    return qkv__f32_to_bf16(value);
+}
+
+float qkv_bf16_to_f32(uint16_t bits) {
+    return qkv__bf16_to_f32(bits);
 }
 
 bool qkv__is_float(qkv_dtype dtype) {
-    return dtype == QKV_F32 || dtype == QKV_F64;
+    return dtype == QKV_F32 || dtype == QKV_F64 || dtype == QKV_BF16;
 }
 
 qkv_storage *qkv__storage_new(size_t nbytes) {
@@ -171,7 +179,7 @@ void qkv_release(qkv_tensor *t) {
 /* qkv_empty for the creation function op, which names itself in errors. */
 static qkv_tensor *empty_for(const char *op, qkv_dtype dtype, int ndim, const int64_t *shape) {
     QKV__OP(op);
-    if ((unsigned)dtype > QKV_BOOL) return qkv_set_error("%s: unknown dtype %d", op, dtype);
+    if (!qkv__dtype_valid(dtype)) return qkv_set_error("%s: unknown dtype %d", op, dtype);
     if (!qkv__check_shape(op, ndim, shape)) return NULL;
     int64_t strides[QKV_MAX_DIMS];
     int64_t n = qkv__contiguous_strides(ndim, shape, strides);
@@ -276,6 +284,7 @@ double qkv__load(const void *base, qkv_dtype dtype, int64_t i) {
     case QKV_F64: return ((const double *)base)[i];
     case QKV_I64: return (double)((const int64_t *)base)[i];
     case QKV_BOOL: return ((const bool *)base)[i] ? 1.0 : 0.0;
+    case QKV_BF16: return qkv__bf16_to_f32(((const uint16_t *)base)[i]);
     }
     return NAN;
 }
@@ -286,6 +295,7 @@ void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v) {
     case QKV_F64: ((double *)base)[i] = v; break;
     case QKV_I64: ((int64_t *)base)[i] = qkv__f64_to_i64(v); break;
     case QKV_BOOL: ((bool *)base)[i] = v != 0; break;
+    case QKV_BF16: ((uint16_t *)base)[i] = qkv__f32_to_bf16((float)v); break;
     }
 }
 

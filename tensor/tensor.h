@@ -48,6 +48,7 @@ typedef enum qkv_dtype {
     QKV_F64,     /* double: gradient checks and users who want it */
     QKV_I64,     /* int64_t: token ids, labels, indices */
     QKV_BOOL,    /* bool: masks and comparison results */
+    QKV_BF16,    /* bfloat16 (raw bits in a uint16_t): storage and products under autocast */
 } qkv_dtype;
 
 #define QKV_MAX_DIMS 8
@@ -160,8 +161,15 @@ size_t qkv_debug_report(FILE *f);
 
 /* ---- Creation ---------------------------------------------------------------------------- */
 
-const char *qkv_dtype_name(qkv_dtype dtype);   /* "f32", "f64", "i64", "bool" */
+const char *qkv_dtype_name(qkv_dtype dtype);   /* "f32", "f64", "i64", "bool", "bf16" */
 size_t qkv_dtype_size(qkv_dtype dtype);
+
+/* bfloat16 is the top half of a float32. To it: rounded to nearest, ties to even; subnormals
+ * kept; values past the largest finite bf16 (after rounding) become inf; every NaN becomes
+ * 0xFFFF, a quiet NaN, as PyTorch's tensor conversion (`.to(torch.bfloat16)`) gives. From it:
+ * exact. Other dtypes convert to and from BF16 through F32 (an F64 is first rounded to F32). */
+uint16_t qkv_f32_to_bf16(float value);
+float qkv_bf16_to_f32(uint16_t bits);
 
 qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape);
 qkv_tensor *qkv_zeros(qkv_dtype dtype, int ndim, const int64_t *shape);

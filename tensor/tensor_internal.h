@@ -156,10 +156,35 @@ static inline int64_t qkv__f64_to_i64(double v) {
     return (int64_t)v;
 }
 
+/* bfloat16 conversions for kernels (qkv_f32_to_bf16 and qkv_bf16_to_f32 are these). */
+static inline float qkv__bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+static inline uint16_t qkv__f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if (f != f) return 0xFFFF;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+/* Whether dtype is a known one (QKV_F32 .. QKV_BF16). */
+static inline bool qkv__dtype_valid(qkv_dtype dtype) {
+    return (unsigned)dtype <= QKV_BF16;
+}
+
+/* Most kernels compute BF16 in F32, per element, and round on store, as PyTorch does on the
+ * CPU: at their entry, `if (a->dtype == QKV_BF16) return QKV__IN_F32(kernel(QKV__F32(a)...))`
+ * runs the F32 kernel on F32 copies in a scope of its own and rounds its F32 result (not an
+ * I64 or BOOL one) to BF16. */
+static inline qkv_tensor *qkv__round_bf16(qkv_tensor *r) {
+    return r && r->dtype == QKV_F32 ? qkv__to_dtype(r, QKV_BF16) : r;
+}
+#define QKV__F32(t) qkv__to_dtype(t, QKV_F32)
+#define QKV__IN_F32(expr) (qkv_scope_begin(), qkv_scope_end_keep(qkv__round_bf16(expr)))
+
 /* Element load/store by dtype, for slow paths. */
 double qkv__load(const void *base, qkv_dtype dtype, int64_t i);
 void qkv__store(void *base, qkv_dtype dtype, int64_t i, double v);
-bool qkv__is_float(qkv_dtype dtype);
+bool qkv__is_float(qkv_dtype dtype); /* F32, F64 or BF16 */
 
 /* Broadcast shapes a and b into out (NumPy rules); false when they do not broadcast. */
 bool qkv__broadcast_shape(int na, const int64_t *sa, int nb, const int64_t *sb,

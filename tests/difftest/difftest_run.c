@@ -83,7 +83,7 @@ static const char *tok_word(reader *r) {
 
 static qkv_dtype tok_dtype(reader *r) {
     const char *t = tok_word(r);
-    for (int d = QKV_F32; d <= QKV_BOOL; d++)
+    for (int d = QKV_F32; d <= QKV_BF16; d++)
         if (!strcmp(t, qkv_dtype_name((qkv_dtype)d))) return (qkv_dtype)d;
     bad_spec(t);
 }
@@ -136,6 +136,7 @@ static qkv_tensor *from_values(qkv_dtype dtype, int ndim, const int64_t *shape, 
         case QKV_F64: ((double *)data)[i] = v[i]; break;
         case QKV_I64: ((int64_t *)data)[i] = (int64_t)v[i]; break;
         case QKV_BOOL: ((bool *)data)[i] = v[i] != 0; break;
+        case QKV_BF16: ((uint16_t *)data)[i] = qkv_f32_to_bf16((float)v[i]); break;
         }
     }
     qkv_tensor *t = qkv_from_array(dtype, ndim, shape, data);

@@ -1,0 +1,134 @@
+/*
+ * The BF16 dtype: its conversions against PyTorch bit for bit, storage, printing and the
+ * conversions of tensors to and from the other dtypes.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+
+#include <cmocka.h>
+
+#include "fixtures/bf16_fixtures.h"
+#include "harness.h"
+
+static float f32_of_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static bool bf16_is_nan(uint16_t h) {
+    return (h & 0x7F80) == 0x7F80 && (h & 0x007F) != 0;
+}
+
+/* Every one of the 65536 patterns survives bf16 -> f32 -> bf16; a NaN stays a (quiet) NaN. */
+static void every_bf16_pattern_round_trips_through_f32(void **state) {
+    (void)state;
+    int nans = 0;
+    for (uint32_t h = 0; h <= 0xFFFF; h++) {
+        float f = qkv_bf16_to_f32((uint16_t)h);
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        assert_int_equal(u, h << 16); /* exact: bf16 is the top half of an f32 */
+        uint16_t back = qkv_f32_to_bf16(f);
+        if (bf16_is_nan((uint16_t)h)) {
+            assert_true(isnan(f));
+            assert_true(bf16_is_nan(back));
+            assert_int_equal(back & 0x0040, 0x0040); /* quiet */
+            nans++;
+        } else {
+            assert_int_equal(back, h);
+        }
+    }
+    assert_int_equal(nans, 2 * 127); /* the exponent all ones, a non-zero 7-bit mantissa */
+}
+
+/* Ties to even, subnormals, inf, NaN, the largest finite values and values that round to inf:
+ * the same bits as torch's .to(torch.bfloat16), and 2000 random patterns too. */
+static void f32_to_bf16_equals_torch_bit_for_bit(void **state) {
+    (void)state;
+    for (int i = 0; i < BF16_N_CASES; i++) {
+        uint16_t got = qkv_f32_to_bf16(f32_of_bits(bf16_f32_bits[i]));
+        if (got != bf16_torch[i])
+            fail_msg("0x%08X: qkv gives 0x%04X, torch 0x%04X", (unsigned)bf16_f32_bits[i],
+                     got, bf16_torch[i]);
+    }
+}
+
+static void rounding_edges_by_hand(void **state) {
+    (void)state;
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x3F808000)), 0x3F80); /* tie, even below */
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x3F818000)), 0x3F82); /* tie, even above */
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x00000001)), 0x0000); /* under half */
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x00018000)), 0x0002); /* subnormal tie */
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x7F7F7FFF)), 0x7F7F); /* largest finite */
+    assert_int_equal(qkv_f32_to_bf16(f32_of_bits(0x7F7F8000)), 0x7F80); /* rounds to inf */
+    assert_int_equal(qkv_f32_to_bf16(-INFINITY), 0xFF80);
+    assert_true(bf16_is_nan(qkv_f32_to_bf16(f32_of_bits(0x7F800001)))); /* signalling */
+}
+
+static void bf16_tensor_stores_two_bytes_and_converts_each_way(void **state) {
+    (void)state;
+    assert_string_equal(qkv_dtype_name(QKV_BF16), "bf16");
+    assert_int_equal(qkv_dtype_size(QKV_BF16), 2);
+    float src[5] = {1.0f, 0.1f, -3.0f, 65504.0f, 1e-40f};
+    qkv_tensor *f = qkv_from_array(QKV_F32, QKV_SHAPE(5), src);
+    qkv_tensor *h = qkv_to_dtype(f, QKV_BF16);
+    assert_non_null(h);
+    assert_int_equal(h->storage->nbytes, 10);
+    const uint16_t *bits = qkv_data(h);
+    for (int i = 0; i < 5; i++) assert_int_equal(bits[i], qkv_f32_to_bf16(src[i]));
+    /* 0.1 is 0x3DCCCCCD: rounds to 0x3DCD, 0.10009765625 */
+    assert_true(qkv_get(h, (int64_t[]){1}) == 0.10009765625);
+    double d[5];
+    assert_true(qkv_copy_out(h, QKV_F64, d));
+    assert_true(d[3] == 65536.0); /* 65504 has 11 significant bits: rounds up */
+    qkv_tensor *i = qkv_to_dtype(h, QKV_I64), *b = qkv_to_dtype(h, QKV_BOOL);
+    assert_int_equal(((const int64_t *)qkv_data(i))[2], -3);
+    assert_true(((const bool *)qkv_data(b))[4]); /* a subnormal is non-zero */
+    qkv_tensor *back = qkv_to_dtype(qkv_to_dtype(qkv_arange(QKV_I64, 250, 260, 1), QKV_BF16),
+                                    QKV_I64);
+    const int64_t *v = qkv_data(back);
+    /* 8 significant bits: from 256 on, only even integers; 257 ties to 256, 259 to 260 */
+    int64_t want[10] = {250, 251, 252, 253, 254, 255, 256, 256, 258, 260};
+    for (int k = 0; k < 10; k++) assert_int_equal(v[k], want[k]);
+    assert_null(qkv_error());
+}
+
+static void bf16_fill_full_and_strided_copy(void **state) {
+    (void)state;
+    qkv_tensor *t = qkv_full(QKV_BF16, QKV_SHAPE(2, 3), 0.1);
+    assert_non_null(t);
+    for (int k = 0; k < 6; k++) assert_int_equal(((const uint16_t *)qkv_data(t))[k], 0x3DCD);
+    qkv_tensor *src = qkv_to_dtype(qkv_arange(QKV_F32, 0, 6, 1), QKV_BF16);
+    qkv_tensor *tt = qkv_contiguous(qkv_transpose(qkv_reshape(src, QKV_SHAPE(2, 3)), 0, 1));
+    float out[6];
+    assert_true(qkv_copy_out(tt, QKV_F32, out));
+    float want[6] = {0, 3, 1, 4, 2, 5};
+    for (int k = 0; k < 6; k++) assert_true(out[k] == want[k]);
+}
+
+static void bf16_prints_like_torch(void **state) {
+    (void)state;
+    float src[3] = {1.0f, 0.1f, -2.5f};
+    char *s = qkv_to_string(qkv_to_dtype(qkv_from_array(QKV_F32, QKV_SHAPE(3), src), QKV_BF16));
+    assert_non_null(s);
+    /* torch: tensor([ 1.0000,  0.1001, -2.5000], dtype=torch.bfloat16) */
+    assert_non_null(strstr(s, "0.1001"));
+    assert_non_null(strstr(s, "bf16"));
+    free(s);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+#define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
+        T(every_bf16_pattern_round_trips_through_f32),
+        T(f32_to_bf16_equals_torch_bit_for_bit),
+        T(rounding_edges_by_hand),
+        T(bf16_tensor_stores_two_bytes_and_converts_each_way),
+        T(bf16_fill_full_and_strided_copy),
+        T(bf16_prints_like_torch),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
