@@ -327,6 +327,18 @@ void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_
                         int64_t csa, const double *b, int64_t rsb, int64_t csb,
                         const double *bias, double *c, int64_t rsc);
 
+/* bf16 x bf16 products with float32 accumulation (tensor/gemm_bf16.c); A, B hold raw bf16 bits
+ * (uint16_t); same strides/offset/batch conventions as qkv__gemm_f32. */
+void qkv__gemm_bf16(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                    const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                    const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                    float beta, float *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* The same, C written as bf16 (rounded to nearest even from the f32 accumulator; beta 0). */
+void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                        const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                        const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                        uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+
 /* ---- More element-wise math, and ops along an axis (tensor/math.c, tensor/sort.c) -------- */
 
 typedef enum qkv_math_op {

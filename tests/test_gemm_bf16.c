@@ -1,0 +1,246 @@
+/*
+ * BF16 GEMM kernel: qkv__gemm_bf16 and qkv__gemm_bf16_out against a float64 reference computed
+ * from the same bf16 inputs, over odd shapes, transposed and strided operands, batches with
+ * offset arrays, alpha/beta, and bitwise determinism across thread counts.
+ *
+ * Tolerance: the inputs are exact bf16 values, and the product of two bf16 values (8-bit
+ * significands) is exact in float32, so the only error is float32 accumulation: a k-term sum
+ * is within (k - 1) u sum |a b| of the exact one (u = 2^-24, the float32 unit roundoff), and
+ * alpha and beta C add a rounding each; the bound used is (k + 3) u (|alpha| sum |a b| +
+ * |beta C|). The bf16 output adds one rounding to 8 significant bits: 2^-8 |result|.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "tensor/tensor_internal.h"
+
+#define U32 (1.0 / 16777216.0) /* 2^-24 */
+#define U16 (1.0 / 256.0)      /* 2^-8 */
+
+/* How an operand of rows x cols is stored. */
+typedef enum layout {
+    ROW_MAJOR,  /* rs = cols, cs = 1 */
+    TRANSPOSED, /* stored cols x rows: rs = 1, cs = rows */
+    STRIDED,    /* every other column, rows padded: rs = 2 * cols + 3, cs = 2 */
+} layout;
+
+typedef struct operand {
+    int64_t rows, cols, rs, cs, span; /* span: elements one matrix occupies */
+} operand;
+
+static operand operand_make(int64_t rows, int64_t cols, layout lay) {
+    operand o = {.rows = rows, .cols = cols, .rs = cols, .cs = 1};
+    if (lay == TRANSPOSED) {
+        o.rs = 1;
+        o.cs = rows;
+    } else if (lay == STRIDED) {
+        o.rs = 2 * cols + 3;
+        o.cs = 2;
+    }
+    o.span = rows == 0 || cols == 0 ? 1 : (rows - 1) * o.rs + (cols - 1) * o.cs + 1;
+    return o;
+}
+
+typedef struct gemm_case {
+    int64_t batch, m, n, k;
+    layout la, lb, lc;
+    double alpha, beta;
+    bool nan_c;        /* fill C with NaN (only meaningful with beta == 0) */
+    bool broadcast_ab; /* batch entries share A (all) and B (pairs) through equal offsets */
+} gemm_case;
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+
+static double uniform(void) { /* in [-1, 1) */
+    rng_state = rng_state * 6364136223846793005u + 1442695040888963407u;
+    return (double)(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+static double widen(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Truncation to bf16: a bf16 value either way, which is all the inputs need to be. */
+static uint16_t to_bf16(double x) {
+    float f = (float)x;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)(u >> 16);
+}
+
+static uint16_t *bf16_fill(int64_t count) {
+    uint16_t *p = malloc((size_t)count * sizeof(uint16_t));
+    assert_non_null(p);
+    for (int64_t i = 0; i < count; i++) p[i] = to_bf16(uniform());
+    return p;
+}
+
+/* Runs one case and checks every element of both outputs against the reference. The bf16
+ * output must also be exactly the float32 output (with beta 0) rounded to nearest even: the
+ * two share their kernel. Elements of C outside the operand must be left alone. */
+static void check(const gemm_case *gc) {
+    operand A = operand_make(gc->m, gc->k, gc->la), B = operand_make(gc->k, gc->n, gc->lb);
+    operand C = operand_make(gc->m, gc->n, gc->lc);
+    int64_t bt = gc->batch, cn = C.span * bt;
+    uint16_t *a = bf16_fill(A.span * bt), *b = bf16_fill(B.span * bt);
+    float *c = malloc((size_t)cn * sizeof(float)), *c0 = malloc((size_t)cn * sizeof(float));
+    float *cz = malloc((size_t)cn * sizeof(float));
+    uint16_t *h = bf16_fill(cn), *h0 = malloc((size_t)cn * sizeof(uint16_t));
+    int64_t *off = malloc((size_t)(3 * bt) * sizeof(int64_t));
+    bool *touched = calloc((size_t)cn, 1);
+    assert_non_null(c); assert_non_null(c0); assert_non_null(cz); assert_non_null(h0);
+    assert_non_null(off); assert_non_null(touched);
+    int64_t *ao = off, *bo = off + bt, *co = off + 2 * bt;
+    for (int64_t i = 0; i < cn; i++) c0[i] = gc->nan_c ? NAN : (float)uniform();
+    memcpy(c, c0, (size_t)cn * sizeof(float));
+    memcpy(cz, c0, (size_t)cn * sizeof(float));
+    memcpy(h0, h, (size_t)cn * sizeof(uint16_t));
+    for (int64_t p = 0; p < bt; p++) {
+        ao[p] = gc->broadcast_ab ? 0 : p * A.span;
+        bo[p] = gc->broadcast_ab ? (p / 2) * B.span : p * B.span;
+        co[p] = p * C.span;
+    }
+    float alpha = (float)gc->alpha, beta = (float)gc->beta;
+    qkv__gemm_bf16(bt, gc->m, gc->n, gc->k, alpha, a, ao, A.rs, A.cs, b, bo, B.rs, B.cs, beta,
+                   c, co, C.rs, C.cs);
+    qkv__gemm_bf16(bt, gc->m, gc->n, gc->k, alpha, a, ao, A.rs, A.cs, b, bo, B.rs, B.cs, 0, cz,
+                   co, C.rs, C.cs);
+    qkv__gemm_bf16_out(bt, gc->m, gc->n, gc->k, alpha, a, ao, A.rs, A.cs, b, bo, B.rs, B.cs, h,
+                       co, C.rs, C.cs);
+    for (int64_t p = 0; p < bt; p++)
+        for (int64_t i = 0; i < gc->m; i++)
+            for (int64_t j = 0; j < gc->n; j++) {
+                double sum = 0, mag = 0;
+                for (int64_t l = 0; l < gc->k; l++) {
+                    double x = widen(a[ao[p] + i * A.rs + l * A.cs]);
+                    double y = widen(b[bo[p] + l * B.rs + j * B.cs]);
+                    sum += x * y;
+                    mag += fabs(x * y);
+                }
+                int64_t ci = co[p] + i * C.rs + j * C.cs;
+                double want = gc->alpha * sum, bound = fabs(gc->alpha) * mag;
+                double tol0 = (double)(gc->k + 3) * U32 * bound + 1e-300;
+                if (gc->beta != 0) {
+                    want += gc->beta * (double)c0[ci];
+                    bound += fabs(gc->beta * (double)c0[ci]);
+                }
+                double tol = (double)(gc->k + 3) * U32 * bound + 1e-300;
+                if (!(fabs(c[ci] - want) <= tol))
+                    fail_msg("batch %lld C[%lld,%lld] = %.9g, want %.9g (tol %.3g)",
+                             (long long)p, (long long)i, (long long)j, (double)c[ci], want, tol);
+                double want0 = gc->alpha * sum, got16 = widen(h[ci]);
+                if (!(fabs(got16 - want0) <= tol0 + U16 * fabs(want0)))
+                    fail_msg("batch %lld bf16 C[%lld,%lld] = %.9g, want %.9g", (long long)p,
+                             (long long)i, (long long)j, got16, want0);
+                /* round to nearest even of the float32 result, by hand */
+                uint32_t u;
+                memcpy(&u, &cz[ci], sizeof u);
+                uint16_t rne = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+                if (h[ci] != rne)
+                    fail_msg("bf16 C[%lld] = 0x%04x, the float32 result %.9g rounds to 0x%04x",
+                             (long long)ci, h[ci], (double)cz[ci], rne);
+                touched[ci] = true;
+            }
+    for (int64_t i = 0; i < cn; i++) {
+        if (touched[i]) continue;
+        if (memcmp(&c[i], &c0[i], sizeof(float)) != 0 || h[i] != h0[i])
+            fail_msg("C[%lld] outside the output was written", (long long)i);
+    }
+    free(a); free(b); free(c); free(c0); free(cz); free(h); free(h0); free(off); free(touched);
+}
+
+static gemm_case plain(int64_t m, int64_t n, int64_t k) {
+    return (gemm_case){.batch = 1, .m = m, .n = n, .k = k, .alpha = 1.0};
+}
+
+static const int64_t sizes[] = {1, 3, 17, 31, 64, 65, 130};
+#define N_SIZES (sizeof(sizes) / sizeof(sizes[0]))
+
+/* Every combination of m, n and k from the sizes: full tiles, edges, odd k. */
+static void matches_reference_on_odd_shapes(void **state) {
+    (void)state;
+    for (size_t x = 0; x < N_SIZES; x++)
+        for (size_t y = 0; y < N_SIZES; y++)
+            for (size_t z = 0; z < N_SIZES; z++) check(&(gemm_case){
+                .batch = 1, .m = sizes[x], .n = sizes[y], .k = sizes[z], .alpha = 1.0});
+}
+
+static void reads_transposed_and_strided_operands(void **state) {
+    (void)state;
+    const int64_t shapes[][3] = {{17, 31, 65}, {130, 64, 31}, {3, 130, 17}, {65, 65, 130}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int la = ROW_MAJOR; la <= STRIDED; la++)
+            for (int lb = ROW_MAJOR; lb <= STRIDED; lb++)
+                for (int lc = ROW_MAJOR; lc <= STRIDED; lc++) {
+                    gemm_case gc = plain(shapes[s][0], shapes[s][1], shapes[s][2]);
+                    gc.la = (layout)la;
+                    gc.lb = (layout)lb;
+                    gc.lc = (layout)lc;
+                    check(&gc);
+                }
+}
+
+static void applies_alpha_and_beta(void **state) {
+    (void)state;
+    gemm_case gc = plain(31, 65, 17);
+    gc.alpha = -0.5;
+    gc.beta = 2.0;
+    check(&gc);
+    gc.beta = 0;
+    gc.nan_c = true; /* beta == 0 ignores C */
+    check(&gc);
+    gc.k = 0; /* C = beta C, A and B unread */
+    gc.beta = 0.25;
+    gc.nan_c = false;
+    check(&gc);
+}
+
+static void batches_with_offsets_and_broadcast(void **state) {
+    (void)state;
+    gemm_case gc = {.batch = 5, .m = 17, .n = 65, .k = 31, .la = TRANSPOSED, .alpha = 1.0,
+                    .beta = 0.5};
+    check(&gc);
+    gc.broadcast_ab = true;
+    gc.lb = TRANSPOSED;
+    check(&gc);
+    gc = (gemm_case){.batch = 12, .m = 64, .n = 64, .k = 3, .lb = TRANSPOSED, .alpha = 0.125};
+    check(&gc);
+}
+
+/* Exact small product: integers, so every sum is exact. [[1 2 3] [4 5 6]] x [[1 2] [3 4]
+ * [5 6]] = [[22 28] [49 64]]. */
+static void computes_exact_small_product(void **state) {
+    (void)state;
+    uint16_t a[6], b[6], h[4];
+    for (int i = 0; i < 6; i++) {
+        a[i] = to_bf16(i + 1);
+        b[i] = to_bf16(i + 1);
+    }
+    float c[4];
+    qkv__gemm_bf16(1, 2, 2, 3, 1.0f, a, NULL, 3, 1, b, NULL, 2, 1, 0.0f, c, NULL, 2, 1);
+    assert_true(c[0] == 22 && c[1] == 28 && c[2] == 49 && c[3] == 64);
+    qkv__gemm_bf16_out(1, 2, 2, 3, 1.0f, a, NULL, 3, 1, b, NULL, 2, 1, h, NULL, 2, 1);
+    assert_true(h[0] == to_bf16(22) && h[1] == to_bf16(28) && h[2] == to_bf16(49) &&
+                h[3] == to_bf16(64));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(computes_exact_small_product),
+        cmocka_unit_test(matches_reference_on_odd_shapes),
+        cmocka_unit_test(reads_transposed_and_strided_operands),
+        cmocka_unit_test(applies_alpha_and_beta),
+        cmocka_unit_test(batches_with_offsets_and_broadcast),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
