@@ -89,6 +89,11 @@ qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *wei
         (bias && (bias->dtype != x->dtype || bias->numel != d)))
         return qkv_set_error("%s: cannot normalise %s over its last %d dims with the given "
                              "weight and bias", name, qkv_shape_str(x, s, sizeof s), ndim);
+    if (x->dtype == QKV_BF16) /* in f32, rounded once at the end, as torch's bf16 kernel */
+        return qkv_to_dtype(qkv__layer_norm(qkv_to_dtype(x, QKV_F32), ndim,
+                                            weight ? qkv_to_dtype(weight, QKV_F32) : NULL,
+                                            bias ? qkv_to_dtype(bias, QKV_F32) : NULL, eps,
+                                            name), QKV_BF16);
     qkv_ctx *ctx = qkv_function_begin(&layer_norm_fn, 3, QKV_INPUTS(x, weight, bias),
                                       &(layer_norm_args){d, eps});
     qkv_save(ctx, X, x);

@@ -73,7 +73,7 @@ bool qkv_safetensors_writable(const char *path, size_t size);
  * integers only where the format has them), dtypes, shapes whose sizes must agree with the
  * offsets, offsets that tile the data exactly, unique names, and the checksum. Any problem is
  * an error naming the file (and the header byte, for JSON). Dtypes read as qkv dtypes: F32,
- * F64, I64, BOOL as themselves; F16 and BF16 as F32; U8, I8, I16, U16, I32, U32 as I64. */
+ * F64, I64, BOOL, BF16 as themselves; F16 as F32; U8, I8, I16, U16, I32, U32 as I64. */
 typedef struct qkv_safetensors qkv_safetensors;
 qkv_safetensors *qkv_safetensors_read(const char *path);
 /* The same from a copy of size bytes in memory; name stands for the path in messages. */

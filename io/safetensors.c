@@ -48,10 +48,10 @@ typedef struct file_dtype {
 static const file_dtype file_dtypes[] = {
     {"F32", 4, QKV_F32},  {"F64", 8, QKV_F64},  {"I64", 8, QKV_I64},  {"BOOL", 1, QKV_BOOL},
     {"U8", 1, QKV_I64},   {"I8", 1, QKV_I64},   {"I16", 2, QKV_I64},  {"U16", 2, QKV_I64},
-    {"I32", 4, QKV_I64},  {"U32", 4, QKV_I64},  {"F16", 2, QKV_F32},  {"BF16", 2, QKV_F32},
+    {"I32", 4, QKV_I64},  {"U32", 4, QKV_I64},  {"F16", 2, QKV_F32},  {"BF16", 2, QKV_BF16},
 };
 #define N_FILE_DTYPES (int)(sizeof file_dtypes / sizeof file_dtypes[0])
-enum { DT_F32, DT_F64, DT_I64, DT_BOOL, DT_U8 };
+enum { DT_F32, DT_F64, DT_I64, DT_BOOL, DT_U8, DT_BF16 = 11 };
 
 static int find_dtype(const char *name) {
     for (int i = 0; i < N_FILE_DTYPES; i++)
@@ -60,7 +60,8 @@ static int find_dtype(const char *name) {
 }
 
 static int dtype_of(qkv_dtype d) {
-    return d == QKV_F32 ? DT_F32 : d == QKV_F64 ? DT_F64 : d == QKV_I64 ? DT_I64 : DT_BOOL;
+    return d == QKV_F32 ? DT_F32 : d == QKV_F64 ? DT_F64 : d == QKV_I64 ? DT_I64
+         : d == QKV_BF16 ? DT_BF16 : DT_BOOL;
 }
 
 /* ---- CRC-32 (IEEE 802.3, reflected, as zlib's crc32) -------------------------------------- */
@@ -1061,17 +1062,10 @@ static void convert(const st_entry *e, const unsigned char *src, void *dst, int6
     for (int64_t i = 0; i < n; i++) {
         const unsigned char *p = src + (size_t)i * file_dtypes[e->dtype].size;
         const char *d = file_dtypes[e->dtype].name;
-        if (!strcmp(d, "F16") || !strcmp(d, "BF16")) {
+        if (!strcmp(d, "F16")) {
             uint16_t h;
             memcpy(&h, p, 2);
-            float v;
-            if (d[0] == 'B') {
-                uint32_t bits = (uint32_t)h << 16;
-                memcpy(&v, &bits, 4);
-            } else {
-                v = half_to_float(h);
-            }
-            ((float *)dst)[i] = v;
+            ((float *)dst)[i] = half_to_float(h);
             continue;
         }
         int64_t v = 0;

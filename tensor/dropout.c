@@ -55,6 +55,11 @@ static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *b
             memcpy(ys + 8 * j, &v, sizeof v);
         }
         for (int64_t i = 8 * groups; i < n; i++) ys[i] = xs[i] * t->f32[bits[groups]][i % 8];
+    } else if (dtype == QKV_BF16) { /* in f32, rounded on store, as torch's bf16 mul */
+        const uint16_t *xs = x;
+        uint16_t *ys = y;
+        for (int64_t i = 0; i < n; i++)
+            ys[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[i]) * t->f32[bits[i / 8]][i % 8]);
     } else {
         const double *xs = x;
         double *ys = y;

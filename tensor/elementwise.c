@@ -173,6 +173,7 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
         qkv_scope_end();
         return out;
     }
+    if (ct == QKV_BF16) return QKV__IN_F32(qkv__binary(op, QKV__F32(a), QKV__F32(b), name));
     qkv_tensor *out = broadcast_out(a, b, is_compare(op) ? QKV_BOOL : ct, name);
     if (!out) return NULL;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
@@ -194,7 +195,7 @@ qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, 
     if (!qkv__is_float(dt)) dt = s == floor(s) && fabs(s) < 9e15 ? QKV_I64 : QKV_F32;
     if (a->dtype == QKV_BOOL && is_compare(op) && (s == 0 || s == 1)) dt = QKV_BOOL;
     /* The scalar lives on the stack as a 0-d tensor: no allocation, nothing in the scope. */
-    union { float f; double d; int64_t i; bool b; } v;
+    union { float f; double d; int64_t i; bool b; uint16_t h; } v;
     qkv_storage storage = {.data = &v, .nbytes = sizeof v, .refcount = 1};
     qkv_tensor st = {0};
     st.dtype = dt;
@@ -330,6 +331,7 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
         qkv_scope_end();
         return out;
     }
+    if (ct == QKV_BF16) return QKV__IN_F32(qkv__unary(op, QKV__F32(a), name));
     qkv_tensor *out = qkv_empty(ct, a->ndim, a->shape);
     if (!out) return NULL;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];

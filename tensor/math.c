@@ -160,6 +160,7 @@ qkv_tensor *qkv__math(qkv_math_op op, const qkv_tensor *a, double p0, double p1,
         qkv_scope_end();
         return out;
     }
+    if (ct == QKV_BF16) return QKV__IN_F32(qkv__math(op, QKV__F32(a), p0, p1, name));
     qkv_tensor *out = qkv_empty(ct, a->ndim, a->shape);
     if (!out) return NULL;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
@@ -186,6 +187,8 @@ qkv_tensor *qkv__math_backward(qkv_math_op op, const qkv_tensor *x, const qkv_te
         qkv_scope_end();
         return out;
     }
+    if (x->dtype == QKV_BF16)
+        return QKV__IN_F32(qkv__math_backward(op, QKV__F32(x), QKV__F32(g), p0, p1, name));
     int ndim;
     int64_t shape[QKV_MAX_DIMS];
     if (!qkv__broadcast_shape(x->ndim, x->shape, g->ndim, g->shape, &ndim, shape)) {

@@ -58,6 +58,9 @@ static void gemm(qkv_dtype dt, int64_t batch, int64_t m, int64_t n, int64_t k, c
     if (dt == QKV_F32)
         qkv__gemm_f32(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, 0.0f, c, co, rsc,
                       csc);
+    else if (dt == QKV_BF16) /* f32 accumulation, one rounding per element, as torch's */
+        qkv__gemm_bf16_out(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
+                           csc);
     else
         qkv__gemm_f64(batch, m, n, k, 1.0, a, ao, rsa, csa, b, bo, rsb, csb, 0.0, c, co, rsc,
                       csc);
@@ -76,7 +79,7 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     if (!QKV__CHECK(name, a, b)) return NULL;
     if (a->ndim == 0 || b->ndim == 0) return matmul_error(name, a, b, "both operands need a dimension");
     if (!qkv__is_float(a->dtype) || !qkv__is_float(b->dtype))
-        return matmul_error(name, a, b, "operands must be f32 or f64");
+        return matmul_error(name, a, b, "operands must be f32, f64 or bf16");
     if (a->dtype != b->dtype) {
         qkv_scope_begin();
         qkv_dtype dt = qkv__promote(a->dtype, b->dtype);
@@ -152,6 +155,29 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     return out;
 }
 
+/* x W^T + b over bf16: the products accumulate in f32 onto the bias, and each element is
+ * rounded to bf16 once, as torch's bf16 addmm. Without a bias, straight into bf16. */
+static bool affine_bf16(qkv_tensor *out, int64_t rows, int64_t n, int64_t k, const uint16_t *x,
+                        int64_t rsx, int64_t csx, const uint16_t *w, int64_t rsw, int64_t csw,
+                        const uint16_t *bias) {
+    uint16_t *o = qkv_data(out);
+    if (!bias) {
+        qkv__gemm_bf16_out(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, o, NULL,
+                           n, 1);
+        return true;
+    }
+    size_t bytes = (size_t)rows * (size_t)n * sizeof(float);
+    float *acc = qkv__alloc(bytes);
+    if (!acc) return false;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) acc[r * n + j] = qkv__bf16_to_f32(bias[j]);
+    qkv__gemm_bf16(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, 1.0f, acc, NULL,
+                   n, 1);
+    for (int64_t i = 0; i < rows * n; i++) o[i] = qkv__f32_to_bf16(acc[i]);
+    qkv__free(acc, bytes);
+    return true;
+}
+
 /* The bias is added by the GEMM as it stores each tile, so it costs no pass of its own; W^T is
  * read through W's strides. */
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
@@ -199,6 +225,10 @@ qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tens
     const char *xd = qkv_data(x), *wd = qkv_data(w), *bd = bc ? qkv_data(bc) : NULL;
     char *od = qkv_data(out);
     int64_t csx = x->strides[x->ndim - 1];
+    if (x->dtype == QKV_BF16)
+        return affine_bf16(out, rows, out_f, in, (const uint16_t *)xd, rsx, csx,
+                           (const uint16_t *)wd, w->strides[1], w->strides[0],
+                           (const uint16_t *)bd) ? out : NULL;
     if (x->dtype == QKV_F32)
         qkv__gemm_bias_f32(rows, out_f, in, (const float *)xd, rsx, csx, (const float *)wd,
                            w->strides[1], w->strides[0], (const float *)bd, (float *)od, out_f);

@@ -420,6 +420,7 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
         qkv_scope_end();
         return out;
     }
+    if (a->dtype == QKV_BF16) return QKV__IN_F32(qkv__softmax(QKV__F32(a), axis, log, name));
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
@@ -484,6 +485,8 @@ qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool
     if (!QKV__CHECK(name, y, g)) return NULL;
     if (y->ndim == 0 || g->dtype != y->dtype || g->ndim != y->ndim || g->numel != y->numel)
         return qkv_set_error("%s: gradient does not match the output", name);
+    if (y->dtype == QKV_BF16)
+        return QKV__IN_F32(qkv__softmax_backward(QKV__F32(y), QKV__F32(g), log, name));
     qkv_tensor *yc = qkv__contiguous(y), *gc = qkv__contiguous(g);
     qkv_tensor *out = yc && gc ? qkv_empty(y->dtype, y->ndim, y->shape) : NULL;
     if (!out || out->numel == 0) return out;

@@ -77,13 +77,14 @@ uint64_t qkv_generator_below(qkv_generator *g, uint64_t n) {
 static bool check_float(const char *op, qkv_dtype dtype, const qkv_generator *g) {
     if (!g) return qkv_set_error("%s: no generator", op), false;
     if (qkv__is_float(dtype)) return true;
-    qkv_set_error("%s: dtype must be f32 or f64, not %s", op, qkv_dtype_name(dtype));
+    qkv_set_error("%s: dtype must be f32, f64 or bf16, not %s", op, qkv_dtype_name(dtype));
     return false;
 }
 
 qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
     QKV__OP("qkv_rand");
     if (!check_float("qkv_rand", dtype, g) || !qkv__check_shape("qkv_rand", ndim, shape)) return NULL;
+    if (dtype == QKV_BF16) return QKV__IN_F32(qkv_rand(QKV_F32, ndim, shape, g));
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     if (dtype == QKV_F32) {
@@ -99,6 +100,7 @@ qkv_tensor *qkv_rand(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_genera
 qkv_tensor *qkv_randn(qkv_dtype dtype, int ndim, const int64_t *shape, qkv_generator *g) {
     QKV__OP("qkv_randn");
     if (!check_float("qkv_randn", dtype, g) || !qkv__check_shape("qkv_randn", ndim, shape)) return NULL;
+    if (dtype == QKV_BF16) return QKV__IN_F32(qkv_randn(QKV_F32, ndim, shape, g));
     qkv_tensor *t = qkv_empty(dtype, ndim, shape);
     if (!t) return NULL;
     void *d = qkv_data(t);

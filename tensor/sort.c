@@ -69,6 +69,7 @@ qkv_tensor *qkv__cumsum(const qkv_tensor *a, int axis, bool reverse, const char 
         qkv_scope_end();
         return out;
     }
+    if (a->dtype == QKV_BF16) return QKV__IN_F32(qkv__cumsum(QKV__F32(a), axis, reverse, name));
     qkv_tensor *out = qkv_empty(a->dtype, a->ndim, a->shape);
     if (!out) return NULL;
     rows ra = rows_of(a, axis), ro = rows_of(out, axis);

@@ -5,6 +5,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -119,6 +120,94 @@ static void bf16_prints_like_torch(void **state) {
     free(s);
 }
 
+/* ---- Element-wise ops, reductions and products against torch ----------------------------- */
+
+static qkv_tensor *bf16_of(const uint16_t *bits, int ndim, const int64_t *shape) {
+    return qkv_from_array(QKV_BF16, ndim, shape, bits);
+}
+
+/* Distance in units of the last place between two finite bf16 values of one sign. */
+static int ulps(uint16_t x, uint16_t y) {
+    int d = (int)(x & 0x7FFF) - (int)(y & 0x7FFF);
+    return ((x ^ y) & 0x8000) && (x & 0x7FFF) + (y & 0x7FFF) ? 1000 : abs(d);
+}
+
+/* Element-wise ops compute in f32 and round once: the same bits as torch. Reductions and
+ * products accumulate in f32 in another order than torch: within one bf16 unit (2^-8
+ * relative), rounding being the only error left at bf16's precision. */
+static void assert_bf16_matches(const qkv_tensor *t, const uint16_t *want, int64_t n,
+                                int max_ulps, const char *what) {
+    assert_non_null(t);
+    assert_int_equal(t->dtype, QKV_BF16);
+    assert_int_equal(t->numel, n);
+    qkv_tensor *c = qkv_contiguous((qkv_tensor *)t);
+    const uint16_t *got = qkv_data(c);
+    for (int64_t i = 0; i < n; i++)
+        if (ulps(got[i], want[i]) > max_ulps)
+            fail_msg("%s[%lld]: qkv 0x%04X, torch 0x%04X", what, (long long)i, got[i], want[i]);
+}
+
+static void bf16_ops_match_torch(void **state) {
+    (void)state;
+    qkv_tensor *a = bf16_of(bf16_a, QKV_SHAPE(6, 10)), *b = bf16_of(bf16_b, QKV_SHAPE(6, 10));
+    qkv_tensor *w = bf16_of(bf16_w, QKV_SHAPE(4, 10)), *bias = bf16_of(bf16_bias, QKV_SHAPE(4));
+    assert_bf16_matches(qkv_add(a, b), bf16_add, 60, 0, "add");
+    assert_bf16_matches(qkv_mul(a, b), bf16_mul, 60, 0, "mul");
+    assert_bf16_matches(qkv_div(a, b), bf16_div, 60, 0, "div");
+    assert_bf16_matches(qkv_mul_scalar(a, 0.3), bf16_mul_scalar, 60, 0, "mul_scalar");
+    assert_bf16_matches(qkv_exp(a), bf16_exp, 60, 1, "exp"); /* vector exp vs libm's */
+    assert_bf16_matches(qkv_gelu(a, false), bf16_gelu, 60, 1, "gelu");
+    assert_bf16_matches(qkv_softmax(a, -1), bf16_softmax, 60, 1, "softmax");
+    assert_bf16_matches(qkv_sum(a, -1, false), bf16_sum, 6, 1, "sum");
+    assert_bf16_matches(qkv_mean(a, 0, false), bf16_mean, 10, 1, "mean");
+    assert_bf16_matches(qkv_max(a, -1, false), bf16_max, 6, 0, "max");
+    assert_bf16_matches(qkv_matmul(a, qkv_transpose(b, 0, 1)), bf16_matmul, 36, 1, "matmul");
+    assert_bf16_matches(qkv_affine(a, w, bias), bf16_linear, 24, 1, "linear");
+    assert_null(qkv_error());
+}
+
+/* bf16 with f32 promotes to f32, with i64 or bool stays bf16, as torch's result_type. */
+static void bf16_promotion_follows_torch(void **state) {
+    (void)state;
+    qkv_tensor *h = qkv_full(QKV_BF16, QKV_SHAPE(3), 1.5);
+    assert_int_equal(qkv_add(h, qkv_full(QKV_F32, QKV_SHAPE(3), 1))->dtype, QKV_F32);
+    assert_int_equal(qkv_add(h, qkv_full(QKV_F64, QKV_SHAPE(3), 1))->dtype, QKV_F64);
+    assert_int_equal(qkv_add(h, qkv_full(QKV_I64, QKV_SHAPE(3), 1))->dtype, QKV_BF16);
+    assert_int_equal(qkv_add(h, qkv_scalar(QKV_F32, 1))->dtype, QKV_BF16); /* 0-d f32 */
+    assert_int_equal(qkv_lt(h, qkv_full(QKV_F32, QKV_SHAPE(3), 2))->dtype, QKV_BOOL);
+    assert_int_equal(qkv_argmax(h, 0, false)->dtype, QKV_I64);
+}
+
+/* A BF16 leaf gets a BF16 gradient: d sum(x * x) / dx = 2x, exact in bf16 here. */
+static void bf16_leaf_gets_a_bf16_gradient(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_to_dtype(qkv_arange(QKV_F32, -2, 2, 0.5), QKV_BF16);
+    qkv_requires_grad_(x, true);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    assert_non_null(x->grad);
+    assert_int_equal(x->grad->dtype, QKV_BF16);
+    for (int64_t i = 0; i < 8; i++)
+        assert_true(qkv_get(x->grad, &i) == 2 * qkv_get(x, &i));
+}
+
+static void bf16_safetensors_round_trip_keeps_the_bits(void **state) {
+    (void)state;
+    char path[] = "/tmp/qkv_bf16_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    qkv_tensor *t = bf16_of(bf16_a, QKV_SHAPE(6, 10));
+    char *names[1] = {"a"};
+    qkv_named_list list = {1, names, &t};
+    assert_true(qkv_safetensors_write(path, &list, NULL));
+    qkv_safetensors *f = qkv_safetensors_read(path);
+    assert_non_null(f);
+    qkv_tensor *back = qkv_safetensors_tensor(f, "a");
+    assert_bf16_matches(back, bf16_a, 60, 0, "read back");
+    qkv_safetensors_free(f);
+    unlink(path);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
@@ -128,6 +217,10 @@ int main(void) {
         T(bf16_tensor_stores_two_bytes_and_converts_each_way),
         T(bf16_fill_full_and_strided_copy),
         T(bf16_prints_like_torch),
+        T(bf16_ops_match_torch),
+        T(bf16_promotion_follows_torch),
+        T(bf16_leaf_gets_a_bf16_gradient),
+        T(bf16_safetensors_round_trip_keeps_the_bits),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -714,6 +714,7 @@ static void other_writers_dtypes_read_as_qkv_dtypes(void **state) {
     assert_true(qkv_get(h, (int64_t[]){1}) == -ldexp(1, -24));
     qkv_tensor *b = qkv_safetensors_tensor(f, "b");
     assert_int_equal(b->ndim, 0);
+    assert_int_equal(b->dtype, QKV_BF16);
     assert_true(qkv_item(b) == -3.0);
     assert_true(qkv_item(qkv_safetensors_tensor(f, "i")) == -7.0);
     assert_int_equal(qkv_safetensors_tensor(f, "i")->dtype, QKV_I64);

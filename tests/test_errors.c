@@ -67,7 +67,7 @@ static void wrong_dtype_names_op_and_dtype(void **state) {
     qkv_generator g;
     qkv_generator_init(&g, 1);
     assert_null(qkv_rand(QKV_I64, QKV_SHAPE(2), &g));
-    assert_string_equal(qkv_error(), "qkv_rand: dtype must be f32 or f64, not i64");
+    assert_string_equal(qkv_error(), "qkv_rand: dtype must be f32, f64 or bf16, not i64");
 }
 
 static void index_out_of_range_names_index_and_shape(void **state) {

@@ -412,7 +412,7 @@ static void rand_of_integer_dtype_is_an_error(void **state) {
     qkv_generator g;
     qkv_generator_init(&g, 5);
     assert_null(qkv_rand(QKV_I64, QKV_SHAPE(2), &g));
-    assert_string_equal(qkv_error(), "qkv_rand: dtype must be f32 or f64, not i64");
+    assert_string_equal(qkv_error(), "qkv_rand: dtype must be f32, f64 or bf16, not i64");
 }
 
 /* ---- printing ---------------------------------------------------------------------------- */
