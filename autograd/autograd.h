@@ -36,6 +36,19 @@ void qkv_no_grad_begin(void);
 void qkv_no_grad_end(void);
 bool qkv_is_grad_enabled(void);
 
+/* Autocast (mixed precision), as torch.autocast("cpu", dtype=torch.bfloat16): between begin
+ * and end (per thread, nestable), qkv_matmul and qkv_affine (so linear layers and attention's
+ * products) take bf16 copies of F32 operands and return BF16, and the element-wise ops after
+ * them run in BF16 too; qkv_softmax, qkv_log_softmax, layer norm, sum, mean, var and the losses
+ * take F32 copies of BF16 inputs and return F32. Parameters stay F32 and get F32 gradients: a
+ * cast is recorded, and its gradient is a cast back; the backward's products run in bf16 as
+ * the forward's. A parameter (a leaf that requires grad) is converted once per outermost
+ * region, and again only after an in-place write (qkv_version). dtype must be QKV_BF16;
+ * false with an error otherwise. An end with no region open is an error. */
+bool qkv_autocast_begin(qkv_dtype dtype);
+void qkv_autocast_end(void);
+bool qkv_is_autocast_enabled(void);
+
 /* Anomaly mode: every recorded op checks its forward result for NaN (an infinity is no error:
  * masks put -inf there on purpose), and backward checks each gradient for NaN or an
  * infinity; the first one found is an error naming the op and, when it ran inside a module

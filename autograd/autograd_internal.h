@@ -92,6 +92,11 @@ void qkv__site_pop(void);
 #define QKV_INPUTS(...) ((const qkv_tensor *const[]){__VA_ARGS__})
 
 /* Reduces a gradient of a broadcast shape back to shape (sums the broadcast dims). */
+/* Under autocast (autograd/autocast.c): t as BF16 when it is F32, for the products (a
+ * parameter's copy cached); t as F32 when it is BF16, for the ops kept in f32. t itself
+ * outside a region or for other dtypes. NULL on failure. */
+qkv_tensor *qkv__autocast_lower(const qkv_tensor *t);
+qkv_tensor *qkv__autocast_f32(const qkv_tensor *t);
 qkv_tensor *qkv__sum_to(const qkv_tensor *g, int ndim, const int64_t *shape);
 bool qkv__needs_grad(const qkv_tensor *t);
 

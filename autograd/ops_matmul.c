@@ -61,6 +61,11 @@ static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
 static const qkv_function matmul_fn = {.name = "matmul", .backward = matmul_backward};
 
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
+    if (qkv_is_autocast_enabled() && a && b) {
+        a = qkv__autocast_lower(a);
+        b = a ? qkv__autocast_lower(b) : NULL;
+        if (!a || !b) return NULL;
+    }
     qkv_ctx *ctx = qkv_function_begin(&matmul_fn, 2, QKV_INPUTS(a, b), NULL);
     if (NEEDS(0)) qkv_save(ctx, 1, b);
     if (NEEDS(1)) qkv_save(ctx, 0, a);
@@ -85,6 +90,11 @@ static void affine_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
 static const qkv_function affine_fn = {.name = "affine", .backward = affine_backward};
 
 qkv_tensor *qkv_affine(const qkv_tensor *x, const qkv_tensor *weight, const qkv_tensor *bias) {
+    if (qkv_is_autocast_enabled() && x && weight) {
+        x = qkv__autocast_lower(x);
+        weight = x ? qkv__autocast_lower(weight) : NULL;
+        if (!x || !weight || (bias && !(bias = qkv__autocast_lower(bias)))) return NULL;
+    }
     qkv_ctx *ctx = qkv_function_begin(&affine_fn, 3, QKV_INPUTS(x, weight, bias), NULL);
     if (NEEDS(0)) qkv_save(ctx, 1, weight);
     if (NEEDS(1)) qkv_save(ctx, 0, x);

@@ -81,6 +81,7 @@ qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *wei
     if (QKV__NULL_ARGS(name, x)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, x, weight, bias)) return NULL;
+    if (!(x = qkv__autocast_f32(x))) return NULL;
     int64_t d = 1;
     for (int i = x->ndim - ndim; i < x->ndim; i++) d *= i >= 0 ? x->shape[i] : 0;
     char s[128];

@@ -80,6 +80,7 @@ static qkv_tensor *reduce_axes(qkv_reduce_op op, const qkv_tensor *a, int naxes,
                                const qkv_function *fn, const char *name) {
     uint32_t mask;
     if (QKV__NULL_ARGS(name, a) || !axes_mask(name, a, naxes, axes, &mask)) return NULL;
+    if (!(a = qkv__autocast_f32(a))) return NULL; /* sum, mean, var: f32 under autocast */
     return reduce_op(op, a, mask, keepdim, correction, fn, op == QKV_RED_VAR, name);
 }
 
@@ -90,7 +91,7 @@ qkv_tensor *qkv_sum(const qkv_tensor *a, int axis, bool keepdim) {
     return reduce_axes(QKV_RED_SUM, a, 1, &axis, keepdim, 0, &sum_fn, "qkv_sum");
 }
 qkv_tensor *qkv_sum_all(const qkv_tensor *a) {
-    if (QKV__NULL_ARGS("qkv_sum_all", a)) return NULL;
+    if (QKV__NULL_ARGS("qkv_sum_all", a) || !(a = qkv__autocast_f32(a))) return NULL;
     return reduce_op(QKV_RED_SUM, a, all_axes(a), false, 0, &sum_fn, false, "qkv_sum_all");
 }
 
@@ -109,7 +110,7 @@ qkv_tensor *qkv_mean(const qkv_tensor *a, int axis, bool keepdim) {
     return reduce_axes(QKV_RED_MEAN, a, 1, &axis, keepdim, 0, &mean_fn, "qkv_mean");
 }
 qkv_tensor *qkv_mean_all(const qkv_tensor *a) {
-    if (QKV__NULL_ARGS("qkv_mean_all", a)) return NULL;
+    if (QKV__NULL_ARGS("qkv_mean_all", a) || !(a = qkv__autocast_f32(a))) return NULL;
     return reduce_op(QKV_RED_MEAN, a, all_axes(a), false, 0, &mean_fn, false, "qkv_mean_all");
 }
 
@@ -280,7 +281,7 @@ static const qkv_function log_softmax_fn = {.name = "log_softmax",
                                             .args_size = sizeof(softmax_args)};
 
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
-    if (QKV__NULL_ARGS(name, a)) return NULL;
+    if (QKV__NULL_ARGS(name, a) || !(a = qkv__autocast_f32(a))) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     qkv_ctx *ctx = qkv_function_begin(log ? &log_softmax_fn : &softmax_fn, 1, QKV_INPUTS(a),

@@ -56,7 +56,7 @@ static bool shape_matches(const qkv_layer_norm *m, const qkv_tensor *x) {
 }
 
 static qkv_tensor *layer_norm_forward(qkv_layer_norm *m, const qkv_tensor *x) {
-    if (!m || !x) return NULL;
+    if (!m || !x || !(x = qkv__autocast_f32(x))) return NULL; /* f32 under autocast */
     if (!shape_matches(m, x)) {
         char s[128];
         return qkv_set_error("qkv_layer_norm_forward: input %s does not end with the "

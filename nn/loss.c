@@ -4,8 +4,8 @@
  */
 #include <string.h>
 
+#include "autograd/autograd_internal.h"
 #include "nn/nn.h"
-#include "tensor/tensor_internal.h"
 
 static qkv_tensor *reduce(qkv_tensor *loss, qkv_reduction reduction, double count) {
     switch (reduction) {
@@ -74,6 +74,7 @@ qkv_tensor *qkv_nll_loss(const qkv_tensor *log_probs, const qkv_tensor *targets,
     if (!log_probs || !targets || !check_reduction("qkv_nll_loss", reduction) ||
         !check_classification("qkv_nll_loss", log_probs, targets, ignore_index, &n_valid))
         return NULL;
+    if (!(log_probs = qkv__autocast_f32(log_probs))) return NULL; /* f32 under autocast */
     qkv_tensor *valid = qkv_ne_scalar(targets, (double)ignore_index);
     return reduce(picked_nll(log_probs, targets, valid), reduction, (double)n_valid);
 }
@@ -109,6 +110,8 @@ qkv_tensor *qkv_mse_loss(const qkv_tensor *input, const qkv_tensor *target,
     if (QKV__NULL_ARGS("qkv_mse_loss", input, target) ||
         !check_reduction("qkv_mse_loss", reduction))
         return NULL;
+    if (!(input = qkv__autocast_f32(input)) || !(target = qkv__autocast_f32(target)))
+        return NULL; /* f32 under autocast */
     qkv_tensor *d = qkv_sub(input, target);
     if (d && d->numel != input->numel) {
         char si[128], st[128];
@@ -142,6 +145,8 @@ qkv_tensor *qkv_binary_cross_entropy_with_logits(const qkv_tensor *logits,
                              "shape of logits %s", qkv_shape_str(targets, st, sizeof st),
                              qkv_shape_str(logits, si, sizeof si));
     }
+    if (!(logits = qkv__autocast_f32(logits)) || !(targets = qkv__autocast_f32(targets)))
+        return NULL; /* f32 under autocast */
     qkv_tensor *log_p = log_sigmoid(logits), *log_not_p = log_sigmoid(qkv_neg(logits));
     qkv_tensor *loss = qkv_neg(qkv_add(qkv_mul(targets, log_p),
                                        qkv_mul(qkv_rsub_scalar(1.0, targets), log_not_p)));
