@@ -9,6 +9,7 @@
 
 #include <cmocka.h>
 
+#include "fixtures/autocast_fixtures.h"
 #include "harness.h"
 
 static qkv_tensor *param(int64_t rows, int64_t cols, uint64_t seed) {
@@ -150,6 +151,141 @@ static void parameters_get_f32_gradients_through_the_cast(void **state) {
         for (int64_t j = 0; j < 2; j++) assert_true(qkv_get(w->grad, (int64_t[]){i, j}) == 3.0);
 }
 
+/* ---- A training step against torch's autocast step --------------------------------------- */
+
+/* The parameter of the attention ("attn.<name>") or the linear head ("head.<name>"). */
+static qkv_tensor *model_param(qkv_module *attn, qkv_module *head, const char *name) {
+    bool is_attn = !strncmp(name, "attn.", 5);
+    qkv_named_list *l = qkv_module_parameters(is_attn ? attn : head);
+    assert_non_null(l);
+    qkv_tensor *t = NULL;
+    for (int i = 0; i < l->n; i++)
+        if (!strcmp(l->names[i], name + 5)) t = l->tensors[i];
+    qkv_named_list_free(l);
+    if (!t) fail_msg("no parameter %s", name);
+    return t;
+}
+
+/* bf16 keeps 8 significant bits: one rounding is off by at most 2^-9 relative, and the step
+ * chains about a dozen rounded ops (projections, scores, weighted sum, output projection,
+ * head, and their backward products), in another order than torch, which also rounds its
+ * softmax to bf16 where qkv keeps it in f32. Each value is held to 2^-9 * 16 = 2^-5 of its
+ * tensor's largest magnitude: bf16 error over 16 chained roundings (the worst seen is about
+ * 2^-6). That the products did run in bf16 shows in the dtypes and in the distance from
+ * torch's float32 gradients, which a float32 step would meet to about 1e-6. */
+#define AC_TOL 0x1p-5
+
+/* The largest magnitude in the entry name of table. The key projection's bias adds one
+ * q . b_k to a whole row of scores, which softmax ignores: its gradient is zero and both sides
+ * hold rounding noise there, held to the scale of the query bias's gradient. */
+static double table_scale(const autocast_fixture *table, const char *name) {
+    double scale = 0;
+    for (const autocast_fixture *e = table; e->name; e++)
+        if (!strcmp(e->name, name))
+            for (int64_t i = 0; i < e->numel; i++) scale = fmax(scale, fabs(e->data[i]));
+    return scale;
+}
+
+static void assert_table_close(qkv_module *attn, qkv_module *head,
+                               const autocast_fixture *table, bool grads) {
+    for (const autocast_fixture *e = table; e->name; e++) {
+        qkv_tensor *p = model_param(attn, head, e->name);
+        qkv_tensor *t = grads ? p->grad : p;
+        assert_non_null(t);
+        assert_int_equal(t->dtype, QKV_F32);
+        assert_int_equal(t->numel, e->numel);
+        float *got = malloc((size_t)e->numel * sizeof *got);
+        assert_true(qkv_copy_out(t, QKV_F32, got));
+        double scale = table_scale(table, grads && !strcmp(e->name, "attn.k_proj.bias")
+                                              ? "attn.q_proj.bias" : e->name);
+        double worst = 0;
+        for (int64_t i = 0; i < e->numel; i++) worst = fmax(worst, fabs(got[i] - e->data[i]));
+        for (int64_t i = 0; i < e->numel; i++)
+            if (fabs(got[i] - e->data[i]) > AC_TOL * scale)
+                fail_msg("%s%s[%lld]: qkv %.6g, torch %.6g (scale %.3g)", grads ? "d " : "",
+                         e->name, (long long)i, got[i], e->data[i], scale);
+        free(got);
+    }
+}
+
+static void attention_step_under_autocast_matches_torch(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_multi_head_attention *attn =
+        qkv_multi_head_attention_new(AC_E, AC_H, 0.0, true, 0, 0, &g);
+    qkv_linear *head = qkv_linear_new(AC_E, AC_C, true, &g);
+    qkv_module *ma = QKV_MODULE(attn), *mh = QKV_MODULE(head);
+    for (const autocast_fixture *e = ac_weights; e->name; e++) {
+        qkv_tensor *p = model_param(ma, mh, e->name);
+        assert_int_equal(p->numel, e->numel);
+        assert_true(qkv_copy_(p, qkv_reshape(qkv_from_array(QKV_F64, QKV_SHAPE(e->numel),
+                                                            e->data), p->ndim, p->shape)));
+    }
+    qkv_optimizer *opt = qkv_sgd_new();
+    qkv_named_list *pa = qkv_module_parameters(ma), *ph = qkv_module_parameters(mh);
+    assert_true(qkv_optimizer_add_group(opt, pa, qkv_sgd_config(AC_LR)));
+    assert_true(qkv_optimizer_add_group(opt, ph, qkv_sgd_config(AC_LR)));
+    qkv_named_list_free(pa);
+    qkv_named_list_free(ph);
+
+    qkv_tensor *x = qkv_to_dtype(qkv_from_array(QKV_F64, QKV_SHAPE(AC_B, AC_T, AC_E), ac_x),
+                                 QKV_F32);
+    qkv_tensor *targets = qkv_from_array(QKV_I64, QKV_SHAPE(AC_B * AC_T), ac_targets);
+    assert_true(qkv_autocast_begin(QKV_BF16));
+    qkv_tensor *out = qkv_multi_head_attention_forward(attn, x, x, x, NULL);
+    qkv_tensor *logits = qkv_linear_forward(head, out);
+    qkv_tensor *loss = qkv_cross_entropy(qkv_reshape(logits, QKV_SHAPE(AC_B * AC_T, AC_C)),
+                                         targets, QKV_REDUCTION_MEAN, -100, 0);
+    qkv_autocast_end();
+    assert_non_null(loss);
+    assert_int_equal(out->dtype, QKV_BF16);
+    assert_int_equal(logits->dtype, QKV_BF16);
+    assert_int_equal(loss->dtype, QKV_F32);
+    assert_true(fabs(qkv_item(loss) - AC_LOSS) <= AC_TOL * AC_LOSS);
+    assert_true(qkv_backward(loss));
+    assert_table_close(ma, mh, ac_grads, true);
+    double from_f32 = 0;
+    for (const autocast_fixture *e = ac_grads_f32; e->name; e++) {
+        qkv_tensor *d = qkv_sub(qkv_to_dtype(model_param(ma, mh, e->name)->grad, QKV_F64),
+                                qkv_reshape(qkv_from_array(QKV_F64, QKV_SHAPE(e->numel),
+                                                           e->data),
+                                            model_param(ma, mh, e->name)->ndim,
+                                            model_param(ma, mh, e->name)->shape));
+        bool noise = !strcmp(e->name, "attn.k_proj.bias"); /* zero; see table_scale */
+        from_f32 = fmax(from_f32, qkv_item(qkv_max_all(qkv_abs(d))) /
+                                      table_scale(ac_grads_f32, noise ? "attn.q_proj.bias"
+                                                                      : e->name));
+    }
+    assert_true(from_f32 > 1e-3); /* bf16's rounding, not float32's */
+    assert_true(qkv_optimizer_step(opt));
+    assert_table_close(ma, mh, ac_updated, false);
+    qkv_optimizer_free(opt);
+    qkv_module_free(ma);
+    qkv_module_free(mh);
+    assert_null(qkv_error());
+}
+
+/* Gradient checks are F64 and autocast leaves F64 alone: a product and softmax still pass
+ * after a region has been open and closed. */
+static qkv_tensor *softmax_of_product(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    return qkv_softmax(qkv_matmul(in[0], in[1]), -1);
+}
+
+static void gradcheck_passes_in_f64_with_autocast_off(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 9);
+    qkv_tensor *in[2] = {qkv_requires_grad_(qkv_randn(QKV_F64, QKV_SHAPE(3, 4), &g), true),
+                         qkv_requires_grad_(qkv_randn(QKV_F64, QKV_SHAPE(4, 5), &g), true)};
+    qkv_autocast_begin(QKV_BF16);
+    qkv_autocast_end();
+    assert_true(qkv_gradcheck(softmax_of_product, in, 2, NULL, 1e-6, 1e-7, 1e-5));
+    assert_null(qkv_error());
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, open_scope, close_scope)
@@ -159,6 +295,8 @@ int main(void) {
         T(under_no_grad_products_are_bf16_and_unrecorded),
         T(a_parameters_copy_is_cached_until_it_is_written),
         T(parameters_get_f32_gradients_through_the_cast),
+        T(attention_step_under_autocast_matches_torch),
+        T(gradcheck_passes_in_f64_with_autocast_off),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
