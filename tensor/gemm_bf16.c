@@ -194,6 +194,16 @@ static inline uint32_t pair_of(uint16_t lo, uint16_t hi) {
     return (uint32_t)lo | (uint32_t)hi << 16;
 }
 
+/* h[0:16] = r rounded to bf16, to nearest even as bf16_round does, a NaN kept quiet. */
+static inline __attribute__((always_inline)) TARGET void store_rounded(uint16_t *h, __m512 r) {
+    __m512i u = _mm512_castps_si512(r);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rn = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    rn = _mm512_mask_or_epi32(rn, nan, u, _mm512_set1_epi32(0x400000));
+    _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rn, 16)));
+}
+
 /* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C over kcp pairs, C rows rsc apart with
  * contiguous columns; when h is not NULL, the result is rounded to bf16 and written to h
  * (rows rsh apart) instead, C being read only when beta is not 0. mr and nv are constants in
@@ -223,23 +233,36 @@ tile(const int mr, const int nv, int64_t kcp, const uint32_t *restrict ap,
         ap += mr;
         bp += nv * VL;
     } while (++q < kcp);
+    /* One store loop per case, with no branch inside it: with small k (attention's per-head
+     * products) the stores weigh. Every case does the same operations in the same order
+     * (acc * alpha, + beta * C, rounding). */
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (!h) {
+        if (beta == 0) {
+            for (int i = 0; i < mr; i++)
+                for (int v = 0; v < nv; v++)
+                    _mm512_storeu_ps(c + i * rsc + v * VL, _mm512_mul_ps(acc[i][v], va));
+            return;
+        }
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++) {
+                float *cp = c + i * rsc + v * VL;
+                __m512 r = _mm512_mul_ps(acc[i][v], va);
+                _mm512_storeu_ps(cp, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cp), r));
+            }
+        return;
+    }
+    if (beta == 0) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                store_rounded(h + i * rsh + v * VL, _mm512_mul_ps(acc[i][v], va));
+        return;
+    }
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++) {
             __m512 r = _mm512_mul_ps(acc[i][v], va);
-            if (beta != 0) r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(c + i * rsc + v * VL), r);
-            if (!h) {
-                _mm512_storeu_ps(c + i * rsc + v * VL, r);
-                continue;
-            }
-            /* round to nearest even as bf16_round does, NaN kept quiet */
-            __m512i u = _mm512_castps_si512(r);
-            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            __m512i rn = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-            __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-            rn = _mm512_mask_or_epi32(rn, nan, u, _mm512_set1_epi32(0x400000));
-            _mm256_storeu_si256((__m256i *)(h + i * rsh + v * VL),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(rn, 16)));
+            r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(c + i * rsc + v * VL), r);
+            store_rounded(h + i * rsh + v * VL, r);
         }
 }
 
@@ -339,27 +362,43 @@ static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, 
 
 /* Element (x, l) at src[l * ss + x], so a step of k is a contiguous row: a row-major B, or an
  * A read transposed. Packs `count` values of x into panels of width w (the last one of width
- * ew, zero-padded), two rows of k interleaved into pairs 16 at a time. */
+ * ew, zero-padded), two rows of k widened and interleaved into pairs 16 at a time. Pairs go
+ * in groups of PACK_PAIRS, each group across all the panels: going panel by panel reads the
+ * rows' cache lines far apart in time, over a row stride that is often a power of two, and
+ * going row by row scatters the writes over panels w * kcp apart; both make the L1 sets
+ * conflict (the F32 GEMM's pack_rows says the same). */
 static TARGET void pack_pairs_across(const uint16_t *src, int64_t ss, int64_t count, int w,
                                      int ew, int64_t kc, uint32_t *restrict dst) {
+    enum { PACK_PAIRS = 8 };
     int64_t kcp = (kc + 1) / 2, full = count / w;
-    int64_t span = (count + VL - 1) / VL * VL;
-    _Alignas(64) uint32_t row[MC + 2 * VL];
-    for (int64_t q = 0; q < kcp; q++) {
-        const uint16_t *r0 = src + 2 * q * ss, *r1 = r0 + ss;
-        bool pad = 2 * q + 1 == kc;
-        for (int64_t x = 0; x < span; x += VL) {
-            __mmask16 mask = count - x >= VL ? 0xffff : (__mmask16)((1u << (count - x)) - 1);
-            __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + x));
-            __m512i hi = pad ? _mm512_setzero_si512()
-                             : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r1 + x));
-            _mm512_store_si512(row + x, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    for (int64_t q0 = 0; q0 < kcp; q0 += PACK_PAIRS) {
+        int64_t q1 = kcp - q0 < PACK_PAIRS ? kcp : q0 + PACK_PAIRS;
+        /* The rows of the next group are read across, a line from each in turn, which the
+         * hardware prefetcher does not follow: ask for them while this group is packed. */
+        for (int64_t l = 2 * q1; l < 2 * q1 + 2 * PACK_PAIRS && l < kc; l++)
+            for (int64_t x = 0; x < count; x += 32) __builtin_prefetch(src + l * ss + x, 0, 3);
+        for (int64_t p = 0; p * w < count; p++) {
+            int pw = p < full ? w : ew;
+            int64_t x0 = p * w, cnt = count - x0 < w ? count - x0 : w;
+            uint32_t *d = dst + p * w * kcp;
+            for (int64_t q = q0; q < q1; q++) {
+                const uint16_t *r0 = src + 2 * q * ss + x0, *r1 = r0 + ss;
+                bool pad = 2 * q + 1 == kc;
+                for (int x = 0; x < pw; x += VL) {
+                    int64_t valid = cnt - x < 0 ? 0 : cnt - x > VL ? VL : cnt - x;
+                    __mmask16 ml = (__mmask16)((1u << valid) - 1);
+                    __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r0 + x));
+                    __m512i hi = pad ? _mm512_setzero_si512()
+                                     : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r1 + x));
+                    __m512i v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+                    int n = pw - x < VL ? pw - x : VL;
+                    if (n == VL)
+                        _mm512_storeu_si512(d + q * pw + x, v);
+                    else
+                        _mm512_mask_storeu_epi32(d + q * pw + x, (__mmask16)((1u << n) - 1), v);
+                }
+            }
         }
-        for (int64_t x = span; x < span + VL; x++) row[x] = 0;
-        uint32_t *d = dst + q * w;
-        for (int64_t p = 0; p < full; p++) memcpy(d + p * w * kcp, row + p * w, (size_t)w * 4);
-        if (full * w < count)
-            memcpy(d + full * w * kcp - q * w + q * ew, row + full * w, (size_t)ew * 4);
     }
 }
 
