@@ -1,10 +1,15 @@
 /*
- * GEMM throughput of qkv against OpenBLAS's cblas_sgemm, side by side in one run.
+ * GEMM throughput of qkv against OpenBLAS's cblas_sgemm, side by side in one run, then qkv's
+ * bf16 GEMM against its own F32 GEMM.
  *
- * Single precision, row-major, on square sizes and on the shapes a transformer layer runs:
- * projections forward, the per-head attention products, and the transposed products of the
- * backward pass. Each figure is the median of several timed repetitions, at 1 and 2 threads.
- * Built without OpenBLAS, it prints the qkv figures only.
+ * Row-major, on square sizes and on the shapes a transformer layer runs: projections forward,
+ * the per-head attention products, and the transposed products of the backward pass. Each
+ * figure is the median of several timed repetitions, at 1 and 2 threads, and is also given as
+ * a share of the measured peak of as many cores (bench/peak.h): F32 figures of the F32 FMA
+ * peak, bf16 figures of the VDPBF16PS peak. The bf16 rows (square sizes from 512, and the
+ * transformer shapes) time qkv__gemm_bf16_out, bf16 in and out as under autocast, against
+ * qkv__gemm_f32 on the same shape, alternating. Built without OpenBLAS, the first table has
+ * the qkv figures only.
  *
  * Usage: bench/gemm [threads...]   (default: 1 2)
  */
@@ -13,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "peak.h"
 #include "tensor/tensor_internal.h"
 
 #ifdef QKV_HAVE_OPENBLAS
@@ -54,6 +60,7 @@ static double now(void) {
 typedef struct operands {
     const shape *s;
     float *a, *b, *c;
+    uint16_t *ah, *bh, *ch; /* the same as bf16 (the bf16 rows only) */
     int64_t *a_off, *b_off, *c_off;
     int64_t lda, ldb, ldc; /* leading dimensions of the stored (row-major) matrices */
 } operands;
@@ -64,6 +71,14 @@ static void run_qkv(const operands *o) {
     int64_t rsb = s->trans_b ? 1 : o->ldb, csb = s->trans_b ? o->ldb : 1;
     qkv__gemm_f32(s->batch, s->m, s->n, s->k, 1.0f, o->a, o->a_off, rsa, csa, o->b, o->b_off,
                   rsb, csb, 0.0f, o->c, o->c_off, o->ldc, 1);
+}
+
+static void run_qkv_bf16(const operands *o) {
+    const shape *s = o->s;
+    int64_t rsa = s->trans_a ? 1 : o->lda, csa = s->trans_a ? o->lda : 1;
+    int64_t rsb = s->trans_b ? 1 : o->ldb, csb = s->trans_b ? o->ldb : 1;
+    qkv__gemm_bf16_out(s->batch, s->m, s->n, s->k, 1.0f, o->ah, o->a_off, rsa, csa, o->bh,
+                       o->b_off, rsb, csb, o->ch, o->c_off, o->ldc, 1);
 }
 
 #ifdef QKV_HAVE_OPENBLAS
@@ -140,7 +155,33 @@ static float *random_floats(int64_t count, unsigned *seed) {
     return p;
 }
 
-static void bench_shape(const shape *s, const int *threads, int n_threads) {
+/* bf16 values of x, truncated: the bench needs bf16 data, not a particular rounding. */
+static uint16_t *to_bf16(const float *x, int64_t count) {
+    uint16_t *p = malloc((size_t)count * sizeof(uint16_t));
+    if (!p) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        p[i] = (uint16_t)(u >> 16);
+    }
+    return p;
+}
+
+/* Measured peaks per thread count, F32 and BF16: the denominators of the shares. */
+typedef struct peaks {
+    double f32[8], bf16[8];
+} peaks;
+
+static double share(double gflops, double peak) {
+    return peak > 0 ? 100 * gflops / peak : 0;
+}
+
+/* bf16: the second table (qkv bf16 against qkv F32) instead of the first. */
+static void bench_shape(const shape *s, const int *threads, int n_threads, const peaks *pk,
+                        bool bf16) {
     operands o = {.s = s};
     unsigned seed = 12345;
     o.lda = s->trans_a ? s->m : s->k;
@@ -150,6 +191,11 @@ static void bench_shape(const shape *s, const int *threads, int n_threads) {
     o.a = random_floats(sa * s->batch, &seed);
     o.b = random_floats(sb * s->batch, &seed);
     o.c = random_floats(sc * s->batch, &seed);
+    if (bf16) {
+        o.ah = to_bf16(o.a, sa * s->batch);
+        o.bh = to_bf16(o.b, sb * s->batch);
+        o.ch = to_bf16(o.c, sc * s->batch);
+    }
     o.a_off = malloc((size_t)s->batch * 3 * sizeof(int64_t));
     if (!o.a_off) exit(1);
     o.b_off = o.a_off + s->batch;
@@ -162,6 +208,16 @@ static void bench_shape(const shape *s, const int *threads, int n_threads) {
     double flops = 2.0 * (double)s->batch * (double)s->m * (double)s->n * (double)s->k;
     for (int t = 0; t < n_threads; t++) {
         qkv_set_num_threads(threads[t]);
+        double secs[2];
+        if (bf16) {
+            void (*const fns[])(const operands *) = {run_qkv, run_qkv_bf16};
+            median_times(fns, 2, &o, secs);
+            double f = flops / secs[0] * 1e-9, h = flops / secs[1] * 1e-9;
+            printf("bf16 %-23s %3d %9.1f %5.0f%% %9.1f %5.0f%% %7.2f\n", s->name, threads[t], f,
+                   share(f, pk->f32[t]), h, share(h, pk->bf16[t]), secs[0] / secs[1]);
+            fflush(stdout);
+            continue;
+        }
 #ifdef QKV_HAVE_OPENBLAS
         openblas_set_num_threads(threads[t]);
         void (*const fns[])(const operands *) = {run_qkv, run_openblas};
@@ -169,17 +225,22 @@ static void bench_shape(const shape *s, const int *threads, int n_threads) {
         void (*const fns[])(const operands *) = {run_qkv};
 #endif
         enum { n_fns = sizeof(fns) / sizeof(fns[0]) };
-        double secs[2];
         median_times(fns, n_fns, &o, secs);
-        printf("%-28s %3d %9.1f", s->name, threads[t], flops / secs[0] * 1e-9);
-        if (n_fns > 1)
-            printf(" %9.1f %7.2f", flops / secs[1] * 1e-9, secs[1] / secs[0]);
+        double q = flops / secs[0] * 1e-9;
+        printf("%-28s %3d %9.1f %5.0f%%", s->name, threads[t], q, share(q, pk->f32[t]));
+        if (n_fns > 1) {
+            double r = flops / secs[1] * 1e-9;
+            printf(" %9.1f %5.0f%% %7.2f", r, share(r, pk->f32[t]), secs[1] / secs[0]);
+        }
         printf("\n");
         fflush(stdout);
     }
     free(o.a);
     free(o.b);
     free(o.c);
+    free(o.ah);
+    free(o.bh);
+    free(o.ch);
     free(o.a_off);
 }
 
@@ -190,13 +251,32 @@ int main(int argc, char **argv) {
         for (int i = 1; i < argc && n_threads < 8; i++) threads[n_threads++] = atoi(argv[i]);
     }
     const char *only = getenv("QKV_BENCH_ONLY"); /* substring of the shape names to run */
+    peaks pk = {{0}, {0}};
+    for (int t = 0; t < n_threads; t++) {
+        pk.f32[t] = peak_gflops(PEAK_F32, threads[t]);
+        pk.bf16[t] = peak_gflops(PEAK_BF16, threads[t]);
+        printf("measured peak, %d thread(s): F32 FMA %.1f GFLOP/s, BF16 VDPBF16PS %.1f GFLOP/s\n",
+               threads[t], pk.f32[t], pk.bf16[t]);
+    }
 #ifdef QKV_HAVE_OPENBLAS
     printf("OpenBLAS %s, core %s\n", openblas_get_config(), openblas_get_corename());
-    printf("%-28s %3s %9s %9s %7s\n", "sgemm (GFLOP/s)", "thr", "qkv", "OpenBLAS", "ratio");
+    printf("%-28s %3s %9s %6s %9s %6s %7s\n", "sgemm (GFLOP/s, % of peak)", "thr", "qkv", "%pk",
+           "OpenBLAS", "%pk", "ratio");
 #else
-    printf("%-28s %3s %9s\n", "sgemm (GFLOP/s)", "thr", "qkv");
+    printf("%-28s %3s %9s %6s\n", "sgemm (GFLOP/s, % of peak)", "thr", "qkv", "%pk");
 #endif
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
-        if (!only || strstr(shapes[i].name, only)) bench_shape(&shapes[i], threads, n_threads);
+        if (!only || strstr(shapes[i].name, only))
+            bench_shape(&shapes[i], threads, n_threads, &pk, false);
+    printf("\nbf16 GEMM, bf16 in and out, f32 sums (path: %s)\n",
+           qkv__gemm_bf16_path() == QKV_BF16_GEMM_NATIVE ? "VDPBF16PS" : "widened to F32");
+    printf("%-33s %3s %9s %6s %9s %6s %7s\n", "qkv bf16 vs F32 (GFLOP/s, % of pk)", "thr",
+           "F32", "%pk", "bf16", "%pk", "ratio");
+    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
+        bool small = shapes[i].batch == 1 && shapes[i].m == shapes[i].n &&
+                     shapes[i].n == shapes[i].k && shapes[i].m < 512;
+        if (!small && (!only || strstr(shapes[i].name, only)))
+            bench_shape(&shapes[i], threads, n_threads, &pk, true);
+    }
     return 0;
 }

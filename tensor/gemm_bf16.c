@@ -3,13 +3,37 @@
  * tensors and autocast.
  *
  * A product of two bf16 values (8-bit significands) is exact in float32, so the only rounding
- * is that of the float32 sums, as in the F32 GEMM. This path widens the operands to float32
- * and runs the F32 GEMM on them, which works on any CPU.
+ * is that of the float32 sums, as in the F32 GEMM. Two paths compute it:
+ *  - native, on CPUs with AVX512_BF16: VDPBF16PS multiplies 16 pairs of bf16 by 16 pairs and
+ *    adds each pair's two products to a float32 lane, twice the multiply-adds of a float32
+ *    FMA in one instruction. Blocked and packed like the F32 GEMM (tensor/gemm_template.h),
+ *    with the operands packed in pairs of k: a step of the micro-kernel consumes two k steps.
+ *    The instruction treats subnormal inputs and results as zero (it ignores MXCSR), so
+ *    values below 2^-126 in magnitude are flushed inside the products and sums of this path;
+ *  - converting, on any CPU: the operands are widened to float32 and run through the F32
+ *    GEMM. It needs memory for the widened copies.
+ * The native path is taken where the CPU has the instruction; the environment variable
+ * QKV_BF16_GEMM=convert|native (read once) or qkv__gemm_bf16_use force one.
+ *
+ * Threads split the output exactly as the F32 GEMM does (tensor/gemm_plan.h) and the k blocks
+ * do not depend on the split, so results are bitwise the same for any thread count.
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <threads.h>
 
+#include "tensor/gemm_plan.h"
 #include "tensor/tensor_internal.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) &&                                             \
+    ((defined(__clang__) && __clang_major__ >= 14) ||                                         \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
+#define GEMM_BF16_NATIVE 1
+#include <immintrin.h>
+#else
+#define GEMM_BF16_NATIVE 0
+#endif
 
 static inline float bf16_widen(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -27,6 +51,74 @@ static inline uint16_t bf16_round(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* ---- Path choice ------------------------------------------------------------------------- */
+
+static bool cpu_has_native(void) {
+#if GEMM_BF16_NATIVE
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return false;
+#endif
+}
+
+static atomic_int gemm_path = QKV_BF16_GEMM_CONVERT;
+static once_flag gemm_path_once = ONCE_FLAG_INIT;
+
+static void gemm_path_init(void) {
+    bool native = cpu_has_native();
+    const char *env = getenv("QKV_BF16_GEMM");
+    if (env && strcmp(env, "convert") == 0) native = false;
+    atomic_store(&gemm_path, native ? QKV_BF16_GEMM_NATIVE : QKV_BF16_GEMM_CONVERT);
+}
+
+qkv_bf16_gemm_path qkv__gemm_bf16_path(void) {
+    call_once(&gemm_path_once, gemm_path_init);
+    return (qkv_bf16_gemm_path)atomic_load(&gemm_path);
+}
+
+bool qkv__gemm_bf16_use(qkv_bf16_gemm_path path) {
+    call_once(&gemm_path_once, gemm_path_init);
+    if (path == QKV_BF16_GEMM_NATIVE && !cpu_has_native()) return false;
+    atomic_store(&gemm_path, path);
+    return true;
+}
+
+/* ---- Unpacked loops ---------------------------------------------------------------------- */
+
+typedef struct bf16_args {
+    int64_t m, n, k;
+    float alpha, beta;
+    const uint16_t *a; const int64_t *a_off; int64_t rsa, csa;
+    const uint16_t *b; const int64_t *b_off; int64_t rsb, csb;
+    float *c;    /* float32 output, or NULL */
+    uint16_t *h; /* bf16 output (beta 0), when c is NULL */
+    const int64_t *c_off; int64_t rsc, csc;
+} bf16_args;
+
+/* For when no memory can be had for packing or widening (the functions cannot fail): the
+ * sums run in the same order of l, but without the k blocks the last bits may differ. */
+static void gemm_unpacked(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, int64_t n0,
+                          int64_t n1) {
+    const uint16_t *a = g->a + (g->a_off ? g->a_off[p] : 0);
+    const uint16_t *b = g->b + (g->b_off ? g->b_off[p] : 0);
+    int64_t co = g->c_off ? g->c_off[p] : 0;
+    for (int64_t i = m0; i < m1; i++)
+        for (int64_t j = n0; j < n1; j++) {
+            float acc = 0;
+            for (int64_t l = 0; l < g->k; l++)
+                acc += bf16_widen(a[i * g->rsa + l * g->csa]) *
+                       bf16_widen(b[l * g->rsb + j * g->csb]);
+            int64_t o = co + i * g->rsc + j * g->csc;
+            if (g->h)
+                g->h[o] = bf16_round(g->alpha * acc);
+            else
+                g->c[o] = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * g->c[o];
+        }
+}
+
+/* ---- Converting path --------------------------------------------------------------------- */
+
 /* dst[p * rows * cols + i * cols + j] = src[off[p] + i * rs + j * cs]: every batch entry of a
  * strided bf16 operand, widened into contiguous row-major float32. */
 static void widen_operand(int64_t batch, int64_t rows, int64_t cols, const uint16_t *src,
@@ -38,29 +130,508 @@ static void widen_operand(int64_t batch, int64_t rows, int64_t cols, const uint1
     }
 }
 
-/* Without memory for the widened copies: plain loops, the same sums in the same order of l
- * (the F32 GEMM's k blocks aside). c32 (row-major float32) or c16 (strided bf16) is written. */
-static void gemm_unpacked(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
-                          const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
-                          const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
-                          float beta, float *c32, uint16_t *c16, const int64_t *c_off,
-                          int64_t rsc, int64_t csc) {
+static void gemm_convert(int64_t batch, const bf16_args *g) {
+    int64_t m = g->m, n = g->n, k = g->k;
+    float *wa = malloc((size_t)(batch * m * k) * sizeof(float));
+    float *wb = malloc((size_t)(batch * k * n) * sizeof(float));
+    float *wc = g->h ? malloc((size_t)(batch * m * n) * sizeof(float)) : NULL;
+    int64_t *off = malloc((size_t)(3 * batch) * sizeof(int64_t));
+    if (!wa || !wb || !off || (g->h && !wc)) {
+        for (int64_t p = 0; p < batch; p++) gemm_unpacked(g, p, 0, m, 0, n);
+        goto done;
+    }
+    widen_operand(batch, m, k, g->a, g->a_off, g->rsa, g->csa, wa);
+    widen_operand(batch, k, n, g->b, g->b_off, g->rsb, g->csb, wb);
     for (int64_t p = 0; p < batch; p++) {
-        const uint16_t *ap = a + (a_off ? a_off[p] : 0), *bp = b + (b_off ? b_off[p] : 0);
-        int64_t co = c_off ? c_off[p] : 0;
+        off[p] = p * m * k;
+        off[batch + p] = p * k * n;
+        off[2 * batch + p] = p * m * n;
+    }
+    if (!g->h) {
+        qkv__gemm_f32(batch, m, n, k, g->alpha, wa, off, k, 1, wb, off + batch, n, 1, g->beta,
+                      g->c, g->c_off, g->rsc, g->csc);
+        goto done;
+    }
+    qkv__gemm_f32(batch, m, n, k, g->alpha, wa, off, k, 1, wb, off + batch, n, 1, 0, wc,
+                  off + 2 * batch, n, 1);
+    for (int64_t p = 0; p < batch; p++) {
+        uint16_t *hp = g->h + (g->c_off ? g->c_off[p] : 0);
         for (int64_t i = 0; i < m; i++)
-            for (int64_t j = 0; j < n; j++) {
-                float acc = 0;
-                for (int64_t l = 0; l < k; l++)
-                    acc += bf16_widen(ap[i * rsa + l * csa]) * bf16_widen(bp[l * rsb + j * csb]);
-                int64_t o = co + i * rsc + j * csc;
-                if (c16) {
-                    c16[o] = bf16_round(alpha * acc);
-                } else {
-                    c32[o] = beta == 0 ? alpha * acc : alpha * acc + beta * c32[o];
+            for (int64_t j = 0; j < n; j++)
+                hp[i * g->rsc + j * g->csc] = bf16_round(wc[p * m * n + i * n + j]);
+    }
+done:
+    free(wa);
+    free(wb);
+    free(wc);
+    free(off);
+}
+
+/* ---- Native path ------------------------------------------------------------------------- */
+
+#if GEMM_BF16_NATIVE
+
+#define TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+
+/* Register tile: MR rows x NV vectors of 16 float32 columns, 24 accumulators of the 32
+ * registers. Blocking in pairs of k: KCP pairs x MR of A (L1) and KCP x NC of B (L2), the
+ * same bytes as the F32 GEMM's KC = 256 floats. */
+#define MR 12
+#define NV 2
+#define VL 16
+#define NR (NV * VL)
+#define KCP 256
+#define MC 1536
+#define NC 512
+
+/* Layout of the packed panels (each element a uint32_t holding a pair of bf16, the lower k
+ * index in the low half, zero past an odd k):
+ *  - an A panel of mr rows: for each pair q, the mr pairs (A[i, 2q], A[i, 2q + 1]);
+ *  - a B panel of w = nv * VL columns: for each pair q, the w pairs (B[2q, j], B[2q + 1, j]).
+ * Edge panels are padded with zero rows or columns up to an edge size. */
+
+static inline uint32_t pair_of(uint16_t lo, uint16_t hi) {
+    return (uint32_t)lo | (uint32_t)hi << 16;
+}
+
+/* h[0:16] = r rounded to bf16, to nearest even as bf16_round does, a NaN kept quiet. */
+static inline __attribute__((always_inline)) TARGET void store_rounded(uint16_t *h, __m512 r) {
+    __m512i u = _mm512_castps_si512(r);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rn = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    rn = _mm512_mask_or_epi32(rn, nan, u, _mm512_set1_epi32(0x400000));
+    _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rn, 16)));
+}
+
+/* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C over kcp pairs, C rows rsc apart with
+ * contiguous columns; when h is not NULL, the result is rounded to bf16 and written to h
+ * (rows rsh apart) instead, C being read only when beta is not 0. mr and nv are constants in
+ * every instance, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) TARGET void
+tile(const int mr, const int nv, int64_t kcp, const uint32_t *restrict ap,
+     const uint32_t *restrict bp, float *restrict c, int64_t rsc, float alpha, float beta,
+     uint16_t *restrict h, int64_t rsh) {
+    __m512 acc[MR][NV];
+    for (int i = 0; i < mr; i++) {
+        if (h) {
+            __builtin_prefetch(h + i * rsh, 1, 3);
+        } else {
+            __builtin_prefetch(c + i * rsc, 1, 3);
+            __builtin_prefetch(c + i * rsc + nv * VL - 1, 1, 3);
+        }
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    }
+    int64_t q = 0;
+    do {
+        __m512bh b[NV];
+        for (int v = 0; v < nv; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + v * VL);
+        for (int i = 0; i < mr; i++) {
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[i]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
+        }
+        ap += mr;
+        bp += nv * VL;
+    } while (++q < kcp);
+    /* One store loop per case, with no branch inside it: with small k (attention's per-head
+     * products) the stores weigh. Every case does the same operations in the same order
+     * (acc * alpha, + beta * C, rounding). */
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (!h) {
+        if (beta == 0) {
+            for (int i = 0; i < mr; i++)
+                for (int v = 0; v < nv; v++)
+                    _mm512_storeu_ps(c + i * rsc + v * VL, _mm512_mul_ps(acc[i][v], va));
+            return;
+        }
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++) {
+                float *cp = c + i * rsc + v * VL;
+                __m512 r = _mm512_mul_ps(acc[i][v], va);
+                _mm512_storeu_ps(cp, _mm512_fmadd_ps(vb, _mm512_loadu_ps(cp), r));
+            }
+        return;
+    }
+    if (beta == 0) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                store_rounded(h + i * rsh + v * VL, _mm512_mul_ps(acc[i][v], va));
+        return;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++) {
+            __m512 r = _mm512_mul_ps(acc[i][v], va);
+            r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(c + i * rsc + v * VL), r);
+            store_rounded(h + i * rsh + v * VL, r);
+        }
+}
+
+typedef void (*tile_fn)(int64_t kcp, const uint32_t *restrict ap, const uint32_t *restrict bp,
+                        float *restrict c, int64_t rsc, float alpha, float beta,
+                        uint16_t *restrict h, int64_t rsh);
+
+#define TILE_INSTANCE(mr, nv)                                                                 \
+    static TARGET void tile_##mr##x##nv(int64_t kcp, const uint32_t *restrict ap,           \
+                                        const uint32_t *restrict bp, float *restrict c,     \
+                                        int64_t rsc, float alpha, float beta,               \
+                                        uint16_t *restrict h, int64_t rsh) {                \
+        tile(mr, nv, kcp, ap, bp, c, rsc, alpha, beta, h, rsh);                              \
+    }
+TILE_INSTANCE(1, 1)
+TILE_INSTANCE(2, 1)
+TILE_INSTANCE(4, 1)
+TILE_INSTANCE(8, 1)
+TILE_INSTANCE(12, 1)
+TILE_INSTANCE(1, 2)
+TILE_INSTANCE(2, 2)
+TILE_INSTANCE(4, 2)
+TILE_INSTANCE(8, 2)
+TILE_INSTANCE(12, 2)
+#undef TILE_INSTANCE
+
+static int edge_mr(int64_t rows) {
+    if (rows >= MR) return MR;
+    if (rows <= 2) return (int)rows;
+    if (rows <= 4) return 4;
+    if (rows <= 8) return 8;
+    return MR;
+}
+
+static int edge_nv(int64_t cols) {
+    return cols <= VL ? 1 : NV;
+}
+
+static tile_fn tile_for(int mr, int nv) {
+    switch (mr) {
+    case 1: return nv == 1 ? tile_1x1 : tile_1x2;
+    case 2: return nv == 1 ? tile_2x1 : tile_2x2;
+    case 4: return nv == 1 ? tile_4x1 : tile_4x2;
+    case 8: return nv == 1 ? tile_8x1 : tile_8x2;
+    default: return nv == 1 ? tile_12x1 : tile_12x2;
+    }
+}
+
+/* ---- Packing ----------------------------------------------------------------------------- */
+
+/* Element (x, l) at src[x * ss + l], so the pairs of k are contiguous: a row-major A, or a B
+ * read transposed. dst[q * w + x] = pair (x, 2q), (x, 2q + 1) for x < count, zero for
+ * count <= x < w: a transpose of 32-bit pairs, in 4 x 4 blocks of vector shuffles. */
+static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, int w,
+                                    int64_t kc, uint32_t *restrict dst) {
+    typedef uint32_t V4 __attribute__((vector_size(16)));
+    int64_t kcp = (kc + 1) / 2, full = kc / 2;
+    int x = 0;
+    for (; x + 4 <= count; x += 4) {
+        const uint16_t *s0 = src + x * ss, *s1 = s0 + ss, *s2 = s1 + ss, *s3 = s2 + ss;
+        if (x + 8 <= count)
+            for (int r = 4; r < 8; r++)
+                for (int64_t l = 0; l < kc; l += 32) __builtin_prefetch(s0 + r * ss + l, 0, 3);
+        int64_t q = 0;
+        for (; q + 4 <= full; q += 4) {
+            V4 r0, r1, r2, r3;
+            memcpy(&r0, s0 + 2 * q, sizeof(V4));
+            memcpy(&r1, s1 + 2 * q, sizeof(V4));
+            memcpy(&r2, s2 + 2 * q, sizeof(V4));
+            memcpy(&r3, s3 + 2 * q, sizeof(V4));
+            V4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
+            V4 t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+            V4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
+            V4 t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+            V4 o0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+            V4 o1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+            V4 o2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+            V4 o3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+            memcpy(dst + q * w + x, &o0, sizeof(V4));
+            memcpy(dst + (q + 1) * w + x, &o1, sizeof(V4));
+            memcpy(dst + (q + 2) * w + x, &o2, sizeof(V4));
+            memcpy(dst + (q + 3) * w + x, &o3, sizeof(V4));
+        }
+        for (; q < full; q++)
+            for (int e = 0; e < 4; e++)
+                dst[q * w + x + e] = pair_of(src[(x + e) * ss + 2 * q],
+                                             src[(x + e) * ss + 2 * q + 1]);
+    }
+    for (; x < count; x++)
+        for (int64_t q = 0; q < full; q++)
+            dst[q * w + x] = pair_of(src[x * ss + 2 * q], src[x * ss + 2 * q + 1]);
+    if (kcp > full)
+        for (int y = 0; y < count; y++) dst[full * w + y] = pair_of(src[y * ss + kc - 1], 0);
+    for (int64_t q = 0; q < kcp; q++)
+        for (int y = count; y < w; y++) dst[q * w + y] = 0;
+}
+
+/* Element (x, l) at src[l * ss + x], so a step of k is a contiguous row: a row-major B, or an
+ * A read transposed. Packs `count` values of x into panels of width w (the last one of width
+ * ew, zero-padded), two rows of k widened and interleaved into pairs 16 at a time. Pairs go
+ * in groups of PACK_PAIRS, each group across all the panels: going panel by panel reads the
+ * rows' cache lines far apart in time, over a row stride that is often a power of two, and
+ * going row by row scatters the writes over panels w * kcp apart; both make the L1 sets
+ * conflict (the F32 GEMM's pack_rows says the same). */
+static TARGET void pack_pairs_across(const uint16_t *src, int64_t ss, int64_t count, int w,
+                                     int ew, int64_t kc, uint32_t *restrict dst) {
+    enum { PACK_PAIRS = 8 };
+    int64_t kcp = (kc + 1) / 2, full = count / w;
+    for (int64_t q0 = 0; q0 < kcp; q0 += PACK_PAIRS) {
+        int64_t q1 = kcp - q0 < PACK_PAIRS ? kcp : q0 + PACK_PAIRS;
+        /* The rows of the next group are read across, a line from each in turn, which the
+         * hardware prefetcher does not follow: ask for them while this group is packed. */
+        for (int64_t l = 2 * q1; l < 2 * q1 + 2 * PACK_PAIRS && l < kc; l++)
+            for (int64_t x = 0; x < count; x += 32) __builtin_prefetch(src + l * ss + x, 0, 3);
+        for (int64_t p = 0; p * w < count; p++) {
+            int pw = p < full ? w : ew;
+            int64_t x0 = p * w, cnt = count - x0 < w ? count - x0 : w;
+            uint32_t *d = dst + p * w * kcp;
+            for (int64_t q = q0; q < q1; q++) {
+                const uint16_t *r0 = src + 2 * q * ss + x0, *r1 = r0 + ss;
+                bool pad = 2 * q + 1 == kc;
+                for (int x = 0; x < pw; x += VL) {
+                    int64_t valid = cnt - x < 0 ? 0 : cnt - x > VL ? VL : cnt - x;
+                    __mmask16 ml = (__mmask16)((1u << valid) - 1);
+                    __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r0 + x));
+                    __m512i hi = pad ? _mm512_setzero_si512()
+                                     : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r1 + x));
+                    __m512i v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+                    int n = pw - x < VL ? pw - x : VL;
+                    if (n == VL)
+                        _mm512_storeu_si512(d + q * pw + x, v);
+                    else
+                        _mm512_mask_storeu_epi32(d + q * pw + x, (__mmask16)((1u << n) - 1), v);
                 }
             }
+        }
     }
+}
+
+/* Any strides: element (x, l) at src[x * sx + l * sl]. */
+static void pack_pairs_strided(const uint16_t *src, int64_t sx, int64_t sl, int count, int w,
+                               int64_t kc, uint32_t *restrict dst) {
+    int64_t kcp = (kc + 1) / 2;
+    for (int64_t q = 0; q < kcp; q++)
+        for (int x = 0; x < w; x++) {
+            uint16_t lo = 0, hi = 0;
+            if (x < count) {
+                lo = src[x * sx + 2 * q * sl];
+                if (2 * q + 1 < kc) hi = src[x * sx + (2 * q + 1) * sl];
+            }
+            dst[q * w + x] = pair_of(lo, hi);
+        }
+}
+
+static TARGET void pack_a(const uint16_t *a, int64_t rs, int64_t cs, int64_t mc, int64_t kc,
+                          uint32_t *dst) {
+    int64_t kcp = (kc + 1) / 2;
+    if (rs == 1 && cs != 1) {
+        pack_pairs_across(a, cs, mc, MR, edge_mr(mc % MR), kc, dst);
+        return;
+    }
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        int mr = edge_mr(rows);
+        if (cs == 1)
+            pack_pairs_along(a + i * rs, rs, rows, mr, kc, dst);
+        else
+            pack_pairs_strided(a + i * rs, rs, cs, rows, mr, kc, dst);
+        dst += mr * kcp;
+    }
+}
+
+static TARGET void pack_b(const uint16_t *b, int64_t rs, int64_t cs, int64_t kc, int64_t nc,
+                          uint32_t *dst) {
+    int64_t kcp = (kc + 1) / 2;
+    if (cs == 1) {
+        pack_pairs_across(b, rs, nc, NR, edge_nv(nc % NR) * VL, kc, dst);
+        return;
+    }
+    for (int64_t j = 0; j < nc; j += NR) {
+        int cols = (int)(nc - j < NR ? nc - j : NR);
+        int w = edge_nv(cols) * VL;
+        if (rs == 1)
+            pack_pairs_along(b + j * cs, cs, cols, w, kc, dst);
+        else
+            pack_pairs_strided(b + j * cs, cs, rs, cols, w, kc, dst);
+        dst += w * kcp;
+    }
+}
+
+/* ---- Blocks ------------------------------------------------------------------------------ */
+
+/* One tile of C: rows x cols at c (float32, rsc/csc), or rounded into h (rsh/csh) when h is
+ * not NULL. Tiles that are not whole or not row-contiguous go through a small buffer, so
+ * every tile runs the same kernel code and rounds the same way. */
+static TARGET void run_tile(int64_t kcp, const uint32_t *ap, const uint32_t *bp, int rows,
+                            int cols, float *c, int64_t rsc, int64_t csc, float alpha,
+                            float beta, uint16_t *h, int64_t rsh, int64_t csh) {
+    int mr = edge_mr(rows), nv = edge_nv(cols);
+    tile_fn fn = tile_for(mr, nv);
+    bool whole = rows == mr && cols == nv * VL;
+    if (whole && (h ? csh == 1 && (beta == 0 || csc == 1) : csc == 1)) {
+        fn(kcp, ap, bp, c, rsc, alpha, beta, h, rsh);
+        return;
+    }
+    _Alignas(64) float buf[MR * NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < NR; j++)
+            buf[i * NR + j] = (beta != 0 && i < rows && j < cols) ? c[i * rsc + j * csc] : 0;
+    fn(kcp, ap, bp, buf, NR, alpha, beta, NULL, 0);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            if (h)
+                h[i * rsh + j * csh] = bf16_round(buf[i * NR + j]);
+            else
+                c[i * rsc + j * csc] = buf[i * NR + j];
+        }
+}
+
+static TARGET void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const uint32_t *pa,
+                                const uint32_t *pb, float *c, int64_t rsc, int64_t csc,
+                                float alpha, float beta, uint16_t *h, int64_t rsh,
+                                int64_t csh) {
+    int64_t kcp = (kc + 1) / 2;
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        const uint32_t *ap = pa + i * kcp;
+        for (int64_t j = 0; j < nc; j += NR) {
+            int cols = (int)(nc - j < NR ? nc - j : NR);
+            run_tile(kcp, ap, pb + j * kcp, rows, cols, c ? c + i * rsc + j * csc : NULL, rsc,
+                     csc, alpha, beta, h ? h + i * rsh + j * csh : NULL, rsh, csh);
+        }
+    }
+}
+
+/* Packing buffers (and, for a bf16 output summed over several k blocks, a float32 block of
+ * partial sums), one set per thread, grown on demand, kept for the next call and freed when
+ * their thread ends, as in the F32 GEMM. */
+typedef struct buffers {
+    uint32_t *a, *b;
+    float *s;
+    size_t cap_a, cap_b, cap_s;
+} buffers;
+static _Thread_local buffers bufs;
+static tss_t bufs_key;
+static atomic_bool bufs_key_ok;
+static once_flag bufs_once = ONCE_FLAG_INIT;
+
+static void bufs_free(void *p) {
+    buffers *b = p;
+    free(b->a);
+    free(b->b);
+    free(b->s);
+    *b = (buffers){0};
+}
+
+static void bufs_key_make(void) {
+    atomic_store_explicit(&bufs_key_ok, tss_create(&bufs_key, bufs_free) == thrd_success,
+                          memory_order_release);
+}
+
+static void *grow(void *buf, size_t *cap, size_t need, void **slot) {
+    if (*cap >= need) return buf;
+    if (!bufs.a && !bufs.b && !bufs.s) {
+        call_once(&bufs_once, bufs_key_make);
+        if (atomic_load_explicit(&bufs_key_ok, memory_order_acquire)) tss_set(bufs_key, &bufs);
+    }
+    void *p = aligned_alloc(64, (need + 63) & ~(size_t)63);
+    if (!p) return NULL;
+    free(buf);
+    *slot = p;
+    *cap = need;
+    return p;
+}
+
+/* The k blocks, the same for every split of the output: whole pairs, so that only the last
+ * block can hold an odd k. */
+static int64_t k_block(int64_t k) {
+    int64_t nb = (k + 2 * KCP - 1) / (2 * KCP);
+    int64_t kb = (k + nb - 1) / nb;
+    return kb + (kb & 1);
+}
+
+/* C rows m0..m1, columns n0..n1 of batch entry p. A float32 C takes each k block in turn
+ * (the first sets C with beta, the later ones add to it); a bf16 C with several k blocks
+ * sums them in a float32 block first, with the same operations, and the last rounds. */
+static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, int64_t n0,
+                         int64_t n1) {
+    const uint16_t *a = g->a + (g->a_off ? g->a_off[p] : 0);
+    const uint16_t *b = g->b + (g->b_off ? g->b_off[p] : 0);
+    int64_t co = g->c_off ? g->c_off[p] : 0;
+    float *c = g->c ? g->c + co : NULL;
+    uint16_t *h = g->h ? g->h + co : NULL;
+    int64_t kb = k_block(g->k), kbp = kb / 2;
+    int64_t mcap = m1 - m0 < MC ? m1 - m0 : MC, ncap = n1 - n0 < NC ? n1 - n0 : NC;
+    bool staged = h && kb < g->k;
+    size_t need_a = (size_t)((mcap + MR - 1) / MR * MR * kbp) * sizeof(uint32_t);
+    size_t need_b = (size_t)((ncap + NR - 1) / NR * NR * kbp) * sizeof(uint32_t);
+    uint32_t *pa = grow(bufs.a, &bufs.cap_a, need_a, (void **)&bufs.a);
+    uint32_t *pb = grow(bufs.b, &bufs.cap_b, need_b, (void **)&bufs.b);
+    float *s = staged ? grow(bufs.s, &bufs.cap_s, (size_t)(mcap * ncap) * sizeof(float),
+                             (void **)&bufs.s)
+                      : NULL;
+    if (!pa || !pb || (staged && !s)) {
+        gemm_unpacked(g, p, m0, m1, n0, n1);
+        return;
+    }
+    for (int64_t ic = m0; ic < m1; ic += MC) {
+        int64_t mc = m1 - ic < MC ? m1 - ic : MC;
+        if (!staged) {
+            for (int64_t pc = 0; pc < g->k; pc += kb) {
+                int64_t kc = g->k - pc < kb ? g->k - pc : kb;
+                float beta = pc == 0 ? g->beta : 1;
+                pack_a(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
+                for (int64_t jc = n0; jc < n1; jc += NC) {
+                    int64_t nc = n1 - jc < NC ? n1 - jc : NC;
+                    pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
+                    int64_t cij = ic * g->rsc + jc * g->csc;
+                    macro_kernel(mc, nc, kc, pa, pb, c ? c + cij : NULL, g->rsc, g->csc,
+                                 g->alpha, beta, h ? h + cij : NULL, g->rsc, g->csc);
+                }
+            }
+            continue;
+        }
+        for (int64_t jc = n0; jc < n1; jc += NC) {
+            int64_t nc = n1 - jc < NC ? n1 - jc : NC;
+            for (int64_t pc = 0; pc < g->k; pc += kb) {
+                int64_t kc = g->k - pc < kb ? g->k - pc : kb;
+                bool last = pc + kc == g->k;
+                pack_a(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
+                pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
+                macro_kernel(mc, nc, kc, pa, pb, s, nc, 1, g->alpha, pc == 0 ? 0.0f : 1.0f,
+                             last ? h + ic * g->rsc + jc * g->csc : NULL, g->rsc, g->csc);
+            }
+        }
+    }
+}
+
+static void gemm_native(int64_t batch, const bf16_args *g) {
+    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
+#endif
+    for (int64_t t = 0; t < plan.tasks; t++) {
+        int64_t p = t / plan.parts, part = t % plan.parts;
+        int64_t m0 = 0, m1 = g->m, n0 = 0, n1 = g->n;
+        if (plan.split_m)
+            gemm_part_range(g->m, MR, plan.parts, part, &m0, &m1);
+        else
+            gemm_part_range(g->n, NR, plan.parts, part, &n0, &n1);
+        block(g, p, m0, m1, n0, n1);
+    }
+}
+
+#else
+
+static void gemm_native(int64_t batch, const bf16_args *g) {
+    gemm_convert(batch, g);
+}
+
+#endif
+
+/* ---- Entry points ------------------------------------------------------------------------ */
+
+static void gemm_run(int64_t batch, const bf16_args *g) {
+    if (qkv__gemm_bf16_path() == QKV_BF16_GEMM_NATIVE)
+        gemm_native(batch, g);
+    else
+        gemm_convert(batch, g);
 }
 
 void qkv__gemm_bf16(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
@@ -69,31 +640,16 @@ void qkv__gemm_bf16(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
                     float beta, float *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     if (batch <= 0 || m <= 0 || n <= 0) return;
     if (k <= 0 || alpha == 0) {
-        /* A and B are not read: the F32 GEMM scales C. */
+        /* A and B are not read (as in BLAS): the F32 GEMM scales C. */
         qkv__gemm_f32(batch, m, n, 0, alpha, NULL, NULL, 0, 0, NULL, NULL, 0, 0, beta, c, c_off,
                       rsc, csc);
         return;
     }
-    float *wa = malloc((size_t)(batch * m * k) * sizeof(float));
-    float *wb = malloc((size_t)(batch * k * n) * sizeof(float));
-    int64_t *off = malloc((size_t)(2 * batch) * sizeof(int64_t));
-    if (!wa || !wb || !off) {
-        gemm_unpacked(batch, m, n, k, alpha, a, a_off, rsa, csa, b, b_off, rsb, csb, beta, c,
-                      NULL, c_off, rsc, csc);
-        goto done;
-    }
-    widen_operand(batch, m, k, a, a_off, rsa, csa, wa);
-    widen_operand(batch, k, n, b, b_off, rsb, csb, wb);
-    for (int64_t p = 0; p < batch; p++) {
-        off[p] = p * m * k;
-        off[batch + p] = p * k * n;
-    }
-    qkv__gemm_f32(batch, m, n, k, alpha, wa, off, k, 1, wb, off + batch, n, 1, beta, c, c_off,
-                  rsc, csc);
-done:
-    free(wa);
-    free(wb);
-    free(off);
+    bf16_args g = {.m = m, .n = n, .k = k, .alpha = alpha, .beta = beta,
+                   .a = a, .a_off = a_off, .rsa = rsa, .csa = csa,
+                   .b = b, .b_off = b_off, .rsb = rsb, .csb = csb,
+                   .c = c, .c_off = c_off, .rsc = rsc, .csc = csc};
+    gemm_run(batch, &g);
 }
 
 void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
@@ -101,23 +657,16 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     if (batch <= 0 || m <= 0 || n <= 0) return;
-    float *wc = malloc((size_t)(batch * m * n) * sizeof(float));
-    int64_t *off = malloc((size_t)batch * sizeof(int64_t));
-    if (!wc || !off) {
-        gemm_unpacked(batch, m, n, k, alpha, a, a_off, rsa, csa, b, b_off, rsb, csb, 0, NULL,
-                      c, c_off, rsc, csc);
-        goto done;
+    if (k <= 0 || alpha == 0) {
+        for (int64_t p = 0; p < batch; p++)
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t j = 0; j < n; j++)
+                    c[(c_off ? c_off[p] : 0) + i * rsc + j * csc] = 0;
+        return;
     }
-    for (int64_t p = 0; p < batch; p++) off[p] = p * m * n;
-    qkv__gemm_bf16(batch, m, n, k, alpha, a, a_off, rsa, csa, b, b_off, rsb, csb, 0, wc, off, n,
-                   1);
-    for (int64_t p = 0; p < batch; p++) {
-        uint16_t *cp = c + (c_off ? c_off[p] : 0);
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t j = 0; j < n; j++)
-                cp[i * rsc + j * csc] = bf16_round(wc[p * m * n + i * n + j]);
-    }
-done:
-    free(wc);
-    free(off);
+    bf16_args g = {.m = m, .n = n, .k = k, .alpha = alpha,
+                   .a = a, .a_off = a_off, .rsa = rsa, .csa = csa,
+                   .b = b, .b_off = b_off, .rsb = rsb, .csb = csb,
+                   .h = c, .c_off = c_off, .rsc = rsc, .csc = csc};
+    gemm_run(batch, &g);
 }

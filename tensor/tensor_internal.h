@@ -338,6 +338,13 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                         const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* Which way the bf16 GEMM computes: VDPBF16PS (AVX512_BF16) or widening to float32 for the
+ * F32 GEMM. Native where the CPU has the instruction, unless the environment variable
+ * QKV_BF16_GEMM=convert (read once) or qkv__gemm_bf16_use says otherwise. */
+typedef enum qkv_bf16_gemm_path { QKV_BF16_GEMM_CONVERT, QKV_BF16_GEMM_NATIVE } qkv_bf16_gemm_path;
+qkv_bf16_gemm_path qkv__gemm_bf16_path(void);
+/* Forces a path (for tests and benchmarks); false, changing nothing, if the CPU cannot run it. */
+bool qkv__gemm_bf16_use(qkv_bf16_gemm_path path);
 
 /* ---- More element-wise math, and ops along an axis (tensor/math.c, tensor/sort.c) -------- */
 

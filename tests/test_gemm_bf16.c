@@ -1,7 +1,8 @@
 /*
  * BF16 GEMM kernel: qkv__gemm_bf16 and qkv__gemm_bf16_out against a float64 reference computed
  * from the same bf16 inputs, over odd shapes, transposed and strided operands, batches with
- * offset arrays, alpha/beta, and bitwise determinism across thread counts.
+ * offset arrays, alpha/beta, and bitwise determinism across thread counts; each on both paths,
+ * the VDPBF16PS one (where the CPU has AVX512_BF16) and the converting one.
  *
  * Tolerance: the inputs are exact bf16 values, and the product of two bf16 values (8-bit
  * significands) is exact in float32, so the only error is float32 accumulation: a k-term sum
@@ -159,6 +160,26 @@ static void check(const gemm_case *gc) {
     free(a); free(b); free(c); free(c0); free(cz); free(h); free(h0); free(off); free(touched);
 }
 
+/* Runs fn on every path this CPU can run. A CPU with AVX512_BF16 must get the native one. */
+static void on_each_path(void (*fn)(void)) {
+    for (int path = QKV_BF16_GEMM_CONVERT; path <= QKV_BF16_GEMM_NATIVE; path++) {
+        if (!qkv__gemm_bf16_use((qkv_bf16_gemm_path)path)) continue;
+        assert_int_equal(qkv__gemm_bf16_path(), path);
+        fn();
+    }
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+    if (__builtin_cpu_supports("avx512bf16"))
+        assert_true(qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE));
+#endif
+    if (!qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE)) qkv__gemm_bf16_use(QKV_BF16_GEMM_CONVERT);
+}
+
+#define ON_EACH_PATH(name)                                                                    \
+    static void name(void **state) {                                                         \
+        (void)state;                                                                         \
+        on_each_path(name##_run);                                                            \
+    }
+
 static gemm_case plain(int64_t m, int64_t n, int64_t k) {
     return (gemm_case){.batch = 1, .m = m, .n = n, .k = k, .alpha = 1.0};
 }
@@ -167,16 +188,15 @@ static const int64_t sizes[] = {1, 3, 17, 31, 64, 65, 130};
 #define N_SIZES (sizeof(sizes) / sizeof(sizes[0]))
 
 /* Every combination of m, n and k from the sizes: full tiles, edges, odd k. */
-static void matches_reference_on_odd_shapes(void **state) {
-    (void)state;
+static void matches_reference_on_odd_shapes_run(void) {
     for (size_t x = 0; x < N_SIZES; x++)
         for (size_t y = 0; y < N_SIZES; y++)
             for (size_t z = 0; z < N_SIZES; z++) check(&(gemm_case){
                 .batch = 1, .m = sizes[x], .n = sizes[y], .k = sizes[z], .alpha = 1.0});
 }
+ON_EACH_PATH(matches_reference_on_odd_shapes)
 
-static void reads_transposed_and_strided_operands(void **state) {
-    (void)state;
+static void reads_transposed_and_strided_operands_run(void) {
     const int64_t shapes[][3] = {{17, 31, 65}, {130, 64, 31}, {3, 130, 17}, {65, 65, 130}};
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
         for (int la = ROW_MAJOR; la <= STRIDED; la++)
@@ -189,9 +209,9 @@ static void reads_transposed_and_strided_operands(void **state) {
                     check(&gc);
                 }
 }
+ON_EACH_PATH(reads_transposed_and_strided_operands)
 
-static void applies_alpha_and_beta(void **state) {
-    (void)state;
+static void applies_alpha_and_beta_run(void) {
     gemm_case gc = plain(31, 65, 17);
     gc.alpha = -0.5;
     gc.beta = 2.0;
@@ -204,9 +224,9 @@ static void applies_alpha_and_beta(void **state) {
     gc.nan_c = false;
     check(&gc);
 }
+ON_EACH_PATH(applies_alpha_and_beta)
 
-static void batches_with_offsets_and_broadcast(void **state) {
-    (void)state;
+static void batches_with_offsets_and_broadcast_run(void) {
     gemm_case gc = {.batch = 5, .m = 17, .n = 65, .k = 31, .la = TRANSPOSED, .alpha = 1.0,
                     .beta = 0.5};
     check(&gc);
@@ -216,11 +236,88 @@ static void batches_with_offsets_and_broadcast(void **state) {
     gc = (gemm_case){.batch = 12, .m = 64, .n = 64, .k = 3, .lb = TRANSPOSED, .alpha = 0.125};
     check(&gc);
 }
+ON_EACH_PATH(batches_with_offsets_and_broadcast)
+
+/* Several k blocks (the bf16 output then sums them in float32 before rounding), an odd k in
+ * the last one, and more rows than one packed A block. */
+static void sums_over_k_blocks_run(void) {
+    const int64_t shapes[][3] = {{40, 40, 1100}, {33, 70, 1025}, {17, 3, 2049}, {1600, 20, 10},
+                                 {13, 1100, 11}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        gemm_case gc = plain(shapes[s][0], shapes[s][1], shapes[s][2]);
+        check(&gc);
+        gc.la = TRANSPOSED;
+        gc.beta = 0.5;
+        check(&gc);
+        gc.lb = TRANSPOSED;
+        gc.lc = STRIDED;
+        check(&gc);
+    }
+}
+ON_EACH_PATH(sums_over_k_blocks)
+
+/* Runs one product at a thread count into c (float32) and h (bf16). */
+static void run_threads(int threads, const int64_t *shape, bool wgrad, const uint16_t *a,
+                        const uint16_t *b, float *c, uint16_t *h) {
+    qkv_set_num_threads(threads);
+    int64_t bt = shape[0], m = shape[1], n = shape[2], k = shape[3];
+    int64_t *off = malloc((size_t)(3 * bt) * sizeof(int64_t));
+    assert_non_null(off);
+    for (int64_t p = 0; p < bt; p++) {
+        off[p] = p * m * k;
+        off[bt + p] = p * k * n;
+        off[2 * bt + p] = p * m * n;
+    }
+    /* a weight gradient reads A transposed; otherwise B is a transposed weight */
+    int64_t rsa = wgrad ? 1 : k, csa = wgrad ? m : 1, rsb = wgrad ? n : 1, csb = wgrad ? 1 : k;
+    qkv__gemm_bf16(bt, m, n, k, 1.0f, a, off, rsa, csa, b, off + bt, rsb, csb, 0.0f, c,
+                   off + 2 * bt, n, 1);
+    qkv__gemm_bf16_out(bt, m, n, k, 1.0f, a, off, rsa, csa, b, off + bt, rsb, csb, h,
+                       off + 2 * bt, n, 1);
+    free(off);
+}
+
+static void same_bits_for_any_thread_count_run(void) {
+    const int64_t shapes[][5] = {
+        {1, 301, 203, 517, 0}, {1, 40, 700, 300, 0}, {3, 130, 70, 90, 0}, {8, 128, 128, 64, 0},
+        {1, 100, 777, 611, 1}, {1, 53, 300, 1100, 1},
+    };
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int64_t bt = shapes[s][0], m = shapes[s][1], n = shapes[s][2], k = shapes[s][3];
+        uint16_t *a = bf16_fill(bt * m * k), *b = bf16_fill(bt * k * n);
+        float *c[2];
+        uint16_t *h[2];
+        for (int t = 0; t < 2; t++) {
+            c[t] = malloc((size_t)(bt * m * n) * sizeof(float));
+            h[t] = malloc((size_t)(bt * m * n) * sizeof(uint16_t));
+            assert_non_null(c[t]);
+            assert_non_null(h[t]);
+        }
+        run_threads(1, shapes[s], shapes[s][4], a, b, c[0], h[0]);
+        for (int threads = 2; threads <= 3; threads++) {
+            run_threads(threads, shapes[s], shapes[s][4], a, b, c[1], h[1]);
+            assert_memory_equal(c[0], c[1], (size_t)(bt * m * n) * sizeof(float));
+            assert_memory_equal(h[0], h[1], (size_t)(bt * m * n) * sizeof(uint16_t));
+        }
+        for (int t = 0; t < 2; t++) {
+            free(c[t]);
+            free(h[t]);
+        }
+        free(a);
+        free(b);
+        /* and the values are right, not just repeatable */
+        gemm_case gc = {.batch = bt, .m = m, .n = n, .k = k, .alpha = 0.7, .beta = 0.3,
+                        .la = shapes[s][4] ? TRANSPOSED : ROW_MAJOR,
+                        .lb = shapes[s][4] ? ROW_MAJOR : TRANSPOSED};
+        check(&gc);
+    }
+    qkv_set_num_threads(0);
+}
+ON_EACH_PATH(same_bits_for_any_thread_count)
 
 /* Exact small product: integers, so every sum is exact. [[1 2 3] [4 5 6]] x [[1 2] [3 4]
  * [5 6]] = [[22 28] [49 64]]. */
-static void computes_exact_small_product(void **state) {
-    (void)state;
+static void computes_exact_small_product_run(void) {
     uint16_t a[6], b[6], h[4];
     for (int i = 0; i < 6; i++) {
         a[i] = to_bf16(i + 1);
@@ -233,6 +330,7 @@ static void computes_exact_small_product(void **state) {
     assert_true(h[0] == to_bf16(22) && h[1] == to_bf16(28) && h[2] == to_bf16(49) &&
                 h[3] == to_bf16(64));
 }
+ON_EACH_PATH(computes_exact_small_product)
 
 int main(void) {
     const struct CMUnitTest tests[] = {
@@ -241,6 +339,8 @@ int main(void) {
         cmocka_unit_test(reads_transposed_and_strided_operands),
         cmocka_unit_test(applies_alpha_and_beta),
         cmocka_unit_test(batches_with_offsets_and_broadcast),
+        cmocka_unit_test(sums_over_k_blocks),
+        cmocka_unit_test(same_bits_for_any_thread_count),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
