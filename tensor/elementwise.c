@@ -123,6 +123,42 @@ typedef struct bin_ctx {
     qkv_dtype dtype;
 } bin_ctx;
 
+/* BF16 runs are computed in f32, as torch's kernels do: a chunk of each operand is widened
+ * into a float buffer (one value for a broadcast scalar), the f32 loop runs over the buffers,
+ * and its result is rounded on store (a comparison writes its bools straight out). */
+enum { BF16_CHUNK = 256 };
+
+static void widen_chunk(float *dst, const char *src, int64_t stride, int64_t m) {
+    if (stride == 0) m = 1;
+    for (int64_t j = 0; j < m; j++) dst[j] = qkv__bf16_to_f32(*(const uint16_t *)(src + j * stride));
+}
+
+static void round_chunk(char *dst, int64_t stride, const float *src, int64_t m) {
+    if (stride == 2) {
+        uint16_t *restrict d = (uint16_t *)dst;
+        for (int64_t j = 0; j < m; j++) d[j] = qkv__f32_to_bf16(src[j]);
+        return;
+    }
+    for (int64_t j = 0; j < m; j++) *(uint16_t *)(dst + j * stride) = qkv__f32_to_bf16(src[j]);
+}
+
+static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx);
+
+static void binary_bf16(int64_t n, char **p, const int64_t *st, qkv_binary_op op) {
+    float a[BF16_CHUNK], b[BF16_CHUNK], r[BF16_CHUNK];
+    bool compare = is_compare(op);
+    bin_ctx c = {op, QKV_F32};
+    for (int64_t i = 0; i < n; i += BF16_CHUNK) {
+        int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
+        widen_chunk(a, p[1] + i * st[1], st[1], m);
+        widen_chunk(b, p[2] + i * st[2], st[2], m);
+        char *q[3] = {compare ? p[0] + i * st[0] : (char *)r, (char *)a, (char *)b};
+        int64_t qs[3] = {compare ? st[0] : 4, st[1] ? 4 : 0, st[2] ? 4 : 0};
+        binary_run(m, q, qs, &c);
+        if (!compare) round_chunk(p[0] + i * st[0], st[0], r, m);
+    }
+}
+
 static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const bin_ctx *c = vctx;
     qkv_binary_op op = c->op;
@@ -145,7 +181,7 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
         default: break;
         }
         break;
-    case QKV_BF16: break; /* qkv__binary computes it in f32 */
+    case QKV_BF16: binary_bf16(n, p, st, op); break;
     }
 }
 
@@ -173,7 +209,6 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
         qkv_scope_end();
         return out;
     }
-    if (ct == QKV_BF16) return QKV__IN_F32(qkv__binary(op, QKV__F32(a), QKV__F32(b), name));
     qkv_tensor *out = broadcast_out(a, b, is_compare(op) ? QKV_BOOL : ct, name);
     if (!out) return NULL;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
@@ -292,9 +327,30 @@ static bool unary_vector(qkv_unary_op op, int64_t n, const float *x, float *y) {
     return true;
 }
 
+static void unary_run(int64_t n, char **p, const int64_t *st, void *vctx);
+
+/* As binary_bf16: in f32 chunks, rounded on store. */
+static void unary_bf16(int64_t n, char **p, const int64_t *st, qkv_unary_op op) {
+    float a[BF16_CHUNK], r[BF16_CHUNK];
+    un_ctx c = {op, QKV_F32};
+    for (int64_t i = 0; i < n; i += BF16_CHUNK) {
+        int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
+        widen_chunk(a, p[1] + i * st[1], st[1], m);
+        if (st[1] == 0)
+            for (int64_t j = 1; j < m; j++) a[j] = a[0];
+        char *q[2] = {(char *)r, (char *)a};
+        unary_run(m, q, (const int64_t[]){4, 4}, &c);
+        round_chunk(p[0] + i * st[0], st[0], r, m);
+    }
+}
+
 static void unary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const un_ctx *c = vctx;
     qkv_unary_op op = c->op;
+    if (c->dtype == QKV_BF16) {
+        unary_bf16(n, p, st, op);
+        return;
+    }
     if (c->dtype == QKV_F32 && st[0] == 4 && st[1] == 4 &&
         unary_vector(op, n, (const float *)p[1], (float *)p[0]))
         return;
@@ -331,7 +387,6 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
         qkv_scope_end();
         return out;
     }
-    if (ct == QKV_BF16) return QKV__IN_F32(qkv__unary(op, QKV__F32(a), name));
     qkv_tensor *out = qkv_empty(ct, a->ndim, a->shape);
     if (!out) return NULL;
     int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];

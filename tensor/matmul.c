@@ -169,8 +169,8 @@ static bool affine_bf16(qkv_tensor *out, int64_t rows, int64_t n, int64_t k, con
     size_t bytes = (size_t)rows * (size_t)n * sizeof(float);
     float *acc = qkv__alloc(bytes);
     if (!acc) return false;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t j = 0; j < n; j++) acc[r * n + j] = qkv__bf16_to_f32(bias[j]);
+    for (int64_t j = 0; j < n; j++) acc[j] = qkv__bf16_to_f32(bias[j]);
+    for (int64_t r = 1; r < rows; r++) memcpy(acc + r * n, acc, (size_t)n * sizeof *acc);
     qkv__gemm_bf16(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, 1.0f, acc, NULL,
                    n, 1);
     for (int64_t i = 0; i < rows * n; i++) o[i] = qkv__f32_to_bf16(acc[i]);
