@@ -9,6 +9,8 @@
  * batch is a forward in eval mode without recording. Each is timed after --warmup untimed runs
  * and reported as the median over --steps, with the allocator's counters for the timed steps.
  * Last, the training step is timed again in checked mode (train_step_checked_ms).
+ * With --bf16, forwards run under autocast (bf16 products, f32 master weights), as
+ * bench/enc2_torch.py --bf16 runs them under torch.autocast("cpu", dtype=torch.bfloat16).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,11 +71,15 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+static bool use_bf16; /* --bf16 */
+
 static bool train_step(classifier *m, qkv_optimizer *opt, const batch *b) {
     qkv_scope_begin();
     qkv_optimizer_zero_grad(opt);
+    if (use_bf16) qkv_autocast_begin(QKV_BF16);
     qkv_tensor *logits = classifier_forward(m, b->ids, b->pad);
     qkv_tensor *loss = qkv_cross_entropy(logits, b->labels, QKV_REDUCTION_MEAN, -100, 0);
+    if (use_bf16) qkv_autocast_end();
     bool ok = loss && qkv_backward(loss) && qkv_optimizer_step(opt);
     qkv_scope_end();
     return ok;
@@ -82,7 +88,9 @@ static bool train_step(classifier *m, qkv_optimizer *opt, const batch *b) {
 static bool infer_batch(classifier *m, const batch *b) {
     qkv_scope_begin();
     qkv_no_grad_begin();
+    if (use_bf16) qkv_autocast_begin(QKV_BF16);
     bool ok = classifier_forward(m, b->ids, b->pad) != NULL;
+    if (use_bf16) qkv_autocast_end();
     qkv_no_grad_end();
     qkv_scope_end();
     return ok;
@@ -124,13 +132,18 @@ static bool run_timed(bool train, classifier *m, qkv_optimizer *opt, const batch
 
 int main(int argc, char **argv) {
     int threads = 1, warmup = 3, steps = 10;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+    for (int i = 1; i < argc; i += 2) {
+        if (!strcmp(argv[i], "--bf16")) {
+            use_bf16 = true;
+            i--;
+        } else if (i + 1 >= argc) {
+            steps = 0;
+        } else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
     }
     if (threads < 1 || warmup < 0 || steps < 1) {
-        fprintf(stderr, "usage: enc2 [--threads N] [--warmup 3] [--steps 10]\n");
+        fprintf(stderr, "usage: enc2 [--threads N] [--warmup 3] [--steps 10] [--bf16]\n");
         return 2;
     }
     qkv_set_num_threads(threads);
@@ -169,6 +182,7 @@ int main(int argc, char **argv) {
     }
     double flops = 3 * forward_flops();
     printf("threads=%d\n", threads);
+    printf("bf16=%d\n", use_bf16);
     printf("params=%lld\n", (long long)qkv_module_num_parameters(QKV_MODULE(m)));
     printf("flops_per_step=%.0f\n", flops);
     printf("train_step_ms=%.2f\n", train.median_ms);

@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help='forward under torch.autocast("cpu", dtype=torch.bfloat16)')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -79,13 +81,17 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     ids, mask, labels = make_batch(torch.Generator().manual_seed(args.seed))
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
     def train_step():
         opt.zero_grad()
-        nn.functional.cross_entropy(model(ids, mask), labels).backward()
+        with autocast:
+            loss = nn.functional.cross_entropy(model(ids, mask), labels)
+        loss.backward()
         opt.step()
 
     def infer_batch():
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             model(ids, mask)
 
     model.train()
@@ -95,7 +101,7 @@ def main():
 
     flops = 3 * forward_flops()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(f"threads={args.threads} torch={torch.__version__}")
+    print(f"threads={args.threads} torch={torch.__version__} bf16={int(args.bf16)}")
     print(f"params={sum(p.numel() for p in model.parameters())}")
     print(f"flops_per_step={flops}")
     print(f"train_step_ms={train_ms:.2f}")

@@ -9,8 +9,8 @@
 # quarantine every thread shares.
 set -e
 build=build-tsan
-suites="threads errors"
-runs="threads errors threads:checked"
+suites="threads errors autocast"
+runs="threads errors autocast threads:checked"
 if [ ! -f "$build/build.ninja" ]; then
     meson setup "$build" -Db_sanitize=thread -Dopenmp=disabled -Dbuildtype=debugoptimized \
         -Dwerror=true >/dev/null

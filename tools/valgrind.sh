@@ -9,7 +9,7 @@
 set -e
 build=build-valgrind
 suites="errors tensor views elementwise reduce autograd gradcheck index matmul data nn optim
-    checkpoint"
+    checkpoint bf16 autocast"
 sh tools/install-deps.sh valgrind
 if [ ! -f "$build/build.ninja" ]; then
     meson setup "$build" -Dnative=false -Dbuildtype=debugoptimized -Dwerror=true >/dev/null

@@ -9,6 +9,7 @@ typedef struct options {
     qkv_tokenizer level;
     int64_t epochs, batch, max_len, dim, heads, layers, ffn, min_count, seed, threads;
     double dropout, lr;
+    bool bf16; /* train and evaluate under autocast (bf16 products, f32 master weights) */
 } options;
 
 /* Everything a trained classifier needs to read new text. */

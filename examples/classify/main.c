@@ -23,7 +23,7 @@ static const char *const usages[][2] = {
     {"train", "  qkv-classify train --train FILE --test FILE [--level word|char] [--epochs 8]\n"
               "      [--batch 32] [--max-len 64] [--dim 64] [--heads 4] [--layers 1]\n"
               "      [--ffn 256] [--dropout 0.1] [--lr 1e-3] [--min-count 2] [--seed 0]\n"
-              "      [--threads N] [--save FILE]\n"},
+              "      [--threads N] [--bf16] [--save FILE]\n"},
     {"eval", "  qkv-classify eval --load FILE --test FILE [--threads N]\n"},
     {"predict", "  qkv-classify predict --load FILE [--threads N] < texts\n"},
 };
@@ -119,6 +119,11 @@ static int parse_args(int argc, char **argv, options *o) {
             return 0;
         }
     for (int i = 2; i < argc; i += 2) {
+        if (!strcmp(argv[i], "--bf16") && !strcmp(argv[1], "train")) { /* takes no value */
+            o->bf16 = true;
+            i--;
+            continue;
+        }
         if (strncmp(argv[i], "--", 2)) {
             fprintf(stderr, "qkv-classify: unexpected argument '%s' (flags are --name value)\n",
                     argv[i]);

@@ -75,10 +75,12 @@ static void progress_draw(progress *p, int64_t epoch, int64_t done, int64_t tota
 /* ---- Training ---------------------------------------------------------------------------- */
 
 /* One optimisation step on a batch; returns its loss, NAN on error. */
-static double train_step(classifier *m, qkv_optimizer *opt, const qkv_batch *b) {
+static double train_step(classifier *m, qkv_optimizer *opt, const qkv_batch *b, bool bf16) {
     qkv_optimizer_zero_grad(opt); /* last step's gradients are not kept through this forward */
+    if (bf16) qkv_autocast_begin(QKV_BF16); /* the forward only: the backward follows it */
     qkv_tensor *logits = classifier_forward(m, b->ids, b->key_padding_mask);
     qkv_tensor *loss = qkv_cross_entropy(logits, b->labels, QKV_REDUCTION_MEAN, -100, 0);
+    if (bf16) qkv_autocast_end();
     double value = loss ? qkv_item(loss) : NAN;
     if (!isfinite(value)) return NAN;
     if (!qkv_backward(loss) || !qkv_optimizer_step(opt)) return NAN;
@@ -114,7 +116,7 @@ static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *
         int64_t off = k * o->batch, count = n - off < o->batch ? n - off : o->batch;
         qkv_scope_begin();
         qkv_batch b = make_batch(ds, order + off, count, o->max_len);
-        double loss = b.ids ? train_step(m, opt, &b) : NAN;
+        double loss = b.ids ? train_step(m, opt, &b, o->bf16) : NAN;
         if (isnan(loss) && b.ids && !qkv_error()) {
             *nonfinite = true;
             explain_nonfinite(m, &b, epoch, k + 1);
@@ -130,7 +132,10 @@ static double train_epoch(classifier *m, qkv_optimizer *opt, const qkv_dataset *
 }
 
 static double accuracy(classifier *m, const qkv_dataset *ds, const options *o, int64_t *pred) {
-    if (!predict_all(m, ds, o->max_len, pred, NULL)) return NAN;
+    if (o->bf16) qkv_autocast_begin(QKV_BF16);
+    bool ok = predict_all(m, ds, o->max_len, pred, NULL);
+    if (o->bf16) qkv_autocast_end();
+    if (!ok) return NAN;
     int64_t right = 0, n = qkv_dataset_size(ds);
     for (int64_t i = 0; i < n; i++) right += pred[i] == qkv_dataset_label(ds, i);
     return (double)right / (double)n;
