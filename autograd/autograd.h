@@ -201,6 +201,10 @@ qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
  * gradient back through such a row. */
 qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis);
 qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
+/* Causal softmax over the last axis of scores [..., L, S]: query i sees keys j <= past + i
+ * (past >= 0; the positions cached before), as softmax(scores.masked_fill(j > past + i, -inf),
+ * -1). Masked entries are exactly 0, never read, and get no gradient; one pass, no mask. */
+qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past);
 
 /* ---- Linear algebra ---------------------------------------------------------------------- */
 

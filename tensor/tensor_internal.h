@@ -232,6 +232,11 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
  * output's gradient g. */
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name);
+/* Softmax over the last axis of scores [..., L, S] where query i sees keys j <= past + i
+ * (past >= 0), the others exactly 0; and its gradient from the output y and its gradient g. */
+qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *name);
+qkv_tensor *qkv__softmax_causal_backward(const qkv_tensor *y, const qkv_tensor *g,
+                                         int64_t past, const char *name);
 
 /* Layer norm over rows of d contiguous values of dtype (tensor/norm.c): y = (x - mean) rstd
  * w + b (w, b: d values, or NULL), keeping each row's mean and rstd = 1 / sqrt(var + eps).
