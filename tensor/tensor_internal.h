@@ -241,7 +241,8 @@ qkv_tensor *qkv__softmax_causal_backward(const qkv_tensor *y, const qkv_tensor *
 /* Layer norm over rows of d contiguous values of dtype (tensor/norm.c): y = (x - mean) rstd
  * w + b (w, b: d values, or NULL), keeping each row's mean and rstd = 1 / sqrt(var + eps).
  * The backward writes gx (rows x d) and the sums over rows gw, gb (d values); any of the
- * three may be NULL when not wanted. False when its scratch memory cannot be had. */
+ * three may be NULL when not wanted. False when its scratch memory cannot be had. mean NULL:
+ * RMS norm, y = x rstd w + b with rstd = 1 / sqrt(mean(x^2) + eps). */
 void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
                           const void *w, const void *b, double eps, void *y, void *mean,
                           void *rstd);

@@ -174,6 +174,28 @@ static void rms_norm_default_eps_is_the_dtype_epsilon(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+/* The weight is the first input, read in place by the module; x the second. */
+static qkv_tensor *rms_norm_call(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    return qkv_rms_norm_forward(ctx, in[1]);
+}
+
+/* In F64 the module runs the fused op; its gradients against central differences, for rows
+ * shorter and longer than the kernel's eight lanes. */
+static void rms_norm_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g = gen(9);
+    for (int64_t d = 3; d <= 19; d += 16) {
+        qkv_rms_norm *m = qkv_rms_norm_new(d, 1e-5);
+        assert_true(qkv_module_to_dtype(QKV_MODULE(m), QKV_F64));
+        assert_true(qkv_copy_(m->weight, qkv_randn(QKV_F64, S(d), &g)));
+        qkv_tensor *in[2] = {m->weight, qkv_requires_grad_(qkv_randn(QKV_F64, S(2, 3, d), &g),
+                                                           true)};
+        if (!qkv_gradcheck(rms_norm_call, in, 2, m, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+        qkv_module_free(QKV_MODULE(m));
+    }
+}
+
 static void swiglu_matches_torch(void **state) {
     (void)state;
     qkv_generator g = gen(3);
@@ -573,6 +595,7 @@ int main(void) {
         T(sdpa_names_bad_arguments),
         T(rms_norm_matches_reference),
         T(rms_norm_default_eps_is_the_dtype_epsilon),
+        T(rms_norm_passes_gradcheck),
         T(swiglu_matches_torch),
         T(rope_matches_the_llama_layout_at_an_offset),
         T(rope_names_positions_past_its_table),
