@@ -165,9 +165,9 @@ REDUCE_FLOAT(double)
 REDUCE_INT(int64_t)
 REDUCE_INT(bool)
 
-/* Sum or mean over leading axes of a tensor whose kept axes form one contiguous run (a bias
- * gradient: [4096, 256] -> [256]): whole rows are added in the same row-major order the
- * general path uses, so the two give the same bits. */
+/* Sum or mean of the kept elements b..e of one contiguous run starting at base: whole rows
+ * are added in the same row-major order the general path uses, so the two give the same
+ * bits. */
 #define ROWS_SUM(T)                                                                             \
     static void rows_sum_##T(const plan *p, const T *base, T *out, int64_t b, int64_t e) {      \
         double acc[256];                                                                        \
@@ -193,9 +193,29 @@ REDUCE_INT(bool)
 ROWS_SUM(float)
 ROWS_SUM(double)
 
+/* The innermost kept axis is a contiguous run of at least 16 (a bias gradient [4096, 256] ->
+ * [256]; grouped attention's heads [B, kvH, group, S, Dh] -> [B, kvH, S, Dh]): each run is
+ * summed as whole rows. */
 static bool rows_path(const plan *p, qkv_dtype dt) {
-    return (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN) && qkv__is_float(dt) && p->nk == 1 &&
-           p->kstride[0] == 1 && p->n_out >= 16 && p->n_red > 1;
+    return (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN) && qkv__is_float(dt) &&
+           p->kstride[p->nk - 1] == 1 && p->kshape[p->nk - 1] >= 16 && p->n_red > 1;
+}
+
+/* Outputs b..e of the rows path, one contiguous run of kept elements at a time. */
+static void rows_sum_range(const plan *p, const qkv_tensor *a, void *out, int64_t b,
+                           int64_t e) {
+    int64_t w = p->kshape[p->nk - 1];
+    const char *data = qkv_data(a);
+    size_t es = qkv_dtype_size(a->dtype);
+    while (b < e) {
+        int64_t run = b - b % w, end = run + w < e ? run + w : e;
+        const char *base = data + kept_offset(p, run) * (int64_t)es;
+        if (a->dtype == QKV_F32)
+            rows_sum_float(p, (const float *)base, (float *)out + run, b - run, end - run);
+        else
+            rows_sum_double(p, (const double *)base, (double *)out + run, b - run, end - run);
+        b = end;
+    }
 }
 
 /* Sums, means and variances of contiguous float rows (the last axis: layer norm's statistics,
@@ -244,8 +264,7 @@ static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t 
         return;
     }
     if (rows_path(p, a->dtype)) {
-        if (a->dtype == QKV_F32) rows_sum_float(p, (const float *)data, out, b, e);
-        else rows_sum_double(p, (const double *)data, out, b, e);
+        rows_sum_range(p, a, out, b, e);
         return;
     }
     for (int64_t o = b; o < e; o++) {

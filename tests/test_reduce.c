@@ -108,6 +108,32 @@ static void leading_axis_reductions_of_wide_matrix(void **state) {
                     "sum over axis 0 of a transposed copy");
 }
 
+/* Over a middle axis whose kept inner run is contiguous (grouped attention's heads summed
+ * back): every output is its inputs added in order in double, rounded once, as the general
+ * path does, for runs in one piece and split over [2,3] outer positions. */
+static void sum_over_a_middle_axis_adds_in_order(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 5, 40), &g);
+    const float *d = qkv_data(x);
+    float got[2 * 3 * 40];
+    assert_true(qkv_copy_out(qkv_sum(x, 2, false), QKV_F32, got));
+    for (int64_t o = 0; o < 6; o++)
+        for (int64_t j = 0; j < 40; j++) {
+            double s = 0;
+            for (int64_t k = 0; k < 5; k++) s += d[(o * 5 + k) * 40 + j];
+            assert_true(got[o * 40 + j] == (float)s);
+        }
+    float mean[40];
+    assert_true(qkv_copy_out(qkv_mean_axes(x, 3, (const int[]){0, 1, 2}, false), QKV_F32, mean));
+    for (int64_t j = 0; j < 40; j++) {
+        double s = 0;
+        for (int64_t k = 0; k < 30; k++) s += d[k * 40 + j];
+        assert_true(mean[j] == (float)(s * (1.0 / 30)));
+    }
+}
+
 static void reductions_do_not_depend_on_thread_count(void **state) {
     (void)state;
     qkv_generator g;
@@ -338,6 +364,7 @@ int main(void) {
         T(softmax_matches_torch),
         T(log_softmax_matches_torch),
         T(leading_axis_reductions_of_wide_matrix),
+        T(sum_over_a_middle_axis_adds_in_order),
         T(reductions_do_not_depend_on_thread_count),
         T(softmax_of_fully_masked_row_is_zero),
         T(softmax_of_huge_inputs_stays_finite),
