@@ -250,6 +250,12 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
                                    const void *g, const void *w, const void *mean,
                                    const void *rstd, void *gx, void *gw, void *gb);
 
+/* Rotary embedding over rows of d contiguous values (tensor/rope.c), d even: y = x cos +
+ * rotate_half(x) sin with tables [steps, d] read at row % steps; grad: the gradient
+ * g cos + [g2 s2, -g1 s1] from g in x's place. All of dtype. */
+void qkv__rope_rows(qkv_dtype dtype, int64_t rows, int64_t steps, int64_t d, const void *x,
+                    const void *cos, const void *sin, bool grad, void *y);
+
 /* Dropout (tensor/dropout.c), over F32 or F64: out = a * mask / (1 - p) (0 where p = 1), the
  * mask drawn from g, which advances by a->numel draws whatever the thread count; in_place
  * writes over a's values (a contiguous, held by nothing else). With mask_out, also the mask as

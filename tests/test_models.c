@@ -225,6 +225,45 @@ static void rope_matches_the_llama_layout_at_an_offset(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+/* The tables are the second and third inputs, constants for the check. */
+static qkv_tensor *rotary_call(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    return qkv_rotary(in[0], in[1], in[2]);
+}
+
+/* The op's gradient against central differences in F64, on a transposed x (read through a
+ * copy) and with F32 tables converted to x's dtype. */
+static void rotary_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g = gen(12);
+    qkv_tensor *x = qkv_requires_grad_(qkv_randn(QKV_F64, S(2, 5, 6), &g), true);
+    qkv_tensor *in[3] = {x, qkv_randn(QKV_F64, S(5, 6), &g), qkv_randn(QKV_F32, S(5, 6), &g)};
+    if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+    in[0] = qkv_requires_grad_(qkv_transpose(qkv_randn(QKV_F64, S(2, 4, 3), &g), -2, -1), true);
+    in[1] = qkv_randn(QKV_F64, S(3, 4), &g);
+    in[2] = qkv_randn(QKV_F64, S(3, 4), &g);
+    if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+}
+
+static void rotary_refuses_tables_that_do_not_fit(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_ones(QKV_F32, S(2, 3, 4)), *t = qkv_ones(QKV_F32, S(3, 4));
+    assert_null(qkv_rotary(x, qkv_ones(QKV_F32, S(2, 4)), t));
+    assert_error_contains("qkv_rotary: x f32 [2,3,4], cos [2,4], sin [3,4]; expected a float "
+                          "x [..., T, d] with d even and float tables [T, d]");
+    qkv_clear_error();
+    assert_null(qkv_rotary(qkv_ones(QKV_F32, S(3, 3)), qkv_ones(QKV_F32, S(3, 3)),
+                           qkv_ones(QKV_F32, S(3, 3))));
+    assert_error_contains("with d even");
+    qkv_clear_error();
+    assert_null(qkv_rotary(x, qkv_requires_grad_(qkv_ones(QKV_F32, S(3, 4)), true), t));
+    assert_error_contains("qkv_rotary: cos and sin are tables; they cannot require grad");
+    qkv_clear_error();
+    assert_null(qkv_rotary(x, NULL, t));
+    assert_non_null(qkv_error());
+}
+
 static void rope_names_positions_past_its_table(void **state) {
     (void)state;
     qkv_rotary_embedding *m = qkv_rotary_embedding_new(4, 6, 10000);
@@ -595,6 +634,8 @@ int main(void) {
         T(sdpa_names_bad_arguments),
         T(rms_norm_matches_reference),
         T(rms_norm_default_eps_is_the_dtype_epsilon),
+        T(rotary_passes_gradcheck),
+        T(rotary_refuses_tables_that_do_not_fit),
         T(rms_norm_passes_gradcheck),
         T(swiglu_matches_torch),
         T(rope_matches_the_llama_layout_at_an_offset),
