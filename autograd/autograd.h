@@ -214,6 +214,10 @@ qkv_tensor *qkv_argmin(const qkv_tensor *a, int axis, bool keepdim);
  * gradient back through such a row. */
 qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis);
 qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
+/* Causal softmax over the last axis of scores [..., L, S]: query i sees keys j <= past + i
+ * (past >= 0; the positions cached before), as softmax(scores.masked_fill(j > past + i, -inf),
+ * -1). Masked entries are exactly 0, never read, and get no gradient; one pass, no mask. */
+qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past);
 
 /* ---- Linear algebra ---------------------------------------------------------------------- */
 
@@ -276,6 +280,10 @@ qkv_tensor *qkv_dropout_(qkv_tensor *a, double p, bool training, qkv_generator *
  * floor, ceil, round, sign, square and a clamp with whole-number bounds, which keep I64. */
 
 qkv_tensor *qkv_silu(const qkv_tensor *a);                /* x * sigmoid(x) */
+/* Rotary position embedding as one op: x cos + rotate_half(x) sin for x [..., T, d] (d even),
+ * tables cos and sin [T, d] (converted to x's dtype) that do not require grad, and
+ * rotate_half([x1, x2]) = [-x2, x1] over the last dim (LLaMA's apply_rotary_pos_emb). */
+qkv_tensor *qkv_rotary(const qkv_tensor *x, const qkv_tensor *cos, const qkv_tensor *sin);
 /* log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (torch: 1, 20). */
 qkv_tensor *qkv_softplus(const qkv_tensor *a, double beta, double threshold);
 qkv_tensor *qkv_leaky_relu(const qkv_tensor *a, double negative_slope); /* grad slope at 0 */

@@ -105,5 +105,9 @@ bool qkv__needs_grad(const qkv_tensor *t);
  * for messages. */
 qkv_tensor *qkv__layer_norm(const qkv_tensor *x, int ndim, const qkv_tensor *weight,
                             const qkv_tensor *bias, double eps, const char *name);
+/* RMS norm over the last dim of x, as one op: x / sqrt(mean(x^2) + eps) * weight (weight
+ * NULL or of the last dim's size and x's float dtype). */
+qkv_tensor *qkv__rms_norm(const qkv_tensor *x, const qkv_tensor *weight, double eps,
+                          const char *name);
 
 #endif

@@ -162,3 +162,62 @@ qkv_tensor *qkv_round(const qkv_tensor *a) {
 qkv_tensor *qkv_sign(const qkv_tensor *a) {
     return rounding_op(&sign_fn, QKV_MATH_SIGN, a, "qkv_sign");
 }
+
+/* ---- rotary embedding -------------------------------------------------------------------- */
+
+enum { ROPE_COS, ROPE_SIN };
+
+/* x cos + rotate_half(x) sin in x's dtype from contiguous values; grad: the gradient from g */
+static qkv_tensor *rope_values(const qkv_tensor *x, const qkv_tensor *cos,
+                               const qkv_tensor *sin, bool grad) {
+    qkv_tensor *xc = qkv__contiguous(x), *cc = qkv__contiguous(cos), *sc = qkv__contiguous(sin);
+    qkv_tensor *out = xc && cc && sc ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
+    if (!out || out->numel == 0) return out;
+    int64_t d = x->shape[x->ndim - 1], steps = x->shape[x->ndim - 2];
+    qkv__rope_rows(x->dtype, x->numel / d, steps, d, qkv_data(xc), qkv_data(cc), qkv_data(sc),
+                   grad, qkv_data(out));
+    return out;
+}
+
+/* d(x c + rotate_half(x) s)/dx applied to g: g c + [g2 s2, -g1 s1] */
+static void rotary_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *c = qkv_saved(ctx, ROPE_COS), *s = qkv_saved(ctx, ROPE_SIN);
+    if (c && s) gi[0] = rope_values(g, c, s, true);
+}
+static const qkv_function rotary_fn = {.name = "rotary", .backward = rotary_backward};
+
+/* The tables as x's dtype, checked against x: NULL (an error set) when they do not fit. */
+static bool rotary_tables(const char *name, const qkv_tensor *x, const qkv_tensor **cos,
+                          const qkv_tensor **sin) {
+    char sx[128], sc[128], ss[128];
+    const qkv_tensor *c = *cos, *s = *sin;
+    int64_t d = x->ndim ? x->shape[x->ndim - 1] : 0, T = x->ndim >= 2 ? x->shape[x->ndim - 2] : 0;
+    bool fits = x->ndim >= 2 && d % 2 == 0 && qkv__is_float(x->dtype) && c->ndim == 2 &&
+                s->ndim == 2 && c->shape[0] == T && c->shape[1] == d && s->shape[0] == T &&
+                s->shape[1] == d && qkv__is_float(c->dtype) && qkv__is_float(s->dtype);
+    if (!fits) {
+        qkv_set_error("%s: x %s %s, cos %s, sin %s; expected a float x [..., T, d] with d even "
+                      "and float tables [T, d]", name, qkv_dtype_name(x->dtype),
+                      qkv_shape_str(x, sx, sizeof sx), qkv_shape_str(c, sc, sizeof sc),
+                      qkv_shape_str(s, ss, sizeof ss));
+        return false;
+    }
+    if (qkv__needs_grad(c) || qkv__needs_grad(s)) {
+        qkv_set_error("%s: cos and sin are tables; they cannot require grad", name);
+        return false;
+    }
+    if (c->dtype != x->dtype) *cos = qkv__to_dtype(c, x->dtype);
+    if (s->dtype != x->dtype) *sin = qkv__to_dtype(s, x->dtype);
+    return *cos && *sin;
+}
+
+qkv_tensor *qkv_rotary(const qkv_tensor *x, const qkv_tensor *cos, const qkv_tensor *sin) {
+    static const char *const name = "qkv_rotary";
+    if (QKV__NULL_ARGS(name, x, cos, sin)) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, x, cos, sin) || !rotary_tables(name, x, &cos, &sin)) return NULL;
+    qkv_ctx *ctx = qkv_function_begin(&rotary_fn, 1, QKV_INPUTS(x), NULL);
+    qkv_save(ctx, ROPE_COS, cos);
+    qkv_save(ctx, ROPE_SIN, sin);
+    return qkv_function_end(ctx, rope_values(x, cos, sin, false));
+}

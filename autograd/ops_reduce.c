@@ -297,3 +297,32 @@ qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis) {
 qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis) {
     return softmax_op_run(a, axis, true, "qkv_log_softmax");
 }
+
+/* ---- causal softmax ---------------------------------------------------------------------- */
+
+typedef struct causal_softmax_args {
+    int64_t past;
+} causal_softmax_args;
+
+/* d softmax = out * (g - sum(g * out)) along the last axis; masked entries get 0 */
+static void causal_softmax_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tensor *out = qkv_saved(ctx, 0);
+    int64_t past = ((const causal_softmax_args *)qkv_ctx_args(ctx))->past;
+    if (!out) return;
+    if (g->dtype != out->dtype) g = qkv__to_dtype(g, out->dtype);
+    gi[0] = qkv__softmax_causal_backward(out, g, past, "causal_softmax_backward");
+}
+static const qkv_function causal_softmax_fn = {.name = "causal_softmax",
+                                               .backward = causal_softmax_backward,
+                                               .recompute = qkv__saved_output,
+                                               .args_size = sizeof(causal_softmax_args)};
+
+qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past) {
+    static const char *const name = "qkv_causal_softmax";
+    if (QKV__NULL_ARGS(name, scores)) return NULL;
+    qkv_ctx *ctx = qkv_function_begin(&causal_softmax_fn, 1, QKV_INPUTS(scores),
+                                      &(causal_softmax_args){past});
+    qkv_tensor *out = qkv__softmax_causal(scores, past, name);
+    qkv_save(ctx, 0, out);
+    return qkv_function_end(ctx, out);
+}

@@ -289,8 +289,13 @@ static qkv_tensor *attention(qkv_multi_head_attention *m, const qkv_tensor *quer
     int64_t B = query->shape[0], T = query->shape[1], past = qkv_kv_cache_length(o->cache);
     qkv_tensor *q, *k, *v, *bias, *attn = NULL;
     if (!project(m, query, key, value, o, &q, &k, &v)) return NULL;
-    if (!mask_bias(m, o, q->dtype, B, T, k->shape[2], past, &bias)) return NULL;
-    qkv_sdpa_options so = {.attn_mask = bias, .dropout_p = m->dropout,
+    /* A causal mask alone over the whole sequence is sdpa's is_causal, fused into the
+     * softmax; with a cache or other masks it joins their sum. */
+    bool fused_causal = o->is_causal && !past && !o->attn_mask && !o->key_padding_mask;
+    qkv_attention_options masks = *o;
+    masks.is_causal = o->is_causal && !fused_causal;
+    if (!mask_bias(m, &masks, q->dtype, B, T, k->shape[2], past, &bias)) return NULL;
+    qkv_sdpa_options so = {.attn_mask = bias, .is_causal = fused_causal, .dropout_p = m->dropout,
                            .training = m->base.training, .generator = &m->generator,
                            .weights = o->weights ? &attn : NULL};
     qkv_tensor *ctx = qkv_scaled_dot_product_attention(q, repeat_kv(m, k), repeat_kv(m, v), &so);

@@ -1,9 +1,10 @@
 /*
- * RMSNorm (torch.nn.RMSNorm, LLaMA): a layer norm without the mean, composed from primitives:
- * x * rsqrt(mean(x^2) + eps) * weight over the last dim.
+ * RMSNorm (torch.nn.RMSNorm, LLaMA): a layer norm without the mean,
+ * x * rsqrt(mean(x^2) + eps) * weight over the last dim, as one op (layer norm's kernels).
  */
 #include <float.h>
 
+#include "autograd/autograd_internal.h"
 #include "nn/nn.h"
 #include "tensor/tensor_internal.h"
 
@@ -33,6 +34,10 @@ qkv_rms_norm *qkv_rms_norm_new(int64_t dim, double eps) {
 
 static qkv_tensor *rms_norm(qkv_rms_norm *m, const qkv_tensor *x) {
     double eps = m->eps ? m->eps : x->dtype == QKV_F64 ? DBL_EPSILON : FLT_EPSILON;
+    /* One fused op when the weight shares x's float dtype; the composition otherwise, which
+     * promotes. */
+    if (qkv__is_float(x->dtype) && m->weight->dtype == x->dtype)
+        return qkv__rms_norm(x, m->weight, eps, "qkv_rms_norm_forward");
     qkv_tensor *ms = qkv_mean(qkv_mul(x, x), -1, true);
     return qkv_mul(qkv_mul(x, qkv_rsqrt(qkv_add_scalar(ms, eps))), m->weight);
 }

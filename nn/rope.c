@@ -1,7 +1,7 @@
 /*
  * Rotary position embedding in the GPT-NeoX / LLaMA (Hugging Face) layout: the head dim is
- * split in two halves, and pair (i, i + dim/2) is rotated by pos * base^(-2i/dim). Composed
- * from slices, a concat and products with cos and sin tables, so it needs no backward.
+ * split in two halves, and pair (i, i + dim/2) is rotated by pos * base^(-2i/dim): the
+ * qkv_rotary op with the module's cos and sin tables at the positions asked for.
  */
 #include <math.h>
 
@@ -62,19 +62,11 @@ qkv_rotary_embedding *qkv_rotary_embedding_new(int64_t dim, int64_t max_len, dou
     return m;
 }
 
-/* [-x2, x1] for x = [x1, x2] split along the last dim. */
-static qkv_tensor *rotate_half(const qkv_tensor *x, int64_t half) {
-    int last = x->ndim - 1;
-    qkv_tensor *parts[2] = {qkv_neg(qkv_narrow(x, last, half, half)),
-                            qkv_narrow(x, last, 0, half)};
-    return parts[0] && parts[1] ? qkv_concat(2, parts, last) : NULL;
-}
-
 static qkv_tensor *rope(qkv_rotary_embedding *m, const qkv_tensor *x, int64_t offset) {
     int64_t T = x->shape[x->ndim - 2];
     qkv_tensor *c = qkv_to_dtype(qkv_narrow(m->cos, 0, offset, T), x->dtype);
     qkv_tensor *s = qkv_to_dtype(qkv_narrow(m->sin, 0, offset, T), x->dtype);
-    return qkv_add(qkv_mul(x, c), qkv_mul(rotate_half(x, m->dim / 2), s));
+    return qkv_rotary(x, c, s);
 }
 
 qkv_tensor *qkv_rotary_embedding_forward(qkv_rotary_embedding *m, const qkv_tensor *x,

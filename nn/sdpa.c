@@ -2,7 +2,7 @@
  * Scaled dot-product attention as PyTorch 2.x's functional form, composed from primitive ops
  * (matmul, an added mask, softmax, dropout), so it needs no backward of its own. The masks are
  * reduced to one additive term of their own small shape before they meet the scores, so the
- * scores take a single addition.
+ * scores take a single addition; the causal mask takes none (qkv_causal_softmax).
  */
 #include <math.h>
 
@@ -36,31 +36,19 @@ static bool check_mask(const qkv_tensor *mask, const qkv_tensor *scores) {
     return ok;
 }
 
-/* Key j <= query i is allowed: a [L,S] BOOL mask from two aranges. */
-static qkv_tensor *causal_allowed(int64_t L, int64_t S) {
-    qkv_tensor *rows = qkv_reshape(qkv_arange(QKV_I64, 0, (double)L, 1), QKV_SHAPE(L, 1));
-    qkv_tensor *cols = qkv_reshape(qkv_arange(QKV_I64, 0, (double)S, 1), QKV_SHAPE(1, S));
-    return qkv_le(cols, rows);
-}
-
 /* 0 where allowed is true, -inf where not, in the scores' dtype. */
 static qkv_tensor *allowed_to_term(const qkv_tensor *allowed, qkv_dtype dtype) {
     return qkv_where(allowed, qkv_scalar(dtype, 0), qkv_scalar(dtype, -INFINITY));
 }
 
 /* The additive term: 0 where a key takes part, -inf where not; float masks as they are.
- * *term stays NULL for no mask; false on error. */
+ * *term stays NULL for no mask and for is_causal (qkv_causal_softmax masks); false on error. */
 static bool mask_term(const qkv_tensor *scores, const qkv_sdpa_options *o, qkv_tensor **term) {
     *term = NULL;
     const qkv_tensor *mask = o->attn_mask;
     if (mask && o->is_causal) {
         qkv_set_error("%s: attn_mask and is_causal are both set (torch refuses it too)", op);
         return false;
-    }
-    if (o->is_causal) {
-        int64_t L = scores->shape[scores->ndim - 2], S = scores->shape[scores->ndim - 1];
-        *term = allowed_to_term(causal_allowed(L, S), scores->dtype);
-        return *term != NULL;
     }
     if (!mask) return true;
     if (!check_mask(mask, scores)) return false;
@@ -97,8 +85,8 @@ qkv_tensor *qkv_scaled_dot_product_attention(const qkv_tensor *q, const qkv_tens
     qkv_tensor *term;
     if (!scores || !mask_term(scores, o, &term)) return NULL;
     if (term) scores = qkv_add(scores, term);
-    qkv_tensor *attn = qkv_dropout(qkv_softmax(scores, -1), o->dropout_p, o->training,
-                                   o->generator);
+    qkv_tensor *weights = o->is_causal ? qkv_causal_softmax(scores, 0) : qkv_softmax(scores, -1);
+    qkv_tensor *attn = qkv_dropout(weights, o->dropout_p, o->training, o->generator);
     qkv_tensor *out = qkv_matmul(attn, v);
     if (out && o->weights) *o->weights = attn;
     return out;

@@ -1,7 +1,8 @@
 /*
  * Layer norm's kernels over rows of d contiguous values: the forward, which keeps each row's
- * mean and 1/std for the backward, and the backward from them. One pass computes what the
- * composition of reductions and broadcasts took about a dozen passes for.
+ * mean and 1/std for the backward, and the backward from them. Without a mean (NULL) they are
+ * RMS norm's: rows are not centred and 1/std is 1/sqrt(mean(x^2) + eps). One pass computes
+ * what the composition of reductions and broadcasts took about a dozen passes for.
  *
  * Threads split rows. Row sums run in LANES fixed interleaved partial sums (element j goes to
  * lane j % LANES) added in lane order, and the parameter gradients are summed over fixed
@@ -38,8 +39,8 @@
 #define LN_KERNELS(T)                                                                          \
     static void ln_row_##T(int64_t d, const T *x, const T *w, const T *b, double eps, T *y,   \
                            T *mean, T *rstd) {                                                 \
-        double s, v;                                                                           \
-        LANE_SUM(s, d, (double)x[k]);                                                          \
+        double s = 0, v;                                                                       \
+        if (mean) LANE_SUM(s, d, (double)x[k]);                                                \
         T mu = (T)(s / (double)d);                                                             \
         LANE_SUM(v, d, ((double)x[k] - (double)mu) * ((double)x[k] - (double)mu));            \
         T rs = (T)(1.0 / sqrt(v / (double)d + eps));                                           \
@@ -49,16 +50,17 @@
             if (b) h = h + b[k];                                                               \
             y[k] = h;                                                                          \
         }                                                                                      \
-        *mean = mu;                                                                            \
+        if (mean) *mean = mu;                                                                  \
         *rstd = rs;                                                                            \
     }                                                                                          \
                                                                                                \
     /* gx = rstd (gh - mean(gh) - xh mean(gh xh)) with xh = (x - mean) rstd, gh = g w; the  \
-     * row's g xh and g go to the parameter gradients' partial sums pw and pb. */              \
+     * row's g xh and g go to the parameter gradients' partial sums pw and pb. Not centred    \
+     * (RMS norm): mean 0 and no mean(gh) term. */                                             \
     static void ln_row_backward_##T(int64_t d, const T *x, const T *g, const T *w, T mu,      \
-                                    T rs, T *gx, double *pw, double *pb) {                     \
-        double a, c;                                                                           \
-        LANE_SUM(a, d, (double)(w ? g[k] * w[k] : g[k]));                                      \
+                                    T rs, bool center, T *gx, double *pw, double *pb) {        \
+        double a = 0, c;                                                                       \
+        if (center) LANE_SUM(a, d, (double)(w ? g[k] * w[k] : g[k]));                          \
         LANE_SUM(c, d, (double)(w ? g[k] * w[k] : g[k]) * (double)((x[k] - mu) * rs));         \
         T ma = (T)(a / (double)d), mc = (T)(c / (double)d);                                    \
         for (int64_t k = 0; k < d; k++) {                                                      \
@@ -77,10 +79,10 @@ static void ln_rows(qkv_dtype dtype, int64_t r0, int64_t r1, int64_t d, const vo
     for (int64_t r = r0; r < r1; r++) {
         if (dtype == QKV_F32)
             ln_row_float(d, (const float *)x + r * d, w, b, eps, (float *)y + r * d,
-                         (float *)mean + r, (float *)rstd + r);
+                         mean ? (float *)mean + r : NULL, (float *)rstd + r);
         else
             ln_row_double(d, (const double *)x + r * d, w, b, eps, (double *)y + r * d,
-                          (double *)mean + r, (double *)rstd + r);
+                          mean ? (double *)mean + r : NULL, (double *)rstd + r);
     }
 }
 
@@ -129,18 +131,20 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
     for (int64_t q = 0; q < blocks; q++) {
         int64_t r1 = (q + 1) * ROW_BLOCK < rows ? (q + 1) * ROW_BLOCK : rows;
         for (int64_t r = q * ROW_BLOCK; r < r1; r++) {
+            bool center = mean != NULL;
             const char *xr = (const char *)x + r * d * (int64_t)es;
             const char *gr = (const char *)g + r * d * (int64_t)es;
             char *gxr = gx ? (char *)gx + r * d * (int64_t)es : NULL;
             double *pwq = pw ? pw + q * d : NULL, *pbq = pb ? pb + q * d : NULL;
             if (dtype == QKV_F32)
                 ln_row_backward_float(d, (const float *)xr, (const float *)gr, w,
-                                      ((const float *)mean)[r], ((const float *)rstd)[r],
-                                      (float *)gxr, pwq, pbq);
+                                      center ? ((const float *)mean)[r] : 0,
+                                      ((const float *)rstd)[r], center, (float *)gxr, pwq, pbq);
             else
                 ln_row_backward_double(d, (const double *)xr, (const double *)gr, w,
-                                       ((const double *)mean)[r], ((const double *)rstd)[r],
-                                       (double *)gxr, pwq, pbq);
+                                       center ? ((const double *)mean)[r] : 0,
+                                       ((const double *)rstd)[r], center, (double *)gxr, pwq,
+                                       pbq);
         }
     }
     if (gw) sum_blocks(dtype, blocks, d, pw, gw);

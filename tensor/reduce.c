@@ -165,9 +165,9 @@ REDUCE_FLOAT(double)
 REDUCE_INT(int64_t)
 REDUCE_INT(bool)
 
-/* Sum or mean over leading axes of a tensor whose kept axes form one contiguous run (a bias
- * gradient: [4096, 256] -> [256]): whole rows are added in the same row-major order the
- * general path uses, so the two give the same bits. */
+/* Sum or mean of the kept elements b..e of one contiguous run starting at base: whole rows
+ * are added in the same row-major order the general path uses, so the two give the same
+ * bits. */
 #define ROWS_SUM(T)                                                                             \
     static void rows_sum_##T(const plan *p, const T *base, T *out, int64_t b, int64_t e) {      \
         double acc[256];                                                                        \
@@ -193,9 +193,29 @@ REDUCE_INT(bool)
 ROWS_SUM(float)
 ROWS_SUM(double)
 
+/* The innermost kept axis is a contiguous run of at least 16 (a bias gradient [4096, 256] ->
+ * [256]; grouped attention's heads [B, kvH, group, S, Dh] -> [B, kvH, S, Dh]): each run is
+ * summed as whole rows. */
 static bool rows_path(const plan *p, qkv_dtype dt) {
-    return (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN) && qkv__is_float(dt) && p->nk == 1 &&
-           p->kstride[0] == 1 && p->n_out >= 16 && p->n_red > 1;
+    return (p->op == QKV_RED_SUM || p->op == QKV_RED_MEAN) && qkv__is_float(dt) &&
+           p->kstride[p->nk - 1] == 1 && p->kshape[p->nk - 1] >= 16 && p->n_red > 1;
+}
+
+/* Outputs b..e of the rows path, one contiguous run of kept elements at a time. */
+static void rows_sum_range(const plan *p, const qkv_tensor *a, void *out, int64_t b,
+                           int64_t e) {
+    int64_t w = p->kshape[p->nk - 1];
+    const char *data = qkv_data(a);
+    size_t es = qkv_dtype_size(a->dtype);
+    while (b < e) {
+        int64_t run = b - b % w, end = run + w < e ? run + w : e;
+        const char *base = data + kept_offset(p, run) * (int64_t)es;
+        if (a->dtype == QKV_F32)
+            rows_sum_float(p, (const float *)base, (float *)out + run, b - run, end - run);
+        else
+            rows_sum_double(p, (const double *)base, (double *)out + run, b - run, end - run);
+        b = end;
+    }
 }
 
 /* Sums, means and variances of contiguous float rows (the last axis: layer norm's statistics,
@@ -244,8 +264,7 @@ static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t 
         return;
     }
     if (rows_path(p, a->dtype)) {
-        if (a->dtype == QKV_F32) rows_sum_float(p, (const float *)data, out, b, e);
-        else rows_sum_double(p, (const double *)data, out, b, e);
+        rows_sum_range(p, a, out, b, e);
         return;
     }
     for (int64_t o = b; o < e; o++) {
@@ -455,6 +474,67 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
     return out;
 }
 
+/* ---- Causal softmax --------------------------------------------------------------------- */
+
+/* How many leading entries of row r take part: rows of n keys, L queries per matrix, query
+ * i = r % L sees keys j <= past + i. */
+static int64_t causal_width(int64_t r, int64_t L, int64_t n, int64_t past) {
+    int64_t i = r % L;
+    return past >= n - i - 1 ? n : past + i + 1;
+}
+
+/* Row r of the causal softmax: the leading m entries that take part, zeros after them (NaN
+ * when the row is NaN). Those zeros are what exp(-inf) gives, and the sums are those of the
+ * full row with the masked entries left out, so the result is softmax(x.masked_fill(mask,
+ * -inf))'s bit for bit; masked entries are never read. */
+static void softmax_causal_row(qkv_dtype dtype, const char *x, char *y, int64_t n, int64_t m) {
+    if (dtype == QKV_F32) {
+        float *yf = (float *)y;
+        softmax_row_vector((const float *)x, yf, m, false);
+        float rest = yf[0] != yf[0] ? yf[0] : 0;
+        for (int64_t j = m; j < n; j++) yf[j] = rest;
+    } else {
+        double *yd = (double *)y;
+        softmax_row_double((const double *)x, 1, yd, 1, m, false);
+        double rest = yd[0] != yd[0] ? yd[0] : 0;
+        for (int64_t j = m; j < n; j++) yd[j] = rest;
+    }
+}
+
+qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *name) {
+    if (QKV__NULL_ARGS(name, a)) return NULL;
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
+    char s[128];
+    if (a->ndim < 2)
+        return qkv_set_error("%s: expected scores [..., L, S], got %s", name,
+                             qkv_shape_str(a, s, sizeof s));
+    if (past < 0) return qkv_set_error("%s: past %lld < 0", name, (long long)past);
+    if (!qkv__is_float(a->dtype)) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__softmax_causal(qkv__to_dtype(a, QKV_F32), past, name));
+        qkv_scope_end();
+        return out;
+    }
+    qkv_tensor *ac = qkv__contiguous(a);
+    qkv_tensor *out = ac ? qkv_empty(a->dtype, a->ndim, a->shape) : NULL;
+    if (!out || a->numel == 0) return out;
+    int64_t n = a->shape[a->ndim - 1], L = a->shape[a->ndim - 2], rows = a->numel / n;
+    int threads = qkv__threads_for(a->numel * 4);
+    if (rows < threads) threads = 1;
+    const char *ad = qkv_data(ac);
+    char *od = qkv_data(out);
+    int64_t pieces = qkv__pieces(rows, threads);
+    size_t es = qkv_dtype_size(a->dtype);
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++)
+        for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
+            int64_t at = r * n * (int64_t)es;
+            softmax_causal_row(a->dtype, ad + at, od + at, n, causal_width(r, L, n, past));
+        }
+    return out;
+}
+
 /* The gradient of softmax (or log_softmax) along the last axis from its output y and the
  * output's gradient g, one row at a time: y (g - sum(g y)) for softmax, g - exp(y) sum(g) for
  * log_softmax. Rows are independent, so threads split them. */
@@ -478,12 +558,47 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
 SOFTMAX_GRAD_ROW(float, expf)
 SOFTMAX_GRAD_ROW(double, exp)
 
-qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
-                                  const char *name) {
+/* Softmax's gradient of a float row, eight lanes at a time: the products g y are exact in
+ * double, and lane j % 8 sums them in order, so a row's result is fixed whatever the thread
+ * count. */
+static void softmax_grad_row_vector(const float *y, const float *g, float *out, int64_t n) {
+    qkv_d8 acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        qkv_f8 yv, gv;
+        memcpy(&yv, y + j, sizeof yv);
+        memcpy(&gv, g + j, sizeof gv);
+        acc += __builtin_convertvector(gv, qkv_d8) * __builtin_convertvector(yv, qkv_d8);
+    }
+    double s = 0;
+    for (int l = 0; l < 8; l++) s += acc[l];
+    for (; j < n; j++) s += (double)g[j] * y[j];
+    float fs = (float)s;
+    for (j = 0; j < n; j++) out[j] = y[j] * (g[j] - fs);
+}
+
+/* One row of softmax's gradient of n entries, of which the first m take part (the rest have
+ * output 0 and get gradient 0). */
+static void softmax_grad_row(qkv_dtype dtype, const char *y, const char *g, char *out,
+                             int64_t n, int64_t m, bool log) {
+    size_t es = qkv_dtype_size(dtype);
+    if (dtype == QKV_F32 && !log)
+        softmax_grad_row_vector((const float *)y, (const float *)g, (float *)out, m);
+    else if (dtype == QKV_F32)
+        softmax_grad_row_float((const float *)y, (const float *)g, (float *)out, m, log);
+    else
+        softmax_grad_row_double((const double *)y, (const double *)g, (double *)out, m, log);
+    if (m < n) memset(out + (size_t)m * es, 0, (size_t)(n - m) * es);
+}
+
+/* Softmax's gradient over the last axis; past >= 0: causal, as qkv__softmax_causal. */
+static qkv_tensor *softmax_backward_rows(const qkv_tensor *y, const qkv_tensor *g, bool log,
+                                         int64_t past, const char *name) {
     if (QKV__NULL_ARGS(name, y, g)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, y, g)) return NULL;
-    if (y->ndim == 0 || g->dtype != y->dtype || g->ndim != y->ndim || g->numel != y->numel)
+    if (y->ndim == 0 || (past >= 0 && y->ndim < 2) || g->dtype != y->dtype ||
+        g->ndim != y->ndim || g->numel != y->numel)
         return qkv_set_error("%s: gradient does not match the output", name);
     if (y->dtype == QKV_BF16)
         return QKV__IN_F32(qkv__softmax_backward(QKV__F32(y), QKV__F32(g), log, name));
@@ -491,20 +606,28 @@ qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool
     qkv_tensor *out = yc && gc ? qkv_empty(y->dtype, y->ndim, y->shape) : NULL;
     if (!out || out->numel == 0) return out;
     int64_t n = y->shape[y->ndim - 1], rows = y->numel / n;
+    int64_t L = y->ndim >= 2 ? y->shape[y->ndim - 2] : 1;
     int threads = qkv__threads_for(y->numel * 4);
     if (rows < threads) threads = 1;
     const char *yd = qkv_data(yc), *gd = qkv_data(gc);
     char *od = qkv_data(out);
     int64_t pieces = qkv__pieces(rows, threads);
+    size_t es = qkv_dtype_size(y->dtype);
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
-            if (y->dtype == QKV_F32)
-                softmax_grad_row_float((const float *)yd + r * n, (const float *)gd + r * n,
-                                       (float *)od + r * n, n, log);
-            else
-                softmax_grad_row_double((const double *)yd + r * n, (const double *)gd + r * n,
-                                        (double *)od + r * n, n, log);
+            int64_t at = r * n * (int64_t)es, m = past < 0 ? n : causal_width(r, L, n, past);
+            softmax_grad_row(y->dtype, yd + at, gd + at, od + at, n, m, log);
         }
     return out;
+}
+
+qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
+                                  const char *name) {
+    return softmax_backward_rows(y, g, log, -1, name);
+}
+
+qkv_tensor *qkv__softmax_causal_backward(const qkv_tensor *y, const qkv_tensor *g,
+                                         int64_t past, const char *name) {
+    return softmax_backward_rows(y, g, false, past < 0 ? 0 : past, name);
 }

@@ -257,17 +257,29 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
  * output's gradient g. */
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,
                                   const char *name);
+/* Softmax over the last axis of scores [..., L, S] where query i sees keys j <= past + i
+ * (past >= 0), the others exactly 0; and its gradient from the output y and its gradient g. */
+qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *name);
+qkv_tensor *qkv__softmax_causal_backward(const qkv_tensor *y, const qkv_tensor *g,
+                                         int64_t past, const char *name);
 
 /* Layer norm over rows of d contiguous values of dtype (tensor/norm.c): y = (x - mean) rstd
  * w + b (w, b: d values, or NULL), keeping each row's mean and rstd = 1 / sqrt(var + eps).
  * The backward writes gx (rows x d) and the sums over rows gw, gb (d values); any of the
- * three may be NULL when not wanted. False when its scratch memory cannot be had. */
+ * three may be NULL when not wanted. False when its scratch memory cannot be had. mean NULL:
+ * RMS norm, y = x rstd w + b with rstd = 1 / sqrt(mean(x^2) + eps). */
 void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
                           const void *w, const void *b, double eps, void *y, void *mean,
                           void *rstd);
 bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *x,
                                    const void *g, const void *w, const void *mean,
                                    const void *rstd, void *gx, void *gw, void *gb);
+
+/* Rotary embedding over rows of d contiguous values (tensor/rope.c), d even: y = x cos +
+ * rotate_half(x) sin with tables [steps, d] read at row % steps; grad: the gradient
+ * g cos + [g2 s2, -g1 s1] from g in x's place. All of dtype. */
+void qkv__rope_rows(qkv_dtype dtype, int64_t rows, int64_t steps, int64_t d, const void *x,
+                    const void *cos, const void *sin, bool grad, void *y);
 
 /* Dropout (tensor/dropout.c), over F32 or F64: out = a * mask / (1 - p) (0 where p = 1), the
  * mask drawn from g, which advances by a->numel draws whatever the thread count; in_place

@@ -362,6 +362,24 @@ static void gradcheck_softmax_and_log_softmax(void **state) {
             }
 }
 
+/* ---- causal softmax ---------------------------------------------------------------------- */
+
+static qkv_tensor *call_causal_softmax(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    return qkv_causal_softmax(in[0], *(const int64_t *)ctx);
+}
+
+/* Square scores, more queries than keys (rows past the keys see them all) and a cached past. */
+static void gradcheck_causal_softmax(void **state) {
+    (void)state;
+    static const int64_t pasts[] = {0, 0, 2};
+    static const int64_t shapes[][3] = {{2, 5, 5}, {1, 6, 4}, {2, 3, 7}};
+    for (int c = 0; c < 3; c++)
+        for (int l = 0; l < N_LAYOUTS; l++)
+            CHECK(call_causal_softmax, (void *)&pasts[c],
+                  input(QKV_SHAPE(shapes[c][0], shapes[c][1], shapes[c][2]), ANY, (layout)l));
+}
+
 /* ---- matmul ------------------------------------------------------------------------------ */
 
 static qkv_tensor *call_matmul(qkv_tensor *const *in, int n, void *ctx) {
@@ -685,6 +703,7 @@ int main(void) {
         TEST(gradcheck_sum_mean_var),
         TEST(gradcheck_max_min),
         TEST(gradcheck_softmax_and_log_softmax),
+        TEST(gradcheck_causal_softmax),
         TEST(gradcheck_matmul),
         TEST(gradcheck_affine),
         TEST(gradcheck_views_and_copies),

@@ -174,6 +174,28 @@ static void rms_norm_default_eps_is_the_dtype_epsilon(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+/* The weight is the first input, read in place by the module; x the second. */
+static qkv_tensor *rms_norm_call(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    return qkv_rms_norm_forward(ctx, in[1]);
+}
+
+/* In F64 the module runs the fused op; its gradients against central differences, for rows
+ * shorter and longer than the kernel's eight lanes. */
+static void rms_norm_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g = gen(9);
+    for (int64_t d = 3; d <= 19; d += 16) {
+        qkv_rms_norm *m = qkv_rms_norm_new(d, 1e-5);
+        assert_true(qkv_module_to_dtype(QKV_MODULE(m), QKV_F64));
+        assert_true(qkv_copy_(m->weight, qkv_randn(QKV_F64, S(d), &g)));
+        qkv_tensor *in[2] = {m->weight, qkv_requires_grad_(qkv_randn(QKV_F64, S(2, 3, d), &g),
+                                                           true)};
+        if (!qkv_gradcheck(rms_norm_call, in, 2, m, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+        qkv_module_free(QKV_MODULE(m));
+    }
+}
+
 static void swiglu_matches_torch(void **state) {
     (void)state;
     qkv_generator g = gen(3);
@@ -201,6 +223,45 @@ static void rope_matches_the_llama_layout_at_an_offset(void **state) {
     assert_int_equal(l->n, 0); /* nothing of it is saved */
     qkv_named_list_free(l);
     qkv_module_free(QKV_MODULE(m));
+}
+
+/* The tables are the second and third inputs, constants for the check. */
+static qkv_tensor *rotary_call(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    return qkv_rotary(in[0], in[1], in[2]);
+}
+
+/* The op's gradient against central differences in F64, on a transposed x (read through a
+ * copy) and with F32 tables converted to x's dtype. */
+static void rotary_passes_gradcheck(void **state) {
+    (void)state;
+    qkv_generator g = gen(12);
+    qkv_tensor *x = qkv_requires_grad_(qkv_randn(QKV_F64, S(2, 5, 6), &g), true);
+    qkv_tensor *in[3] = {x, qkv_randn(QKV_F64, S(5, 6), &g), qkv_randn(QKV_F32, S(5, 6), &g)};
+    if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+    in[0] = qkv_requires_grad_(qkv_transpose(qkv_randn(QKV_F64, S(2, 4, 3), &g), -2, -1), true);
+    in[1] = qkv_randn(QKV_F64, S(3, 4), &g);
+    in[2] = qkv_randn(QKV_F64, S(3, 4), &g);
+    if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+}
+
+static void rotary_refuses_tables_that_do_not_fit(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_ones(QKV_F32, S(2, 3, 4)), *t = qkv_ones(QKV_F32, S(3, 4));
+    assert_null(qkv_rotary(x, qkv_ones(QKV_F32, S(2, 4)), t));
+    assert_error_contains("qkv_rotary: x f32 [2,3,4], cos [2,4], sin [3,4]; expected a float "
+                          "x [..., T, d] with d even and float tables [T, d]");
+    qkv_clear_error();
+    assert_null(qkv_rotary(qkv_ones(QKV_F32, S(3, 3)), qkv_ones(QKV_F32, S(3, 3)),
+                           qkv_ones(QKV_F32, S(3, 3))));
+    assert_error_contains("with d even");
+    qkv_clear_error();
+    assert_null(qkv_rotary(x, qkv_requires_grad_(qkv_ones(QKV_F32, S(3, 4)), true), t));
+    assert_error_contains("qkv_rotary: cos and sin are tables; they cannot require grad");
+    qkv_clear_error();
+    assert_null(qkv_rotary(x, NULL, t));
+    assert_non_null(qkv_error());
 }
 
 static void rope_names_positions_past_its_table(void **state) {
@@ -573,6 +634,9 @@ int main(void) {
         T(sdpa_names_bad_arguments),
         T(rms_norm_matches_reference),
         T(rms_norm_default_eps_is_the_dtype_epsilon),
+        T(rotary_passes_gradcheck),
+        T(rotary_refuses_tables_that_do_not_fit),
+        T(rms_norm_passes_gradcheck),
         T(swiglu_matches_torch),
         T(rope_matches_the_llama_layout_at_an_offset),
         T(rope_names_positions_past_its_table),

@@ -108,6 +108,32 @@ static void leading_axis_reductions_of_wide_matrix(void **state) {
                     "sum over axis 0 of a transposed copy");
 }
 
+/* Over a middle axis whose kept inner run is contiguous (grouped attention's heads summed
+ * back): every output is its inputs added in order in double, rounded once, as the general
+ * path does, for runs in one piece and split over [2,3] outer positions. */
+static void sum_over_a_middle_axis_adds_in_order(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 5, 40), &g);
+    const float *d = qkv_data(x);
+    float got[2 * 3 * 40];
+    assert_true(qkv_copy_out(qkv_sum(x, 2, false), QKV_F32, got));
+    for (int64_t o = 0; o < 6; o++)
+        for (int64_t j = 0; j < 40; j++) {
+            double s = 0;
+            for (int64_t k = 0; k < 5; k++) s += d[(o * 5 + k) * 40 + j];
+            assert_true(got[o * 40 + j] == (float)s);
+        }
+    float mean[40];
+    assert_true(qkv_copy_out(qkv_mean_axes(x, 3, (const int[]){0, 1, 2}, false), QKV_F32, mean));
+    for (int64_t j = 0; j < 40; j++) {
+        double s = 0;
+        for (int64_t k = 0; k < 30; k++) s += d[k * 40 + j];
+        assert_true(mean[j] == (float)(s * (1.0 / 30)));
+    }
+}
+
 static void reductions_do_not_depend_on_thread_count(void **state) {
     (void)state;
     qkv_generator g;
@@ -159,6 +185,90 @@ static void softmax_of_huge_inputs_stays_finite(void **state) {
     assert_true(y[0] == 0.5f && y[1] == 0.5f && y[2] == 0);
     assert_true(qkv_copy_out(qkv_softmax(t, 0), QKV_F32, y));
     assert_true(y[0] == 0 && y[3] == 1);
+}
+
+/* ---- causal softmax ---------------------------------------------------------------------- */
+
+/* Forward and the gradient of sum(out * gout), against torch's softmax of the masked-filled
+ * scores (tests/fixtures/gen_reduce.py). */
+static void causal_softmax_and_its_gradient_match_torch(void **state) {
+    (void)state;
+    for (size_t i = 0; i < N_OF(fx_causal_cases); i++) {
+        const fx_causal *c = &fx_causal_cases[i];
+        char what[96];
+        snprintf(what, sizeof what, "causal softmax, %s (%s)", c->what,
+                 qkv_dtype_name(c->dtype));
+        qkv_tensor *x = qkv_requires_grad_(fx_make(&c->x, c->dtype), true);
+        qkv_tensor *out = qkv_causal_softmax(x, c->past);
+        double tol = c->dtype == QKV_F32 ? 1e-5 : 1e-12;
+        fx_assert_close(out, c->dtype, &c->out, tol, tol, what);
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(out, fx_make(&c->gout, c->dtype)))));
+        fx_assert_close(x->grad, c->dtype, &c->gin, tol, tol, what);
+    }
+    assert_true(N_OF(fx_causal_cases) >= 8);
+    assert_null(qkv_error());
+}
+
+/* Scores [2,3,L,S] for the causal tests: every value distinct and of both signs. */
+static qkv_tensor *causal_scores(int64_t L, int64_t S) {
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    return qkv_mul_scalar(qkv_randn(QKV_F32, QKV_SHAPE(2, 3, L, S), &g), 4);
+}
+
+/* The fused op is softmax(scores + mask) with the -inf term added, bit for bit, for square
+ * scores, more queries than keys, a cached past and rows longer than a vector; its gradient
+ * equals the composed one too. */
+static void causal_softmax_is_the_masked_softmax_bit_for_bit(void **state) {
+    (void)state;
+    static const int64_t cases[][3] = {{7, 7, 0}, {9, 4, 0}, {3, 40, 30}, {33, 33, 0}};
+    for (int c = 0; c < 4; c++) {
+        int64_t L = cases[c][0], S = cases[c][1], past = cases[c][2];
+        qkv_tensor *x = qkv_requires_grad_(causal_scores(L, S), true);
+        qkv_tensor *rows = qkv_reshape(qkv_arange(QKV_I64, (double)past, (double)(past + L), 1),
+                                       QKV_SHAPE(L, 1));
+        qkv_tensor *cols = qkv_reshape(qkv_arange(QKV_I64, 0, (double)S, 1), QKV_SHAPE(1, S));
+        qkv_tensor *term = qkv_masked_fill(qkv_zeros(QKV_F32, QKV_SHAPE(L, S)),
+                                           qkv_gt(cols, rows), -INFINITY);
+        qkv_tensor *want = qkv_softmax(qkv_add(x, term), -1), *got = qkv_causal_softmax(x, past);
+        size_t bytes = (size_t)got->numel * sizeof(float);
+        assert_memory_equal(qkv_data(got), qkv_data(want), bytes);
+        qkv_tensor *w = qkv_mul_scalar(causal_scores(L, S), 0.5);
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(want, w))));
+        qkv_tensor *gwant = qkv_contiguous(qkv_detach(x->grad));
+        qkv_zero_grad(x);
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(got, w))));
+        float *a = qkv_data(x->grad), *b = qkv_data(gwant);
+        for (int64_t i = 0; i < got->numel; i++) assert_true(a[i] == b[i]);
+    }
+}
+
+static void causal_softmax_does_not_depend_on_thread_count(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_requires_grad_(causal_scores(64, 64), true), *r[2], *gr[2];
+    for (int k = 0; k < 2; k++) {
+        qkv_set_num_threads(k + 1);
+        r[k] = qkv_causal_softmax(x, 0);
+        qkv_zero_grad(x);
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(r[k], causal_scores(64, 64)))));
+        gr[k] = qkv_detach(x->grad);
+    }
+    qkv_set_num_threads(0);
+    size_t bytes = (size_t)x->numel * sizeof(float);
+    assert_memory_equal(qkv_data(r[0]), qkv_data(r[1]), bytes);
+    assert_memory_equal(qkv_data(gr[0]), qkv_data(gr[1]), bytes);
+}
+
+static void causal_softmax_refuses_bad_input(void **state) {
+    (void)state;
+    assert_null(qkv_causal_softmax(NULL, 0));
+    assert_non_null(qkv_error());
+    qkv_clear_error();
+    assert_null(qkv_causal_softmax(qkv_zeros(QKV_F32, QKV_SHAPE(5)), 0));
+    assert_string_equal(qkv_error(), "qkv_causal_softmax: expected scores [..., L, S], got [5]");
+    qkv_clear_error();
+    assert_null(qkv_causal_softmax(qkv_zeros(QKV_F32, QKV_SHAPE(2, 2)), -1));
+    assert_string_equal(qkv_error(), "qkv_causal_softmax: past -1 < 0");
 }
 
 /* ---- empty inputs and errors ------------------------------------------------------------- */
@@ -254,9 +364,14 @@ int main(void) {
         T(softmax_matches_torch),
         T(log_softmax_matches_torch),
         T(leading_axis_reductions_of_wide_matrix),
+        T(sum_over_a_middle_axis_adds_in_order),
         T(reductions_do_not_depend_on_thread_count),
         T(softmax_of_fully_masked_row_is_zero),
         T(softmax_of_huge_inputs_stays_finite),
+        T(causal_softmax_and_its_gradient_match_torch),
+        T(causal_softmax_is_the_masked_softmax_bit_for_bit),
+        T(causal_softmax_does_not_depend_on_thread_count),
+        T(causal_softmax_refuses_bad_input),
         T(reductions_of_empty_tensors),
         T(reduction_axis_errors_name_op_and_shape),
         T(full_reductions_give_zero_dimensional_tensors),
