@@ -10,8 +10,11 @@
  * with qkv_error(); nothing here aborts the process. MPI errors are returned, not fatal
  * (MPI_ERRORS_RETURN is set on qkv's communicator), and name the MPI call and its message.
  * Every collective (all-reduce, broadcast, trainer creation and finish, tree sums) must be
- * called by every rank in the same order, as MPI requires; a rank that leaves the job ends
- * it (mpirun aborts every rank), so no collective hangs.
+ * called by every rank in the same order, as MPI requires. A failure that every rank can see
+ * (bad arguments, mismatched settings) fails every rank with the same message naming the rank;
+ * one only a single rank sees during a step (out of memory in its backward) leaves the others
+ * waiting in qkv_dist_finish, so a program ends with a non-zero status on any failure: a rank
+ * that exits before qkv_dist_finalize ends the whole job (mpirun aborts every rank).
  *
  * Determinism. The default trainer mode (deterministic) gives weights identical to the bit
  * at 1, 2, 4, ... ranks for the same micro-batch count M:

@@ -215,6 +215,35 @@ static void trainer_refuses_bad_settings_and_order(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+/* A whole step of a trainer over a linear layer with M = 2, from creation to free; the
+ * gradients it leaves are dropped. */
+static bool linear_step(qkv_linear *l) {
+    qkv_dist_trainer *t = qkv_dist_trainer_new(QKV_MODULE(l),
+                                               &(qkv_dist_options){.micro_batches = 2});
+    bool ok = t != NULL;
+    for (int k = 0; ok && k < 2; k++) {
+        qkv_scope_begin();
+        qkv_tensor *x = qkv_full(QKV_F32, QKV_SHAPE(2, 3), k + 1);
+        ok = qkv_dist_backward(t, qkv_sum_all(qkv_linear_forward(l, x)), k);
+        qkv_scope_end();
+    }
+    ok = ok && qkv_dist_finish(t);
+    if (ok) ok = ((float *)qkv_data(l->weight->grad))[0] == 6.0f; /* 2 rows x (1 + 2) */
+    qkv_dist_trainer_free(t);
+    qkv_module_zero_grad(QKV_MODULE(l));
+    return ok;
+}
+
+static void every_allocation_failure_in_a_trainer_step_is_clean(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_linear *l = qkv_linear_new(3, 2, true, &g);
+    assert_non_null(l);
+    assert_every_allocation_failure_is_clean(linear_step(l));
+    qkv_module_free(QKV_MODULE(l));
+}
+
 /* 3 steps, a checkpoint, a fresh model and optimizer loaded from it, 2 more steps: the same
  * bits as 5 steps straight. */
 static void resume_from_a_checkpoint_continues_to_the_bit(void **state) {
@@ -277,6 +306,7 @@ int main(void) {
         T(trainer_draws_depend_on_step_and_micro_batch_only),
         T(trainer_refuses_bad_settings_and_order),
         T(resume_from_a_checkpoint_continues_to_the_bit),
+        T(every_allocation_failure_in_a_trainer_step_is_clean),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
