@@ -166,6 +166,48 @@ static void trainer_sums_micro_batch_gradients_in_a_fixed_tree(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+typedef struct bucket_probe {
+    qkv_dist_trainer *t;
+    int seen[2]; /* buckets started when the head's bias was final, per micro-batch */
+    int micro;
+} bucket_probe;
+
+static void probe_buckets(qkv_tensor *leaf, void *ctx) {
+    (void)leaf;
+    bucket_probe *p = ctx;
+    p->seen[p->micro] = qkv_dist_trainer_stats(p->t).buckets;
+}
+
+/* Buckets start from the hooks during the last micro-batch's backward: when the head's bias
+ * (registered last, so in bucket 0) is final, its bucket has started and the attention's
+ * (registered first, final last) have not. In earlier micro-batches nothing starts. */
+static void buckets_start_during_the_last_backward(void **state) {
+    (void)state;
+    dist_model *m = dist_model_new(5, DM_CLASSES);
+    qkv_dist_trainer *t = qkv_dist_trainer_new(
+        QKV_MODULE(m), &(qkv_dist_options){.micro_batches = 2, .bucket_bytes = 64});
+    assert_non_null(t);
+    bucket_probe probe = {.t = t};
+    qkv_grad_hook *h = qkv_register_grad_hook(m->head->bias, probe_buckets, &probe);
+    for (int k = 0; k < 2; k++) {
+        int64_t first, count;
+        probe.micro = k;
+        assert_true(qkv_micro_batch_range(DM_SAMPLES, DM_BATCH, 0, 2, k, &first, &count));
+        qkv_scope_begin();
+        assert_true(qkv_dist_backward(t, dist_model_loss(m, first, count, DM_BATCH), k));
+        qkv_scope_end();
+    }
+    assert_true(qkv_dist_finish(t));
+    int total = qkv_dist_trainer_stats(t).buckets;
+    assert_int_equal(probe.seen[0], 0);
+    assert_true(probe.seen[1] >= 1);
+    assert_true(probe.seen[1] < total);
+    assert_true(total >= 4);
+    qkv_remove_grad_hook(h);
+    qkv_dist_trainer_free(t);
+    qkv_module_free(QKV_MODULE(m));
+}
+
 static void trainer_draws_depend_on_step_and_micro_batch_only(void **state) {
     (void)state;
     dist_model *m = dist_model_new(5, DM_CLASSES);
@@ -303,6 +345,7 @@ int main(void) {
         T(broadcast_optimizer_keeps_the_state_of_one_rank),
         T(micro_batches_split_by_sample_position),
         T(trainer_sums_micro_batch_gradients_in_a_fixed_tree),
+        T(buckets_start_during_the_last_backward),
         T(trainer_draws_depend_on_step_and_micro_batch_only),
         T(trainer_refuses_bad_settings_and_order),
         T(resume_from_a_checkpoint_continues_to_the_bit),
