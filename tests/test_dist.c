@@ -98,6 +98,10 @@ static void micro_batches_split_by_sample_position(void **state) {
     (void)state;
     assert_int_equal(qkv_num_batches(45, 16), 3);
     assert_int_equal(qkv_num_batches(0, 16), 0);
+    assert_int_equal(qkv_batch_count(45, 16, 1), 16);
+    assert_int_equal(qkv_batch_count(45, 16, 2), 13);
+    assert_int_equal(qkv_batch_count(45, 16, 3), -1);
+    qkv_clear_error();
     int64_t first, count;
     /* The partial batch: 13 samples from 32 into 4 parts at 13 * k / 4 = 0, 3, 6, 9. */
     int64_t expect[4][2] = {{32, 3}, {35, 3}, {38, 3}, {41, 4}};
