@@ -316,7 +316,10 @@ static bool make_buckets(qkv_dist_trainer *t) {
         slot *s = &t->slots[i];
         size_t bytes = (size_t)s->param->numel * qkv_dtype_size(s->param->dtype);
         size_t have = b ? (size_t)b->numel * qkv_dtype_size(b->dtype) : 0;
-        if (!b || b->dtype != s->param->dtype || (have && have + bytes > limit)) {
+        /* MPI counts are ints: a bucket stays under 2^31 elements. */
+        bool full = b && have &&
+                    (have + bytes > limit || b->numel + s->param->numel > 0x7fffffff);
+        if (!b || b->dtype != s->param->dtype || full) {
             b = &t->buckets[t->n_buckets++];
             b->dtype = s->param->dtype;
             b->members = calloc((size_t)(i + 1), sizeof *b->members);

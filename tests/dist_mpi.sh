@@ -62,6 +62,14 @@ if [ $status -ne 0 ] && [ $status -ne 124 ] && grep -q "rank 1 leaves" "$dir/log
     run 1 1 train 4 5 "$dir/w" --resume "$dir/ckpt" && cmp -s "$dir/ref" "$dir/w"; then
     ok "$name"; else bad "$name (mpirun exit status $status)"; fi
 
+name="a rank killed mid-step (SIGKILL) ends the job; its checkpoint loads"
+rm -f "$dir/ckpt"
+run 2 1 train 4 5 "$dir/w" --save "$dir/ckpt" 2 --kill 3
+status=$?
+if [ $status -ne 0 ] && [ $status -ne 124 ] && grep -qi "signal\|killed" "$dir/log" &&
+    run 1 1 train 4 5 "$dir/w" --resume "$dir/ckpt" && cmp -s "$dir/ref" "$dir/w"; then
+    ok "$name"; else bad "$name (mpirun exit status $status)"; fi
+
 for what in params micro; do
     name="a $what mismatch is refused on every rank"
     if run 2 1 mismatch $what && [ "$(grep -c 'qkv_dist_trainer_new: rank 1' "$dir/log")" = 2 ]
