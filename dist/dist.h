@@ -71,8 +71,11 @@ extern "C" {
 /* ---- The world --------------------------------------------------------------------------- */
 
 /* Starts MPI (MPI_Init_thread, funneled) unless it is already running, and makes qkv's
- * communicator, a duplicate of MPI_COMM_WORLD with MPI_ERRORS_RETURN. argc and argv may be
- * NULL. Calling it twice is harmless. Without MPI: a world of one process. */
+ * communicators, duplicates of MPI_COMM_WORLD with MPI_ERRORS_RETURN. argc and argv may be
+ * NULL. Calling it twice is harmless. Without MPI: a world of one process. The world is the
+ * process's: call this layer from the thread that called qkv_dist_init (MPI's funneled
+ * level; kernels still run on every OpenMP thread). Before init every build is a world of
+ * one process. */
 bool qkv_dist_init(int *argc, char ***argv);
 /* Frees the communicator and ends MPI if qkv_dist_init started it. */
 void qkv_dist_finalize(void);
