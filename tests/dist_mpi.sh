@@ -71,6 +71,11 @@ if [ $status -ne 0 ] && [ $status -ne 124 ] && grep -qi "signal\|killed" "$dir/l
     run 1 1 train 4 5 "$dir/w" --resume "$dir/ckpt" && cmp -s "$dir/ref" "$dir/w"; then
     ok "$name"; else bad "$name (mpirun exit status $status)"; fi
 
+name="3 ranks are refused at start for M = 4"
+if ! run 3 1 train 4 5 "$dir/w" &&
+    [ "$(grep -c '3 ranks cannot share 4 micro-batches; the rank count must be a power of two' \
+        "$dir/log")" = 3 ]; then ok "$name"; else bad "$name"; fi
+
 for what in params shapes micro; do
     name="a $what mismatch is refused on every rank"
     if run 2 1 mismatch $what &&
