@@ -67,12 +67,14 @@ bool qkv_dist_init(int *argc, char ***argv) {
 }
 
 void qkv_dist_finalize(void) {
-    if (comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
-    if (comm2 != MPI_COMM_NULL) MPI_Comm_free(&comm2);
-    world_rank = 0;
-    world_size = 1;
     int finalized = 0;
     MPI_Finalized(&finalized);
+    /* A program that ended MPI itself has taken the communicators with it. */
+    if (!finalized && comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
+    if (!finalized && comm2 != MPI_COMM_NULL) MPI_Comm_free(&comm2);
+    comm = comm2 = MPI_COMM_NULL;
+    world_rank = 0;
+    world_size = 1;
     if (started_mpi && !finalized) MPI_Finalize();
     started_mpi = false;
 }
@@ -100,8 +102,11 @@ bool qkv__dist_agree(bool ok, const char *op) {
         if (!all[(size_t)r * MSG]) continue;
         all[(size_t)r * MSG + MSG - 1] = 0;
         /* Every rank reports the same message, the failing one too. */
+        const char *msg = all + (size_t)r * MSG;
+        size_t len = strlen(op);
+        if (!strncmp(msg, op, len) && !strncmp(msg + len, ": ", 2)) msg += len + 2;
         qkv_clear_error();
-        qkv_set_error("%s: rank %d: %s", op, r, all + (size_t)r * MSG);
+        qkv_set_error("%s: rank %d: %s", op, r, msg);
         sent = false;
     }
     free(all);

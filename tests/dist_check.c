@@ -11,9 +11,10 @@
  *       to OUT (rank 0); --resume loads a checkpoint first, --save writes one after step AT,
  *       --die makes rank 1 leave the job in the middle of step AT (--kill: killed by
  *       SIGKILL);
- *   dist_check mismatch params|micro
- *       rank 1 builds a model with one more parameter, or uses twice the micro-batches: the
- *       trainer's creation must fail on every rank with a message naming rank 1.
+ *   dist_check mismatch params|shapes|micro
+ *       rank 1 builds a model with one more parameter or another head, or uses twice the
+ *       micro-batches: the trainer's creation must fail on every rank with a message naming
+ *       rank 1.
  */
 #include <inttypes.h>
 #include <signal.h>
@@ -236,17 +237,18 @@ static int train(int argc, char **argv) {
 /* ---- Mismatches -------------------------------------------------------------------------- */
 
 static int mismatch(const char *what) {
-    dist_model *m = dist_model_new(1, DM_CLASSES);
+    bool params = !strcmp(what, "params"), shapes = !strcmp(what, "shapes");
+    dist_model *m = dist_model_new(1, shapes && qkv_dist_rank() == 1 ? 4 : DM_CLASSES);
     int micro = 4;
-    bool params = !strcmp(what, "params");
     if (qkv_dist_rank() == 1 && params)
         qkv_module_add_parameter(QKV_MODULE(m), "extra",
                                  qkv_requires_grad_(qkv_zeros(QKV_F32, QKV_SHAPE(2)), true));
-    if (qkv_dist_rank() == 1 && !params) micro = 8;
+    if (qkv_dist_rank() == 1 && !params && !shapes) micro = 8;
     qkv_dist_trainer *t = qkv_dist_trainer_new(QKV_MODULE(m),
                                                &(qkv_dist_options){.micro_batches = micro});
-    const char *want = params ? "rank 1 has 11 parameters, rank 0 has 10"
-                              : "rank 1 has 8 micro-batches (M), rank 0 has 4";
+    const char *want = params   ? "rank 1 has 11 parameters, rank 0 has 10"
+                       : shapes ? "shapes or dtypes differ between rank 0 and rank 1"
+                                : "rank 1 has 8 micro-batches (M), rank 0 has 4";
     const char *err = qkv_error();
     CHECK(!t && err && strstr(err, want), "expected an error containing \"%s\"", want);
     if (err) printf("rank %d: %s\n", qkv_dist_rank(), err);
@@ -266,7 +268,7 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "collectives")) status = collectives();
     else if (argc >= 2 && !strcmp(argv[1], "train")) status = train(argc, argv);
     else if (argc >= 3 && !strcmp(argv[1], "mismatch")) status = mismatch(argv[2]);
-    else fprintf(stderr, "usage: dist_check collectives | train ... | mismatch params|micro\n");
+    else fprintf(stderr, "usage: dist_check collectives | train ... | mismatch WHAT\n");
     qkv_dist_finalize();
     return status ? 1 : 0;
 }

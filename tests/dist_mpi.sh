@@ -30,7 +30,8 @@ run() {
 }
 
 for n in 1 2 4; do
-    if run $n 1 collectives; then ok "collectives at $n ranks"; else bad "collectives at $n ranks"; fi
+    name="collectives at $n ranks"
+    if run $n 1 collectives; then ok "$name"; else bad "$name"; fi
 done
 
 # The reference: one process, one thread, M = 4, 5 steps (the third batch is partial).
@@ -70,9 +71,15 @@ if [ $status -ne 0 ] && [ $status -ne 124 ] && grep -qi "signal\|killed" "$dir/l
     run 1 1 train 4 5 "$dir/w" --resume "$dir/ckpt" && cmp -s "$dir/ref" "$dir/w"; then
     ok "$name"; else bad "$name (mpirun exit status $status)"; fi
 
-for what in params micro; do
+name="3 ranks are refused at start for M = 4"
+if ! run 3 1 train 4 5 "$dir/w" &&
+    [ "$(grep -c '3 ranks cannot share 4 micro-batches; the rank count must be a power of two' \
+        "$dir/log")" = 3 ]; then ok "$name"; else bad "$name"; fi
+
+for what in params shapes micro; do
     name="a $what mismatch is refused on every rank"
-    if run 2 1 mismatch $what && [ "$(grep -c 'qkv_dist_trainer_new: rank 1' "$dir/log")" = 2 ]
+    if run 2 1 mismatch $what &&
+        [ "$(grep -c '^rank [01]: qkv_dist_trainer_new: .*rank 1' "$dir/log")" = 2 ]
     then ok "$name"; else bad "$name"; fi
 done
 
