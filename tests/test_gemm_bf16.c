@@ -160,6 +160,14 @@ static void check(const gemm_case *gc) {
     free(a); free(b); free(c); free(c0); free(cz); free(h); free(h0); free(off); free(touched);
 }
 
+static bool cpu_has_bf16(void) {
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
 /* Runs fn on every path this CPU can run. A CPU with AVX512_BF16 must get the native one. */
 static void on_each_path(void (*fn)(void)) {
     for (int path = QKV_BF16_GEMM_CONVERT; path <= QKV_BF16_GEMM_NATIVE; path++) {
@@ -167,10 +175,7 @@ static void on_each_path(void (*fn)(void)) {
         assert_int_equal(qkv__gemm_bf16_path(), path);
         fn();
     }
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
-    if (__builtin_cpu_supports("avx512bf16"))
-        assert_true(qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE));
-#endif
+    if (cpu_has_bf16()) assert_true(qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE));
     if (!qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE)) qkv__gemm_bf16_use(QKV_BF16_GEMM_CONVERT);
 }
 
@@ -332,8 +337,19 @@ static void computes_exact_small_product_run(void) {
 }
 ON_EACH_PATH(computes_exact_small_product)
 
+/* Before any product forces a path: the first choice follows QKV_BF16_GEMM (the suite runs
+ * once without it and once with QKV_BF16_GEMM=convert), else the CPU. */
+static void path_follows_environment(void **state) {
+    (void)state;
+    const char *env = getenv("QKV_BF16_GEMM");
+    bool convert = env && strcmp(env, "convert") == 0;
+    assert_int_equal(qkv__gemm_bf16_path(),
+                     !convert && cpu_has_bf16() ? QKV_BF16_GEMM_NATIVE : QKV_BF16_GEMM_CONVERT);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(path_follows_environment),
         cmocka_unit_test(computes_exact_small_product),
         cmocka_unit_test(matches_reference_on_odd_shapes),
         cmocka_unit_test(reads_transposed_and_strided_operands),
