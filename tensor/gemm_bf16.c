@@ -399,14 +399,15 @@ static TARGET void pack_pairs_across(const uint16_t *src, int64_t ss, int64_t co
             int64_t x0 = p * w, cnt = count - x0 < w ? count - x0 : w;
             uint32_t *d = dst + p * w * kcp;
             for (int64_t q = q0; q < q1; q++) {
-                const uint16_t *r0 = src + 2 * q * ss + x0, *r1 = r0 + ss;
-                bool pad = 2 * q + 1 == kc;
+                const uint16_t *r0 = src + 2 * q * ss + x0;
+                bool pad = 2 * q + 1 == kc; /* an odd k: no second row */
                 for (int x = 0; x < pw; x += VL) {
                     int64_t valid = cnt - x < 0 ? 0 : cnt - x > VL ? VL : cnt - x;
                     __mmask16 ml = (__mmask16)((1u << valid) - 1);
                     __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r0 + x));
                     __m512i hi = pad ? _mm512_setzero_si512()
-                                     : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r1 + x));
+                                     : _mm512_cvtepu16_epi32(
+                                           _mm256_maskz_loadu_epi16(ml, r0 + ss + x));
                     __m512i v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
                     int n = pw - x < VL ? pw - x : VL;
                     if (n == VL)
