@@ -320,6 +320,29 @@ static void same_bits_for_any_thread_count_run(void) {
 }
 ON_EACH_PATH(same_bits_for_any_thread_count)
 
+/* Infinities and NaN go through as in float32: a row of A holding an infinity gives
+ * infinities of the sign of the product (B has no zeros), one holding a NaN gives NaN, and a
+ * bf16 output keeps both. k is odd, so the infinity sits in the zero-padded last pair. */
+static void propagates_infinity_and_nan_run(void) {
+    enum { M = 3, N = 20, K = 5 };
+    uint16_t a[M * K], b[K * N], h[M * N];
+    float c[M * N];
+    for (int i = 0; i < M * K; i++) a[i] = to_bf16(0.25 * (i % 3 + 1));
+    for (int i = 0; i < K * N; i++) b[i] = to_bf16(i % 2 ? 0.5 : -0.75);
+    a[0 * K + 4] = to_bf16(INFINITY);
+    a[1 * K + 2] = to_bf16(NAN);
+    qkv__gemm_bf16(1, M, N, K, 1.0f, a, NULL, K, 1, b, NULL, N, 1, 0.0f, c, NULL, N, 1);
+    qkv__gemm_bf16_out(1, M, N, K, 1.0f, a, NULL, K, 1, b, NULL, N, 1, h, NULL, N, 1);
+    for (int j = 0; j < N; j++) {
+        double sign = widen(b[4 * N + j]) > 0 ? 1 : -1;
+        assert_true(isinf(c[j]) && c[j] * sign > 0);
+        assert_true(widen(h[j]) == (double)c[j]);
+        assert_true(isnan(c[N + j]) && isnan(widen(h[N + j])));
+        assert_true(isfinite(c[2 * N + j]) && isfinite(widen(h[2 * N + j])));
+    }
+}
+ON_EACH_PATH(propagates_infinity_and_nan)
+
 /* Exact small product: integers, so every sum is exact. [[1 2 3] [4 5 6]] x [[1 2] [3 4]
  * [5 6]] = [[22 28] [49 64]]. */
 static void computes_exact_small_product_run(void) {
@@ -357,6 +380,7 @@ int main(void) {
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(sums_over_k_blocks),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(propagates_infinity_and_nan),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
