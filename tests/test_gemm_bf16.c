@@ -343,6 +343,19 @@ static void propagates_infinity_and_nan_run(void) {
 }
 ON_EACH_PATH(propagates_infinity_and_nan)
 
+/* Subnormals: 2^-127 (a subnormal bf16) times 1, and 2^-126 times 0.5 (a subnormal
+ * product). The converting path gives 2^-127 exactly; VDPBF16PS flushes both to zero, as
+ * documented in tensor_internal.h. */
+static void subnormals_by_path_run(void) {
+    uint16_t a[2] = {0x0040, 0x0080}, b[2] = {0x3f80, 0x3f00};
+    float c[2];
+    qkv__gemm_bf16(2, 1, 1, 1, 1.0f, a, (int64_t[]){0, 1}, 1, 1, b, (int64_t[]){0, 1}, 1, 1,
+                   0.0f, c, (int64_t[]){0, 1}, 1, 1);
+    float want = qkv__gemm_bf16_path() == QKV_BF16_GEMM_NATIVE ? 0.0f : ldexpf(1.0f, -127);
+    assert_true(c[0] == want && c[1] == want);
+}
+ON_EACH_PATH(subnormals_by_path)
+
 /* Exact small product: integers, so every sum is exact. [[1 2 3] [4 5 6]] x [[1 2] [3 4]
  * [5 6]] = [[22 28] [49 64]]. */
 static void computes_exact_small_product_run(void) {
@@ -381,6 +394,7 @@ int main(void) {
         cmocka_unit_test(sums_over_k_blocks),
         cmocka_unit_test(same_bits_for_any_thread_count),
         cmocka_unit_test(propagates_infinity_and_nan),
+        cmocka_unit_test(subnormals_by_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
