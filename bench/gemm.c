@@ -213,7 +213,9 @@ static void bench_shape(const shape *s, const int *threads, int n_threads, const
             void (*const fns[])(const operands *) = {run_qkv, run_qkv_bf16};
             median_times(fns, 2, &o, secs);
             double f = flops / secs[0] * 1e-9, h = flops / secs[1] * 1e-9;
-            printf("bf16 %-23s %3d %9.1f %5.0f%% %9.1f %5.0f%% %7.2f\n", s->name, threads[t], f,
+            char label[64];
+            snprintf(label, sizeof label, "bf16 %s", s->name);
+            printf("%-33s %3d %9.1f %5.0f%% %9.1f %5.0f%% %7.2f\n", label, threads[t], f,
                    share(f, pk->f32[t]), h, share(h, pk->bf16[t]), secs[0] / secs[1]);
             fflush(stdout);
             continue;

@@ -56,6 +56,9 @@ echo "== enc2 training step and inference batch (bench/enc2.c vs bench/enc2_torc
 repeat=${REPEAT:-1}
 echo "(median of $repeat alternating run(s) per thread count; set REPEAT to change)"
 printf '%-8s %-22s %12s %12s %8s\n' threads figure qkv pytorch ratio
+share() { # $1 as a percentage of $2
+    awk -v a="$1" -v p="$2" 'BEGIN { printf "%.0f", (p > 0) ? 100 * a / p : 0 }'
+}
 median() {
     sort -n | awk '{ v[NR] = $1 }
         END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
@@ -76,6 +79,12 @@ for t in 1 2; do
         pv=$(echo "$ps" | sed -n "s/^$key=//p" | median)
         printf '%-8s %-22s %12s %12s %8s\n' "$t" "$key" "$qv" "$pv" \
             "$(awk -v a="$qv" -v b="$pv" 'BEGIN { printf "%.2f", a / b }')"
+        if [ "$key" = train_gflops ]; then
+            # as a share of the measured F32 FMA peak of as many cores (bench/peak.c)
+            pk=$(echo "$peak_out" | awk -v t="$t" '/^F32 FMA/ && $(NF - 1) == t { print $NF }')
+            printf '%-8s %-22s %11s%% %11s%%\n' "$t" "train_gflops % F32 pk" \
+                "$(share "$qv" "$pk")" "$(share "$pv" "$pk")"
+        fi
     done
     for key in train_step_checked_ms steady_system_allocs_per_step allocator_requests_per_step \
         page_faults_per_step; do

@@ -313,51 +313,68 @@ static tile_fn tile_for(int mr, int nv) {
 
 /* ---- Packing ----------------------------------------------------------------------------- */
 
+/* r[c] = column c of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15]. */
+static inline __attribute__((always_inline)) TARGET void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* then r[4g + e], 128-bit block b, holds rows 4g..4g+3 of column 4b + e */
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        __m512i u0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88);
+        __m512i u1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
+        __m512i u2 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+        __m512i u3 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
+        t[e] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        t[8 + e] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+        t[4 + e] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        t[12 + e] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* Element (x, l) at src[x * ss + l], so the pairs of k are contiguous: a row-major A, or a B
  * read transposed. dst[q * w + x] = pair (x, 2q), (x, 2q + 1) for x < count, zero for
- * count <= x < w: a transpose of 32-bit pairs, in 4 x 4 blocks of vector shuffles. */
+ * count <= x < w: a transpose of 32-bit pairs, 16 rows by 16 pairs at a time (rows past
+ * count read as zero), the rest element by element. */
 static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, int w,
                                     int64_t kc, uint32_t *restrict dst) {
-    typedef uint32_t V4 __attribute__((vector_size(16)));
     int64_t kcp = (kc + 1) / 2, full = kc / 2;
-    int x = 0;
-    for (; x + 4 <= count; x += 4) {
-        const uint16_t *s0 = src + x * ss, *s1 = s0 + ss, *s2 = s1 + ss, *s3 = s2 + ss;
-        if (x + 8 <= count)
-            for (int r = 4; r < 8; r++)
-                for (int64_t l = 0; l < kc; l += 32) __builtin_prefetch(s0 + r * ss + l, 0, 3);
+    for (int x0 = 0; x0 < w; x0 += VL) {
+        int rows = count - x0 < 0 ? 0 : count - x0 > VL ? VL : count - x0;
+        int lanes = w - x0 < VL ? w - x0 : VL;
+        __mmask16 mask = (__mmask16)((1u << lanes) - 1);
         int64_t q = 0;
-        for (; q + 4 <= full; q += 4) {
-            V4 r0, r1, r2, r3;
-            memcpy(&r0, s0 + 2 * q, sizeof(V4));
-            memcpy(&r1, s1 + 2 * q, sizeof(V4));
-            memcpy(&r2, s2 + 2 * q, sizeof(V4));
-            memcpy(&r3, s3 + 2 * q, sizeof(V4));
-            V4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5);
-            V4 t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
-            V4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5);
-            V4 t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
-            V4 o0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-            V4 o1 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-            V4 o2 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-            V4 o3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
-            memcpy(dst + q * w + x, &o0, sizeof(V4));
-            memcpy(dst + (q + 1) * w + x, &o1, sizeof(V4));
-            memcpy(dst + (q + 2) * w + x, &o2, sizeof(V4));
-            memcpy(dst + (q + 3) * w + x, &o3, sizeof(V4));
+        for (; q + VL <= full; q += VL) {
+            __m512i r[VL];
+            for (int i = 0; i < VL; i++) {
+                r[i] = _mm512_setzero_si512();
+                if (i >= rows) continue;
+                const uint16_t *row = src + (x0 + i) * ss + 2 * q;
+                r[i] = _mm512_loadu_si512(row);
+                __builtin_prefetch(row + 2 * VL, 0, 3);
+            }
+            transpose16(r);
+            for (int e = 0; e < VL; e++)
+                _mm512_mask_storeu_epi32(dst + (q + e) * w + x0, mask, r[e]);
         }
-        for (; q < full; q++)
-            for (int e = 0; e < 4; e++)
-                dst[q * w + x + e] = pair_of(src[(x + e) * ss + 2 * q],
-                                             src[(x + e) * ss + 2 * q + 1]);
+        for (; q < kcp; q++)
+            for (int x = x0; x < x0 + lanes; x++) {
+                uint16_t lo = 0, hi = 0;
+                if (x < count) {
+                    lo = src[x * ss + 2 * q];
+                    if (2 * q + 1 < kc) hi = src[x * ss + 2 * q + 1];
+                }
+                dst[q * w + x] = pair_of(lo, hi);
+            }
     }
-    for (; x < count; x++)
-        for (int64_t q = 0; q < full; q++)
-            dst[q * w + x] = pair_of(src[x * ss + 2 * q], src[x * ss + 2 * q + 1]);
-    if (kcp > full)
-        for (int y = 0; y < count; y++) dst[full * w + y] = pair_of(src[y * ss + kc - 1], 0);
-    for (int64_t q = 0; q < kcp; q++)
-        for (int y = count; y < w; y++) dst[q * w + y] = 0;
 }
 
 /* Element (x, l) at src[l * ss + x], so a step of k is a contiguous row: a row-major B, or an
@@ -382,14 +399,15 @@ static TARGET void pack_pairs_across(const uint16_t *src, int64_t ss, int64_t co
             int64_t x0 = p * w, cnt = count - x0 < w ? count - x0 : w;
             uint32_t *d = dst + p * w * kcp;
             for (int64_t q = q0; q < q1; q++) {
-                const uint16_t *r0 = src + 2 * q * ss + x0, *r1 = r0 + ss;
-                bool pad = 2 * q + 1 == kc;
+                const uint16_t *r0 = src + 2 * q * ss + x0;
+                bool pad = 2 * q + 1 == kc; /* an odd k: no second row */
                 for (int x = 0; x < pw; x += VL) {
                     int64_t valid = cnt - x < 0 ? 0 : cnt - x > VL ? VL : cnt - x;
                     __mmask16 ml = (__mmask16)((1u << valid) - 1);
                     __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r0 + x));
                     __m512i hi = pad ? _mm512_setzero_si512()
-                                     : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ml, r1 + x));
+                                     : _mm512_cvtepu16_epi32(
+                                           _mm256_maskz_loadu_epi16(ml, r0 + ss + x));
                     __m512i v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
                     int n = pw - x < VL ? pw - x : VL;
                     if (n == VL)

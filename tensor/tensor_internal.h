@@ -340,7 +340,9 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc);
 /* Which way the bf16 GEMM computes: VDPBF16PS (AVX512_BF16) or widening to float32 for the
  * F32 GEMM. Native where the CPU has the instruction, unless the environment variable
- * QKV_BF16_GEMM=convert (read once) or qkv__gemm_bf16_use says otherwise. */
+ * QKV_BF16_GEMM=convert (read once) or qkv__gemm_bf16_use says otherwise. The native path
+ * flushes subnormal inputs, products and sums to zero (the instruction ignores MXCSR); the
+ * converting path keeps them. */
 typedef enum qkv_bf16_gemm_path { QKV_BF16_GEMM_CONVERT, QKV_BF16_GEMM_NATIVE } qkv_bf16_gemm_path;
 qkv_bf16_gemm_path qkv__gemm_bf16_path(void);
 /* Forces a path (for tests and benchmarks); false, changing nothing, if the CPU cannot run it. */

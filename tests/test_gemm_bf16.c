@@ -160,6 +160,14 @@ static void check(const gemm_case *gc) {
     free(a); free(b); free(c); free(c0); free(cz); free(h); free(h0); free(off); free(touched);
 }
 
+static bool cpu_has_bf16(void) {
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
 /* Runs fn on every path this CPU can run. A CPU with AVX512_BF16 must get the native one. */
 static void on_each_path(void (*fn)(void)) {
     for (int path = QKV_BF16_GEMM_CONVERT; path <= QKV_BF16_GEMM_NATIVE; path++) {
@@ -167,10 +175,7 @@ static void on_each_path(void (*fn)(void)) {
         assert_int_equal(qkv__gemm_bf16_path(), path);
         fn();
     }
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 12)
-    if (__builtin_cpu_supports("avx512bf16"))
-        assert_true(qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE));
-#endif
+    if (cpu_has_bf16()) assert_true(qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE));
     if (!qkv__gemm_bf16_use(QKV_BF16_GEMM_NATIVE)) qkv__gemm_bf16_use(QKV_BF16_GEMM_CONVERT);
 }
 
@@ -315,6 +320,42 @@ static void same_bits_for_any_thread_count_run(void) {
 }
 ON_EACH_PATH(same_bits_for_any_thread_count)
 
+/* Infinities and NaN go through as in float32: a row of A holding an infinity gives
+ * infinities of the sign of the product (B has no zeros), one holding a NaN gives NaN, and a
+ * bf16 output keeps both. k is odd, so the infinity sits in the zero-padded last pair. */
+static void propagates_infinity_and_nan_run(void) {
+    enum { M = 3, N = 20, K = 5 };
+    uint16_t a[M * K], b[K * N], h[M * N];
+    float c[M * N];
+    for (int i = 0; i < M * K; i++) a[i] = to_bf16(0.25 * (i % 3 + 1));
+    for (int i = 0; i < K * N; i++) b[i] = to_bf16(i % 2 ? 0.5 : -0.75);
+    a[0 * K + 4] = to_bf16(INFINITY);
+    a[1 * K + 2] = to_bf16(NAN);
+    qkv__gemm_bf16(1, M, N, K, 1.0f, a, NULL, K, 1, b, NULL, N, 1, 0.0f, c, NULL, N, 1);
+    qkv__gemm_bf16_out(1, M, N, K, 1.0f, a, NULL, K, 1, b, NULL, N, 1, h, NULL, N, 1);
+    for (int j = 0; j < N; j++) {
+        double sign = widen(b[4 * N + j]) > 0 ? 1 : -1;
+        assert_true(isinf(c[j]) && c[j] * sign > 0);
+        assert_true(widen(h[j]) == (double)c[j]);
+        assert_true(isnan(c[N + j]) && isnan(widen(h[N + j])));
+        assert_true(isfinite(c[2 * N + j]) && isfinite(widen(h[2 * N + j])));
+    }
+}
+ON_EACH_PATH(propagates_infinity_and_nan)
+
+/* Subnormals: 2^-127 (a subnormal bf16) times 1, and 2^-126 times 0.5 (a subnormal
+ * product). The converting path gives 2^-127 exactly; VDPBF16PS flushes both to zero, as
+ * documented in tensor_internal.h. */
+static void subnormals_by_path_run(void) {
+    uint16_t a[2] = {0x0040, 0x0080}, b[2] = {0x3f80, 0x3f00};
+    float c[2];
+    qkv__gemm_bf16(2, 1, 1, 1, 1.0f, a, (int64_t[]){0, 1}, 1, 1, b, (int64_t[]){0, 1}, 1, 1,
+                   0.0f, c, (int64_t[]){0, 1}, 1, 1);
+    float want = qkv__gemm_bf16_path() == QKV_BF16_GEMM_NATIVE ? 0.0f : ldexpf(1.0f, -127);
+    assert_true(c[0] == want && c[1] == want);
+}
+ON_EACH_PATH(subnormals_by_path)
+
 /* Exact small product: integers, so every sum is exact. [[1 2 3] [4 5 6]] x [[1 2] [3 4]
  * [5 6]] = [[22 28] [49 64]]. */
 static void computes_exact_small_product_run(void) {
@@ -332,8 +373,19 @@ static void computes_exact_small_product_run(void) {
 }
 ON_EACH_PATH(computes_exact_small_product)
 
+/* Before any product forces a path: the first choice follows QKV_BF16_GEMM (the suite runs
+ * once without it and once with QKV_BF16_GEMM=convert), else the CPU. */
+static void path_follows_environment(void **state) {
+    (void)state;
+    const char *env = getenv("QKV_BF16_GEMM");
+    bool convert = env && strcmp(env, "convert") == 0;
+    assert_int_equal(qkv__gemm_bf16_path(),
+                     !convert && cpu_has_bf16() ? QKV_BF16_GEMM_NATIVE : QKV_BF16_GEMM_CONVERT);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(path_follows_environment),
         cmocka_unit_test(computes_exact_small_product),
         cmocka_unit_test(matches_reference_on_odd_shapes),
         cmocka_unit_test(reads_transposed_and_strided_operands),
@@ -341,6 +393,8 @@ int main(void) {
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(sums_over_k_blocks),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(propagates_infinity_and_nan),
+        cmocka_unit_test(subnormals_by_path),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
