@@ -52,7 +52,7 @@ static qkv_tensor *dropout(const qkv_tensor *a, double p, bool training, qkv_gen
     if (!QKV__CHECK(name, a)) return NULL;
     char s[128];
     if (!qkv__is_float(a->dtype))
-        return qkv_set_error("%s: input %s must be f32 or f64, not %s", name,
+        return qkv_set_error("%s: input %s must be f32, f64 or bf16, not %s", name,
                              qkv_shape_str(a, s, sizeof s), qkv_dtype_name(a->dtype));
     if (!(p >= 0 && p <= 1)) return qkv_set_error("%s: p must be in [0, 1], not %g", name, p);
     if (!training || p == 0) {

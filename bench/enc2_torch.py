@@ -91,7 +91,9 @@ def main():
         opt.step()
 
     def infer_batch():
-        with torch.no_grad(), autocast:
+        # torch 1.13's fused encoder-layer path (taken without grad in eval mode) checks only
+        # CUDA's autocast flag and fails on bf16 under CPU autocast: keep grad on to avoid it.
+        with (torch.enable_grad() if args.bf16 else torch.no_grad()), autocast:
             model(ids, mask)
 
     model.train()

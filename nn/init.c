@@ -23,7 +23,8 @@ static bool check_target(const char *op, const qkv_tensor *t, const qkv_generato
     if (!t) return false;
     if (!g) return qkv_set_error("%s: no generator", op), false;
     if (!qkv__is_float(t->dtype))
-        return qkv_set_error("%s: %s tensor; needs f32 or f64", op, qkv_dtype_name(t->dtype)),
+        return qkv_set_error("%s: %s tensor; needs f32, f64 or bf16", op,
+                             qkv_dtype_name(t->dtype)),
                false;
     return true;
 }

@@ -58,8 +58,13 @@ static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *b
     } else if (dtype == QKV_BF16) { /* in f32, rounded on store, as torch's bf16 mul */
         const uint16_t *xs = x;
         uint16_t *ys = y;
-        for (int64_t i = 0; i < n; i++)
-            ys[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[i]) * t->f32[bits[i / 8]][i % 8]);
+        for (int64_t j = 0; j < groups; j++) { /* 8 lanes a byte: vectorized */
+            const float *f = t->f32[bits[j]];
+            for (int l = 0; l < 8; l++)
+                ys[8 * j + l] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[8 * j + l]) * f[l]);
+        }
+        for (int64_t i = 8 * groups; i < n; i++)
+            ys[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[i]) * t->f32[bits[groups]][i % 8]);
     } else {
         const double *xs = x;
         double *ys = y;

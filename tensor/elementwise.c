@@ -130,7 +130,8 @@ enum { BF16_CHUNK = 256 };
 
 static void widen_chunk(float *dst, const char *src, int64_t stride, int64_t m) {
     if (stride == 0) m = 1;
-    for (int64_t j = 0; j < m; j++) dst[j] = qkv__bf16_to_f32(*(const uint16_t *)(src + j * stride));
+    for (int64_t j = 0; j < m; j++)
+        dst[j] = qkv__bf16_to_f32(*(const uint16_t *)(src + j * stride));
 }
 
 static void round_chunk(char *dst, int64_t stride, const float *src, int64_t m) {

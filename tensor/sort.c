@@ -262,7 +262,7 @@ static bool check_args(const qkv_tensor *probs, int64_t n, qkv_generator *g, con
     char s[128];
     if (!g) return qkv_set_error("%s: the generator is NULL", name), false;
     if (!qkv__is_float(probs->dtype))
-        return qkv_set_error("%s: probs must be f32 or f64, not %s", name,
+        return qkv_set_error("%s: probs must be f32, f64 or bf16, not %s", name,
                              qkv_dtype_name(probs->dtype)), false;
     if (probs->ndim != 1 && probs->ndim != 2)
         return qkv_set_error("%s: probs must be 1-D or 2-D, not %s", name,

@@ -43,9 +43,10 @@ static void ops_run_in_the_dtype_of_their_autocast_list(void **state) {
         {"mean", qkv_mean(h, 0, false), QKV_F32},
         {"var", qkv_var(h, 0, 1, false), QKV_F32},
         {"max", qkv_max(h, -1, false), QKV_BF16},
-        {"cross_entropy", qkv_cross_entropy(h, qkv_zeros(QKV_I64, QKV_SHAPE(4)), QKV_REDUCTION_MEAN, -100,
-                                            0), QKV_F32},
-        {"mse_loss", qkv_mse_loss(h, qkv_zeros(QKV_BF16, QKV_SHAPE(4, 8)), QKV_REDUCTION_MEAN), QKV_F32},
+        {"cross_entropy", qkv_cross_entropy(h, qkv_zeros(QKV_I64, QKV_SHAPE(4)),
+                                            QKV_REDUCTION_MEAN, -100, 0), QKV_F32},
+        {"mse_loss", qkv_mse_loss(h, qkv_zeros(QKV_BF16, QKV_SHAPE(4, 8)), QKV_REDUCTION_MEAN),
+         QKV_F32},
         {"matmul f64", qkv_matmul(qkv_zeros(QKV_F64, QKV_SHAPE(2, 2)),
                                   qkv_zeros(QKV_F64, QKV_SHAPE(2, 2))), QKV_F64},
     };

@@ -190,6 +190,26 @@ static void bf16_leaf_gets_a_bf16_gradient(void **state) {
         assert_true(qkv_get(x->grad, &i) == 2 * qkv_get(x, &i));
 }
 
+/* bf16 dropout draws the mask f32's draws and rounds x * 1 / (1 - p) once: the bits of the
+ * f32 dropout of the same values, rounded. 1000 elements: whole bytes of the mask and a tail. */
+static void bf16_dropout_is_f32_dropout_rounded(void **state) {
+    (void)state;
+    qkv_generator g1, g2, gx;
+    qkv_generator_init(&gx, 5);
+    qkv_tensor *h = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(1000), &gx), QKV_BF16);
+    qkv_generator_init(&g1, 8);
+    qkv_generator_init(&g2, 8);
+    qkv_tensor *got = qkv_dropout(h, 0.3, true, &g1);
+    qkv_tensor *want = qkv_to_dtype(qkv_dropout(qkv_to_dtype(h, QKV_F32), 0.3, true, &g2),
+                                    QKV_BF16);
+    assert_non_null(got);
+    assert_int_equal(got->dtype, QKV_BF16);
+    assert_memory_equal(qkv_data(got), qkv_data(want), 1000 * sizeof(uint16_t));
+    int zeros = 0;
+    for (int i = 0; i < 1000; i++) zeros += (((const uint16_t *)qkv_data(got))[i] & 0x7FFF) == 0;
+    assert_true(zeros > 200 && zeros < 400); /* p = 0.3 */
+}
+
 static void bf16_safetensors_round_trip_keeps_the_bits(void **state) {
     (void)state;
     char path[] = "/tmp/qkv_bf16_XXXXXX";
@@ -220,6 +240,7 @@ int main(void) {
         T(bf16_ops_match_torch),
         T(bf16_promotion_follows_torch),
         T(bf16_leaf_gets_a_bf16_gradient),
+        T(bf16_dropout_is_f32_dropout_rounded),
         T(bf16_safetensors_round_trip_keeps_the_bits),
 #undef T
     };

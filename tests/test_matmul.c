@@ -150,7 +150,8 @@ static void matmul_needs_float_operands_with_a_dimension(void **state) {
     (void)state;
     qkv_tensor *m = qkv_zeros(QKV_F32, QKV_SHAPE(2, 2));
     assert_null(qkv_matmul(qkv_zeros(QKV_I64, QKV_SHAPE(2, 2)), m));
-    assert_string_equal(qkv_error(), "qkv_matmul: operands must be f32, f64 or bf16: [2,2] @ [2,2]");
+    assert_string_equal(qkv_error(),
+                        "qkv_matmul: operands must be f32, f64 or bf16: [2,2] @ [2,2]");
     qkv_clear_error();
     assert_null(qkv_matmul(qkv_scalar(QKV_F32, 2), m));
     assert_string_equal(qkv_error(), "qkv_matmul: both operands need a dimension: [] @ [2,2]");

@@ -659,7 +659,7 @@ static void bad_multinomial_arguments_are_errors_and_draw_nothing(void **state) 
     ASSERT_REFUSED(qkv_multinomial(qkv_zeros(QKV_F32, QKV_SHAPE(1, 2, 2)), 1, true, &gen),
                    "qkv_multinomial: probs must be 1-D or 2-D, not [1,2,2]");
     ASSERT_REFUSED(qkv_multinomial(qkv_ones(QKV_I64, QKV_SHAPE(2)), 1, true, &gen),
-                   "qkv_multinomial: probs must be f32 or f64, not i64");
+                   "qkv_multinomial: probs must be f32, f64 or bf16, not i64");
     ASSERT_REFUSED(qkv_multinomial(qkv_zeros(QKV_F32, QKV_SHAPE(2, 0)), 1, true, &gen),
                    "qkv_multinomial: probs [2,0] has no categories");
     ASSERT_REFUSED(qkv_multinomial(p, 1, true, NULL),
