@@ -8,5 +8,6 @@
 #include "nn/nn.h"
 #include "optim/optim.h"
 #include "data/data.h"
+#include "dist/dist.h"
 
 #endif

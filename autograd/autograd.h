@@ -31,6 +31,20 @@ void qkv_zero_grad(qkv_tensor *t);          /* drops t->grad (sets it to NULL) *
 void qkv_retain_grad(qkv_tensor *t);        /* keep a non-leaf's gradient in t->grad */
 qkv_tensor *qkv_detach(const qkv_tensor *t); /* a view that records nothing */
 
+/* Gradient hooks, as torch's register_post_accumulate_grad_hook: fn(leaf, ctx) is called
+ * during a backward once leaf's .grad is final for that backward, that is once every node of
+ * the graph that can still add to it has run (the engine counts the pending contributions),
+ * or at once for a backward started from the leaf itself. It is called on the backward's
+ * thread with grad mode off, in the order the hooks were registered; it may read leaf->grad,
+ * replace it or take it (qkv_retain it, then qkv_zero_grad), and must not start a backward.
+ * A leaf the backward does not reach gets no call. Hooks are made on a leaf that requires
+ * grad; they live until removed or until the leaf is freed, which frees them (a handle of a
+ * freed leaf must not be removed). NULL with an error for a non-leaf or a NULL fn. */
+typedef struct qkv_grad_hook qkv_grad_hook;
+typedef void (*qkv_grad_hook_fn)(qkv_tensor *leaf, void *ctx);
+qkv_grad_hook *qkv_register_grad_hook(qkv_tensor *leaf, qkv_grad_hook_fn fn, void *ctx);
+void qkv_remove_grad_hook(qkv_grad_hook *hook); /* NULL is ignored */
+
 /* Grad mode: while off (nested begin/end pairs), no op records a node. */
 void qkv_no_grad_begin(void);
 void qkv_no_grad_end(void);

@@ -88,6 +88,14 @@ qkv_tensor *qkv__saved_output(qkv_ctx *ctx);
 void qkv__site_push(const char *name);
 void qkv__site_pop(void);
 
+/* Gradient hooks (autograd/hooks.c). A backward counts, for each leaf with hooks that its
+ * graph reaches, the input slots of its nodes that hold the leaf (expect); each slot reports
+ * once its node has run (contributed), and the last runs the leaf's hooks. run calls them at
+ * once (a backward from the leaf itself). */
+void qkv__hooks_expect(qkv_tensor *leaf, uint64_t backward);
+void qkv__hooks_contributed(qkv_tensor *leaf);
+void qkv__hooks_run(qkv_tensor *leaf);
+
 /* The inputs argument of qkv_function_begin: QKV_INPUTS(a, b). */
 #define QKV_INPUTS(...) ((const qkv_tensor *const[]){__VA_ARGS__})
 

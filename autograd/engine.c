@@ -531,6 +531,8 @@ static bool count_consumers(qkv_node *root, uint64_t gen, node_list *all) {
         if (n->freed) continue;
         for (int i = 0; i < n->n_inputs && ok; i++) {
             qkv_tensor *in = n->inputs[i];
+            if (in && in->requires_grad && !in->grad_fn && in->grad_hooks)
+                qkv__hooks_expect(in, gen);
             if (!in || !in->requires_grad || !in->grad_fn) continue;
             qkv_node *c = in->grad_fn;
             if (c->mark != gen) {
@@ -606,6 +608,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
             qkv_tensor *gi = fit(grads[i], in);
             ok = gi && accumulate(c ? &c->grad : &in->grad, gi, !c);
         }
+        if (!c && in->grad_hooks && ok) qkv__hooks_contributed(in);
         if (c && --c->pending == 0 && ok) ok = push(ready, c);
     }
     qkv_scope_end();
@@ -633,6 +636,7 @@ bool qkv_backward_with(qkv_tensor *out, const qkv_tensor *grad, bool retain_grap
     bool ok;
     if (!out->grad_fn) {
         ok = accumulate(&out->grad, (qkv_tensor *)grad, true);
+        if (ok) qkv__hooks_run(out);
     } else {
         qkv_node *root = out->grad_fn;
         node_list ready = {0}, all = {0};

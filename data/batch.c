@@ -152,6 +152,47 @@ qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n
     return b;
 }
 
+qkv_batch qkv_dataset_batch_padded(const qkv_dataset *ds, const int64_t *idx, int64_t n,
+                                   int64_t max_len) {
+    if (!check_batch_args(ds, idx, n, max_len)) return (qkv_batch){0};
+    int64_t longest = 1;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t len = ds->starts[idx[i] + 1] - ds->starts[idx[i]];
+        if (len > longest) longest = len;
+    }
+    return qkv_dataset_batch(ds, idx, n, longest < max_len ? longest : max_len);
+}
+
+int64_t qkv_num_batches(int64_t n, int64_t batch_size) {
+    if (n < 0 || batch_size < 1) {
+        qkv_set_error("qkv_num_batches: %lld samples in batches of %lld; need n >= 0 and a "
+                      "batch size >= 1", (long long)n, (long long)batch_size);
+        return -1;
+    }
+    return n / batch_size + (n % batch_size != 0);
+}
+
+bool qkv_micro_batch_range(int64_t n, int64_t batch_size, int64_t batch, int micro_batches,
+                           int micro, int64_t *first, int64_t *count) {
+    int64_t batches = qkv_num_batches(n, batch_size);
+    if (batches < 0) return false;
+    if (!first || !count || batch < 0 || batch >= batches || micro_batches < 1 || micro < 0 ||
+        micro >= micro_batches) {
+        qkv_set_error("qkv_micro_batch_range: micro-batch %d of %d of batch %lld of %lld "
+                      "(%lld samples, batch size %lld) is out of range", micro, micro_batches,
+                      (long long)batch, (long long)batches, (long long)n,
+                      (long long)batch_size);
+        return false;
+    }
+    int64_t start = batch * batch_size;
+    int64_t len = n - start < batch_size ? n - start : batch_size;
+    int64_t lo = start + len * micro / micro_batches;
+    int64_t hi = start + len * (micro + 1) / micro_batches;
+    *first = lo;
+    *count = hi - lo;
+    return true;
+}
+
 void qkv_shuffle(int64_t *idx, int64_t n, qkv_generator *g) {
     if (n > 1 && (!idx || !g)) {
         qkv_set_error("qkv_shuffle: NULL argument");

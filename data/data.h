@@ -142,6 +142,21 @@ int64_t qkv_dataset_label(const qkv_dataset *ds, int64_t i);
 qkv_batch qkv_dataset_batch(const qkv_dataset *ds, const int64_t *idx, int64_t n,
                             int64_t max_len);
 
+/* Micro-batches: global batch `batch` (from 0) of an epoch of n samples in batches of
+ * batch_size holds the positions [batch * batch_size, min((batch + 1) * batch_size, n)) of the
+ * epoch's order, the last one possibly partial; it splits into micro_batches parts, part m
+ * holding positions [start + m * len / M, start + (m + 1) * len / M) (len the batch's size,
+ * rounded down): defined by sample position alone, so the same for every rank count. A part
+ * may be empty when len < M. Sets *first (a position in the order) and *count. */
+bool qkv_micro_batch_range(int64_t n, int64_t batch_size, int64_t batch, int micro_batches,
+                           int micro, int64_t *first, int64_t *count);
+/* The number of global batches of an epoch: ceil(n / batch_size). */
+int64_t qkv_num_batches(int64_t n, int64_t batch_size);
+/* The examples idx[0..n) as a batch padded to its own longest example (at most max_len): a
+ * micro-batch's shapes then depend on its samples alone. */
+qkv_batch qkv_dataset_batch_padded(const qkv_dataset *ds, const int64_t *idx, int64_t n,
+                                   int64_t max_len);
+
 /* Shuffles idx[0..n) in place by Fisher-Yates: for i from n-1 down to 1, swap idx[i] with
  * idx[qkv_generator_below(g, i + 1)]. One seed gives one order on every platform. */
 void qkv_shuffle(int64_t *idx, int64_t n, qkv_generator *g);

@@ -117,6 +117,7 @@ qkv_tensor *qkv_retain(qkv_tensor *t) {
 
 static void destroy(qkv_tensor *t) {
     if (t->grad_fn) ((qkv_node_base *)t->grad_fn)->release(t->grad_fn, t);
+    if (t->grad_hooks) ((qkv__grad_hooks_base *)t->grad_hooks)->free_all(t);
     qkv__release(t->grad);
     qkv__storage_release(t->storage);
     t->magic = QKV__TENSOR_FREED;

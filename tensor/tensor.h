@@ -61,6 +61,7 @@ typedef struct qkv_storage {
 
 struct qkv_node;
 struct qkv__tensor_debug;
+struct qkv__grad_hooks;
 
 typedef struct qkv_tensor {
     qkv_dtype dtype;
@@ -81,6 +82,7 @@ typedef struct qkv_tensor {
     struct qkv_node *grad_fn;      /* the op that made this tensor, when recorded */
     struct qkv_tensor *dying_next; /* internal: the release worklist */
     struct qkv__tensor_debug *debug; /* internal: where it was made, in checked mode */
+    struct qkv__grad_hooks *grad_hooks; /* internal: a leaf's gradient hooks (autograd.h) */
 } qkv_tensor;
 
 /* Expands to `ndim, shape` for the creation functions: qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)). */

@@ -66,6 +66,11 @@ typedef struct qkv_node_base {
     void (*release)(struct qkv_node *node, qkv_tensor *owner);
 } qkv_node_base;
 
+/* Likewise a leaf's gradient hooks (autograd/hooks.c): freed when the leaf dies. */
+typedef struct qkv__grad_hooks_base {
+    void (*free_all)(qkv_tensor *leaf);
+} qkv__grad_hooks_base;
+
 /* ---- Lifetime checks --------------------------------------------------------------------- */
 
 #define QKV__TENSOR_LIVE 0x7e450a11u

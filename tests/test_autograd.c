@@ -1063,6 +1063,129 @@ static void converting_a_module_before_the_backward_is_an_error(void **state) {
     qkv_module_free(QKV_MODULE(l));
 }
 
+
+/* ---- Gradient hooks ---------------------------------------------------------------------- */
+
+typedef struct hook_log {
+    int calls;
+    int order[4];      /* the ids of the hooks called, in call order */
+    double seen[4];    /* leaf->grad's first element at each call */
+    bool other_had_grad[4];
+    const qkv_tensor *other; /* a leaf whose grad is looked at during the call */
+} hook_log;
+
+typedef struct hook_ctx {
+    hook_log *log;
+    int id;
+    bool take;
+    qkv_tensor *taken;
+} hook_ctx;
+
+static void log_hook(qkv_tensor *leaf, void *ctx) {
+    hook_ctx *c = ctx;
+    hook_log *l = c->log;
+    if (l->calls < 4) {
+        l->order[l->calls] = c->id;
+        l->seen[l->calls] = leaf->grad ? ((double *)qkv_data(leaf->grad))[0] : NAN;
+        l->other_had_grad[l->calls] = l->other && l->other->grad;
+    }
+    l->calls++;
+    if (c->take) {
+        c->taken = qkv_retain(leaf->grad);
+        qkv_zero_grad(leaf);
+    }
+}
+
+/* x reaches the loss through three input slots: the hook runs once, after the last. */
+static void grad_hook_runs_once_when_the_grad_is_final(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(1), VALUES(2));
+    hook_log log = {0};
+    hook_ctx c = {.log = &log, .id = 1};
+    assert_non_null(qkv_register_grad_hook(x, log_hook, &c));
+    qkv_tensor *loss = qkv_add(qkv_sum_all(qkv_mul(x, x)), qkv_sum_all(qkv_mul_scalar(x, 3)));
+    assert_true(qkv_backward(loss));
+    assert_int_equal(log.calls, 1);
+    assert_true(log.seen[0] == 7.0); /* 2x + 3 */
+    assert_true(((double *)qkv_data(x->grad))[0] == 7.0);
+    qkv_scope_end();
+}
+
+/* loss = sum((w1 * a) * w2): w2's gradient is final after the last op's backward, before w1
+ * has any; the hooks run in that order, during the backward. */
+static void grad_hooks_run_during_the_backward_as_each_leaf_is_done(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *w1 = param(QKV_SHAPE(1), VALUES(3)), *w2 = param(QKV_SHAPE(1), VALUES(5));
+    qkv_tensor *a = constant(QKV_SHAPE(1), VALUES(2));
+    hook_log log = {.other = w1};
+    hook_ctx c1 = {.log = &log, .id = 1}, c2 = {.log = &log, .id = 2};
+    assert_non_null(qkv_register_grad_hook(w1, log_hook, &c1));
+    assert_non_null(qkv_register_grad_hook(w2, log_hook, &c2));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_mul(w1, a), w2))));
+    assert_int_equal(log.calls, 2);
+    assert_int_equal(log.order[0], 2);
+    assert_true(log.seen[0] == 6.0); /* d/dw2 = w1 a */
+    assert_false(log.other_had_grad[0]);
+    assert_int_equal(log.order[1], 1);
+    assert_true(log.seen[1] == 10.0); /* d/dw1 = a w2 */
+    qkv_scope_end();
+}
+
+static void removed_hooks_and_unreached_leaves_get_no_call(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(1), VALUES(2)), *z = param(QKV_SHAPE(1), VALUES(1));
+    hook_log log = {0};
+    hook_ctx c1 = {.log = &log, .id = 1}, c2 = {.log = &log, .id = 2}, c3 = {.log = &log, .id = 3};
+    qkv_grad_hook *h1 = qkv_register_grad_hook(x, log_hook, &c1);
+    assert_non_null(qkv_register_grad_hook(x, log_hook, &c2));
+    assert_non_null(qkv_register_grad_hook(z, log_hook, &c3));
+    qkv_remove_grad_hook(h1);
+    qkv_remove_grad_hook(NULL);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    assert_int_equal(log.calls, 1);
+    assert_int_equal(log.order[0], 2);
+    /* A backward started from the leaf itself calls its hooks at once. */
+    assert_true(qkv_backward_with(z, qkv_ones(QKV_F64, QKV_SHAPE(1)), false));
+    assert_int_equal(log.calls, 2);
+    assert_int_equal(log.order[1], 3);
+    qkv_scope_end();
+}
+
+static void a_grad_hook_can_take_the_gradient(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(2), VALUES(1, 4));
+    hook_log log = {0};
+    hook_ctx c = {.log = &log, .id = 1, .take = true};
+    assert_non_null(qkv_register_grad_hook(x, log_hook, &c));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    assert_null(x->grad);
+    assert_non_null(c.taken);
+    assert_true(((double *)qkv_data(c.taken))[1] == 8.0);
+    qkv_release(c.taken);
+    qkv_scope_end();
+}
+
+static void a_grad_hook_goes_on_a_leaf_that_requires_grad(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(1), VALUES(2));
+    hook_log log = {0};
+    hook_ctx c = {.log = &log};
+    assert_null(qkv_register_grad_hook(qkv_mul(x, x), log_hook, &c));
+    assert_error_contains("this tensor was made by an op");
+    qkv_clear_error();
+    assert_null(qkv_register_grad_hook(constant(QKV_SHAPE(1), VALUES(1)), log_hook, &c));
+    assert_error_contains("this one does not require grad");
+    qkv_clear_error();
+    assert_null(qkv_register_grad_hook(x, NULL, &c));
+    assert_error_contains("the hook function is NULL");
+    qkv_scope_end();
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
@@ -1134,6 +1257,12 @@ int main(void) {
                                clear_error),
         cmocka_unit_test_setup(converting_a_module_before_the_backward_is_an_error,
                                clear_error),
+        cmocka_unit_test_setup(grad_hook_runs_once_when_the_grad_is_final, clear_error),
+        cmocka_unit_test_setup(grad_hooks_run_during_the_backward_as_each_leaf_is_done,
+                               clear_error),
+        cmocka_unit_test_setup(removed_hooks_and_unreached_leaves_get_no_call, clear_error),
+        cmocka_unit_test_setup(a_grad_hook_can_take_the_gradient, clear_error),
+        cmocka_unit_test_setup(a_grad_hook_goes_on_a_leaf_that_requires_grad, clear_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

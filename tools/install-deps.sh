@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the build dependencies that are missing (Debian/Ubuntu): a C compiler, meson,
-# ninja, pkg-config and cmocka. Uses apt-get as root, sudo otherwise; installs nothing that
+# ninja, pkg-config, cmocka and Open MPI (for dist/ and its tests under mpirun). Uses apt-get as root, sudo otherwise; installs nothing that
 # is already present.
 set -e
 missing=""
@@ -11,6 +11,8 @@ command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
 if ! pkg-config --exists cmocka 2>/dev/null && [ ! -f /usr/include/cmocka.h ]; then
     missing="$missing libcmocka-dev"
 fi
+command -v mpicc >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
+command -v mpirun >/dev/null 2>&1 || missing="$missing openmpi-bin"
 for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
