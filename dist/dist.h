@@ -107,7 +107,8 @@ typedef struct qkv_dist_trainer qkv_dist_trainer;
  * signature (rank count check, M, mode, bucket size, parameter count, shapes and dtypes), and
  * a difference on any rank fails the creation on every rank with a message naming the rank
  * and what differs. Parameters are F32 or F64. Registers a gradient hook on each parameter
- * (qkv_register_grad_hook) until qkv_dist_trainer_free. */
+ * (qkv_register_grad_hook) until qkv_dist_trainer_free, so free the trainer before the
+ * model. */
 qkv_dist_trainer *qkv_dist_trainer_new(qkv_module *model, const qkv_dist_options *options);
 void qkv_dist_trainer_free(qkv_dist_trainer *t); /* NULL is ignored */
 int qkv_dist_micro_batches(const qkv_dist_trainer *t); /* M (the rank count in plain mode) */

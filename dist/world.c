@@ -99,6 +99,8 @@ bool qkv__dist_agree(bool ok, const char *op) {
     for (int r = 0; sent && r < world_size; r++) {
         if (!all[(size_t)r * MSG]) continue;
         all[(size_t)r * MSG + MSG - 1] = 0;
+        /* Every rank reports the same message, the failing one too. */
+        qkv_clear_error();
         qkv_set_error("%s: rank %d: %s", op, r, all + (size_t)r * MSG);
         sent = false;
     }

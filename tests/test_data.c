@@ -640,6 +640,30 @@ static void dataset_batch_truncates_pads_and_masks(void **state) {
     qkv_vocab_free(v);
 }
 
+/* A micro-batch is padded to its own longest example, so its shape depends on its samples
+ * alone, never on the batch around it. */
+static void padded_batch_is_as_long_as_its_longest_example(void **state) {
+    (void)state;
+    qkv_vocab *v = qkv_vocab_build(QKV_TOKENIZE_WORDS, batch_train, 3, 1, 0);
+    qkv_dataset *ds = qkv_dataset_new(v, batch_texts, NULL, NULL, 3);
+    qkv_scope_begin();
+    qkv_batch b = qkv_dataset_batch_padded(ds, (const int64_t[]){1}, 1, 10);
+    assert_int_equal(b.ids->shape[1], 1);
+    assert_i64_values(b.ids, 1, (const int64_t[]){1});
+    b = qkv_dataset_batch_padded(ds, (const int64_t[]){2, 1}, 2, 10);
+    assert_int_equal(b.ids->shape[1], 3);
+    assert_i64_values(b.ids, 6, (const int64_t[]){3, 2, 1, 1, 0, 0});
+    assert_bool_values(b.key_padding_mask, 6, (const bool[]){0, 0, 0, 0, 1, 1});
+    b = qkv_dataset_batch_padded(ds, (const int64_t[]){2, 1}, 2, 2); /* max_len truncates */
+    assert_int_equal(b.ids->shape[1], 2);
+    b = qkv_dataset_batch_padded(ds, (const int64_t[]){5}, 1, 2);
+    assert_null(b.ids);
+    assert_non_null(strstr(qkv_error(), "idx[0] = 5 out of range"));
+    qkv_scope_end();
+    qkv_dataset_free(ds);
+    qkv_vocab_free(v);
+}
+
 static void dataset_without_labels_gives_no_label_tensor(void **state) {
     (void)state;
     qkv_vocab *v = qkv_vocab_build(QKV_TOKENIZE_WORDS, batch_train, 3, 1, 0);
@@ -836,6 +860,7 @@ int main(void) {
         T(vocab_from_bytes_rejects_missing_specials_and_labels_magic),
         T(vocab_from_bytes_names_a_short_header_and_an_unknown_tokenizer),
         T(dataset_batch_truncates_pads_and_masks),
+        T(padded_batch_is_as_long_as_its_longest_example),
         T(dataset_without_labels_gives_no_label_tensor),
         T(batch_tensors_belong_to_the_scope),
         T(dataset_rejects_label_outside_the_set),
