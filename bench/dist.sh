@@ -84,3 +84,10 @@ for mode in plain micro; do
 done
 printf 'PyTorch DDP: one blocking all-reduce of the gradients %s ms\n' \
     "$(value "$out/ddp.txt" comm_ms)"
+
+echo "== the cost model of docs/distributed.md against these figures (bench/dist_model.py)"
+f="$out/micro.txt"
+/usr/bin/python3 bench/dist_model.py check --grad-mb "$(value "$f" grad_mb)" \
+    --comm-ms "$(value "$f" comm_ms)" --step-ms "$(value "$f" train_step_ms)" \
+    --wait-ms "$(value "$f" wait_ms)"
+/usr/bin/python3 bench/dist_model.py table --compute-ms "$one"
