@@ -44,7 +44,10 @@ qkv_grad_hook *qkv_register_grad_hook(qkv_tensor *leaf, qkv_grad_hook_fn fn, voi
         leaf->grad_hooks = l;
     }
     qkv_grad_hook *h = qkv__alloc(sizeof *h);
-    if (!h) return NULL;
+    if (!h) {
+        if (!leaf->grad_hooks->first) free_all(leaf);
+        return NULL;
+    }
     *h = (qkv_grad_hook){.leaf = leaf, .fn = fn, .ctx = ctx};
     qkv_grad_hook **end = &leaf->grad_hooks->first;
     while (*end) end = &(*end)->next;
@@ -62,8 +65,8 @@ void qkv_remove_grad_hook(qkv_grad_hook *hook) {
         qkv__free(hook, sizeof *hook);
         break;
     }
-    /* The count of a backward in progress stays with the list while hooks remain. */
-    if (!l->first && l->pending == 0) free_all(leaf);
+    /* An empty list goes; a backward in progress finds no hooks on the leaf then. */
+    if (!l->first) free_all(leaf);
 }
 
 void qkv__hooks_expect(qkv_tensor *leaf, uint64_t backward) {

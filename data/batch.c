@@ -172,6 +172,19 @@ int64_t qkv_num_batches(int64_t n, int64_t batch_size) {
     return n / batch_size + (n % batch_size != 0);
 }
 
+int64_t qkv_batch_count(int64_t n, int64_t batch_size, int64_t batch) {
+    int64_t batches = qkv_num_batches(n, batch_size);
+    if (batches < 0) return -1;
+    if (batch < 0 || batch >= batches) {
+        qkv_set_error("qkv_batch_count: batch %lld of %lld (%lld samples, batch size %lld) is "
+                      "out of range", (long long)batch, (long long)batches, (long long)n,
+                      (long long)batch_size);
+        return -1;
+    }
+    int64_t left = n - batch * batch_size;
+    return left < batch_size ? left : batch_size;
+}
+
 bool qkv_micro_batch_range(int64_t n, int64_t batch_size, int64_t batch, int micro_batches,
                            int micro, int64_t *first, int64_t *count) {
     int64_t batches = qkv_num_batches(n, batch_size);

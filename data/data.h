@@ -152,6 +152,9 @@ bool qkv_micro_batch_range(int64_t n, int64_t batch_size, int64_t batch, int mic
                            int micro, int64_t *first, int64_t *count);
 /* The number of global batches of an epoch: ceil(n / batch_size). */
 int64_t qkv_num_batches(int64_t n, int64_t batch_size);
+/* The samples in global batch `batch`: batch_size, or fewer in the last one; -1 with an error
+ * out of range. What a loss averaged over the global batch divides by. */
+int64_t qkv_batch_count(int64_t n, int64_t batch_size, int64_t batch);
 /* The examples idx[0..n) as a batch padded to its own longest example (at most max_len): a
  * micro-batch's shapes then depend on its samples alone. */
 qkv_batch qkv_dataset_batch_padded(const qkv_dataset *ds, const int64_t *idx, int64_t n,

@@ -1,11 +1,18 @@
 /*
- * Collectives on tensors: all-reduce in a fixed order, broadcast of tensors, modules and
- * optimizer state, and the sums of sharded evaluation.
+ * Collectives on tensors: all-reduce in a fixed order, broadcast of tensors and modules, the
+ * sums of sharded evaluation, and the checkpoint that rank 0 writes. (The optimizer's
+ * broadcast is optim_bcast.c.)
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "dist/dist_internal.h"
+
+/* Whether p was allocated; an out-of-memory error for fn if not. */
+static bool allocated(const void *p, const char *fn) {
+    if (!p) qkv_set_error("%s: out of memory", fn);
+    return p != NULL;
+}
 
 static bool check_reducible(const char *fn, const qkv_tensor *t, qkv_dist_op op) {
     if (!t) return qkv_set_error("%s: tensor is NULL", fn), false;
@@ -76,10 +83,10 @@ static bool reduce_one(qkv_tensor *t, qkv_dist_op op, const char *fn) {
     int64_t mine = slice_start(len, me + 1, n) - slice_start(len, me, n);
     int *counts = malloc(4 * (size_t)n * sizeof *counts);
     char *recv = malloc((size_t)(mine ? mine : 1) * es * (size_t)n);
-    if (!counts || !recv) {
+    if (!qkv__dist_agree(allocated(counts, fn) && allocated(recv, fn), fn)) {
         free(counts);
         free(recv);
-        return qkv_set_error("%s: out of memory", fn), false;
+        return false;
     }
     int *sdispl = counts + n, *rcounts = counts + 2 * n, *rdispl = counts + 3 * n;
     for (int r = 0; r < n; r++) {
@@ -105,19 +112,25 @@ static bool reduce_one(qkv_tensor *t, qkv_dist_op op, const char *fn) {
     return ok;
 }
 
-/* Every rank's dtype and element count of each tensor, compared with rank 0's. */
+/* Every rank's tensor count, then each tensor's dtype and element count, compared with rank
+ * 0's: true on every rank or false on every rank. */
 static bool same_everywhere(qkv_tensor *const *ts, int n, const char *fn) {
-    int64_t *sig = malloc((size_t)(n ? n : 1) * 2 * sizeof *sig);
-    if (!sig) return qkv_set_error("%s: out of memory", fn), false;
-    for (int i = 0; i < n; i++) {
-        sig[2 * i] = ts[i] ? (int64_t)ts[i]->dtype : -1;
-        sig[2 * i + 1] = ts[i] ? ts[i]->numel : -1;
+    int64_t count = n;
+    if (!qkv__dist_ok(MPI_Bcast(&count, 1, MPI_INT64_T, 0, qkv__dist_comm()), fn, "MPI_Bcast"))
+        return false;
+    if (count != n) qkv_set_error("%s: %d tensors here, %lld on rank 0", fn, n, (long long)count);
+    if (!qkv__dist_agree(count == n, fn)) return false;
+    int64_t *sig = malloc((size_t)(n ? n : 1) * 4 * sizeof *sig), *root = sig + 2 * n;
+    if (!qkv__dist_agree(allocated(sig, fn), fn)) {
+        free(sig);
+        return false;
     }
-    int64_t *root = malloc((size_t)(n ? n : 1) * 2 * sizeof *root);
-    bool ok = root != NULL;
-    if (ok) memcpy(root, sig, (size_t)n * 2 * sizeof *sig);
-    ok = ok && qkv__dist_ok(MPI_Bcast(root, 2 * n, MPI_INT64_T, 0, qkv__dist_comm()), fn,
-                            "MPI_Bcast");
+    for (int i = 0; i < n; i++) {
+        sig[2 * i] = root[2 * i] = ts[i] ? (int64_t)ts[i]->dtype : -1;
+        sig[2 * i + 1] = root[2 * i + 1] = ts[i] ? ts[i]->numel : -1;
+    }
+    bool ok = qkv__dist_ok(MPI_Bcast(root, 2 * n, MPI_INT64_T, 0, qkv__dist_comm()), fn,
+                           "MPI_Bcast");
     for (int i = 0; ok && i < n; i++)
         if (root[2 * i] != sig[2 * i] || root[2 * i + 1] != sig[2 * i + 1]) {
             qkv_set_error("%s: tensor %d is %s of %lld elements here, %s of %lld on rank 0", fn,
@@ -126,8 +139,7 @@ static bool same_everywhere(qkv_tensor *const *ts, int n, const char *fn) {
             ok = false;
         }
     free(sig);
-    free(root);
-    return ok;
+    return qkv__dist_agree(ok, fn);
 }
 #endif
 
@@ -145,7 +157,7 @@ bool qkv_dist_all_reduce_list(qkv_tensor *const *tensors, int n, qkv_dist_op op)
 #ifdef QKV_HAVE_MPI
     if (qkv_dist_size() > 1) {
         if (!qkv__dist_agree(ok, fn)) return false;
-        if (!qkv__dist_agree(same_everywhere(tensors, n, fn), fn)) return false;
+        if (!same_everywhere(tensors, n, fn)) return false;
         for (int i = 0; ok && i < n; i++) ok = reduce_one(tensors[i], op, fn);
         if (ok) {
             for (int i = 0; i < n; i++) qkv__bump_version(tensors[i]);
@@ -189,8 +201,7 @@ static bool broadcast_tensors(qkv_tensor *const *ts, int n, int root, const char
     }
 #ifdef QKV_HAVE_MPI
     if (qkv_dist_size() > 1) {
-        if (!qkv__dist_agree(ok, fn) || !qkv__dist_agree(same_everywhere(ts, n, fn), fn))
-            return false;
+        if (!qkv__dist_agree(ok, fn) || !same_everywhere(ts, n, fn)) return false;
         for (int i = 0; ok && i < n; i++) {
             ok = bcast_bytes(qkv_data(ts[i]), (size_t)ts[i]->numel * qkv_dtype_size(ts[i]->dtype),
                              root, fn);
@@ -205,6 +216,7 @@ bool qkv_dist_broadcast(qkv_tensor *t, int root) {
     return broadcast_tensors(&t, 1, root, "qkv_dist_broadcast");
 }
 
+#ifdef QKV_HAVE_MPI
 /* A hash of the names, dtypes and shapes of a list (FNV-1a), to compare lists across ranks. */
 static uint64_t list_hash(const qkv_named_list *l) {
     uint64_t h = 1469598103934665603ULL;
@@ -218,83 +230,86 @@ static uint64_t list_hash(const qkv_named_list *l) {
     return h;
 }
 
+/* Rank 0's state (NULL where it could not be listed) into every rank's, once every rank has
+ * checked that its names, shapes and dtypes are rank 0's. */
+static bool broadcast_state(const qkv_named_list *state, const char *fn) {
+    if (!qkv__dist_agree(state != NULL, fn)) return false;
+    int64_t mine[2] = {state->n, (int64_t)list_hash(state)}, root[2] = {mine[0], mine[1]};
+    bool ok = qkv__dist_ok(MPI_Bcast(root, 2, MPI_INT64_T, 0, qkv__dist_comm()), fn,
+                           "MPI_Bcast");
+    if (ok && (root[0] != mine[0] || root[1] != mine[1])) {
+        qkv_set_error("%s: this rank's module has %lld tensors, rank 0's %lld, or their names, "
+                      "shapes or dtypes differ", fn, (long long)mine[0], (long long)root[0]);
+        ok = false;
+    }
+    return qkv__dist_agree(ok, fn) && broadcast_tensors(state->tensors, state->n, 0, fn);
+}
+#endif
+
 bool qkv_dist_broadcast_module(qkv_module *module) {
     const char *fn = "qkv_dist_broadcast_module";
     if (!module) return qkv_set_error("%s: module is NULL", fn), false;
     qkv_named_list *state = qkv_module_state(module);
     bool ok = state != NULL;
 #ifdef QKV_HAVE_MPI
-    if (qkv_dist_size() > 1) {
-        int64_t mine[2] = {ok ? state->n : -1, ok ? (int64_t)list_hash(state) : 0};
-        int64_t root[2] = {mine[0], mine[1]};
-        if (!qkv__dist_agree(ok, fn)) goto done;
-        ok = qkv__dist_ok(MPI_Bcast(root, 2, MPI_INT64_T, 0, qkv__dist_comm()), fn, "MPI_Bcast");
-        if (ok && (root[0] != mine[0] || root[1] != mine[1])) {
-            qkv_set_error("%s: this rank's module has %lld tensors, rank 0's %lld, or their "
-                          "names, shapes or dtypes differ", fn, (long long)mine[0],
-                          (long long)root[0]);
-            ok = false;
-        }
-        if (!qkv__dist_agree(ok, fn)) {
-            ok = false;
-            goto done;
-        }
-        ok = broadcast_tensors(state->tensors, state->n, 0, fn);
-    }
-done:
+    if (qkv_dist_size() > 1) ok = broadcast_state(state, fn);
 #endif
-    (void)list_hash;
     qkv_named_list_free(state);
     return ok;
 }
 
 /* ---- Sharded evaluation ------------------------------------------------------------------ */
 
+/* Every rank's values in rank order, into a malloc'd array of *total. Collective. */
+static double *gather_values(const double *local, int n_local, int *total, const char *fn) {
+    int n = qkv_dist_size();
+    *total = n_local;
+    if (n == 1) {
+        double *all = malloc((size_t)(n_local ? n_local : 1) * sizeof *all);
+        if (allocated(all, fn) && n_local) memcpy(all, local, (size_t)n_local * sizeof *all);
+        return all;
+    }
+#ifdef QKV_HAVE_MPI
+    int *counts = calloc(2 * (size_t)n, sizeof *counts);
+    if (!qkv__dist_agree(allocated(counts, fn), fn) ||
+        !qkv__dist_ok(MPI_Allgather(&n_local, 1, MPI_INT, counts, 1, MPI_INT,
+                                    qkv__dist_comm()), fn, "MPI_Allgather")) {
+        free(counts);
+        return NULL;
+    }
+    *total = 0;
+    for (int r = 0; r < n; r++) {
+        counts[n + r] = *total;
+        *total += counts[r];
+    }
+    double *all = malloc((size_t)(*total ? *total : 1) * sizeof *all);
+    bool ok = qkv__dist_agree(allocated(all, fn), fn) &&
+              qkv__dist_ok(MPI_Allgatherv(local, n_local, MPI_DOUBLE, all, counts, counts + n,
+                                          MPI_DOUBLE, qkv__dist_comm()), fn, "MPI_Allgatherv");
+    free(counts);
+    if (!ok) {
+        free(all);
+        return NULL;
+    }
+    return all;
+#else
+    return NULL;
+#endif
+}
+
 bool qkv_dist_tree_sum(const double *local, int n_local, double *sum) {
     const char *fn = "qkv_dist_tree_sum";
     bool ok = sum && n_local >= 0 && (n_local == 0 || local);
     if (!ok) qkv_set_error("%s: %d values at %p, sum at %p", fn, n_local, (const void *)local,
                            (void *)sum);
-    int n = qkv_dist_size();
-    int *counts = calloc(2 * (size_t)n, sizeof *counts);
-    double *all = NULL;
-    if (!counts) ok = qkv_set_error("%s: out of memory", fn) != NULL;
-    int total = n_local;
-#ifdef QKV_HAVE_MPI
-    if (n > 1) {
-        if (!qkv__dist_agree(ok, fn)) goto done;
-        ok = qkv__dist_ok(MPI_Allgather(&n_local, 1, MPI_INT, counts, 1, MPI_INT,
-                                        qkv__dist_comm()), fn, "MPI_Allgather");
-        total = 0;
-        for (int r = 0; ok && r < n; r++) {
-            counts[n + r] = total;
-            total += counts[r];
-        }
-    }
-#endif
-    all = ok ? malloc((size_t)(total ? total : 1) * sizeof *all) : NULL;
-    if (ok && !all) ok = qkv_set_error("%s: out of memory", fn) != NULL;
-#ifdef QKV_HAVE_MPI
-    if (n > 1) {
-        if (!qkv__dist_agree(ok, fn)) {
-            ok = false;
-            goto done;
-        }
-        ok = qkv__dist_ok(MPI_Allgatherv(local, n_local, MPI_DOUBLE, all, counts, counts + n,
-                                         MPI_DOUBLE, qkv__dist_comm()), fn, "MPI_Allgatherv");
-    } else
-#endif
-        if (ok && n_local) memcpy(all, local, (size_t)n_local * sizeof *all);
-    if (ok) {
-        qkv__dist_tree_sum(all, total, 1, QKV_F64);
-        *sum = total ? all[0] : 0.0;
-    }
-#ifdef QKV_HAVE_MPI
-done:
-#endif
-    free(counts);
+    if (!qkv__dist_agree(ok, fn)) return false;
+    int total = 0;
+    double *all = gather_values(local, n_local, &total, fn);
+    if (!all) return false;
+    qkv__dist_tree_sum(all, total, 1, QKV_F64);
+    *sum = total ? all[0] : 0.0;
     free(all);
-    return ok;
+    return true;
 }
 
 bool qkv_dist_sum_counts(int64_t *counts, int n) {

@@ -10,8 +10,11 @@
  * with qkv_error(); nothing here aborts the process. MPI errors are returned, not fatal
  * (MPI_ERRORS_RETURN is set on qkv's communicator), and name the MPI call and its message.
  * Every collective (all-reduce, broadcast, trainer creation and finish, tree sums) must be
- * called by every rank in the same order, as MPI requires; a rank that leaves the job ends
- * it (mpirun aborts every rank), so no collective hangs.
+ * called by every rank in the same order, as MPI requires. A failure that every rank can see
+ * (bad arguments, mismatched settings) fails every rank with the same message naming the rank;
+ * one only a single rank sees during a step (out of memory in its backward) leaves the others
+ * waiting in qkv_dist_finish, so a program ends with a non-zero status on any failure: a rank
+ * that exits before qkv_dist_finalize ends the whole job (mpirun aborts every rank).
  *
  * Determinism. The default trainer mode (deterministic) gives weights identical to the bit
  * at 1, 2, 4, ... ranks for the same micro-batch count M:
@@ -25,14 +28,33 @@
  *    and an MPI_Iallgatherv. MPI_Allreduce, whose order is not fixed, is never used for them;
  *  - random draws (dropout) are keyed by seed, step and micro-batch index, never by rank
  *    (qkv_dist_micro_begin positions the model's generators);
- *  - the loss of a micro-batch is its share of the global mean: divide its sum by the global
- *    count (qkv_dist_trainer tells it, or the caller counts it from the data);
+ *  - the loss of a micro-batch is its share of the global mean: its sum divided by the global
+ *    count, an exact integer from the data (qkv_batch_count for samples; a count of valid
+ *    tokens the caller takes over the whole global batch, which every rank can read);
  *  - clipping and the optimizer step come after qkv_dist_finish, on the reduced gradient.
  * The plain mode (options.plain) all-reduces each rank's gradient with MPI_Iallreduce in
  * buckets, without micro-batches: a little faster, not identical across rank counts. The
  * deterministic mode is the default because a run must be reproducible on another machine
  * count, and it costs little: the same bytes move (a reduce-scatter then an all-gather is
  * what a ring all-reduce does), started during the backward of the last micro-batch.
+ *
+ * A training step (docs/internals.md, section 8, has the design):
+ *
+ *     qkv_dist_micro_range(t, &first, &count);
+ *     int64_t global = qkv_batch_count(n, batch_size, b);
+ *     for (int k = first; k < first + count; k++) {
+ *         qkv_micro_batch_range(n, batch_size, b, qkv_dist_micro_batches(t), k, &lo, &len);
+ *         qkv_scope_begin();
+ *         qkv_dist_micro_begin(t, qkv_optimizer_steps(opt), k, NULL);
+ *         qkv_tensor *loss = len ? qkv_div_scalar(summed_loss(model, order + lo, len),
+ *                                                 (double)global) : NULL;
+ *         qkv_dist_backward(t, loss, k);
+ *         qkv_scope_end();
+ *     }
+ *     qkv_dist_finish(t);             // every rank: the same summed gradient
+ *     qkv_clip_grad_norm(params, 1.0);
+ *     qkv_optimizer_step(opt);
+ *     qkv_optimizer_zero_grad(opt);
  */
 #ifndef QKV_DIST_H
 #define QKV_DIST_H
@@ -49,8 +71,11 @@ extern "C" {
 /* ---- The world --------------------------------------------------------------------------- */
 
 /* Starts MPI (MPI_Init_thread, funneled) unless it is already running, and makes qkv's
- * communicator, a duplicate of MPI_COMM_WORLD with MPI_ERRORS_RETURN. argc and argv may be
- * NULL. Calling it twice is harmless. Without MPI: a world of one process. */
+ * communicators, duplicates of MPI_COMM_WORLD with MPI_ERRORS_RETURN. argc and argv may be
+ * NULL. Calling it twice is harmless. Without MPI: a world of one process. The world is the
+ * process's: call this layer from the thread that called qkv_dist_init (MPI's funneled
+ * level; kernels still run on every OpenMP thread). Before init every build is a world of
+ * one process. */
 bool qkv_dist_init(int *argc, char ***argv);
 /* Frees the communicator and ends MPI if qkv_dist_init started it. */
 void qkv_dist_finalize(void);

@@ -51,6 +51,7 @@ struct qkv_dist_trainer {
     int done_micro;             /* this rank's micro-batches of the running step so far */
     bool active, last, failed;
     int next_start, next_gather; /* buckets start each phase in order, the same on every rank */
+    int64_t signature[5];       /* M, plain, parameters, bucket bytes, hash of shapes */
     double first_start;
     qkv_dist_stats stats;
 };
@@ -255,21 +256,24 @@ static uint64_t params_hash(const qkv_named_list *params) {
     return h;
 }
 
-/* Every rank's settings and model against rank 0's: the first difference fails every rank. */
-static bool same_settings(const qkv_dist_trainer *t, const qkv_named_list *params) {
-    int64_t mine[5] = {t->micro_batches, t->options.plain, params->n,
-                       (int64_t)t->options.bucket_bytes, (int64_t)params_hash(params)};
+/* Every rank's signature against rank 0's: the first difference fails every rank alike (each
+ * compares the same gathered signatures). */
+static bool same_settings(const qkv_dist_trainer *t) {
     int n = t->ranks;
-    int64_t *all = malloc(sizeof mine * (size_t)n);
-    if (!all) return qkv_set_error(FN_NEW ": out of memory"), false;
+    int64_t *all = malloc(sizeof t->signature * (size_t)n);
+    if (!all) qkv_set_error(FN_NEW ": out of memory");
+    if (!qkv__dist_agree(all != NULL, FN_NEW)) {
+        free(all);
+        return false;
+    }
     bool ok = true;
 #ifdef QKV_HAVE_MPI
     if (n > 1)
-        ok = qkv__dist_ok(MPI_Allgather(mine, 5, MPI_INT64_T, all, 5, MPI_INT64_T,
+        ok = qkv__dist_ok(MPI_Allgather(t->signature, 5, MPI_INT64_T, all, 5, MPI_INT64_T,
                                         qkv__dist_comm()), FN_NEW, "MPI_Allgather");
     else
 #endif
-        memcpy(all, mine, sizeof mine);
+        memcpy(all, t->signature, sizeof t->signature);
     static const char *what[] = {"micro-batches (M)", "plain mode", "parameters",
                                  "bucket bytes"};
     for (int r = 1; ok && r < n; r++) {
@@ -316,7 +320,10 @@ static bool make_buckets(qkv_dist_trainer *t) {
         slot *s = &t->slots[i];
         size_t bytes = (size_t)s->param->numel * qkv_dtype_size(s->param->dtype);
         size_t have = b ? (size_t)b->numel * qkv_dtype_size(b->dtype) : 0;
-        if (!b || b->dtype != s->param->dtype || (have && have + bytes > limit)) {
+        /* MPI counts are ints: a bucket stays under 2^31 elements. */
+        bool full = b && have &&
+                    (have + bytes > limit || b->numel + s->param->numel > 0x7fffffff);
+        if (!b || b->dtype != s->param->dtype || full) {
             b = &t->buckets[t->n_buckets++];
             b->dtype = s->param->dtype;
             b->members = calloc((size_t)(i + 1), sizeof *b->members);
@@ -353,18 +360,17 @@ static bool make_buffers(qkv_dist_trainer *t) {
     return true;
 }
 
+/* One slot and one hook per parameter, and the signature the ranks compare. */
 static bool make_slots(qkv_dist_trainer *t) {
     qkv_named_list *params = qkv_module_parameters(t->model);
     if (!params) return false;
     bool ok = check_params(params);
-    if (!qkv__dist_agree(ok, FN_NEW) || !qkv__dist_agree(same_settings(t, params), FN_NEW) ||
-        !qkv__dist_agree(check_world(t), FN_NEW)) {
-        qkv_named_list_free(params);
-        return false;
-    }
+    int64_t signature[5] = {t->micro_batches, t->options.plain, params->n,
+                            (int64_t)t->options.bucket_bytes, (int64_t)params_hash(params)};
+    memcpy(t->signature, signature, sizeof signature);
     t->n_slots = params->n;
-    t->slots = calloc((size_t)(params->n ? params->n : 1), sizeof *t->slots);
-    ok = t->slots != NULL;
+    t->slots = ok ? calloc((size_t)(params->n ? params->n : 1), sizeof *t->slots) : NULL;
+    ok = ok && t->slots != NULL;
     for (int i = 0; ok && i < params->n; i++) {
         slot *s = &t->slots[i];
         *s = (slot){.t = t, .param = params->tensors[i]};
@@ -375,10 +381,8 @@ static bool make_slots(qkv_dist_trainer *t) {
     return ok;
 }
 
-qkv_dist_trainer *qkv_dist_trainer_new(qkv_module *model, const qkv_dist_options *options) {
-    if (!model) return qkv_set_error(FN_NEW ": model is NULL");
-    qkv_dist_trainer *t = calloc(1, sizeof *t);
-    if (!t) return qkv_set_error(FN_NEW ": out of memory");
+/* Everything this rank needs, made without a word to the others. */
+static bool build(qkv_dist_trainer *t, qkv_module *model, const qkv_dist_options *options) {
     t->model = model;
     if (options) t->options = *options;
     if (!t->options.bucket_bytes) t->options.bucket_bytes = 1 << 20;
@@ -388,12 +392,19 @@ qkv_dist_trainer *qkv_dist_trainer_new(qkv_module *model, const qkv_dist_options
                        : t->options.micro_batches ? t->options.micro_batches : t->ranks;
     t->count = t->micro_batches / t->ranks;
     t->first = t->rank * t->count;
-    if (!make_slots(t)) goto fail;
+    if (!make_slots(t)) return false;
     t->generators = qkv_module_generators(model);
-    if (!t->generators || !make_buckets(t) || !make_buffers(t)) goto fail;
-    return t;
-fail:
-    if (!qkv_error()) qkv_set_error(FN_NEW ": out of memory");
+    return t->generators && make_buckets(t) && make_buffers(t);
+}
+
+qkv_dist_trainer *qkv_dist_trainer_new(qkv_module *model, const qkv_dist_options *options) {
+    if (!model) return qkv_set_error(FN_NEW ": model is NULL");
+    qkv_dist_trainer *t = calloc(1, sizeof *t);
+    bool ok = t && build(t, model, options);
+    if (!ok && !qkv_error()) qkv_set_error(FN_NEW ": out of memory");
+    /* Then together: every rank built its part, has rank 0's settings, and they fit N. */
+    ok = qkv__dist_agree(ok, FN_NEW) && same_settings(t) && check_world(t);
+    if (ok) return t;
     qkv_dist_trainer_free(t);
     return NULL;
 }

@@ -100,8 +100,11 @@ bool qkv__dist_agree(bool ok, const char *op) {
         if (!all[(size_t)r * MSG]) continue;
         all[(size_t)r * MSG + MSG - 1] = 0;
         /* Every rank reports the same message, the failing one too. */
+        const char *msg = all + (size_t)r * MSG;
+        size_t len = strlen(op);
+        if (!strncmp(msg, op, len) && !strncmp(msg + len, ": ", 2)) msg += len + 2;
         qkv_clear_error();
-        qkv_set_error("%s: rank %d: %s", op, r, all + (size_t)r * MSG);
+        qkv_set_error("%s: rank %d: %s", op, r, msg);
         sent = false;
     }
     free(all);

@@ -6,15 +6,18 @@
  *       all-reduce (sum, mean, max) and broadcast of every dtype against hand-computed values,
  *       empty tensors, sizes that do not split evenly, the broadcast of a module and of an
  *       optimizer, tree sums and counts, and a size mismatch refused on every rank;
- *   dist_check train M STEPS OUT [--resume CKPT] [--save CKPT AT] [--die AT] [--plain]
+ *   dist_check train M STEPS OUT [--resume CKPT] [--save CKPT AT] [--die|--kill AT] [--plain]
  *       trains tests/dist_model.h to STEPS steps with M micro-batches and writes the weights
  *       to OUT (rank 0); --resume loads a checkpoint first, --save writes one after step AT,
- *       --die makes rank 1 leave the job in the middle of step AT;
- *   dist_check mismatch params|micro
- *       rank 1 builds a model with one more parameter, or uses twice the micro-batches: the
- *       trainer's creation must fail on every rank with a message naming rank 1.
+ *       --die makes rank 1 leave the job in the middle of step AT (--kill: killed by
+ *       SIGKILL);
+ *   dist_check mismatch params|shapes|micro
+ *       rank 1 builds a model with one more parameter or another head, or uses twice the
+ *       micro-batches: the trainer's creation must fail on every rank with a message naming
+ *       rank 1.
  */
 #include <inttypes.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -164,7 +167,7 @@ typedef struct train_args {
     int micro;
     int64_t steps, save_at, die_at;
     const char *out, *resume, *save;
-    bool plain;
+    bool plain, kill; /* kill: rank 1 dies of SIGKILL rather than exiting */
 } train_args;
 
 static bool parse_train(int argc, char **argv, train_args *a) {
@@ -177,19 +180,25 @@ static bool parse_train(int argc, char **argv, train_args *a) {
             a->save = argv[++i];
             a->save_at = atoll(argv[++i]);
         } else if (!strcmp(argv[i], "--die") && i + 1 < argc) a->die_at = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--kill") && i + 1 < argc) {
+            a->die_at = atoll(argv[++i]);
+            a->kill = true;
+        }
         else if (!strcmp(argv[i], "--plain")) a->plain = true;
         else return false;
     }
     return true;
 }
 
-/* Rank 1 leaves in the middle of step die_at, after its forward, without a word to MPI. */
+/* Rank 1 leaves at the start of step die_at, without a word to MPI, while the others go on
+ * into the step's exchange. */
 static bool train_until(dist_model *m, qkv_optimizer *opt, qkv_dist_trainer *t,
                         const train_args *a) {
     int64_t from = qkv_optimizer_steps(opt);
     for (int64_t s = from; s < a->steps; s++) {
         if (s == a->die_at && qkv_dist_rank() == 1) {
             fprintf(stderr, "rank 1 leaves the job in step %lld\n", (long long)s);
+            if (a->kill) raise(SIGKILL);
             _exit(3);
         }
         if (!dist_model_train(m, opt, t, s, s + 1)) return false;
@@ -203,7 +212,7 @@ static int train(int argc, char **argv) {
     train_args a;
     if (!parse_train(argc, argv, &a)) {
         fprintf(stderr, "usage: dist_check train M STEPS OUT [--resume CKPT] [--save CKPT AT] "
-                        "[--die AT] [--plain]\n");
+                        "[--die AT | --kill AT] [--plain]\n");
         return 2;
     }
     dist_model *m = dist_model_new(42, DM_CLASSES);
@@ -228,17 +237,18 @@ static int train(int argc, char **argv) {
 /* ---- Mismatches -------------------------------------------------------------------------- */
 
 static int mismatch(const char *what) {
-    dist_model *m = dist_model_new(1, DM_CLASSES);
+    bool params = !strcmp(what, "params"), shapes = !strcmp(what, "shapes");
+    dist_model *m = dist_model_new(1, shapes && qkv_dist_rank() == 1 ? 4 : DM_CLASSES);
     int micro = 4;
-    bool params = !strcmp(what, "params");
     if (qkv_dist_rank() == 1 && params)
         qkv_module_add_parameter(QKV_MODULE(m), "extra",
                                  qkv_requires_grad_(qkv_zeros(QKV_F32, QKV_SHAPE(2)), true));
-    if (qkv_dist_rank() == 1 && !params) micro = 8;
+    if (qkv_dist_rank() == 1 && !params && !shapes) micro = 8;
     qkv_dist_trainer *t = qkv_dist_trainer_new(QKV_MODULE(m),
                                                &(qkv_dist_options){.micro_batches = micro});
-    const char *want = params ? "rank 1 has 11 parameters, rank 0 has 10"
-                              : "rank 1 has 8 micro-batches (M), rank 0 has 4";
+    const char *want = params   ? "rank 1 has 11 parameters, rank 0 has 10"
+                       : shapes ? "shapes or dtypes differ between rank 0 and rank 1"
+                                : "rank 1 has 8 micro-batches (M), rank 0 has 4";
     const char *err = qkv_error();
     CHECK(!t && err && strstr(err, want), "expected an error containing \"%s\"", want);
     if (err) printf("rank %d: %s\n", qkv_dist_rank(), err);
@@ -258,7 +268,7 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "collectives")) status = collectives();
     else if (argc >= 2 && !strcmp(argv[1], "train")) status = train(argc, argv);
     else if (argc >= 3 && !strcmp(argv[1], "mismatch")) status = mismatch(argv[2]);
-    else fprintf(stderr, "usage: dist_check collectives | train ... | mismatch params|micro\n");
+    else fprintf(stderr, "usage: dist_check collectives | train ... | mismatch WHAT\n");
     qkv_dist_finalize();
     return status ? 1 : 0;
 }

@@ -84,11 +84,8 @@ static inline bool dist_model_train(dist_model *m, qkv_optimizer *opt, qkv_dist_
     qkv_named_list *params = qkv_module_parameters(QKV_MODULE(m));
     bool ok = params != NULL;
     for (int64_t step = from; ok && step < to; step++) {
-        int64_t batch = step % batches, start, global = 0, n;
-        for (int k = 0; ok && k < micro; k++) {
-            ok = qkv_micro_batch_range(DM_SAMPLES, DM_BATCH, batch, micro, k, &start, &n);
-            global += n;
-        }
+        int64_t batch = step % batches, start, n;
+        int64_t global = qkv_batch_count(DM_SAMPLES, DM_BATCH, batch);
         for (int k = first; ok && k < first + count; k++) {
             qkv_scope_begin();
             ok = qkv_micro_batch_range(DM_SAMPLES, DM_BATCH, batch, micro, k, &start, &n) &&

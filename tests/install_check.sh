@@ -21,7 +21,8 @@ if [ -z "$pc" ]; then
     echo "meson install gave no qkv.pc"
     exit 1
 fi
-for header in qkv.h tensor/tensor.h autograd/autograd.h io/io.h nn/nn.h optim/optim.h data/data.h; do
+for header in qkv.h tensor/tensor.h autograd/autograd.h io/io.h nn/nn.h optim/optim.h data/data.h \
+    dist/dist.h; do
     if ! find "$dest" -path "*/include/qkv/$header" | grep -q .; then
         echo "meson install gave no $header"
         exit 1

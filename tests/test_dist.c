@@ -98,6 +98,10 @@ static void micro_batches_split_by_sample_position(void **state) {
     (void)state;
     assert_int_equal(qkv_num_batches(45, 16), 3);
     assert_int_equal(qkv_num_batches(0, 16), 0);
+    assert_int_equal(qkv_batch_count(45, 16, 1), 16);
+    assert_int_equal(qkv_batch_count(45, 16, 2), 13);
+    assert_int_equal(qkv_batch_count(45, 16, 3), -1);
+    qkv_clear_error();
     int64_t first, count;
     /* The partial batch: 13 samples from 32 into 4 parts at 13 * k / 4 = 0, 3, 6, 9. */
     int64_t expect[4][2] = {{32, 3}, {35, 3}, {38, 3}, {41, 4}};
@@ -166,6 +170,48 @@ static void trainer_sums_micro_batch_gradients_in_a_fixed_tree(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+typedef struct bucket_probe {
+    qkv_dist_trainer *t;
+    int seen[2]; /* buckets started when the head's bias was final, per micro-batch */
+    int micro;
+} bucket_probe;
+
+static void probe_buckets(qkv_tensor *leaf, void *ctx) {
+    (void)leaf;
+    bucket_probe *p = ctx;
+    p->seen[p->micro] = qkv_dist_trainer_stats(p->t).buckets;
+}
+
+/* Buckets start from the hooks during the last micro-batch's backward: when the head's bias
+ * (registered last, so in bucket 0) is final, its bucket has started and the attention's
+ * (registered first, final last) have not. In earlier micro-batches nothing starts. */
+static void buckets_start_during_the_last_backward(void **state) {
+    (void)state;
+    dist_model *m = dist_model_new(5, DM_CLASSES);
+    qkv_dist_trainer *t = qkv_dist_trainer_new(
+        QKV_MODULE(m), &(qkv_dist_options){.micro_batches = 2, .bucket_bytes = 64});
+    assert_non_null(t);
+    bucket_probe probe = {.t = t};
+    qkv_grad_hook *h = qkv_register_grad_hook(m->head->bias, probe_buckets, &probe);
+    for (int k = 0; k < 2; k++) {
+        int64_t first, count;
+        probe.micro = k;
+        assert_true(qkv_micro_batch_range(DM_SAMPLES, DM_BATCH, 0, 2, k, &first, &count));
+        qkv_scope_begin();
+        assert_true(qkv_dist_backward(t, dist_model_loss(m, first, count, DM_BATCH), k));
+        qkv_scope_end();
+    }
+    assert_true(qkv_dist_finish(t));
+    int total = qkv_dist_trainer_stats(t).buckets;
+    assert_int_equal(probe.seen[0], 0);
+    assert_true(probe.seen[1] >= 1);
+    assert_true(probe.seen[1] < total);
+    assert_true(total >= 4);
+    qkv_remove_grad_hook(h);
+    qkv_dist_trainer_free(t);
+    qkv_module_free(QKV_MODULE(m));
+}
+
 static void trainer_draws_depend_on_step_and_micro_batch_only(void **state) {
     (void)state;
     dist_model *m = dist_model_new(5, DM_CLASSES);
@@ -213,6 +259,35 @@ static void trainer_refuses_bad_settings_and_order(void **state) {
     for (int64_t i = 0; i < g->numel; i++) assert_true(((float *)qkv_data(g))[i] == 0.0f);
     qkv_dist_trainer_free(t);
     qkv_module_free(QKV_MODULE(m));
+}
+
+/* A whole step of a trainer over a linear layer with M = 2, from creation to free; the
+ * gradients it leaves are dropped. */
+static bool linear_step(qkv_linear *l) {
+    qkv_dist_trainer *t = qkv_dist_trainer_new(QKV_MODULE(l),
+                                               &(qkv_dist_options){.micro_batches = 2});
+    bool ok = t != NULL;
+    for (int k = 0; ok && k < 2; k++) {
+        qkv_scope_begin();
+        qkv_tensor *x = qkv_full(QKV_F32, QKV_SHAPE(2, 3), k + 1);
+        ok = qkv_dist_backward(t, qkv_sum_all(qkv_linear_forward(l, x)), k);
+        qkv_scope_end();
+    }
+    ok = ok && qkv_dist_finish(t);
+    if (ok) ok = ((float *)qkv_data(l->weight->grad))[0] == 6.0f; /* 2 rows x (1 + 2) */
+    qkv_dist_trainer_free(t);
+    qkv_module_zero_grad(QKV_MODULE(l));
+    return ok;
+}
+
+static void every_allocation_failure_in_a_trainer_step_is_clean(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 1);
+    qkv_linear *l = qkv_linear_new(3, 2, true, &g);
+    assert_non_null(l);
+    assert_every_allocation_failure_is_clean(linear_step(l));
+    qkv_module_free(QKV_MODULE(l));
 }
 
 /* 3 steps, a checkpoint, a fresh model and optimizer loaded from it, 2 more steps: the same
@@ -274,9 +349,11 @@ int main(void) {
         T(broadcast_optimizer_keeps_the_state_of_one_rank),
         T(micro_batches_split_by_sample_position),
         T(trainer_sums_micro_batch_gradients_in_a_fixed_tree),
+        T(buckets_start_during_the_last_backward),
         T(trainer_draws_depend_on_step_and_micro_batch_only),
         T(trainer_refuses_bad_settings_and_order),
         T(resume_from_a_checkpoint_continues_to_the_bit),
+        T(every_allocation_failure_in_a_trainer_step_is_clean),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
