@@ -162,8 +162,7 @@ static bool micro_step(run *r, int64_t k, int j, int64_t total, double *loss,
  * in the same tree (the same bits on every rank), so that a loss that stopped being finite
  * stops every rank at the same step. */
 static double dist_step(run *r, int64_t epoch, int64_t k, bool *nonfinite, int64_t *tokens) {
-    int64_t n = qkv_dataset_size(r->train), off = k * r->o->batch;
-    int64_t total = n - off < r->o->batch ? n - off : r->o->batch;
+    int64_t total = qkv_batch_count(qkv_dataset_size(r->train), r->o->batch, k);
     int first = 0, count = 0;
     bool ok = qkv_dist_micro_range(r->dist, &first, &count);
     for (int j = first; ok && j < first + count; j++)
