@@ -57,7 +57,7 @@ bench-lm: deps
 	@sh bench/lm.sh $(BUILD)
 
 bench-dist: deps
-	@sh tools/install-deps.sh python3 python3-torch openmpi-bin libopenmpi-dev
+	@sh tools/install-deps.sh python3 python3-torch
 	@$(MAKE) --no-print-directory build
 	@sh bench/dist.sh $(BUILD)
 
