@@ -119,7 +119,8 @@ bool qkv_dist_sum_counts(int64_t *counts, int n);
 
 typedef struct qkv_dist_options {
     int micro_batches;   /* M: a power of two that the rank count divides; 0 for the rank
-                            count. Ignored (one per rank) in plain mode. */
+                            count (then M, and so the bits, follow N: set M to compare runs
+                            at several rank counts). One per rank in plain mode. */
     size_t bucket_bytes; /* gradients exchanged together; 0 for 1 MiB */
     bool plain;          /* bucketed MPI_Iallreduce, no micro-batches: not bit-identical */
     uint64_t seed;       /* keys the model's generators with step and micro-batch */

@@ -67,12 +67,14 @@ bool qkv_dist_init(int *argc, char ***argv) {
 }
 
 void qkv_dist_finalize(void) {
-    if (comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
-    if (comm2 != MPI_COMM_NULL) MPI_Comm_free(&comm2);
-    world_rank = 0;
-    world_size = 1;
     int finalized = 0;
     MPI_Finalized(&finalized);
+    /* A program that ended MPI itself has taken the communicators with it. */
+    if (!finalized && comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
+    if (!finalized && comm2 != MPI_COMM_NULL) MPI_Comm_free(&comm2);
+    comm = comm2 = MPI_COMM_NULL;
+    world_rank = 0;
+    world_size = 1;
     if (started_mpi && !finalized) MPI_Finalize();
     started_mpi = false;
 }

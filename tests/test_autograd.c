@@ -1133,6 +1133,25 @@ static void grad_hooks_run_during_the_backward_as_each_leaf_is_done(void **state
     qkv_scope_end();
 }
 
+/* Each backward counts afresh: a graph kept with retain_graph and run twice calls the hook
+ * once per backward, with the gradient accumulated so far. */
+static void grad_hooks_run_once_per_backward(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(1), VALUES(3));
+    hook_log log = {0};
+    hook_ctx c = {.log = &log, .id = 1};
+    assert_non_null(qkv_register_grad_hook(x, log_hook, &c));
+    qkv_tensor *y = qkv_add(qkv_mul(x, x), x);
+    qkv_tensor *seed = qkv_ones(QKV_F64, QKV_SHAPE(1));
+    assert_true(qkv_backward_with(y, seed, true));
+    assert_true(qkv_backward_with(y, seed, false));
+    assert_int_equal(log.calls, 2);
+    assert_true(log.seen[0] == 7.0);  /* 2x + 1 */
+    assert_true(log.seen[1] == 14.0); /* accumulated */
+    qkv_scope_end();
+}
+
 static void removed_hooks_and_unreached_leaves_get_no_call(void **state) {
     (void)state;
     qkv_scope_begin();
@@ -1260,6 +1279,7 @@ int main(void) {
         cmocka_unit_test_setup(grad_hook_runs_once_when_the_grad_is_final, clear_error),
         cmocka_unit_test_setup(grad_hooks_run_during_the_backward_as_each_leaf_is_done,
                                clear_error),
+        cmocka_unit_test_setup(grad_hooks_run_once_per_backward, clear_error),
         cmocka_unit_test_setup(removed_hooks_and_unreached_leaves_get_no_call, clear_error),
         cmocka_unit_test_setup(a_grad_hook_can_take_the_gradient, clear_error),
         cmocka_unit_test_setup(a_grad_hook_goes_on_a_leaf_that_requires_grad, clear_error),
