@@ -7,7 +7,8 @@ BUILD ?= build
 MESON_OPTS ?=
 THREADS ?= 2
 
-.PHONY: all deps configure build test difftest demo demo-lm bench bench-classify bench-lm clean
+.PHONY: all deps configure build test difftest demo demo-lm bench bench-classify bench-lm \
+	bench-dist clean
 
 all: build
 
@@ -54,6 +55,11 @@ bench-lm: deps
 	@sh tools/install-deps.sh python3 python3-torch
 	@$(MAKE) --no-print-directory build
 	@sh bench/lm.sh $(BUILD)
+
+bench-dist: deps
+	@sh tools/install-deps.sh python3 python3-torch
+	@$(MAKE) --no-print-directory build
+	@sh bench/dist.sh $(BUILD)
 
 clean:
 	rm -rf $(BUILD)

@@ -21,7 +21,7 @@ static bool check_reducible(const char *fn, const qkv_tensor *t, qkv_dist_op op)
     if ((unsigned)op > QKV_DIST_MAX)
         return qkv_set_error("%s: unknown reduction %d", fn, (int)op), false;
     if (op == QKV_DIST_MEAN && !qkv__is_float(t->dtype))
-        return qkv_set_error("%s: mean of a %s tensor; mean is for f32 and f64", fn,
+        return qkv_set_error("%s: mean of a %s tensor; mean is for f32, f64 and bf16", fn,
                              qkv_dtype_name(t->dtype)), false;
     return true;
 }
@@ -50,6 +50,15 @@ static void max_into(void *dst, const void *src, int64_t len, qkv_dtype dtype) {
         break;
     }
     case QKV_BOOL: qkv__dist_add(dst, src, len, dtype); break;
+    case QKV_BF16: {
+        uint16_t *d = dst;
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < len; i++) {
+            float a = qkv__bf16_to_f32(d[i]), b = qkv__bf16_to_f32(s[i]);
+            if (b > a || b != b) d[i] = a != a ? d[i] : s[i];
+        }
+        break;
+    }
     }
 }
 
@@ -67,6 +76,10 @@ static void reduce_parts(void *parts, int n, int64_t len, qkv_dtype dtype, qkv_d
 static void divide(void *data, int64_t len, qkv_dtype dtype, int n) {
     if (dtype == QKV_F32)
         for (int64_t i = 0; i < len; i++) ((float *)data)[i] /= (float)n;
+    else if (dtype == QKV_BF16)
+        for (int64_t i = 0; i < len; i++)
+            ((uint16_t *)data)[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(((uint16_t *)data)[i]) /
+                                                     (float)n);
     else
         for (int64_t i = 0; i < len; i++) ((double *)data)[i] /= (double)n;
 }

@@ -35,6 +35,7 @@ MPI_Datatype qkv__dist_mpi_type(qkv_dtype dtype) {
     case QKV_F64: return MPI_DOUBLE;
     case QKV_I64: return MPI_INT64_T;
     case QKV_BOOL: return MPI_C_BOOL;
+    case QKV_BF16: return MPI_UINT16_T; /* the bits: qkv does the arithmetic */
     }
     return MPI_BYTE;
 }
@@ -159,6 +160,13 @@ void qkv__dist_add(void *dst, const void *src, int64_t len, qkv_dtype dtype) {
         bool *d = dst;
         const bool *s = src;
         for (int64_t i = 0; i < len; i++) d[i] = d[i] || s[i];
+        break;
+    }
+    case QKV_BF16: { /* in f32, rounded once, as torch adds two bf16 tensors */
+        uint16_t *d = dst;
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < len; i++)
+            d[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(d[i]) + qkv__bf16_to_f32(s[i]));
         break;
     }
     }

@@ -130,6 +130,33 @@ check "its target is the checkpoint" \
 check "a killed save's temporary files are removed" \
     '[ "$(ls -A "$work/saves" | tr "\n" " ")" = "link.safetensors real.safetensors " ]'
 
+# --save is rewritten after every epoch and train --load continues it to the bit, in the
+# single-process loop and with micro-batches; a resume with other settings is refused.
+short="--train $work/train.tsv --test $work/test.tsv --dim 16 --heads 2 --ffn 32 --batch 64"
+for micro in "" "--micro-batches 4"; do
+    what="resumed${micro:+ with $micro}"
+    "$bin" train $short $micro --epochs 2 --save "$work/straight.safetensors" >/dev/null 2>&1
+    "$bin" train $short $micro --epochs 1 --save "$work/first.safetensors" >/dev/null 2>&1
+    "$bin" train $short $micro --epochs 2 --load "$work/first.safetensors" \
+        --save "$work/resumed.safetensors" >"$work/resumed.out" 2>&1
+    check "$what: exits 0" '[ $? -eq 0 ]'
+    check "$what: byte-identical to the run that did not stop" \
+        'cmp -s "$work/straight.safetensors" "$work/resumed.safetensors"'
+    check "$what: trains epoch 2 alone" \
+        '[ "$(grep "^epoch " "$work/resumed.out" | cut -d" " -f1-2)" = "epoch 2" ]'
+done
+expect_refusal "a resume with another seed" "the run was trained with --seed 0, not 7" \
+    "$bin" train $short --micro-batches 4 --epochs 2 --seed 7 --load "$work/first.safetensors"
+expect_refusal "a resume with nothing left to train" \
+    "it has trained 1 epochs, and --epochs 1 asks for no more" \
+    "$bin" train $short --micro-batches 4 --epochs 1 --load "$work/first.safetensors"
+expect_refusal "a resume on other data" "its vocabulary or labels differ from those of --train" \
+    "$bin" train --train "$work/test.tsv" --test "$work/test.tsv" --dim 16 --heads 2 --ffn 32 \
+    --batch 64 --micro-batches 4 --epochs 2 --min-count 1 --load "$work/first.safetensors"
+expect_refusal "a model file as a resume" "not a training checkpoint of qkv-classify" \
+    "$bin" train $short --epochs 2 --load \
+    "$(dirname "$0")/fixtures/data/torch_classifier.safetensors"
+
 # Arguments: a stray word, and --help after a command.
 expect_refusal "a stray argument" \
     "qkv-classify: unexpected argument 'train.tsv' (flags are --name value)" \

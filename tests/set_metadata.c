@@ -35,17 +35,28 @@ int main(int argc, char **argv) {
     static char *names[MAX_ENTRIES];
     static qkv_tensor *tensors[MAX_ENTRIES];
     static qkv_named_bytes bytes[MAX_ENTRIES];
+    static const char *extra_names[MAX_ENTRIES];
+    static qkv_tensor *extra_tensors[MAX_ENTRIES];
     static qkv_meta_pair meta[MAX_ENTRIES];
     const char *extras = qkv_safetensors_meta(f, "qkv.extras");
     qkv_named_list list = {0, names, tensors};
-    qkv_checkpoint_contents x = {.bytes = bytes, .meta = meta};
+    qkv_checkpoint_contents x = {.tensor_names = extra_names, .tensors = extra_tensors,
+                                 .bytes = bytes, .meta = meta};
     bool ok = true;
     for (int i = 0; ok && i < n; i++) {
         const char *name = qkv_safetensors_name(f, i);
-        if (listed(extras, name)) {
+        int64_t shape[QKV_MAX_DIMS];
+        bool one_dim = qkv_safetensors_shape(f, name, shape) == 1;
+        const void *data = listed(extras, name) && one_dim
+                               ? qkv_safetensors_bytes(f, name, &bytes[x.n_bytes].size)
+                               : NULL;
+        if (data) { /* a byte extra (vocabulary, labels) */
             bytes[x.n_bytes].name = name;
-            bytes[x.n_bytes].data = qkv_safetensors_bytes(f, name, &bytes[x.n_bytes].size);
-            ok = bytes[x.n_bytes++].data != NULL;
+            bytes[x.n_bytes++].data = data;
+        } else if (listed(extras, name)) { /* a tensor extra (an optimizer's state) */
+            qkv_clear_error();
+            extra_names[x.n_tensors] = name;
+            ok = (extra_tensors[x.n_tensors++] = qkv_safetensors_tensor(f, name)) != NULL;
         } else {
             names[list.n] = (char *)name;
             ok = (tensors[list.n++] = qkv_safetensors_tensor(f, name)) != NULL;

@@ -16,13 +16,15 @@ void trained_free(trained *t) {
 }
 
 bool predict_all(classifier *m, const qkv_dataset *ds, int64_t max_len, int64_t *pred,
-                 float *confidence) {
+                 float *confidence, int part, int parts) {
     int64_t n = qkv_dataset_size(ds);
     int64_t idx[EVAL_BATCH];
     bool ok = true;
+    for (int64_t i = 0; i < n; i++) pred[i] = -1;
     qkv_module_train(QKV_MODULE(m), false);
     qkv_no_grad_begin();
-    for (int64_t off = 0; off < n && ok; off += EVAL_BATCH) {
+    for (int64_t off = (int64_t)part * EVAL_BATCH; off < n && ok;
+         off += (int64_t)parts * EVAL_BATCH) {
         int64_t count = n - off < EVAL_BATCH ? n - off : EVAL_BATCH;
         for (int64_t i = 0; i < count; i++) idx[i] = off + i;
         qkv_scope_begin();
@@ -50,26 +52,48 @@ static int64_t *config_field(classifier_config *c, int i) {
     return fields[i];
 }
 
-bool save_trained(const trained *t, const char *path) {
+bool trained_bytes(const trained *t, qkv_named_bytes bytes[2]) {
     size_t vn = qkv_vocab_to_bytes(t->vocab, NULL, 0);
     size_t ln = qkv_labels_to_bytes(t->labels, NULL, 0);
     char *vb = malloc(vn), *lb = malloc(ln);
+    bytes[0] = (qkv_named_bytes){"vocab", vb, vn};
+    bytes[1] = (qkv_named_bytes){"labels", lb, ln};
+    bool ok = vb && lb && qkv_vocab_to_bytes(t->vocab, vb, vn) == vn &&
+              qkv_labels_to_bytes(t->labels, lb, ln) == ln;
+    if (!ok) free_bytes(bytes);
+    return ok;
+}
+
+void free_bytes(qkv_named_bytes bytes[2]) {
+    for (int i = 0; i < 2; i++) {
+        free((void *)bytes[i].data);
+        bytes[i].data = NULL;
+    }
+}
+
+#define MAX_RUN_META 8
+
+bool save_trained(const trained *t, const qkv_optimizer *opt, const qkv_meta_pair *run_meta,
+                  int n_run_meta, const char *path) {
     char values[N_CONFIG][24];
-    qkv_meta_pair meta[N_CONFIG + 1];
+    qkv_meta_pair meta[N_CONFIG + 1 + MAX_RUN_META];
     classifier_config c = t->model->config;
     for (int i = 0; i < N_CONFIG; i++) {
         snprintf(values[i], sizeof values[i], "%lld", (long long)*config_field(&c, i));
         meta[i] = (qkv_meta_pair){config_keys[i], values[i]};
     }
     meta[N_CONFIG] = (qkv_meta_pair){"format", "qkv-classify 1"};
-    bool ok = vb && lb && qkv_vocab_to_bytes(t->vocab, vb, vn) == vn &&
-              qkv_labels_to_bytes(t->labels, lb, ln) == ln;
-    qkv_named_bytes bytes[2] = {{"vocab", vb, vn}, {"labels", lb, ln}};
-    qkv_checkpoint_contents extras = {.n_bytes = 2, .bytes = bytes, .n_meta = N_CONFIG + 1,
+    int n_meta = N_CONFIG + 1;
+    for (int i = 0; i < n_run_meta && i < MAX_RUN_META; i++) meta[n_meta++] = run_meta[i];
+    qkv_named_bytes bytes[2];
+    if (!trained_bytes(t, bytes)) {
+        qkv_set_error("save_trained: %s: out of memory", path);
+        return false;
+    }
+    qkv_checkpoint_contents extras = {.n_bytes = 2, .bytes = bytes, .n_meta = n_meta,
                                       .meta = meta};
-    ok = ok && qkv_module_save(QKV_MODULE(t->model), path, &extras);
-    free(vb);
-    free(lb);
+    bool ok = qkv_dist_checkpoint_save(QKV_MODULE(t->model), opt, path, &extras);
+    free_bytes(bytes);
     return ok;
 }
 
@@ -145,9 +169,13 @@ int run_eval(const options *o) {
     }
     ds = qkv_dataset_new(t.vocab, test->texts, t.labels, test->labels, test->n);
     pred = malloc((size_t)(test->n ? test->n : 1) * sizeof *pred);
-    if (!ds || !pred || !predict_all(t.model, ds, t.model->config.max_len, pred, NULL))
+    /* Each rank predicts its share of the batches; the counts are summed exactly. */
+    if (!ds || !pred ||
+        !predict_all(t.model, ds, t.model->config.max_len, pred, NULL, qkv_dist_rank(),
+                     qkv_dist_size()))
         goto done;
     for (int64_t i = 0; i < test->n; i++) right += pred[i] == qkv_dataset_label(ds, i);
+    if (!qkv_dist_sum_counts(&right, 1)) goto done;
     printf("test_acc=%.3f\n", (double)right / (double)test->n);
     status = 0;
 done:
@@ -190,7 +218,7 @@ int run_predict(const options *o) {
     float *conf = malloc((size_t)(n ? n : 1) * sizeof *conf);
     int status = 0;
     if (n && (!ds || !pred || !conf || !predict_all(t.model, ds, t.model->config.max_len, pred,
-                                                    conf)))
+                                                    conf, 0, 1)))
         status = fail(qkv_error());
     for (int64_t i = 0; i < n && !status; i++)
         printf("%s\t%.4f\n", qkv_labels_name(t.labels, pred[i]), conf[i]);

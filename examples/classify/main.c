@@ -6,6 +6,12 @@
  *   qkv-classify eval --load FILE --test FILE
  *   qkv-classify predict --load FILE < texts
  *
+ * Under `mpirun -np N` the same commands run data-parallel on N processes (docs/
+ * distributed.md): training splits every global batch into --micro-batches M parts (M = N
+ * when not given), and its results are the same bits at every N for the same M, also in one
+ * process without mpirun. Only rank 0 prints and writes the checkpoint. `train --load FILE`
+ * continues the run a --save of train wrote after some epoch, at any rank count.
+ *
  * Exit status: 0 on success, 2 on bad input (arguments, files, checkpoints, a destination that
  * cannot be saved to), 1 when training fails (a non-finite loss stops it before anything is
  * saved). `qkv-classify COMMAND --help` prints that command's usage.
@@ -23,7 +29,7 @@ static const char *const usages[][2] = {
     {"train", "  qkv-classify train --train FILE --test FILE [--level word|char] [--epochs 8]\n"
               "      [--batch 32] [--max-len 64] [--dim 64] [--heads 4] [--layers 1]\n"
               "      [--ffn 256] [--dropout 0.1] [--lr 1e-3] [--min-count 2] [--seed 0]\n"
-              "      [--threads N] [--bf16] [--save FILE]\n"},
+              "      [--threads N] [--micro-batches M] [--bf16] [--save FILE] [--load FILE]\n"},
     {"eval", "  qkv-classify eval --load FILE --test FILE [--threads N]\n"},
     {"predict", "  qkv-classify predict --load FILE [--threads N] < texts\n"},
 };
@@ -96,6 +102,13 @@ static bool parse_flag(options *o, const char *flag, const char *value) {
         return parse_int(flag, value, 1, INT64_MAX, &o->min_count);
     else if (!strcmp(flag, "--seed")) return parse_int(flag, value, 0, INT64_MAX, &o->seed);
     else if (!strcmp(flag, "--threads")) return parse_int(flag, value, 1, 1024, &o->threads);
+    else if (!strcmp(flag, "--micro-batches")) {
+        if (!parse_int(flag, value, 1, 65536, &o->micro_batches)) return false;
+        if (o->micro_batches & (o->micro_batches - 1)) {
+            fprintf(stderr, "qkv-classify: --micro-batches is a power of two, not %s\n", value);
+            return false;
+        }
+    }
     else if (!strcmp(flag, "--dropout")) return parse_real(flag, value, 0, 0.99, &o->dropout);
     else if (!strcmp(flag, "--lr")) return parse_real(flag, value, 0, 10, &o->lr);
     else {
@@ -146,7 +159,7 @@ static bool require(const char *what, const char *value, const char *command) {
     return false;
 }
 
-int main(int argc, char **argv) {
+static int run_command(int argc, char **argv) {
     if (argc < 2 || is_help(argv[1])) {
         usage(argc < 2 ? stderr : stdout, NULL);
         return argc < 2 ? 2 : 0;
@@ -173,4 +186,21 @@ int main(int argc, char **argv) {
     fprintf(stderr, "qkv-classify: unknown command '%s'\n", cmd);
     usage(stderr, NULL);
     return 2;
+}
+
+/* Under mpirun every rank runs the command; rank 0 alone prints to stdout. A rank that fails
+ * leaves without MPI_Finalize, so that mpirun ends the whole job rather than leave the other
+ * ranks waiting in a collective. */
+int main(int argc, char **argv) {
+    if (!qkv_dist_init(&argc, &argv)) {
+        fprintf(stderr, "qkv-classify: %s\n", qkv_error());
+        return 2;
+    }
+    if (qkv_dist_rank() != 0 && !freopen("/dev/null", "w", stdout)) {
+        fprintf(stderr, "qkv-classify: rank %d: cannot silence stdout\n", qkv_dist_rank());
+        return 2;
+    }
+    int status = run_command(argc, argv);
+    if (status == 0 || qkv_dist_size() == 1) qkv_dist_finalize();
+    return status;
 }
