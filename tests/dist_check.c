@@ -48,14 +48,18 @@ static void check_floats(qkv_dist_op op, int n, int r) {
     }
     qkv_tensor *tf = qkv_from_array(QKV_F32, QKV_SHAPE(5), f);
     qkv_tensor *td = qkv_from_array(QKV_F64, QKV_SHAPE(7), d);
-    CHECK(qkv_dist_all_reduce_list((qkv_tensor *[]){tf, td}, 2, op), "all-reduce of floats");
+    qkv_tensor *th = qkv_to_dtype(tf, QKV_BF16); /* small multiples of 0.25: exact in bf16 */
+    CHECK(qkv_dist_all_reduce_list((qkv_tensor *[]){tf, td, th}, 3, op), "all-reduce of floats");
     for (int i = 0; i < 7; i++) {
         double sum = 0.5 * (i + 1) * n * (n + 1) / 2.0;
         double want = op == QKV_DIST_SUM ? sum : op == QKV_DIST_MEAN ? sum / n
                                                                       : 0.5 * (i + 1) * n;
-        if (i < 5)
+        if (i < 5) {
             CHECK(((float *)qkv_data(tf))[i] == (float)want, "f32 op %d element %d: %g, not %g",
                   (int)op, i, ((float *)qkv_data(tf))[i], want);
+            float h = qkv_bf16_to_f32(((uint16_t *)qkv_data(th))[i]);
+            CHECK(h == (float)want, "bf16 op %d element %d: %g, not %g", (int)op, i, h, want);
+        }
         CHECK(((double *)qkv_data(td))[i] == want, "f64 op %d element %d: %g, not %g", (int)op,
               i, ((double *)qkv_data(td))[i], want);
     }
