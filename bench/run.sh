@@ -50,7 +50,7 @@ echo "$peak_out" | awk -v rows="$(echo "$gemm_out" | grep '^bf16 ')" '
         }
     }' | sort
 echo
-echo "== enc2 training step and inference batch (bench/enc2.c vs bench/enc2_torch.py)"
+echo "== enc2 training step and inference batch (bench/enc2.c vs bench/enc2_torch.py), F32 and bf16"
 # REPEAT=n runs each pair n times, alternating qkv and PyTorch, and shows the median of each
 # figure: on a machine shared with other work one pair can land in a busy moment.
 repeat=${REPEAT:-1}
@@ -64,14 +64,19 @@ median() {
         END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 for t in 1 2; do
-    qs="" ps=""
+    qs="" ps="" qbs="" pbs=""
     i=0
     while [ "$i" -lt "$repeat" ]; do
         q=$("$build/bench/enc2" --threads "$t")
         p=$(ref OPENBLAS_NUM_THREADS="$t" OMP_NUM_THREADS="$t" /usr/bin/python3 \
             bench/enc2_torch.py --threads "$t")
+        qb=$("$build/bench/enc2" --threads "$t" --bf16)
+        pb=$(ref OPENBLAS_NUM_THREADS="$t" OMP_NUM_THREADS="$t" /usr/bin/python3 \
+            bench/enc2_torch.py --threads "$t" --bf16)
         qs=$(printf '%s\n%s' "$qs" "$q")
         ps=$(printf '%s\n%s' "$ps" "$p")
+        qbs=$(printf '%s\n%s' "$qbs" "$qb")
+        pbs=$(printf '%s\n%s' "$pbs" "$pb")
         i=$((i + 1))
     done
     for key in train_step_ms infer_batch_ms train_gflops peak_rss_mb; do
@@ -85,6 +90,20 @@ for t in 1 2; do
             printf '%-8s %-22s %11s%% %11s%%\n' "$t" "train_gflops % F32 pk" \
                 "$(share "$qv" "$pk")" "$(share "$pv" "$pk")"
         fi
+    done
+    # BF16 autocast: qkv --bf16 against torch.autocast("cpu", dtype=torch.bfloat16), and
+    # against qkv's own F32 step of the same run (target: at most 0.7x, peak RSS no higher).
+    for key in train_step_ms infer_batch_ms peak_rss_mb; do
+        qv=$(echo "$qbs" | sed -n "s/^$key=//p" | median)
+        pv=$(echo "$pbs" | sed -n "s/^$key=//p" | median)
+        printf '%-8s %-22s %12s %12s %8s\n' "$t" "bf16 $key" "$qv" "$pv" \
+            "$(awk -v a="$qv" -v b="$pv" 'BEGIN { printf "%.2f", a / b }')"
+    done
+    for key in train_step_ms peak_rss_mb; do
+        qb=$(echo "$qbs" | sed -n "s/^$key=//p" | median)
+        qf=$(echo "$qs" | sed -n "s/^$key=//p" | median)
+        echo "$t        qkv bf16/F32 $key: $qb / $qf = $(awk -v a="$qb" -v b="$qf" \
+            'BEGIN { printf "%.2f", a / b }')"
     done
     for key in train_step_checked_ms steady_system_allocs_per_step allocator_requests_per_step \
         page_faults_per_step; do
