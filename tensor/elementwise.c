@@ -305,8 +305,7 @@ static inline qkv_vf vector_op(qkv_unary_op op, qkv_vf x) {
     case QKV_OP_SIGMOID: return 1.0f / (1.0f + qkv__vexp(-x));
     case QKV_OP_GELU_ERF: return 0.5f * x * (1.0f + qkv__verf(x * (float)INV_SQRT_2));
     default: /* QKV_OP_GELU_ERF_GRAD */
-        return 0.5f * (1.0f + qkv__verf(x * (float)INV_SQRT_2)) +
-               x * (float)INV_SQRT_2PI * qkv__vexp(-0.5f * x * x);
+        return qkv__vgelu_erf_grad(x);
     }
 }
 

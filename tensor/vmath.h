@@ -82,4 +82,22 @@ static inline qkv_vf qkv__verf(qkv_vf x) {
     return (qkv_vf)((qkv_vi)y | sign);
 }
 
+/* GELU's derivative (erf form), 0.5 (1 + erf(x / sqrt2)) + x phi(x): phi(x) is
+ * exp(-x^2 / 2) / sqrt(2 pi), the factor erf's formula takes for the argument x / sqrt2, so
+ * one exp serves both terms. */
+static inline qkv_vf qkv__vgelu_erf_grad(qkv_vf x) {
+    qkv_vf z = x * 0.70710678118654752440f;
+    qkv_vi sign = (qkv_vi)z & (int32_t)0x80000000;
+    qkv_vf az = (qkv_vf)((qkv_vi)z & 0x7fffffff);
+    qkv_vf t = 1.0f / (1.0f + 0.3275911f * az);
+    qkv_vf p = qkv__vf_splat(1.061405429f);
+    p = p * t - 1.453152027f;
+    p = p * t + 1.421413741f;
+    p = p * t - 0.284496736f;
+    p = p * t + 0.254829592f;
+    qkv_vf e = qkv__vexp(-az * az);
+    qkv_vf erf = (qkv_vf)((qkv_vi)(1.0f - p * t * e) | sign);
+    return 0.5f * (1.0f + erf) + x * 0.39894228040143267794f * e;
+}
+
 #endif
