@@ -355,6 +355,13 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                         const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* The same with bias (n float32 values, or NULL) added to every row of alpha A B before the
+ * one rounding: the sums of bf16 addmm, with no float32 copy of C. */
+void qkv__gemm_bf16_bias_out(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                             const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                             const uint16_t *b, const int64_t *b_off, int64_t rsb,
+                             int64_t csb, const float *bias, uint16_t *c,
+                             const int64_t *c_off, int64_t rsc, int64_t csc);
 /* Which way the bf16 GEMM computes: VDPBF16PS (AVX512_BF16) or widening to float32 for the
  * F32 GEMM. Native where the CPU has the instruction, unless the environment variable
  * QKV_BF16_GEMM=convert (read once) or qkv__gemm_bf16_use says otherwise. The native path
