@@ -490,10 +490,14 @@ static TARGET void run_tile(int64_t kcp, const uint32_t *ap, const uint32_t *bp,
         fn(kcp, ap, bp, c, rsc, alpha, beta, h, rsh);
         return;
     }
+    /* With beta 0 the kernel does not read the buffer, so it is not filled: a fill masked
+     * by beta would still address C, which is NULL for a bf16 output, and masked loads
+     * near bad addresses are slow. */
     _Alignas(64) float buf[MR * NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < NR; j++)
-            buf[i * NR + j] = (beta != 0 && i < rows && j < cols) ? c[i * rsc + j * csc] : 0;
+    if (beta != 0)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nv * VL; j++)
+                buf[i * NR + j] = i < rows && j < cols ? c[i * rsc + j * csc] : 0;
     fn(kcp, ap, bp, buf, NR, alpha, beta, NULL, 0);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) {
