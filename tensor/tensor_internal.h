@@ -6,6 +6,7 @@
 #define QKV_TENSOR_INTERNAL_H
 
 #include <stdatomic.h>
+#include <string.h>
 
 #include "tensor/tensor.h"
 
@@ -168,8 +169,33 @@ static inline float qkv__bf16_to_f32(uint16_t h) {
 }
 static inline uint16_t qkv__f32_to_bf16(float f) {
     union { float f; uint32_t u; } v = {.f = f};
-    if (f != f) return 0xFFFF;
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    /* a select, not a branch, so that loops of it vectorize */
+    uint32_t r = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0xFFFFu : r);
+}
+typedef float qkv__f32x8 __attribute__((vector_size(32)));
+typedef int32_t qkv__i32x8 __attribute__((vector_size(32)));
+typedef uint32_t qkv__u32x8 __attribute__((vector_size(32)));
+typedef uint16_t qkv__u16x8 __attribute__((vector_size(16)));
+/* dst[0:8] = v rounded as qkv__f32_to_bf16, eight lanes at a time. */
+static inline void qkv__bf16_store8(uint16_t *dst, qkv__f32x8 v) {
+    qkv__u32x8 u, nan = (qkv__u32x8)(v != v);
+    memcpy(&u, &v, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    u = (u & ~nan) | (nan & 0xFFFFu);
+    qkv__u16x8 h = __builtin_convertvector(u, qkv__u16x8);
+    memcpy(dst, &h, sizeof h);
+}
+/* dst[0:n] = src[0:n] rounded to bf16. */
+static inline void qkv__bf16_round_n(uint16_t *restrict dst, const float *restrict src,
+                                     int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        qkv__f32x8 v;
+        memcpy(&v, src + i, sizeof v);
+        qkv__bf16_store8(dst + i, v);
+    }
+    for (; i < n; i++) dst[i] = qkv__f32_to_bf16(src[i]);
 }
 /* Whether dtype is a known one (QKV_F32 .. QKV_BF16). */
 static inline bool qkv__dtype_valid(qkv_dtype dtype) {

@@ -359,6 +359,31 @@ static void adds_bias_before_rounding_run(void) {
 }
 ON_EACH_PATH(adds_bias_before_rounding)
 
+/* The eight-lane rounding the bf16 kernels store with gives qkv__f32_to_bf16's bits: ties
+ * both ways, the carry into the exponent, infinities, NaNs of either sign and payload (0xFFFF),
+ * subnormals, -0 and 4096 random patterns, at every offset of the scalar tail. */
+static void vector_rounding_equals_scalar(void **state) {
+    (void)state;
+    enum { N = 4096 + 64 };
+    static const uint32_t edges[] = {0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x3f7fffffu,
+                                     0x7f7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                     0xffc00001u, 0x7f800001u, 0x00000001u, 0x807fffffu,
+                                     0x80000000u, 0x00000000u, 0x7fff8000u, 0x4effffffu};
+    uint32_t bits[N];
+    for (int i = 0; i < N; i++) {
+        rng_state = rng_state * 6364136223846793005u + 1442695040888963407u;
+        bits[i] = i < 64 ? edges[i % 16] : (uint32_t)(rng_state >> 32);
+    }
+    float f[N];
+    memcpy(f, bits, sizeof f);
+    uint16_t h[N];
+    for (int start = 0; start < 9; start++) {
+        qkv__bf16_round_n(h, f + start, N - start);
+        for (int i = 0; i < N - start; i++)
+            assert_int_equal(h[i], qkv__f32_to_bf16(f[start + i]));
+    }
+}
+
 /* Infinities and NaN go through as in float32: a row of A holding an infinity gives
  * infinities of the sign of the product (B has no zeros), one holding a NaN gives NaN, and a
  * bf16 output keeps both. k is odd, so the infinity sits in the zero-padded last pair. */
@@ -433,6 +458,7 @@ int main(void) {
         cmocka_unit_test(sums_over_k_blocks),
         cmocka_unit_test(same_bits_for_any_thread_count),
         cmocka_unit_test(adds_bias_before_rounding),
+        cmocka_unit_test(vector_rounding_equals_scalar),
         cmocka_unit_test(propagates_infinity_and_nan),
         cmocka_unit_test(subnormals_by_path),
     };
