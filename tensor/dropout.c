@@ -66,7 +66,10 @@ static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *b
             qkv__u32x8 u = __builtin_convertvector(h, qkv__u32x8) << 16;
             f32x8 v;
             memcpy(&v, &u, sizeof v);
-            qkv__bf16_store8(ys + 8 * j, v * f);
+            v *= f;
+            float w[8];
+            memcpy(w, &v, sizeof w);
+            qkv__bf16_store8(ys + 8 * j, w);
         }
         for (int64_t i = 8 * groups; i < n; i++)
             ys[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[i]) * t->f32[bits[groups]][i % 8]);

@@ -174,13 +174,16 @@ static inline uint16_t qkv__f32_to_bf16(float f) {
     return (uint16_t)(f != f ? 0xFFFFu : r);
 }
 typedef float qkv__f32x8 __attribute__((vector_size(32)));
-typedef int32_t qkv__i32x8 __attribute__((vector_size(32)));
 typedef uint32_t qkv__u32x8 __attribute__((vector_size(32)));
 typedef uint16_t qkv__u16x8 __attribute__((vector_size(16)));
-/* dst[0:8] = v rounded as qkv__f32_to_bf16, eight lanes at a time. */
-static inline void qkv__bf16_store8(uint16_t *dst, qkv__f32x8 v) {
-    qkv__u32x8 u, nan = (qkv__u32x8)(v != v);
-    memcpy(&u, &v, sizeof u);
+/* dst[0:8] = src[0:8] rounded as qkv__f32_to_bf16, eight lanes at a time (through memory,
+ * not a vector argument, whose passing would depend on the ISA). */
+static inline void qkv__bf16_store8(uint16_t *dst, const float *src) {
+    qkv__f32x8 v;
+    qkv__u32x8 u;
+    memcpy(&v, src, sizeof v);
+    memcpy(&u, src, sizeof u);
+    qkv__u32x8 nan = (qkv__u32x8)(v != v);
     u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     u = (u & ~nan) | (nan & 0xFFFFu);
     qkv__u16x8 h = __builtin_convertvector(u, qkv__u16x8);
@@ -191,9 +194,7 @@ static inline void qkv__bf16_round_n(uint16_t *restrict dst, const float *restri
                                      int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        qkv__f32x8 v;
-        memcpy(&v, src + i, sizeof v);
-        qkv__bf16_store8(dst + i, v);
+        qkv__bf16_store8(dst + i, src + i);
     }
     for (; i < n; i++) dst[i] = qkv__f32_to_bf16(src[i]);
 }
