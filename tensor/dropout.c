@@ -58,10 +58,18 @@ static void apply_bits(qkv_dtype dtype, const void *x, void *y, const uint8_t *b
     } else if (dtype == QKV_BF16) { /* in f32, rounded on store, as torch's bf16 mul */
         const uint16_t *xs = x;
         uint16_t *ys = y;
-        for (int64_t j = 0; j < groups; j++) { /* 8 lanes a byte: vectorized */
-            const float *f = t->f32[bits[j]];
-            for (int l = 0; l < 8; l++)
-                ys[8 * j + l] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[8 * j + l]) * f[l]);
+        for (int64_t j = 0; j < groups; j++) { /* 8 lanes a byte */
+            qkv__u16x8 h;
+            f32x8 f;
+            memcpy(&h, xs + 8 * j, sizeof h);
+            memcpy(&f, t->f32[bits[j]], sizeof f);
+            qkv__u32x8 u = __builtin_convertvector(h, qkv__u32x8) << 16;
+            f32x8 v;
+            memcpy(&v, &u, sizeof v);
+            v *= f;
+            float w[8];
+            memcpy(w, &v, sizeof w);
+            qkv__bf16_store8(ys + 8 * j, w);
         }
         for (int64_t i = 8 * groups; i < n; i++)
             ys[i] = qkv__f32_to_bf16(qkv__bf16_to_f32(xs[i]) * t->f32[bits[groups]][i % 8]);

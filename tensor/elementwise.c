@@ -136,8 +136,7 @@ static void widen_chunk(float *dst, const char *src, int64_t stride, int64_t m) 
 
 static void round_chunk(char *dst, int64_t stride, const float *src, int64_t m) {
     if (stride == 2) {
-        uint16_t *restrict d = (uint16_t *)dst;
-        for (int64_t j = 0; j < m; j++) d[j] = qkv__f32_to_bf16(src[j]);
+        qkv__bf16_round_n((uint16_t *)dst, src, m);
         return;
     }
     for (int64_t j = 0; j < m; j++) *(uint16_t *)(dst + j * stride) = qkv__f32_to_bf16(src[j]);

@@ -93,6 +93,7 @@ typedef struct bf16_args {
     const uint16_t *b; const int64_t *b_off; int64_t rsb, csb;
     float *c;    /* float32 output, or NULL */
     uint16_t *h; /* bf16 output (beta 0), when c is NULL */
+    const float *bias; /* with h: n values added to every row before rounding, or NULL */
     const int64_t *c_off; int64_t rsc, csc;
 } bf16_args;
 
@@ -111,7 +112,7 @@ static void gemm_unpacked(const bf16_args *g, int64_t p, int64_t m0, int64_t m1,
                        bf16_widen(b[l * g->rsb + j * g->csb]);
             int64_t o = co + i * g->rsc + j * g->csc;
             if (g->h)
-                g->h[o] = bf16_round(g->alpha * acc);
+                g->h[o] = bf16_round(g->bias ? g->alpha * acc + g->bias[j] : g->alpha * acc);
             else
                 g->c[o] = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * g->c[o];
         }
@@ -152,8 +153,11 @@ static void gemm_convert(int64_t batch, const bf16_args *g) {
                       g->c, g->c_off, g->rsc, g->csc);
         goto done;
     }
-    qkv__gemm_f32(batch, m, n, k, g->alpha, wa, off, k, 1, wb, off + batch, n, 1, 0, wc,
-                  off + 2 * batch, n, 1);
+    if (g->bias)
+        for (int64_t r = 0; r < batch * m; r++)
+            memcpy(wc + r * n, g->bias, (size_t)n * sizeof *wc);
+    qkv__gemm_f32(batch, m, n, k, g->alpha, wa, off, k, 1, wb, off + batch, n, 1,
+                  g->bias ? 1.0f : 0.0f, wc, off + 2 * batch, n, 1);
     for (int64_t p = 0; p < batch; p++) {
         uint16_t *hp = g->h + (g->c_off ? g->c_off[p] : 0);
         for (int64_t i = 0; i < m; i++)
@@ -486,10 +490,14 @@ static TARGET void run_tile(int64_t kcp, const uint32_t *ap, const uint32_t *bp,
         fn(kcp, ap, bp, c, rsc, alpha, beta, h, rsh);
         return;
     }
+    /* With beta 0 the kernel does not read the buffer, so it is not filled: a fill masked
+     * by beta would still address C, which is NULL for a bf16 output, and masked loads
+     * near bad addresses are slow. */
     _Alignas(64) float buf[MR * NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < NR; j++)
-            buf[i * NR + j] = (beta != 0 && i < rows && j < cols) ? c[i * rsc + j * csc] : 0;
+    if (beta != 0)
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nv * VL; j++)
+                buf[i * NR + j] = i < rows && j < cols ? c[i * rsc + j * csc] : 0;
     fn(kcp, ap, bp, buf, NR, alpha, beta, NULL, 0);
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) {
@@ -599,8 +607,12 @@ static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, 
                     int64_t nc = n1 - jc < NC ? n1 - jc : NC;
                     pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                     int64_t cij = ic * g->rsc + jc * g->csc;
-                    macro_kernel(mc, nc, kc, pa, pb, c ? c + cij : NULL, g->rsc, g->csc,
-                                 g->alpha, beta, h ? h + cij : NULL, g->rsc, g->csc);
+                    if (g->bias) /* the bias row, read as a C whose rows are all one */
+                        macro_kernel(mc, nc, kc, pa, pb, (float *)g->bias + jc, 0, 1, g->alpha,
+                                     1.0f, h + cij, g->rsc, g->csc);
+                    else
+                        macro_kernel(mc, nc, kc, pa, pb, c ? c + cij : NULL, g->rsc, g->csc,
+                                     g->alpha, beta, h ? h + cij : NULL, g->rsc, g->csc);
                 }
             }
             continue;
@@ -610,9 +622,13 @@ static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, 
             for (int64_t pc = 0; pc < g->k; pc += kb) {
                 int64_t kc = g->k - pc < kb ? g->k - pc : kb;
                 bool last = pc + kc == g->k;
+                if (pc == 0 && g->bias)
+                    for (int64_t i = 0; i < mc; i++)
+                        memcpy(s + i * nc, g->bias + jc, (size_t)nc * sizeof *s);
                 pack_a(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
                 pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
-                macro_kernel(mc, nc, kc, pa, pb, s, nc, 1, g->alpha, pc == 0 ? 0.0f : 1.0f,
+                float beta = pc == 0 && !g->bias ? 0.0f : 1.0f;
+                macro_kernel(mc, nc, kc, pa, pb, s, nc, 1, g->alpha, beta,
                              last ? h + ic * g->rsc + jc * g->csc : NULL, g->rsc, g->csc);
             }
         }
@@ -674,17 +690,27 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                         const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
+    qkv__gemm_bf16_bias_out(batch, m, n, k, alpha, a, a_off, rsa, csa, b, b_off, rsb, csb, NULL,
+                            c, c_off, rsc, csc);
+}
+
+void qkv__gemm_bf16_bias_out(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                             const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                             const uint16_t *b, const int64_t *b_off, int64_t rsb,
+                             int64_t csb, const float *bias, uint16_t *c,
+                             const int64_t *c_off, int64_t rsc, int64_t csc) {
     if (batch <= 0 || m <= 0 || n <= 0) return;
     if (k <= 0 || alpha == 0) {
         for (int64_t p = 0; p < batch; p++)
             for (int64_t i = 0; i < m; i++)
                 for (int64_t j = 0; j < n; j++)
-                    c[(c_off ? c_off[p] : 0) + i * rsc + j * csc] = 0;
+                    c[(c_off ? c_off[p] : 0) + i * rsc + j * csc] =
+                        bias ? bf16_round(bias[j]) : 0;
         return;
     }
     bf16_args g = {.m = m, .n = n, .k = k, .alpha = alpha,
                    .a = a, .a_off = a_off, .rsa = rsa, .csa = csa,
                    .b = b, .b_off = b_off, .rsb = rsb, .csb = csb,
-                   .h = c, .c_off = c_off, .rsc = rsc, .csc = csc};
+                   .h = c, .bias = bias, .c_off = c_off, .rsc = rsc, .csc = csc};
     gemm_run(batch, &g);
 }

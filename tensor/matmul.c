@@ -155,26 +155,19 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     return out;
 }
 
-/* x W^T + b over bf16: the products accumulate in f32 onto the bias, and each element is
- * rounded to bf16 once, as torch's bf16 addmm. Without a bias, straight into bf16. */
+/* x W^T + b over bf16: the products accumulate in f32, the GEMM adds the bias (widened to
+ * f32) as it stores each tile and rounds each element to bf16 once, as torch's bf16 addmm. */
 static bool affine_bf16(qkv_tensor *out, int64_t rows, int64_t n, int64_t k, const uint16_t *x,
                         int64_t rsx, int64_t csx, const uint16_t *w, int64_t rsw, int64_t csw,
                         const uint16_t *bias) {
     uint16_t *o = qkv_data(out);
-    if (!bias) {
-        qkv__gemm_bf16_out(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, o, NULL,
-                           n, 1);
-        return true;
-    }
-    size_t bytes = (size_t)rows * (size_t)n * sizeof(float);
-    float *acc = qkv__alloc(bytes);
-    if (!acc) return false;
-    for (int64_t j = 0; j < n; j++) acc[j] = qkv__bf16_to_f32(bias[j]);
-    for (int64_t r = 1; r < rows; r++) memcpy(acc + r * n, acc, (size_t)n * sizeof *acc);
-    qkv__gemm_bf16(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, 1.0f, acc, NULL,
-                   n, 1);
-    for (int64_t i = 0; i < rows * n; i++) o[i] = qkv__f32_to_bf16(acc[i]);
-    qkv__free(acc, bytes);
+    size_t bytes = bias ? (size_t)n * sizeof(float) : 0;
+    float *wide = bias ? qkv__alloc(bytes) : NULL;
+    if (bias && !wide) return false;
+    for (int64_t j = 0; bias && j < n; j++) wide[j] = qkv__bf16_to_f32(bias[j]);
+    qkv__gemm_bf16_bias_out(1, rows, n, k, 1.0f, x, NULL, rsx, csx, w, NULL, rsw, csw, wide, o,
+                            NULL, n, 1);
+    if (wide) qkv__free(wide, bytes);
     return true;
 }
 

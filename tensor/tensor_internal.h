@@ -6,6 +6,7 @@
 #define QKV_TENSOR_INTERNAL_H
 
 #include <stdatomic.h>
+#include <string.h>
 
 #include "tensor/tensor.h"
 
@@ -168,8 +169,34 @@ static inline float qkv__bf16_to_f32(uint16_t h) {
 }
 static inline uint16_t qkv__f32_to_bf16(float f) {
     union { float f; uint32_t u; } v = {.f = f};
-    if (f != f) return 0xFFFF;
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    /* a select, not a branch, so that loops of it vectorize */
+    uint32_t r = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0xFFFFu : r);
+}
+typedef float qkv__f32x8 __attribute__((vector_size(32)));
+typedef uint32_t qkv__u32x8 __attribute__((vector_size(32)));
+typedef uint16_t qkv__u16x8 __attribute__((vector_size(16)));
+/* dst[0:8] = src[0:8] rounded as qkv__f32_to_bf16, eight lanes at a time (through memory,
+ * not a vector argument, whose passing would depend on the ISA). */
+static inline void qkv__bf16_store8(uint16_t *dst, const float *src) {
+    qkv__f32x8 v;
+    qkv__u32x8 u;
+    memcpy(&v, src, sizeof v);
+    memcpy(&u, src, sizeof u);
+    qkv__u32x8 nan = (qkv__u32x8)(v != v);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    u = (u & ~nan) | (nan & 0xFFFFu);
+    qkv__u16x8 h = __builtin_convertvector(u, qkv__u16x8);
+    memcpy(dst, &h, sizeof h);
+}
+/* dst[0:n] = src[0:n] rounded to bf16. */
+static inline void qkv__bf16_round_n(uint16_t *restrict dst, const float *restrict src,
+                                     int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        qkv__bf16_store8(dst + i, src + i);
+    }
+    for (; i < n; i++) dst[i] = qkv__f32_to_bf16(src[i]);
 }
 /* Whether dtype is a known one (QKV_F32 .. QKV_BF16). */
 static inline bool qkv__dtype_valid(qkv_dtype dtype) {
@@ -355,6 +382,13 @@ void qkv__gemm_bf16_out(int64_t batch, int64_t m, int64_t n, int64_t k, float al
                         const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                         const uint16_t *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                         uint16_t *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* The same with bias (n float32 values, or NULL) added to every row of alpha A B before the
+ * one rounding: the sums of bf16 addmm, with no float32 copy of C. */
+void qkv__gemm_bf16_bias_out(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                             const uint16_t *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                             const uint16_t *b, const int64_t *b_off, int64_t rsb,
+                             int64_t csb, const float *bias, uint16_t *c,
+                             const int64_t *c_off, int64_t rsc, int64_t csc);
 /* Which way the bf16 GEMM computes: VDPBF16PS (AVX512_BF16) or widening to float32 for the
  * F32 GEMM. Native where the CPU has the instruction, unless the environment variable
  * QKV_BF16_GEMM=convert (read once) or qkv__gemm_bf16_use says otherwise. The native path

@@ -54,6 +54,18 @@ static void f32_to_bf16_equals_torch_bit_for_bit(void **state) {
             fail_msg("0x%08X: qkv gives 0x%04X, torch 0x%04X", (unsigned)bf16_f32_bits[i],
                      got, bf16_torch[i]);
     }
+    /* and a tensor cast, which converts contiguous runs eight lanes at a time */
+    qkv_tensor *f = qkv_empty(QKV_F32, 1, (const int64_t[]){BF16_N_CASES});
+    assert_non_null(f);
+    float *fd = qkv_data(f);
+    for (int i = 0; i < BF16_N_CASES; i++) fd[i] = f32_of_bits(bf16_f32_bits[i]);
+    qkv_tensor *h = qkv_to_dtype(f, QKV_BF16);
+    assert_non_null(h);
+    const uint16_t *hd = qkv_data(h);
+    for (int i = 0; i < BF16_N_CASES; i++)
+        if (hd[i] != bf16_torch[i])
+            fail_msg("cast 0x%08X: qkv gives 0x%04X, torch 0x%04X",
+                     (unsigned)bf16_f32_bits[i], hd[i], bf16_torch[i]);
 }
 
 static void rounding_edges_by_hand(void **state) {

@@ -320,6 +320,70 @@ static void same_bits_for_any_thread_count_run(void) {
 }
 ON_EACH_PATH(same_bits_for_any_thread_count)
 
+/* A bias in the bf16-output GEMM: each element is alpha A B + bias rounded once, the same bits
+ * as the float32 GEMM onto C = bias (beta 1) rounded afterwards, at 1 and 2 threads. The
+ * shapes give edge tiles, a transposed B, and k = 1100, which sums several k blocks before
+ * the rounding. */
+static void adds_bias_before_rounding_run(void) {
+    static const int64_t shapes[][3] = {{37, 45, 19}, {13, 33, 1100}, {1, 16, 2}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        uint16_t *a = bf16_fill(m * k), *b = bf16_fill(k * n);
+        float *bias = malloc((size_t)n * sizeof *bias), *c = malloc((size_t)(m * n) * 4);
+        uint16_t *h = malloc((size_t)(m * n) * 2);
+        assert_true(bias && c && h);
+        for (int64_t j = 0; j < n; j++) bias[j] = (float)(4 * uniform());
+        for (int64_t i = 0; i < m; i++) memcpy(c + i * n, bias, (size_t)n * sizeof *c);
+        /* B stored n x k, read transposed */
+        qkv__gemm_bf16(1, m, n, k, 0.5f, a, NULL, k, 1, b, NULL, 1, k, 1.0f, c, NULL, n, 1);
+        for (int threads = 1; threads <= 2; threads++) {
+            qkv_set_num_threads(threads);
+            memset(h, 0xAB, (size_t)(m * n) * 2);
+            qkv__gemm_bf16_bias_out(1, m, n, k, 0.5f, a, NULL, k, 1, b, NULL, 1, k, bias, h,
+                                    NULL, n, 1);
+            for (int64_t i = 0; i < m * n; i++) assert_int_equal(h[i], qkv__f32_to_bf16(c[i]));
+        }
+        qkv_set_num_threads(0);
+        /* and the bias is really there: A B alone differs */
+        uint16_t *h0 = malloc((size_t)(m * n) * 2);
+        assert_non_null(h0);
+        qkv__gemm_bf16_out(1, m, n, k, 0.5f, a, NULL, k, 1, b, NULL, 1, k, h0, NULL, n, 1);
+        assert_true(memcmp(h0, h, (size_t)(m * n) * 2) != 0);
+        free(h0);
+        free(a);
+        free(b);
+        free(bias);
+        free(c);
+        free(h);
+    }
+}
+ON_EACH_PATH(adds_bias_before_rounding)
+
+/* The eight-lane rounding the bf16 kernels store with gives qkv__f32_to_bf16's bits: ties
+ * both ways, the carry into the exponent, infinities, NaNs of either sign and payload (0xFFFF),
+ * subnormals, -0 and 4096 random patterns, at every offset of the scalar tail. */
+static void vector_rounding_equals_scalar(void **state) {
+    (void)state;
+    enum { N = 4096 + 64 };
+    static const uint32_t edges[] = {0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x3f7fffffu,
+                                     0x7f7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                     0xffc00001u, 0x7f800001u, 0x00000001u, 0x807fffffu,
+                                     0x80000000u, 0x00000000u, 0x7fff8000u, 0x4effffffu};
+    uint32_t bits[N];
+    for (int i = 0; i < N; i++) {
+        rng_state = rng_state * 6364136223846793005u + 1442695040888963407u;
+        bits[i] = i < 64 ? edges[i % 16] : (uint32_t)(rng_state >> 32);
+    }
+    float f[N];
+    memcpy(f, bits, sizeof f);
+    uint16_t h[N];
+    for (int start = 0; start < 9; start++) {
+        qkv__bf16_round_n(h, f + start, N - start);
+        for (int i = 0; i < N - start; i++)
+            assert_int_equal(h[i], qkv__f32_to_bf16(f[start + i]));
+    }
+}
+
 /* Infinities and NaN go through as in float32: a row of A holding an infinity gives
  * infinities of the sign of the product (B has no zeros), one holding a NaN gives NaN, and a
  * bf16 output keeps both. k is odd, so the infinity sits in the zero-padded last pair. */
@@ -393,6 +457,8 @@ int main(void) {
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(sums_over_k_blocks),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(adds_bias_before_rounding),
+        cmocka_unit_test(vector_rounding_equals_scalar),
         cmocka_unit_test(propagates_infinity_and_nan),
         cmocka_unit_test(subnormals_by_path),
     };
