@@ -238,6 +238,12 @@ qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past);
 /* torch.matmul: 1-D x 1-D dot product; 2-D matrix product; 1-D operands gain and lose a
  * dimension; batch dimensions broadcast. Transposed and strided operands are read in place. */
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b);
+/* qkv_matmul keeping one triangle (tensor.h's qkv_tri, over the last two dimensions, the
+ * diagonal included, top-left aligned as torch.tril): tril(a @ b), triu(a @ b), tril(a) @ b or
+ * triu(a) @ b. Only the tiles the triangle reaches are computed, so causal attention's two
+ * products cost half: QKV_TRIL_OUT for the scores, QKV_TRIL_A for weights @ v. Both operands
+ * must be at least 2-D; the gradients are triangular products too. */
+qkv_tensor *qkv_matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri);
 /* x weight^T + bias over the last dimension of x, as torch.nn.functional.linear: weight is
  * [out, in], bias [out], one element ([1] or 0-d, broadcast as in torch) or NULL. The bias is
  * fused into the product. */

@@ -72,6 +72,56 @@ qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
     return qkv_function_end(ctx, qkv__matmul(a, b, "qkv_matmul"));
 }
 
+/* ---- Triangular products ---------------------------------------------------------------- */
+
+typedef struct matmul_tri_args {
+    qkv_tri tri;
+} matmul_tri_args;
+
+/* The gradients stay triangular products. For C = tril(A B): dA = tril(G) B^T and
+ * dB = A^T tril(G) = (triu(G^T) A)^T. For C = tril(A) B: dA = tril(G B^T) and
+ * dB = triu(A^T) G. The upper kinds mirror them. Each is summed over the batch dimensions
+ * its operand was broadcast along. */
+static void matmul_tri_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv_tri tri = ((const matmul_tri_args *)qkv_ctx_args(ctx))->tri;
+    const qkv_tensor *a = IN(0), *b = IN(1);
+    bool lower = tri == QKV_TRIL_OUT || tri == QKV_TRIL_A;
+    bool out_kind = tri == QKV_TRIL_OUT || tri == QKV_TRIU_OUT;
+    qkv_tri same_a = lower ? QKV_TRIL_A : QKV_TRIU_A, other_a = lower ? QKV_TRIU_A : QKV_TRIL_A;
+    if (NEEDS(1)) {
+        qkv_scope_begin();
+        qkv_tensor *A = qkv_saved(ctx, 0), *gb;
+        if (out_kind)
+            gb = qkv_transpose(qkv_matmul_tri(qkv_transpose(g, -1, -2), A, other_a), -1, -2);
+        else
+            gb = qkv_matmul_tri(qkv_transpose(A, -1, -2), g, other_a);
+        gi[1] = qkv_scope_end_keep(qkv__sum_to(gb, b->ndim, b->shape));
+        qkv__saved_release(ctx, 0);
+    }
+    if (NEEDS(0)) {
+        qkv_tri t = out_kind ? same_a : lower ? QKV_TRIL_OUT : QKV_TRIU_OUT;
+        qkv_tensor *ga = qkv_matmul_tri(g, qkv_transpose(qkv_saved(ctx, 1), -1, -2), t);
+        gi[0] = qkv__sum_to(ga, a->ndim, a->shape);
+    }
+}
+static const qkv_function matmul_tri_fn = {.name = "matmul_tri",
+                                           .backward = matmul_tri_backward,
+                                           .args_size = sizeof(matmul_tri_args)};
+
+qkv_tensor *qkv_matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri) {
+    if (tri == QKV_TRI_NONE) return qkv_matmul(a, b);
+    if (qkv_is_autocast_enabled() && a && b) {
+        a = qkv__autocast_lower(a);
+        b = a ? qkv__autocast_lower(b) : NULL;
+        if (!a || !b) return NULL;
+    }
+    qkv_ctx *ctx = qkv_function_begin(&matmul_tri_fn, 2, QKV_INPUTS(a, b),
+                                      &(matmul_tri_args){tri});
+    if (NEEDS(0)) qkv_save(ctx, 1, b);
+    if (NEEDS(1)) qkv_save(ctx, 0, a);
+    return qkv_function_end(ctx, qkv__matmul_tri(a, b, tri, "qkv_matmul_tri"));
+}
+
 /* For y = x W^T + b: dx = g W, dW = g^T x summed over every row, db = g summed over rows. */
 static void affine_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     const qkv_tensor *w = IN(1);

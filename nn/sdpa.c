@@ -81,13 +81,16 @@ qkv_tensor *qkv_scaled_dot_product_attention(const qkv_tensor *q, const qkv_tens
     if (o->weights) *o->weights = NULL;
     if (!q || !k || !v || !check_qkv(q, k, v) || !check_options(o)) return NULL;
     double scale = o->scale ? o->scale : 1.0 / sqrt((double)q->shape[q->ndim - 1]);
-    qkv_tensor *scores = qkv_matmul(qkv_mul_scalar(q, scale), qkv_transpose(k, -2, -1));
+    /* Causal scores are needed on and below the diagonal only, and the weights above it are
+     * zeros: both products compute half. */
+    qkv_tensor *scores = qkv_matmul_tri(qkv_mul_scalar(q, scale), qkv_transpose(k, -2, -1),
+                                        o->is_causal ? QKV_TRIL_OUT : QKV_TRI_NONE);
     qkv_tensor *term;
     if (!scores || !mask_term(scores, o, &term)) return NULL;
     if (term) scores = qkv_add(scores, term);
     qkv_tensor *weights = o->is_causal ? qkv_causal_softmax(scores, 0) : qkv_softmax(scores, -1);
     qkv_tensor *attn = qkv_dropout(weights, o->dropout_p, o->training, o->generator);
-    qkv_tensor *out = qkv_matmul(attn, v);
+    qkv_tensor *out = qkv_matmul_tri(attn, v, o->is_causal ? QKV_TRIL_A : QKV_TRI_NONE);
     if (out && o->weights) *o->weights = attn;
     return out;
 }

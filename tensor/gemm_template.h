@@ -26,6 +26,7 @@ typedef struct F(gemm_args) {
     const T *b; const int64_t *b_off; int64_t rsb, csb;
     T *c; const int64_t *c_off; int64_t rsc, csc;
     const T *bias; /* NULL, or n contiguous values added to every row of C */
+    qkv_tri tri;   /* a triangular product (beta 0, no bias): see tri_range and tri_clear */
 } F(gemm_args);
 
 /* ---- Micro-kernel ------------------------------------------------------------------------ */
@@ -321,18 +322,85 @@ static void F(run_tile)(int64_t kc, const T *ap, const T *bp, int rows, int cols
         for (int j = 0; j < cols; j++) c[i * rsc + j * csc] = buf[i * NR + j];
 }
 
-/* Packed mc x kc of A times packed kc x nc of B into C. The A panel (MR x kc) stays in L1
- * while the loop over j streams the B block from L2. */
+/* The steps l of k block [pc, pc + kc) that tile rows r0..r0+rows-1 of a triangular left
+ * operand use, as local [*lo, *hi): l <= i for tril(A), l >= i for triu(A). The packed panel
+ * holds zeros in the rest of the tile's range (tri_mask_a), so each element still sums its
+ * terms in order of l: only products with zeros are left out. */
+static inline void F(tri_range)(qkv_tri tri, int64_t r0, int rows, int64_t pc, int64_t kc,
+                                int64_t *lo, int64_t *hi) {
+    *lo = 0;
+    *hi = kc;
+    if (tri == QKV_TRIL_A && r0 + rows - pc < kc) *hi = r0 + rows - pc;
+    if (tri == QKV_TRIU_A && r0 > pc) *lo = r0 - pc;
+}
+
+/* Whether tile rows r0..r0+rows-1, columns c0..c0+cols-1 lie wholly outside the triangle
+ * of C that a tril(A B) or triu(A B) product keeps. */
+static inline bool F(tri_outside)(qkv_tri tri, int64_t r0, int rows, int64_t c0, int cols) {
+    return (tri == QKV_TRIL_OUT && c0 > r0 + rows - 1) ||
+           (tri == QKV_TRIU_OUT && c0 + cols - 1 < r0);
+}
+
+/* Packed mc x kc of A times packed kc x nc of B into C; the block's first row is row r0 of
+ * C, its first column c0, its k block starts at pc (the triangle's coordinates). The A panel
+ * (MR x kc) stays in L1 while the loop over j streams the B block from L2. */
 static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, const T *pb,
-                            T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias) {
+                            T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias,
+                            qkv_tri tri, int64_t r0, int64_t c0, int64_t pc) {
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
+        int mr = F(edge_mr)(rows);
         const T *ap = pa + i * kc;
+        int64_t lo, hi;
+        F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
-            F(run_tile)(kc, ap, pb + j * kc, rows, cols, c + i * rsc + j * csc, rsc, csc,
+            T *ct = c + i * rsc + j * csc;
+            if (F(tri_outside)(tri, r0 + i, rows, c0 + j, cols)) continue;
+            if (hi <= lo) {
+                /* Nothing of this k block reaches these rows; the first block still sets C. */
+                for (int ii = 0; beta == 0 && ii < rows; ii++)
+                    for (int jj = 0; jj < cols; jj++) ct[ii * rsc + jj * csc] = 0;
+                continue;
+            }
+            int w = F(edge_nv)(cols) * VL;
+            F(run_tile)(hi - lo, ap + lo * mr, pb + j * kc + lo * w, rows, cols, ct, rsc, csc,
                         alpha, beta, bias ? bias + j : NULL);
         }
+    }
+}
+
+/* Zeros, in the packed mc x kc block of A (rows from r0, k from pc), the entries a tril(A) or
+ * triu(A) product leaves out within the k range each tile uses. */
+static void F(tri_mask_a)(qkv_tri tri, int64_t mc, int64_t kc, int64_t r0, int64_t pc, T *pa) {
+    if (tri != QKV_TRIL_A && tri != QKV_TRIU_A) return;
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        int mr = F(edge_mr)(rows);
+        T *ap = pa + i * kc;
+        int64_t lo, hi;
+        F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
+        for (int ii = 0; ii < rows; ii++) {
+            int64_t row = r0 + i + ii - pc; /* the row's diagonal, as a local step of l */
+            int64_t z0 = tri == QKV_TRIL_A ? row + 1 : lo, z1 = tri == QKV_TRIL_A ? hi : row;
+            if (z0 < lo) z0 = lo;
+            if (z1 > hi) z1 = hi;
+            for (int64_t l = z0; l < z1; l++) ap[l * mr + ii] = 0;
+        }
+    }
+}
+
+/* Zeros the part of rows m0..m1, columns n0..n1 of C outside the triangle a tril(A B) or
+ * triu(A B) product keeps: the tiles skipped there and the far side of those that cross
+ * the diagonal. */
+static void F(tri_clear)(qkv_tri tri, T *c, int64_t rsc, int64_t csc, int64_t m0, int64_t m1,
+                         int64_t n0, int64_t n1) {
+    if (tri != QKV_TRIL_OUT && tri != QKV_TRIU_OUT) return;
+    for (int64_t i = m0; i < m1; i++) {
+        int64_t j0 = tri == QKV_TRIL_OUT ? i + 1 : n0, j1 = tri == QKV_TRIL_OUT ? n1 : i;
+        if (j0 < n0) j0 = n0;
+        if (j1 > n1) j1 = n1;
+        for (int64_t j = j0; j < j1; j++) c[i * rsc + j * csc] = 0;
     }
 }
 
@@ -386,12 +454,15 @@ static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *
     for (int64_t i = m0; i < m1; i++)
         for (int64_t j = n0; j < n1; j++) {
             T acc = 0;
-            for (int64_t l = 0; l < g->k; l++)
+            int64_t lo = 0, hi = g->k;
+            F(tri_range)(g->tri, i, 1, 0, g->k, &lo, &hi);
+            for (int64_t l = lo; l < hi; l++)
                 acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
             T *o = &c[i * g->rsc + j * g->csc];
             *o = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * *o;
             if (g->bias) *o += g->bias[j];
         }
+    F(tri_clear)(g->tri, c, g->rsc, g->csc, m0, m1, n0, n1);
 }
 
 /* The k blocks are the same for every split of the output, so each element's sum runs in the
@@ -418,19 +489,31 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
     }
     for (int64_t ic = m0; ic < m1; ic += MC) {
         int64_t mc = m1 - ic < MC ? m1 - ic : MC;
-        for (int64_t pc = 0; pc < g->k; pc += kb) {
+        /* The columns these rows keep of a triangular C: j <= i for tril, j >= i for triu. */
+        int64_t j0 = n0, j1 = n1;
+        if (g->tri == QKV_TRIL_OUT && j1 > ic + mc) j1 = ic + mc;
+        if (g->tri == QKV_TRIU_OUT && j0 < ic) j0 = ic;
+        for (int64_t pc = 0; pc < g->k && j0 < j1; pc += kb) {
             int64_t kc = g->k - pc < kb ? g->k - pc : kb;
+            /* Later k blocks that no row of a triangular A reaches are skipped; the first
+             * one never is, as it sets C. */
+            if (pc > 0 && ((g->tri == QKV_TRIL_A && pc >= ic + mc) ||
+                           (g->tri == QKV_TRIU_A && pc + kc <= ic)))
+                continue;
             /* The first k block sets C (beta, bias); the later ones accumulate onto it. */
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? g->bias : NULL;
             F(pack_a)(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
-            for (int64_t jc = n0; jc < n1; jc += NC) {
-                int64_t nc = n1 - jc < NC ? n1 - jc : NC;
+            F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
+            for (int64_t jc = j0; jc < j1; jc += NC) {
+                int64_t nc = j1 - jc < NC ? j1 - jc : NC;
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                 F(macro_kernel)(mc, nc, kc, pa, pb, c + ic * g->rsc + jc * g->csc, g->rsc,
-                                g->csc, g->alpha, beta, bias ? bias + jc : NULL);
+                                g->csc, g->alpha, beta, bias ? bias + jc : NULL, g->tri, ic, jc,
+                                pc);
             }
         }
+        F(tri_clear)(g->tri, c, g->rsc, g->csc, ic, ic + mc, n0, n1);
     }
 }
 

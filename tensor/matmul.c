@@ -51,16 +51,22 @@ static bool rows_fold(const operand *o, int64_t *rs) {
     return true;
 }
 
-static void gemm(qkv_dtype dt, int64_t batch, int64_t m, int64_t n, int64_t k, const void *a,
-                 const int64_t *ao, int64_t rsa, int64_t csa, const void *b, const int64_t *bo,
-                 int64_t rsb, int64_t csb, void *c, const int64_t *co, int64_t rsc,
-                 int64_t csc) {
-    if (dt == QKV_F32)
+static void gemm(qkv_dtype dt, qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
+                 const void *a, const int64_t *ao, int64_t rsa, int64_t csa, const void *b,
+                 const int64_t *bo, int64_t rsb, int64_t csb, void *c, const int64_t *co,
+                 int64_t rsc, int64_t csc) {
+    if (dt == QKV_F32 && tri)
+        qkv__gemm_tri_f32(tri, batch, m, n, k, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
+                          csc);
+    else if (dt == QKV_F32)
         qkv__gemm_f32(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, 0.0f, c, co, rsc,
                       csc);
     else if (dt == QKV_BF16) /* f32 accumulation, one rounding per element, as torch's */
         qkv__gemm_bf16_out(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
                            csc);
+    else if (tri)
+        qkv__gemm_tri_f64(tri, batch, m, n, k, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
+                          csc);
     else
         qkv__gemm_f64(batch, m, n, k, 1.0, a, ao, rsa, csa, b, bo, rsb, csb, 0.0, c, co, rsc,
                       csc);
@@ -73,18 +79,53 @@ static qkv_tensor *matmul_error(const char *name, const qkv_tensor *a, const qkv
                          qkv_shape_str(b, sb, sizeof sb));
 }
 
+/* A triangular product in bf16: the bf16 GEMM has no triangular mode, so the masked operand
+ * (or the masked product) is made whole; the values are those of the f32 path's rule. */
+static qkv_tensor *matmul_tri_bf16(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
+                                   const char *name) {
+    bool out_mode = tri == QKV_TRIL_OUT || tri == QKV_TRIU_OUT;
+    bool upper = tri == QKV_TRIU_OUT || tri == QKV_TRIU_A;
+    const qkv_tensor *zero = qkv_zeros(QKV_BF16, 0, NULL);
+    const qkv_tensor *cols = out_mode ? b : a;
+    qkv_tensor *mask = qkv__tri_mask(a->shape[a->ndim - 2], cols->shape[cols->ndim - 1], 0,
+                                     upper);
+    if (!zero || !mask) return NULL;
+    if (out_mode) {
+        qkv_tensor *full = qkv__matmul_tri(a, b, QKV_TRI_NONE, name);
+        return full ? qkv__where(mask, full, zero, name) : NULL;
+    }
+    qkv_tensor *masked = qkv__where(mask, a, zero, name);
+    return masked ? qkv__matmul_tri(masked, b, QKV_TRI_NONE, name) : NULL;
+}
+
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
+    return qkv__matmul_tri(a, b, QKV_TRI_NONE, name);
+}
+
+qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
+                            const char *name) {
     if (QKV__NULL_ARGS(name, a, b)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
     if (a->ndim == 0 || b->ndim == 0) return matmul_error(name, a, b, "both operands need a dimension");
+    if (tri && (a->ndim < 2 || b->ndim < 2))
+        return matmul_error(name, a, b, "a triangular product needs matrices");
+    if ((unsigned)tri > QKV_TRIU_A)
+        return qkv_set_error("%s: %d is not a qkv_tri", name, (int)tri);
     if (!qkv__is_float(a->dtype) || !qkv__is_float(b->dtype))
         return matmul_error(name, a, b, "operands must be f32, f64 or bf16");
     if (a->dtype != b->dtype) {
         qkv_scope_begin();
         qkv_dtype dt = qkv__promote(a->dtype, b->dtype);
-        qkv_tensor *out = qkv_keep(qkv__matmul(a->dtype == dt ? a : qkv__to_dtype(a, dt),
-                                               b->dtype == dt ? b : qkv__to_dtype(b, dt), name));
+        qkv_tensor *out = qkv_keep(qkv__matmul_tri(a->dtype == dt ? a : qkv__to_dtype(a, dt),
+                                                   b->dtype == dt ? b : qkv__to_dtype(b, dt),
+                                                   tri, name));
+        qkv_scope_end();
+        return out;
+    }
+    if (tri && a->dtype == QKV_BF16 && a->shape[a->ndim - 1] == b->shape[b->ndim - 2]) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(matmul_tri_bf16(a, b, tri, name));
         qkv_scope_end();
         return out;
     }
@@ -117,11 +158,13 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
     const char *ad = qkv_data(a), *bd = qkv_data(b);
     char *od = qkv_data(out);
 
-    /* A stack of row blocks times one matrix is one taller product. */
+    /* A stack of row blocks times one matrix is one taller product, unless a triangle's rows
+     * start again in each block. */
     int64_t rsa;
-    if (B.ndim == 2 && rows_fold(&A, &rsa) && (a->ndim > 1 || batch == 1)) {
+    if (B.ndim == 2 && rows_fold(&A, &rsa) && (a->ndim > 1 || batch == 1) &&
+        (!tri || batch == 1)) {
         int64_t rows = batch * m;
-        gemm(a->dtype, 1, rows, n, k, ad, NULL, rsa, A.strides[A.ndim - 1],
+        gemm(a->dtype, tri, 1, rows, n, k, ad, NULL, rsa, A.strides[A.ndim - 1],
              bd, NULL, B.strides[0], B.strides[1], od, NULL, n, 1);
         return out;
     }
@@ -149,7 +192,7 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
             idx[i] = 0;
         }
     }
-    gemm(a->dtype, batch, m, n, k, ad, offs, A.strides[A.ndim - 2], A.strides[A.ndim - 1], bd,
+    gemm(a->dtype, tri, batch, m, n, k, ad, offs, A.strides[A.ndim - 2], A.strides[A.ndim - 1], bd,
          offs + batch, B.strides[B.ndim - 2], B.strides[B.ndim - 1], od, offs + 2 * batch, n, 1);
     qkv__free(offs, (size_t)batch * 3 * sizeof(int64_t));
     return out;

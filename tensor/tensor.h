@@ -51,6 +51,16 @@ typedef enum qkv_dtype {
     QKV_BF16,    /* bfloat16 (raw bits in a uint16_t): storage and products under autocast */
 } qkv_dtype;
 
+/* The triangle of a matrix product that qkv_matmul_tri keeps, over the last two dimensions,
+ * diagonal included: of the result (as BLAS's GEMMT) or of the left operand (as TRMM). */
+typedef enum qkv_tri {
+    QKV_TRI_NONE = 0, /* a @ b, as qkv_matmul */
+    QKV_TRIL_OUT,     /* tril(a @ b): C[i, j] for j <= i, zeros above */
+    QKV_TRIU_OUT,     /* triu(a @ b): C[i, j] for j >= i, zeros below */
+    QKV_TRIL_A,       /* tril(a) @ b: a[i, l] for l <= i, the rest taken as zero */
+    QKV_TRIU_A,       /* triu(a) @ b: a[i, l] for l >= i, the rest taken as zero */
+} qkv_tri;
+
 #define QKV_MAX_DIMS 8
 
 typedef struct qkv_storage {

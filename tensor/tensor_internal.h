@@ -345,6 +345,9 @@ qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char 
 
 /* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+/* The same with one triangle kept (qkv_matmul_tri); both operands at least 2-D. */
+qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
+                            const char *name);
 /* x W^T + b over the last dimension of x (w is [out, in], b is [out] or NULL). */
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
                         const char *name);
@@ -362,6 +365,18 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+/* C = A B (alpha 1, beta 0) of the triangular kind tri (QKV_TRIL_OUT: C[i, j] for j <= i and
+ * zeros above; QKV_TRIL_A: A[i, l] for l <= i only; likewise the upper ones), computing only
+ * the tiles the triangle reaches. Each kept element is the sum of the same products, in the
+ * same order, as the full product of the masked operands. */
+void qkv__gemm_tri_f32(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
+                       const float *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                       const float *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                       float *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+void qkv__gemm_tri_f64(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
+                       const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
+                       const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
+                       double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
 /* C = A B + bias for one product, bias being n contiguous values added to every row of C
  * (columns of C contiguous): the bias costs no pass over C of its own. */
 void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,

@@ -1,7 +1,8 @@
 /*
  * GEMM kernel: qkv__gemm_f32 / qkv__gemm_f64 against a plain triple loop in double precision,
  * over edge shapes, transposed and strided operands, batches with offset arrays, alpha/beta
- * (beta == 0 ignores NaN in C), k == 0, and bitwise determinism across thread counts.
+ * (beta == 0 ignores NaN in C), k == 0, and bitwise determinism across thread counts; the
+ * triangular products (qkv__gemm_tri_*) against the full product of the masked operands.
  */
 #include <float.h>
 #include <math.h>
@@ -308,6 +309,87 @@ static void same_bits_for_any_thread_count(void **state) {
     qkv_set_num_threads(0);
 }
 
+/* Whether element (i, j) of an m x n matrix is in the triangle tri keeps (diagonal included). */
+static bool kept(qkv_tri tri, int64_t i, int64_t j) {
+    return (tri == QKV_TRIL_OUT || tri == QKV_TRIL_A) ? j <= i : j >= i;
+}
+
+/* One triangular product against the full GEMM of the masked operand (or the masked full
+ * product): the kept sums are the same products in the same order, so the values must be
+ * equal, not close; every element of C is written (C starts as NaN); 2 threads give the bits
+ * of 1. */
+#define DEFINE_TRI_CHECK(T, SUFFIX)                                                          \
+    static void check_tri_##SUFFIX(qkv_tri tri, int64_t bt, int64_t m, int64_t n, int64_t k, \
+                                   layout la, layout lb, layout lc) {                        \
+        operand A = operand_make(m, k, la), B = operand_make(k, n, lb);                      \
+        operand C = operand_make(m, n, lc);                                                  \
+        size_t na = (size_t)(A.span * bt), nb = (size_t)(B.span * bt);                       \
+        size_t nc = (size_t)(C.span * bt);                                                   \
+        T *a = malloc(na * sizeof(T)), *am = malloc(na * sizeof(T));                         \
+        T *b = malloc(nb * sizeof(T)), *want = malloc(nc * sizeof(T));                       \
+        T *got[2] = {malloc(nc * sizeof(T)), malloc(nc * sizeof(T))};                        \
+        int64_t off[3][4];                                                                   \
+        assert_true(a && am && b && want && got[0] && got[1] && bt <= 4);                    \
+        for (size_t i = 0; i < na; i++) am[i] = a[i] = (T)uniform();                         \
+        for (size_t i = 0; i < nb; i++) b[i] = (T)uniform();                                 \
+        for (int64_t p = 0; p < bt; p++) {                                                   \
+            off[0][p] = p * A.span;                                                          \
+            off[1][p] = p * B.span;                                                          \
+            off[2][p] = p * C.span;                                                          \
+        }                                                                                    \
+        bool out_kind = tri == QKV_TRIL_OUT || tri == QKV_TRIU_OUT;                          \
+        for (int64_t p = 0; !out_kind && p < bt; p++)                                        \
+            for (int64_t i = 0; i < m; i++)                                                  \
+                for (int64_t l = 0; l < k; l++)                                              \
+                    if (!kept(tri, i, l)) am[off[0][p] + i * A.rs + l * A.cs] = 0;           \
+        for (size_t i = 0; i < nc; i++) want[i] = 0;                                         \
+        qkv__gemm_##SUFFIX(bt, m, n, k, 1, am, off[0], A.rs, A.cs, b, off[1], B.rs, B.cs, 0, \
+                           want, off[2], C.rs, C.cs);                                        \
+        for (int t = 0; t < 2; t++) {                                                        \
+            for (size_t i = 0; i < nc; i++) got[t][i] = (T)NAN;                              \
+            qkv_set_num_threads(t + 1);                                                      \
+            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, a, off[0], A.rs, A.cs, b, off[1], B.rs, \
+                                   B.cs, got[t], off[2], C.rs, C.cs);                        \
+        }                                                                                    \
+        qkv_set_num_threads(0);                                                              \
+        for (int64_t p = 0; p < bt; p++)                                                     \
+            for (int64_t i = 0; i < m; i++)                                                  \
+                for (int64_t j = 0; j < n; j++) {                                            \
+                    int64_t ci = off[2][p] + i * C.rs + j * C.cs;                            \
+                    T w = out_kind && !kept(tri, i, j) ? 0 : want[ci];                       \
+                    if (!(got[0][ci] == w))                                                  \
+                        fail_msg("tri %d [%lld] %lldx%lldx%lld C[%lld,%lld] = %.9g, want %.9g", \
+                                 (int)tri, (long long)bt, (long long)m, (long long)n,        \
+                                 (long long)k, (long long)i, (long long)j, (double)got[0][ci], \
+                                 (double)w);                                                 \
+                    assert_memory_equal(&got[0][ci], &got[1][ci], sizeof(T));                \
+                }                                                                            \
+        free(a); free(am); free(b); free(want); free(got[0]); free(got[1]);                  \
+    }
+
+DEFINE_TRI_CHECK(float, f32)
+DEFINE_TRI_CHECK(double, f64)
+
+static void triangular_products_equal_masked_full_ones(void **state) {
+    (void)state;
+    /* m > MC, k over several k blocks, and the rectangles either way round. */
+    static const int64_t shapes[][4] = {
+        {1, 1, 1, 1}, {2, 7, 13, 5}, {1, 13, 33, 17}, {3, 40, 40, 40}, {1, 128, 257, 67},
+        {2, 300, 290, 300}, {1, 1600, 40, 300}, {1, 5, 300, 700}, {1, 300, 5, 700},
+        {4, 256, 256, 32}, {4, 256, 32, 256}, {1, 600, 600, 600},
+    };
+    static const qkv_tri tris[] = {QKV_TRIL_OUT, QKV_TRIU_OUT, QKV_TRIL_A, QKV_TRIU_A};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (size_t t = 0; t < 4; t++) {
+            const int64_t *sh = shapes[s];
+            layout la = (layout)((s + t) % 3), lb = (layout)((s + 2 * t + 1) % 3);
+            layout lc = s % 4 == 3 ? STRIDED : ROW_MAJOR;
+            check_tri_f32(tris[t], sh[0], sh[1], sh[2], sh[3], la, lb, lc);
+            if (sh[1] * sh[2] * sh[3] <= 2000000)
+                check_tri_f64(tris[t], sh[0], sh[1], sh[2], sh[3], la, lb, lc);
+        }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(computes_exact_small_product),
@@ -319,6 +401,7 @@ int main(void) {
         cmocka_unit_test(k_zero_scales_c_by_beta),
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(triangular_products_equal_masked_full_ones),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,5 +1,5 @@
-/* The activations and math ops, cumsum, sort, argsort, topk, multinomial, tril, triu, outer
- * and einsum: values and gradients against PyTorch's (ops_fixtures.h, from
+/* The activations and math ops, cumsum, sort, argsort, topk, multinomial, tril, triu, outer,
+ * einsum and the triangular products: values and gradients against PyTorch's (ops_fixtures.h, from
  * fixtures/gen_ops.py), gradient checks on contiguous, transposed, strided and expanded
  * inputs, the semantics torch leaves open (ties, NaN, sampling), and every refused
  * argument's message. */
@@ -273,6 +273,80 @@ static void triangles_and_outer_pass_gradcheck(void **state) {
                              input(QKV_SHAPE(4), ANY, (layout)((l + 1) % N_LAYOUTS))};
         check(call_product, ab, 2, &outer, "outer");
     }
+}
+
+static const qkv_tri tris[] = {QKV_TRIL_OUT, QKV_TRIU_OUT, QKV_TRIL_A, QKV_TRIU_A};
+
+static qkv_tensor *call_tri(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    return qkv_matmul_tri(in[0], in[1], *(const qkv_tri *)ctx);
+}
+
+/* Every kind on every layout, square and rectangular either way round, and with a batch
+ * dimension broadcast on either side (its gradient summed over the broadcast). */
+static void triangular_products_pass_gradcheck_on_every_layout(void **state) {
+    (void)state;
+    static const int64_t shapes[][2][3] = {
+        {{2, 4, 4}, {2, 4, 4}}, {{2, 3, 5}, {2, 5, 4}}, {{2, 5, 3}, {2, 3, 2}},
+        {{1, 4, 4}, {3, 4, 3}}, {{3, 4, 2}, {1, 2, 5}},
+    };
+    for (size_t t = 0; t < 4; t++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+            for (int l = 0; l < N_LAYOUTS; l++) {
+                qkv_tensor *ab[2] = {input(3, shapes[s][0], ANY, (layout)l),
+                                     input(3, shapes[s][1], ANY, (layout)((l + s) % N_LAYOUTS))};
+                check(call_tri, ab, 2, (void *)&tris[t], "qkv_matmul_tri");
+            }
+}
+
+static void assert_same_values(const qkv_tensor *got, const qkv_tensor *want, const char *what) {
+    assert_non_null(got);
+    assert_non_null(want);
+    assert_int_equal(got->numel, want->numel);
+    qkv_tensor *g = qkv_to_dtype(got, QKV_F64), *w = qkv_to_dtype(want, QKV_F64);
+    qkv_tensor *gc = qkv_contiguous(g), *wc = qkv_contiguous(w);
+    const double *gd = qkv_data(gc), *wd = qkv_data(wc);
+    for (int64_t i = 0; i < got->numel; i++)
+        if (!(gd[i] == wd[i])) fail_msg("%s: element %lld is %.17g, want %.17g", what,
+                                        (long long)i, gd[i], wd[i]);
+}
+
+/* The products and both gradients equal, value for value, those of the composition with
+ * qkv_tril / qkv_triu (the same sums in the same order without the zeros), in f32 (the
+ * triangular GEMM), f64, and bf16 (which masks and multiplies whole). */
+static void triangular_products_equal_the_masked_compositions(void **state) {
+    (void)state;
+    static const qkv_dtype dtypes[] = {QKV_F32, QKV_F64, QKV_BF16};
+    qkv_generator g;
+    qkv_generator_init(&g, 11);
+    for (size_t d = 0; d < 3; d++)
+        for (size_t t = 0; t < 4; t++) {
+            qkv_tensor *a = qkv_requires_grad_(
+                qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 37, 29), &g), dtypes[d]), true);
+            qkv_tensor *b = qkv_requires_grad_(
+                qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(3, 29, 41), &g), dtypes[d]), true);
+            qkv_tensor *grad = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 37, 41), &g),
+                                            dtypes[d]);
+            bool lower = tris[t] == QKV_TRIL_OUT || tris[t] == QKV_TRIL_A;
+            bool out_kind = tris[t] == QKV_TRIL_OUT || tris[t] == QKV_TRIU_OUT;
+            qkv_tensor *got = qkv_matmul_tri(a, b, tris[t]), *want;
+            if (out_kind)
+                want = lower ? qkv_tril(qkv_matmul(a, b), 0) : qkv_triu(qkv_matmul(a, b), 0);
+            else
+                want = qkv_matmul(lower ? qkv_tril(a, 0) : qkv_triu(a, 0), b);
+            assert_same_values(got, want, "product");
+            qkv_tensor *ga[2], *gb[2];
+            assert_true(qkv_backward_with(got, grad, false));
+            ga[0] = qkv_detach(a->grad);
+            gb[0] = qkv_detach(b->grad);
+            qkv_zero_grad(a);
+            qkv_zero_grad(b);
+            assert_true(qkv_backward_with(want, grad, false));
+            ga[1] = a->grad;
+            gb[1] = b->grad;
+            assert_same_values(ga[0], ga[1], "gradient of a");
+            assert_same_values(gb[0], gb[1], "gradient of b");
+        }
 }
 
 typedef struct einsum_case {
@@ -591,6 +665,17 @@ static void bad_axes_and_k_are_errors(void **state) {
                    "qkv_clamp: at least one of min and max must be a bound, not NAN");
 }
 
+static void bad_triangular_products_are_errors(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)), *v = qkv_zeros(QKV_F32, QKV_SHAPE(3));
+    ASSERT_REFUSED(qkv_matmul_tri(x, v, QKV_TRIL_A),
+                   "qkv_matmul_tri: a triangular product needs matrices: [2,3] @ [3]");
+    ASSERT_REFUSED(qkv_matmul_tri(x, x, QKV_TRIL_OUT),
+                   "qkv_matmul_tri: inner dimensions differ: [2,3] @ [2,3]");
+    ASSERT_REFUSED(qkv_matmul_tri(x, qkv_transpose(x, 0, 1), (qkv_tri)9),
+                   "qkv_matmul_tri: 9 is not a qkv_tri");
+}
+
 static void bad_einsum_subscripts_are_errors(void **state) {
     (void)state;
     qkv_tensor *a = qkv_zeros(QKV_F64, QKV_SHAPE(2, 3)), *b = qkv_zeros(QKV_F64, QKV_SHAPE(3, 4));
@@ -715,7 +800,8 @@ static bool ops_with_backward(void) {
     qkv_tensor *xy[] = {x, qkv_transpose(x, 0, 1)};
     qkv_tensor *math = qkv_mul(qkv_silu(x), qkv_clamp(qkv_expm1(x), -1, NAN));
     qkv_tensor *axis = qkv_topk(qkv_sort(qkv_cumsum(x, 1), 0, true, NULL), 2, 1, true, NULL);
-    qkv_tensor *prod = qkv_tril(qkv_einsum("ij,jk->ik", 2, xy), -1);
+    qkv_tensor *prod = qkv_matmul_tri(qkv_tril(qkv_einsum("ij,jk->ik", 2, xy), -1), x,
+                                      QKV_TRIU_A);
     qkv_tensor *loss = qkv_add(qkv_add(qkv_sum_all(math), qkv_sum_all(axis)),
                                qkv_sum_all(prod));
     bool ok = qkv_backward(loss);
@@ -754,6 +840,9 @@ int main(void) {
         TEST(axis_ops_pass_gradcheck_on_every_layout),
         TEST(triangles_and_outer_pass_gradcheck),
         TEST(einsum_passes_gradcheck_on_every_layout),
+        TEST(triangular_products_pass_gradcheck_on_every_layout),
+        TEST(triangular_products_equal_the_masked_compositions),
+        TEST(bad_triangular_products_are_errors),
         TEST(topk_takes_the_lower_index_among_equal_values),
         TEST(sort_is_stable_and_puts_nan_above_everything),
         TEST(argsort_gives_sort_indices_in_every_dtype),
