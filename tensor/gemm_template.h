@@ -370,6 +370,24 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, con
     }
 }
 
+/* Packs the mc x kc block of a triangular A (rows from r0, k from pc) as F(pack_a) does, but
+ * of each panel only the steps of k its tile uses (F(tri_range)): the rest is never read. */
+static void F(pack_a_tri)(qkv_tri tri, const T *a, int64_t rs, int64_t cs, int64_t mc,
+                          int64_t kc, int64_t r0, int64_t pc, T *dst) {
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        int mr = F(edge_mr)(rows);
+        int64_t lo, hi;
+        F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
+        if (hi <= lo) continue;
+        if (rs == 1 && rows == MR)
+            F(pack_rows)(a + i + lo * cs, cs, 1, MR, hi - lo, dst + i * kc + lo * mr);
+        else
+            F(pack_a_panel)(a + i * rs + lo * cs, rs, cs, rows, mr, hi - lo,
+                            dst + i * kc + lo * mr);
+    }
+}
+
 /* Zeros, in the packed mc x kc block of A (rows from r0, k from pc), the entries a tril(A) or
  * triu(A) product leaves out within the k range each tile uses. */
 static void F(tri_mask_a)(qkv_tri tri, int64_t mc, int64_t kc, int64_t r0, int64_t pc, T *pa) {
@@ -503,8 +521,13 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             /* The first k block sets C (beta, bias); the later ones accumulate onto it. */
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? g->bias : NULL;
-            F(pack_a)(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
-            F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
+            const T *ablock = a + ic * g->rsa + pc * g->csa;
+            if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
+                F(pack_a_tri)(g->tri, ablock, g->rsa, g->csa, mc, kc, ic, pc, pa);
+                F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
+            } else {
+                F(pack_a)(ablock, g->rsa, g->csa, mc, kc, pa);
+            }
             for (int64_t jc = j0; jc < j1; jc += NC) {
                 int64_t nc = j1 - jc < NC ? j1 - jc : NC;
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
