@@ -1,4 +1,10 @@
 /* Elementwise kernels: binary ops with NumPy broadcasting, unary math, where. */
+/* Contract a*b + c into fused multiply-adds (as tensor/gemm.c does): the polynomials of exp
+ * and erf behind GELU, sigmoid and SiLU are chains of them. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
 #include <math.h>
 #include <string.h>
 
