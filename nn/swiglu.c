@@ -1,6 +1,6 @@
 /*
  * LLaMA's SwiGLU feed-forward block, w2(silu(w1 x) * w3 x), composed from three bias-free
- * linear layers and silu(x) = x * sigmoid(x).
+ * linear layers and qkv_silu.
  */
 #include "nn/nn.h"
 #include "tensor/tensor_internal.h"
@@ -32,12 +32,8 @@ qkv_swiglu *qkv_swiglu_new(int64_t dim, int64_t hidden_dim, qkv_generator *g) {
     return m;
 }
 
-static qkv_tensor *silu(const qkv_tensor *x) {
-    return qkv_mul(x, qkv_sigmoid(x));
-}
-
 static qkv_tensor *swiglu(qkv_swiglu *m, const qkv_tensor *x) {
-    qkv_tensor *gate = silu(qkv_linear_forward(m->w1, x));
+    qkv_tensor *gate = qkv_silu(qkv_linear_forward(m->w1, x));
     return qkv_linear_forward(m->w2, qkv_mul(gate, qkv_linear_forward(m->w3, x)));
 }
 

@@ -3,13 +3,19 @@
  * ReLU and ELU, sin, cos, erf, log1p, expm1, square, clamp and the rounding family; and for
  * each differentiable one, its backward's product g * f'(x) in one pass over x and g. The
  * formulas are PyTorch's CPU ones, branch for branch, so that the values and gradients agree
- * at the edges (thresholds, kinks, NaN). These are scalar libm loops over the strided driver:
- * none of them is on the hot path the vectorised kernels serve.
+ * at the edges (thresholds, kinks, NaN). These are scalar libm loops over the strided driver,
+ * except SiLU over contiguous f32, the gate of LLaMA's feed-forward, which runs in vectors
+ * through tensor/vmath.h's exp (within a few ulp of libm's).
  */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
 #include <math.h>
 #include <stdint.h>
 
 #include "tensor/tensor_internal.h"
+#include "tensor/vmath.h"
 
 /* The loop's context: the op, its parameters and the dtype it computes in. */
 typedef struct math_loop {
@@ -100,9 +106,45 @@ static int64_t int_bound(double v) {
     return v == -INFINITY ? INT64_MIN : v == INFINITY ? INT64_MAX : (int64_t)v;
 }
 
+/* SiLU forward (x / (1 + exp(-x)), torch's formula) or backward (g s (1 + x (1 - s))) of
+ * one vector. */
+static inline qkv_vf silu_lanes(qkv_vf x, const qkv_vf *g) {
+    qkv_vf e = 1.0f + qkv__vexp(-x);
+    if (!g) return x / e;
+    qkv_vf s = 1.0f / e;
+    return *g * s * (1.0f + x * (1.0f - s));
+}
+
+/* SiLU or its backward (g not NULL) over n contiguous floats: whole vectors, then the tail
+ * through a padded one. */
+static void silu_vector(int64_t n, float *out, const float *x, const float *g) {
+    int64_t i = 0;
+    for (; i + QKV_VF_LANES <= n; i += QKV_VF_LANES) {
+        qkv_vf gv = g ? qkv__vf_load(g + i) : (qkv_vf){0};
+        qkv__vf_store(out + i, silu_lanes(qkv__vf_load(x + i), g ? &gv : NULL));
+    }
+    if (i == n) return;
+    float xb[QKV_VF_LANES] = {0}, gb[QKV_VF_LANES] = {0}, ob[QKV_VF_LANES];
+    memcpy(xb, x + i, (size_t)(n - i) * sizeof(float));
+    if (g) memcpy(gb, g + i, (size_t)(n - i) * sizeof(float));
+    qkv_vf gv = qkv__vf_load(gb);
+    qkv__vf_store(ob, silu_lanes(qkv__vf_load(xb), g ? &gv : NULL));
+    memcpy(out + i, ob, (size_t)(n - i) * sizeof(float));
+}
+
+static bool contiguous_f32(int n_operands, const int64_t *st) {
+    for (int k = 0; k < n_operands; k++)
+        if (st[k] != (int64_t)sizeof(float)) return false;
+    return true;
+}
+
 static void forward_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const math_loop *c = vctx;
     qkv_dtype dtype = c->dtype;
+    if (c->op == QKV_MATH_SILU && dtype == QKV_F32 && contiguous_f32(2, st)) {
+        silu_vector(n, (float *)p[0], (const float *)p[1], NULL);
+        return;
+    }
     if (dtype == QKV_F32) RUN_FORWARD(float, forward_f32, (float)c->p0, (float)c->p1);
     else if (dtype == QKV_F64) RUN_FORWARD(double, forward_f64, c->p0, c->p1);
     else RUN_FORWARD(int64_t, forward_i64, int_bound(c->p0), int_bound(c->p1));
@@ -119,6 +161,10 @@ static void forward_run(int64_t n, char **p, const int64_t *st, void *vctx) {
 static void backward_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const math_loop *c = vctx;
     qkv_dtype dtype = c->dtype;
+    if (c->op == QKV_MATH_SILU && dtype == QKV_F32 && contiguous_f32(3, st)) {
+        silu_vector(n, (float *)p[0], (const float *)p[1], (const float *)p[2]);
+        return;
+    }
     if (dtype == QKV_F32) RUN_BACKWARD(float, backward_f32);
     else RUN_BACKWARD(double, backward_f64);
 }
