@@ -10,7 +10,10 @@
  *  - a B panel holds nv vectors of columns of a KC x NC block: for each l, nv*VL values
  *    B[l, j] (zero columns pad the last panel).
  * Packing reads through the strides, so a transposed operand costs only a different packing
- * loop, never a copy.
+ * loop, never a copy. A row-major A (the activations of a forward, the output gradient of a
+ * backward) is not packed at all: whole tiles read it in place (F(tile_direct)), and only the
+ * panels of edge tiles are packed, when first needed. Its transposing pack cost as much as a
+ * tenth of the multiply-adds for the few columns of a transformer's projections.
  */
 
 #define CAT_(a, b) a##b
@@ -37,8 +40,9 @@ typedef struct F(gemm_args) {
  * the loops unroll completely. Each accumulator sums its products in order of l, whatever the
  * tile size: results do not depend on which instance computed an element. */
 static inline __attribute__((always_inline)) void
-F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *restrict bp,
-        T *restrict c, int64_t rsc, T alpha, T beta, const T *restrict bias) {
+F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, int64_t rsa,
+        const T *restrict bp, T *restrict c, int64_t rsc, T alpha, T beta,
+        const T *restrict bias) {
     V acc[MR][NV];
     for (int i = 0; i < mr; i++) {
         /* C is read and written only after the k loop: fetch its lines meanwhile. */
@@ -54,10 +58,10 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, const T *r
         V b[NV];
         for (int v = 0; v < nv; v++) memcpy(&b[v], bp + v * VL, sizeof(V));
         for (int i = 0; i < mr; i++) {
-            T a = ap[i];
+            T a = rsa ? ap[i * rsa] : ap[i];
             for (int v = 0; v < nv; v++) acc[i][v] += a * b[v];
         }
-        ap += mr;
+        ap += rsa ? 1 : mr;
         bp += nv * VL;
     } while (++l < kc);
     /* One store loop per case, with no branch inside it: with small k (attention's
@@ -105,7 +109,7 @@ typedef void (*F(tile_fn))(int64_t kc, const T *restrict ap, const T *restrict b
     static void F(tile_##mr##x##nv)(int64_t kc, const T *restrict ap, const T *restrict bp,  \
                                     T *restrict c, int64_t rsc, T alpha, T beta,             \
                                     const T *restrict bias) {                                \
-        F(tile)(mr, nv, kc, ap, bp, c, rsc, alpha, beta, bias);                              \
+        F(tile)(mr, nv, kc, ap, 0, bp, c, rsc, alpha, beta, bias);                           \
     }
 TILE_INSTANCE(1, 1)
 TILE_INSTANCE(2, 1)
@@ -120,6 +124,14 @@ TILE_INSTANCE(8, 1)
 TILE_INSTANCE(8, NV)
 #endif
 #undef TILE_INSTANCE
+
+/* The whole tile with A read in place, row-major (A[i, l] = a[i * rsa + l], rsa > 0): for
+ * products with few columns, packing A would cost as much as the multiply-adds. */
+static void F(tile_direct)(int64_t kc, const T *restrict a, int64_t rsa, const T *restrict bp,
+                           T *restrict c, int64_t rsc, T alpha, T beta,
+                           const T *restrict bias) {
+    F(tile)(MR, NV, kc, a, rsa, bp, c, rsc, alpha, beta, bias);
+}
 
 /* The instance for an edge of rows x nv vectors: the smallest edge size holding the rows. */
 static F(tile_fn) F(tile_for)(int mr, int nv) {
@@ -344,13 +356,15 @@ static inline bool F(tri_outside)(qkv_tri tri, int64_t r0, int rows, int64_t c0,
 /* Packed mc x kc of A times packed kc x nc of B into C; the block's first row is row r0 of
  * C, its first column c0, its k block starts at pc (the triangle's coordinates). The A panel
  * (MR x kc) stays in L1 while the loop over j streams the B block from L2. */
-static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, const T *pb,
+static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *pb,
                             T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias,
-                            qkv_tri tri, int64_t r0, int64_t c0, int64_t pc) {
+                            qkv_tri tri, int64_t r0, int64_t c0, int64_t pc, const T *ad,
+                            int64_t rsa) {
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
         int mr = F(edge_mr)(rows);
-        const T *ap = pa + i * kc;
+        T *ap = pa + i * kc;
+        bool packed = !ad;
         int64_t lo, hi;
         F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
         for (int64_t j = 0; j < nc; j += NR) {
@@ -364,6 +378,15 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, const T *pa, con
                 continue;
             }
             int w = F(edge_nv)(cols) * VL;
+            if (!packed && rows == MR && cols == NR && csc == 1) {
+                F(tile_direct)(hi - lo, ad + i * rsa + lo, rsa, pb + j * kc + lo * w, ct, rsc,
+                               alpha, beta, bias ? bias + j : NULL);
+                continue;
+            }
+            if (!packed) { /* an edge tile: its panel packed once, when first needed */
+                F(pack_a_panel)(ad + i * rsa, rsa, 1, rows, mr, kc, ap);
+                packed = true;
+            }
             F(run_tile)(hi - lo, ap + lo * mr, pb + j * kc + lo * w, rows, cols, ct, rsc, csc,
                         alpha, beta, bias ? bias + j : NULL);
         }
@@ -521,10 +544,12 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             /* The first k block sets C (beta, bias); the later ones accumulate onto it. */
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? g->bias : NULL;
-            const T *ablock = a + ic * g->rsa + pc * g->csa;
+            const T *ablock = a + ic * g->rsa + pc * g->csa, *direct = NULL;
             if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
                 F(pack_a_tri)(g->tri, ablock, g->rsa, g->csa, mc, kc, ic, pc, pa);
                 F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
+            } else if (g->csa == 1 && g->rsa > 0) {
+                direct = ablock; /* row-major A is read in place (F(tile_direct)) */
             } else {
                 F(pack_a)(ablock, g->rsa, g->csa, mc, kc, pa);
             }
@@ -533,7 +558,7 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                 F(macro_kernel)(mc, nc, kc, pa, pb, c + ic * g->rsc + jc * g->csc, g->rsc,
                                 g->csc, g->alpha, beta, bias ? bias + jc : NULL, g->tri, ic, jc,
-                                pc);
+                                pc, direct, g->rsa);
             }
         }
         F(tri_clear)(g->tri, c, g->rsc, g->csc, ic, ic + mc, n0, n1);
