@@ -413,7 +413,7 @@ static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_lo
             for (int l = 0; l < QKV_VF_LANES; l++) tail[l] = j + l < n ? x[j + l] : -INFINITY;
             v = qkv__vf_load(tail);
         }
-        qkv_vf e = qkv__vexp(v - m);
+        qkv_vf e = qkv__vexp_nonpos(v - m);
         vsum += e;
         if (!take_log) {
             if (j + QKV_VF_LANES <= n) qkv__vf_store(y + j, e);

@@ -46,8 +46,9 @@ static inline qkv_vf qkv__vf_select(qkv_vi mask, qkv_vf a, qkv_vf b) {
  * coefficients), then 2^n built in the exponent bits. exp(-inf) is 0, NaN stays NaN. */
 static inline qkv_vf qkv__vexp(qkv_vf x) {
     const qkv_vf hi = qkv__vf_splat(88.7228317f), lo = qkv__vf_splat(-87.3365447504f);
-    qkv_vf xc = qkv__vf_select(x > hi, hi, x);
-    xc = qkv__vf_select(xc < lo, lo, xc);
+    /* Lanes out of range compute exp(0) and are replaced at the end: computed at the bounds,
+     * they would make subnormal intermediates, which cost a microcode assist each. */
+    qkv_vf xc = qkv__vf_select((x > hi) | (x < lo), qkv__vf_splat(0.0f), x);
     const qkv_vf shifter = qkv__vf_splat(12582912.0f); /* 1.5 * 2^23: rounds to integer */
     qkv_vf t = xc * 1.44269504088896341f + shifter;
     qkv_vf n = t - shifter;
@@ -66,6 +67,28 @@ static inline qkv_vf qkv__vexp(qkv_vf x) {
     y = qkv__vf_select(x < lo, qkv__vf_splat(0.0f), y);
     y = qkv__vf_select(x > hi, qkv__vf_splat(INFINITY), y);
     return qkv__vf_select(x != x, x, y);
+}
+
+/* exp(x) for x <= 0 or -inf: softmax's x - max. The same value as qkv__vexp bit for bit (a
+ * product with a power of two is exact), with the work the full range needs left out: no
+ * upper bound, and 2^n in one factor, since n >= -126 stays in range. */
+static inline qkv_vf qkv__vexp_nonpos(qkv_vf x) {
+    const qkv_vf lo = qkv__vf_splat(-87.3365447504f);
+    qkv_vf xc = qkv__vf_select(x < lo, qkv__vf_splat(0.0f), x); /* as in qkv__vexp */
+    const qkv_vf shifter = qkv__vf_splat(12582912.0f);
+    qkv_vf t = xc * 1.44269504088896341f + shifter;
+    qkv_vf n = t - shifter;
+    qkv_vf r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    qkv_vf p = qkv__vf_splat(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    qkv_vf y = p * r * r + r + 1.0f;
+    y = y * (qkv_vf)((__builtin_convertvector(n, qkv_vi) + 127) << 23);
+    return qkv__vf_select(x < lo, qkv__vf_splat(0.0f), y);
 }
 
 /* erf(x) = sign(x) (1 - t (a1 + t (a2 + ...)) exp(-x^2)), t = 1 / (1 + p |x|) */
