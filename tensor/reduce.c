@@ -561,7 +561,6 @@ qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *n
         }                                                                                       \
     }
 
-SOFTMAX_GRAD_ROW(float, expf)
 SOFTMAX_GRAD_ROW(double, exp)
 
 /* Softmax's gradient of a float row, eight lanes at a time: the products g y are exact in
@@ -583,6 +582,27 @@ static void softmax_grad_row_vector(const float *y, const float *g, float *out, 
     for (j = 0; j < n; j++) out[j] = y[j] * (g[j] - fs);
 }
 
+/* log_softmax's gradient of a float row, g - exp(y) sum(g), with the vector exp (y <= 0);
+ * sum(g) in double, in order, as the double rows'. */
+static void log_softmax_grad_row_vector(const float *y, const float *g, float *out, int64_t n) {
+    double s = 0;
+    bool masked = true;
+    for (int64_t j = 0; j < n; j++) {
+        s += g[j];
+        masked = masked && y[j] == -INFINITY;
+    }
+    if (masked) {
+        memset(out, 0, (size_t)n * sizeof(float));
+        return;
+    }
+    float fs = (float)s;
+    int64_t j = 0;
+    for (; j + QKV_VF_LANES <= n; j += QKV_VF_LANES)
+        qkv__vf_store(out + j, qkv__vf_load(g + j) -
+                                   qkv__vexp_nonpos(qkv__vf_load(y + j)) * fs);
+    for (; j < n; j++) out[j] = g[j] - expf(y[j]) * fs;
+}
+
 /* One row of softmax's gradient of n entries, of which the first m take part (the rest have
  * output 0 and get gradient 0). */
 static void softmax_grad_row(qkv_dtype dtype, const char *y, const char *g, char *out,
@@ -591,7 +611,7 @@ static void softmax_grad_row(qkv_dtype dtype, const char *y, const char *g, char
     if (dtype == QKV_F32 && !log)
         softmax_grad_row_vector((const float *)y, (const float *)g, (float *)out, m);
     else if (dtype == QKV_F32)
-        softmax_grad_row_float((const float *)y, (const float *)g, (float *)out, m, log);
+        log_softmax_grad_row_vector((const float *)y, (const float *)g, (float *)out, m);
     else
         softmax_grad_row_double((const double *)y, (const double *)g, (double *)out, m, log);
     if (m < n) memset(out + (size_t)m * es, 0, (size_t)(n - m) * es);
