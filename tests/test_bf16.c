@@ -222,6 +222,31 @@ static void bf16_dropout_is_f32_dropout_rounded(void **state) {
     assert_true(zeros > 200 && zeros < 400); /* p = 0.3 */
 }
 
+/* A bf16 sum or mean over rows (a bias gradient under autocast) sums without an f32 copy:
+ * the bits of the f32 reduction of the same values, rounded once. 300 rows of 40, and a
+ * transposed view whose kept axis is not the contiguous one. */
+static void bf16_row_sums_are_f32_row_sums_rounded(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *h = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300, 40), &g), QKV_BF16);
+    qkv_tensor *f = qkv_to_dtype(h, QKV_F32);
+    qkv_tensor *got[3] = {qkv_sum(h, 0, false), qkv_mean(h, 0, true),
+                          qkv_sum(qkv_transpose(h, 0, 1), 1, false)};
+    qkv_tensor *want[3] = {qkv_sum(f, 0, false), qkv_mean(f, 0, true),
+                           qkv_sum(qkv_transpose(f, 0, 1), 1, false)};
+    for (int i = 0; i < 3; i++) {
+        assert_non_null(got[i]);
+        assert_int_equal(got[i]->dtype, QKV_BF16);
+        assert_int_equal(got[i]->numel, 40);
+        qkv_tensor *w = qkv_contiguous(qkv_to_dtype(want[i], QKV_BF16));
+        assert_memory_equal(qkv_data(qkv_contiguous(got[i])), qkv_data(w), 40 * sizeof(uint16_t));
+    }
+    /* the sums are of 300 values of unit variance: not all zero, not rounded away */
+    float s0 = qkv_bf16_to_f32(((const uint16_t *)qkv_data(got[0]))[0]);
+    assert_true(s0 != 0 && fabsf(s0) < 100);
+}
+
 static void bf16_safetensors_round_trip_keeps_the_bits(void **state) {
     (void)state;
     char path[] = "/tmp/qkv_bf16_XXXXXX";
@@ -253,6 +278,7 @@ int main(void) {
         T(bf16_promotion_follows_torch),
         T(bf16_leaf_gets_a_bf16_gradient),
         T(bf16_dropout_is_f32_dropout_rounded),
+        T(bf16_row_sums_are_f32_row_sums_rounded),
         T(bf16_safetensors_round_trip_keeps_the_bits),
 #undef T
     };
