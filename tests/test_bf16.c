@@ -247,6 +247,32 @@ static void bf16_row_sums_are_f32_row_sums_rounded(void **state) {
     assert_true(s0 != 0 && fabsf(s0) < 100);
 }
 
+/* The gradient of bf16 GELU is g * GELU'(x) computed in f32 and rounded once, as torch's
+ * bf16 GeluBackward: the bits of the f32 backward of the same values, rounded. */
+static void bf16_gelu_backward_rounds_once(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 4);
+    qkv_tensor *x32 = qkv_to_dtype(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(1000), &g),
+                                                QKV_BF16), QKV_F32);
+    qkv_tensor *w32 = qkv_to_dtype(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(1000), &g),
+                                                QKV_BF16), QKV_F32);
+    qkv_tensor *x16 = qkv_to_dtype(x32, QKV_BF16), *w16 = qkv_to_dtype(w32, QKV_BF16);
+    qkv_requires_grad_(x32, true);
+    qkv_requires_grad_(x16, true);
+    /* d sum(gelu(x) * w) / dx = w * GELU'(x) */
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_gelu(x32, false), w32))));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_gelu(x16, false), w16))));
+    assert_int_equal(x16->grad->dtype, QKV_BF16);
+    qkv_tensor *want = qkv_to_dtype(x32->grad, QKV_BF16);
+    assert_memory_equal(qkv_data(x16->grad), qkv_data(want), 1000 * sizeof(uint16_t));
+    /* and the first element by hand: GELU'(x) = Phi(x) + x phi(x) */
+    int64_t i = 0;
+    double xi = qkv_get(x32, &i), want0 = qkv_get(w32, &i) *
+        (0.5 * (1 + erf(xi / sqrt(2))) + xi * exp(-xi * xi / 2) / sqrt(2 * M_PI));
+    assert_float_equal(qkv_get(x16->grad, &i), want0, 0.01 * fabs(want0) + 1e-6);
+}
+
 static void bf16_safetensors_round_trip_keeps_the_bits(void **state) {
     (void)state;
     char path[] = "/tmp/qkv_bf16_XXXXXX";
@@ -279,6 +305,7 @@ int main(void) {
         T(bf16_leaf_gets_a_bf16_gradient),
         T(bf16_dropout_is_f32_dropout_rounded),
         T(bf16_row_sums_are_f32_row_sums_rounded),
+        T(bf16_gelu_backward_rounds_once),
         T(bf16_safetensors_round_trip_keeps_the_bits),
 #undef T
     };
