@@ -347,7 +347,7 @@ static inline __attribute__((always_inline)) TARGET void transpose16(__m512i r[1
 /* Element (x, l) at src[x * ss + l], so the pairs of k are contiguous: a row-major A, or a B
  * read transposed. dst[q * w + x] = pair (x, 2q), (x, 2q + 1) for x < count, zero for
  * count <= x < w: a transpose of 32-bit pairs, 16 rows by 16 pairs at a time (rows past
- * count read as zero), the rest element by element. */
+ * count read as zero), the last block masked. */
 static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, int w,
                                     int64_t kc, uint32_t *restrict dst) {
     int64_t kcp = (kc + 1) / 2, full = kc / 2;
@@ -369,15 +369,17 @@ static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, 
             for (int e = 0; e < VL; e++)
                 _mm512_mask_storeu_epi32(dst + (q + e) * w + x0, mask, r[e]);
         }
-        for (; q < kcp; q++)
-            for (int x = x0; x < x0 + lanes; x++) {
-                uint16_t lo = 0, hi = 0;
-                if (x < count) {
-                    lo = src[x * ss + 2 * q];
-                    if (2 * q + 1 < kc) hi = src[x * ss + 2 * q + 1];
-                }
-                dst[q * w + x] = pair_of(lo, hi);
-            }
+        if (q == kcp) continue;
+        /* the last 1..31 values of k (a head of 16 has no whole block): masked loads, which
+         * read nothing past kc and leave the odd k's missing half zero */
+        __mmask32 km = (__mmask32)((1ull << (kc - 2 * q)) - 1);
+        __m512i r[VL];
+        for (int i = 0; i < VL; i++)
+            r[i] = i < rows ? _mm512_maskz_loadu_epi16(km, src + (x0 + i) * ss + 2 * q)
+                            : _mm512_setzero_si512();
+        transpose16(r);
+        for (int e = 0; e < kcp - q; e++)
+            _mm512_mask_storeu_epi32(dst + (q + e) * w + x0, mask, r[e]);
     }
 }
 
