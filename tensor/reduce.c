@@ -509,6 +509,40 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
     return out;
 }
 
+qkv_tensor *qkv__softmax_f32(const qkv_tensor *a, int axis, bool log, const char *name) {
+    if (QKV__NULL_ARGS(name, a)) return NULL;
+    int ax = a->dtype == QKV_BF16 && a->ndim ? qkv__norm_axis(name, a, axis) : -1;
+    if (ax != a->ndim - 1 || a->strides[ax] != 1 || a->numel == 0) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__softmax(qkv__to_dtype(a, QKV_F32), axis, log, name));
+        qkv_scope_end();
+        return out;
+    }
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
+    qkv_tensor *out = qkv_empty(QKV_F32, a->ndim, a->shape);
+    if (!out) return NULL;
+    int64_t n = a->shape[ax];
+    plan p;
+    make_plan(&p, a, 1u << ax);
+    int64_t rows = p.n_out;
+    int threads = qkv__threads_for(a->numel * 8);
+    if (rows < threads) threads = 1;
+    float *od = qkv_data(out);
+    const uint16_t *ad = qkv_data(a);
+    int64_t pieces = qkv__pieces(rows, threads);
+    /* each row widened into its output row, then softmax in place there */
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++)
+        for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
+            const uint16_t *x = ad + kept_offset(&p, r);
+            float *y = od + r * n;
+            for (int64_t j = 0; j < n; j++) y[j] = qkv__bf16_to_f32(x[j]);
+            softmax_row_vector(y, y, n, log);
+        }
+    return out;
+}
+
 /* ---- Causal softmax --------------------------------------------------------------------- */
 
 /* How many leading entries of row r take part: rows of n keys, L queries per matrix, query
