@@ -121,6 +121,7 @@ static int64_t ipow(int64_t x, int64_t y) {
 typedef struct bin_ctx {
     qkv_binary_op op;
     qkv_dtype dtype;
+    int widened; /* 1 or 2: that operand is bf16 in an f32 op, widened as it is read */
 } bin_ctx;
 
 /* BF16 runs are computed in f32, as torch's kernels do: a chunk of each operand is widened
@@ -152,7 +153,7 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx);
 static void binary_bf16(int64_t n, char **p, const int64_t *st, qkv_binary_op op) {
     float a[BF16_CHUNK], b[BF16_CHUNK], r[BF16_CHUNK];
     bool compare = is_compare(op);
-    bin_ctx c = {op, QKV_F32};
+    bin_ctx c = {op, QKV_F32, 0};
     for (int64_t i = 0; i < n; i += BF16_CHUNK) {
         int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
         widen_chunk(a, p[1] + i * st[1], st[1], m);
@@ -164,9 +165,30 @@ static void binary_bf16(int64_t n, char **p, const int64_t *st, qkv_binary_op op
     }
 }
 
+/* An f32 op with one bf16 operand (a residual add under autocast): that operand is widened a
+ * chunk at a time into a buffer, where the f32 loop reads it; no f32 copy of the tensor. */
+static void binary_widening(int64_t n, char **p, const int64_t *st, const bin_ctx *c) {
+    float w[BF16_CHUNK];
+    int k = c->widened;
+    bin_ctx f = {c->op, QKV_F32, 0};
+    for (int64_t i = 0; i < n; i += BF16_CHUNK) {
+        int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
+        widen_chunk(w, p[k] + i * st[k], st[k], m);
+        char *q[3] = {p[0] + i * st[0], p[1] + i * st[1], p[2] + i * st[2]};
+        int64_t qs[3] = {st[0], st[1], st[2]};
+        q[k] = (char *)w;
+        qs[k] = st[k] ? 4 : 0;
+        binary_run(m, q, qs, &f);
+    }
+}
+
 static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const bin_ctx *c = vctx;
     qkv_binary_op op = c->op;
+    if (c->widened) {
+        binary_widening(n, p, st, c);
+        return;
+    }
     switch (c->dtype) {
     case QKV_F32: BINARY_FOR_TYPE(float, powf, PLUS, MINUS, TIMES); break;
     case QKV_F64: BINARY_FOR_TYPE(double, pow, PLUS, MINUS, TIMES); break;
@@ -206,7 +228,10 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
     qkv_dtype ct = compute_dtype(op, a, b);
-    if (a->dtype != ct || b->dtype != ct) {
+    int widened = ct != QKV_F32 ? 0
+                  : a->dtype == QKV_BF16 && b->dtype == QKV_F32 ? 1
+                  : a->dtype == QKV_F32 && b->dtype == QKV_BF16 ? 2 : 0;
+    if (!widened && (a->dtype != ct || b->dtype != ct)) {
         qkv_scope_begin();
         qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);
         qkv_tensor *cb = b->dtype == ct ? (qkv_tensor *)b : qkv__to_dtype(b, ct);
@@ -220,7 +245,7 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     const qkv_tensor *ins[2] = {a, b};
     operand_strides(out, ins, 2, st);
     char *bases[3] = {qkv_data(out), qkv_data(a), qkv_data(b)};
-    bin_ctx c = {op, ct};
+    bin_ctx c = {op, ct, widened};
     qkv__foreach(3, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st,
                  binary_run, &c, true);
     return out;

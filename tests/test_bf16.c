@@ -190,6 +190,36 @@ static void bf16_promotion_follows_torch(void **state) {
     assert_int_equal(qkv_argmax(h, 0, false)->dtype, QKV_I64);
 }
 
+/* f32 with bf16 computes in f32 reading the bf16 operand widened, without a copy: the bits of
+ * the op on an explicit f32 copy, for either operand order, a broadcast bf16 row, a
+ * transposed bf16 operand, a 0-d one and a comparison. */
+static void f32_with_bf16_equals_f32_with_its_copy(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 6);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(70, 300), &g);
+    qkv_tensor *h = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(70, 300), &g), QKV_BF16);
+    qkv_tensor *row = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300), &g), QKV_BF16);
+    qkv_tensor *ht = qkv_transpose(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300, 70), &g),
+                                                QKV_BF16), 0, 1);
+    qkv_tensor *s = qkv_to_dtype(qkv_scalar(QKV_F32, 0.3), QKV_BF16);
+    qkv_tensor *f[4] = {qkv_to_dtype(h, QKV_F32), qkv_to_dtype(row, QKV_F32),
+                        qkv_to_dtype(ht, QKV_F32), qkv_to_dtype(s, QKV_F32)};
+    qkv_tensor *got[6] = {qkv_add(x, h), qkv_mul(h, x), qkv_sub(x, row), qkv_div(ht, x),
+                          qkv_mul(x, s), qkv_lt(h, x)};
+    qkv_tensor *want[6] = {qkv_add(x, f[0]), qkv_mul(f[0], x), qkv_sub(x, f[1]),
+                           qkv_div(f[2], x), qkv_mul(x, f[3]), qkv_lt(f[0], x)};
+    for (int i = 0; i < 6; i++) {
+        assert_non_null(got[i]);
+        assert_int_equal(got[i]->dtype, i < 5 ? QKV_F32 : QKV_BOOL);
+        assert_int_equal(got[i]->numel, 70 * 300);
+        assert_memory_equal(qkv_data(got[i]), qkv_data(want[i]),
+                            (size_t)(70 * 300) * qkv_dtype_size(got[i]->dtype));
+    }
+    int64_t at[2] = {3, 5};
+    assert_true(qkv_get(got[0], at) == qkv_get(x, at) + qkv_get(h, at)); /* exact in f32 */
+}
+
 /* A BF16 leaf gets a BF16 gradient: d sum(x * x) / dx = 2x, exact in bf16 here. */
 static void bf16_leaf_gets_a_bf16_gradient(void **state) {
     (void)state;
@@ -302,6 +332,7 @@ int main(void) {
         T(bf16_prints_like_torch),
         T(bf16_ops_match_torch),
         T(bf16_promotion_follows_torch),
+        T(f32_with_bf16_equals_f32_with_its_copy),
         T(bf16_leaf_gets_a_bf16_gradient),
         T(bf16_dropout_is_f32_dropout_rounded),
         T(bf16_row_sums_are_f32_row_sums_rounded),
