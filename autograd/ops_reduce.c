@@ -280,13 +280,18 @@ static const qkv_function log_softmax_fn = {.name = "log_softmax",
                                             .recompute = qkv__saved_output,
                                             .args_size = sizeof(softmax_args)};
 
+/* Under autocast a bf16 input is widened row by row inside the kernel rather than through a
+ * recorded cast: the same f32 result, and the engine rounds the input's gradient to bf16 as
+ * the cast's backward would. */
 static qkv_tensor *softmax_op_run(const qkv_tensor *a, int axis, bool log, const char *name) {
-    if (QKV__NULL_ARGS(name, a) || !(a = qkv__autocast_f32(a))) return NULL;
+    if (QKV__NULL_ARGS(name, a)) return NULL;
+    bool widen = qkv_is_autocast_enabled() && a->dtype == QKV_BF16;
+    if (!widen && !(a = qkv__autocast_f32(a))) return NULL;
     int ax = qkv__norm_axis(name, a, axis);
     if (ax < 0) return NULL;
     qkv_ctx *ctx = qkv_function_begin(log ? &log_softmax_fn : &softmax_fn, 1, QKV_INPUTS(a),
                                       &(softmax_args){ax});
-    qkv_tensor *out = qkv__softmax(a, ax, log, name);
+    qkv_tensor *out = widen ? qkv__softmax_f32(a, ax, log, name) : qkv__softmax(a, ax, log, name);
     qkv_save(ctx, 0, out);
     return qkv_function_end(ctx, out);
 }

@@ -127,6 +127,7 @@ static int64_t ipow(int64_t x, int64_t y) {
 typedef struct bin_ctx {
     qkv_binary_op op;
     qkv_dtype dtype;
+    int widened; /* 1 or 2: that operand is bf16 in an f32 op, widened as it is read */
 } bin_ctx;
 
 /* BF16 runs are computed in f32, as torch's kernels do: a chunk of each operand is widened
@@ -134,7 +135,12 @@ typedef struct bin_ctx {
  * and its result is rounded on store (a comparison writes its bools straight out). */
 enum { BF16_CHUNK = 256 };
 
-static void widen_chunk(float *dst, const char *src, int64_t stride, int64_t m) {
+static void widen_chunk(float *restrict dst, const char *src, int64_t stride, int64_t m) {
+    if (stride == 2) { /* contiguous: a loop the compiler vectorizes */
+        const uint16_t *restrict s = (const uint16_t *)src;
+        for (int64_t j = 0; j < m; j++) dst[j] = qkv__bf16_to_f32(s[j]);
+        return;
+    }
     if (stride == 0) m = 1;
     for (int64_t j = 0; j < m; j++)
         dst[j] = qkv__bf16_to_f32(*(const uint16_t *)(src + j * stride));
@@ -153,7 +159,7 @@ static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx);
 static void binary_bf16(int64_t n, char **p, const int64_t *st, qkv_binary_op op) {
     float a[BF16_CHUNK], b[BF16_CHUNK], r[BF16_CHUNK];
     bool compare = is_compare(op);
-    bin_ctx c = {op, QKV_F32};
+    bin_ctx c = {op, QKV_F32, 0};
     for (int64_t i = 0; i < n; i += BF16_CHUNK) {
         int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
         widen_chunk(a, p[1] + i * st[1], st[1], m);
@@ -165,9 +171,30 @@ static void binary_bf16(int64_t n, char **p, const int64_t *st, qkv_binary_op op
     }
 }
 
+/* An f32 op with one bf16 operand (a residual add under autocast): that operand is widened a
+ * chunk at a time into a buffer, where the f32 loop reads it; no f32 copy of the tensor. */
+static void binary_widening(int64_t n, char **p, const int64_t *st, const bin_ctx *c) {
+    float w[BF16_CHUNK];
+    int k = c->widened;
+    bin_ctx f = {c->op, QKV_F32, 0};
+    for (int64_t i = 0; i < n; i += BF16_CHUNK) {
+        int64_t m = n - i < BF16_CHUNK ? n - i : BF16_CHUNK;
+        widen_chunk(w, p[k] + i * st[k], st[k], m);
+        char *q[3] = {p[0] + i * st[0], p[1] + i * st[1], p[2] + i * st[2]};
+        int64_t qs[3] = {st[0], st[1], st[2]};
+        q[k] = (char *)w;
+        qs[k] = st[k] ? 4 : 0;
+        binary_run(m, q, qs, &f);
+    }
+}
+
 static void binary_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     const bin_ctx *c = vctx;
     qkv_binary_op op = c->op;
+    if (c->widened) {
+        binary_widening(n, p, st, c);
+        return;
+    }
     switch (c->dtype) {
     case QKV_F32: BINARY_FOR_TYPE(float, powf, PLUS, MINUS, TIMES); break;
     case QKV_F64: BINARY_FOR_TYPE(double, pow, PLUS, MINUS, TIMES); break;
@@ -207,7 +234,10 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
     qkv_dtype ct = compute_dtype(op, a, b);
-    if (a->dtype != ct || b->dtype != ct) {
+    int widened = ct != QKV_F32 ? 0
+                  : a->dtype == QKV_BF16 && b->dtype == QKV_F32 ? 1
+                  : a->dtype == QKV_F32 && b->dtype == QKV_BF16 ? 2 : 0;
+    if (!widened && (a->dtype != ct || b->dtype != ct)) {
         qkv_scope_begin();
         qkv_tensor *ca = a->dtype == ct ? (qkv_tensor *)a : qkv__to_dtype(a, ct);
         qkv_tensor *cb = b->dtype == ct ? (qkv_tensor *)b : qkv__to_dtype(b, ct);
@@ -221,7 +251,7 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     const qkv_tensor *ins[2] = {a, b};
     operand_strides(out, ins, 2, st);
     char *bases[3] = {qkv_data(out), qkv_data(a), qkv_data(b)};
-    bin_ctx c = {op, ct};
+    bin_ctx c = {op, ct, widened};
     qkv__foreach(3, bases, out->ndim, out->shape, (const int64_t(*)[QKV_MAX_DIMS])st,
                  binary_run, &c, true);
     return out;
@@ -304,7 +334,7 @@ typedef struct un_ctx {
     qkv_dtype dtype;
 } un_ctx;
 
-static inline qkv_vf vector_op(qkv_unary_op op, qkv_vf x) {
+static inline __attribute__((always_inline)) qkv_vf vector_op(qkv_unary_op op, qkv_vf x) {
     switch (op) {
     case QKV_OP_EXP: return qkv__vexp(x);
     case QKV_OP_SIGMOID: return 1.0f / (1.0f + qkv__vexp(-x));
@@ -403,17 +433,52 @@ qkv_tensor *qkv__unary(qkv_unary_op op, const qkv_tensor *a, const char *name) {
     return out;
 }
 
-/* g * d(x) for a derivative op d (a backward's chain rule step). Contiguous floats of one
- * shape, the common case, take one pass that keeps d(x) in registers; anything else takes the
- * two ops it stands for. Both give the same products (a single element, which unary_run
- * computes with libm, takes the two ops). */
+/* y[0:len] = g * d(x) over one vector of lanes or fewer (a short one through padded lanes,
+ * so that every element sees the same arithmetic). */
+static void times_f32(qkv_unary_op d, const float *x, const float *g, float *y, int64_t len) {
+    if (len == QKV_VF_LANES) {
+        qkv__vf_store(y, qkv__vf_load(g) * vector_op(d, qkv__vf_load(x)));
+        return;
+    }
+    float in[QKV_VF_LANES] = {0}, gin[QKV_VF_LANES] = {0}, res[QKV_VF_LANES];
+    memcpy(in, x, (size_t)len * sizeof(float));
+    memcpy(gin, g, (size_t)len * sizeof(float));
+    qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
+    memcpy(y, res, (size_t)len * sizeof(float));
+}
+
+/* The same on bf16: computed in f32 and rounded once, as torch's bf16 backward kernels. */
+static void times_bf16(qkv_unary_op d, const uint16_t *x, const uint16_t *g, uint16_t *y,
+                       int64_t len) {
+    float in[QKV_VF_LANES], gin[QKV_VF_LANES], res[QKV_VF_LANES];
+    if (len == QKV_VF_LANES) { /* loops of a constant count, which the compiler vectorizes */
+        for (int j = 0; j < QKV_VF_LANES; j++) {
+            in[j] = qkv__bf16_to_f32(x[j]);
+            gin[j] = qkv__bf16_to_f32(g[j]);
+        }
+        qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
+        qkv__bf16_round_n(y, res, QKV_VF_LANES);
+        return;
+    }
+    for (int64_t j = 0; j < QKV_VF_LANES; j++) {
+        in[j] = j < len ? qkv__bf16_to_f32(x[j]) : 0;
+        gin[j] = j < len ? qkv__bf16_to_f32(g[j]) : 0;
+    }
+    qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
+    qkv__bf16_round_n(y, res, len);
+}
+
+/* g * d(x) for a derivative op d (a backward's chain rule step). Contiguous floats (f32, or
+ * bf16 rounded once) of one shape, the common case, take one pass that keeps d(x) in
+ * registers; anything else takes the two ops it stands for. For f32 both give the same
+ * products (a single element, which unary_run computes with libm, takes the two ops). */
 qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tensor *g,
                              const char *name) {
     if (QKV__NULL_ARGS(name, x, g)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, x, g)) return NULL;
-    bool fused = x->dtype == QKV_F32 && g->dtype == QKV_F32 && x->ndim == g->ndim &&
-                 x->numel > 1 &&
+    bool fused = (x->dtype == QKV_F32 || x->dtype == QKV_BF16) && g->dtype == x->dtype &&
+                 x->ndim == g->ndim && x->numel > 1 &&
                  qkv_is_contiguous(x) && qkv_is_contiguous(g) &&
                  !memcmp(x->shape, g->shape, (size_t)x->ndim * sizeof *x->shape) &&
                  (d == QKV_OP_GELU_ERF_GRAD || d == QKV_OP_EXP || d == QKV_OP_SIGMOID);
@@ -423,10 +488,12 @@ qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tens
         qkv_scope_end();
         return out;
     }
-    qkv_tensor *out = qkv_empty(QKV_F32, x->ndim, x->shape);
+    qkv_tensor *out = qkv_empty(x->dtype, x->ndim, x->shape);
     if (!out) return NULL;
-    const float *xs = qkv_data(x), *gs = qkv_data(g);
-    float *ys = qkv_data(out);
+    bool bf16 = x->dtype == QKV_BF16;
+    const char *xs = qkv_data(x), *gs = qkv_data(g);
+    char *ys = qkv_data(out);
+    size_t es = qkv_dtype_size(x->dtype);
     int64_t n = x->numel, vectors = (n + QKV_VF_LANES - 1) / QKV_VF_LANES;
     int threads = qkv__threads_for(n);
     int64_t pieces = qkv__pieces(vectors, threads);
@@ -437,15 +504,13 @@ qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tens
 #endif
     for (int64_t v = 0; v < vectors; v++) {
         int64_t i = v * QKV_VF_LANES, len = n - i < QKV_VF_LANES ? n - i : QKV_VF_LANES;
-        if (len == QKV_VF_LANES) {
-            qkv__vf_store(ys + i, qkv__vf_load(gs + i) * vector_op(d, qkv__vf_load(xs + i)));
-        } else { /* the tail through a padded vector, as unary_vector does */
-            float in[QKV_VF_LANES] = {0}, gin[QKV_VF_LANES] = {0}, res[QKV_VF_LANES];
-            memcpy(in, xs + i, (size_t)len * sizeof(float));
-            memcpy(gin, gs + i, (size_t)len * sizeof(float));
-            qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
-            memcpy(ys + i, res, (size_t)len * sizeof(float));
-        }
+        size_t o = (size_t)i * es;
+        if (bf16)
+            times_bf16(d, (const uint16_t *)(xs + o), (const uint16_t *)(gs + o),
+                       (uint16_t *)(ys + o), len);
+        else
+            times_f32(d, (const float *)(xs + o), (const float *)(gs + o), (float *)(ys + o),
+                      len);
     }
     return out;
 }

@@ -198,14 +198,19 @@ static inline uint32_t pair_of(uint16_t lo, uint16_t hi) {
     return (uint32_t)lo | (uint32_t)hi << 16;
 }
 
-/* h[0:16] = r rounded to bf16, to nearest even as bf16_round does, a NaN kept quiet. */
-static inline __attribute__((always_inline)) TARGET void store_rounded(uint16_t *h, __m512 r) {
+/* r rounded to bf16, to nearest even as bf16_round does, a NaN kept quiet. */
+static inline __attribute__((always_inline)) TARGET __m256i rounded(__m512 r) {
     __m512i u = _mm512_castps_si512(r);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rn = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
     rn = _mm512_mask_or_epi32(rn, nan, u, _mm512_set1_epi32(0x400000));
-    _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rn, 16)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rn, 16));
+}
+
+/* h[0:16] = r rounded to bf16. */
+static inline __attribute__((always_inline)) TARGET void store_rounded(uint16_t *h, __m512 r) {
+    _mm256_storeu_si256((__m256i *)h, rounded(r));
 }
 
 /* C[0:mr, 0:nv*VL] = alpha * Ap * Bp + beta * C over kcp pairs, C rows rsc apart with
@@ -347,7 +352,7 @@ static inline __attribute__((always_inline)) TARGET void transpose16(__m512i r[1
 /* Element (x, l) at src[x * ss + l], so the pairs of k are contiguous: a row-major A, or a B
  * read transposed. dst[q * w + x] = pair (x, 2q), (x, 2q + 1) for x < count, zero for
  * count <= x < w: a transpose of 32-bit pairs, 16 rows by 16 pairs at a time (rows past
- * count read as zero), the rest element by element. */
+ * count read as zero), the last block masked. */
 static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, int w,
                                     int64_t kc, uint32_t *restrict dst) {
     int64_t kcp = (kc + 1) / 2, full = kc / 2;
@@ -369,15 +374,17 @@ static TARGET void pack_pairs_along(const uint16_t *src, int64_t ss, int count, 
             for (int e = 0; e < VL; e++)
                 _mm512_mask_storeu_epi32(dst + (q + e) * w + x0, mask, r[e]);
         }
-        for (; q < kcp; q++)
-            for (int x = x0; x < x0 + lanes; x++) {
-                uint16_t lo = 0, hi = 0;
-                if (x < count) {
-                    lo = src[x * ss + 2 * q];
-                    if (2 * q + 1 < kc) hi = src[x * ss + 2 * q + 1];
-                }
-                dst[q * w + x] = pair_of(lo, hi);
-            }
+        if (q == kcp) continue;
+        /* the last 1..31 values of k (a head of 16 has no whole block): masked loads, which
+         * read nothing past kc and leave the odd k's missing half zero */
+        __mmask32 km = (__mmask32)((1ull << (kc - 2 * q)) - 1);
+        __m512i r[VL];
+        for (int i = 0; i < VL; i++)
+            r[i] = i < rows ? _mm512_maskz_loadu_epi16(km, src + (x0 + i) * ss + 2 * q)
+                            : _mm512_setzero_si512();
+        transpose16(r);
+        for (int e = 0; e < kcp - q; e++)
+            _mm512_mask_storeu_epi32(dst + (q + e) * w + x0, mask, r[e]);
     }
 }
 
@@ -499,6 +506,18 @@ static TARGET void run_tile(int64_t kcp, const uint32_t *ap, const uint32_t *bp,
             for (int j = 0; j < nv * VL; j++)
                 buf[i * NR + j] = i < rows && j < cols ? c[i * rsc + j * csc] : 0;
     fn(kcp, ap, bp, buf, NR, alpha, beta, NULL, 0);
+    if (h ? csh == 1 : csc == 1) { /* contiguous rows: 16 columns at a time, masked */
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j += VL) {
+                __mmask16 m = (__mmask16)((1u << (cols - j < VL ? cols - j : VL)) - 1);
+                __m512 r = _mm512_load_ps(buf + i * NR + j);
+                if (h)
+                    _mm256_mask_storeu_epi16(h + i * rsh + j, m, rounded(r));
+                else
+                    _mm512_mask_storeu_ps(c + i * rsc + j, m, r);
+            }
+        return;
+    }
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) {
             if (h)

@@ -199,6 +199,30 @@ REDUCE_INT(bool)
 ROWS_SUM(float)
 ROWS_SUM(double)
 
+/* The same over bf16 rows, each value widened as it is added and each sum rounded once: the
+ * bits of summing an f32 copy and rounding its result, without the copy. */
+static void rows_sum_bf16(const plan *p, const uint16_t *base, uint16_t *out, int64_t b,
+                          int64_t e) {
+    double acc[256];
+    for (int64_t c0 = b; c0 < e; c0 += 256) {
+        int64_t w = e - c0 < 256 ? e - c0 : 256;
+        for (int64_t j = 0; j < w; j++) acc[j] = 0;
+        int64_t idx[QKV_MAX_DIMS] = {0}, off = 0;
+        for (int64_t r = 0; r < p->n_red; r++) {
+            const uint16_t *row = base + off + c0;
+            for (int64_t j = 0; j < w; j++) acc[j] += qkv__bf16_to_f32(row[j]);
+            for (int d = p->nr - 1; d >= 0; d--) {
+                off += p->rstride[d];
+                if (++idx[d] < p->rshape[d]) break;
+                off -= idx[d] * p->rstride[d];
+                idx[d] = 0;
+            }
+        }
+        double scale = p->op == QKV_RED_MEAN ? 1.0 / (double)p->n_red : 1.0;
+        for (int64_t j = 0; j < w; j++) out[c0 + j] = qkv__f32_to_bf16((float)(acc[j] * scale));
+    }
+}
+
 /* The innermost kept axis is a contiguous run of at least 16 (a bias gradient [4096, 256] ->
  * [256]; grouped attention's heads [B, kvH, group, S, Dh] -> [B, kvH, S, Dh]): each run is
  * summed as whole rows. */
@@ -218,6 +242,9 @@ static void rows_sum_range(const plan *p, const qkv_tensor *a, void *out, int64_
         const char *base = data + kept_offset(p, run) * (int64_t)es;
         if (a->dtype == QKV_F32)
             rows_sum_float(p, (const float *)base, (float *)out + run, b - run, end - run);
+        else if (a->dtype == QKV_BF16)
+            rows_sum_bf16(p, (const uint16_t *)base, (uint16_t *)out + run, b - run,
+                          end - run);
         else
             rows_sum_double(p, (const double *)base, (double *)out + run, b - run, end - run);
         b = end;
@@ -285,6 +312,14 @@ static void reduce_range(const plan *p, const qkv_tensor *a, void *out, int64_t 
     }
 }
 
+/* Whether a bf16 reduction takes the rows path on its own data (a bias gradient under
+ * autocast); any other runs on an f32 copy. */
+static bool bf16_rows(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask) {
+    plan p = {.op = op};
+    make_plan(&p, a, mask & (a->ndim ? (uint32_t)((1u << a->ndim) - 1) : 0));
+    return rows_path(&p, a->dtype);
+}
+
 static const char *const reduce_names[] = {"sum", "mean", "var", "max", "min", "argmax",
                                            "argmin"};
 
@@ -293,7 +328,7 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
     if (QKV__NULL_ARGS(name, a)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a)) return NULL;
-    if (a->dtype == QKV_BF16)
+    if (a->dtype == QKV_BF16 && !bf16_rows(op, a, mask))
         return QKV__IN_F32(qkv__reduce(op, QKV__F32(a), mask, keepdim, correction, name));
     if (!qkv__is_float(a->dtype) && (op == QKV_RED_MEAN || op == QKV_RED_VAR)) {
         qkv_scope_begin();
@@ -477,6 +512,40 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
                                    n, log);
         }
     }
+    return out;
+}
+
+qkv_tensor *qkv__softmax_f32(const qkv_tensor *a, int axis, bool log, const char *name) {
+    if (QKV__NULL_ARGS(name, a)) return NULL;
+    int ax = a->dtype == QKV_BF16 && a->ndim ? qkv__norm_axis(name, a, axis) : -1;
+    if (ax != a->ndim - 1 || a->strides[ax] != 1 || a->numel == 0) {
+        qkv_scope_begin();
+        qkv_tensor *out = qkv_keep(qkv__softmax(qkv__to_dtype(a, QKV_F32), axis, log, name));
+        qkv_scope_end();
+        return out;
+    }
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a)) return NULL;
+    qkv_tensor *out = qkv_empty(QKV_F32, a->ndim, a->shape);
+    if (!out) return NULL;
+    int64_t n = a->shape[ax];
+    plan p;
+    make_plan(&p, a, 1u << ax);
+    int64_t rows = p.n_out;
+    int threads = qkv__threads_for(a->numel * 8);
+    if (rows < threads) threads = 1;
+    float *od = qkv_data(out);
+    const uint16_t *ad = qkv_data(a);
+    int64_t pieces = qkv__pieces(rows, threads);
+    /* each row widened into its output row, then softmax in place there */
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < pieces; t++)
+        for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
+            const uint16_t *x = ad + kept_offset(&p, r);
+            float *y = od + r * n;
+            for (int64_t j = 0; j < n; j++) y[j] = qkv__bf16_to_f32(x[j]);
+            softmax_row_vector(y, y, n, log);
+        }
     return out;
 }
 

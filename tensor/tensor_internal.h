@@ -285,6 +285,9 @@ qkv_tensor *qkv__where(const qkv_tensor *cond, const qkv_tensor *a, const qkv_te
 qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bool keepdim,
                         double correction, const char *name);
 qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *name);
+/* The same of a bf16 (or f32) a, computed and returned in f32: the bits of qkv__softmax on an
+ * f32 copy of a, without the copy where the axis is the contiguous last one. */
+qkv_tensor *qkv__softmax_f32(const qkv_tensor *a, int axis, bool log, const char *name);
 /* The gradient of softmax (log: log_softmax) over the last axis, from its output y and the
  * output's gradient g. */
 qkv_tensor *qkv__softmax_backward(const qkv_tensor *y, const qkv_tensor *g, bool log,

@@ -152,6 +152,41 @@ static void parameters_get_f32_gradients_through_the_cast(void **state) {
         for (int64_t j = 0; j < 2; j++) assert_true(qkv_get(w->grad, (int64_t[]){i, j}) == 3.0);
 }
 
+/* softmax and log_softmax widen a bf16 input inside the kernel: the bits of the same op on an
+ * explicit f32 copy, forward and backward (the input's gradient rounded to bf16 once), for
+ * rows along the contiguous axis and, through the copy, along another. */
+static void softmax_of_bf16_equals_softmax_of_its_f32_copy(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 11);
+    qkv_tensor *h0 = qkv_to_dtype(qkv_mul_scalar(qkv_randn(QKV_F32, QKV_SHAPE(6, 37), &g), 3),
+                                  QKV_BF16);
+    qkv_tensor *w = qkv_randn(QKV_F32, QKV_SHAPE(6, 37), &g);
+    for (int c = 0; c < 4; c++) {
+        bool log = c & 1;
+        int axis = c < 2 ? -1 : 0;
+        qkv_tensor *h = qkv_requires_grad_(qkv_clone(h0), true);
+        qkv_tensor *f = qkv_requires_grad_(qkv_clone(h0), true);
+        qkv_autocast_begin(QKV_BF16);
+        qkv_tensor *got = log ? qkv_log_softmax(h, axis) : qkv_softmax(h, axis);
+        qkv_autocast_end();
+        qkv_tensor *f32 = qkv_to_dtype(f, QKV_F32);
+        qkv_tensor *want = log ? qkv_log_softmax(f32, axis) : qkv_softmax(f32, axis);
+        assert_non_null(got);
+        assert_int_equal(got->dtype, QKV_F32);
+        assert_memory_equal(qkv_data(got), qkv_data(want), 6 * 37 * sizeof(float));
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(got, w))));
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(want, w))));
+        assert_int_equal(h->grad->dtype, QKV_BF16);
+        assert_memory_equal(qkv_data(h->grad), qkv_data(f->grad), 6 * 37 * sizeof(uint16_t));
+    }
+    /* softmax's rows sum to one */
+    qkv_autocast_begin(QKV_BF16);
+    qkv_tensor *rows = qkv_sum(qkv_softmax(h0, -1), -1, false);
+    qkv_autocast_end();
+    for (int64_t i = 0; i < 6; i++) assert_float_equal(qkv_get(rows, &i), 1.0, 1e-6);
+}
+
 /* ---- A training step against torch's autocast step --------------------------------------- */
 
 /* The parameter of the attention ("attn.<name>") or the linear head ("head.<name>"). */
@@ -296,6 +331,7 @@ int main(void) {
         T(under_no_grad_products_are_bf16_and_unrecorded),
         T(a_parameters_copy_is_cached_until_it_is_written),
         T(parameters_get_f32_gradients_through_the_cast),
+        T(softmax_of_bf16_equals_softmax_of_its_f32_copy),
         T(attention_step_under_autocast_matches_torch),
         T(gradcheck_passes_in_f64_with_autocast_off),
 #undef T

@@ -190,6 +190,36 @@ static void bf16_promotion_follows_torch(void **state) {
     assert_int_equal(qkv_argmax(h, 0, false)->dtype, QKV_I64);
 }
 
+/* f32 with bf16 computes in f32 reading the bf16 operand widened, without a copy: the bits of
+ * the op on an explicit f32 copy, for either operand order, a broadcast bf16 row, a
+ * transposed bf16 operand, a 0-d one and a comparison. */
+static void f32_with_bf16_equals_f32_with_its_copy(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 6);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(70, 300), &g);
+    qkv_tensor *h = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(70, 300), &g), QKV_BF16);
+    qkv_tensor *row = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300), &g), QKV_BF16);
+    qkv_tensor *ht = qkv_transpose(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300, 70), &g),
+                                                QKV_BF16), 0, 1);
+    qkv_tensor *s = qkv_to_dtype(qkv_scalar(QKV_F32, 0.3), QKV_BF16);
+    qkv_tensor *f[4] = {qkv_to_dtype(h, QKV_F32), qkv_to_dtype(row, QKV_F32),
+                        qkv_to_dtype(ht, QKV_F32), qkv_to_dtype(s, QKV_F32)};
+    qkv_tensor *got[6] = {qkv_add(x, h), qkv_mul(h, x), qkv_sub(x, row), qkv_div(ht, x),
+                          qkv_mul(x, s), qkv_lt(h, x)};
+    qkv_tensor *want[6] = {qkv_add(x, f[0]), qkv_mul(f[0], x), qkv_sub(x, f[1]),
+                           qkv_div(f[2], x), qkv_mul(x, f[3]), qkv_lt(f[0], x)};
+    for (int i = 0; i < 6; i++) {
+        assert_non_null(got[i]);
+        assert_int_equal(got[i]->dtype, i < 5 ? QKV_F32 : QKV_BOOL);
+        assert_int_equal(got[i]->numel, 70 * 300);
+        assert_memory_equal(qkv_data(got[i]), qkv_data(want[i]),
+                            (size_t)(70 * 300) * qkv_dtype_size(got[i]->dtype));
+    }
+    int64_t at[2] = {3, 5};
+    assert_true(qkv_get(got[0], at) == qkv_get(x, at) + qkv_get(h, at)); /* exact in f32 */
+}
+
 /* A BF16 leaf gets a BF16 gradient: d sum(x * x) / dx = 2x, exact in bf16 here. */
 static void bf16_leaf_gets_a_bf16_gradient(void **state) {
     (void)state;
@@ -222,6 +252,57 @@ static void bf16_dropout_is_f32_dropout_rounded(void **state) {
     assert_true(zeros > 200 && zeros < 400); /* p = 0.3 */
 }
 
+/* A bf16 sum or mean over rows (a bias gradient under autocast) sums without an f32 copy:
+ * the bits of the f32 reduction of the same values, rounded once. 300 rows of 40, and a
+ * transposed view whose kept axis is not the contiguous one. */
+static void bf16_row_sums_are_f32_row_sums_rounded(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *h = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(300, 40), &g), QKV_BF16);
+    qkv_tensor *f = qkv_to_dtype(h, QKV_F32);
+    qkv_tensor *got[3] = {qkv_sum(h, 0, false), qkv_mean(h, 0, true),
+                          qkv_sum(qkv_transpose(h, 0, 1), 1, false)};
+    qkv_tensor *want[3] = {qkv_sum(f, 0, false), qkv_mean(f, 0, true),
+                           qkv_sum(qkv_transpose(f, 0, 1), 1, false)};
+    for (int i = 0; i < 3; i++) {
+        assert_non_null(got[i]);
+        assert_int_equal(got[i]->dtype, QKV_BF16);
+        assert_int_equal(got[i]->numel, 40);
+        qkv_tensor *w = qkv_contiguous(qkv_to_dtype(want[i], QKV_BF16));
+        assert_memory_equal(qkv_data(qkv_contiguous(got[i])), qkv_data(w), 40 * sizeof(uint16_t));
+    }
+    /* the sums are of 300 values of unit variance: not all zero, not rounded away */
+    float s0 = qkv_bf16_to_f32(((const uint16_t *)qkv_data(got[0]))[0]);
+    assert_true(s0 != 0 && fabsf(s0) < 100);
+}
+
+/* The gradient of bf16 GELU is g * GELU'(x) computed in f32 and rounded once, as torch's
+ * bf16 GeluBackward: the bits of the f32 backward of the same values, rounded. */
+static void bf16_gelu_backward_rounds_once(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 4);
+    qkv_tensor *x32 = qkv_to_dtype(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(1000), &g),
+                                                QKV_BF16), QKV_F32);
+    qkv_tensor *w32 = qkv_to_dtype(qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(1000), &g),
+                                                QKV_BF16), QKV_F32);
+    qkv_tensor *x16 = qkv_to_dtype(x32, QKV_BF16), *w16 = qkv_to_dtype(w32, QKV_BF16);
+    qkv_requires_grad_(x32, true);
+    qkv_requires_grad_(x16, true);
+    /* d sum(gelu(x) * w) / dx = w * GELU'(x) */
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_gelu(x32, false), w32))));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(qkv_gelu(x16, false), w16))));
+    assert_int_equal(x16->grad->dtype, QKV_BF16);
+    qkv_tensor *want = qkv_to_dtype(x32->grad, QKV_BF16);
+    assert_memory_equal(qkv_data(x16->grad), qkv_data(want), 1000 * sizeof(uint16_t));
+    /* and the first element by hand: GELU'(x) = Phi(x) + x phi(x) */
+    int64_t i = 0;
+    double xi = qkv_get(x32, &i), want0 = qkv_get(w32, &i) *
+        (0.5 * (1 + erf(xi / sqrt(2))) + xi * exp(-xi * xi / 2) / sqrt(2 * M_PI));
+    assert_float_equal(qkv_get(x16->grad, &i), want0, 0.01 * fabs(want0) + 1e-6);
+}
+
 static void bf16_safetensors_round_trip_keeps_the_bits(void **state) {
     (void)state;
     char path[] = "/tmp/qkv_bf16_XXXXXX";
@@ -251,8 +332,11 @@ int main(void) {
         T(bf16_prints_like_torch),
         T(bf16_ops_match_torch),
         T(bf16_promotion_follows_torch),
+        T(f32_with_bf16_equals_f32_with_its_copy),
         T(bf16_leaf_gets_a_bf16_gradient),
         T(bf16_dropout_is_f32_dropout_rounded),
+        T(bf16_row_sums_are_f32_row_sums_rounded),
+        T(bf16_gelu_backward_rounds_once),
         T(bf16_safetensors_round_trip_keeps_the_bits),
 #undef T
     };
