@@ -218,7 +218,7 @@ static inline __attribute__((always_inline)) TARGET void store_rounded(uint16_t 
  * (rows rsh apart) instead, C being read only when beta is not 0. mr and nv are constants in
  * every instance, so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) TARGET void
-tile(const int mr, const int nv, int64_t kcp, const uint32_t *restrict ap,
+tile(const int mr, const int nv, int64_t kcp, const uint32_t *restrict ap, int64_t rsa,
      const uint32_t *restrict bp, float *restrict c, int64_t rsc, float alpha, float beta,
      uint16_t *restrict h, int64_t rsh) {
     __m512 acc[MR][NV];
@@ -236,10 +236,15 @@ tile(const int mr, const int nv, int64_t kcp, const uint32_t *restrict ap,
         __m512bh b[NV];
         for (int v = 0; v < nv; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + v * VL);
         for (int i = 0; i < mr; i++) {
-            __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[i]);
+            uint32_t pair;
+            if (rsa) /* a row-major A read in place: its pairs of k are 32-bit words */
+                memcpy(&pair, (const uint16_t *)ap + i * rsa, sizeof pair);
+            else
+                pair = ap[i];
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
             for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
         }
-        ap += mr;
+        ap = rsa ? (const uint32_t *)((const uint16_t *)ap + 2) : ap + mr;
         bp += nv * VL;
     } while (++q < kcp);
     /* One store loop per case, with no branch inside it: with small k (attention's per-head
@@ -284,7 +289,7 @@ typedef void (*tile_fn)(int64_t kcp, const uint32_t *restrict ap, const uint32_t
                                         const uint32_t *restrict bp, float *restrict c,     \
                                         int64_t rsc, float alpha, float beta,               \
                                         uint16_t *restrict h, int64_t rsh) {                \
-        tile(mr, nv, kcp, ap, bp, c, rsc, alpha, beta, h, rsh);                              \
+        tile(mr, nv, kcp, ap, 0, bp, c, rsc, alpha, beta, h, rsh);                           \
     }
 TILE_INSTANCE(1, 1)
 TILE_INSTANCE(2, 1)
@@ -297,6 +302,14 @@ TILE_INSTANCE(4, 2)
 TILE_INSTANCE(8, 2)
 TILE_INSTANCE(12, 2)
 #undef TILE_INSTANCE
+
+/* A whole tile with A row-major and read in place (A[i, l] = a[i * rsa + l], rsa > 0, whole
+ * pairs of k): as in the F32 GEMM, for few columns its pack costs as much as the products. */
+static TARGET void tile_direct(int64_t kcp, const uint16_t *restrict a, int64_t rsa,
+                               const uint32_t *restrict bp, float *restrict c, int64_t rsc,
+                               float alpha, float beta, uint16_t *restrict h, int64_t rsh) {
+    tile(MR, NV, kcp, (const uint32_t *)(const void *)a, rsa, bp, c, rsc, alpha, beta, h, rsh);
+}
 
 static int edge_mr(int64_t rows) {
     if (rows >= MR) return MR;
@@ -527,20 +540,39 @@ static TARGET void run_tile(int64_t kcp, const uint32_t *ap, const uint32_t *bp,
         }
 }
 
-static TARGET void macro_kernel(int64_t mc, int64_t nc, int64_t kc, const uint32_t *pa,
+/* ad, when not NULL, is a row-major A block (rows rsa apart) read in place by whole tiles;
+ * a panel some edge tile needs is packed into pa when first needed. */
+static TARGET void macro_kernel(int64_t mc, int64_t nc, int64_t kc, uint32_t *pa,
                                 const uint32_t *pb, float *c, int64_t rsc, int64_t csc,
                                 float alpha, float beta, uint16_t *h, int64_t rsh,
-                                int64_t csh) {
+                                int64_t csh, const uint16_t *ad, int64_t rsa) {
     int64_t kcp = (kc + 1) / 2;
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
-        const uint32_t *ap = pa + i * kcp;
+        uint32_t *ap = pa + i * kcp;
+        bool packed = !ad;
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
-            run_tile(kcp, ap, pb + j * kcp, rows, cols, c ? c + i * rsc + j * csc : NULL, rsc,
-                     csc, alpha, beta, h ? h + i * rsh + j * csh : NULL, rsh, csh);
+            float *ct = c ? c + i * rsc + j * csc : NULL;
+            uint16_t *ht = h ? h + i * rsh + j * csh : NULL;
+            if (!packed && rows == MR && cols == NR &&
+                (h ? csh == 1 && (beta == 0 || csc == 1) : csc == 1)) {
+                tile_direct(kcp, ad + i * rsa, rsa, pb + j * kcp, ct, rsc, alpha, beta, ht, rsh);
+                continue;
+            }
+            if (!packed) {
+                pack_pairs_along(ad + i * rsa, rsa, rows, edge_mr(rows), kc, ap);
+                packed = true;
+            }
+            run_tile(kcp, ap, pb + j * kcp, rows, cols, ct, rsc, csc, alpha, beta, ht, rsh,
+                     csh);
         }
     }
+}
+
+/* Whether the k block of A at a is read in place: row-major, whole pairs of k. */
+static const uint16_t *direct_a(const bf16_args *g, const uint16_t *a, int64_t kc) {
+    return g->csa == 1 && g->rsa > 0 && kc % 2 == 0 ? a : NULL;
 }
 
 /* Packing buffers (and, for a bf16 output summed over several k blocks, a float32 block of
@@ -621,17 +653,20 @@ static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, 
             for (int64_t pc = 0; pc < g->k; pc += kb) {
                 int64_t kc = g->k - pc < kb ? g->k - pc : kb;
                 float beta = pc == 0 ? g->beta : 1;
-                pack_a(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
+                const uint16_t *ablock = a + ic * g->rsa + pc * g->csa;
+                const uint16_t *ad = direct_a(g, ablock, kc);
+                if (!ad) pack_a(ablock, g->rsa, g->csa, mc, kc, pa);
                 for (int64_t jc = n0; jc < n1; jc += NC) {
                     int64_t nc = n1 - jc < NC ? n1 - jc : NC;
                     pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                     int64_t cij = ic * g->rsc + jc * g->csc;
                     if (g->bias) /* the bias row, read as a C whose rows are all one */
                         macro_kernel(mc, nc, kc, pa, pb, (float *)g->bias + jc, 0, 1, g->alpha,
-                                     1.0f, h + cij, g->rsc, g->csc);
+                                     1.0f, h + cij, g->rsc, g->csc, ad, g->rsa);
                     else
                         macro_kernel(mc, nc, kc, pa, pb, c ? c + cij : NULL, g->rsc, g->csc,
-                                     g->alpha, beta, h ? h + cij : NULL, g->rsc, g->csc);
+                                     g->alpha, beta, h ? h + cij : NULL, g->rsc, g->csc, ad,
+                                     g->rsa);
                 }
             }
             continue;
@@ -644,11 +679,14 @@ static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, 
                 if (pc == 0 && g->bias)
                     for (int64_t i = 0; i < mc; i++)
                         memcpy(s + i * nc, g->bias + jc, (size_t)nc * sizeof *s);
-                pack_a(a + ic * g->rsa + pc * g->csa, g->rsa, g->csa, mc, kc, pa);
+                const uint16_t *ablock = a + ic * g->rsa + pc * g->csa;
+                const uint16_t *ad = direct_a(g, ablock, kc);
+                if (!ad) pack_a(ablock, g->rsa, g->csa, mc, kc, pa);
                 pack_b(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                 float beta = pc == 0 && !g->bias ? 0.0f : 1.0f;
                 macro_kernel(mc, nc, kc, pa, pb, s, nc, 1, g->alpha, beta,
-                             last ? h + ic * g->rsc + jc * g->csc : NULL, g->rsc, g->csc);
+                             last ? h + ic * g->rsc + jc * g->csc : NULL, g->rsc, g->csc, ad,
+                             g->rsa);
             }
         }
     }
