@@ -42,25 +42,31 @@ static inline qkv_vf qkv__vf_select(qkv_vi mask, qkv_vf a, qkv_vf b) {
     return (qkv_vf)((mask & (qkv_vi)a) | (~mask & (qkv_vi)b));
 }
 
-/* exp(x): x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for exp(r) (Cephes
- * coefficients), then 2^n built in the exponent bits. exp(-inf) is 0, NaN stays NaN. */
-static inline qkv_vf qkv__vexp(qkv_vf x) {
-    const qkv_vf hi = qkv__vf_splat(88.7228317f), lo = qkv__vf_splat(-87.3365447504f);
-    /* Lanes out of range compute exp(0) and are replaced at the end: computed at the bounds,
-     * they would make subnormal intermediates, which cost a microcode assist each. */
-    qkv_vf xc = qkv__vf_select((x > hi) | (x < lo), qkv__vf_splat(0.0f), x);
+/* exp(xc) for xc within exp's range, as y 2^n: xc = n ln2 + r with |r| <= ln2/2, y = exp(r)
+ * by a degree-6 polynomial (Cephes coefficients). n comes back through *n. */
+static inline qkv_vf qkv__vexp_reduced(qkv_vf xc, qkv_vf *n) {
     const qkv_vf shifter = qkv__vf_splat(12582912.0f); /* 1.5 * 2^23: rounds to integer */
     qkv_vf t = xc * 1.44269504088896341f + shifter;
-    qkv_vf n = t - shifter;
-    qkv_vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    *n = t - shifter;
+    qkv_vf r = xc - *n * 0.693359375f;
+    r = r - *n * -2.12194440e-4f;
     qkv_vf p = qkv__vf_splat(1.9875691500E-4f);
     p = p * r + 1.3981999507E-3f;
     p = p * r + 8.3334519073E-3f;
     p = p * r + 4.1665795894E-2f;
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
-    qkv_vf y = p * r * r + r + 1.0f;
+    return p * r * r + r + 1.0f;
+}
+
+#define QKV__VEXP_LO (-87.3365447504f) /* below it, exp is under the smallest normal float */
+
+/* exp(x), 2^n built in the exponent bits. exp(-inf) is 0, NaN stays NaN. Lanes out of range
+ * compute exp(0) and are replaced at the end: computed at the bounds, they would make
+ * subnormal intermediates, which cost a microcode assist each. */
+static inline qkv_vf qkv__vexp(qkv_vf x) {
+    const qkv_vf hi = qkv__vf_splat(88.7228317f), lo = qkv__vf_splat(QKV__VEXP_LO);
+    qkv_vf n, y = qkv__vexp_reduced(qkv__vf_select((x > hi) | (x < lo), (qkv_vf){0}, x), &n);
     /* 2^n as two factors 2^(n/2) so that n = 128 and n = -126 stay in range. */
     qkv_vi ni = __builtin_convertvector(n, qkv_vi), n1 = ni >> 1, n2 = ni - n1;
     y = y * (qkv_vf)((n1 + 127) << 23) * (qkv_vf)((n2 + 127) << 23);
@@ -73,20 +79,8 @@ static inline qkv_vf qkv__vexp(qkv_vf x) {
  * product with a power of two is exact), with the work the full range needs left out: no
  * upper bound, and 2^n in one factor, since n >= -126 stays in range. */
 static inline qkv_vf qkv__vexp_nonpos(qkv_vf x) {
-    const qkv_vf lo = qkv__vf_splat(-87.3365447504f);
-    qkv_vf xc = qkv__vf_select(x < lo, qkv__vf_splat(0.0f), x); /* as in qkv__vexp */
-    const qkv_vf shifter = qkv__vf_splat(12582912.0f);
-    qkv_vf t = xc * 1.44269504088896341f + shifter;
-    qkv_vf n = t - shifter;
-    qkv_vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    qkv_vf p = qkv__vf_splat(1.9875691500E-4f);
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    qkv_vf y = p * r * r + r + 1.0f;
+    const qkv_vf lo = qkv__vf_splat(QKV__VEXP_LO);
+    qkv_vf n, y = qkv__vexp_reduced(qkv__vf_select(x < lo, (qkv_vf){0}, x), &n);
     y = y * (qkv_vf)((__builtin_convertvector(n, qkv_vi) + 127) << 23);
     return qkv__vf_select(x < lo, qkv__vf_splat(0.0f), y);
 }
