@@ -353,6 +353,51 @@ static inline bool F(tri_outside)(qkv_tri tri, int64_t r0, int rows, int64_t c0,
            (tri == QKV_TRIU_OUT && c0 + cols - 1 < r0);
 }
 
+/* The steps of k, local [*z0, *z1) within the tile's [lo, hi), that row r (a local step of l
+ * at its diagonal: the row's index minus pc) of a tril(A) or triu(A) product leaves out. */
+static inline void F(tri_zone)(qkv_tri tri, int64_t r, int64_t lo, int64_t hi, int64_t *z0,
+                               int64_t *z1) {
+    *z0 = tri == QKV_TRIL_A ? r + 1 : lo;
+    *z1 = tri == QKV_TRIL_A ? hi : r;
+    if (*z0 < lo) *z0 = lo;
+    if (*z1 > hi) *z1 = hi;
+}
+
+/* Zeros those entries in one packed panel of mr rows (rows from r0, k from pc). */
+static void F(tri_mask_panel)(qkv_tri tri, T *ap, int mr, int rows, int64_t r0, int64_t pc,
+                              int64_t lo, int64_t hi) {
+    for (int ii = 0; ii < rows; ii++) {
+        int64_t z0, z1;
+        F(tri_zone)(tri, r0 + ii - pc, lo, hi, &z0, &z1);
+        for (int64_t l = z0; l < z1; l++) ap[l * mr + ii] = 0;
+    }
+}
+
+/* Whether those entries are zeros already in a row-major A (a at the panel's first row and at
+ * k = pc): a causal softmax's weights and their gradient are, so the tiles read them in place
+ * and the products left out add exact zeros. */
+static bool F(tri_zero_outside)(qkv_tri tri, const T *a, int64_t rsa, int rows, int64_t r0,
+                                int64_t pc, int64_t lo, int64_t hi) {
+    for (int ii = 0; ii < rows; ii++) {
+        int64_t z0, z1;
+        F(tri_zone)(tri, r0 + ii - pc, lo, hi, &z0, &z1);
+        for (int64_t l = z0; l < z1; l++)
+            if (a[ii * rsa + l] != 0) return false;
+    }
+    return true;
+}
+
+/* Zeros, in the packed mc x kc block of A (rows from r0, k from pc), the entries a tril(A) or
+ * triu(A) product leaves out within the k range each tile uses. */
+static void F(tri_mask_a)(qkv_tri tri, int64_t mc, int64_t kc, int64_t r0, int64_t pc, T *pa) {
+    for (int64_t i = 0; i < mc; i += MR) {
+        int rows = (int)(mc - i < MR ? mc - i : MR);
+        int64_t lo, hi;
+        F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
+        F(tri_mask_panel)(tri, pa + i * kc, F(edge_mr)(rows), rows, r0 + i, pc, lo, hi);
+    }
+}
+
 /* Packed mc x kc of A times packed kc x nc of B into C; the block's first row is row r0 of
  * C, its first column c0, its k block starts at pc (the triangle's coordinates). The A panel
  * (MR x kc) stays in L1 while the loop over j streams the B block from L2. */
@@ -360,13 +405,17 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *
                             T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias,
                             qkv_tri tri, int64_t r0, int64_t c0, int64_t pc, const T *ad,
                             int64_t rsa) {
+    bool a_tri = tri == QKV_TRIL_A || tri == QKV_TRIU_A;
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
         int mr = F(edge_mr)(rows);
         T *ap = pa + i * kc;
-        bool packed = !ad;
         int64_t lo, hi;
         F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
+        /* Whole tiles read A in place; a triangular A only where what it leaves out is 0. */
+        bool packed = !ad, direct = ad && rows == MR && hi > lo &&
+                                    (!a_tri || F(tri_zero_outside)(tri, ad + i * rsa, rsa, rows,
+                                                                   r0 + i, pc, lo, hi));
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
             T *ct = c + i * rsc + j * csc;
@@ -378,13 +427,18 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *
                 continue;
             }
             int w = F(edge_nv)(cols) * VL;
-            if (!packed && rows == MR && cols == NR && csc == 1) {
+            if (direct && cols == NR && csc == 1) {
                 F(tile_direct)(hi - lo, ad + i * rsa + lo, rsa, pb + j * kc + lo * w, ct, rsc,
                                alpha, beta, bias ? bias + j : NULL);
                 continue;
             }
-            if (!packed) { /* an edge tile: its panel packed once, when first needed */
-                F(pack_a_panel)(ad + i * rsa, rsa, 1, rows, mr, kc, ap);
+            if (!packed) { /* the panel packed once, when a tile first needs it */
+                if (a_tri) {
+                    F(pack_a_panel)(ad + i * rsa + lo, rsa, 1, rows, mr, hi - lo, ap + lo * mr);
+                    F(tri_mask_panel)(tri, ap, mr, rows, r0 + i, pc, lo, hi);
+                } else {
+                    F(pack_a_panel)(ad + i * rsa, rsa, 1, rows, mr, kc, ap);
+                }
                 packed = true;
             }
             F(run_tile)(hi - lo, ap + lo * mr, pb + j * kc + lo * w, rows, cols, ct, rsc, csc,
@@ -408,26 +462,6 @@ static void F(pack_a_tri)(qkv_tri tri, const T *a, int64_t rs, int64_t cs, int64
         else
             F(pack_a_panel)(a + i * rs + lo * cs, rs, cs, rows, mr, hi - lo,
                             dst + i * kc + lo * mr);
-    }
-}
-
-/* Zeros, in the packed mc x kc block of A (rows from r0, k from pc), the entries a tril(A) or
- * triu(A) product leaves out within the k range each tile uses. */
-static void F(tri_mask_a)(qkv_tri tri, int64_t mc, int64_t kc, int64_t r0, int64_t pc, T *pa) {
-    if (tri != QKV_TRIL_A && tri != QKV_TRIU_A) return;
-    for (int64_t i = 0; i < mc; i += MR) {
-        int rows = (int)(mc - i < MR ? mc - i : MR);
-        int mr = F(edge_mr)(rows);
-        T *ap = pa + i * kc;
-        int64_t lo, hi;
-        F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
-        for (int ii = 0; ii < rows; ii++) {
-            int64_t row = r0 + i + ii - pc; /* the row's diagonal, as a local step of l */
-            int64_t z0 = tri == QKV_TRIL_A ? row + 1 : lo, z1 = tri == QKV_TRIL_A ? hi : row;
-            if (z0 < lo) z0 = lo;
-            if (z1 > hi) z1 = hi;
-            for (int64_t l = z0; l < z1; l++) ap[l * mr + ii] = 0;
-        }
     }
 }
 
@@ -545,11 +579,11 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? g->bias : NULL;
             const T *ablock = a + ic * g->rsa + pc * g->csa, *direct = NULL;
-            if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
+            if (g->csa == 1 && g->rsa > 0) {
+                direct = ablock; /* row-major A is read in place (F(tile_direct)) */
+            } else if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
                 F(pack_a_tri)(g->tri, ablock, g->rsa, g->csa, mc, kc, ic, pc, pa);
                 F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
-            } else if (g->csa == 1 && g->rsa > 0) {
-                direct = ablock; /* row-major A is read in place (F(tile_direct)) */
             } else {
                 F(pack_a)(ablock, g->rsa, g->csa, mc, kc, pa);
             }

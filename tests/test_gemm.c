@@ -364,6 +364,23 @@ static bool kept(qkv_tri tri, int64_t i, int64_t j) {
                                  (double)w);                                                 \
                     assert_memory_equal(&got[0][ci], &got[1][ci], sizeof(T));                \
                 }                                                                            \
+        /* A already zero outside its triangle (as attention's weights are) is read in       \
+         * place: the same values. */                                                        \
+        for (int64_t p = 0; !out_kind && p < bt; p++)                                        \
+            for (int64_t i = 0; i < m; i++)                                                  \
+                for (int64_t j = 0; j < n; j++) got[0][off[2][p] + i * C.rs + j * C.cs] = (T)NAN; \
+        if (!out_kind)                                                                       \
+            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, am, off[0], A.rs, A.cs, b, off[1], B.rs,\
+                                   B.cs, got[0], off[2], C.rs, C.cs);                        \
+        for (int64_t p = 0; !out_kind && p < bt; p++)                                        \
+            for (int64_t i = 0; i < m; i++)                                                  \
+                for (int64_t j = 0; j < n; j++) {                                            \
+                    int64_t ci = off[2][p] + i * C.rs + j * C.cs;                            \
+                    if (!(got[0][ci] == want[ci]))                                           \
+                        fail_msg("tri %d, A zero outside: C[%lld,%lld] = %.9g, want %.9g",   \
+                                 (int)tri, (long long)i, (long long)j, (double)got[0][ci],   \
+                                 (double)want[ci]);                                          \
+                }                                                                            \
         free(a); free(am); free(b); free(want); free(got[0]); free(got[1]);                  \
     }
 
