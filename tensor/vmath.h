@@ -85,8 +85,9 @@ static inline qkv_vf qkv__vexp_nonpos(qkv_vf x) {
     return qkv__vf_select(x < lo, qkv__vf_splat(0.0f), y);
 }
 
-/* erf(x) = sign(x) (1 - t (a1 + t (a2 + ...)) exp(-x^2)), t = 1 / (1 + p |x|) */
-static inline qkv_vf qkv__verf(qkv_vf x) {
+/* erf(x) = sign(x) (1 - t (a1 + t (a2 + ...)) exp(-x^2)), t = 1 / (1 + p |x|); *e gets
+ * exp(-x^2). */
+static inline qkv_vf qkv__verf_exp(qkv_vf x, qkv_vf *e) {
     qkv_vi sign = (qkv_vi)x & (int32_t)0x80000000;
     qkv_vf ax = (qkv_vf)((qkv_vi)x & 0x7fffffff);
     qkv_vf t = 1.0f / (1.0f + 0.3275911f * ax);
@@ -95,25 +96,20 @@ static inline qkv_vf qkv__verf(qkv_vf x) {
     p = p * t + 1.421413741f;
     p = p * t - 0.284496736f;
     p = p * t + 0.254829592f;
-    qkv_vf y = 1.0f - p * t * qkv__vexp(-ax * ax);
-    return (qkv_vf)((qkv_vi)y | sign);
+    *e = qkv__vexp(-ax * ax);
+    return (qkv_vf)((qkv_vi)(1.0f - p * t * *e) | sign);
+}
+
+static inline qkv_vf qkv__verf(qkv_vf x) {
+    qkv_vf e;
+    return qkv__verf_exp(x, &e);
 }
 
 /* GELU's derivative (erf form), 0.5 (1 + erf(x / sqrt2)) + x phi(x): phi(x) is
  * exp(-x^2 / 2) / sqrt(2 pi), the factor erf's formula takes for the argument x / sqrt2, so
  * one exp serves both terms. */
 static inline qkv_vf qkv__vgelu_erf_grad(qkv_vf x) {
-    qkv_vf z = x * 0.70710678118654752440f;
-    qkv_vi sign = (qkv_vi)z & (int32_t)0x80000000;
-    qkv_vf az = (qkv_vf)((qkv_vi)z & 0x7fffffff);
-    qkv_vf t = 1.0f / (1.0f + 0.3275911f * az);
-    qkv_vf p = qkv__vf_splat(1.061405429f);
-    p = p * t - 1.453152027f;
-    p = p * t + 1.421413741f;
-    p = p * t - 0.284496736f;
-    p = p * t + 0.254829592f;
-    qkv_vf e = qkv__vexp(-az * az);
-    qkv_vf erf = (qkv_vf)((qkv_vi)(1.0f - p * t * e) | sign);
+    qkv_vf e, erf = qkv__verf_exp(x * 0.70710678118654752440f, &e);
     return 0.5f * (1.0f + erf) + x * 0.39894228040143267794f * e;
 }
 
