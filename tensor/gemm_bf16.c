@@ -698,12 +698,8 @@ static void gemm_native(int64_t batch, const bf16_args *g) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
 #endif
     for (int64_t t = 0; t < plan.tasks; t++) {
-        int64_t p = t / plan.parts, part = t % plan.parts;
-        int64_t m0 = 0, m1 = g->m, n0 = 0, n1 = g->n;
-        if (plan.split_m)
-            gemm_part_range(g->m, MR, plan.parts, part, &m0, &m1);
-        else
-            gemm_part_range(g->n, NR, plan.parts, part, &n0, &n1);
+        int64_t p, m0, m1, n0, n1;
+        gemm_plan_task(&plan, t, g->m, g->n, MR, NR, &p, &m0, &m1, &n0, &n1);
         block(g, p, m0, m1, n0, n1);
     }
 }

@@ -81,4 +81,21 @@ static inline void gemm_part_range(int64_t len, int64_t step, int64_t parts, int
     *hi = p1 * step < len ? p1 * step : len;
 }
 
+/* Task t of the plan: batch entry *p, and the rows m0..m1 and columns n0..n1 of its C that the
+ * task computes (a range of one of the two, the whole of the other). */
+static inline void gemm_plan_task(const gemm_plan *plan, int64_t t, int64_t m, int64_t n,
+                                  int mr, int nr, int64_t *p, int64_t *m0, int64_t *m1,
+                                  int64_t *n0, int64_t *n1) {
+    int64_t part = t % plan->parts;
+    *p = t / plan->parts;
+    *m0 = 0;
+    *m1 = m;
+    *n0 = 0;
+    *n1 = n;
+    if (plan->split_m)
+        gemm_part_range(m, mr, plan->parts, part, m0, m1);
+    else
+        gemm_part_range(n, nr, plan->parts, part, n0, n1);
+}
+
 #endif
