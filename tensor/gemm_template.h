@@ -13,7 +13,11 @@
  * loop, never a copy. A row-major A (the activations of a forward, the output gradient of a
  * backward) is not packed at all: whole tiles read it in place (F(tile_direct)), and only the
  * panels of edge tiles are packed, when first needed. Its transposing pack cost as much as a
- * tenth of the multiply-adds for the few columns of a transformer's projections.
+ * tenth of the multiply-adds for the few columns of a transformer's projections. A transposed
+ * A (the output gradient of a weight gradient, attention weights in dV = P^T dO) is read in
+ * place the same way (F(tile_direct_t)): each step of k reads MR contiguous values, as from a
+ * panel, and copying the whole operand into panels first cost a weight gradient with few rows
+ * up to a fifth of its time.
  */
 
 #define CAT_(a, b) a##b
@@ -40,7 +44,7 @@ typedef struct F(gemm_args) {
  * the loops unroll completely. Each accumulator sums its products in order of l, whatever the
  * tile size: results do not depend on which instance computed an element. */
 static inline __attribute__((always_inline)) void
-F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, int64_t rsa,
+F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, int64_t ris, int64_t ks,
         const T *restrict bp, T *restrict c, int64_t rsc, T alpha, T beta,
         const T *restrict bias) {
     V acc[MR][NV];
@@ -58,10 +62,10 @@ F(tile)(const int mr, const int nv, int64_t kc, const T *restrict ap, int64_t rs
         V b[NV];
         for (int v = 0; v < nv; v++) memcpy(&b[v], bp + v * VL, sizeof(V));
         for (int i = 0; i < mr; i++) {
-            T a = rsa ? ap[i * rsa] : ap[i];
+            T a = ap[i * ris];
             for (int v = 0; v < nv; v++) acc[i][v] += a * b[v];
         }
-        ap += rsa ? 1 : mr;
+        ap += ks;
         bp += nv * VL;
     } while (++l < kc);
     /* One store loop per case, with no branch inside it: with small k (attention's
@@ -109,7 +113,7 @@ typedef void (*F(tile_fn))(int64_t kc, const T *restrict ap, const T *restrict b
     static void F(tile_##mr##x##nv)(int64_t kc, const T *restrict ap, const T *restrict bp,  \
                                     T *restrict c, int64_t rsc, T alpha, T beta,             \
                                     const T *restrict bias) {                                \
-        F(tile)(mr, nv, kc, ap, 0, bp, c, rsc, alpha, beta, bias);                           \
+        F(tile)(mr, nv, kc, ap, 1, mr, bp, c, rsc, alpha, beta, bias);                       \
     }
 TILE_INSTANCE(1, 1)
 TILE_INSTANCE(2, 1)
@@ -130,7 +134,16 @@ TILE_INSTANCE(8, NV)
 static void F(tile_direct)(int64_t kc, const T *restrict a, int64_t rsa, const T *restrict bp,
                            T *restrict c, int64_t rsc, T alpha, T beta,
                            const T *restrict bias) {
-    F(tile)(MR, NV, kc, a, rsa, bp, c, rsc, alpha, beta, bias);
+    F(tile)(MR, NV, kc, a, rsa, 1, bp, c, rsc, alpha, beta, bias);
+}
+
+/* The same with A read transposed in place (A[i, l] = a[l * csa + i]): the output gradient
+ * of a weight gradient's product, whose rows are read as columns. Each step of l takes MR
+ * contiguous values, as from a packed panel. */
+static void F(tile_direct_t)(int64_t kc, const T *restrict a, int64_t csa,
+                             const T *restrict bp, T *restrict c, int64_t rsc, T alpha,
+                             T beta, const T *restrict bias) {
+    F(tile)(MR, NV, kc, a, 1, csa, bp, c, rsc, alpha, beta, bias);
 }
 
 /* The instance for an edge of rows x nv vectors: the smallest edge size holding the rows. */
@@ -373,16 +386,16 @@ static void F(tri_mask_panel)(qkv_tri tri, T *ap, int mr, int rows, int64_t r0, 
     }
 }
 
-/* Whether those entries are zeros already in a row-major A (a at the panel's first row and at
- * k = pc): a causal softmax's weights and their gradient are, so the tiles read them in place
- * and the products left out add exact zeros. */
-static bool F(tri_zero_outside)(qkv_tri tri, const T *a, int64_t rsa, int rows, int64_t r0,
-                                int64_t pc, int64_t lo, int64_t hi) {
+/* Whether those entries are zeros already in an A read in place (a at the panel's first row
+ * and at k = pc): a causal softmax's weights and their gradient are, so the tiles read them in
+ * place and the products left out add exact zeros. */
+static bool F(tri_zero_outside)(qkv_tri tri, const T *a, int64_t rsa, int64_t csa, int rows,
+                                int64_t r0, int64_t pc, int64_t lo, int64_t hi) {
     for (int ii = 0; ii < rows; ii++) {
         int64_t z0, z1;
         F(tri_zone)(tri, r0 + ii - pc, lo, hi, &z0, &z1);
         for (int64_t l = z0; l < z1; l++)
-            if (a[ii * rsa + l] != 0) return false;
+            if (a[ii * rsa + l * csa] != 0) return false;
     }
     return true;
 }
@@ -404,7 +417,7 @@ static void F(tri_mask_a)(qkv_tri tri, int64_t mc, int64_t kc, int64_t r0, int64
 static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *pb,
                             T *c, int64_t rsc, int64_t csc, T alpha, T beta, const T *bias,
                             qkv_tri tri, int64_t r0, int64_t c0, int64_t pc, const T *ad,
-                            int64_t rsa) {
+                            int64_t rsa, int64_t csa) {
     bool a_tri = tri == QKV_TRIL_A || tri == QKV_TRIU_A;
     for (int64_t i = 0; i < mc; i += MR) {
         int rows = (int)(mc - i < MR ? mc - i : MR);
@@ -414,8 +427,8 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *
         F(tri_range)(tri, r0 + i, rows, pc, kc, &lo, &hi);
         /* Whole tiles read A in place; a triangular A only where what it leaves out is 0. */
         bool packed = !ad, direct = ad && rows == MR && hi > lo &&
-                                    (!a_tri || F(tri_zero_outside)(tri, ad + i * rsa, rsa, rows,
-                                                                   r0 + i, pc, lo, hi));
+                                    (!a_tri || F(tri_zero_outside)(tri, ad + i * rsa, rsa, csa,
+                                                                   rows, r0 + i, pc, lo, hi));
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
             T *ct = c + i * rsc + j * csc;
@@ -427,22 +440,27 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *
                 continue;
             }
             int w = F(edge_nv)(cols) * VL;
+            const T *bt = pb + j * kc + lo * w;
             if (direct && cols == NR && csc == 1) {
-                F(tile_direct)(hi - lo, ad + i * rsa + lo, rsa, pb + j * kc + lo * w, ct, rsc,
-                               alpha, beta, bias ? bias + j : NULL);
+                const T *at = ad + i * rsa + lo * csa, *bj = bias ? bias + j : NULL;
+                if (csa == 1)
+                    F(tile_direct)(hi - lo, at, rsa, bt, ct, rsc, alpha, beta, bj);
+                else
+                    F(tile_direct_t)(hi - lo, at, csa, bt, ct, rsc, alpha, beta, bj);
                 continue;
             }
             if (!packed) { /* the panel packed once, when a tile first needs it */
                 if (a_tri) {
-                    F(pack_a_panel)(ad + i * rsa + lo, rsa, 1, rows, mr, hi - lo, ap + lo * mr);
+                    F(pack_a_panel)(ad + i * rsa + lo * csa, rsa, csa, rows, mr, hi - lo,
+                                    ap + lo * mr);
                     F(tri_mask_panel)(tri, ap, mr, rows, r0 + i, pc, lo, hi);
                 } else {
-                    F(pack_a_panel)(ad + i * rsa, rsa, 1, rows, mr, kc, ap);
+                    F(pack_a_panel)(ad + i * rsa, rsa, csa, rows, mr, kc, ap);
                 }
                 packed = true;
             }
-            F(run_tile)(hi - lo, ap + lo * mr, pb + j * kc + lo * w, rows, cols, ct, rsc, csc,
-                        alpha, beta, bias ? bias + j : NULL);
+            F(run_tile)(hi - lo, ap + lo * mr, bt, rows, cols, ct, rsc, csc, alpha, beta,
+                        bias ? bias + j : NULL);
         }
     }
 }
@@ -579,8 +597,8 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? g->bias : NULL;
             const T *ablock = a + ic * g->rsa + pc * g->csa, *direct = NULL;
-            if (g->csa == 1 && g->rsa > 0) {
-                direct = ablock; /* row-major A is read in place (F(tile_direct)) */
+            if ((g->csa == 1 && g->rsa > 0) || (g->rsa == 1 && g->csa > 0)) {
+                direct = ablock; /* A is read in place (F(tile_direct), F(tile_direct_t)) */
             } else if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
                 F(pack_a_tri)(g->tri, ablock, g->rsa, g->csa, mc, kc, ic, pc, pa);
                 F(tri_mask_a)(g->tri, mc, kc, ic, pc, pa);
@@ -592,7 +610,7 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
                 F(macro_kernel)(mc, nc, kc, pa, pb, c + ic * g->rsc + jc * g->csc, g->rsc,
                                 g->csc, g->alpha, beta, bias ? bias + jc : NULL, g->tri, ic, jc,
-                                pc, direct, g->rsa);
+                                pc, direct, g->rsa, g->csa);
             }
         }
         F(tri_clear)(g->tri, c, g->rsc, g->csc, ic, ic + mc, n0, n1);
