@@ -71,8 +71,139 @@
         }                                                                                      \
     }
 
-LN_KERNELS(float)
 LN_KERNELS(double)
+
+/* The float kernels: the same arithmetic as LN_KERNELS(float) would do, element for element
+ * and lane for lane (so the same bits), with LANES elements a step as one vector of floats
+ * and one of doubles; the compiler left the macro's lane loops scalar. Vectors go through
+ * pointers: passed by value, their ABI would depend on -march. */
+typedef float ln_f32x8 __attribute__((vector_size(LANES * sizeof(float))));
+typedef double ln_f64x8 __attribute__((vector_size(LANES * sizeof(double))));
+
+/* *out = the LANES floats at p, widened to double */
+static inline void ln_widen(ln_f64x8 *out, const float *p) {
+    ln_f32x8 v;
+    memcpy(&v, p, sizeof v);
+    *out = __builtin_convertvector(v, ln_f64x8);
+}
+
+/* acc's lanes added in lane order, as LANE_SUM ends. */
+static inline double ln_lanes(const ln_f64x8 *acc) {
+    double s = 0;
+    for (int l = 0; l < LANES; l++) s += (*acc)[l];
+    return s;
+}
+
+static void ln_row_float(int64_t d, const float *x, const float *w, const float *b, double eps,
+                         float *y, float *mean, float *rstd) {
+    int64_t full = d / LANES * LANES;
+    double s = 0;
+    if (mean) {
+        ln_f64x8 acc = {0}, xd;
+        for (int64_t j = 0; j < full; j += LANES) {
+            ln_widen(&xd, x + j);
+            acc += xd;
+        }
+        for (int64_t k = full; k < d; k++) acc[k - full] += (double)x[k];
+        s = ln_lanes(&acc);
+    }
+    float mu = (float)(s / (double)d);
+    ln_f64x8 acc = {0}, t;
+    for (int64_t j = 0; j < full; j += LANES) {
+        ln_widen(&t, x + j);
+        t -= (double)mu;
+        acc += t * t;
+    }
+    for (int64_t k = full; k < d; k++) {
+        double u = (double)x[k] - (double)mu;
+        acc[k - full] += u * u;
+    }
+    float rs = (float)(1.0 / sqrt(ln_lanes(&acc) / (double)d + eps));
+    int64_t j = 0;
+    for (; j < full; j += LANES) {
+        ln_f32x8 h, wj, bj;
+        memcpy(&h, x + j, sizeof h);
+        h = (h - mu) * rs;
+        if (w) {
+            memcpy(&wj, w + j, sizeof wj);
+            h = h * wj;
+        }
+        if (b) {
+            memcpy(&bj, b + j, sizeof bj);
+            h = h + bj;
+        }
+        memcpy(y + j, &h, sizeof h);
+    }
+    for (; j < d; j++) {
+        float h = (x[j] - mu) * rs;
+        if (w) h = h * w[j];
+        if (b) h = h + b[j];
+        y[j] = h;
+    }
+    if (mean) *mean = mu;
+    *rstd = rs;
+}
+
+static void ln_row_backward_float(int64_t d, const float *x, const float *g, const float *w,
+                                  float mu, float rs, bool center, float *gx, double *pw,
+                                  double *pb) {
+    int64_t full = d / LANES * LANES;
+    ln_f64x8 acc_a = {0}, acc_c = {0};
+    for (int64_t j = 0; j < full; j += LANES) {
+        ln_f32x8 gh, xh, wj;
+        memcpy(&gh, g + j, sizeof gh);
+        if (w) {
+            memcpy(&wj, w + j, sizeof wj);
+            gh = gh * wj;
+        }
+        memcpy(&xh, x + j, sizeof xh);
+        xh = (xh - mu) * rs;
+        ln_f64x8 ghd = __builtin_convertvector(gh, ln_f64x8);
+        if (center) acc_a += ghd;
+        acc_c += ghd * __builtin_convertvector(xh, ln_f64x8);
+    }
+    for (int64_t k = full; k < d; k++) {
+        double ghd = (double)(w ? g[k] * w[k] : g[k]);
+        if (center) acc_a[k - full] += ghd;
+        acc_c[k - full] += ghd * (double)((x[k] - mu) * rs);
+    }
+    double a = center ? ln_lanes(&acc_a) : 0, c = ln_lanes(&acc_c);
+    float ma = (float)(a / (double)d), mc = (float)(c / (double)d);
+    int64_t j = 0;
+    for (; j < full; j += LANES) {
+        ln_f32x8 gj, xh, wj;
+        memcpy(&gj, g + j, sizeof gj);
+        memcpy(&xh, x + j, sizeof xh);
+        xh = (xh - mu) * rs;
+        if (gx) {
+            ln_f32x8 gh = gj;
+            if (w) {
+                memcpy(&wj, w + j, sizeof wj);
+                gh = gh * wj;
+            }
+            ln_f32x8 r = rs * (gh - ma - xh * mc);
+            memcpy(gx + j, &r, sizeof r);
+        }
+        if (pw) {
+            ln_f64x8 p;
+            memcpy(&p, pw + j, sizeof p);
+            p += __builtin_convertvector(gj * xh, ln_f64x8);
+            memcpy(pw + j, &p, sizeof p);
+        }
+        if (pb) {
+            ln_f64x8 p;
+            memcpy(&p, pb + j, sizeof p);
+            p += __builtin_convertvector(gj, ln_f64x8);
+            memcpy(pb + j, &p, sizeof p);
+        }
+    }
+    for (; j < d; j++) {
+        float xh = (x[j] - mu) * rs, gh = w ? g[j] * w[j] : g[j];
+        if (gx) gx[j] = rs * (gh - ma - xh * mc);
+        if (pw) pw[j] += (double)(g[j] * xh);
+        if (pb) pb[j] += (double)g[j];
+    }
+}
 
 static void ln_rows(qkv_dtype dtype, int64_t r0, int64_t r1, int64_t d, const void *x,
                     const void *w, const void *b, double eps, void *y, void *mean, void *rstd) {
