@@ -553,6 +553,78 @@ static void dropout_reads_transposed_input_in_row_major_order(void **state) {
     assert_memory_equal(qkv_data(strided), qkv_data(packed), sizeof(float) * DROP_N);
 }
 
+/* x * factor in dtype's arithmetic into out[i]: bf16 multiplied in f32 and rounded. */
+static void scaled_element(qkv_dtype dtype, const void *x, int64_t i, double factor, void *out) {
+    if (dtype == QKV_F32)
+        ((float *)out)[i] = ((const float *)x)[i] * (float)factor;
+    else if (dtype == QKV_F64)
+        ((double *)out)[i] = ((const double *)x)[i] * factor;
+    else
+        ((uint16_t *)out)[i] =
+            qkv_f32_to_bf16(qkv_bf16_to_f32(((const uint16_t *)x)[i]) * (float)factor);
+}
+
+/* Normal values with a -0, an infinity and a NaN among them, in dtype. */
+static qkv_tensor *dropout_values(qkv_dtype dtype, int64_t n, qkv_generator *g) {
+    qkv_tensor *v = qkv_randn(QKV_F32, S(n), g);
+    float *d = qkv_data(v);
+    const float special[3] = {-0.0f, -INFINITY, NAN};
+    for (int k = 0; k < 3; k++) d[(k * 5 + 3) % n] = special[k];
+    return qkv_to_dtype(v, dtype);
+}
+
+/* One dropout of n elements of dtype and its gradient, against the documented rule applied one
+ * draw at a time: element i is kept when (draw_i >> 8) >= ceil(p 2^24), draw_i being the i-th
+ * qkv_generator_next_u32 of the generator; the output is x_i * (1 / (1 - p)) for a kept
+ * element and x_i * 0 for a dropped one (-0 for a negative x_i, NaN for an infinite one), and
+ * the gradient g_i times the same factor. Bit for bit, and the generator left n draws on. */
+static void check_dropout_against_draws(qkv_dtype dtype, int64_t n, double p, uint64_t seed) {
+    qkv_generator gen, ref;
+    qkv_generator_init(&gen, seed);
+    qkv_tensor *x = qkv_requires_grad_(dropout_values(dtype, n, &gen), true);
+    qkv_tensor *grad_out = dropout_values(dtype, n, &gen);
+    ref = gen;
+    qkv_tensor *out = qkv_dropout(x, p, true, &gen);
+    assert_true(qkv_backward_with(out, grad_out, false));
+    size_t bytes = (size_t)n * qkv_dtype_size(dtype);
+    char *want_out = malloc(bytes), *want_grad = malloc(bytes);
+    uint32_t threshold = (uint32_t)ceil(p * 16777216.0);
+    double scale = 1.0 / (1.0 - p);
+    for (int64_t i = 0; i < n; i++) {
+        bool kept = qkv_generator_next_u32(&ref) >> 8 >= threshold;
+        scaled_element(dtype, qkv_data(x), i, kept ? scale : 0.0, want_out);
+        scaled_element(dtype, qkv_data(grad_out), i, kept ? scale : 0.0, want_grad);
+    }
+    if (memcmp(qkv_data(out), want_out, bytes) != 0 ||
+        memcmp(qkv_data(x->grad), want_grad, bytes) != 0)
+        fail_msg("dtype %d, n=%lld, p=%g: not the reference's bits", (int)dtype, (long long)n, p);
+    assert_memory_equal(&gen, &ref, sizeof gen);
+    free(want_out);
+    free(want_grad);
+}
+
+/* Lengths around the kernel's vectors (8 and 16 elements), the words of its saved mask (64)
+ * and its blocks (16384), in f32, f64 and bf16, on 1 and 4 threads. */
+static void dropout_is_the_documented_rule_for_every_length_and_dtype(void **state) {
+    (void)state;
+    const int64_t lengths[] = {1, 7, 8, 9, 15, 16, 17, 31, 63, 64, 65, 100, 1000, 16383,
+                               16385, 4 * 16384 + 37};
+    const qkv_dtype dtypes[3] = {QKV_F32, QKV_F64, QKV_BF16};
+    const double ps[2] = {0.1, 0.5};
+    const int threads[2] = {1, 4};
+    for (int t = 0; t < 2; t++) {
+        qkv_set_num_threads(threads[t]);
+        for (int d = 0; d < 3; d++)
+            for (int k = 0; k < N_OF(lengths); k++)
+                for (int q = 0; q < 2; q++) {
+                    qkv_scope_begin();
+                    check_dropout_against_draws(dtypes[d], lengths[k], ps[q], 100 + (uint64_t)k);
+                    qkv_scope_end();
+                }
+    }
+    qkv_set_num_threads(0);
+}
+
 static void dropout_rejects_p_outside_unit_interval(void **state) {
     (void)state;
     qkv_generator gen;
@@ -707,6 +779,7 @@ int main(void) {
         T(dropout_in_place_only_over_a_tensor_nothing_else_reads),
         T(dropout_p1_gives_zeros_and_zero_gradient),
         T(dropout_reads_transposed_input_in_row_major_order),
+        T(dropout_is_the_documented_rule_for_every_length_and_dtype),
         T(dropout_rejects_p_outside_unit_interval),
         T(index_select_passes_gradcheck),
         T(gather_passes_gradcheck),
