@@ -24,14 +24,17 @@ static const dropout_args *args_of(qkv_ctx *ctx) {
 }
 
 /* d dropout = g * mask / (1 - p), from the bit mask saved by the forward; g itself for the
- * identity */
+ * identity. Over g's values when the node's slot is all that holds them (the engine lets go
+ * of it once the backward has run): a fresh tensor would cost a pass of writes that miss
+ * the cache. */
 static void dropout_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
     if (!args_of(ctx)->masked) {
         gi[0] = (qkv_tensor *)g;
         return;
     }
     qkv_tensor *mask = qkv_saved(ctx, MASK);
-    gi[0] = mask ? qkv__dropout_apply_mask(g, mask, args_of(ctx)->scale, false) : NULL;
+    gi[0] = mask ? qkv__dropout_apply_mask(g, mask, args_of(ctx)->scale, can_overwrite(g))
+                 : NULL;
 }
 /* the output again: the input times the saved mask's factors, or the input itself. Over the
  * input's values when they were recomputed for this and nothing else holds them. */

@@ -531,6 +531,30 @@ static void dropout_in_place_only_over_a_tensor_nothing_else_reads(void **state)
     qkv_release(held);
 }
 
+/* The backward multiplies its incoming gradient in place only when the dropout's node alone
+ * holds it: in dropout(x1) * c + dropout(x2), the product's backward hands the first a
+ * gradient of its own (seed * c), the sum's hands the second the caller's seed, which must
+ * come out unchanged. Each input's gradient is what it receives times its factors. */
+static void dropout_backward_overwrites_only_a_gradient_nothing_else_holds(void **state) {
+    (void)state;
+    qkv_generator g1, g2, gen;
+    qkv_generator_init(&g1, 21);
+    qkv_generator_init(&g2, 22);
+    qkv_generator_init(&gen, 23);
+    qkv_tensor *x1 = dropout_input(QKV_F32), *x2 = dropout_input(QKV_F32);
+    qkv_tensor *c = qkv_rand(QKV_F32, S(DROP_N), &gen), *seed = qkv_rand(QKV_F32, S(DROP_N), &gen);
+    qkv_tensor *seed_before = qkv_clone(seed);
+    qkv_tensor *d1 = qkv_dropout(x1, 0.5, true, &g1), *d2 = qkv_dropout(x2, 0.5, true, &g2);
+    assert_true(qkv_backward_with(qkv_add(qkv_mul(d1, c), d2), seed, false));
+    assert_memory_equal(qkv_data(seed), qkv_data(seed_before), sizeof(float) * DROP_N);
+    const float *y1 = qkv_data(d1), *y2 = qkv_data(d2), *cv = qkv_data(c), *sv = qkv_data(seed);
+    const float *grad1 = qkv_data(x1->grad), *grad2 = qkv_data(x2->grad);
+    for (int64_t i = 0; i < DROP_N; i++) {
+        assert_true(grad1[i] == sv[i] * cv[i] * (y1[i] == 0 ? 0.0f : 2.0f));
+        assert_true(grad2[i] == sv[i] * (y2[i] == 0 ? 0.0f : 2.0f));
+    }
+}
+
 static void dropout_p1_gives_zeros_and_zero_gradient(void **state) {
     (void)state;
     qkv_generator gen;
@@ -777,6 +801,7 @@ int main(void) {
         T(dropout_mask_is_uniform_draws_at_least_p),
         T(dropout_same_seed_gives_same_mask),
         T(dropout_in_place_only_over_a_tensor_nothing_else_reads),
+        T(dropout_backward_overwrites_only_a_gradient_nothing_else_holds),
         T(dropout_p1_gives_zeros_and_zero_gradient),
         T(dropout_reads_transposed_input_in_row_major_order),
         T(dropout_is_the_documented_rule_for_every_length_and_dtype),
