@@ -219,22 +219,22 @@ static inline void pcg_output(const lanes_u64 *old, lanes_u64 *out) {
 
 /* The mask bits of elements [b, e) (bit i - b of bits), from the draws a serial pass over the
  * tensor would give them; the bits past e up to a multiple of 8 are written as 0. Lane l of
- * the group draws the elements b + l, b + l + 8, ...; its kept bit is weighted by 1 << l and
- * the lanes summed into a byte. */
+ * the group draws the elements b + l, b + l + 8, ...: bit l of each byte. The byte is
+ * assembled from all 8 lanes and its tail masked after, a loop without a branch. */
 static void draw_bits(const qkv_generator *g0, uint32_t threshold, int64_t b, int64_t e,
                       uint8_t *bits) {
     uint64_t first[LANES], mult, plus;
     lane_states(g0, b, LANES, first);
     lane_step(g0, LANES, &mult, &plus);
-    lanes_u64 state, weight = {1, 2, 4, 8, 16, 32, 64, 128};
+    lanes_u64 state;
     memcpy(&state, first, sizeof state);
     for (int64_t i = b; i < e; i += LANES) {
         lanes_u64 draw;
         pcg_output(&state, &draw);
-        lanes_u64 kept = (lanes_u64)((draw >> 8) >= threshold) & weight;
+        lanes_u64 kept = (lanes_u64)((draw >> 8) >= threshold);
         state = state * mult + plus;
         unsigned byte = 0;
-        for (int l = 0; l < LANES; l++) byte |= (unsigned)kept[l];
+        for (int l = 0; l < LANES; l++) byte |= (unsigned)(kept[l] & 1) << l;
         if (e - i < LANES) byte &= (1u << (e - i)) - 1;
         bits[(i - b) / 8] = (uint8_t)byte;
     }
