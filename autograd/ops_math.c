@@ -1,10 +1,10 @@
 /*
- * More element-wise ops: the activations SiLU, softplus, leaky ReLU and ELU, sin, cos, erf,
- * log1p, expm1, square, clamp, and the rounding family. Each differentiable one saves the one
- * value its derivative reads (its input; expm1 its output) and, being one cheap pass over
- * that value, recomputes its output from it, so an op that reads the output holds no copy.
- * The derivatives are computed by tensor/math.c's backward kernel, one line per op there;
- * each op below states its own.
+ * More element-wise ops: the activations SiLU, softplus, leaky ReLU and ELU, SwiGLU's gate
+ * silu(a) * b, sin, cos, erf, log1p, expm1, square, clamp, and the rounding family. Each
+ * differentiable one saves the values its derivative reads (its input; expm1 its output) and,
+ * being one cheap pass over them, recomputes its output from them, so an op that reads the
+ * output holds no copy. The derivatives are computed by tensor/math.c's backward kernels, one
+ * line per op there; each op below states its own.
  */
 #include <math.h>
 
@@ -55,6 +55,32 @@ static qkv_tensor *math_op(const qkv_function *fn, qkv_math_op op, const qkv_ten
 MATH_FN(silu);
 qkv_tensor *qkv_silu(const qkv_tensor *a) {
     return math_op(&silu_fn, QKV_MATH_SILU, a, 0, 0, false, "qkv_silu");
+}
+
+/* silu(a) * b as one op: SwiGLU's gate. Both inputs are saved (each gradient reads a, and
+ * a's reads b too), so the output is recomputed from them rather than held. */
+enum { SILU_MUL_A, SILU_MUL_B };
+
+/* d(silu(a) b) = g b s (1 + a (1 - s)), g silu(a); s = sigmoid(a) */
+static void silu_mul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    qkv__silu_mul_backward(qkv_saved(ctx, SILU_MUL_A), qkv_saved(ctx, SILU_MUL_B), g,
+                           qkv_ctx_needs_grad(ctx, 0) ? &gi[0] : NULL,
+                           qkv_ctx_needs_grad(ctx, 1) ? &gi[1] : NULL, "silu_mul_backward");
+}
+
+static qkv_tensor *silu_mul_recompute(qkv_ctx *ctx) {
+    return qkv__silu_mul(qkv_saved(ctx, SILU_MUL_A), qkv_saved(ctx, SILU_MUL_B), "qkv_silu_mul");
+}
+
+static const qkv_function silu_mul_fn = {.name = "silu_mul", .backward = silu_mul_backward,
+                                         .recompute = silu_mul_recompute};
+
+qkv_tensor *qkv_silu_mul(const qkv_tensor *a, const qkv_tensor *b) {
+    if (QKV__NULL_ARGS("qkv_silu_mul", a, b)) return NULL;
+    qkv_ctx *ctx = qkv_function_begin(&silu_mul_fn, 2, QKV_INPUTS(a, b), NULL);
+    qkv_save(ctx, SILU_MUL_A, a);
+    qkv_save(ctx, SILU_MUL_B, b);
+    return qkv_function_end(ctx, qkv__silu_mul(a, b, "qkv_silu_mul"));
 }
 
 /* d softplus(x) = g * z / (z + 1), z = exp(beta x); g where beta x > threshold */

@@ -1,6 +1,6 @@
 /*
  * LLaMA's SwiGLU feed-forward block, w2(silu(w1 x) * w3 x), composed from three bias-free
- * linear layers and qkv_silu.
+ * linear layers and qkv_silu_mul, silu(a) * b as one op.
  */
 #include "nn/nn.h"
 #include "tensor/tensor_internal.h"
@@ -33,8 +33,8 @@ qkv_swiglu *qkv_swiglu_new(int64_t dim, int64_t hidden_dim, qkv_generator *g) {
 }
 
 static qkv_tensor *swiglu(qkv_swiglu *m, const qkv_tensor *x) {
-    qkv_tensor *gate = qkv_silu(qkv_linear_forward(m->w1, x));
-    return qkv_linear_forward(m->w2, qkv_mul(gate, qkv_linear_forward(m->w3, x)));
+    qkv_tensor *gate = qkv_silu_mul(qkv_linear_forward(m->w1, x), qkv_linear_forward(m->w3, x));
+    return qkv_linear_forward(m->w2, gate);
 }
 
 qkv_tensor *qkv_swiglu_forward(qkv_swiglu *m, const qkv_tensor *x) {

@@ -228,11 +228,11 @@ int qkv__norm_axis(const char *op, const qkv_tensor *t, int axis); /* -1 with er
 
 /* ---- Strided loops ------------------------------------------------------------------------ */
 
-/* Calls fn on each innermost run of a loop over shape, for up to 4 operands given by their base
+/* Calls fn on each innermost run of a loop over shape, for up to 5 operands given by their base
  * pointers and byte strides (already broadcast to shape). Dimensions are coalesced first, so a
  * contiguous operand gives one long run. With parallel set, runs are split among threads
  * (only for elementwise work, where the order cannot change a result). */
-#define QKV_MAX_OPERANDS 4
+#define QKV_MAX_OPERANDS 5
 typedef void (*qkv__run_fn)(int64_t n, char **ptrs, const int64_t *strides, void *ctx);
 void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
                   const int64_t (*strides)[QKV_MAX_DIMS], qkv__run_fn fn, void *ctx,
@@ -435,6 +435,14 @@ qkv_tensor *qkv__math(qkv_math_op op, const qkv_tensor *a, double p0, double p1,
  * torch selects; expm1's takes its output as x; the rounding family's is 0. */
 qkv_tensor *qkv__math_backward(qkv_math_op op, const qkv_tensor *x, const qkv_tensor *g,
                                double p0, double p1, const char *name);
+
+/* silu(a) * b in one pass, a and b broadcast, in their promoted float dtype (F32 for
+ * integers); the values of qkv__binary(MUL, qkv__math(SILU, a), b) (bf16 rounds the gate as it
+ * does). Its backward: ga = g b silu'(a) and gb = g silu(a) in one pass, each of the broadcast
+ * shape and only where its pointer is not NULL; false on error, both NULL. */
+qkv_tensor *qkv__silu_mul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+bool qkv__silu_mul_backward(const qkv_tensor *a, const qkv_tensor *b, const qkv_tensor *g,
+                            qkv_tensor **ga, qkv_tensor **gb, const char *name);
 
 /* Inclusive cumulative sum along axis (reverse: from the end, the backward's sum). F32
  * accumulates in double as torch's CPU kernel does; integer sums wrap; BOOL counts as I64. */

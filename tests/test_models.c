@@ -211,6 +211,51 @@ static void swiglu_matches_torch(void **state) {
     qkv_module_free(QKV_MODULE(m));
 }
 
+/* got and want hold the same values, bit for bit (NaN nowhere). */
+static void assert_same_values(const qkv_tensor *got, const qkv_tensor *want, const char *what) {
+    assert_non_null(got);
+    assert_non_null(want);
+    assert_int_equal(got->numel, want->numel);
+    qkv_tensor *g = qkv_contiguous(qkv_to_dtype(got, QKV_F64));
+    qkv_tensor *w = qkv_contiguous(qkv_to_dtype(want, QKV_F64));
+    const double *gd = qkv_data(g), *wd = qkv_data(w);
+    for (int64_t i = 0; i < got->numel; i++)
+        if (!(gd[i] == wd[i])) fail_msg("%s: element %lld is %.17g, want %.17g", what,
+                                        (long long)i, gd[i], wd[i]);
+}
+
+/* Under autocast the block's products run in bf16, and its gate qkv_silu_mul gives the bits
+ * of the composition qkv_mul(qkv_silu(w1 x), w3 x): the output, the input's gradient and
+ * every weight's. */
+static void swiglu_under_autocast_is_the_composition(void **state) {
+    (void)state;
+    qkv_generator g = gen(4);
+    qkv_swiglu *m = qkv_swiglu_new(16, 40, &g);
+    qkv_tensor *x = qkv_requires_grad_(qkv_randn(QKV_F32, S(2, 3, 16), &g), true);
+    qkv_tensor *w = qkv_randn(QKV_F32, S(2, 3, 16), &g);
+    qkv_tensor *weights[3] = {m->w1->weight, m->w2->weight, m->w3->weight};
+    qkv_tensor *out[2], *grads[2][4];
+    for (int k = 0; k < 2; k++) {
+        assert_true(qkv_autocast_begin(QKV_BF16));
+        out[k] = k == 0 ? qkv_swiglu_forward(m, x)
+                        : qkv_linear_forward(m->w2, qkv_mul(qkv_silu(qkv_linear_forward(m->w1, x)),
+                                                            qkv_linear_forward(m->w3, x)));
+        qkv_autocast_end();
+        assert_int_equal(out[k]->dtype, QKV_BF16);
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(out[k], w))));
+        grads[k][0] = qkv_detach(x->grad);
+        qkv_zero_grad(x);
+        for (int i = 0; i < 3; i++) {
+            grads[k][i + 1] = qkv_detach(weights[i]->grad);
+            qkv_zero_grad(weights[i]);
+        }
+    }
+    assert_same_values(out[0], out[1], "output");
+    static const char *const names[] = {"dx", "dw1", "dw2", "dw3"};
+    for (int i = 0; i < 4; i++) assert_same_values(grads[0][i], grads[1][i], names[i]);
+    qkv_module_free(QKV_MODULE(m));
+}
+
 static void rope_matches_the_llama_layout_at_an_offset(void **state) {
     (void)state;
     qkv_rotary_embedding *m = qkv_rotary_embedding_new(8, 16, 0);
@@ -638,6 +683,7 @@ int main(void) {
         T(rotary_refuses_tables_that_do_not_fit),
         T(rms_norm_passes_gradcheck),
         T(swiglu_matches_torch),
+        T(swiglu_under_autocast_is_the_composition),
         T(rope_matches_the_llama_layout_at_an_offset),
         T(rope_names_positions_past_its_table),
         T(grouped_query_attention_with_rope_matches_reference),

@@ -1,6 +1,6 @@
-/* The activations and math ops, cumsum, sort, argsort, topk, multinomial, tril, triu, outer,
- * einsum and the triangular products: values and gradients against PyTorch's (ops_fixtures.h, from
- * fixtures/gen_ops.py), gradient checks on contiguous, transposed, strided and expanded
+/* The activations and math ops, SwiGLU's gate silu_mul, cumsum, sort, argsort, topk,
+ * multinomial, tril, triu, outer, einsum and the triangular products: values and gradients
+ * against PyTorch's (ops_fixtures.h, from fixtures/gen_ops.py), gradient checks on contiguous, transposed, strided and expanded
  * inputs, the semantics torch leaves open (ties, NaN, sampling), and every refused
  * argument's message. */
 #include <setjmp.h>
@@ -50,6 +50,7 @@ static qkv_tensor *run_case(const fx_op *c, qkv_tensor *const *in, qkv_tensor **
     if (!strcmp(op, "triu")) return qkv_triu(in[0], c->ints[0]);
     if (!strcmp(op, "outer")) return qkv_outer(in[0], in[1]);
     if (!strcmp(op, "einsum")) return qkv_einsum(c->spec, c->n, in);
+    if (!strcmp(op, "silu_mul")) return qkv_silu_mul(in[0], in[1]);
     fail_msg("no op %s", op);
     return NULL;
 }
@@ -161,6 +162,11 @@ static void tril_triu_outer_match_torch(void **state) {
 static void einsum_matches_torch(void **state) {
     (void)state;
     CASES(20 + 2, "einsum");
+}
+
+static void silu_mul_matches_torch_broadcast_and_strided(void **state) {
+    (void)state;
+    CASES(2 * 3 + 4, "silu_mul");
 }
 
 /* ---- Gradient checks --------------------------------------------------------------------- */
@@ -539,6 +545,92 @@ static void einsum_of_one_operand_is_a_new_view(void **state) {
     assert_null(qkv_error());
 }
 
+/* ---- silu_mul: SwiGLU's gate ------------------------------------------------------------- */
+
+static qkv_tensor *call_silu_mul(qkv_tensor *const *in, int n, void *ctx) {
+    (void)n;
+    (void)ctx;
+    return qkv_silu_mul(in[0], in[1]);
+}
+
+static void silu_mul_passes_gradcheck_on_every_layout(void **state) {
+    (void)state;
+    static const int64_t shapes[][2][2] = {{{3, 4}, {3, 4}}, {{3, 1}, {3, 4}}, {{3, 4}, {1, 4}}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int l = 0; l < N_LAYOUTS; l++) {
+            qkv_tensor *ab[2] = {input(2, shapes[s][0], ANY, (layout)l),
+                                 input(2, shapes[s][1], ANY, (layout)((l + 1) % N_LAYOUTS))};
+            check(call_silu_mul, ab, 2, NULL, "qkv_silu_mul");
+        }
+    qkv_tensor *lower_rank[2] = {input(QKV_SHAPE(2, 3), ANY, CONTIGUOUS),
+                                 input(QKV_SHAPE(3), ANY, CONTIGUOUS)};
+    check(call_silu_mul, lower_rank, 2, NULL, "qkv_silu_mul of [2,3] and [3]");
+    qkv_tensor *zero_d[2] = {input(0, NULL, ANY, CONTIGUOUS), input(QKV_SHAPE(3), ANY, STRIDED)};
+    check(call_silu_mul, zero_d, 2, NULL, "qkv_silu_mul of [] and [3]");
+}
+
+/* Its value and both gradients are those of qkv_mul(qkv_silu(a), b), value for value: in f32
+ * (whole vectors and a tail), f64, and bf16 (whose gate is rounded before the product, as
+ * the composition stores it). */
+static void silu_mul_equals_the_composition(void **state) {
+    (void)state;
+    static const qkv_dtype dtypes[] = {QKV_F32, QKV_F64, QKV_BF16};
+    qkv_generator g;
+    qkv_generator_init(&g, 12);
+    for (size_t d = 0; d < 3; d++) {
+        qkv_tensor *a = qkv_requires_grad_(
+            qkv_to_dtype(qkv_mul_scalar(qkv_randn(QKV_F32, QKV_SHAPE(5, 37), &g), 4), dtypes[d]),
+            true);
+        qkv_tensor *b = qkv_requires_grad_(
+            qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(5, 37), &g), dtypes[d]), true);
+        qkv_tensor *grad = qkv_to_dtype(qkv_randn(QKV_F32, QKV_SHAPE(5, 37), &g), dtypes[d]);
+        qkv_tensor *got = qkv_silu_mul(a, b), *want = qkv_mul(qkv_silu(a), b);
+        assert_int_equal(got->dtype, dtypes[d]);
+        assert_same_values(got, want, "silu(a) * b");
+        assert_true(qkv_backward_with(got, grad, false));
+        qkv_tensor *ga = qkv_detach(a->grad), *gb = qkv_detach(b->grad);
+        qkv_zero_grad(a);
+        qkv_zero_grad(b);
+        assert_true(qkv_backward_with(want, grad, false));
+        assert_same_values(ga, a->grad, "gradient of a");
+        assert_same_values(gb, b->grad, "gradient of b");
+    }
+    assert_null(qkv_error());
+}
+
+/* Every layout computes with the same vector code: a transposed, sliced or broadcast f32
+ * operand gives the values of its contiguous copy, bit for bit. */
+static void silu_mul_values_do_not_depend_on_the_layout(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 13);
+    qkv_tensor *a = qkv_mul_scalar(qkv_randn(QKV_F32, QKV_SHAPE(19, 23), &g), 4);
+    qkv_tensor *b = qkv_randn(QKV_F32, QKV_SHAPE(23, 38), &g);
+    qkv_tensor *at = qkv_transpose(a, 0, 1), *bs = qkv_slice(b, 1, 0, 38, 2);
+    qkv_tensor *row = qkv_slice(b, 0, 0, 1, 1), *c = qkv_randn(QKV_F32, QKV_SHAPE(19, 38), &g);
+    assert_same_values(qkv_silu_mul(at, bs), qkv_silu_mul(qkv_contiguous(at), qkv_contiguous(bs)),
+                       "transposed a, sliced b");
+    qkv_tensor *rows = qkv_contiguous(qkv_expand(row, QKV_SHAPE(19, 38)));
+    assert_same_values(qkv_silu_mul(row, c), qkv_silu_mul(rows, c), "a broadcast row");
+    assert_same_values(qkv_silu_mul(c, row), qkv_silu_mul(c, rows), "b broadcast row");
+    assert_null(qkv_error());
+}
+
+/* Its consumer does not hold its output: the output is recomputed from a and b, which the
+ * node holds anyway, bit for bit. */
+static void silu_mul_output_is_recomputed_bit_for_bit(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_requires_grad_(qkv_to_dtype(filled(QKV_SHAPE(5, 7), ANY), QKV_F32), true);
+    qkv_tensor *b = qkv_requires_grad_(qkv_to_dtype(filled(QKV_SHAPE(5, 7), ANY), QKV_F32), true);
+    qkv_tensor *w = qkv_requires_grad_(qkv_ones(QKV_F32, QKV_SHAPE(5, 7)), true);
+    qkv_tensor *y = qkv_silu_mul(a, b);
+    qkv_tensor *z = qkv_mul(y, w);
+    assert_int_equal(y->refcount, 1);
+    assert_true(qkv_backward(qkv_sum_all(z)));
+    assert_same_values(w->grad, y, "recomputed output");
+    assert_null(qkv_error());
+}
+
 /* ---- multinomial ------------------------------------------------------------------------- */
 
 /* Counts of each category over all draws. */
@@ -753,6 +845,17 @@ static void bad_multinomial_arguments_are_errors_and_draw_nothing(void **state) 
     assert_non_null(qkv_multinomial(p, 2, false, &gen)); /* exactly the nonzero count */
 }
 
+static void silu_mul_refuses_shapes_that_do_not_broadcast(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3));
+    ASSERT_REFUSED(qkv_silu_mul(x, qkv_zeros(QKV_F32, QKV_SHAPE(4))),
+                   "qkv_silu_mul: shapes do not broadcast: [2,3] and [4]");
+    ASSERT_REFUSED(qkv_silu_mul(qkv_zeros(QKV_F64, QKV_SHAPE(3, 2)), x),
+                   "qkv_silu_mul: shapes do not broadcast: [3,2] and [2,3]");
+    assert_int_equal(qkv_silu_mul(qkv_arange(QKV_I64, 0, 3, 1), x)->dtype, QKV_F32);
+    assert_int_equal(qkv_silu_mul(x, qkv_zeros(QKV_F64, QKV_SHAPE(3)))->dtype, QKV_F64);
+}
+
 /* NULL gives NULL, and an error naming the function when none is pending (tensor.h). */
 static void assert_null_named(qkv_tensor *t, const char *message) {
     assert_null(t);
@@ -784,6 +887,9 @@ static void null_inputs_give_null_and_name_the_function(void **state) {
     assert_null_named(qkv_tril(NULL, 0), "qkv_tril: tensor argument 1 is NULL");
     assert_null_named(qkv_triu(NULL, 0), "qkv_triu: tensor argument 1 is NULL");
     assert_null_named(qkv_outer(NULL, NULL), "qkv_outer: tensor argument 1 is NULL");
+    qkv_tensor *one = qkv_ones(QKV_F32, QKV_SHAPE(1));
+    assert_null_named(qkv_silu_mul(NULL, one), "qkv_silu_mul: tensor argument 1 is NULL");
+    assert_null_named(qkv_silu_mul(one, NULL), "qkv_silu_mul: tensor argument 2 is NULL");
     assert_null_named(qkv_einsum("ij,jk->ik", 2, none), "qkv_einsum: tensor argument 1 is NULL");
     assert_null_named(qkv_multinomial(NULL, 1, true, &gen),
                       "qkv_multinomial: tensor argument 1 is NULL");
@@ -798,7 +904,8 @@ static bool ops_with_backward(void) {
     qkv_generator_init(&g, 3);
     qkv_tensor *x = qkv_requires_grad_(qkv_randn(QKV_F64, QKV_SHAPE(3, 4), &g), true);
     qkv_tensor *xy[] = {x, qkv_transpose(x, 0, 1)};
-    qkv_tensor *math = qkv_mul(qkv_silu(x), qkv_clamp(qkv_expm1(x), -1, NAN));
+    qkv_tensor *math = qkv_silu_mul(qkv_transpose(xy[1], 0, 1),
+                                    qkv_mul(qkv_silu(x), qkv_clamp(qkv_expm1(x), -1, NAN)));
     qkv_tensor *axis = qkv_topk(qkv_sort(qkv_cumsum(x, 1), 0, true, NULL), 2, 1, true, NULL);
     qkv_tensor *prod = qkv_matmul_tri(qkv_tril(qkv_einsum("ij,jk->ik", 2, xy), -1), x,
                                       QKV_TRIU_A);
@@ -836,6 +943,7 @@ int main(void) {
         TEST(topk_matches_torch),
         TEST(tril_triu_outer_match_torch),
         TEST(einsum_matches_torch),
+        TEST(silu_mul_matches_torch_broadcast_and_strided),
         TEST(math_ops_pass_gradcheck_on_every_layout),
         TEST(axis_ops_pass_gradcheck_on_every_layout),
         TEST(triangles_and_outer_pass_gradcheck),
@@ -851,6 +959,11 @@ int main(void) {
         TEST(cheap_outputs_are_recomputed_bit_for_bit),
         TEST(integer_inputs_follow_torch_dtypes),
         TEST(einsum_of_one_operand_is_a_new_view),
+        TEST(silu_mul_passes_gradcheck_on_every_layout),
+        TEST(silu_mul_equals_the_composition),
+        TEST(silu_mul_values_do_not_depend_on_the_layout),
+        TEST(silu_mul_output_is_recomputed_bit_for_bit),
+        TEST(silu_mul_refuses_shapes_that_do_not_broadcast),
         TEST(multinomial_draws_in_proportion_to_weights),
         TEST(multinomial_without_replacement_draws_distinct_categories),
         TEST(multinomial_is_deterministic_per_seed),

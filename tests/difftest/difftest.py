@@ -242,6 +242,10 @@ def linear_one_dtype(x, w, b=None):
     return F.linear(x, w, b)
 
 
+def silu_mul(a, b):
+    return F.silu(a) * b
+
+
 def bce_limit(x, t, reduction):
     if x.shape != t.shape:
         raise ValueError("Target size must be the same as input size")
@@ -254,7 +258,8 @@ HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
            "var_none": var_none, "mse_loss_to_input": mse_loss_to_input,
            "var_0d_as_1d": var_0d_as_1d, "matmul_promoted": matmul_promoted,
            "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype,
-           "cross_entropy_masked": cross_entropy_masked, "max_dim": max_dim}
+           "cross_entropy_masked": cross_entropy_masked, "max_dim": max_dim,
+           "silu_mul": silu_mul}
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
@@ -270,7 +275,7 @@ MATH_PARAM = {"softplus": "F.softplus({a}, {f0}, {f1})", "leaky_relu": "F.leaky_
 BINARY = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div",
           "pow": "torch.pow", "maximum": "torch.maximum", "minimum": "torch.minimum",
           "eq": "torch.eq", "ne": "torch.ne", "lt": "torch.lt", "le": "torch.le",
-          "gt": "torch.gt", "ge": "torch.ge", "matmul": "torch.matmul"}
+          "gt": "torch.gt", "ge": "torch.ge", "matmul": "torch.matmul", "silu_mul": "silu_mul"}
 SCALAR = {"add_scalar": "({a} + {s})", "sub_scalar": "({a} - {s})",
           "rsub_scalar": "({s} - {a})", "mul_scalar": "({a} * {s})",
           "div_scalar": "({a} / {s})", "rdiv_scalar": "({s} / {a})",
@@ -968,7 +973,7 @@ class Builder:
     def gen_binary(self):
         r = self.r
         i = self.cur()
-        name = r.choice(["add", "sub", "mul", "div", "pow", "maximum", "minimum"])
+        name = r.choice(["add", "sub", "mul", "div", "pow", "maximum", "minimum", "silu_mul"])
         j = None
         cands = [k for k, t in enumerate(self.tensors) if k != i and t is not None and
                  t.is_floating_point() and self.broadcasts(self.shape(i), list(t.shape))]

@@ -240,6 +240,7 @@ static const struct { const char *name; binary_fn fn; } binary_ops[] = {
     {"add", qkv_add}, {"sub", qkv_sub}, {"mul", qkv_mul}, {"div", qkv_div}, {"pow", qkv_pow},
     {"maximum", qkv_maximum}, {"minimum", qkv_minimum}, {"eq", qkv_eq}, {"ne", qkv_ne},
     {"lt", qkv_lt}, {"le", qkv_le}, {"gt", qkv_gt}, {"ge", qkv_ge}, {"matmul", qkv_matmul},
+    {"silu_mul", qkv_silu_mul},
 };
 
 static const struct { const char *name; scalar_fn fn; } scalar_ops[] = {
