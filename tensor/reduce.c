@@ -558,16 +558,109 @@ static int64_t causal_width(int64_t r, int64_t L, int64_t n, int64_t past) {
     return past >= n - i - 1 ? n : past + i + 1;
 }
 
+/* The entries a causal row reads are a prefix of it, longer by one each row: the hardware's
+ * stream prefetchers do not follow that from row to row, and each row would start on cold
+ * cache lines. The kernels ask for the prefix of the row CAUSAL_AHEAD rows on (its first
+ * bytes of a and, if not NULL, of b) before they compute a row. */
+enum { CAUSAL_AHEAD = 4 };
+
+static void prefetch_prefix(const char *a, const char *b, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) {
+        __builtin_prefetch(a + c);
+        if (b) __builtin_prefetch(b + c);
+    }
+}
+
+/* Lanes of the vector at column j that lie before column m */
+static inline qkv_vi lanes_before(int64_t j, int64_t m) {
+    qkv_vi lane;
+    for (int l = 0; l < QKV_VF_LANES; l++) lane[l] = l;
+    return lane < (qkv_vi){0} + (int32_t)(m - j);
+}
+
+/* The vector of a row of n floats at column j < m, lanes from m on -inf: read whole where
+ * the row holds the whole vector (the masked entries read are never used), else through a
+ * buffer. */
+static inline qkv_vf causal_lanes(const float *x, int64_t j, int64_t m, int64_t n) {
+    if (j + QKV_VF_LANES <= n)
+        return qkv__vf_select(lanes_before(j, m), qkv__vf_load(x + j), qkv__vf_splat(-INFINITY));
+    float buf[QKV_VF_LANES];
+    for (int l = 0; l < QKV_VF_LANES; l++) buf[l] = j + l < m ? x[j + l] : -INFINITY;
+    return qkv__vf_load(buf);
+}
+
+/* The maximum of a causal row's first m entries, NaN when they hold one. */
+static float causal_row_max(const float *x, int64_t n, int64_t m) {
+    qkv_vf vm = qkv__vf_splat(-INFINITY);
+    qkv_vi nan = {0};
+    for (int64_t j = 0; j < m; j += QKV_VF_LANES) {
+        qkv_vf v = j + QKV_VF_LANES <= m ? qkv__vf_load(x + j) : causal_lanes(x, j, m, n);
+        vm = qkv__vf_select(v > vm, v, vm);
+        nan |= v != v;
+    }
+    float mx = -INFINITY;
+    bool any_nan = false;
+    for (int l = 0; l < QKV_VF_LANES; l++) {
+        if (vm[l] > mx) mx = vm[l];
+        any_nan |= nan[l] != 0;
+    }
+    return any_nan ? NAN : mx;
+}
+
+/* exp(x - mx) of a causal row's first m entries into y, whole vectors with zeros past m
+ * where the row holds them; the sum as softmax_row_vector's (lane sums, then the lanes in
+ * order). *end gets the column the stores reached. */
+static float causal_row_exp(const float *x, float *y, int64_t n, int64_t m, float mx,
+                            int64_t *end) {
+    qkv_vf vsum = {0};
+    int64_t j = 0;
+    for (; j + QKV_VF_LANES <= m; j += QKV_VF_LANES) {
+        qkv_vf e = qkv__vexp_nonpos(qkv__vf_load(x + j) - mx);
+        vsum += e;
+        qkv__vf_store(y + j, e);
+    }
+    *end = j;
+    if (j < m) {
+        qkv_vf e = qkv__vexp_nonpos(causal_lanes(x, j, m, n) - mx);
+        vsum += e;
+        float tail[QKV_VF_LANES];
+        qkv__vf_store(j + QKV_VF_LANES <= n ? y + j : tail, e);
+        if (j + QKV_VF_LANES > n) memcpy(y + j, tail, (size_t)(m - j) * sizeof(float));
+        *end = j + QKV_VF_LANES <= n ? j + QKV_VF_LANES : m;
+    }
+    float s = 0;
+    for (int l = 0; l < QKV_VF_LANES; l++) s += vsum[l];
+    return s;
+}
+
+/* Row r of the causal softmax over floats: softmax_row_vector over the leading m entries
+ * that take part, then zeros (NaN when the row is NaN), in fewer passes. Those zeros are
+ * what exp(-inf) gives, and the sums are those of the full row with the masked entries left
+ * out, so the result is softmax(x.masked_fill(mask, -inf))'s bit for bit; masked entries are
+ * read by whole vectors but never used. The exps past m of the last vector are zeros already
+ * (0 * inv stays 0), so one store of zeros ends the row. */
+static void softmax_causal_row_f32(const float *x, float *y, int64_t n, int64_t m) {
+    float mx = causal_row_max(x, n, m);
+    if (mx != mx) {
+        for (int64_t j = 0; j < n; j++) y[j] = NAN;
+        return;
+    }
+    int64_t end = 0;
+    if (mx != -INFINITY) {
+        float inv = 1.0f / causal_row_exp(x, y, n, m, mx, &end);
+        int64_t j = 0;
+        for (; j + QKV_VF_LANES <= end; j += QKV_VF_LANES)
+            qkv__vf_store(y + j, qkv__vf_load(y + j) * inv);
+        for (; j < end; j++) y[j] *= inv;
+    }
+    memset(y + end, 0, (size_t)(n - end) * sizeof(float));
+}
+
 /* Row r of the causal softmax: the leading m entries that take part, zeros after them (NaN
- * when the row is NaN). Those zeros are what exp(-inf) gives, and the sums are those of the
- * full row with the masked entries left out, so the result is softmax(x.masked_fill(mask,
- * -inf))'s bit for bit; masked entries are never read. */
+ * when the row is NaN), as softmax(x.masked_fill(mask, -inf)) gives them bit for bit. */
 static void softmax_causal_row(qkv_dtype dtype, const char *x, char *y, int64_t n, int64_t m) {
     if (dtype == QKV_F32) {
-        float *yf = (float *)y;
-        softmax_row_vector((const float *)x, yf, m, false);
-        float rest = yf[0] != yf[0] ? yf[0] : 0;
-        for (int64_t j = m; j < n; j++) yf[j] = rest;
+        softmax_causal_row_f32((const float *)x, (float *)y, n, m);
     } else {
         double *yd = (double *)y;
         softmax_row_double((const double *)x, 1, yd, 1, m, false);
@@ -605,6 +698,9 @@ qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *n
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t at = r * n * (int64_t)es;
+            if (r + CAUSAL_AHEAD < rows)
+                prefetch_prefix(ad + at + CAUSAL_AHEAD * n * (int64_t)es, NULL,
+                                causal_width(r + CAUSAL_AHEAD, L, n, past) * (int64_t)es);
             softmax_causal_row(a->dtype, ad + at, od + at, n, causal_width(r, L, n, past));
         }
     return out;
@@ -712,6 +808,11 @@ static qkv_tensor *softmax_backward_rows(const qkv_tensor *y, const qkv_tensor *
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t at = r * n * (int64_t)es, m = past < 0 ? n : causal_width(r, L, n, past);
+            if (past >= 0 && r + CAUSAL_AHEAD < rows) {
+                int64_t ahead = at + CAUSAL_AHEAD * n * (int64_t)es;
+                prefetch_prefix(yd + ahead, gd + ahead,
+                                causal_width(r + CAUSAL_AHEAD, L, n, past) * (int64_t)es);
+            }
             softmax_grad_row(y->dtype, yd + at, gd + at, od + at, n, m, log);
         }
     return out;

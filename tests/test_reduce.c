@@ -217,12 +217,14 @@ static qkv_tensor *causal_scores(int64_t L, int64_t S) {
 }
 
 /* The fused op is softmax(scores + mask) with the -inf term added, bit for bit, for square
- * scores, more queries than keys, a cached past and rows longer than a vector; its gradient
- * equals the composed one too. */
+ * scores, more queries than keys, a cached past, rows longer than a vector and rows whose last
+ * live vector lies inside the row or runs past its end; its gradient equals the composed one
+ * too. */
 static void causal_softmax_is_the_masked_softmax_bit_for_bit(void **state) {
     (void)state;
-    static const int64_t cases[][3] = {{7, 7, 0}, {9, 4, 0}, {3, 40, 30}, {33, 33, 0}};
-    for (int c = 0; c < 4; c++) {
+    static const int64_t cases[][3] = {{7, 7, 0},   {9, 4, 0},   {3, 40, 30},
+                                       {33, 33, 0}, {50, 50, 0}, {20, 70, 45}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         int64_t L = cases[c][0], S = cases[c][1], past = cases[c][2];
         qkv_tensor *x = qkv_requires_grad_(causal_scores(L, S), true);
         qkv_tensor *rows = qkv_reshape(qkv_arange(QKV_I64, (double)past, (double)(past + L), 1),
@@ -241,6 +243,27 @@ static void causal_softmax_is_the_masked_softmax_bit_for_bit(void **state) {
         float *a = qkv_data(x->grad), *b = qkv_data(gwant);
         for (int64_t i = 0; i < got->numel; i++) assert_true(a[i] == b[i]);
     }
+}
+
+/* A NaN among a row's live scores makes the row NaN; one among its masked scores changes
+ * nothing; live scores all -inf give zeros, as the masked softmax's fully masked row. */
+static void causal_softmax_reads_no_masked_score(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_contiguous(causal_scores(40, 40));
+    float *d = qkv_data(x);
+    d[3 * 40 + 6] = NAN; /* row 3 sees keys 0..3 */
+    d[20 * 40 + 7] = NAN;
+    for (int j = 0; j <= 25; j++) d[25 * 40 + j] = -INFINITY;
+    qkv_tensor *y = qkv_contiguous(qkv_causal_softmax(x, 0));
+    const float *o = qkv_data(y);
+    for (int j = 0; j < 40; j++) {
+        assert_true(o[20 * 40 + j] != o[20 * 40 + j]);
+        assert_true(o[25 * 40 + j] == 0);
+    }
+    float sum = 0;
+    for (int j = 0; j < 40; j++) sum += o[3 * 40 + j];
+    assert_true(fabsf(sum - 1) < 1e-6f && o[3 * 40 + 4] == 0 && o[3 * 40 + 6] == 0);
+    assert_null(qkv_error());
 }
 
 static void causal_softmax_does_not_depend_on_thread_count(void **state) {
@@ -370,6 +393,7 @@ int main(void) {
         T(softmax_of_huge_inputs_stays_finite),
         T(causal_softmax_and_its_gradient_match_torch),
         T(causal_softmax_is_the_masked_softmax_bit_for_bit),
+        T(causal_softmax_reads_no_masked_score),
         T(causal_softmax_does_not_depend_on_thread_count),
         T(causal_softmax_refuses_bad_input),
         T(reductions_of_empty_tensors),
