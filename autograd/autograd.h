@@ -230,7 +230,9 @@ qkv_tensor *qkv_softmax(const qkv_tensor *a, int axis);
 qkv_tensor *qkv_log_softmax(const qkv_tensor *a, int axis);
 /* Causal softmax over the last axis of scores [..., L, S]: query i sees keys j <= past + i
  * (past >= 0; the positions cached before), as softmax(scores.masked_fill(j > past + i, -inf),
- * -1). Masked entries are exactly 0, never read, and get no gradient; one pass, no mask. */
+ * -1). Masked entries are exactly 0 and get no gradient, and their scores (NaN included)
+ * change nothing; no mask is made. A bf16 input gives bf16, and f32 under autocast, as
+ * qkv_softmax does. */
 qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past);
 
 /* ---- Linear algebra ---------------------------------------------------------------------- */

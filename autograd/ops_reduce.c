@@ -322,12 +322,24 @@ static const qkv_function causal_softmax_fn = {.name = "causal_softmax",
                                                .recompute = qkv__saved_output,
                                                .args_size = sizeof(causal_softmax_args)};
 
+/* Under autocast a bf16 input gives an f32 output, as qkv_softmax's: it is widened in the
+ * op (unrecorded, its f32 copy freed at once), and the engine rounds the input's gradient to
+ * bf16. */
+static qkv_tensor *causal_softmax_f32(const qkv_tensor *scores, int64_t past, const char *name) {
+    qkv_scope_begin();
+    qkv_tensor *out = qkv_keep(qkv__softmax_causal(qkv__to_dtype(scores, QKV_F32), past, name));
+    qkv_scope_end();
+    return out;
+}
+
 qkv_tensor *qkv_causal_softmax(const qkv_tensor *scores, int64_t past) {
     static const char *const name = "qkv_causal_softmax";
     if (QKV__NULL_ARGS(name, scores)) return NULL;
+    bool widen = qkv_is_autocast_enabled() && scores->dtype == QKV_BF16;
     qkv_ctx *ctx = qkv_function_begin(&causal_softmax_fn, 1, QKV_INPUTS(scores),
                                       &(causal_softmax_args){past});
-    qkv_tensor *out = qkv__softmax_causal(scores, past, name);
+    qkv_tensor *out = widen ? causal_softmax_f32(scores, past, name)
+                            : qkv__softmax_causal(scores, past, name);
     qkv_save(ctx, 0, out);
     return qkv_function_end(ctx, out);
 }

@@ -684,6 +684,7 @@ qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *n
         qkv_scope_end();
         return out;
     }
+    if (a->dtype == QKV_BF16) return QKV__IN_F32(qkv__softmax_causal(QKV__F32(a), past, name));
     qkv_tensor *ac = qkv__contiguous(a);
     qkv_tensor *out = ac ? qkv_empty(a->dtype, a->ndim, a->shape) : NULL;
     if (!out || a->numel == 0) return out;
@@ -792,7 +793,7 @@ static qkv_tensor *softmax_backward_rows(const qkv_tensor *y, const qkv_tensor *
         g->ndim != y->ndim || g->numel != y->numel)
         return qkv_set_error("%s: gradient does not match the output", name);
     if (y->dtype == QKV_BF16)
-        return QKV__IN_F32(qkv__softmax_backward(QKV__F32(y), QKV__F32(g), log, name));
+        return QKV__IN_F32(softmax_backward_rows(QKV__F32(y), QKV__F32(g), log, past, name));
     qkv_tensor *yc = qkv__contiguous(y), *gc = qkv__contiguous(g);
     qkv_tensor *out = yc && gc ? qkv_empty(y->dtype, y->ndim, y->shape) : NULL;
     if (!out || out->numel == 0) return out;

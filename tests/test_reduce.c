@@ -266,6 +266,31 @@ static void causal_softmax_reads_no_masked_score(void **state) {
     assert_null(qkv_error());
 }
 
+/* bf16 scores give the f32 result rounded once, and under autocast the f32 result itself,
+ * with the gradient rounded to bf16 for the bf16 input. */
+static void causal_softmax_of_bf16_computes_in_f32(void **state) {
+    (void)state;
+    qkv_tensor *x = qkv_requires_grad_(qkv_to_dtype(causal_scores(20, 20), QKV_BF16), true);
+    qkv_tensor *w = qkv_to_dtype(causal_scores(20, 20), QKV_BF16);
+    qkv_tensor *wide = qkv_requires_grad_(qkv_to_dtype(qkv_detach(x), QKV_F32), true);
+    qkv_tensor *want = qkv_causal_softmax(wide, 0);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(want, qkv_to_dtype(w, QKV_F32)))));
+    qkv_tensor *y = qkv_causal_softmax(x, 0);
+    assert_int_equal(y->dtype, QKV_BF16);
+    size_t bf16_bytes = (size_t)x->numel * 2, f32_bytes = (size_t)x->numel * 4;
+    assert_memory_equal(qkv_data(y), qkv_data(qkv_to_dtype(want, QKV_BF16)), bf16_bytes);
+    assert_true(qkv_autocast_begin(QKV_BF16));
+    qkv_tensor *z = qkv_causal_softmax(x, 0);
+    qkv_autocast_end();
+    assert_int_equal(z->dtype, QKV_F32);
+    assert_memory_equal(qkv_data(z), qkv_data(want), f32_bytes);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(z, qkv_to_dtype(w, QKV_F32)))));
+    assert_int_equal(x->grad->dtype, QKV_BF16);
+    assert_memory_equal(qkv_data(x->grad), qkv_data(qkv_to_dtype(wide->grad, QKV_BF16)),
+                        bf16_bytes);
+    assert_null(qkv_error());
+}
+
 static void causal_softmax_does_not_depend_on_thread_count(void **state) {
     (void)state;
     qkv_tensor *x = qkv_requires_grad_(causal_scores(64, 64), true), *r[2], *gr[2];
@@ -394,6 +419,7 @@ int main(void) {
         T(causal_softmax_and_its_gradient_match_torch),
         T(causal_softmax_is_the_masked_softmax_bit_for_bit),
         T(causal_softmax_reads_no_masked_score),
+        T(causal_softmax_of_bf16_computes_in_f32),
         T(causal_softmax_does_not_depend_on_thread_count),
         T(causal_softmax_refuses_bad_input),
         T(reductions_of_empty_tensors),
