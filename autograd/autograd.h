@@ -303,9 +303,9 @@ qkv_tensor *qkv_dropout_(qkv_tensor *a, double p, bool training, qkv_generator *
 
 qkv_tensor *qkv_silu(const qkv_tensor *a);                /* x * sigmoid(x) */
 /* silu(a) * b, a and b broadcast: the gate of LLaMA's SwiGLU, as one op whose forward and
- * backward each take one pass (the composition takes five). Its values and gradients are
- * qkv_mul(qkv_silu(a), b)'s (bit for bit over contiguous f32 and bf16 operands); it computes in
- * a and b's promoted float dtype. */
+ * backward each take one pass (the composition's take two and four). Its values and gradients
+ * are qkv_mul(qkv_silu(a), b)'s (bit for bit over contiguous f32 and bf16 operands); it
+ * computes in a and b's promoted float dtype. */
 qkv_tensor *qkv_silu_mul(const qkv_tensor *a, const qkv_tensor *b);
 /* Rotary position embedding as one op: x cos + rotate_half(x) sin for x [..., T, d] (d even),
  * tables cos and sin [T, d] (converted to x's dtype) that do not require grad, and

@@ -2,9 +2,9 @@
  * More element-wise ops: the activations SiLU, softplus, leaky ReLU and ELU, SwiGLU's gate
  * silu(a) * b, sin, cos, erf, log1p, expm1, square, clamp, and the rounding family. Each
  * differentiable one saves the values its derivative reads (its input; expm1 its output) and,
- * being one cheap pass over them, recomputes its output from them, so an op that reads the
- * output holds no copy. The derivatives are computed by tensor/math.c's backward kernels, one
- * line per op there; each op below states its own.
+ * but for the gate, being one cheap pass over them, recomputes its output from them, so an op
+ * that reads the output holds no copy. The derivatives are computed by tensor/math.c's
+ * backward kernels, one line per op there; each op below states its own.
  */
 #include <math.h>
 
@@ -58,7 +58,8 @@ qkv_tensor *qkv_silu(const qkv_tensor *a) {
 }
 
 /* silu(a) * b as one op: SwiGLU's gate. Both inputs are saved (each gradient reads a, and
- * a's reads b too), so the output is recomputed from them rather than held. */
+ * a's reads b too). The output has no recompute: recomputing it (an exp and a division per
+ * entry) cost its consumer's backward a pass of its own, which holding it saves. */
 enum { SILU_MUL_A, SILU_MUL_B };
 
 /* d(silu(a) b) = g b s (1 + a (1 - s)), g silu(a); s = sigmoid(a) */
@@ -68,12 +69,7 @@ static void silu_mul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi
                            qkv_ctx_needs_grad(ctx, 1) ? &gi[1] : NULL, "silu_mul_backward");
 }
 
-static qkv_tensor *silu_mul_recompute(qkv_ctx *ctx) {
-    return qkv__silu_mul(qkv_saved(ctx, SILU_MUL_A), qkv_saved(ctx, SILU_MUL_B), "qkv_silu_mul");
-}
-
-static const qkv_function silu_mul_fn = {.name = "silu_mul", .backward = silu_mul_backward,
-                                         .recompute = silu_mul_recompute};
+static const qkv_function silu_mul_fn = {.name = "silu_mul", .backward = silu_mul_backward};
 
 qkv_tensor *qkv_silu_mul(const qkv_tensor *a, const qkv_tensor *b) {
     if (QKV__NULL_ARGS("qkv_silu_mul", a, b)) return NULL;
