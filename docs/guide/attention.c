@@ -10,7 +10,7 @@ static qkv_tensor *causal_attention(const qkv_tensor *q, const qkv_tensor *k,
                                     const qkv_tensor *v, double scale) {
     qkv_tensor *scores = qkv_matmul_tri(qkv_mul_scalar(q, scale), qkv_transpose(k, -2, -1),
                                         QKV_TRIL_OUT);     /* tril(q k^T) */
-    qkv_tensor *weights = qkv_causal_softmax(scores, 0);     /* never reads above it */
+    qkv_tensor *weights = qkv_causal_softmax(scores, 0);     /* ignores what is above it */
     return qkv_matmul_tri(weights, v, QKV_TRIL_A);           /* tril(weights) v */
 }
 
