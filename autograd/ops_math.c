@@ -189,15 +189,15 @@ qkv_tensor *qkv_sign(const qkv_tensor *a) {
 
 enum { ROPE_COS, ROPE_SIN };
 
-/* x cos + rotate_half(x) sin in x's dtype from contiguous values; grad: the gradient from g */
+/* x cos + rotate_half(x) sin in x's dtype; grad: the gradient from g. x is read in place
+ * when its last axis has stride 1 (attention's heads, a view of a projection). */
 static qkv_tensor *rope_values(const qkv_tensor *x, const qkv_tensor *cos,
                                const qkv_tensor *sin, bool grad) {
-    qkv_tensor *xc = qkv__contiguous(x), *cc = qkv__contiguous(cos), *sc = qkv__contiguous(sin);
+    qkv_tensor *xc = x->strides[x->ndim - 1] == 1 ? (qkv_tensor *)x : qkv__contiguous(x);
+    qkv_tensor *cc = qkv__contiguous(cos), *sc = qkv__contiguous(sin);
     qkv_tensor *out = xc && cc && sc ? qkv_empty(x->dtype, x->ndim, x->shape) : NULL;
     if (!out || out->numel == 0) return out;
-    int64_t d = x->shape[x->ndim - 1], steps = x->shape[x->ndim - 2];
-    qkv__rope_rows(x->dtype, x->numel / d, steps, d, qkv_data(xc), qkv_data(cc), qkv_data(sc),
-                   grad, qkv_data(out));
+    qkv__rope_rows(xc, qkv_data(cc), qkv_data(sc), grad, qkv_data(out));
     return out;
 }
 

@@ -310,11 +310,11 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
                                    const void *g, const void *w, const void *mean,
                                    const void *rstd, void *gx, void *gw, void *gb);
 
-/* Rotary embedding over rows of d contiguous values (tensor/rope.c), d even: y = x cos +
- * rotate_half(x) sin with tables [steps, d] read at row % steps; grad: the gradient
- * g cos + [g2 s2, -g1 s1] from g in x's place. All of dtype. */
-void qkv__rope_rows(qkv_dtype dtype, int64_t rows, int64_t steps, int64_t d, const void *x,
-                    const void *cos, const void *sin, bool grad, void *y);
+/* Rotary embedding over the rows of x [..., T, d] (tensor/rope.c): its last axis, of d values
+ * (d even), at stride 1, the other axes at any strides: y = x cos + rotate_half(x) sin,
+ * contiguous, with contiguous tables [T, d] read at the row's position along axis -2; grad:
+ * the gradient g cos + [g2 s2, -g1 s1] from g in x's place. All of x's dtype. */
+void qkv__rope_rows(const qkv_tensor *x, const void *cos, const void *sin, bool grad, void *y);
 
 /* Dropout (tensor/dropout.c), over F32 or F64: out = a * mask / (1 - p) (0 where p = 1), the
  * mask drawn from g, which advances by a->numel draws whatever the thread count; in_place

@@ -278,7 +278,8 @@ static qkv_tensor *rotary_call(qkv_tensor *const *in, int n, void *ctx) {
 }
 
 /* The op's gradient against central differences in F64, on a transposed x (read through a
- * copy) and with F32 tables converted to x's dtype. */
+ * copy), on heads split off a projection (read in place) and with F32 tables converted to x's
+ * dtype. */
 static void rotary_passes_gradcheck(void **state) {
     (void)state;
     qkv_generator g = gen(12);
@@ -289,6 +290,20 @@ static void rotary_passes_gradcheck(void **state) {
     in[1] = qkv_randn(QKV_F64, S(3, 4), &g);
     in[2] = qkv_randn(QKV_F64, S(3, 4), &g);
     if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+    in[0] = qkv_requires_grad_(qkv_transpose(qkv_randn(QKV_F64, S(2, 3, 2, 4), &g), 1, 2), true);
+    if (!qkv_gradcheck(rotary_call, in, 3, NULL, 1e-6, 1e-7, 1e-5)) fail_msg("%s", qkv_error());
+}
+
+/* Heads split off a projection, [B,T,H,d] viewed as [B,H,T,d], are read in place and give
+ * the values of their contiguous copy, bit for bit. */
+static void rotary_of_split_heads_is_that_of_their_copy(void **state) {
+    (void)state;
+    qkv_generator g = gen(13);
+    qkv_tensor *heads = qkv_transpose(qkv_randn(QKV_F32, S(2, 7, 3, 8), &g), 1, 2);
+    qkv_tensor *c = qkv_randn(QKV_F32, S(7, 8), &g), *s = qkv_randn(QKV_F32, S(7, 8), &g);
+    qkv_tensor *got = qkv_rotary(heads, c, s), *want = qkv_rotary(qkv_contiguous(heads), c, s);
+    assert_non_null(got);
+    assert_memory_equal(qkv_data(got), qkv_data(want), (size_t)got->numel * sizeof(float));
 }
 
 static void rotary_refuses_tables_that_do_not_fit(void **state) {
@@ -680,6 +695,7 @@ int main(void) {
         T(rms_norm_matches_reference),
         T(rms_norm_default_eps_is_the_dtype_epsilon),
         T(rotary_passes_gradcheck),
+        T(rotary_of_split_heads_is_that_of_their_copy),
         T(rotary_refuses_tables_that_do_not_fit),
         T(rms_norm_passes_gradcheck),
         T(swiglu_matches_torch),
