@@ -492,8 +492,11 @@ static qkv_tensor *fit(qkv_tensor *g, const qkv_tensor *t) {
     return g;
 }
 
+/* *slot + g into *slot: over the running sum's values when nothing but the slot holds them
+ * (qkv__add_into), else as a fresh sum. */
 static bool accumulate(qkv_tensor **slot, qkv_tensor *g, bool fresh_copy) {
     qkv_tensor *sum;
+    if (*slot && qkv__add_into(*slot, g)) return true;
     if (*slot) sum = qkv__binary(QKV_OP_ADD, *slot, g, "backward");
     else sum = fresh_copy ? qkv_clone(g) : g;
     if (!sum) return false;

@@ -257,6 +257,47 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     return out;
 }
 
+/* acc[i] = acc[i] + g[i]: x + y with x the accumulator, as binary_run's ADD computes it. */
+#define ADD_INTO(T)                                                                             \
+    do {                                                                                        \
+        if (st[0] == sizeof(T) && st[1] == sizeof(T)) {                                         \
+            T *o = (T *)p[0];                                                                   \
+            const T *restrict g = (const T *)p[1];                                              \
+            for (int64_t i = 0; i < n; i++) o[i] = o[i] + g[i];                                 \
+        } else {                                                                                \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                T *o = (T *)(p[0] + i * st[0]);                                                 \
+                *o = *o + *(const T *)(p[1] + i * st[1]);                                       \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+static void add_into_run(int64_t n, char **p, const int64_t *st, void *vctx) {
+    if (*(const qkv_dtype *)vctx == QKV_F32) ADD_INTO(float);
+    else ADD_INTO(double);
+}
+
+bool qkv__add_into(qkv_tensor *acc, const qkv_tensor *g) {
+    if (!acc || !g || acc->refcount != 1 || !acc->storage || acc->storage->refcount != 1 ||
+        !qkv_is_contiguous(acc) || (acc->dtype != QKV_F32 && acc->dtype != QKV_F64) ||
+        g->dtype != acc->dtype || g->ndim > acc->ndim)
+        return false;
+    /* g must broadcast to acc's shape exactly: the sum's shape is acc's. */
+    for (int i = 1; i <= g->ndim; i++) {
+        int64_t gs = g->shape[g->ndim - i], as = acc->shape[acc->ndim - i];
+        if (gs != as && gs != 1) return false;
+    }
+    int64_t st[QKV_MAX_OPERANDS][QKV_MAX_DIMS];
+    const qkv_tensor *ins[1] = {g};
+    operand_strides(acc, ins, 1, st);
+    char *bases[2] = {qkv_data(acc), (char *)qkv_data(g)};
+    qkv_dtype dt = acc->dtype;
+    qkv__foreach(2, bases, acc->ndim, acc->shape, (const int64_t(*)[QKV_MAX_DIMS])st,
+                 add_into_run, &dt, true);
+    qkv__bump_version(acc);
+    return true;
+}
+
 qkv_tensor *qkv__binary_scalar(qkv_binary_op op, const qkv_tensor *a, double s, bool reverse,
                                const char *name) {
     if (QKV__NULL_ARGS(name, a)) return NULL;

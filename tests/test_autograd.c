@@ -72,6 +72,33 @@ static void leaves_accumulate_across_two_backward_calls(void **state) {
     qkv_scope_end();
 }
 
+/* A later contribution is summed over the running gradient's values when nothing else holds
+ * them, and into a fresh tensor when something does: a gradient the caller kept from the first
+ * backward keeps its values. Broadcast contributions (a leaf used as [3] and as [2,3]) sum
+ * either way. */
+static void accumulation_leaves_a_held_gradient_as_it_was(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(x, x))));
+    qkv_tensor *first = x->grad;
+    uint64_t v = qkv_version(first);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(x, 5))));
+    assert_ptr_equal(x->grad, first); /* held by x alone: summed in place */
+    assert_true(qkv_version(first) > v);
+    ASSERT_VALUES(x->grad, 7, 9, 11);
+    qkv_tensor *kept = qkv_retain(x->grad);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(x, 2))));
+    assert_ptr_not_equal(x->grad, kept);
+    ASSERT_VALUES(kept, 7, 9, 11);
+    ASSERT_VALUES(x->grad, 9, 11, 13);
+    qkv_release(kept);
+    qkv_tensor *rows = qkv_expand(x, QKV_SHAPE(2, 3));
+    assert_true(qkv_backward(qkv_sum_all(qkv_add(qkv_mul(rows, rows), x))));
+    ASSERT_VALUES(x->grad, 15, 21, 27); /* + 4x + 2: both terms over two rows */
+    qkv_scope_end();
+}
+
 static void zero_grad_drops_the_gradient(void **state) {
     (void)state;
     qkv_scope_begin();
@@ -1208,6 +1235,7 @@ static void a_grad_hook_goes_on_a_leaf_that_requires_grad(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
+        cmocka_unit_test_setup(accumulation_leaves_a_held_gradient_as_it_was, clear_error),
         cmocka_unit_test_setup(masking_backwards_select_instead_of_multiplying, clear_error),
         cmocka_unit_test_setup(zero_grad_drops_the_gradient, clear_error),
         cmocka_unit_test_setup(backward_with_seeds_a_non_scalar_output, clear_error),
