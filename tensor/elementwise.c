@@ -273,13 +273,21 @@ qkv_tensor *qkv__binary(qkv_binary_op op, const qkv_tensor *a, const qkv_tensor 
     } while (0)
 
 static void add_into_run(int64_t n, char **p, const int64_t *st, void *vctx) {
-    if (*(const qkv_dtype *)vctx == QKV_F32) ADD_INTO(float);
-    else ADD_INTO(double);
+    qkv_dtype dt = *(const qkv_dtype *)vctx;
+    if (dt == QKV_F32) {
+        ADD_INTO(float);
+    } else if (dt == QKV_F64) {
+        ADD_INTO(double);
+    } else { /* bf16 widens a chunk of both before it writes the chunk's rounded sums */
+        char *q[3] = {p[0], p[0], p[1]};
+        int64_t qs[3] = {st[0], st[0], st[1]};
+        binary_bf16(n, q, qs, QKV_OP_ADD);
+    }
 }
 
 bool qkv__add_into(qkv_tensor *acc, const qkv_tensor *g) {
     if (!acc || !g || acc->refcount != 1 || !acc->storage || acc->storage->refcount != 1 ||
-        !qkv_is_contiguous(acc) || (acc->dtype != QKV_F32 && acc->dtype != QKV_F64) ||
+        !qkv_is_contiguous(acc) || !qkv__is_float(acc->dtype) ||
         g->dtype != acc->dtype || g->ndim > acc->ndim)
         return false;
     /* g must broadcast to acc's shape exactly: the sum's shape is acc's. */

@@ -270,9 +270,9 @@ qkv_dtype qkv__promote(qkv_dtype a, qkv_dtype b);
 /* The dtype of a binary op of a and b, as PyTorch's result_type for two tensors. */
 qkv_dtype qkv__result_type(const qkv_tensor *a, const qkv_tensor *b);
 /* acc += g in place, g broadcast to acc's shape: the same values as qkv__binary(ADD, acc, g).
- * Done, returning true, only where that is safe and exact: acc is F32 or F64, contiguous and
- * held by its one owner alone (its storage too), and g has its dtype; false leaves acc as it
- * was. The backward's gradient accumulation: a fresh sum per contribution would cost a pass
+ * Done, returning true, only where that is safe and exact: acc is a float (bf16 sums in f32
+ * and rounds, as the op does), contiguous and held by its one owner alone (its storage too),
+ * and g has its dtype; false leaves acc as it was. The backward's gradient accumulation: a fresh sum per contribution would cost a pass
  * of writes. */
 bool qkv__add_into(qkv_tensor *acc, const qkv_tensor *g);
 /* out = a op b with broadcasting; comparisons give BOOL. name is the op for messages. */

@@ -96,6 +96,16 @@ static void accumulation_leaves_a_held_gradient_as_it_was(void **state) {
     qkv_tensor *rows = qkv_expand(x, QKV_SHAPE(2, 3));
     assert_true(qkv_backward(qkv_sum_all(qkv_add(qkv_mul(rows, rows), x))));
     ASSERT_VALUES(x->grad, 15, 21, 27); /* + 4x + 2: both terms over two rows */
+    /* bf16 sums in f32 and rounds once, in place as well: 512 + 1 rounds back to 512. */
+    qkv_tensor *h = qkv_requires_grad_(qkv_to_dtype(constant(QKV_SHAPE(2), VALUES(256, 3)),
+                                                    QKV_BF16), true);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(h, h))));
+    first = h->grad;
+    assert_true(qkv_backward(qkv_sum_all(h)));
+    assert_ptr_equal(h->grad, first);
+    ASSERT_VALUES(h->grad, 512, 7);
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(h, 0.5))));
+    ASSERT_VALUES(h->grad, 512, 7.5);
     qkv_scope_end();
 }
 
