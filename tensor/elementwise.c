@@ -500,12 +500,20 @@ static void times_f32(qkv_unary_op d, const float *x, const float *g, float *y, 
 static void times_bf16(qkv_unary_op d, const uint16_t *x, const uint16_t *g, uint16_t *y,
                        int64_t len) {
     float in[QKV_VF_LANES], gin[QKV_VF_LANES], res[QKV_VF_LANES];
-    if (len == QKV_VF_LANES) { /* loops of a constant count, which the compiler vectorizes */
-        for (int j = 0; j < QKV_VF_LANES; j++) {
-            in[j] = qkv__bf16_to_f32(x[j]);
-            gin[j] = qkv__bf16_to_f32(g[j]);
-        }
-        qkv__vf_store(res, qkv__vf_load(gin) * vector_op(d, qkv__vf_load(in)));
+    if (len == QKV_VF_LANES) {
+        /* Widened in registers (a bf16 is the high half of its f32): through arrays, the
+         * widening's half-width stores stalled the full-width loads that read them back. */
+        typedef uint16_t u16v __attribute__((vector_size(QKV_VF_LANES * 2)));
+        typedef uint32_t u32v __attribute__((vector_size(QKV_VF_LANES * 4)));
+        u16v hx, hg;
+        memcpy(&hx, x, sizeof hx);
+        memcpy(&hg, g, sizeof hg);
+        u32v ux = __builtin_convertvector(hx, u32v) << 16;
+        u32v ug = __builtin_convertvector(hg, u32v) << 16;
+        qkv_vf vx, vg;
+        memcpy(&vx, &ux, sizeof vx);
+        memcpy(&vg, &ug, sizeof vg);
+        qkv__vf_store(res, vg * vector_op(d, vx));
         qkv__bf16_round_n(y, res, QKV_VF_LANES);
         return;
     }
