@@ -14,22 +14,7 @@
 #include <time.h>
 
 #include "tensor/tensor_internal.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, by_value);
-    return v[n / 2];
-}
+#include "timing.h"
 
 /* Median ns per element of the forward (with its mask saved) and of the mask's product. */
 static void time_kernel(qkv_dtype dtype, int64_t n, bool in_place, int reps) {
@@ -40,11 +25,11 @@ static void time_kernel(qkv_dtype dtype, int64_t n, bool in_place, int reps) {
     for (int r = 0; r < reps; r++) {
         qkv_scope_begin();
         qkv_tensor *mask = NULL;
-        double t0 = now();
+        double t0 = bench_now();
         qkv_tensor *y = qkv__dropout(x, 0.1, &g, &mask, in_place);
-        double t1 = now();
+        double t1 = bench_now();
         qkv_tensor *d = qkv__dropout_apply_mask(y, mask, 1 / 0.9, in_place);
-        double t2 = now();
+        double t2 = bench_now();
         if (!y || !d) {
             fprintf(stderr, "dropout failed: %s\n", qkv_error());
             exit(1);
@@ -55,8 +40,8 @@ static void time_kernel(qkv_dtype dtype, int64_t n, bool in_place, int reps) {
     }
     static const char *names[] = {[QKV_F32] = "f32", [QKV_F64] = "f64", [QKV_BF16] = "bf16"};
     printf("%-5s n=%-8lld %-12s forward %6.3f ns/elem   apply_mask %6.3f ns/elem\n",
-           names[dtype], (long long)n, in_place ? "in place" : "out of place", median(fwd, reps),
-           median(bwd, reps));
+           names[dtype], (long long)n, in_place ? "in place" : "out of place",
+           bench_median(fwd, reps), bench_median(bwd, reps));
     qkv_release(x);
 }
 

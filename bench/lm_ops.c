@@ -14,19 +14,9 @@
 
 #include "qkv.h"
 #include "tensor/tensor_internal.h"
+#include "timing.h"
 
 enum { REPS = 21 };
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 /* The operands of a timed call; a call returns false on error. */
 typedef struct operands {
@@ -38,9 +28,9 @@ typedef bool (*call_fn)(const operands *o);
  * that each call makes them anew. */
 static double run_once(call_fn f, const operands *o) {
     qkv_scope_begin();
-    double t0 = now();
+    double t0 = bench_now();
     bool ok = f(o);
-    double t = now() - t0;
+    double t = bench_now() - t0;
     qkv_scope_end();
     qkv_zero_grad(o->x);
     qkv_zero_grad(o->y);
@@ -59,7 +49,7 @@ static void time_pair(const char *what, const char *const names[2], const call_f
     for (int r = 0; r < REPS; r++)
         for (int v = 0; v < 2; v++) t[v][r] = run_once(f[v], o);
     for (int v = 0; v < 2; v++) {
-        qsort(t[v], REPS, sizeof t[v][0], by_value);
+        qsort(t[v], REPS, sizeof t[v][0], bench_by_value);
         printf("  %-30s %-24s %8.3f ms\n", what, names[v], 1e3 * t[v][REPS / 2]);
     }
 }
