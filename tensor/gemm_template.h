@@ -429,6 +429,12 @@ static void F(macro_kernel)(int64_t mc, int64_t nc, int64_t kc, T *pa, const T *
         bool packed = !ad, direct = ad && rows == MR && hi > lo &&
                                     (!a_tri || F(tri_zero_outside)(tri, ad + i * rsa, rsa, csa,
                                                                    rows, r0 + i, pc, lo, hi));
+        /* A row-major A read in place comes in short rows (12 x 64 values in attention's
+         * per-head products) that the hardware prefetcher does not pick up in time: fetch the
+         * next panel's while this one runs. A transposed A gained nothing from it. */
+        for (int64_t ii = 0; ad && csa == 1 && ii < MR && i + MR + ii < mc; ii++)
+            for (int64_t l = lo; l < hi; l += 64 / (int64_t)sizeof(T))
+                __builtin_prefetch(ad + (i + MR + ii) * rsa + l, 0, 3);
         for (int64_t j = 0; j < nc; j += NR) {
             int cols = (int)(nc - j < NR ? nc - j : NR);
             T *ct = c + i * rsc + j * csc;
