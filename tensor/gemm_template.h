@@ -33,6 +33,7 @@ typedef struct F(gemm_args) {
     const T *b; const int64_t *b_off; int64_t rsb, csb;
     T *c; const int64_t *c_off; int64_t rsc, csc;
     const T *bias; /* NULL, or n contiguous values added to every row of C */
+    const int64_t *bias_off; /* NULL, or per batch entry: the offset of its bias row */
     qkv_tri tri;   /* a triangular product (beta 0, no bias): see tri_range and tri_clear */
 } F(gemm_args);
 
@@ -548,8 +549,8 @@ static T *F(grow)(T **buf, size_t *cap, size_t need) {
 
 /* Plain loops, for when the packing buffers cannot be had (the function cannot fail). The
  * sums run in the same order of l, but without the k blocks the last bits may differ. */
-static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *c,
-                              int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, const T *bias,
+                              T *c, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     for (int64_t i = m0; i < m1; i++)
         for (int64_t j = n0; j < n1; j++) {
             T acc = 0;
@@ -559,7 +560,7 @@ static void F(block_unpacked)(const F(gemm_args) *g, const T *a, const T *b, T *
                 acc += a[i * g->rsa + l * g->csa] * b[l * g->rsb + j * g->csb];
             T *o = &c[i * g->rsc + j * g->csc];
             *o = g->beta == 0 ? g->alpha * acc : g->alpha * acc + g->beta * *o;
-            if (g->bias) *o += g->bias[j];
+            if (bias) *o += bias[j];
         }
     F(tri_clear)(g->tri, c, g->rsc, g->csc, m0, m1, n0, n1);
 }
@@ -577,13 +578,14 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
     const T *a = g->a + (g->a_off ? g->a_off[p] : 0);
     const T *b = g->b + (g->b_off ? g->b_off[p] : 0);
     T *c = g->c + (g->c_off ? g->c_off[p] : 0);
+    const T *bias_p = g->bias && g->bias_off ? g->bias + g->bias_off[p] : g->bias;
     int64_t kb = F(k_block)(g->k);
     int64_t mcap = m1 - m0 < MC ? m1 - m0 : MC, ncap = n1 - n0 < NC ? n1 - n0 : NC;
     /* Edge panels are never wider than full ones, so whole panels bound the sizes. */
     T *pa = F(grow)(&F(bufs).a, &F(bufs).cap_a, (size_t)((mcap + MR - 1) / MR * MR * kb));
     T *pb = F(grow)(&F(bufs).b, &F(bufs).cap_b, (size_t)((ncap + NR - 1) / NR * NR * kb));
     if (!pa || !pb) {
-        F(block_unpacked)(g, a, b, c, m0, m1, n0, n1);
+        F(block_unpacked)(g, a, b, bias_p, c, m0, m1, n0, n1);
         return;
     }
     for (int64_t ic = m0; ic < m1; ic += MC) {
@@ -601,7 +603,7 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
                 continue;
             /* The first k block sets C (beta, bias); the later ones accumulate onto it. */
             T beta = pc == 0 ? g->beta : 1;
-            const T *bias = pc == 0 ? g->bias : NULL;
+            const T *bias = pc == 0 ? bias_p : NULL;
             const T *ablock = a + ic * g->rsa + pc * g->csa, *direct = NULL;
             if ((g->csa == 1 && g->rsa > 0) || (g->rsa == 1 && g->csa > 0)) {
                 direct = ablock; /* A is read in place (F(tile_direct), F(tile_direct_t)) */
@@ -627,11 +629,12 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
 static void F(scale)(const F(gemm_args) *g, int64_t batch) {
     for (int64_t p = 0; p < batch; p++) {
         T *c = g->c + (g->c_off ? g->c_off[p] : 0);
+        const T *bias = g->bias && g->bias_off ? g->bias + g->bias_off[p] : g->bias;
         for (int64_t i = 0; i < g->m; i++)
             for (int64_t j = 0; j < g->n; j++) {
                 T *o = &c[i * g->rsc + j * g->csc];
                 *o = g->beta == 0 ? 0 : g->beta * *o;
-                if (g->bias) *o += g->bias[j];
+                if (bias) *o += bias[j];
             }
     }
 }

@@ -3,6 +3,7 @@
  * Operands are never copied for their layout: transposes and head-split permutations reach
  * the GEMM as strides and per-batch offsets.
  */
+#include <math.h>
 #include <string.h>
 
 #include "tensor/tensor_internal.h"
@@ -51,25 +52,20 @@ static bool rows_fold(const operand *o, int64_t *rs) {
     return true;
 }
 
+/* bias (per batch entry at bias + bo[p] when bo is not NULL) only for f32 and f64. */
 static void gemm(qkv_dtype dt, qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
-                 const void *a, const int64_t *ao, int64_t rsa, int64_t csa, const void *b,
-                 const int64_t *bo, int64_t rsb, int64_t csb, void *c, const int64_t *co,
-                 int64_t rsc, int64_t csc) {
-    if (dt == QKV_F32 && tri)
-        qkv__gemm_tri_f32(tri, batch, m, n, k, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
-                          csc);
-    else if (dt == QKV_F32)
-        qkv__gemm_f32(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, 0.0f, c, co, rsc,
-                      csc);
+                 double alpha, const void *a, const int64_t *ao, int64_t rsa, int64_t csa,
+                 const void *b, const int64_t *bo, int64_t rsb, int64_t csb, const void *bias,
+                 const int64_t *biaso, void *c, const int64_t *co, int64_t rsc, int64_t csc) {
+    if (dt == QKV_F32)
+        qkv__gemm_tri_f32(tri, batch, m, n, k, (float)alpha, a, ao, rsa, csa, b, bo, rsb, csb,
+                          bias, biaso, c, co, rsc, csc);
     else if (dt == QKV_BF16) /* f32 accumulation, one rounding per element, as torch's */
-        qkv__gemm_bf16_out(batch, m, n, k, 1.0f, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
-                           csc);
-    else if (tri)
-        qkv__gemm_tri_f64(tri, batch, m, n, k, a, ao, rsa, csa, b, bo, rsb, csb, c, co, rsc,
-                          csc);
+        qkv__gemm_bf16_out(batch, m, n, k, (float)alpha, a, ao, rsa, csa, b, bo, rsb, csb, c,
+                           co, rsc, csc);
     else
-        qkv__gemm_f64(batch, m, n, k, 1.0, a, ao, rsa, csa, b, bo, rsb, csb, 0.0, c, co, rsc,
-                      csc);
+        qkv__gemm_tri_f64(tri, batch, m, n, k, alpha, a, ao, rsa, csa, b, bo, rsb, csb, bias,
+                          biaso, c, co, rsc, csc);
 }
 
 static qkv_tensor *matmul_error(const char *name, const qkv_tensor *a, const qkv_tensor *b,
@@ -98,12 +94,58 @@ static qkv_tensor *matmul_tri_bf16(const qkv_tensor *a, const qkv_tensor *b, qkv
     return masked ? qkv__matmul_tri(masked, b, QKV_TRI_NONE, name) : NULL;
 }
 
+/* Whether term, broadcast to the product's shape (batch dims bshape, then m x n), is one row
+ * per matrix: n contiguous values (or one), the same for every row. Then the GEMM adds it as
+ * it stores each tile, with *st the term's strides over the batch dims (0 where it is
+ * broadcast). */
+static bool row_term(const qkv_tensor *t, qkv_dtype dt, int nbatch, const int64_t *bshape,
+                     int64_t m, int64_t n, int64_t *st) {
+    if (!t || t->dtype != dt || dt == QKV_BF16 || t->ndim > nbatch + 2) return false;
+    int64_t shape[QKV_MAX_DIMS], strides[QKV_MAX_DIMS];
+    for (int i = 0; i < nbatch; i++) shape[i] = bshape[i];
+    shape[nbatch] = m;
+    shape[nbatch + 1] = n;
+    qkv__broadcast_strides(t, nbatch + 2, shape, strides);
+    if ((m > 1 && strides[nbatch] != 0) || (n > 1 && strides[nbatch + 1] != 1)) return false;
+    memcpy(st, strides, (size_t)nbatch * sizeof *st);
+    return true;
+}
+
+static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
+                               double alpha, const qkv_tensor *term, bool *added,
+                               const char *name);
+
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
-    return qkv__matmul_tri(a, b, QKV_TRI_NONE, name);
+    return matmul_core(a, b, QKV_TRI_NONE, 1.0, NULL, NULL, name);
 }
 
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name) {
+    return matmul_core(a, b, tri, 1.0, NULL, NULL, name);
+}
+
+/* input + alpha (a @ b), input broadcast to the product's shape. A term of row form
+ * (row_term) is added by the GEMM; any other by the add op after it. */
+qkv_tensor *qkv__baddbmm(const qkv_tensor *input, const qkv_tensor *a, const qkv_tensor *b,
+                         double alpha, const char *name) {
+    if (QKV__NULL_ARGS(name, a, b)) return NULL;
+    if (!isfinite(alpha)) return qkv_set_error("%s: alpha %g is not finite", name, alpha);
+    if (!input) return matmul_core(a, b, QKV_TRI_NONE, alpha, NULL, NULL, name);
+    QKV__OP(name);
+    if (!QKV__CHECK(name, input)) return NULL;
+    qkv_scope_begin();
+    bool added;
+    qkv_tensor *out = matmul_core(a, b, QKV_TRI_NONE, alpha, input, &added, name);
+    if (out && !added) out = qkv__binary(QKV_OP_ADD, out, input, name);
+    return qkv_scope_end_keep(out);
+}
+
+/* alpha (a @ b), of the triangle tri; with term (tri none), *added tells whether the GEMM
+ * added it (row_term). */
+static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
+                               double alpha, const qkv_tensor *term, bool *added,
+                               const char *name) {
+    if (added) *added = false;
     if (QKV__NULL_ARGS(name, a, b)) return NULL;
     QKV__OP(name);
     if (!QKV__CHECK(name, a, b)) return NULL;
@@ -117,9 +159,9 @@ qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tr
     if (a->dtype != b->dtype) {
         qkv_scope_begin();
         qkv_dtype dt = qkv__promote(a->dtype, b->dtype);
-        qkv_tensor *out = qkv_keep(qkv__matmul_tri(a->dtype == dt ? a : qkv__to_dtype(a, dt),
-                                                   b->dtype == dt ? b : qkv__to_dtype(b, dt),
-                                                   tri, name));
+        qkv_tensor *out = qkv_keep(matmul_core(a->dtype == dt ? a : qkv__to_dtype(a, dt),
+                                               b->dtype == dt ? b : qkv__to_dtype(b, dt), tri,
+                                               alpha, term, added, name));
         qkv_scope_end();
         return out;
     }
@@ -147,6 +189,15 @@ qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tr
     for (int i = 0; i < nbatch; i++) oshape[ond++] = bshape[i];
     if (a->ndim > 1) oshape[ond++] = m;
     if (b->ndim > 1) oshape[ond++] = n;
+    int tnd;
+    int64_t tshape[QKV_MAX_DIMS];
+    if (term && !(qkv__broadcast_shape(ond, oshape, term->ndim, term->shape, &tnd, tshape) &&
+                  tnd == ond && !memcmp(tshape, oshape, (size_t)ond * sizeof *oshape))) {
+        char st[128], sa[128], sb[128];
+        return qkv_set_error("%s: input %s does not broadcast to the shape of %s @ %s", name,
+                             qkv_shape_str(term, st, sizeof st), qkv_shape_str(a, sa, sizeof sa),
+                             qkv_shape_str(b, sb, sizeof sb));
+    }
     qkv_tensor *out = qkv_empty(a->dtype, ond, oshape);
     if (!out) return NULL;
     int64_t batch = qkv__numel(nbatch, bshape);
@@ -157,19 +208,28 @@ qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tr
     }
     const char *ad = qkv_data(a), *bd = qkv_data(b);
     char *od = qkv_data(out);
+    int64_t tst[QKV_MAX_DIMS] = {0};
+    bool batch_term = false;
+    const void *td = NULL;
+    if (a->ndim > 1 && b->ndim > 1 && row_term(term, a->dtype, nbatch, bshape, m, n, tst)) {
+        td = qkv_data(term);
+        for (int i = 0; i < nbatch; i++) batch_term |= tst[i] != 0;
+        *added = true;
+    }
 
     /* A stack of row blocks times one matrix is one taller product, unless a triangle's rows
      * start again in each block. */
     int64_t rsa;
     if (B.ndim == 2 && rows_fold(&A, &rsa) && (a->ndim > 1 || batch == 1) &&
-        (!tri || batch == 1)) {
+        (!tri || batch == 1) && !batch_term) {
         int64_t rows = batch * m;
-        gemm(a->dtype, tri, 1, rows, n, k, ad, NULL, rsa, A.strides[A.ndim - 1],
-             bd, NULL, B.strides[0], B.strides[1], od, NULL, n, 1);
+        gemm(a->dtype, tri, 1, rows, n, k, alpha, ad, NULL, rsa, A.strides[A.ndim - 1], bd,
+             NULL, B.strides[0], B.strides[1], td, NULL, od, NULL, n, 1);
         return out;
     }
 
-    int64_t *offs = qkv__alloc((size_t)batch * 3 * sizeof(int64_t));
+    size_t offs_bytes = (size_t)batch * 4 * sizeof(int64_t);
+    int64_t *offs = qkv__alloc(offs_bytes);
     if (!offs) return NULL;
     int64_t ast[QKV_MAX_DIMS], bst[QKV_MAX_DIMS];
     for (int i = 0; i < nbatch; i++) {
@@ -179,22 +239,25 @@ qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tr
     }
     int64_t idx[QKV_MAX_DIMS] = {0};
     for (int64_t p = 0; p < batch; p++) {
-        int64_t oa = 0, ob = 0;
+        int64_t oa = 0, ob = 0, ot = 0;
         for (int i = 0; i < nbatch; i++) {
             oa += idx[i] * ast[i];
             ob += idx[i] * bst[i];
+            ot += idx[i] * tst[i];
         }
         offs[p] = oa;
         offs[batch + p] = ob;
         offs[2 * batch + p] = p * m * n;
+        offs[3 * batch + p] = ot;
         for (int i = nbatch - 1; i >= 0; i--) {
             if (++idx[i] < bshape[i]) break;
             idx[i] = 0;
         }
     }
-    gemm(a->dtype, tri, batch, m, n, k, ad, offs, A.strides[A.ndim - 2], A.strides[A.ndim - 1], bd,
-         offs + batch, B.strides[B.ndim - 2], B.strides[B.ndim - 1], od, offs + 2 * batch, n, 1);
-    qkv__free(offs, (size_t)batch * 3 * sizeof(int64_t));
+    gemm(a->dtype, tri, batch, m, n, k, alpha, ad, offs, A.strides[A.ndim - 2],
+         A.strides[A.ndim - 1], bd, offs + batch, B.strides[B.ndim - 2], B.strides[B.ndim - 1],
+         td, batch_term ? offs + 3 * batch : NULL, od, offs + 2 * batch, n, 1);
+    qkv__free(offs, offs_bytes);
     return out;
 }
 

@@ -357,6 +357,9 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
 /* The same with one triangle kept (qkv_matmul_tri); both operands at least 2-D. */
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name);
+/* input + alpha (a @ b) (qkv_baddbmm): input broadcasts to the product's shape, or is NULL. */
+qkv_tensor *qkv__baddbmm(const qkv_tensor *input, const qkv_tensor *a, const qkv_tensor *b,
+                         double alpha, const char *name);
 /* x W^T + b over the last dimension of x (w is [out, in], b is [out] or NULL). */
 qkv_tensor *qkv__affine(const qkv_tensor *x, const qkv_tensor *w, const qkv_tensor *b,
                         const char *name);
@@ -374,18 +377,22 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
-/* C = A B (alpha 1, beta 0) of the triangular kind tri (QKV_TRIL_OUT: C[i, j] for j <= i and
+/* C = alpha A B (beta 0) of the triangular kind tri (QKV_TRIL_OUT: C[i, j] for j <= i and
  * zeros above; QKV_TRIL_A: A[i, l] for l <= i only; likewise the upper ones), computing only
  * the tiles the triangle reaches. Each kept element is the sum of the same products, in the
- * same order, as the full product of the masked operands. */
+ * same order, as the full product of the masked operands. With QKV_TRI_NONE, bias (n
+ * contiguous values, or NULL; at bias + bias_off[p] for batch entry p when bias_off is not
+ * NULL) is added to every row of C as it is stored. */
 void qkv__gemm_tri_f32(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
-                       const float *a, const int64_t *a_off, int64_t rsa, int64_t csa,
-                       const float *b, const int64_t *b_off, int64_t rsb, int64_t csb,
-                       float *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+                       float alpha, const float *a, const int64_t *a_off, int64_t rsa,
+                       int64_t csa, const float *b, const int64_t *b_off, int64_t rsb,
+                       int64_t csb, const float *bias, const int64_t *bias_off, float *c,
+                       const int64_t *c_off, int64_t rsc, int64_t csc);
 void qkv__gemm_tri_f64(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t k,
-                       const double *a, const int64_t *a_off, int64_t rsa, int64_t csa,
-                       const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
-                       double *c, const int64_t *c_off, int64_t rsc, int64_t csc);
+                       double alpha, const double *a, const int64_t *a_off, int64_t rsa,
+                       int64_t csa, const double *b, const int64_t *b_off, int64_t rsb,
+                       int64_t csb, const double *bias, const int64_t *bias_off, double *c,
+                       const int64_t *c_off, int64_t rsc, int64_t csc);
 /* C = A B + bias for one product, bias being n contiguous values added to every row of C
  * (columns of C contiguous): the bias costs no pass over C of its own. */
 void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,

@@ -348,8 +348,8 @@ static bool kept(qkv_tri tri, int64_t i, int64_t j) {
         for (int t = 0; t < 2; t++) {                                                        \
             for (size_t i = 0; i < nc; i++) got[t][i] = (T)NAN;                              \
             qkv_set_num_threads(t + 1);                                                      \
-            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, a, off[0], A.rs, A.cs, b, off[1], B.rs, \
-                                   B.cs, got[t], off[2], C.rs, C.cs);                        \
+            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, 1, a, off[0], A.rs, A.cs, b, off[1],     \
+                                   B.rs, B.cs, NULL, NULL, got[t], off[2], C.rs, C.cs);      \
         }                                                                                    \
         qkv_set_num_threads(0);                                                              \
         for (int64_t p = 0; p < bt; p++)                                                     \
@@ -370,8 +370,8 @@ static bool kept(qkv_tri tri, int64_t i, int64_t j) {
             for (int64_t i = 0; i < m; i++)                                                  \
                 for (int64_t j = 0; j < n; j++) got[0][off[2][p] + i * C.rs + j * C.cs] = (T)NAN; \
         if (!out_kind)                                                                       \
-            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, am, off[0], A.rs, A.cs, b, off[1], B.rs,\
-                                   B.cs, got[0], off[2], C.rs, C.cs);                        \
+            qkv__gemm_tri_##SUFFIX(tri, bt, m, n, k, 1, am, off[0], A.rs, A.cs, b, off[1],    \
+                                   B.rs, B.cs, NULL, NULL, got[0], off[2], C.rs, C.cs);      \
         for (int64_t p = 0; !out_kind && p < bt; p++)                                        \
             for (int64_t i = 0; i < m; i++)                                                  \
                 for (int64_t j = 0; j < n; j++) {                                            \
