@@ -51,12 +51,12 @@ void qkv_no_grad_end(void);
 bool qkv_is_grad_enabled(void);
 
 /* Autocast (mixed precision), as torch.autocast("cpu", dtype=torch.bfloat16): between begin
- * and end (per thread, nestable), qkv_matmul and qkv_affine (so linear layers and attention's
- * products) take bf16 copies of F32 operands and return BF16, and the element-wise ops after
- * them run in BF16 too; qkv_softmax, qkv_log_softmax, layer norm, sum, mean, var and the losses
- * take F32 copies of BF16 inputs and return F32. Parameters stay F32 and get F32 gradients: a
- * cast is recorded, and its gradient is a cast back; the backward's products run in bf16 as
- * the forward's. A parameter (a leaf that requires grad) is converted once per outermost
+ * and end (per thread, nestable), qkv_matmul, qkv_baddbmm and qkv_affine (so linear layers and
+ * attention's products) take bf16 copies of F32 operands and return BF16, and the element-wise
+ * ops after them run in BF16 too; qkv_softmax, qkv_log_softmax, layer norm, sum, mean, var and
+ * the losses take F32 copies of BF16 inputs and return F32. Parameters stay F32 and get F32
+ * gradients: a cast is recorded, and its gradient is a cast back; the backward's products run
+ * in bf16 as the forward's. A parameter (a leaf that requires grad) is converted once per outermost
  * region, and again only after an in-place write (qkv_version). dtype must be QKV_BF16;
  * false with an error otherwise. An end with no region open is an error. */
 bool qkv_autocast_begin(qkv_dtype dtype);
@@ -246,6 +246,15 @@ qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b);
  * products cost half: QKV_TRIL_OUT for the scores, QKV_TRIL_A for weights @ v. Both operands
  * must be at least 2-D; the gradients are triangular products too. */
 qkv_tensor *qkv_matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri);
+/* torch.baddbmm(input, a, b, alpha=alpha) over qkv_matmul's operands (any rank, batch
+ * dimensions broadcast): input + alpha * (a @ b), with input broadcast to the product's shape
+ * (and not widening it), or NULL for alpha * (a @ b). alpha scales the sums inside the
+ * product, and an input that is one row per matrix ([..., 1, n] or [n], the same dtype: a key
+ * mask over attention scores) is added as the product is stored, so neither costs a pass of
+ * its own; any other input is added after. Under autocast all three run in bf16, as torch's
+ * baddbmm. */
+qkv_tensor *qkv_baddbmm(const qkv_tensor *input, const qkv_tensor *a, const qkv_tensor *b,
+                        double alpha);
 /* x weight^T + bias over the last dimension of x, as torch.nn.functional.linear: weight is
  * [out, in], bias [out], one element ([1] or 0-d, broadcast as in torch) or NULL. The bias is
  * fused into the product. */

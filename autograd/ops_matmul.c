@@ -24,12 +24,19 @@ static int lifted_shape(const qkv_tensor *t, bool left, int64_t *shape) {
     return 2;
 }
 
-/* For C = A B: dB = A^T dC and dA = dC B^T, each summed over the batch dimensions its operand
- * was broadcast along. When B is one matrix shared by a batch of A, dB is a single product
- * over the folded batch: A^T [k, batch*m] times dC [batch*m, n]. The forward saves A only
- * when B requires grad, and B only when A does. */
-static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
-    const qkv_tensor *a = IN(0), *b = IN(1);
+/* alpha (x @ y), differentiable: the backward's products of a scaled product. */
+static qkv_tensor *scaled_matmul(const qkv_tensor *x, const qkv_tensor *y, double alpha) {
+    return alpha == 1 ? qkv_matmul(x, y) : qkv_baddbmm(NULL, x, y, alpha);
+}
+
+/* For C = alpha A B: dB = alpha A^T dC and dA = alpha dC B^T, each summed over the batch
+ * dimensions its operand was broadcast along. When B is one matrix shared by a batch of A,
+ * dB is a single product over the folded batch: A^T [k, batch*m] times dC [batch*m, n]. A
+ * and B are inputs ia and ia + 1, saved in slots 0 and 1; the forward saves A only when B
+ * requires grad, and B only when A does. */
+static void product_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi, int ia,
+                             double alpha) {
+    const qkv_tensor *a = IN(ia), *b = IN(ia + 1);
     int64_t ashape[QKV_MAX_DIMS], bshape[QKV_MAX_DIMS], gshape[QKV_MAX_DIMS];
     int and = lifted_shape(a, true, ashape), bnd = lifted_shape(b, false, bshape);
     int gnd = 0;
@@ -38,7 +45,7 @@ static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
     gshape[gnd++] = bshape[bnd - 1];
     qkv_tensor *G = qkv_reshape(g, gnd, gshape);
     /* dB first: A's values, when recomputed for this backward, are freed before dA is made. */
-    if (NEEDS(1)) {
+    if (NEEDS(ia + 1)) {
         qkv_scope_begin(); /* the views of A die with it */
         qkv_tensor *A = lifted(qkv_saved(ctx, 0), true), *gb;
         if (bnd == 2 && and > 2) {
@@ -46,30 +53,66 @@ static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
             int64_t k = ashape[and - 1], n = bshape[1], rows = qkv__numel(and - 1, ashape);
             qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){rows, k});
             qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){rows, n});
-            gb = qkv_matmul(qkv_transpose(a2, 0, 1), g2);
+            gb = scaled_matmul(qkv_transpose(a2, 0, 1), g2, alpha);
         } else {
-            gb = qkv__sum_to(qkv_matmul(qkv_transpose(A, -1, -2), G), bnd, bshape);
+            gb = qkv__sum_to(scaled_matmul(qkv_transpose(A, -1, -2), G, alpha), bnd, bshape);
         }
-        gi[1] = qkv_scope_end_keep(qkv_reshape(gb, b->ndim, b->shape));
+        gi[ia + 1] = qkv_scope_end_keep(qkv_reshape(gb, b->ndim, b->shape));
         qkv__saved_release(ctx, 0);
     }
-    if (NEEDS(0)) {
-        qkv_tensor *ga = qkv_matmul(G, qkv_transpose(lifted(qkv_saved(ctx, 1), false), -1, -2));
-        gi[0] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
+    if (NEEDS(ia)) {
+        qkv_tensor *ga = scaled_matmul(G, qkv_transpose(lifted(qkv_saved(ctx, 1), false), -1, -2),
+                                       alpha);
+        gi[ia] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
     }
+}
+
+static void matmul_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    product_backward(ctx, g, gi, 0, 1.0);
 }
 static const qkv_function matmul_fn = {.name = "matmul", .backward = matmul_backward};
 
+/* The operands lowered to bf16 under autocast, as torch's lower-precision op list has
+ * matmul and baddbmm; false when a cast failed. */
+static bool autocast_operands(const qkv_tensor **a, const qkv_tensor **b,
+                              const qkv_tensor **input) {
+    if (!qkv_is_autocast_enabled() || !*a || !*b) return true;
+    *a = qkv__autocast_lower(*a);
+    *b = *a ? qkv__autocast_lower(*b) : NULL;
+    if (!*b) return false;
+    return !input || !*input || (*input = qkv__autocast_lower(*input));
+}
+
 qkv_tensor *qkv_matmul(const qkv_tensor *a, const qkv_tensor *b) {
-    if (qkv_is_autocast_enabled() && a && b) {
-        a = qkv__autocast_lower(a);
-        b = a ? qkv__autocast_lower(b) : NULL;
-        if (!a || !b) return NULL;
-    }
+    if (!autocast_operands(&a, &b, NULL)) return NULL;
     qkv_ctx *ctx = qkv_function_begin(&matmul_fn, 2, QKV_INPUTS(a, b), NULL);
     if (NEEDS(0)) qkv_save(ctx, 1, b);
     if (NEEDS(1)) qkv_save(ctx, 0, a);
     return qkv_function_end(ctx, qkv__matmul(a, b, "qkv_matmul"));
+}
+
+typedef struct baddbmm_args {
+    double alpha;
+} baddbmm_args;
+
+/* d input = the gradient summed to input's shape; the operands' as a product's, times alpha. */
+static void baddbmm_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    double alpha = ((const baddbmm_args *)qkv_ctx_args(ctx))->alpha;
+    product_backward(ctx, g, gi, 1, alpha);
+    if (NEEDS(0)) gi[0] = qkv__sum_to(g, IN(0)->ndim, IN(0)->shape);
+}
+static const qkv_function baddbmm_fn = {.name = "baddbmm", .backward = baddbmm_backward,
+                                        .args_size = sizeof(baddbmm_args)};
+
+qkv_tensor *qkv_baddbmm(const qkv_tensor *input, const qkv_tensor *a, const qkv_tensor *b,
+                        double alpha) {
+    if (!input && alpha == 1) return qkv_matmul(a, b);
+    if (!autocast_operands(&a, &b, &input)) return NULL;
+    qkv_ctx *ctx = qkv_function_begin(&baddbmm_fn, 3, QKV_INPUTS(input, a, b),
+                                      &(baddbmm_args){alpha});
+    if (NEEDS(1)) qkv_save(ctx, 1, b);
+    if (NEEDS(2)) qkv_save(ctx, 0, a);
+    return qkv_function_end(ctx, qkv__baddbmm(input, a, b, alpha, "qkv_baddbmm"));
 }
 
 /* ---- Triangular products ---------------------------------------------------------------- */
@@ -110,11 +153,7 @@ static const qkv_function matmul_tri_fn = {.name = "matmul_tri",
 
 qkv_tensor *qkv_matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri) {
     if (tri == QKV_TRI_NONE) return qkv_matmul(a, b);
-    if (qkv_is_autocast_enabled() && a && b) {
-        a = qkv__autocast_lower(a);
-        b = a ? qkv__autocast_lower(b) : NULL;
-        if (!a || !b) return NULL;
-    }
+    if (!autocast_operands(&a, &b, NULL)) return NULL;
     qkv_ctx *ctx = qkv_function_begin(&matmul_tri_fn, 2, QKV_INPUTS(a, b),
                                       &(matmul_tri_args){tri});
     if (NEEDS(0)) qkv_save(ctx, 1, b);

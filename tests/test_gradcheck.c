@@ -415,6 +415,29 @@ static void gradcheck_matmul(void **state) {
           input(QKV_SHAPE(5, 4, 2), ANY, EXPANDED));
 }
 
+static qkv_tensor *call_baddbmm(qkv_tensor *const *in, int n, void *ctx) {
+    return qkv_baddbmm(n > 2 ? in[2] : NULL, in[0], in[1], *(const double *)ctx);
+}
+
+/* input + alpha (a @ b) for each form of input: one row per matrix (which the product adds as
+ * it stores, when contiguous), one row for all, a full matrix, none; every layout of the
+ * operands and of the input. */
+static void gradcheck_baddbmm(void **state) {
+    (void)state;
+    static const double alpha = -0.75;
+    for (int l = 0; l < N_LAYOUTS; l++) {
+        qkv_tensor *a = input(QKV_SHAPE(2, 3, 4), ANY, (layout)l);
+        qkv_tensor *b = input(QKV_SHAPE(2, 4, 5), ANY, (layout)((l + 2) % N_LAYOUTS));
+        CHECK(call_baddbmm, (void *)&alpha, a, b, input(QKV_SHAPE(2, 1, 5), ANY, (layout)l));
+        CHECK(call_baddbmm, (void *)&alpha, a, b, leaf(QKV_SHAPE(5), ANY));
+        CHECK(call_baddbmm, (void *)&alpha, a, b, input(QKV_SHAPE(3, 5), ANY, (layout)l));
+        CHECK(call_baddbmm, (void *)&alpha, a, b);
+    }
+    /* a key mask over per-head scores, b shared by the batch */
+    CHECK(call_baddbmm, (void *)&alpha, leaf(QKV_SHAPE(2, 2, 3, 4), ANY),
+          leaf(QKV_SHAPE(4, 5), ANY), leaf(QKV_SHAPE(2, 1, 1, 5), ANY));
+}
+
 static qkv_tensor *call_affine(qkv_tensor *const *in, int n, void *ctx) {
     (void)ctx;
     return qkv_affine(in[0], in[1], n > 2 ? in[2] : NULL);
@@ -705,6 +728,7 @@ int main(void) {
         TEST(gradcheck_softmax_and_log_softmax),
         TEST(gradcheck_causal_softmax),
         TEST(gradcheck_matmul),
+        TEST(gradcheck_baddbmm),
         TEST(gradcheck_affine),
         TEST(gradcheck_views_and_copies),
         TEST(gradcheck_index_select),

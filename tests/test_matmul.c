@@ -83,6 +83,80 @@ static void matmul_gradients_match_torch_in_every_case(void **state) {
     assert_null(qkv_error());
 }
 
+/* ---- baddbmm ----------------------------------------------------------------------------- */
+
+static void assert_baddbmm_part(const qkv_tensor *t, const fx_tensor *want, const fx_baddbmm *c,
+                                const char *part) {
+    char what[200];
+    snprintf(what, sizeof what, "baddbmm %s (%s): %s", c->what, qkv_dtype_name(c->dt), part);
+    double rtol = c->rtol > 0 ? c->rtol : fx_rtol(c->dt);
+    fx_assert_close(t, c->dt, want, rtol, fx_atol(c->dt), what);
+}
+
+/* Every form of input (one row per matrix, added by the GEMM; broadcast otherwise, added
+ * after; none), the values and all three gradients, against torch. */
+static void baddbmm_matches_torch_in_every_case(void **state) {
+    (void)state;
+    for (size_t i = 0; i < N_OF(fx_baddbmm_cases); i++) {
+        const fx_baddbmm *c = &fx_baddbmm_cases[i];
+        qkv_scope_begin();
+        qkv_tensor *in = c->input.data ? qkv_requires_grad_(fx_make(&c->input, c->dt), true)
+                                       : NULL;
+        qkv_tensor *a = qkv_requires_grad_(fx_make(&c->a, c->dt), true);
+        qkv_tensor *b = qkv_requires_grad_(fx_make(&c->b, c->dt), true);
+        qkv_tensor *out = qkv_baddbmm(in, a, apply_view(b, &c->vb), c->alpha);
+        assert_baddbmm_part(out, &c->out, c, "out");
+        assert_true(qkv_backward(qkv_sum_all(qkv_mul(out, fx_make(&c->w, c->dt)))));
+        if (in) assert_baddbmm_part(in->grad, &c->dinput, c, "grad input");
+        assert_baddbmm_part(a->grad, &c->da, c, "grad a");
+        assert_baddbmm_part(b->grad, &c->db, c, "grad b");
+        qkv_scope_end();
+    }
+    assert_null(qkv_error());
+}
+
+/* The GEMM's epilogue and the add after it give one result: a key mask is added the same way
+ * whether it is read as one row per matrix or, through a non-contiguous copy, after. */
+static void baddbmm_row_input_equals_the_sum_after(void **state) {
+    (void)state;
+    qkv_generator g;
+    qkv_generator_init(&g, 7);
+    qkv_tensor *a = qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 13, 8), &g);
+    qkv_tensor *b = qkv_randn(QKV_F32, QKV_SHAPE(2, 3, 8, 29), &g);
+    qkv_tensor *row = qkv_randn(QKV_F32, QKV_SHAPE(2, 1, 1, 29), &g);
+    /* the same values with columns two apart: not a row the GEMM can add */
+    qkv_tensor *pairs = qkv_expand(qkv_unsqueeze(row, 4), QKV_SHAPE(2, 1, 1, 29, 2));
+    qkv_tensor *spread = qkv_slice(qkv_reshape(qkv_contiguous(pairs), QKV_SHAPE(2, 1, 1, 58)), 3,
+                                   0, 58, 2);
+    assert_false(qkv_is_contiguous(spread));
+    qkv_tensor *fused = qkv_baddbmm(row, a, b, 0.3);
+    qkv_tensor *after = qkv_baddbmm(spread, a, b, 0.3);
+    qkv_tensor *composed = qkv_add(qkv_baddbmm(NULL, a, b, 0.3), row);
+    assert_non_null(fused);
+    assert_true(qkv_item(qkv_max_all(qkv_abs(qkv_sub(fused, composed)))) <= 1e-5);
+    assert_true(qkv_item(qkv_max_all(qkv_abs(qkv_sub(after, composed)))) == 0);
+}
+
+static void baddbmm_input_must_broadcast_to_the_product(void **state) {
+    (void)state;
+    qkv_tensor *a = qkv_zeros(QKV_F32, QKV_SHAPE(2, 3, 4));
+    qkv_tensor *b = qkv_zeros(QKV_F32, QKV_SHAPE(4, 5));
+    assert_null(qkv_baddbmm(qkv_zeros(QKV_F32, QKV_SHAPE(2, 3, 4)), a, b, 1));
+    assert_string_equal(qkv_error(), "qkv_baddbmm: input [2,3,4] does not broadcast to the "
+                                     "shape of [2,3,4] @ [4,5]");
+    qkv_clear_error();
+    assert_null(qkv_baddbmm(qkv_zeros(QKV_F32, QKV_SHAPE(7, 2, 3, 5)), a, b, 1));
+    assert_string_equal(qkv_error(), "qkv_baddbmm: input [7,2,3,5] does not broadcast to the "
+                                     "shape of [2,3,4] @ [4,5]");
+    qkv_clear_error();
+    assert_null(qkv_baddbmm(NULL, a, b, NAN));
+    assert_string_equal(qkv_error(), "qkv_baddbmm: alpha nan is not finite");
+    qkv_clear_error();
+    assert_null(qkv_baddbmm(NULL, NULL, b, 2));
+    assert_string_equal(qkv_error(), "qkv_baddbmm: tensor argument 1 is NULL");
+    qkv_clear_error();
+}
+
 /* ---- operands read in place -------------------------------------------------------------- */
 
 /* Allocations made by one product (the result and the kernel's own buffers). */
@@ -230,6 +304,9 @@ int main(void) {
         T(matmul_of_null_is_null_naming_the_argument),
         T(rows_behind_size_one_axes_with_odd_strides_are_read_in_place),
         T(affine_of_a_contiguous_view_with_an_odd_size_one_stride),
+        T(baddbmm_matches_torch_in_every_case),
+        T(baddbmm_row_input_equals_the_sum_after),
+        T(baddbmm_input_must_broadcast_to_the_product),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
