@@ -454,10 +454,10 @@ void *qkv_module_dict_set(qkv_module_dict *d, const char *name, qkv_module *modu
 qkv_module *qkv_module_dict_get(const qkv_module_dict *d, const char *name); /* NULL + error */
 int qkv_module_dict_size(const qkv_module_dict *d);
 
-/* torch.nn.functional.scaled_dot_product_attention (PyTorch 2.x), composed from matmul,
- * an added mask, softmax and dropout: softmax(q k^T * scale + mask) v for q [..., L, E],
- * k [..., S, E], v [..., S, Ev] -> [..., L, Ev] (leading dims broadcast). A zeroed struct or
- * NULL: no mask, scale 1/sqrt(E), no dropout. */
+/* torch.nn.functional.scaled_dot_product_attention (PyTorch 2.x), composed from baddbmm (the
+ * scores with the scale and mask), softmax, dropout and matmul: softmax(q k^T * scale + mask) v
+ * for q [..., L, E], k [..., S, E], v [..., S, Ev] -> [..., L, Ev] (leading dims broadcast). A
+ * zeroed struct or NULL: no mask, scale 1/sqrt(E), no dropout. */
 typedef struct qkv_sdpa_options {
     /* Broadcasts to [..., L, S]. BOOL: true = the key TAKES PART (torch's sdpa convention,
      * the opposite of nn.MultiheadAttention's and qkv_attention_options'); float: added. */
