@@ -408,27 +408,35 @@ SOFTMAX_ROW(double, exp, log)
 
 /* The common case, a contiguous float row in and out, a vector at a time. Lanes past the row's
  * end hold -inf, which the max ignores and whose exp is 0. */
-/* The row's maximum, NaN when the row holds one (then the whole row is NaN). */
-static float row_max_vector(const float *x, int64_t n) {
-    qkv_vf vm = qkv__vf_splat(-INFINITY);
-    qkv_vi nan = {0};
-    int64_t j = 0;
-    for (; j + QKV_VF_LANES <= n; j += QKV_VF_LANES) {
-        qkv_vf v = qkv__vf_load(x + j);
-        vm = qkv__vf_select(v > vm, v, vm);
-        nan |= v != v;
-    }
+/* One vector into a row's running lane maxima and NaN flags. */
+static inline void max_step(qkv_vf v, qkv_vf *vm, qkv_vi *nan) {
+    *vm = qkv__vf_select(v > *vm, v, *vm);
+    *nan |= v != v;
+}
+
+/* The maximum over the lanes, NaN when any lane saw one. */
+static inline float lanes_max(qkv_vf vm, qkv_vi nan) {
     float m = -INFINITY;
     bool any_nan = false;
     for (int l = 0; l < QKV_VF_LANES; l++) {
         if (vm[l] > m) m = vm[l];
         any_nan |= nan[l] != 0;
     }
-    for (; j < n; j++) {
-        if (x[j] > m) m = x[j];
-        any_nan |= x[j] != x[j];
-    }
     return any_nan ? NAN : m;
+}
+
+/* The row's maximum, NaN when the row holds one (then the whole row is NaN). */
+static float row_max_vector(const float *x, int64_t n) {
+    qkv_vf vm = qkv__vf_splat(-INFINITY);
+    qkv_vi nan = {0};
+    int64_t j = 0;
+    for (; j + QKV_VF_LANES <= n; j += QKV_VF_LANES) max_step(qkv__vf_load(x + j), &vm, &nan);
+    float m = lanes_max(vm, nan);
+    for (; j < n; j++) {
+        if (x[j] != x[j]) return NAN;
+        if (x[j] > m) m = x[j];
+    }
+    return m;
 }
 
 static void softmax_row_vector(const float *x, float *y, int64_t n, bool take_log) {
@@ -593,18 +601,10 @@ static inline qkv_vf causal_lanes(const float *x, int64_t j, int64_t m, int64_t 
 static float causal_row_max(const float *x, int64_t n, int64_t m) {
     qkv_vf vm = qkv__vf_splat(-INFINITY);
     qkv_vi nan = {0};
-    for (int64_t j = 0; j < m; j += QKV_VF_LANES) {
-        qkv_vf v = j + QKV_VF_LANES <= m ? qkv__vf_load(x + j) : causal_lanes(x, j, m, n);
-        vm = qkv__vf_select(v > vm, v, vm);
-        nan |= v != v;
-    }
-    float mx = -INFINITY;
-    bool any_nan = false;
-    for (int l = 0; l < QKV_VF_LANES; l++) {
-        if (vm[l] > mx) mx = vm[l];
-        any_nan |= nan[l] != 0;
-    }
-    return any_nan ? NAN : mx;
+    for (int64_t j = 0; j < m; j += QKV_VF_LANES)
+        max_step(j + QKV_VF_LANES <= m ? qkv__vf_load(x + j) : causal_lanes(x, j, m, n), &vm,
+                 &nan);
+    return lanes_max(vm, nan);
 }
 
 /* exp(x - mx) of a causal row's first m entries into y, whole vectors with zeros past m
