@@ -211,6 +211,17 @@ def matmul_promoted(a, b):
     return torch.matmul(a.to(dt), b.to(dt))
 
 
+def baddbmm_mirror(inp, a, b, alpha):
+    """qkv_baddbmm: input + alpha * (a @ b) over matmul's operands (promoted), the input
+    broadcast to the product and never widening it."""
+    out = matmul_promoted(a, b) * alpha
+    if inp is None:
+        return out
+    if tuple(torch.broadcast_shapes(inp.shape, out.shape)) != tuple(out.shape):
+        raise RuntimeError("baddbmm: input does not broadcast to the product")
+    return inp + out
+
+
 def max_dim(x, axis, keepdim, is_max):
     torch.max(x.detach(), axis)  # refuses what torch.max refuses
     idx = (x.detach().argmax if is_max else x.detach().argmin)(axis, keepdim=True)
@@ -259,7 +270,7 @@ HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
            "var_0d_as_1d": var_0d_as_1d, "matmul_promoted": matmul_promoted,
            "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype,
            "cross_entropy_masked": cross_entropy_masked, "max_dim": max_dim,
-           "silu_mul": silu_mul}
+           "silu_mul": silu_mul, "baddbmm_mirror": baddbmm_mirror}
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
@@ -376,6 +387,11 @@ def py_expr(name, a, I, Fl, mirror):
         return "torch.where(%s, %s, %s)" % (a[0], a[1], a[2])
     if name == "masked_fill":
         return "%s.masked_fill(%s, %s)" % (a[0], a[1], s)
+    if name == "baddbmm":
+        inp = a[2] if len(a) > 2 else "None"
+        if "baddbmm_broadcasts" in mirror:
+            return "baddbmm_mirror(%s, %s, %s, %s)" % (inp, a[0], a[1], s)
+        return "torch.baddbmm(%s, %s, %s, alpha=%s)" % (inp, a[0], a[1], s)
     if name == "affine":
         if "affine_one_dtype" in mirror:
             return "linear_one_dtype(%s)" % ", ".join(a)
@@ -1158,7 +1174,35 @@ class Builder:
                 return
             self.op("matmul", [j, i])
             return
+        if r.random() < 0.3:
+            self.gen_baddbmm(i, j)
+            return
         self.op("matmul", [i, j])
+
+    def gen_baddbmm(self, i, j):
+        """input + alpha * (i @ j), the input one row per matrix (which the GEMM adds as it
+        stores), one row for all, the whole product's shape, a column, or none."""
+        r = self.r
+        alpha = r.choice([1.0, 0.5, -1.25, 0.125])
+        try:
+            out = list(baddbmm_mirror(None, self.tensors[i], self.tensors[j], 1.0).shape)
+        except Exception:  # operands qkv must refuse as well
+            self.op("baddbmm", [i, j], [], [alpha])
+            return
+        if not out:
+            self.op("baddbmm", [i, j], [], [alpha])
+            return
+        n = out[-1]
+        shapes = [None, [n], out, out[:-2] + [1, n] if len(out) >= 2 else [n],
+                  out[:-1] + [1], [1] * (len(out) - 1) + [n]]
+        shape = r.choice(shapes)
+        inp = []
+        if shape is not None:
+            k = self.new_leaf(shape, dtype=r.choice([self.fdtype(i), self.dtype]))
+            if k is None:
+                return
+            inp = [k]
+        self.op("baddbmm", [i, j] + inp, [], [alpha])
 
     def gen_where(self):
         r = self.r
@@ -1467,6 +1511,8 @@ def c_expr(v, a):
         return "qkv_masked_fill(%s, %s, %s)" % (a[0], a[1], s)
     if name == "affine":
         return "qkv_affine(%s, %s, %s)" % (a[0], a[1], a[2] if len(a) > 2 else "NULL")
+    if name == "baddbmm":
+        return "qkv_baddbmm(%s, %s, %s, %s)" % (a[2] if len(a) > 2 else "NULL", a[0], a[1], s)
     if name in ("index_select", "gather"):
         return "qkv_%s(%s, %d, %s)" % (name, a[0], I[0], a[1])
     if name in ("concat", "stack"):
