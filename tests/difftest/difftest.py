@@ -222,6 +222,37 @@ def baddbmm_mirror(inp, a, b, alpha):
     return inp + out
 
 
+def masked_fill_same_shape(x, mask, value):
+    """qkv_masked_fill: the mask broadcasts to x, never x to the mask."""
+    if tuple(torch.broadcast_shapes(x.shape, mask.shape)) != tuple(x.shape):
+        raise RuntimeError("masked_fill: the mask does not broadcast to the input")
+    return x.masked_fill(mask, value)
+
+
+def matmul_tri_mirror(a, b, tri):
+    """qkv_matmul_tri over the promoted operands: tril(a @ b), triu(a @ b), tril(a) @ b,
+    triu(a) @ b (tri 1..4); both operands at least 2-D."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise RuntimeError("matmul_tri: both operands must be matrices")
+    if tri == 3:
+        return matmul_promoted(torch.tril(a), b)
+    if tri == 4:
+        return matmul_promoted(torch.triu(a), b)
+    out = matmul_promoted(a, b)
+    return torch.tril(out) if tri == 1 else torch.triu(out)
+
+
+def causal_softmax(x, past, all_masked_zero):
+    """qkv_causal_softmax: softmax over the last axis with key j hidden from query i when
+    j > past + i; rows with nothing left are zeros under softmax_all_masked."""
+    if x.dim() < 2:
+        raise RuntimeError("causal_softmax: scores must have two dimensions")
+    L, S = x.shape[-2], x.shape[-1]
+    hide = torch.arange(S).view(1, S) > torch.arange(L).view(L, 1) + past
+    x = x.masked_fill(hide, -math.inf)
+    return softmax_masked(x, -1, False) if all_masked_zero else torch.softmax(x, -1)
+
+
 def max_dim(x, axis, keepdim, is_max):
     torch.max(x.detach(), axis)  # refuses what torch.max refuses
     idx = (x.detach().argmax if is_max else x.detach().argmin)(axis, keepdim=True)
@@ -270,7 +301,9 @@ HELPERS = {"amax_first": amax_first, "max_all_first": max_all_first,
            "var_0d_as_1d": var_0d_as_1d, "matmul_promoted": matmul_promoted,
            "bce_limit": bce_limit, "linear_one_dtype": linear_one_dtype,
            "cross_entropy_masked": cross_entropy_masked, "max_dim": max_dim,
-           "silu_mul": silu_mul, "baddbmm_mirror": baddbmm_mirror}
+           "silu_mul": silu_mul, "baddbmm_mirror": baddbmm_mirror,
+           "masked_fill_same_shape": masked_fill_same_shape,
+           "matmul_tri_mirror": matmul_tri_mirror, "causal_softmax": causal_softmax}
 HELPER_SOURCE_NAMES = list(HELPERS)
 
 UNARY = ["neg", "exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "relu"]
@@ -386,7 +419,13 @@ def py_expr(name, a, I, Fl, mirror):
     if name == "where":
         return "torch.where(%s, %s, %s)" % (a[0], a[1], a[2])
     if name == "masked_fill":
+        if "masked_fill_keeps_shape" in mirror:
+            return "masked_fill_same_shape(%s, %s, %s)" % (a[0], a[1], s)
         return "%s.masked_fill(%s, %s)" % (a[0], a[1], s)
+    if name == "matmul_tri":
+        return "matmul_tri_mirror(%s, %s, %d)" % (a[0], a[1], I[0])
+    if name == "causal_softmax":
+        return "causal_softmax(%s, %d, %s)" % (a[0], I[0], "softmax_all_masked" in mirror)
     if name == "baddbmm":
         inp = a[2] if len(a) > 2 else "None"
         if "baddbmm_broadcasts" in mirror:
@@ -1070,6 +1109,9 @@ class Builder:
             i = self.op("masked_fill", [i, m], [], [-math.inf])
             if i is None:
                 return
+        if nd >= 2 and r.random() < 0.2:
+            self.op("causal_softmax", [i], [r.choice([0, 0, 1, 3])])
+            return
         self.op(r.choice(["softmax", "log_softmax"]), [i], [self.axis(nd)])
 
     def bcast_mask(self, shape):
@@ -1176,6 +1218,9 @@ class Builder:
             return
         if r.random() < 0.3:
             self.gen_baddbmm(i, j)
+            return
+        if r.random() < 0.2:
+            self.op("matmul_tri", [i, j], [r.randint(1, 4)])
             return
         self.op("matmul", [i, j])
 
@@ -1513,6 +1558,10 @@ def c_expr(v, a):
         return "qkv_affine(%s, %s, %s)" % (a[0], a[1], a[2] if len(a) > 2 else "NULL")
     if name == "baddbmm":
         return "qkv_baddbmm(%s, %s, %s, %s)" % (a[2] if len(a) > 2 else "NULL", a[0], a[1], s)
+    if name == "matmul_tri":
+        return "qkv_matmul_tri(%s, %s, %d)" % (a[0], a[1], I[0])
+    if name == "causal_softmax":
+        return "qkv_causal_softmax(%s, %d)" % (a[0], I[0])
     if name in ("index_select", "gather"):
         return "qkv_%s(%s, %d, %s)" % (name, a[0], I[0], a[1])
     if name in ("concat", "stack"):

@@ -324,6 +324,8 @@ static qkv_tensor *other_op(const op_args *o, bool *found) {
     if (!strcmp(o->name, "clamp")) return qkv_clamp(in[0], o->f[0], o->f[1]);
     if (!strcmp(o->name, "masked_fill")) return qkv_masked_fill(in[0], in[1], o->f[0]);
     if (!strcmp(o->name, "affine")) return qkv_affine(in[0], in[1], o->nin > 2 ? in[2] : NULL);
+    if (!strcmp(o->name, "matmul_tri")) return qkv_matmul_tri(in[0], in[1], (qkv_tri)o->i[0]);
+    if (!strcmp(o->name, "causal_softmax")) return qkv_causal_softmax(in[0], o->i[0]);
     if (!strcmp(o->name, "baddbmm"))
         return qkv_baddbmm(o->nin > 2 ? in[2] : NULL, in[0], in[1], o->f[0]);
     if (!strcmp(o->name, "index_select")) return qkv_index_select(in[0], (int)o->i[0], in[1]);
