@@ -492,6 +492,15 @@ static qkv_tensor *fit(qkv_tensor *g, const qkv_tensor *t) {
     return g;
 }
 
+/* Whether a leaf's first gradient g may become its .grad as it is: a dense tensor that only
+ * the running node's scope holds, sharing its storage with nothing, so no value the graph or
+ * the user can still reach changes when the .grad does. Anything else is copied. */
+static bool grad_takeable(const qkv_tensor *g) {
+    return qkv__scope_sole(g) && g->storage && g->storage->refcount == 1 && !g->grad_fn &&
+           !g->requires_grad && g->offset == 0 && qkv_is_contiguous(g) &&
+           g->storage->nbytes == (size_t)g->numel * qkv_dtype_size(g->dtype);
+}
+
 /* *slot + g into *slot: over the running sum's values when nothing but the slot holds them
  * (qkv__add_into), else as a fresh sum. */
 static bool accumulate(qkv_tensor **slot, qkv_tensor *g, bool fresh_copy) {
@@ -609,7 +618,7 @@ static bool run_node(qkv_node *n, node_list *ready) {
         qkv_node *c = in->grad_fn;
         if (grads[i]) {
             qkv_tensor *gi = fit(grads[i], in);
-            ok = gi && accumulate(c ? &c->grad : &in->grad, gi, !c);
+            ok = gi && accumulate(c ? &c->grad : &in->grad, gi, !c && !grad_takeable(gi));
         }
         if (!c && in->grad_hooks && ok) qkv__hooks_contributed(in);
         if (c && --c->pending == 0 && ok) ok = push(ready, c);

@@ -92,6 +92,14 @@ bool qkv__scope_add(qkv_tensor *t) {
     return true;
 }
 
+bool qkv__scope_sole(const qkv_tensor *t) {
+    if (depth == 0 || depth > MAX_LEVELS || t->refcount != 1 || t->scope_refs != 1) return false;
+    const scope *s = &stack[depth - 1];
+    for (size_t i = s->n; i > 0; i--)
+        if (s->items[i - 1] == t) return true;
+    return false;
+}
+
 qkv_tensor *qkv_keep(qkv_tensor *t) {
     if (!t) return NULL;
     if (t->magic == QKV__TENSOR_FREED) return qkv__freed_error("qkv_keep", t), NULL;

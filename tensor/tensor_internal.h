@@ -36,6 +36,9 @@ static inline void qkv__bump_version(qkv_tensor *t) {
  * reference to the caller (t->user_refs) when no scope is open. False when the scope cannot
  * grow; t is then released. */
 bool qkv__scope_add(qkv_tensor *t);
+/* Whether the innermost scope holds t's only reference: t was made inside it and handed to
+ * no one. */
+bool qkv__scope_sole(const qkv_tensor *t);
 /* A new tensor object over storage (retained), registered with the innermost scope. */
 qkv_tensor *qkv__make(qkv_dtype dtype, int ndim, const int64_t *shape, const int64_t *strides,
                       int64_t offset, qkv_storage *storage);

@@ -109,6 +109,45 @@ static void accumulation_leaves_a_held_gradient_as_it_was(void **state) {
     qkv_scope_end();
 }
 
+/* A custom backward handing back a tensor its author still holds. */
+static qkv_tensor *handed_back;
+static void hand_back_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) {
+    (void)ctx;
+    (void)g;
+    gi[0] = handed_back;
+}
+static const qkv_function hand_back_fn = {.name = "hand_back", .backward = hand_back_backward};
+
+/* A leaf's first gradient becomes its .grad without a copy when the backward made it for the
+ * leaf alone; one that anything else can still reach is copied, so writing the .grad changes
+ * nothing else. */
+static void a_leaf_takes_its_gradient_only_when_nothing_else_holds_it(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    qkv_tensor *x = param(QKV_SHAPE(3), VALUES(1, 2, 3));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul_scalar(x, 3))));
+    ASSERT_VALUES(x->grad, 3, 3, 3);
+    assert_int_equal(x->grad->refcount, 1);
+    assert_int_equal(x->grad->storage->refcount, 1);
+    qkv_zero_grad(x);
+    /* held by this test's scope alone, as a gradient made by the node would be by its own */
+    handed_back = constant(QKV_SHAPE(3), VALUES(4, 5, 6));
+    qkv_ctx *ctx = qkv_function_begin(&hand_back_fn, 1, (const qkv_tensor *const[]){x}, NULL);
+    assert_true(qkv_backward(qkv_sum_all(qkv_function_end(ctx, qkv_mul_scalar(x, 1)))));
+    ASSERT_VALUES(x->grad, 4, 5, 6);
+    assert_ptr_not_equal(x->grad->storage, handed_back->storage);
+    assert_true(qkv_fill_(x->grad, 0));
+    ASSERT_VALUES(handed_back, 4, 5, 6);
+    /* A view of a gradient the node also hands elsewhere is copied too. */
+    qkv_zero_grad(x);
+    qkv_tensor *y = param(QKV_SHAPE(3), VALUES(0, 0, 0));
+    assert_true(qkv_backward(qkv_sum_all(qkv_add(x, y))));
+    ASSERT_VALUES(x->grad, 1, 1, 1);
+    ASSERT_VALUES(y->grad, 1, 1, 1);
+    assert_ptr_not_equal(x->grad->storage, y->grad->storage);
+    qkv_scope_end();
+}
+
 static void zero_grad_drops_the_gradient(void **state) {
     (void)state;
     qkv_scope_begin();
@@ -1247,6 +1286,8 @@ int main(void) {
         cmocka_unit_test_setup(leaves_accumulate_across_two_backward_calls, clear_error),
         cmocka_unit_test_setup(accumulation_leaves_a_held_gradient_as_it_was, clear_error),
         cmocka_unit_test_setup(masking_backwards_select_instead_of_multiplying, clear_error),
+        cmocka_unit_test_setup(a_leaf_takes_its_gradient_only_when_nothing_else_holds_it,
+                               clear_error),
         cmocka_unit_test_setup(zero_grad_drops_the_gradient, clear_error),
         cmocka_unit_test_setup(backward_with_seeds_a_non_scalar_output, clear_error),
         cmocka_unit_test_setup(backward_requires_a_one_element_loss, clear_error),
