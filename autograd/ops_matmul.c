@@ -25,8 +25,17 @@ static int lifted_shape(const qkv_tensor *t, bool left, int64_t *shape) {
 }
 
 /* alpha (x @ y), differentiable: the backward's products of a scaled product. */
-static qkv_tensor *scaled_matmul(const qkv_tensor *x, const qkv_tensor *y, double alpha) {
-    return alpha == 1 ? qkv_matmul(x, y) : qkv_baddbmm(NULL, x, y, alpha);
+static bool autocast_operands(const qkv_tensor **a, const qkv_tensor **b,
+                              const qkv_tensor **input);
+
+/* alpha x @ y for a gradient, laid out as the operand like it is for where that is a dense
+ * permutation (qkv__matmul_like): through the views the operand came from (a transpose, a
+ * head split) it then arrives as a contiguous tensor of their base, and nothing after it
+ * copies to undo them. */
+static qkv_tensor *scaled_matmul(const qkv_tensor *x, const qkv_tensor *y, double alpha,
+                                 const qkv_tensor *like) {
+    if (!autocast_operands(&x, &y, NULL)) return NULL;
+    return qkv__matmul_like(x, y, alpha, like, alpha == 1 ? "qkv_matmul" : "qkv_baddbmm");
 }
 
 /* For C = alpha A B: dB = alpha A^T dC and dA = alpha dC B^T, each summed over the batch
@@ -53,16 +62,17 @@ static void product_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi,
             int64_t k = ashape[and - 1], n = bshape[1], rows = qkv__numel(and - 1, ashape);
             qkv_tensor *a2 = qkv_reshape(A, 2, (const int64_t[]){rows, k});
             qkv_tensor *g2 = qkv_reshape(G, 2, (const int64_t[]){rows, n});
-            gb = scaled_matmul(qkv_transpose(a2, 0, 1), g2, alpha);
+            gb = scaled_matmul(qkv_transpose(a2, 0, 1), g2, alpha, b);
         } else {
-            gb = qkv__sum_to(scaled_matmul(qkv_transpose(A, -1, -2), G, alpha), bnd, bshape);
+            gb = qkv__sum_to(scaled_matmul(qkv_transpose(A, -1, -2), G, alpha, b), bnd,
+                             bshape);
         }
         gi[ia + 1] = qkv_scope_end_keep(qkv_reshape(gb, b->ndim, b->shape));
         qkv__saved_release(ctx, 0);
     }
     if (NEEDS(ia)) {
         qkv_tensor *ga = scaled_matmul(G, qkv_transpose(lifted(qkv_saved(ctx, 1), false), -1, -2),
-                                       alpha);
+                                       alpha, a);
         gi[ia] = qkv_reshape(qkv__sum_to(ga, and, ashape), a->ndim, a->shape);
     }
 }

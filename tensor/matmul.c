@@ -113,15 +113,21 @@ static bool row_term(const qkv_tensor *t, qkv_dtype dt, int nbatch, const int64_
 
 static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                                double alpha, const qkv_tensor *term, bool *added,
-                               const char *name);
+                               const qkv_tensor *like, const char *name);
 
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name) {
-    return matmul_core(a, b, QKV_TRI_NONE, 1.0, NULL, NULL, name);
+    return matmul_core(a, b, QKV_TRI_NONE, 1.0, NULL, NULL, NULL, name);
+}
+
+qkv_tensor *qkv__matmul_like(const qkv_tensor *a, const qkv_tensor *b, double alpha,
+                             const qkv_tensor *like, const char *name) {
+    if (!isfinite(alpha)) return qkv_set_error("%s: alpha %g is not finite", name, alpha);
+    return matmul_core(a, b, QKV_TRI_NONE, alpha, NULL, NULL, like, name);
 }
 
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name) {
-    return matmul_core(a, b, tri, 1.0, NULL, NULL, name);
+    return matmul_core(a, b, tri, 1.0, NULL, NULL, NULL, name);
 }
 
 /* input + alpha (a @ b), input broadcast to the product's shape. A term of row form
@@ -130,21 +136,32 @@ qkv_tensor *qkv__baddbmm(const qkv_tensor *input, const qkv_tensor *a, const qkv
                          double alpha, const char *name) {
     if (QKV__NULL_ARGS(name, a, b)) return NULL;
     if (!isfinite(alpha)) return qkv_set_error("%s: alpha %g is not finite", name, alpha);
-    if (!input) return matmul_core(a, b, QKV_TRI_NONE, alpha, NULL, NULL, name);
+    if (!input) return matmul_core(a, b, QKV_TRI_NONE, alpha, NULL, NULL, NULL, name);
     QKV__OP(name);
     if (!QKV__CHECK(name, input)) return NULL;
     qkv_scope_begin();
     bool added;
-    qkv_tensor *out = matmul_core(a, b, QKV_TRI_NONE, alpha, input, &added, name);
+    qkv_tensor *out = matmul_core(a, b, QKV_TRI_NONE, alpha, input, &added, NULL, name);
     if (out && !added) out = qkv__binary(QKV_OP_ADD, out, input, name);
     return qkv_scope_end_keep(out);
 }
 
+/* Strides for the product laid out as like (qkv__matmul_like): false when like's shape is not
+ * the product's, its layout is not dense, it is contiguous already, or neither of its last two
+ * dimensions is the innermost. */
+static bool like_layout(const qkv_tensor *like, int ond, const int64_t *oshape, int64_t *st) {
+    if (!like || like->ndim != ond || ond < 2 ||
+        memcmp(like->shape, oshape, (size_t)ond * sizeof *oshape) || qkv_is_contiguous(like) ||
+        !qkv__dense_layout(like, st))
+        return false;
+    return st[ond - 1] == 1 || st[ond - 2] == 1;
+}
+
 /* alpha (a @ b), of the triangle tri; with term (tri none), *added tells whether the GEMM
- * added it (row_term). */
+ * added it (row_term); with like (no term, no triangle), laid out as like_layout says. */
 static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                                double alpha, const qkv_tensor *term, bool *added,
-                               const char *name) {
+                               const qkv_tensor *like, const char *name) {
     if (added) *added = false;
     if (QKV__NULL_ARGS(name, a, b)) return NULL;
     QKV__OP(name);
@@ -161,7 +178,7 @@ static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri
         qkv_dtype dt = qkv__promote(a->dtype, b->dtype);
         qkv_tensor *out = qkv_keep(matmul_core(a->dtype == dt ? a : qkv__to_dtype(a, dt),
                                                b->dtype == dt ? b : qkv__to_dtype(b, dt), tri,
-                                               alpha, term, added, name));
+                                               alpha, term, added, like, name));
         qkv_scope_end();
         return out;
     }
@@ -198,7 +215,11 @@ static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri
                              qkv_shape_str(term, st, sizeof st), qkv_shape_str(a, sa, sizeof sa),
                              qkv_shape_str(b, sb, sizeof sb));
     }
-    qkv_tensor *out = qkv_empty(a->dtype, ond, oshape);
+    int64_t ost[QKV_MAX_DIMS];
+    bool laid = !term && !tri && a->ndim > 1 && b->ndim > 1 &&
+                like_layout(like, ond, oshape, ost);
+    qkv_tensor *out = laid ? qkv__empty_strided(a->dtype, ond, oshape, ost)
+                           : qkv_empty(a->dtype, ond, oshape);
     if (!out) return NULL;
     int64_t batch = qkv__numel(nbatch, bshape);
     if (out->numel == 0) return out;
@@ -221,7 +242,7 @@ static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri
      * start again in each block. */
     int64_t rsa;
     if (B.ndim == 2 && rows_fold(&A, &rsa) && (a->ndim > 1 || batch == 1) &&
-        (!tri || batch == 1) && !batch_term) {
+        (!tri || batch == 1) && !batch_term && !laid) {
         int64_t rows = batch * m;
         gemm(a->dtype, tri, 1, rows, n, k, alpha, ad, NULL, rsa, A.strides[A.ndim - 1], bd,
              NULL, B.strides[0], B.strides[1], td, NULL, od, NULL, n, 1);
@@ -239,24 +260,31 @@ static qkv_tensor *matmul_core(const qkv_tensor *a, const qkv_tensor *b, qkv_tri
     }
     int64_t idx[QKV_MAX_DIMS] = {0};
     for (int64_t p = 0; p < batch; p++) {
-        int64_t oa = 0, ob = 0, ot = 0;
+        int64_t oa = 0, ob = 0, ot = 0, oc = 0;
         for (int i = 0; i < nbatch; i++) {
             oa += idx[i] * ast[i];
             ob += idx[i] * bst[i];
             ot += idx[i] * tst[i];
+            oc += idx[i] * (laid ? ost[i] : 0);
         }
         offs[p] = oa;
         offs[batch + p] = ob;
-        offs[2 * batch + p] = p * m * n;
+        offs[2 * batch + p] = laid ? oc : p * m * n;
         offs[3 * batch + p] = ot;
         for (int i = nbatch - 1; i >= 0; i--) {
             if (++idx[i] < bshape[i]) break;
             idx[i] = 0;
         }
     }
-    gemm(a->dtype, tri, batch, m, n, k, alpha, ad, offs, A.strides[A.ndim - 2],
-         A.strides[A.ndim - 1], bd, offs + batch, B.strides[B.ndim - 2], B.strides[B.ndim - 1],
-         td, batch_term ? offs + 3 * batch : NULL, od, offs + 2 * batch, n, 1);
+    if (laid && ost[ond - 1] != 1) /* columns innermost: C^T = B^T A^T, the same sums */
+        gemm(a->dtype, tri, batch, n, m, k, alpha, bd, offs + batch, B.strides[B.ndim - 1],
+             B.strides[B.ndim - 2], ad, offs, A.strides[A.ndim - 1], A.strides[A.ndim - 2],
+             NULL, NULL, od, offs + 2 * batch, ost[ond - 1], 1);
+    else
+        gemm(a->dtype, tri, batch, m, n, k, alpha, ad, offs, A.strides[A.ndim - 2],
+             A.strides[A.ndim - 1], bd, offs + batch, B.strides[B.ndim - 2],
+             B.strides[B.ndim - 1], td, batch_term ? offs + 3 * batch : NULL, od,
+             offs + 2 * batch, laid ? ost[ond - 2] : n, 1);
     qkv__free(offs, offs_bytes);
     return out;
 }

@@ -191,6 +191,36 @@ static qkv_tensor *empty_for(const char *op, qkv_dtype dtype, int ndim, const in
     return t;
 }
 
+bool qkv__dense_layout(const qkv_tensor *t, int64_t *strides) {
+    if (t->numel == 0) return false;
+    /* The dimensions that step, outermost (largest stride) first; ties keep their order. */
+    int order[QKV_MAX_DIMS], n = 0;
+    for (int i = 0; i < t->ndim; i++) {
+        if (t->shape[i] == 1) continue;
+        int j = n++;
+        for (; j > 0 && t->strides[order[j - 1]] < t->strides[i]; j--) order[j] = order[j - 1];
+        order[j] = i;
+    }
+    int64_t expect = 1;
+    for (int j = n - 1; j >= 0; j--) {
+        if (t->strides[order[j]] != expect) return false;
+        expect *= t->shape[order[j]];
+    }
+    memcpy(strides, t->strides, (size_t)t->ndim * sizeof *strides);
+    return true;
+}
+
+qkv_tensor *qkv__empty_strided(qkv_dtype dtype, int ndim, const int64_t *shape,
+                               const int64_t *strides) {
+    QKV__OP("qkv_empty");
+    if (!qkv__check_shape("qkv_empty", ndim, shape)) return NULL;
+    qkv_storage *s = qkv__storage_new((size_t)qkv__numel(ndim, shape) * qkv_dtype_size(dtype));
+    if (!s) return NULL;
+    qkv_tensor *t = qkv__make(dtype, ndim, shape, strides, 0, s);
+    qkv__storage_release(s);
+    return t;
+}
+
 qkv_tensor *qkv_empty(qkv_dtype dtype, int ndim, const int64_t *shape) {
     return empty_for("qkv_empty", dtype, ndim, shape);
 }

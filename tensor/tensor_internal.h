@@ -49,6 +49,13 @@ void qkv__release(qkv_tensor *t);
 /* A view of t with the given geometry, sharing its storage. */
 qkv_tensor *qkv__view(const qkv_tensor *t, int ndim, const int64_t *shape,
                       const int64_t *strides, int64_t offset);
+/* Whether t's elements fill a block of memory, without gaps or overlap, in some order of its
+ * dimensions (a permutation of a contiguous tensor, as a transposed or head-split view of one
+ * is); strides then gets t's strides. */
+bool qkv__dense_layout(const qkv_tensor *t, int64_t *strides);
+/* A new uninitialised tensor with these strides, which must be a dense layout of shape. */
+qkv_tensor *qkv__empty_strided(qkv_dtype dtype, int ndim, const int64_t *shape,
+                               const int64_t *strides);
 /* Contiguous strides for a shape; returns numel. */
 int64_t qkv__contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
 int64_t qkv__numel(int ndim, const int64_t *shape);
@@ -357,6 +364,11 @@ qkv_tensor *qkv__one_hot(const qkv_tensor *index, int64_t n_classes, const char 
 
 /* torch.matmul semantics over F32 or F64, reading transposed and strided operands in place. */
 qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *name);
+/* alpha (a @ b) laid out in memory as like is, when like has the product's shape and fills
+ * a block of memory in some order of its dimensions with the last or the second last
+ * innermost (a gradient laid out as the operand it is for); contiguous otherwise. */
+qkv_tensor *qkv__matmul_like(const qkv_tensor *a, const qkv_tensor *b, double alpha,
+                             const qkv_tensor *like, const char *name);
 /* The same with one triangle kept (qkv_matmul_tri); both operands at least 2-D. */
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name);

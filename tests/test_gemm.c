@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 
+#include "qkv.h"
 #include "tensor/tensor_internal.h"
 
 /* How an operand of rows x cols is stored. */
@@ -407,6 +408,50 @@ static void triangular_products_equal_masked_full_ones(void **state) {
         }
 }
 
+/* qkv__matmul_like lays the product out as like when like is a dense permutation with one
+ * of its last two dimensions innermost, with the bits of the contiguous product; any other
+ * like gets the contiguous product. */
+static void products_take_the_layout_they_are_asked_for(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    enum { B = 3, T = 40, H = 2, D = 24, K = 17 };
+    qkv_generator g;
+    qkv_generator_init(&g, 3);
+    qkv_tensor *a = qkv_randn(QKV_F32, QKV_SHAPE(B, H, T, K), &g);
+    qkv_tensor *b = qkv_randn(QKV_F32, QKV_SHAPE(B, H, K, D), &g);
+    qkv_tensor *head_split = qkv_permute(qkv_empty(QKV_F32, QKV_SHAPE(B, T, H, D)),
+                                         (const int[]){0, 2, 1, 3});
+    qkv_tensor *rows_inner = qkv_transpose(qkv_permute(qkv_empty(QKV_F32,
+                                                                 QKV_SHAPE(B, D, H, T)),
+                                                       (const int[]){0, 2, 1, 3}), -1, -2);
+    qkv_tensor *gappy = qkv_slice(qkv_empty(QKV_F32, QKV_SHAPE(B, H, T, 2 * D)), -1, 0, 2 * D, 2);
+    qkv_tensor *batch_inner = qkv_permute(qkv_empty(QKV_F32, QKV_SHAPE(T, D, B, H)),
+                                          (const int[]){2, 3, 0, 1});
+    const qkv_tensor *likes[] = {head_split, rows_inner, gappy, batch_inner};
+    const bool laid[] = {true, true, false, false};
+    const qkv_tensor *operands[][2] = {{a, b}, {a, qkv_transpose(qkv_randn(QKV_F32,
+                                                        QKV_SHAPE(B, H, D, K), &g), -1, -2)}};
+    static float want[B * H * T * D], got[B * H * T * D];
+    for (size_t o = 0; o < 2; o++) {
+        qkv_tensor *plain = qkv__matmul(operands[o][0], operands[o][1], "test");
+        assert_non_null(plain);
+        assert_true(qkv_copy_out(plain, QKV_F32, want));
+        for (size_t i = 0; i < 4; i++) {
+            qkv_tensor *out = qkv__matmul_like(operands[o][0], operands[o][1], 0.5, likes[i],
+                                               "test");
+            assert_non_null(out);
+            if (laid[i])
+                assert_memory_equal(out->strides, likes[i]->strides, 4 * sizeof(int64_t));
+            else
+                assert_true(qkv_is_contiguous(out));
+            assert_true(qkv_copy_out(out, QKV_F32, got));
+            for (size_t e = 0; e < sizeof got / sizeof *got; e++)
+                assert_true(got[e] == 0.5f * want[e]);
+        }
+    }
+    qkv_scope_end();
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(computes_exact_small_product),
@@ -418,6 +463,7 @@ int main(void) {
         cmocka_unit_test(k_zero_scales_c_by_beta),
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(products_take_the_layout_they_are_asked_for),
         cmocka_unit_test(triangular_products_equal_masked_full_ones),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -185,6 +185,49 @@ static void transposed_and_permuted_operands_are_not_copied(void **state) {
     assert_int_equal(allocations_of(as, be), plain);
 }
 
+/* sum((q K^T)^2) over heads split from [B, T, H * D] leaves as attention splits them, or over
+ * leaves already split; backpropagated. */
+static void head_product_backward(qkv_tensor *x, qkv_tensor *y, bool split) {
+    enum { B = 2, T = 64, H = 4, D = 32 };
+    qkv_tensor *q = x, *k = y;
+    if (split) {
+        q = qkv_permute(qkv_reshape(x, QKV_SHAPE(B, T, H, D)), (const int[]){0, 2, 1, 3});
+        k = qkv_permute(qkv_reshape(y, QKV_SHAPE(B, T, H, D)), (const int[]){0, 2, 1, 3});
+    }
+    qkv_tensor *s = qkv_matmul(q, qkv_transpose(k, -1, -2));
+    assert_true(qkv_backward(qkv_sum_all(qkv_mul(s, s))));
+}
+
+/* The gradients of head-split and transposed operands are computed in their base's layout
+ * (the product's transpose where the base's rows are the operand's columns): the same sums,
+ * so they equal those of leaves already split into heads bit for bit. */
+static void gradients_of_head_split_operands_equal_those_of_split_leaves(void **state) {
+    (void)state;
+    enum { B = 2, T = 64, H = 4, D = 32 };
+    qkv_generator g;
+    qkv_generator_init(&g, 5);
+    qkv_tensor *x = qkv_randn(QKV_F32, QKV_SHAPE(B, T, H * D), &g);
+    qkv_tensor *y = qkv_randn(QKV_F32, QKV_SHAPE(B, T, H * D), &g);
+    qkv_tensor *xh = qkv_requires_grad_(qkv_contiguous(qkv_permute(
+        qkv_reshape(x, QKV_SHAPE(B, T, H, D)), (const int[]){0, 2, 1, 3})), true);
+    qkv_tensor *yh = qkv_requires_grad_(qkv_contiguous(qkv_permute(
+        qkv_reshape(y, QKV_SHAPE(B, T, H, D)), (const int[]){0, 2, 1, 3})), true);
+    qkv_requires_grad_(x, true);
+    qkv_requires_grad_(y, true);
+    head_product_backward(x, y, true);
+    head_product_backward(xh, yh, false);
+    static float a[B * T * H * D], b[B * T * H * D];
+    qkv_tensor *pairs[2][2] = {{x->grad, xh->grad}, {y->grad, yh->grad}};
+    for (int i = 0; i < 2; i++) {
+        qkv_tensor *back = qkv_permute(qkv_reshape(pairs[i][0], QKV_SHAPE(B, T, H, D)),
+                                       (const int[]){0, 2, 1, 3});
+        assert_true(qkv_is_contiguous(pairs[i][0]));
+        assert_true(qkv_copy_out(back, QKV_F32, a));
+        assert_true(qkv_copy_out(pairs[i][1], QKV_F32, b));
+        assert_memory_equal(a, b, sizeof a);
+    }
+}
+
 static void product_with_a_transposed_view_is_contiguous_and_exact(void **state) {
     (void)state;
     qkv_tensor *a = qkv_reshape(qkv_arange(QKV_F64, 0, 6, 1), QKV_SHAPE(2, 3));
@@ -297,6 +340,7 @@ int main(void) {
         T(matmul_matches_torch_in_every_case),
         T(matmul_gradients_match_torch_in_every_case),
         T(transposed_and_permuted_operands_are_not_copied),
+        T(gradients_of_head_split_operands_equal_those_of_split_leaves),
         T(product_with_a_transposed_view_is_contiguous_and_exact),
         T(matmul_inner_dimensions_must_agree),
         T(matmul_batch_dimensions_must_broadcast),
