@@ -177,14 +177,24 @@ static void affine_backward(qkv_ctx *ctx, const qkv_tensor *g, qkv_tensor **gi) 
     /* rows counted from g's leading dims: with no features in or out, -1 cannot infer them */
     int64_t out_f = w->shape[0], in = w->shape[1], rows = qkv__numel(g->ndim - 1, g->shape);
     qkv_tensor *g2 = qkv_reshape(g, 2, (const int64_t[]){rows, out_f});
-    /* dW first: x's values, when recomputed for this backward, are freed before dx is made. */
-    if (NEEDS(1))
-        gi[1] = QKV_SCOPED(qkv_matmul(qkv_transpose(g2, 0, 1),
-                                      qkv_reshape(qkv_saved(ctx, 0), 2,
-                                                  (const int64_t[]){rows, in})));
+    /* dW first: x's values, when recomputed for this backward, are freed before dx is made.
+     * db, the sums of g's columns, comes from dW's pass over g where the GEMM can add them. */
+    qkv_tensor *db = NULL;
+    if (NEEDS(1)) {
+        qkv_scope_begin();
+        qkv_tensor *gt = qkv_transpose(g2, 0, 1);
+        qkv_tensor *x2 = qkv_reshape(qkv_saved(ctx, 0), 2, (const int64_t[]){rows, in});
+        if (NEEDS(2) && !qkv_is_autocast_enabled() && qkv__matmul_rowsum_fits(gt, x2)) {
+            gi[1] = qkv_keep(qkv__matmul_rowsum(gt, x2, &db, "qkv_affine"));
+            db = qkv_keep(db);
+        } else {
+            gi[1] = qkv_keep(qkv_matmul(gt, x2));
+        }
+        qkv_scope_end();
+    }
     qkv__saved_release(ctx, 0);
     if (NEEDS(0)) gi[0] = qkv_matmul(g, qkv_saved(ctx, 1));
-    if (NEEDS(2)) gi[2] = qkv_sum(g2, 0, false);
+    if (NEEDS(2)) gi[2] = db ? db : qkv_sum(g2, 0, false);
 }
 static const qkv_function affine_fn = {.name = "affine", .backward = affine_backward};
 

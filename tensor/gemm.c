@@ -96,7 +96,7 @@ void qkv__gemm_f32(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
                    const float *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    float beta, float *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f32 g = {m, n, k, alpha, beta, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc, NULL, NULL, QKV_TRI_NONE};
+                       c, c_off, rsc, csc, NULL, NULL, QKV_TRI_NONE, NULL};
     gemm_f32(batch, &g);
 }
 
@@ -105,7 +105,7 @@ void qkv__gemm_f64(int64_t batch, int64_t m, int64_t n, int64_t k, double alpha,
                    const double *b, const int64_t *b_off, int64_t rsb, int64_t csb,
                    double beta, double *c, const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f64 g = {m, n, k, alpha, beta, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc, NULL, NULL, QKV_TRI_NONE};
+                       c, c_off, rsc, csc, NULL, NULL, QKV_TRI_NONE, NULL};
     gemm_f64(batch, &g);
 }
 
@@ -115,7 +115,7 @@ void qkv__gemm_tri_f32(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t
                        const float *bias, const int64_t *bias_off, float *c,
                        const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f32 g = {m, n, k, alpha, 0.0f, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc, bias, bias_off, tri};
+                       c, c_off, rsc, csc, bias, bias_off, tri, NULL};
     gemm_f32(batch, &g);
 }
 
@@ -125,15 +125,31 @@ void qkv__gemm_tri_f64(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t
                        const double *bias, const int64_t *bias_off, double *c,
                        const int64_t *c_off, int64_t rsc, int64_t csc) {
     gemm_args_f64 g = {m, n, k, alpha, 0.0, a, a_off, rsa, csa, b, b_off, rsb, csb,
-                       c, c_off, rsc, csc, bias, bias_off, tri};
+                       c, c_off, rsc, csc, bias, bias_off, tri, NULL};
     gemm_f64(batch, &g);
+}
+
+void qkv__gemm_rowsum_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                          int64_t csa, const float *b, int64_t rsb, int64_t csb, float *c,
+                          int64_t rsc, float *asum) {
+    gemm_args_f32 g = {m, n, k, 1.0f, 0.0f, a, NULL, rsa, csa, b, NULL, rsb, csb,
+                       c, NULL, rsc, 1, NULL, NULL, QKV_TRI_NONE, asum};
+    gemm_f32(1, &g);
+}
+
+void qkv__gemm_rowsum_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_t rsa,
+                          int64_t csa, const double *b, int64_t rsb, int64_t csb, double *c,
+                          int64_t rsc, double *asum) {
+    gemm_args_f64 g = {m, n, k, 1.0, 0.0, a, NULL, rsa, csa, b, NULL, rsb, csb,
+                       c, NULL, rsc, 1, NULL, NULL, QKV_TRI_NONE, asum};
+    gemm_f64(1, &g);
 }
 
 void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
                         int64_t csa, const float *b, int64_t rsb, int64_t csb,
                         const float *bias, float *c, int64_t rsc) {
     gemm_args_f32 g = {m, n, k, 1.0f, 0.0f, a, NULL, rsa, csa, b, NULL, rsb, csb,
-                       c, NULL, rsc, 1, bias, NULL, QKV_TRI_NONE};
+                       c, NULL, rsc, 1, bias, NULL, QKV_TRI_NONE, NULL};
     gemm_f32(1, &g);
 }
 
@@ -141,6 +157,6 @@ void qkv__gemm_bias_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_
                         int64_t csa, const double *b, int64_t rsb, int64_t csb,
                         const double *bias, double *c, int64_t rsc) {
     gemm_args_f64 g = {m, n, k, 1.0, 0.0, a, NULL, rsa, csa, b, NULL, rsb, csb,
-                       c, NULL, rsc, 1, bias, NULL, QKV_TRI_NONE};
+                       c, NULL, rsc, 1, bias, NULL, QKV_TRI_NONE, NULL};
     gemm_f64(1, &g);
 }

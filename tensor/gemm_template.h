@@ -35,6 +35,7 @@ typedef struct F(gemm_args) {
     const T *bias; /* NULL, or n contiguous values added to every row of C */
     const int64_t *bias_off; /* NULL, or per batch entry: the offset of its bias row */
     qkv_tri tri;   /* a triangular product (beta 0, no bias): see tri_range and tri_clear */
+    T *asum;       /* NULL, or m values: A's rows summed over k (one product, no triangle) */
 } F(gemm_args);
 
 /* ---- Micro-kernel ------------------------------------------------------------------------ */
@@ -572,6 +573,22 @@ static int64_t F(k_block)(int64_t k) {
     return (k + nb - 1) / nb;
 }
 
+/* acc[i] += A[i, l] for the mc x kc block at a, in order of l for each row: a row's sum
+ * over the k blocks in turn is then the plain sum in order of l. */
+static void F(add_rows)(const T *a, int64_t rsa, int64_t csa, int64_t mc, int64_t kc,
+                        double *restrict acc) {
+    if (rsa == 1) { /* A read transposed (a weight gradient's): a step of l is contiguous */
+        for (int64_t l = 0; l < kc; l++)
+            for (int64_t i = 0; i < mc; i++) acc[i] += (double)a[l * csa + i];
+        return;
+    }
+    for (int64_t i = 0; i < mc; i++) {
+        double s = acc[i];
+        for (int64_t l = 0; l < kc; l++) s += (double)a[i * rsa + l * csa];
+        acc[i] = s;
+    }
+}
+
 /* C rows m0..m1, columns n0..n1 of batch entry p. */
 static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, int64_t n0,
                      int64_t n1) {
@@ -584,12 +601,23 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
     /* Edge panels are never wider than full ones, so whole panels bound the sizes. */
     T *pa = F(grow)(&F(bufs).a, &F(bufs).cap_a, (size_t)((mcap + MR - 1) / MR * MR * kb));
     T *pb = F(grow)(&F(bufs).b, &F(bufs).cap_b, (size_t)((ncap + NR - 1) / NR * NR * kb));
+    /* A's row sums (g->asum) come from the task that has column 0, read as its k blocks are
+     * multiplied: in double and in order of l, rounded once, as qkv_sum sums rows. */
+    bool sums = g->asum && n0 == 0;
+    double acc[MC];
     if (!pa || !pb) {
         F(block_unpacked)(g, a, b, bias_p, c, m0, m1, n0, n1);
+        for (int64_t i = m0; sums && i < m1; i += MC) {
+            int64_t mc = m1 - i < MC ? m1 - i : MC;
+            memset(acc, 0, (size_t)mc * sizeof *acc);
+            F(add_rows)(a + i * g->rsa, g->rsa, g->csa, mc, g->k, acc);
+            for (int64_t r = 0; r < mc; r++) g->asum[i + r] = (T)acc[r];
+        }
         return;
     }
     for (int64_t ic = m0; ic < m1; ic += MC) {
         int64_t mc = m1 - ic < MC ? m1 - ic : MC;
+        if (sums) memset(acc, 0, (size_t)mc * sizeof *acc);
         /* The columns these rows keep of a triangular C: j <= i for tril, j >= i for triu. */
         int64_t j0 = n0, j1 = n1;
         if (g->tri == QKV_TRIL_OUT && j1 > ic + mc) j1 = ic + mc;
@@ -613,6 +641,7 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             } else {
                 F(pack_a)(ablock, g->rsa, g->csa, mc, kc, pa);
             }
+            if (sums) F(add_rows)(ablock, g->rsa, g->csa, mc, kc, acc);
             for (int64_t jc = j0; jc < j1; jc += NC) {
                 int64_t nc = j1 - jc < NC ? j1 - jc : NC;
                 F(pack_b)(b + pc * g->rsb + jc * g->csb, g->rsb, g->csb, kc, nc, pb);
@@ -622,6 +651,7 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             }
         }
         F(tri_clear)(g->tri, c, g->rsc, g->csc, ic, ic + mc, n0, n1);
+        for (int64_t r = 0; sums && r < mc; r++) g->asum[ic + r] = (T)acc[r];
     }
 }
 

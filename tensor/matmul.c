@@ -125,6 +125,34 @@ qkv_tensor *qkv__matmul_like(const qkv_tensor *a, const qkv_tensor *b, double al
     return matmul_core(a, b, QKV_TRI_NONE, alpha, NULL, NULL, like, name);
 }
 
+bool qkv__matmul_rowsum_fits(const qkv_tensor *a, const qkv_tensor *b) {
+    return a && b && a->ndim == 2 && b->ndim == 2 && a->dtype == b->dtype &&
+           (a->dtype == QKV_F32 || a->dtype == QKV_F64) && a->shape[1] == b->shape[0] &&
+           a->numel > 0 && b->numel > 0;
+}
+
+qkv_tensor *qkv__matmul_rowsum(const qkv_tensor *a, const qkv_tensor *b, qkv_tensor **rowsum,
+                               const char *name) {
+    *rowsum = NULL;
+    if (!qkv__matmul_rowsum_fits(a, b))
+        return qkv_set_error("%s: the fused row sums need two non-empty f32 or f64 matrices "
+                             "of one dtype that multiply", name);
+    QKV__OP(name);
+    if (!QKV__CHECK(name, a, b)) return NULL;
+    int64_t m = a->shape[0], k = a->shape[1], n = b->shape[1];
+    qkv_tensor *out = qkv_empty(a->dtype, 2, (const int64_t[]){m, n});
+    qkv_tensor *sums = out ? qkv_empty(a->dtype, 1, &m) : NULL;
+    if (!sums) return NULL;
+    if (a->dtype == QKV_F32)
+        qkv__gemm_rowsum_f32(m, n, k, qkv_data(a), a->strides[0], a->strides[1], qkv_data(b),
+                             b->strides[0], b->strides[1], qkv_data(out), n, qkv_data(sums));
+    else
+        qkv__gemm_rowsum_f64(m, n, k, qkv_data(a), a->strides[0], a->strides[1], qkv_data(b),
+                             b->strides[0], b->strides[1], qkv_data(out), n, qkv_data(sums));
+    *rowsum = sums;
+    return out;
+}
+
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name) {
     return matmul_core(a, b, tri, 1.0, NULL, NULL, NULL, name);

@@ -369,6 +369,14 @@ qkv_tensor *qkv__matmul(const qkv_tensor *a, const qkv_tensor *b, const char *na
  * innermost (a gradient laid out as the operand it is for); contiguous otherwise. */
 qkv_tensor *qkv__matmul_like(const qkv_tensor *a, const qkv_tensor *b, double alpha,
                              const qkv_tensor *like, const char *name);
+/* a @ b for two matrices, and *rowsum the sums of a's rows, each added in order in double and
+ * rounded once, read in the product's own pass over a. For a weight gradient g^T x these are
+ * its bias's gradient, with the bits of qkv_sum over g's rows. Only where
+ * qkv__matmul_rowsum_fits: non-empty f32 or f64 matrices of one dtype whose shapes
+ * multiply. */
+bool qkv__matmul_rowsum_fits(const qkv_tensor *a, const qkv_tensor *b);
+qkv_tensor *qkv__matmul_rowsum(const qkv_tensor *a, const qkv_tensor *b, qkv_tensor **rowsum,
+                               const char *name);
 /* The same with one triangle kept (qkv_matmul_tri); both operands at least 2-D. */
 qkv_tensor *qkv__matmul_tri(const qkv_tensor *a, const qkv_tensor *b, qkv_tri tri,
                             const char *name);
@@ -408,6 +416,15 @@ void qkv__gemm_tri_f64(qkv_tri tri, int64_t batch, int64_t m, int64_t n, int64_t
                        int64_t csa, const double *b, const int64_t *b_off, int64_t rsb,
                        int64_t csb, const double *bias, const int64_t *bias_off, double *c,
                        const int64_t *c_off, int64_t rsc, int64_t csc);
+/* C = A B for one product (m, n, k >= 1, columns of C contiguous), and asum[i] = the sum of
+ * A's row i over k, added in order of l in double and rounded once, from the pass the
+ * product makes over A (a weight gradient and its bias's). */
+void qkv__gemm_rowsum_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,
+                          int64_t csa, const float *b, int64_t rsb, int64_t csb, float *c,
+                          int64_t rsc, float *asum);
+void qkv__gemm_rowsum_f64(int64_t m, int64_t n, int64_t k, const double *a, int64_t rsa,
+                          int64_t csa, const double *b, int64_t rsb, int64_t csb, double *c,
+                          int64_t rsc, double *asum);
 /* C = A B + bias for one product, bias being n contiguous values added to every row of C
  * (columns of C contiguous): the bias costs no pass over C of its own. */
 void qkv__gemm_bias_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t rsa,

@@ -452,6 +452,57 @@ static void products_take_the_layout_they_are_asked_for(void **state) {
     qkv_scope_end();
 }
 
+/* qkv__matmul_rowsum's product is qkv__matmul's and its sums are each row of A added in order
+ * in double and rounded once: for A = g^T (a weight gradient's) the bits of qkv_sum over g's
+ * rows, on edge panels, several k blocks and any thread count. */
+static void row_sums_come_with_the_product(void **state) {
+    (void)state;
+    qkv_scope_begin();
+    static const int64_t shapes[][3] = {{256, 256, 700}, {37, 70, 9}, {1025, 33, 300},
+                                        {13, 1, 1}, {300, 40, 1000}, {1600, 20, 300}};
+    qkv_generator g;
+    qkv_generator_init(&g, 9);
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int64_t m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        qkv_tensor *gt = qkv_randn(QKV_F32, QKV_SHAPE(k, m), &g);
+        qkv_tensor *a[2] = {qkv_transpose(gt, 0, 1), qkv_randn(QKV_F32, QKV_SHAPE(m, k), &g)};
+        qkv_tensor *b = qkv_randn(QKV_F32, QKV_SHAPE(k, n), &g);
+        for (int layout = 0; layout < 2; layout++) {
+            qkv_tensor *want = qkv__matmul(a[layout], b, "test");
+            float sums[1600];
+            for (int64_t i = 0; i < m; i++) {
+                double acc = 0;
+                for (int64_t l = 0; l < k; l++)
+                    acc += ((const float *)qkv_data(a[layout]))[i * a[layout]->strides[0] +
+                                                                 l * a[layout]->strides[1]];
+                sums[i] = (float)acc;
+            }
+            for (int threads = 1; threads <= 2; threads++) {
+                qkv_set_num_threads(threads);
+                qkv_tensor *rowsum;
+                qkv_tensor *got = qkv__matmul_rowsum(a[layout], b, &rowsum, "test");
+                assert_non_null(got);
+                assert_non_null(rowsum);
+                assert_memory_equal(qkv_data(got), qkv_data(want),
+                                    (size_t)(m * n) * sizeof(float));
+                assert_memory_equal(qkv_data(rowsum), sums, (size_t)m * sizeof(float));
+                if (layout == 0)
+                    assert_memory_equal(qkv_data(rowsum), qkv_data(qkv_sum(gt, 0, false)),
+                                        (size_t)m * sizeof(float));
+            }
+        }
+    }
+    qkv_set_num_threads(0);
+    assert_false(qkv__matmul_rowsum_fits(qkv_zeros(QKV_F32, QKV_SHAPE(2, 3)),
+                                         qkv_zeros(QKV_F32, QKV_SHAPE(2, 3))));
+    qkv_tensor *none;
+    assert_null(qkv__matmul_rowsum(qkv_zeros(QKV_F32, QKV_SHAPE(2, 3, 4)),
+                                   qkv_zeros(QKV_F32, QKV_SHAPE(4, 3)), &none, "test"));
+    assert_null(none);
+    qkv_clear_error();
+    qkv_scope_end();
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(computes_exact_small_product),
@@ -464,6 +515,7 @@ int main(void) {
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(same_bits_for_any_thread_count),
         cmocka_unit_test(products_take_the_layout_they_are_asked_for),
+        cmocka_unit_test(row_sums_come_with_the_product),
         cmocka_unit_test(triangular_products_equal_masked_full_ones),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
