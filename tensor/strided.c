@@ -160,15 +160,26 @@ static void copy_run(int64_t n, char **p, const int64_t *st, void *vctx) {
     if (c->dst == QKV_F32 && c->src == QKV_F64) { COPY_RUN(float, double); return; }
     if (c->dst == QKV_F64 && c->src == QKV_F32) { COPY_RUN(double, float); return; }
     if (c->dst == QKV_BF16 && c->src == QKV_F32) {
-        if (st[0] == 2 && st[1] == 4) { /* the casts of autocast: eight lanes at a time */
+        if (st[0] == 2 && st[1] == 4) { /* the casts of autocast: sixteen lanes at a time */
             qkv__bf16_round_n((uint16_t *)p[0], (const float *)p[1], n);
             return;
         }
         COPY_CONVERT(uint16_t, float, qkv__f32_to_bf16);
         return;
     }
-    if (c->dst == QKV_F32 && c->src == QKV_BF16) { COPY_CONVERT(float, uint16_t, qkv__bf16_to_f32);
-        return; }
+    if (c->dst == QKV_F32 && c->src == QKV_BF16) {
+        if (st[0] == 4 && st[1] == 2) { /* contiguous: a bf16 is the high half of its f32 */
+            float *restrict d = (float *)p[0];
+            const uint16_t *restrict h = (const uint16_t *)p[1];
+            for (int64_t i = 0; i < n; i++) {
+                uint32_t u = (uint32_t)h[i] << 16;
+                memcpy(d + i, &u, sizeof u);
+            }
+            return;
+        }
+        COPY_CONVERT(float, uint16_t, qkv__bf16_to_f32);
+        return;
+    }
     for (int64_t i = 0; i < n; i++)
         qkv__store(p[0] + i * st[0], c->dst, 0, qkv__load(p[1] + i * st[1], c->src, 0));
 }

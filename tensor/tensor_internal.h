@@ -199,10 +199,27 @@ static inline void qkv__bf16_store8(uint16_t *dst, const float *src) {
     qkv__u16x8 h = __builtin_convertvector(u, qkv__u16x8);
     memcpy(dst, &h, sizeof h);
 }
+typedef float qkv__f32x16 __attribute__((vector_size(64)));
+typedef uint32_t qkv__u32x16 __attribute__((vector_size(64)));
+typedef uint16_t qkv__u16x16 __attribute__((vector_size(32)));
+/* The same sixteen lanes at a time: one AVX-512 register, whose narrowing to 16 bits is one
+ * instruction where eight lanes take a shuffle of two halves. */
+static inline void qkv__bf16_store16(uint16_t *dst, const float *src) {
+    qkv__f32x16 v;
+    qkv__u32x16 u;
+    memcpy(&v, src, sizeof v);
+    memcpy(&u, src, sizeof u);
+    qkv__u32x16 nan = (qkv__u32x16)(v != v);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    u = (u & ~nan) | (nan & 0xFFFFu);
+    qkv__u16x16 h = __builtin_convertvector(u, qkv__u16x16);
+    memcpy(dst, &h, sizeof h);
+}
 /* dst[0:n] = src[0:n] rounded to bf16. */
 static inline void qkv__bf16_round_n(uint16_t *restrict dst, const float *restrict src,
                                      int64_t n) {
     int64_t i = 0;
+    for (; i + 16 <= n; i += 16) qkv__bf16_store16(dst + i, src + i);
     for (; i + 8 <= n; i += 8) {
         qkv__bf16_store8(dst + i, src + i);
     }
