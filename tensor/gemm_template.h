@@ -132,8 +132,10 @@ TILE_INSTANCE(8, NV)
 #undef TILE_INSTANCE
 
 /* The whole tile with A read in place, row-major (A[i, l] = a[i * rsa + l], rsa > 0): for
- * products with few columns, packing A would cost as much as the multiply-adds. */
-static void F(tile_direct)(int64_t kc, const T *restrict a, int64_t rsa, const T *restrict bp,
+ * products with few columns, packing A would cost as much as the multiply-adds. Never
+ * inlined, here or below: inside the block's loops the compiler runs short of registers for
+ * the MR row offsets and reloads them from the stack at every step of l. */
+static __attribute__((noinline)) void F(tile_direct)(int64_t kc, const T *restrict a, int64_t rsa, const T *restrict bp,
                            T *restrict c, int64_t rsc, T alpha, T beta,
                            const T *restrict bias) {
     F(tile)(MR, NV, kc, a, rsa, 1, bp, c, rsc, alpha, beta, bias);
@@ -142,7 +144,7 @@ static void F(tile_direct)(int64_t kc, const T *restrict a, int64_t rsa, const T
 /* The same with A read transposed in place (A[i, l] = a[l * csa + i]): the output gradient
  * of a weight gradient's product, whose rows are read as columns. Each step of l takes MR
  * contiguous values, as from a packed panel. */
-static void F(tile_direct_t)(int64_t kc, const T *restrict a, int64_t csa,
+static __attribute__((noinline)) void F(tile_direct_t)(int64_t kc, const T *restrict a, int64_t csa,
                              const T *restrict bp, T *restrict c, int64_t rsc, T alpha,
                              T beta, const T *restrict bias) {
     F(tile)(MR, NV, kc, a, 1, csa, bp, c, rsc, alpha, beta, bias);
