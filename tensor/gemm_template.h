@@ -17,7 +17,8 @@
  * A (the output gradient of a weight gradient, attention weights in dV = P^T dO) is read in
  * place the same way (F(tile_direct_t)): each step of k reads MR contiguous values, as from a
  * panel, and copying the whole operand into panels first cost a weight gradient with few rows
- * up to a fifth of its time.
+ * up to a fifth of its time. Neither is read in place when its stride is a multiple of 4 KiB
+ * (F(aliases_l1)): then it is packed like any other A.
  */
 
 #define CAT_(a, b) a##b
@@ -607,6 +608,15 @@ static void F(add_rows)(const T *a, int64_t rsa, int64_t csa, int64_t mc, int64_
     }
 }
 
+/* Whether reads this many elements apart all fall in one set of L1: at a multiple of 4 KiB
+ * they do on every x86 core (64 sets of 64-byte lines). A tile that reads A in place reads
+ * MR rows rsa apart (tile_direct), or kc steps csa apart (tile_direct_t), and L1 has fewer
+ * ways than that (8 on Zen 4): every pass of the tile over the block's columns would miss.
+ * Such an A is packed. A 1024-wide activation (the FFN's hidden layer) is one. */
+static bool F(aliases_l1)(int64_t stride) {
+    return stride * (int64_t)sizeof(T) % 4096 == 0;
+}
+
 /* C rows m0..m1, columns n0..n1 of batch entry p. */
 static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, int64_t n0,
                      int64_t n1) {
@@ -651,7 +661,8 @@ static void F(block)(const F(gemm_args) *g, int64_t p, int64_t m0, int64_t m1, i
             T beta = pc == 0 ? g->beta : 1;
             const T *bias = pc == 0 ? bias_p : NULL;
             const T *ablock = a + ic * g->rsa + pc * g->csa, *direct = NULL;
-            if ((g->csa == 1 && g->rsa > 0) || (g->rsa == 1 && g->csa > 0)) {
+            if ((g->csa == 1 && g->rsa > 0 && !F(aliases_l1)(g->rsa)) ||
+                (g->rsa == 1 && g->csa > 0 && !F(aliases_l1)(g->csa))) {
                 direct = ablock; /* A is read in place (F(tile_direct), F(tile_direct_t)) */
             } else if (g->tri == QKV_TRIL_A || g->tri == QKV_TRIU_A) {
                 F(pack_a_tri)(g->tri, ablock, g->rsa, g->csa, mc, kc, ic, pc, pa);

@@ -408,6 +408,45 @@ static void triangular_products_equal_masked_full_ones(void **state) {
         }
 }
 
+/* An A whose rows (or, transposed, whose steps of k) lie a multiple of 4 KiB apart is packed
+ * rather than read in place, as every such read falls in one set of L1: the product has the
+ * bits of the same A stored with a stride that is read in place, for both layouts, full and
+ * edge tiles, and two k blocks. */
+#define DEFINE_ALIASED(T, SUFFIX)                                                             \
+    static void aliased_same_bits_##SUFFIX(void) {                                            \
+        enum { M = 50, N = 70, K = 300 };                                                     \
+        const int64_t aliased = 4096 / (int64_t)sizeof(T), plain_ld = aliased + 3;           \
+        T *a1 = calloc((size_t)(M > K ? M : K) * (size_t)aliased, sizeof(T));                \
+        T *a2 = calloc((size_t)(M > K ? M : K) * (size_t)plain_ld, sizeof(T));               \
+        T *b = malloc((size_t)(K * N) * sizeof(T));                                          \
+        T *c1 = malloc((size_t)(M * N) * sizeof(T)), *c2 = malloc((size_t)(M * N) * sizeof(T)); \
+        assert_true(a1 && a2 && b && c1 && c2);                                              \
+        for (int64_t i = 0; i < K * N; i++) b[i] = (T)uniform();                             \
+        for (int transposed = 0; transposed < 2; transposed++) {                             \
+            int64_t outer = transposed ? K : M, inner = transposed ? M : K;                  \
+            for (int64_t i = 0; i < outer; i++)                                              \
+                for (int64_t j = 0; j < inner; j++)                                          \
+                    a1[i * aliased + j] = a2[i * plain_ld + j] = (T)uniform();               \
+            int64_t rs1 = transposed ? 1 : aliased, cs1 = transposed ? aliased : 1;          \
+            int64_t rs2 = transposed ? 1 : plain_ld, cs2 = transposed ? plain_ld : 1;        \
+            qkv__gemm_##SUFFIX(1, M, N, K, 1, a1, NULL, rs1, cs1, b, NULL, N, 1, 0, c1, NULL, \
+                               N, 1);                                                        \
+            qkv__gemm_##SUFFIX(1, M, N, K, 1, a2, NULL, rs2, cs2, b, NULL, N, 1, 0, c2, NULL, \
+                               N, 1);                                                        \
+            assert_memory_equal(c1, c2, (size_t)(M * N) * sizeof(T));                        \
+        }                                                                                    \
+        free(a1); free(a2); free(b); free(c1); free(c2);                                     \
+    }
+
+DEFINE_ALIASED(float, f32)
+DEFINE_ALIASED(double, f64)
+
+static void packs_a_whose_reads_alias_in_l1(void **state) {
+    (void)state;
+    aliased_same_bits_f32();
+    aliased_same_bits_f64();
+}
+
 /* qkv__matmul_like lays the product out as like when like is a dense permutation with one
  * of its last two dimensions innermost, with the bits of the contiguous product; any other
  * like gets the contiguous product. */
@@ -514,6 +553,7 @@ int main(void) {
         cmocka_unit_test(k_zero_scales_c_by_beta),
         cmocka_unit_test(batches_with_offsets_and_broadcast),
         cmocka_unit_test(same_bits_for_any_thread_count),
+        cmocka_unit_test(packs_a_whose_reads_alias_in_l1),
         cmocka_unit_test(products_take_the_layout_they_are_asked_for),
         cmocka_unit_test(row_sums_come_with_the_product),
         cmocka_unit_test(triangular_products_equal_masked_full_ones),
