@@ -315,7 +315,7 @@ qkv_tensor *qkv__dropout(const qkv_tensor *a, double p, qkv_generator *g, qkv_te
     int threads = qkv__threads_for(4 * n);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t k = 0; k < blocks; k++) {
         int64_t b, e;
@@ -349,7 +349,7 @@ qkv_tensor *qkv__dropout_apply_mask(const qkv_tensor *g, const qkv_tensor *mask,
     int threads = qkv__threads_for(n);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t k = 0; k < blocks; k++) {
         int64_t b, e;

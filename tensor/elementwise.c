@@ -553,11 +553,9 @@ qkv_tensor *qkv__unary_times(qkv_unary_op d, const qkv_tensor *x, const qkv_tens
     size_t es = qkv_dtype_size(x->dtype);
     int64_t n = x->numel, vectors = (n + QKV_VF_LANES - 1) / QKV_VF_LANES;
     int threads = qkv__threads_for(n);
-    int64_t pieces = qkv__pieces(vectors, threads);
-    int64_t chunk = pieces > 0 ? (vectors + pieces - 1) / pieces : 1;
-    (void)chunk;
+    (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t v = 0; v < vectors; v++) {
         int64_t i = v * QKV_VF_LANES, len = n - i < QKV_VF_LANES ? n - i : QKV_VF_LANES;

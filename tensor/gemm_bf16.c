@@ -693,9 +693,9 @@ static TARGET void block(const bf16_args *g, int64_t p, int64_t m0, int64_t m1, 
 }
 
 static void gemm_native(int64_t batch, const bf16_args *g) {
-    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR);
+    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR, false);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
+#pragma omp parallel for schedule(static) num_threads(plan.threads) if (plan.threads > 1)
 #endif
     for (int64_t t = 0; t < plan.tasks; t++) {
         int64_t p, m0, m1, n0, n1;

@@ -699,21 +699,30 @@ static void F(scale)(const F(gemm_args) *g, int64_t batch) {
     }
 }
 
+static void F(task)(const F(gemm_args) *g, const gemm_plan *plan, int64_t t) {
+    int64_t p, m0, m1, n0, n1;
+    gemm_plan_task(plan, t, g->m, g->n, MR, NR, &p, &m0, &m1, &n0, &n1);
+    F(block)(g, p, m0, m1, n0, n1);
+}
+
 static void F(gemm)(int64_t batch, const F(gemm_args) *g) {
     if (batch <= 0 || g->m <= 0 || g->n <= 0) return;
     if (g->k <= 0 || g->alpha == 0) {
         F(scale)(g, batch);
         return;
     }
-    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR);
+    gemm_plan plan = gemm_plan_make(batch, g->m, g->n, g->k, MR, NR, g->tri != QKV_TRI_NONE);
+    if (plan.dynamic) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads) if (plan.threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(plan.threads)
 #endif
-    for (int64_t t = 0; t < plan.tasks; t++) {
-        int64_t p, m0, m1, n0, n1;
-        gemm_plan_task(&plan, t, g->m, g->n, MR, NR, &p, &m0, &m1, &n0, &n1);
-        F(block)(g, p, m0, m1, n0, n1);
+        for (int64_t t = 0; t < plan.tasks; t++) F(task)(g, &plan, t);
+        return;
     }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(plan.threads) if (plan.threads > 1)
+#endif
+    for (int64_t t = 0; t < plan.tasks; t++) F(task)(g, &plan, t);
 }
 
 #undef CAT_

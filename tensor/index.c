@@ -202,7 +202,7 @@ qkv_tensor *qkv__index_select(const qkv_tensor *a, int axis, const qkv_tensor *i
         char *dst = qkv_data(out);
         int threads = qkv__threads_for(out->numel);
         int64_t pieces = qkv__pieces(rows, threads);
-        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t t = 0; t < pieces; t++)
             select_rows(dst, a, ax, ix, n, &inner, rows * t / pieces, rows * (t + 1) / pieces);
     }

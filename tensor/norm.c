@@ -224,7 +224,7 @@ void qkv__layer_norm_rows(qkv_dtype dtype, int64_t rows, int64_t d, const void *
     int64_t pieces = qkv__pieces(rows, threads);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t t = 0; t < pieces; t++)
         ln_rows(dtype, rows * t / pieces, rows * (t + 1) / pieces, d, x, w, b, eps, y, mean,
@@ -257,7 +257,7 @@ bool qkv__layer_norm_backward_rows(qkv_dtype dtype, int64_t rows, int64_t d, con
     int threads = qkv__threads_for(rows * d * 6);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t q = 0; q < blocks; q++) {
         int64_t r1 = (q + 1) * ROW_BLOCK < rows ? (q + 1) * ROW_BLOCK : rows;

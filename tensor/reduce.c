@@ -366,7 +366,7 @@ qkv_tensor *qkv__reduce(qkv_reduce_op op, const qkv_tensor *a, uint32_t mask, bo
         return out;
     }
     int64_t pieces = qkv__pieces(p.n_out, threads);
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++)
         reduce_range(&p, a, o, p.n_out * t / pieces, p.n_out * (t + 1) / pieces);
     return out;
@@ -505,7 +505,7 @@ qkv_tensor *qkv__softmax(const qkv_tensor *a, int axis, bool log, const char *na
     const char *ad = qkv_data(a);
     size_t es = qkv_dtype_size(a->dtype);
     int64_t pieces = qkv__pieces(rows, threads);
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++) {
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t off = kept_offset(&p, r);
@@ -546,7 +546,7 @@ qkv_tensor *qkv__softmax_f32(const qkv_tensor *a, int axis, bool log, const char
     const uint16_t *ad = qkv_data(a);
     int64_t pieces = qkv__pieces(rows, threads);
     /* each row widened into its output row, then softmax in place there */
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             const uint16_t *x = ad + kept_offset(&p, r);
@@ -695,7 +695,7 @@ qkv_tensor *qkv__softmax_causal(const qkv_tensor *a, int64_t past, const char *n
     char *od = qkv_data(out);
     int64_t pieces = qkv__pieces(rows, threads);
     size_t es = qkv_dtype_size(a->dtype);
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t at = r * n * (int64_t)es;
@@ -805,7 +805,7 @@ static qkv_tensor *softmax_backward_rows(const qkv_tensor *y, const qkv_tensor *
     char *od = qkv_data(out);
     int64_t pieces = qkv__pieces(rows, threads);
     size_t es = qkv_dtype_size(y->dtype);
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++)
         for (int64_t r = rows * t / pieces; r < rows * (t + 1) / pieces; r++) {
             int64_t at = r * n * (int64_t)es, m = past < 0 ? n : causal_width(r, L, n, past);

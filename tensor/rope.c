@@ -67,7 +67,7 @@ void qkv__rope_rows(const qkv_tensor *x, const void *cos, const void *sin, bool 
     int64_t pieces = qkv__pieces(rows, threads);
     (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (int64_t t = 0; t < pieces; t++) {
         int64_t r0 = rows * t / pieces, r1 = rows * (t + 1) / pieces;

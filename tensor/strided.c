@@ -84,7 +84,7 @@ void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
     if (n_outer == 1) {
         /* One long run: split it into pieces, each a run of its own. */
         int64_t pieces = qkv__pieces(inner, threads), chunk = (inner + pieces - 1) / pieces;
-        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t t = 0; t < pieces; t++) {
             int64_t b = t * chunk, e = b + chunk < inner ? b + chunk : inner;
             if (b >= e) continue;
@@ -99,7 +99,7 @@ void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
         return;
     }
     int64_t pieces = qkv__pieces(n_outer, threads);
-    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < pieces; t++) {
         int64_t b = n_outer * t / pieces, e = n_outer * (t + 1) / pieces;
         if (b < e) run_range(&l, bases, b, e, fn, ctx);

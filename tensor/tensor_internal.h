@@ -269,8 +269,10 @@ void qkv__foreach(int nops, char *const *bases, int ndim, const int64_t *shape,
 
 int qkv__threads_for(int64_t work);  /* 1 for small work, else up to qkv_get_num_threads() */
 /* How many pieces to cut a loop over items into for threads threads, to be run with
- * schedule(dynamic, 1). Only for loops whose every item's result does not depend on where the
- * pieces are cut (elementwise work, whole rows or whole outputs per item). */
+ * schedule(static): each thread runs one contiguous run of pieces, so the same part of every
+ * tensor from one op to the next, as the GEMM's threads take the same rows (gemm_plan.h), and
+ * finds it in its own core's cache. Only for loops whose every item's result does not depend
+ * on where the pieces are cut (elementwise work, whole rows or whole outputs per item). */
 int64_t qkv__pieces(int64_t items, int threads);
 
 /* ---- Kernels ----------------------------------------------------------------------------- */
