@@ -30,12 +30,12 @@ int qkv_get_num_threads(void) {
  * costs a few microseconds. */
 #define QKV_PARALLEL_GRAIN 32768
 
-/* A few pieces per thread, handed out as threads come free: when other processes hold a
- * thread off its core, the others take its pieces instead of waiting a whole share for it. */
+/* One piece per thread, run with schedule(static): thread t always takes the t-th run of
+ * items, the same part of every tensor from one op to the next (docs/internals.md, section
+ * 9). */
 int64_t qkv__pieces(int64_t items, int threads) {
     if (threads <= 1) return items < 1 ? items : 1;
-    int64_t pieces = 4 * (int64_t)threads;
-    return items < pieces ? items : pieces;
+    return items < threads ? items : threads;
 }
 
 int qkv__threads_for(int64_t work) {
