@@ -186,35 +186,28 @@ static inline uint16_t qkv__f32_to_bf16(float f) {
 typedef float qkv__f32x8 __attribute__((vector_size(32)));
 typedef uint32_t qkv__u32x8 __attribute__((vector_size(32)));
 typedef uint16_t qkv__u16x8 __attribute__((vector_size(16)));
-/* dst[0:8] = src[0:8] rounded as qkv__f32_to_bf16, eight lanes at a time (through memory,
- * not a vector argument, whose passing would depend on the ISA). */
-static inline void qkv__bf16_store8(uint16_t *dst, const float *src) {
-    qkv__f32x8 v;
-    qkv__u32x8 u;
-    memcpy(&v, src, sizeof v);
-    memcpy(&u, src, sizeof u);
-    qkv__u32x8 nan = (qkv__u32x8)(v != v);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    u = (u & ~nan) | (nan & 0xFFFFu);
-    qkv__u16x8 h = __builtin_convertvector(u, qkv__u16x8);
-    memcpy(dst, &h, sizeof h);
-}
 typedef float qkv__f32x16 __attribute__((vector_size(64)));
 typedef uint32_t qkv__u32x16 __attribute__((vector_size(64)));
 typedef uint16_t qkv__u16x16 __attribute__((vector_size(32)));
-/* The same sixteen lanes at a time: one AVX-512 register, whose narrowing to 16 bits is one
- * instruction where eight lanes take a shuffle of two halves. */
-static inline void qkv__bf16_store16(uint16_t *dst, const float *src) {
-    qkv__f32x16 v;
-    qkv__u32x16 u;
-    memcpy(&v, src, sizeof v);
-    memcpy(&u, src, sizeof u);
-    qkv__u32x16 nan = (qkv__u32x16)(v != v);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    u = (u & ~nan) | (nan & 0xFFFFu);
-    qkv__u16x16 h = __builtin_convertvector(u, qkv__u16x16);
-    memcpy(dst, &h, sizeof h);
-}
+/* qkv__bf16_storeN(dst, src): dst[0:N] = src[0:N] rounded as qkv__f32_to_bf16, N lanes at a
+ * time (through memory, not a vector argument, whose passing would depend on the ISA). Sixteen
+ * lanes are one AVX-512 register, whose narrowing to 16 bits is one instruction where eight
+ * take a shuffle of two halves. */
+#define QKV__BF16_STORE(N)                                                                     \
+    static inline void qkv__bf16_store##N(uint16_t *dst, const float *src) {                   \
+        qkv__f32x##N v;                                                                        \
+        qkv__u32x##N u;                                                                        \
+        memcpy(&v, src, sizeof v);                                                             \
+        memcpy(&u, src, sizeof u);                                                             \
+        qkv__u32x##N nan = (qkv__u32x##N)(v != v);                                             \
+        u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                                            \
+        u = (u & ~nan) | (nan & 0xFFFFu);                                                      \
+        qkv__u16x##N h = __builtin_convertvector(u, qkv__u16x##N);                             \
+        memcpy(dst, &h, sizeof h);                                                             \
+    }
+QKV__BF16_STORE(8)
+QKV__BF16_STORE(16)
+#undef QKV__BF16_STORE
 /* dst[0:n] = src[0:n] rounded to bf16. */
 static inline void qkv__bf16_round_n(uint16_t *restrict dst, const float *restrict src,
                                      int64_t n) {
